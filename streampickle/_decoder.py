@@ -1,0 +1,366 @@
+"""The sans-IO decoder: bytes in, in any split; whole objects out, in order.
+
+Theory of operation. A message is a sequence of *parts*: the fixed header, the length table,
+the pickle, each side chunk, and the tag. The decoder is always filling exactly one part, at
+``self._pos`` within ``self._view``; when a part fills, ``_finish_part`` checks it and moves on.
+Two ways to put bytes in, which may be mixed freely:
+
+* ``feed(data)`` copies ``data`` into the parts, however it is split;
+* ``get_buffer()`` / ``buffer_updated(n)`` (the ``asyncio.BufferedProtocol`` pair) hand out
+  the exact memory the next bytes belong in, so a transport can ``recv_into`` it. For a side
+  chunk that memory is the chunk's final destination: a fresh, 64-byte-aligned, uninitialised
+  buffer that the decoded array will view. The buffer handed out never extends past the
+  current part, hence never past the current message: a reader that only uses
+  ``get_buffer`` consumes exactly one message and not a byte more.
+
+Memory follows the bytes that arrived, never the sizes claimed: sizes are checked against
+:class:`Limits` as soon as the header (or length table) is complete; a side chunk's destination
+is allocated uninitialised (the kernel commits its pages as they are written) only when its
+first byte is about to arrive; the pickle part grows geometrically with what arrived.
+
+Completed messages wait in a queue as raw parts; they are unpickled one at a time as the
+caller iterates, so a message that fails to unpickle raises at its place in the order and the
+messages after it are unaffected. A framing failure (bad header, limit, tag, EOF mid-message)
+is sticky: the decoder stays failed and every later call raises, since message boundaries
+can't be trusted any more. Messages completed before the failure are still delivered first.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+from typing import Any, Iterable, Iterator, NamedTuple
+
+import numpy as np
+
+from . import _wire
+from ._errors import (
+    AuthenticationError,
+    IncompleteMessageError,
+    LimitExceededError,
+    ProtocolError,
+    StreamPickleError,
+    UsageError,
+)
+from ._limits import Limits
+from ._safe import Loader
+
+__all__ = ["Decoder", "aligned_empty"]
+
+ALIGNMENT = 64  # cache line, and enough for every SIMD load numpy does
+_PICKLE_GROWTH_FLOOR = 64 * 1024  # the pickle part starts this big (or smaller, if it is)
+
+# Parts of a message, in order.
+_HEADER, _TABLE, _PICKLE, _CHUNK, _TAG = range(5)
+_PART_NAMES = ("header", "length table", "pickle", "side chunk", "tag")
+_NO_PICKLE = np.empty(0, dtype=np.uint8)
+
+
+def aligned_empty(nbytes: int) -> np.ndarray[Any, Any]:
+    """A fresh, uninitialised, writable uint8 array of ``nbytes`` whose data is 64-byte aligned.
+
+    Uninitialised on purpose: zero-filling a receive buffer costs more than the transfer it is
+    for, and every byte of it is about to be overwritten by the peer's data.
+    """
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    offset = -raw.__array_interface__["data"][0] % ALIGNMENT
+    return raw[offset : offset + nbytes]
+
+
+class _Message(NamedTuple):
+    pickle: bytes
+    buffers: list[memoryview]
+
+
+class Decoder:
+    """Decodes a stream of messages fed in any split. No I/O; not thread-safe.
+
+    Options: ``trusted`` (load any global, like ``pickle``; only for trusted peers), ``allow``
+    (exact global names or classes to admit in safe mode), ``key`` (verify every message's
+    HMAC-SHA256 tag before unpickling; must match the encoder's), ``limits``.
+    """
+
+    def __init__(
+        self,
+        *,
+        trusted: bool = False,
+        allow: Iterable[Any] = (),
+        key: bytes | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        if limits is not None and not isinstance(limits, Limits):
+            raise UsageError(f"limits must be a streampickle.Limits, not {type(limits).__name__}")
+        if key is not None and (not isinstance(key, (bytes, bytearray)) or not key):
+            raise UsageError("key must be non-empty bytes")
+        self._loader = Loader(trusted=trusted, allow=allow)
+        self._limits = limits or Limits()
+        self._key = bytes(key) if key is not None else None
+        self._ready: collections.deque[_Message] = collections.deque()
+        self._failure: StreamPickleError | None = None
+        self._eof = False
+        self._header_buf = bytearray(_wire.HEADER_SIZE)
+        self._start_message()
+
+    # -- public API -------------------------------------------------------------------------
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take the next bytes of the stream: any size, any split, several messages at once.
+
+        Raises the framing errors (``ProtocolError``, ``LimitExceededError``,
+        ``AuthenticationError``) as soon as the bytes show them. ``b""`` is not end of input;
+        call :meth:`feed_eof` for that.
+        """
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        while view:
+            target = self.get_buffer(len(view))
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Writable memory where the next incoming bytes belong; at least one byte long.
+
+        Never longer than what the current part of the current message still needs, so filling
+        it never reads into the next message. In a side chunk it is the chunk's final,
+        aligned destination. Call :meth:`buffer_updated` after writing into it.
+        """
+        self._check_usable()
+        if self._part == _PICKLE:
+            self._grow_pickle(sizehint)
+        elif self._part == _CHUNK and self._view is None:
+            self._allocate_chunk()
+        return self._view[self._pos : self._cap]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Say that ``nbytes`` were written at the start of the last :meth:`get_buffer` view."""
+        self._check_usable()
+        if nbytes < 0 or self._pos + nbytes > self._cap:
+            raise UsageError(f"buffer_updated({nbytes}) does not fit the buffer from get_buffer()")
+        if nbytes == 0:
+            return
+        start = self._pos
+        self._pos += nbytes
+        self._received += nbytes
+        if self._mac is not None and self._part != _TAG:
+            self._mac.update(self._view[start : self._pos])
+        if self._part == _HEADER and start < len(_wire.MAGIC):
+            self._guard(_wire.check_magic_prefix, self._view[: self._pos])
+        if self._pos == self._end:
+            self._finish_part()
+
+    def feed_eof(self) -> None:
+        """Say the input ended. Raises :class:`IncompleteMessageError` if it ended inside a
+        message; at a boundary, it just records the end (objects already complete can still
+        be iterated)."""
+        self._check_usable()
+        self._eof = True
+        if self._received:
+            raise self._fail(
+                IncompleteMessageError(
+                    f"the stream ended inside a message, in its {_PART_NAMES[self._part]}: "
+                    f"{self._received} of {self._expected} bytes had arrived. The peer "
+                    f"closed the connection or died mid-message.",
+                    received=self._received,
+                    expected=self._expected,
+                )
+            )
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        """The next complete object. Stops when more input is needed; raises the error of a
+        message that failed to unpickle (that message is dropped, the next one follows)."""
+        if self._ready:
+            message = self._ready.popleft()
+            return self._loader.load(message.pickle, message.buffers)
+        if self._failure is not None:
+            raise self._sticky()
+        raise StopIteration
+
+    @property
+    def pending(self) -> int:
+        """How many complete messages are waiting to be unpickled by iteration."""
+        return len(self._ready)
+
+    @property
+    def in_message(self) -> bool:
+        """True if part of a message has arrived and the rest has not."""
+        return self._received > 0
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """``(received, expected)`` bytes of the current message; ``expected`` is what the
+        parts seen so far declare, and grows as the header and length table arrive."""
+        return self._received, self._expected
+
+    # -- message state ------------------------------------------------------------------------
+
+    def _start_message(self) -> None:
+        self._part = _HEADER
+        self._view: memoryview | None = memoryview(self._header_buf)
+        self._pos = 0
+        self._end = self._cap = _wire.HEADER_SIZE
+        self._received = 0
+        self._expected = _wire.HEADER_SIZE
+        self._mac = hmac.new(self._key, digestmod=hashlib.sha256) if self._key else None
+        self._lengths: tuple[int, ...] = ()
+        self._chunks: list[memoryview] = []
+        self._pickle = _NO_PICKLE
+
+    def _enter(self, part: int, view: memoryview | None, size: int) -> None:
+        self._part = part
+        self._view = view
+        self._pos = 0
+        self._end = self._cap = size
+
+    def _finish_part(self) -> None:
+        part = self._part
+        if part == _HEADER:
+            self._on_header()
+        elif part == _TABLE:
+            self._on_table()
+        elif part == _PICKLE:
+            self._next_chunk()
+        elif part == _CHUNK:
+            self._chunks.append(self._view)
+            self._next_chunk()
+        else:
+            self._on_tag()
+
+    def _on_header(self) -> None:
+        header = self._guard(_wire.parse_header, self._header_buf)
+        limits = self._limits
+        if header.has_mac and self._key is None:
+            raise self._fail(AuthenticationError(
+                "the peer's message carries an HMAC tag but this decoder has no key: pass the "
+                "same key= on both ends (or none on both)."
+            ))
+        if self._key is not None and not header.has_mac:
+            raise self._fail(AuthenticationError(
+                "this decoder has a key but the peer's message carries no HMAC tag: the peer "
+                "has no key configured, or someone is injecting unsigned messages."
+            ))
+        if header.chunk_count > limits.max_side_chunks:
+            raise self._over("side chunks", header.chunk_count, "max_side_chunks", limits.max_side_chunks)
+        if header.pickle_length > limits.max_pickle_size:
+            raise self._over("pickle bytes", header.pickle_length, "max_pickle_size", limits.max_pickle_size)
+        self._header = header
+        table = header.chunk_count * _wire.LENGTH_SIZE
+        self._expected = _wire.HEADER_SIZE + table + header.pickle_length + (_wire.TAG_SIZE if header.has_mac else 0)
+        self._check_total()
+        if table:
+            self._enter(_TABLE, memoryview(bytearray(table)), table)
+        else:
+            self._on_table()
+
+    def _on_table(self) -> None:
+        if self._header.chunk_count:
+            self._lengths = _wire.unpack_lengths(self._view)
+            self._expected += sum(self._lengths)  # Python ints: no wraparound (BAD-INPUTS 6)
+            self._check_total()
+        size = self._header.pickle_length
+        self._enter(_PICKLE, None, size)
+        self._cap = 0
+        self._chunk_index = -1
+
+    def _next_chunk(self) -> None:
+        if self._part == _PICKLE:
+            self._pickle_bytes = self._pickle.tobytes()
+            self._pickle = _NO_PICKLE
+        while True:
+            self._chunk_index += 1
+            if self._chunk_index == len(self._lengths):
+                if self._header.has_mac:
+                    self._enter(_TAG, memoryview(bytearray(_wire.TAG_SIZE)), _wire.TAG_SIZE)
+                else:
+                    self._complete()
+                return
+            size = self._lengths[self._chunk_index]
+            self._enter(_CHUNK, None, size)
+            if size:
+                return
+            self._chunks.append(memoryview(aligned_empty(0)))  # zero-length: nothing to wait for
+
+    def _on_tag(self) -> None:
+        assert self._mac is not None
+        if not hmac.compare_digest(self._mac.digest(), bytes(self._view)):
+            raise self._fail(AuthenticationError(
+                "HMAC tag mismatch: the message was altered in transit, or the two ends use "
+                "different keys. Nothing of it was unpickled."
+            ))
+        self._complete()
+
+    def _complete(self) -> None:
+        self._ready.append(_Message(self._pickle_bytes, self._chunks))
+        self._start_message()
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def _grow_pickle(self, sizehint: int) -> None:
+        if self._pos < self._cap:
+            return
+        # Geometric growth into fresh uninitialised memory: what is held stays within twice
+        # what arrived (plus the floor), whatever the header claimed (BAD-INPUTS 3).
+        new_cap = min(self._end, max(_PICKLE_GROWTH_FLOOR, 2 * self._cap, sizehint))
+        grown = np.empty(new_cap, dtype=np.uint8)
+        if self._pos:
+            grown[: self._pos] = self._pickle[: self._pos]
+        self._pickle = grown
+        self._view = memoryview(grown)
+        self._cap = new_cap
+
+    def _allocate_chunk(self) -> None:
+        size = self._end
+        try:
+            dest = aligned_empty(size)
+        except MemoryError as exc:
+            raise self._fail(LimitExceededError(
+                f"could not allocate {size} bytes for side chunk {self._chunk_index}: the system "
+                f"refused. Lower Limits.max_message_size to refuse such messages up front."
+            )) from exc
+        self._view = memoryview(dest)
+        self._cap = size
+
+    # -- failure ------------------------------------------------------------------------------
+
+    def _check_total(self) -> None:
+        limit = self._limits.max_message_size
+        if self._expected > limit:
+            raise self._over("bytes in all", self._expected, "max_message_size", limit)
+
+    def _over(self, what: str, value: int, field: str, limit: int) -> LimitExceededError:
+        return self._fail(LimitExceededError(
+            f"the peer's message declares {value} {what}, over Limits.{field}={limit}. If "
+            f"the peer is legitimately sending that much, raise it with "
+            f"limits=Limits({field}=...)."
+        ))
+
+    def _guard(self, check: Any, *args: Any) -> Any:
+        try:
+            return check(*args)
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+
+    def _fail(self, exc: StreamPickleError) -> StreamPickleError:
+        self._failure = exc
+        self._view = None
+        self._chunks = []
+        return exc
+
+    def _sticky(self) -> StreamPickleError:
+        assert self._failure is not None
+        failure = self._failure
+        exc = type(failure).__new__(type(failure))
+        exc.__dict__.update(failure.__dict__)
+        exc.args = (f"the decoder failed earlier and can't be used again: {failure}",)
+        exc.__cause__ = failure
+        return exc
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise self._sticky()
+        if self._eof:
+            raise UsageError("the decoder was told the input ended (feed_eof); it takes no more")

@@ -1,0 +1,150 @@
+"""The sans-IO encoder: an object in, a list of bytes-like chunks out.
+
+The whole object is pickled before the first chunk exists, so a ``__reduce__`` that raises
+leaves nothing half-written: the caller gets :class:`EncodeError` and has sent zero bytes.
+
+Chunks are passed through, never joined: every out-of-band buffer (numpy array memory, any
+``pickle.PickleBuffer``) is its own chunk, a memoryview of the original memory. The chunks
+hold references to that memory, so they stay valid after ``encode`` returns; the caller must
+not modify the arrays until the chunks are written (the same rule as ``socket.sendmsg``).
+Only the small parts (header, length table, and a pickle under 64 KiB) are joined, so that a
+small message goes out in one write.
+"""
+
+from __future__ import annotations
+
+import collections
+import fractions
+import hashlib
+import hmac
+import io
+import pickle
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _rebuild, _wire
+from ._errors import EncodeError, UsageError
+
+__all__ = ["Encoder", "Chunk"]
+
+#: What ``Encoder.encode`` returns a list of: bytes for what it built, memoryviews of the
+#: caller's memory for out-of-band buffers.
+Chunk = bytes | memoryview
+
+
+def _reduce_ndarray(arr: np.ndarray[Any, Any]) -> Any:
+    dt = arr.dtype
+    descr = _rebuild.descr_of(dt)
+    if descr is None:
+        if dt == np.dtype(object):
+            fortran = bool(arr.flags.f_contiguous and not arr.flags.c_contiguous)
+            items = arr.ravel(order="F" if fortran else "C").tolist()
+            return _rebuild.object_ndarray, (list(arr.shape), fortran, bool(arr.flags.writeable), items)
+        return NotImplemented  # exotic dtype: numpy's own pickling (only trusted=True loads it)
+    if arr.flags.c_contiguous:
+        fortran = False
+    elif arr.flags.f_contiguous:
+        fortran = True
+    else:  # a strided view: one contiguous copy, sent out-of-band like any array
+        writeable = arr.flags.writeable
+        arr = np.ascontiguousarray(arr)
+        arr.flags.writeable = writeable
+        fortran = False
+    return _rebuild.ndarray, (descr, list(arr.shape), fortran, pickle.PickleBuffer(arr))
+
+
+def _reduce_generic(value: np.generic) -> Any:
+    descr = _rebuild.descr_of(value.dtype)
+    if descr is None:
+        return NotImplemented
+    return _rebuild.scalar, (descr, value.tobytes())
+
+
+def _reduce_dtype(dt: np.dtype[Any]) -> Any:
+    descr = _rebuild.descr_of(dt)
+    if descr is None:
+        return NotImplemented
+    return _rebuild.dtype, (descr,)
+
+
+_EXACT: dict[type, Callable[[Any], Any]] = {
+    np.ndarray: _reduce_ndarray,
+    uuid.UUID: lambda u: (_rebuild.uuid, (u.int,)),
+    fractions.Fraction: lambda f: (_rebuild.fraction, (f.numerator, f.denominator)),
+    collections.Counter: lambda c: (_rebuild.counter, (dict(c),)),
+}
+
+
+class _Pickler(pickle.Pickler):
+    """The C pickler, with numpy and a few value types reduced to streampickle's safe
+    reconstructors. ``reducer_override`` only runs for objects the C fast paths don't cover
+    (not for ints, floats, strs, bytes, lists, tuples, dicts, sets), so plain data costs
+    nothing extra."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        reduce = _EXACT.get(type(obj))
+        if reduce is not None:
+            return reduce(obj)
+        if isinstance(obj, np.generic):
+            return _reduce_generic(obj)
+        if isinstance(obj, np.dtype):
+            return _reduce_dtype(obj)
+        return NotImplemented
+
+
+class Encoder:
+    """Turns objects into the chunks of one message each. No I/O; reusable; not thread-safe.
+
+    ``key``: if given, every message ends with an HMAC-SHA256 tag over all its bytes, and the
+    peer's decoder must have the same key.
+    """
+
+    def __init__(self, *, key: bytes | None = None) -> None:
+        if key is not None and not isinstance(key, (bytes, bytearray)):
+            raise UsageError(f"key must be bytes, not {type(key).__name__}")
+        if key is not None and not key:
+            raise UsageError("key must not be empty")
+        self._key = bytes(key) if key is not None else None
+
+    def encode(self, obj: Any) -> list[Chunk]:
+        """Return the chunks of one message carrying ``obj``; their concatenation is the
+        message. Raises :class:`EncodeError` (and returns nothing) if ``obj`` can't be pickled.
+        """
+        buffers: list[pickle.PickleBuffer] = []
+        out = io.BytesIO()
+        try:
+            _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
+            views = [b.raw() for b in buffers]
+        except BaseException as exc:
+            for b in buffers:
+                b.release()
+            if not isinstance(exc, Exception):
+                raise
+            raise EncodeError(f"could not pickle {type(obj).__name__} object: {exc}") from exc
+        data = out.getvalue()
+        lengths = [v.nbytes for v in views]
+        head = _wire.pack_header(
+            flags=_wire.FLAG_MAC if self._key else 0,
+            chunk_count=len(views),
+            pickle_length=len(data),
+        )
+        if views:
+            head += _wire.pack_lengths(lengths)
+        chunks: list[Chunk]
+        if len(head) + len(data) <= _wire.COALESCE_LIMIT:
+            chunks = [head + data]
+        else:
+            chunks = [head, data]
+        chunks.extend(views)
+        if self._key is not None:
+            mac = hmac.new(self._key, digestmod=hashlib.sha256)
+            for chunk in chunks:
+                mac.update(chunk)
+            tag = mac.digest()
+            if len(chunks) == 1:
+                chunks[0] += tag
+            else:
+                chunks.append(tag)
+        return chunks

@@ -1,0 +1,131 @@
+"""The errors streampickle raises, and whose fault each one is.
+
+Every error is a :class:`StreamPickleError`, so one ``except`` clause catches them all. The
+subclasses answer the two questions a caller has after a failure:
+
+* whose fault was it? ``UsageError`` is ours (the local code called the API wrongly);
+  ``EncodeError`` is the object being sent; everything else is the peer's bytes.
+* can the stream still be used? A *framing* failure (``ProtocolError``,
+  ``LimitExceededError``, ``AuthenticationError``, ``IncompleteMessageError``) poisons the
+  decoder: message boundaries can no longer be trusted, so every later call raises. A message
+  that arrived whole and verified but could not be unpickled (``MalformedPickleError``,
+  ``ForbiddenGlobalError``) is dropped alone; the next message decodes normally. The
+  ``poisons_stream`` class attribute says which kind an error is.
+
+Low-level causes (``struct.error``, ``pickle.UnpicklingError``, numpy's ``ValueError``...) are
+always chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+__all__ = [
+    "StreamPickleError",
+    "UsageError",
+    "EncodeError",
+    "ProtocolError",
+    "MalformedPickleError",
+    "LimitExceededError",
+    "IncompleteMessageError",
+    "AuthenticationError",
+    "ForbiddenGlobalError",
+]
+
+
+class StreamPickleError(Exception):
+    """Base class of every error streampickle raises."""
+
+    #: True if, after this error, the decoder (and the stream under it) can't be used again.
+    poisons_stream: bool = True
+
+
+class UsageError(StreamPickleError):
+    """The local program called the API wrongly (for example ``feed`` after ``feed_eof``).
+
+    This is a bug in the calling code, not something the peer did.
+    """
+
+    poisons_stream = False
+
+
+class EncodeError(StreamPickleError, pickle.PicklingError):
+    """The object could not be encoded; nothing was written and the stream is still usable.
+
+    Raised before the first byte of the message exists, so a failed ``dump`` never leaves half a
+    message on the wire. It is also a :class:`pickle.PicklingError`, so code written for
+    ``pickle.dumps`` keeps working. The original error is the ``__cause__``.
+    """
+
+    poisons_stream = False
+
+
+class ProtocolError(StreamPickleError):
+    """The peer's bytes break the wire format (bad magic, unknown version, reserved bits set...).
+
+    Message boundaries can no longer be found, so the stream is poisoned: close the connection.
+    Usually the peer is not a streampickle peer at all, speaks a newer wire version, or the
+    bytes were corrupted in transit.
+    """
+
+
+class MalformedPickleError(ProtocolError):
+    """A message arrived whole (and verified, if a key is set) but its pickle is broken.
+
+    The message's bytes have been consumed and dropped; the stream is still usable and the next
+    message decodes normally. The peer has a bug or is hostile.
+    """
+
+    poisons_stream = False
+
+
+class LimitExceededError(StreamPickleError):
+    """A size declared by the peer is over one of the decoder's :class:`Limits`.
+
+    Raised from the header alone, before anything of that size is allocated. The message names
+    the limit; raise it with ``limits=Limits(...)`` if the peer is legitimately sending more.
+    """
+
+
+class IncompleteMessageError(ProtocolError):
+    """The input ended inside a message.
+
+    ``received`` is how many bytes of the message had arrived, ``expected`` how many the
+    message was known to need at that point (it grows as the header and length table arrive).
+    The peer crashed, was killed, or the connection was cut.
+    """
+
+    def __init__(self, message: str, *, received: int, expected: int) -> None:
+        super().__init__(message)
+        self.received = received
+        self.expected = expected
+
+
+class AuthenticationError(StreamPickleError):
+    """The message's HMAC tag is missing, wrong, or present where no key was configured.
+
+    Nothing of the message was unpickled. Either the two ends use different keys (or only one
+    has a key), or the bytes were altered in transit. The stream is poisoned.
+    """
+
+
+class ForbiddenGlobalError(StreamPickleError):
+    """The peer's pickle names a global that the safe loader does not allow.
+
+    The message was dropped and nothing it names was called; the stream is still usable.
+    ``module`` and ``name`` say what was asked for. If you trust that type, add its exact name
+    with ``allow=[...]``; ``trusted=True`` lifts every restriction (only for trusted peers).
+    """
+
+    poisons_stream = False
+
+    def __init__(self, module: str, name: str) -> None:
+        full = f"{module}.{name}"
+        super().__init__(
+            f"the peer's message asks for the global {full!r}, which the safe loader does not "
+            f"allow, so the message was dropped. If you trust that type, pass "
+            f"allow=[{full!r}] (exact names, never prefixes); trusted=True loads anything "
+            f"and must only be used with peers you trust as much as your own code."
+        )
+        self.module = module
+        self.name = name

@@ -1,0 +1,51 @@
+"""The decoder's limits: how much a peer may make us hold, and why each default is what it is.
+
+Every size in a message header is checked against these before anything is allocated. They
+bound what a peer can *claim*; what it actually costs is further bounded by what arrives,
+because receive memory is committed only as bytes land (side-chunk destinations are
+allocated uninitialised, the pickle part grows geometrically with the bytes received).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+__all__ = ["Limits"]
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes a peer's message may declare before the decoder refuses it.
+
+    A value of a message that is over a limit raises :class:`LimitExceededError` as soon as the
+    header carrying it has arrived; exactly at the limit is accepted.
+    """
+
+    #: Whole message on the wire: header, length table, pickle, side chunks and tag.
+    #: Default 64 GiB: this library exists to move arrays of many GiB, so the default must not
+    #: be what stops them; it exists to reject nonsense (a 2**63 claim) at the header. A claim
+    #: alone costs nothing, since memory is committed as bytes arrive. Lower it on servers that
+    #: take connections from peers you don't control.
+    max_message_size: int = 64 * GiB
+
+    #: The pickle part (everything in-band). Default 4 GiB: in-band bytes are held twice while
+    #: unpickling (the pickle and the objects built from it) and are parsed in one piece, so
+    #: bulk data belongs in side chunks (numpy arrays and ``PickleBuffer``), which are free of
+    #: this limit. Like h11's 16 KiB header cap, this keeps the parsed part bounded apart from
+    #: the bulk data.
+    max_pickle_size: int = 4 * GiB
+
+    #: Side chunks (out-of-band buffers) in one message. Default 65,536: each costs 8 bytes
+    #: in the length table (512 KiB at the cap) and one allocation, so a peer can't make us do
+    #: millions of tiny allocations; a dict of thousands of arrays still fits.
+    max_side_chunks: int = 65_536
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"Limits.{f.name} must be a non-negative int, not {value!r}")

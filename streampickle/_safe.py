@@ -1,0 +1,112 @@
+"""Turning a verified message's pickle back into an object: safe by default.
+
+Safe mode (the default) is two gates in front of the C unpickler:
+
+1. ``scan_pickle`` walks the opcodes first and refuses anything a protocol-5 pickler would not
+   write (see ``_scan``), so the C unpickler only ever runs on well-formed input;
+2. ``find_class`` admits only globals on an exact-name allowlist: streampickle's own
+   reconstructors (arrays, numpy scalars and dtypes, UUID, Fraction, Counter) and immutable
+   builtin value types. Nothing on it runs code, imports modules, touches files, or allocates
+   from a size the input merely claims. Users extend it with exact names (``allow=``).
+
+``trusted=True`` skips both and behaves like ``pickle.loads`` (only the bytes-after-STOP and
+buffer-count checks remain, since they are about framing, not trust).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any, Iterable
+
+from . import _rebuild
+from ._errors import ForbiddenGlobalError, MalformedPickleError, StreamPickleError, UsageError
+from ._scan import scan_pickle
+
+__all__ = ["Loader", "DEFAULT_ALLOWED"]
+
+#: Globals the safe loader resolves without being asked. Each is an immutable type whose
+#: constructor validates its arguments and does work linear in them (no walking of nested
+#: arguments, no size taken on trust): mutable Python classes are left out because a BUILD
+#: opcode could set attributes on the class itself.
+DEFAULT_ALLOWED: frozenset[str] = frozenset(
+    {
+        "builtins.complex",
+        "builtins.slice",
+        "builtins.range",
+        "builtins.Ellipsis",
+        "builtins.NotImplemented",
+        "datetime.date",
+        "datetime.time",
+        "datetime.datetime",
+        "datetime.timedelta",
+        "datetime.timezone",
+        "decimal.Decimal",
+        "collections.OrderedDict",
+        "collections.deque",
+        *_rebuild.NAMES,
+    }
+)
+
+
+def _allow_entry(entry: Any) -> tuple[str, Any]:
+    if isinstance(entry, str):
+        if not entry or entry.startswith(".") or entry.endswith(".") or "." not in entry:
+            raise UsageError(f"allow entry {entry!r} is not a dotted 'module.QualName'")
+        return entry, None
+    module = getattr(entry, "__module__", None)
+    qualname = getattr(entry, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<locals>" in qualname:
+        raise UsageError(f"allow entry {entry!r} has no importable module and qualified name")
+    return f"{module}.{qualname}", entry
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    _allowed: dict[str, Any]
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        if full not in self._allowed:
+            raise ForbiddenGlobalError(module, name)
+        obj = self._allowed[full]
+        if obj is None:
+            obj = super().find_class(module, name)
+        return obj
+
+
+class Loader:
+    """Unpickles one message's pickle part against its side chunks, safely unless trusted."""
+
+    def __init__(self, *, trusted: bool = False, allow: Iterable[Any] = ()) -> None:
+        if type(trusted) is not bool:
+            raise UsageError(f"trusted must be True or False, not {trusted!r}")
+        if isinstance(allow, (str, bytes)):
+            raise UsageError("allow must be a list of names or classes, not a single string")
+        self.trusted = trusted
+        allowed: dict[str, Any] = dict.fromkeys(DEFAULT_ALLOWED)
+        allowed.update(_rebuild.NAMES)
+        allowed.update(_allow_entry(entry) for entry in allow)
+        self._allowed = allowed
+
+    def load(self, data: bytes, buffers: list[Any]) -> Any:
+        """Unpickle ``data`` with ``buffers`` as its out-of-band buffers, all of them used."""
+        if not self.trusted:
+            scan_pickle(data, len(buffers))
+        file = io.BytesIO(data)
+        it = iter(buffers)
+        if self.trusted:
+            unpickler = pickle.Unpickler(file, buffers=it)
+        else:
+            unpickler = _SafeUnpickler(file, buffers=it)
+            unpickler._allowed = self._allowed
+        try:
+            obj = unpickler.load()
+        except StreamPickleError:
+            raise
+        except Exception as exc:  # UnpicklingError, TypeError from a reconstructor, ...
+            raise MalformedPickleError(f"the message's pickle failed to load: {exc!r}") from exc
+        if file.tell() != len(data):
+            raise MalformedPickleError(f"{len(data) - file.tell()} bytes follow STOP in the pickle part")
+        if next(it, None) is not None:
+            raise MalformedPickleError("the pickle used fewer out-of-band buffers than the message has side chunks")
+        return obj

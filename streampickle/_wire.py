@@ -1,0 +1,93 @@
+"""The wire format, version 1: constants and header packing/parsing. No state, no I/O.
+
+docs/wire-format.md is the specification; this module is its executable half. A message is::
+
+    fixed header (20 bytes) | length table (8 bytes per side chunk) | pickle | side chunks | tag
+
+All integers are unsigned little-endian. The fixed header is::
+
+    offset  size  field
+    0       4     magic            b"\\x93SPK"
+    4       1     version          1
+    5       1     flags            bit 0: a 32-byte HMAC-SHA256 tag ends the message
+    6       2     reserved         must be 0
+    8       4     side-chunk count
+    12      8     pickle length    (bytes of the pickle part; at least 1)
+
+The magic's first byte is not ASCII and is neither 0x16 (TLS) nor 0x80 (a bare pickle), so a
+peer speaking HTTP, TLS or raw pickle is refused on its first byte.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from ._errors import ProtocolError
+
+MAGIC = b"\x93SPK"
+VERSION = 1
+
+FLAG_MAC = 0x01
+KNOWN_FLAGS = FLAG_MAC
+
+_HEADER = struct.Struct("<4sBBHIQ")
+HEADER_SIZE = _HEADER.size  # 20
+LENGTH_SIZE = 8  # one entry of the length table
+TAG_SIZE = 32  # HMAC-SHA256
+
+# Messages whose header, table and pickle together are at most this many bytes are sent as one
+# chunk (one write); larger pickles are handed to the transport as their own chunk, unjoined.
+COALESCE_LIMIT = 64 * 1024
+
+
+class Header(NamedTuple):
+    flags: int
+    chunk_count: int
+    pickle_length: int
+
+    @property
+    def has_mac(self) -> bool:
+        return bool(self.flags & FLAG_MAC)
+
+
+def pack_header(*, flags: int, chunk_count: int, pickle_length: int) -> bytes:
+    return _HEADER.pack(MAGIC, VERSION, flags, 0, chunk_count, pickle_length)
+
+
+def pack_lengths(lengths: list[int]) -> bytes:
+    return struct.pack(f"<{len(lengths)}Q", *lengths)
+
+
+def unpack_lengths(table: bytes | bytearray | memoryview) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(table) // LENGTH_SIZE}Q", table)
+
+
+def check_magic_prefix(data: bytes | bytearray | memoryview) -> None:
+    """Refuse a header as soon as its first bytes can't be the magic (BAD-INPUTS 9)."""
+    n = min(len(data), len(MAGIC))
+    if data[:n] != MAGIC[:n]:
+        raise ProtocolError(
+            f"not a streampickle stream: a message must start with {MAGIC!r}, got "
+            f"{bytes(data[:n])!r}. The peer speaks another protocol (HTTP? TLS? a raw "
+            f"pickle?) or the stream lost its framing."
+        )
+
+
+def parse_header(data: bytes | bytearray | memoryview) -> Header:
+    """Parse and validate a fixed header. Limits are the decoder's business, not this."""
+    magic, version, flags, reserved, chunk_count, pickle_length = _HEADER.unpack(data)
+    check_magic_prefix(magic)
+    if version != VERSION:
+        raise ProtocolError(
+            f"the peer speaks wire format version {version}; this streampickle speaks "
+            f"version {VERSION}. Upgrade the older side."
+        )
+    if flags & ~KNOWN_FLAGS or reserved:
+        raise ProtocolError(
+            f"reserved header bits are set (flags={flags:#04x}, reserved={reserved:#06x}): "
+            f"the peer uses a newer wire format or the stream is corrupt."
+        )
+    if pickle_length == 0:
+        raise ProtocolError("the header declares an empty pickle part; every message has one")
+    return Header(flags, chunk_count, pickle_length)
