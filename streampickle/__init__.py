@@ -11,7 +11,8 @@ message in memory; :mod:`streampickle.sync` reads and writes blocking files and 
 
 from __future__ import annotations
 
-from . import sync
+from typing import TYPE_CHECKING, Any
+
 from ._api import dumps, loads
 from ._decoder import Decoder
 from ._encoder import Encoder
@@ -30,6 +31,26 @@ from ._limits import Limits
 from ._wire import VERSION as WIRE_VERSION
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from . import sync
+
+# The I/O adapters load on first use, so that importing streampickle (the sans-IO core)
+# pulls in no socket, thread or event-loop machinery.
+_LAZY = {"sync": ("streampickle.sync", None)}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'streampickle' has no attribute {name!r}") from None
+    import importlib
+
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "AuthenticationError",

@@ -52,7 +52,10 @@ def _reduce_ndarray(arr: np.ndarray[Any, Any]) -> Any:
         arr = np.ascontiguousarray(arr)
         arr.flags.writeable = writeable
         fortran = False
-    return _rebuild.ndarray, (descr, list(arr.shape), fortran, pickle.PickleBuffer(arr))
+    # Export the memory as flat bytes: the buffer protocol has no format for datetime64 and
+    # some other dtypes, and the receiver rebuilds dtype and shape from the descriptor anyway.
+    flat = arr.ravel(order="K").view(np.uint8)  # a view, since arr is contiguous
+    return _rebuild.ndarray, (descr, list(arr.shape), fortran, pickle.PickleBuffer(flat))
 
 
 def _reduce_generic(value: np.generic) -> Any:

@@ -1,0 +1,129 @@
+"""Shared helpers: deep equality that understands numpy, sample objects, and ways to split
+input (whole, byte by byte, random pieces, with trailing bytes)."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import decimal
+import fractions
+import random
+import uuid
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+import streampickle
+
+
+def assert_same(a: Any, b: Any, path: str = "obj") -> None:
+    """Deep equality: same types, numpy arrays equal in dtype, shape, values (NaN-aware) and
+    writeability."""
+    assert type(a) is type(b), f"{path}: {type(a)} != {type(b)}"
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} != {b.dtype}"
+        assert a.shape == b.shape, f"{path}: shape {a.shape} != {b.shape}"
+        assert a.flags.writeable == b.flags.writeable, f"{path}: writeable differs"
+        if a.dtype.hasobject:
+            for i, (x, y) in enumerate(zip(a.ravel(), b.ravel())):
+                assert_same(x, y, f"{path}[{i}]")
+        else:
+            assert a.tobytes() == b.tobytes(), f"{path}: values differ"
+    elif isinstance(a, dict):
+        assert list(a) == list(b), f"{path}: keys differ"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and a != a:
+        assert b != b
+    elif isinstance(a, np.generic):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{path}: {a!r} != {b!r}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def sample_objects() -> dict[str, Any]:
+    """Objects that the safe default must round-trip: plain data and numpy."""
+    ro = np.arange(6, dtype=np.float64)
+    ro.flags.writeable = False
+    return {
+        "none": None,
+        "small-dict": {"id": 1, "name": "x", "vals": [1.0, 2.0, 3.0]},
+        "scalars": [True, False, 0, -1, 2**70, 1.5, float("nan"), 1 + 2j, "héllo", b"\x00\xff", bytearray(b"ba")],
+        "containers": ({1, 2}, frozenset({3}), (), [[]], {"k": (1, [2])}),
+        "values": [
+            datetime.datetime(2026, 11, 27, 15, 0, tzinfo=datetime.timezone.utc),
+            datetime.date(2000, 1, 1),
+            datetime.timedelta(seconds=3),
+            decimal.Decimal("1.25"),
+            fractions.Fraction(2, 3),
+            uuid.UUID(int=12345),
+            collections.OrderedDict(a=1),
+            collections.deque([1, 2], maxlen=5),
+            collections.Counter("hello"),
+            range(3, 9, 2),
+            slice(1, None, 2),
+            Ellipsis,
+        ],
+        "array": np.arange(1000, dtype=np.float64),
+        "arrays-2d-f": np.asfortranarray(np.arange(12, dtype=">i4").reshape(3, 4)),
+        "readonly": ro,
+        "strided": np.arange(20, dtype=np.int16)[::3],
+        "empty-and-0d": [np.zeros((0, 3)), np.array(5.0), np.float32(7), np.int8(-3)],
+        "dtypes": [np.dtype("<M8[ns]"), np.dtype(">c16"), np.dtype([("a", "<i4"), ("b", "<f8", (2,))])],
+        "structured": np.zeros(4, dtype=[("a", "<i4"), ("b", "<f8", (2,)), ("c", "S3")]),
+        "object-array": np.array([1, "two", None, [3]], dtype=object),
+        "bool-complex-dt": [np.array([True, False]), np.arange(3) * (1 + 1j), np.arange(3).astype("m8[s]")],
+    }
+
+
+def split_whole(data: bytes, rng: random.Random) -> Iterator[bytes]:
+    yield data
+
+
+def split_bytes(data: bytes, rng: random.Random) -> Iterator[bytes]:
+    for i in range(len(data)):
+        yield data[i : i + 1]
+
+
+def split_random(data: bytes, rng: random.Random) -> Iterator[bytes]:
+    i = 0
+    while i < len(data):
+        n = rng.choice([1, 2, 3, 7, 19, 20, 21, 64, 1000, 70000])
+        yield data[i : i + n]
+        i += n
+
+
+SPLITTERS: dict[str, Callable[[bytes, random.Random], Iterator[bytes]]] = {
+    "whole": split_whole,
+    "bytes": split_bytes,
+    "random": split_random,
+}
+
+
+def decode_all(data: bytes, splitter: Callable[..., Iterator[bytes]], seed: int = 0, **options: Any) -> list[Any]:
+    decoder = streampickle.Decoder(**options)
+    out = []
+    for piece in splitter(data, random.Random(seed)):
+        decoder.feed(piece)
+        out.extend(decoder)
+    decoder.feed_eof()
+    return out
+
+
+def make_message(pickle_bytes: bytes, chunks: list[bytes] = (), key: bytes | None = None) -> bytes:  # type: ignore[assignment]
+    """Frame an arbitrary (possibly hostile) pickle as a wire-format message, independently of
+    the encoder: this is the spec of docs/wire-format.md written out by hand."""
+    import hashlib
+    import hmac
+    import struct
+
+    head = struct.pack("<4sBBHIQ", b"\x93SPK", 1, 1 if key else 0, 0, len(chunks), len(pickle_bytes))
+    head += b"".join(struct.pack("<Q", len(c)) for c in chunks)
+    body = head + pickle_bytes + b"".join(chunks)
+    if key:
+        body += hmac.new(key, body, hashlib.sha256).digest()
+    return body

@@ -1,0 +1,211 @@
+"""The decoder's framing: EOF at every prefix, limits at their boundaries, sticky failures,
+early refusal of garbage, and memory that follows arrived bytes rather than claims."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import streampickle
+from streampickle import (
+    Decoder,
+    IncompleteMessageError,
+    LimitExceededError,
+    Limits,
+    MalformedPickleError,
+    ProtocolError,
+)
+
+
+def header(*, magic=b"\x93SPK", version=1, flags=0, reserved=0, chunks=0, plen=3) -> bytes:
+    return struct.pack("<4sBBHIQ", magic, version, flags, reserved, chunks, plen)
+
+
+SMALL = streampickle.dumps({"a": np.arange(3, dtype=np.int16), "b": "x"})
+
+
+def test_feed_eof_after_every_prefix_of_a_message() -> None:
+    for k in range(len(SMALL) + 1):
+        decoder = Decoder()
+        decoder.feed(SMALL[:k])
+        if k in (0, len(SMALL)):
+            decoder.feed_eof()  # clean: nothing, or one whole message
+            assert len(list(decoder)) == (k == len(SMALL))
+            continue
+        assert list(decoder) == [], k  # a prefix never yields an object
+        with pytest.raises(IncompleteMessageError) as info:
+            decoder.feed_eof()
+        assert info.value.received == k
+        # expected grows as the parts that declare sizes arrive: header, then the length table
+        chunk_bytes = 6  # one int16 array of 3 items
+        want = 20 if k < 20 else len(SMALL) - chunk_bytes if k < 28 else len(SMALL)
+        assert info.value.expected == want, k
+
+
+def test_incomplete_reports_whole_message_expectation_after_table() -> None:
+    decoder = Decoder()
+    decoder.feed(SMALL[:40])
+    with pytest.raises(IncompleteMessageError) as info:
+        decoder.feed_eof()
+    assert (info.value.received, info.value.expected) == (40, len(SMALL))
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"G", b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00", b"\x80\x05N.", b"\x93SPX"],
+)
+def test_garbage_is_refused_on_its_first_wrong_byte(garbage: bytes) -> None:
+    decoder = Decoder()
+    with pytest.raises(ProtocolError, match="not a streampickle stream"):
+        decoder.feed(garbage)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [header(version=2), header(version=0), header(flags=0x02), header(flags=0x80), header(reserved=1), header(plen=0)],
+)
+def test_bad_header_fields_are_protocol_errors(bad: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        Decoder().feed(bad)
+
+
+def test_failure_is_sticky_and_earlier_messages_are_still_delivered() -> None:
+    decoder = Decoder()
+    decoder.feed(SMALL)
+    with pytest.raises(ProtocolError):
+        decoder.feed(b"JUNK")
+    out = next(decoder)  # the message before the failure is not lost
+    assert out["b"] == "x"
+    for call in (lambda: decoder.feed(SMALL), decoder.get_buffer, decoder.feed_eof, lambda: next(decoder)):
+        with pytest.raises(ProtocolError, match="failed earlier"):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("field", "make"),
+    [
+        ("max_pickle_size", lambda n: header(plen=n)),
+        ("max_side_chunks", lambda n: header(chunks=n)),
+    ],
+)
+def test_header_limits_boundary(field: str, make) -> None:
+    limit = 1000
+    limits = Limits(**{field: limit})
+    Decoder(limits=limits).feed(make(limit))  # exactly at the limit: accepted
+    with pytest.raises(LimitExceededError, match=field):
+        Decoder(limits=limits).feed(make(limit + 1))
+
+
+def test_message_size_limit_boundary_counts_every_part() -> None:
+    arr = np.arange(100, dtype=np.uint8)
+    data = streampickle.dumps(arr)
+    ok = Limits(max_message_size=len(data))
+    assert (streampickle.loads(data, limits=ok) == arr).all()
+    with pytest.raises(LimitExceededError, match="max_message_size"):
+        streampickle.loads(data, limits=Limits(max_message_size=len(data) - 1))
+
+
+def test_huge_claims_are_refused_from_the_header_alone() -> None:
+    for bad in (header(plen=2**63), header(plen=2**64 - 1), header(chunks=2**32 - 1)):
+        tracemalloc.start()
+        decoder = Decoder()
+        with pytest.raises(LimitExceededError):
+            decoder.feed(bad)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 64 * 1024
+
+
+def test_chunk_lengths_summing_past_64_bits_are_refused() -> None:
+    table = struct.pack("<2Q", 2**63, 2**63)
+    with pytest.raises(LimitExceededError, match="max_message_size"):
+        Decoder().feed(header(chunks=2, plen=3) + table)
+
+
+def test_every_chunk_small_but_total_over_limit_refused_at_the_table() -> None:
+    limits = Limits(max_message_size=10_000)
+    table = struct.pack("<3Q", 4000, 4000, 4000)
+    with pytest.raises(LimitExceededError):
+        Decoder(limits=limits).feed(header(chunks=3, plen=3) + table)
+
+
+def test_a_large_claim_commits_memory_only_as_bytes_arrive() -> None:
+    """2**31-1 pickle bytes declared, 3 sent: memory held stays tiny; EOF reports the counts."""
+    decoder = Decoder()
+    tracemalloc.start()
+    decoder.feed(header(plen=2**31 - 1) + b"\x80\x05N")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20
+    with pytest.raises(IncompleteMessageError) as info:
+        decoder.feed_eof()
+    assert info.value.received == 23 and info.value.expected == 20 + 2**31 - 1
+
+
+def test_side_chunk_destination_is_allocated_when_its_bytes_come() -> None:
+    decoder = Decoder()
+    big = 2**34  # 16 GiB claimed
+    decoder.feed(header(chunks=1, plen=3) + struct.pack("<Q", big) + b"\x80\x05N")
+    assert decoder.in_message
+    view = decoder.get_buffer()  # now it exists: virtual, uninitialised, not committed
+    assert len(view) == big
+    view[:4] = b"abcd"
+    decoder.buffer_updated(4)
+    assert decoder.progress == (20 + 8 + 3 + 4, 20 + 8 + 3 + big)
+
+
+def test_malformed_pickle_drops_only_that_message() -> None:
+    bad_pickle = b"\x80\x05N.garbage"
+    bad = header(plen=len(bad_pickle)) + bad_pickle
+    decoder = Decoder()
+    decoder.feed(bad + SMALL)
+    with pytest.raises(MalformedPickleError):
+        next(decoder)
+    assert next(decoder)["b"] == "x"  # the stream is still usable
+
+
+def test_zero_length_chunk_is_not_eof_and_empty_feed_is_not_eof() -> None:
+    data = streampickle.dumps([np.zeros(0), np.zeros(0, dtype=np.int8), b""])
+    decoder = Decoder()
+    decoder.feed(b"")
+    decoder.feed(data)
+    decoder.feed(b"")
+    out = next(decoder)
+    assert out[0].shape == (0,) and out[1].dtype == np.int8 and out[2] == b""
+
+
+def test_decoded_arrays_are_aligned_and_own_fresh_memory() -> None:
+    dtypes = ["u1", "i2", "<i4", ">i8", "f2", "f4", "f8", "c8", "c16", "?", "M8[ms]", "m8[us]", "S5", "U3", "V7"]
+    arrays = [np.zeros(17, dtype=dt) for dt in dtypes]
+    data = bytearray(streampickle.dumps(arrays))
+    out = streampickle.loads(data)
+    for a, b in zip(arrays, out):
+        assert b.dtype == a.dtype and b.flags.aligned and b.flags.writeable
+        assert b.ctypes.data % 64 == 0
+    data[:] = b"\xff" * len(data)  # the input buffer is reused: decoded arrays don't change
+    assert all(not b.any() for b in out if b.dtype.kind not in "SUV")
+
+
+def test_usage_errors() -> None:
+    decoder = Decoder()
+    with pytest.raises(streampickle.UsageError):
+        decoder.buffer_updated(10**9)
+    decoder.feed_eof()
+    with pytest.raises(streampickle.UsageError):
+        decoder.feed(b"x")
+    with pytest.raises(streampickle.UsageError):
+        Decoder(limits={"max_message_size": 1})  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Limits(max_message_size=-1)
+
+
+def test_loads_wants_exactly_one_message() -> None:
+    with pytest.raises(ProtocolError, match="follow the message"):
+        streampickle.loads(SMALL + SMALL)
+    with pytest.raises(IncompleteMessageError):
+        streampickle.loads(SMALL[:-1])
+    with pytest.raises(IncompleteMessageError):
+        streampickle.loads(b"")

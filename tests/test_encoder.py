@@ -1,0 +1,87 @@
+"""The encoder: chunks are views of the original memory, and failures write nothing."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import numpy as np
+import pytest
+
+import streampickle
+from streampickle import EncodeError, Encoder
+
+
+def test_side_chunks_are_views_of_the_original_memory() -> None:
+    arrays = [np.arange(1 << 20, dtype=np.float64), np.asfortranarray(np.ones((300, 200), np.int32))]
+    raw = bytearray(b"x" * 100_000)
+    chunks = Encoder().encode({"arrays": arrays, "raw": pickle.PickleBuffer(raw)})
+    oob = [c for c in chunks if isinstance(c, memoryview)]
+    assert len(oob) == 3
+    for arr, chunk in zip(arrays, oob):
+        assert np.shares_memory(np.frombuffer(chunk, np.uint8), arr)
+    assert np.shares_memory(np.frombuffer(oob[2], np.uint8), np.frombuffer(raw, np.uint8))
+
+
+def test_chunks_stay_valid_after_the_objects_are_dropped() -> None:
+    chunks = Encoder().encode(np.full(1000, 7, dtype=np.int64))  # no other reference to the array
+    out = streampickle.loads(b"".join(chunks))
+    assert (out == 7).all()
+
+
+def test_small_message_is_one_chunk() -> None:
+    chunks = Encoder().encode({"id": 1, "name": "x", "vals": [1.0, 2.0, 3.0]})
+    assert len(chunks) == 1 and isinstance(chunks[0], bytes)
+    chunks = Encoder(key=b"k").encode({"id": 1})
+    assert len(chunks) == 1
+
+
+def test_large_pickle_part_is_not_joined_with_the_header() -> None:
+    chunks = Encoder().encode([str(i) for i in range(20_000)])
+    assert len(chunks) == 2 and len(chunks[0]) == 20
+
+
+class Bomb:
+    def __reduce__(self):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        [np.arange(10), Bomb()],  # an array already went to buffer_callback
+        lambda: 0,
+        threading.Lock(),
+        (x for x in ()),
+    ],
+)
+def test_pickling_failures_raise_before_any_chunk_exists(obj) -> None:
+    encoder = Encoder()
+    with pytest.raises(EncodeError) as info:
+        encoder.encode(obj)
+    assert isinstance(info.value, pickle.PicklingError)  # code written for pickle still works
+    assert info.value.__cause__ is not None
+    assert streampickle.loads(b"".join(encoder.encode("still usable"))) == "still usable"
+
+
+def test_too_deep_graph_is_an_encode_error() -> None:
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(EncodeError):
+        Encoder().encode(deep)
+
+
+def test_noncontiguous_array_is_copied_once_and_keeps_readonly() -> None:
+    base = np.arange(100, dtype=np.int32)
+    view = base[::3]
+    view.flags.writeable = False
+    out = streampickle.loads(streampickle.dumps(view))
+    assert out.tolist() == view.tolist() and not out.flags.writeable
+
+
+def test_key_must_be_bytes() -> None:
+    with pytest.raises(streampickle.UsageError):
+        Encoder(key="text")  # type: ignore[arg-type]
+    with pytest.raises(streampickle.UsageError):
+        Encoder(key=b"")

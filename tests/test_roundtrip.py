@@ -1,0 +1,148 @@
+"""Round trips through the sans-IO core: every sample fed whole, byte by byte, in random pieces,
+through get_buffer, and followed by the next message's bytes."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+
+import streampickle
+from _util import SPLITTERS, assert_same, decode_all, sample_objects
+
+SAMPLES = sample_objects()
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+@pytest.mark.parametrize("split", SPLITTERS)
+def test_roundtrip_any_split(name: str, split: str) -> None:
+    obj = SAMPLES[name]
+    data = streampickle.dumps(obj)
+    (out,) = decode_all(data, SPLITTERS[split])
+    assert_same(obj, out)
+
+
+@pytest.mark.parametrize("split", SPLITTERS)
+def test_many_messages_in_one_stream_in_order(split: str) -> None:
+    objs = list(SAMPLES.values())
+    data = b"".join(streampickle.dumps(o) for o in objs)
+    out = decode_all(data, SPLITTERS[split], seed=1)
+    assert len(out) == len(objs)
+    for a, b in zip(objs, out):
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_trailing_bytes_stay_for_the_next_message(name: str) -> None:
+    first = streampickle.dumps(SAMPLES[name])
+    second = streampickle.dumps("next")
+    decoder = streampickle.Decoder()
+    decoder.feed(first + second[:7])
+    (out,) = list(decoder)
+    assert_same(SAMPLES[name], out)
+    assert decoder.in_message and decoder.progress == (7, 20)
+    decoder.feed(second[7:])
+    assert list(decoder) == ["next"]
+    assert not decoder.in_message
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_get_buffer_path_never_reads_past_the_message(name: str) -> None:
+    """A reader that only fills get_buffer() consumes exactly one message."""
+    data = streampickle.dumps(SAMPLES[name]) + b"TRAILING"
+    decoder = streampickle.Decoder()
+    pos = 0
+    while not decoder.pending:
+        target = decoder.get_buffer(1 << 20)
+        n = len(target)  # a transport fills as much as it can
+        target[:n] = data[pos : pos + n]
+        decoder.buffer_updated(n)
+        pos += n
+    assert data[pos:] == b"TRAILING"
+    assert_same(SAMPLES[name], next(decoder))
+
+
+def test_mixed_feed_and_get_buffer() -> None:
+    arr = np.arange(100_000, dtype=np.float32)
+    data = streampickle.dumps({"a": arr, "b": [arr, arr[::2]]}) * 2
+    decoder = streampickle.Decoder()
+    rng = random.Random(3)
+    pos = 0
+    while pos < len(data):
+        if rng.random() < 0.5:
+            n = rng.randint(1, 5000)
+            decoder.feed(data[pos : pos + n])
+        else:
+            target = decoder.get_buffer()
+            n = min(len(target), rng.randint(1, 5000), len(data) - pos)
+            target[:n] = data[pos : pos + n]
+            decoder.buffer_updated(n)
+        pos += n
+    out = list(decoder)
+    assert len(out) == 2
+    for o in out:
+        np.testing.assert_array_equal(o["a"], arr)
+        assert o["b"][0] is o["b"][0]
+
+
+def test_trusted_roundtrips_what_pickle_handles_with_shared_and_recursive_refs() -> None:
+    shared = [1, 2]
+    rec: list = [shared, shared]
+    rec.append(rec)
+    out = streampickle.loads(streampickle.dumps(rec), trusted=True)
+    assert out[0] is out[1] and out[0] == [1, 2]
+    assert out[2] is out
+    # also in safe mode: references are pickle's business, not the allowlist's
+    out = streampickle.loads(streampickle.dumps(rec))
+    assert out[0] is out[1] and out[2] is out
+
+
+class Custom:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Custom) and other.x == self.x
+
+
+def test_trusted_loads_custom_classes() -> None:
+    obj = {"c": Custom(3), "t": int, "f": len}
+    assert streampickle.loads(streampickle.dumps(obj), trusted=True) == obj
+
+
+def test_same_array_twice_is_one_chunk_and_one_object() -> None:
+    arr = np.arange(10)
+    chunks = streampickle.Encoder().encode([arr, arr])
+    assert len(chunks) == 2  # header+pickle, one side chunk
+    out = streampickle.loads(b"".join(chunks))
+    assert out[0] is out[1]
+
+
+def test_pickle_segment_decodes_with_the_stdlib() -> None:
+    obj = {"a": np.arange(5.0), "b": np.ones((2, 2), order="F"), "s": "x"}
+    message = streampickle.dumps(obj)
+    nchunks = int.from_bytes(message[8:12], "little")
+    plen = int.from_bytes(message[12:20], "little")
+    table = message[20 : 20 + 8 * nchunks]
+    lengths = [int.from_bytes(table[i : i + 8], "little") for i in range(0, len(table), 8)]
+    start = 20 + 8 * nchunks
+    segment = message[start : start + plen]
+    pos = start + plen
+    buffers = []
+    for n in lengths:
+        buffers.append(bytearray(message[pos : pos + n]))
+        pos += n
+    assert pos == len(message)
+    assert_same(obj, pickle.loads(segment, buffers=buffers))
+
+
+def test_picklebuffer_arrives_as_aligned_writable_memoryview() -> None:
+    payload = bytearray(b"abc" * 1000)
+    out = streampickle.loads(streampickle.dumps(pickle.PickleBuffer(payload)))
+    assert isinstance(out, memoryview) and not out.readonly
+    assert bytes(out) == bytes(payload)
+    assert np.frombuffer(out, np.uint8).ctypes.data % 64 == 0
+    ro = streampickle.loads(streampickle.dumps(pickle.PickleBuffer(bytes(payload))))
+    assert ro.readonly

@@ -1,0 +1,255 @@
+"""The safe default: what a hostile peer's pickle can and cannot make us do.
+
+Every attack here arrives as a well-framed message, so each must be refused alone (the
+message dropped, the stream still usable) with a StreamPickleError, and never run code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import pickletools
+import struct
+
+import numpy as np
+import pytest
+
+import streampickle
+from _util import make_message
+from streampickle import Decoder, ForbiddenGlobalError, MalformedPickleError
+
+P5 = b"\x80\x05"
+
+
+def s(text: str) -> bytes:  # SHORT_BINUNICODE
+    raw = text.encode()
+    return b"\x8c" + bytes([len(raw)]) + raw
+
+
+def glob(module: str, name: str) -> bytes:  # STACK_GLOBAL
+    return s(module) + s(name) + b"\x93"
+
+
+def refuse(pickle_bytes: bytes, chunks: list[bytes] = (), exc=MalformedPickleError, **options):  # type: ignore[assignment]
+    """Assert the message is refused with ``exc`` and that the stream stays usable after it."""
+    decoder = Decoder(**options)
+    decoder.feed(make_message(pickle_bytes, list(chunks)) + streampickle.dumps("after"))
+    with pytest.raises(exc) as info:
+        next(decoder)
+    assert next(decoder) == "after"
+    return info.value
+
+
+@pytest.fixture()
+def canary(tmp_path):
+    path = tmp_path / "pwned"
+    yield path
+    assert not path.exists(), "the attack ran code"
+
+
+def test_os_system_via_stack_global_reduce(canary) -> None:
+    payload = P5 + glob("os", "system") + s(f"touch {canary}") + b"\x85R."
+    err = refuse(payload, exc=ForbiddenGlobalError)
+    assert (err.module, err.name) == ("os", "system")
+    assert "allow=['os.system']" in str(err) and "trusted=True" in str(err)
+
+
+def test_os_system_via_memoized_strings(canary) -> None:
+    # put the names in the memo first and fetch them back: find_class still sees the final pair
+    payload = P5 + s("os") + b"\x94" + s("system") + b"\x94" + b"0" + b"0" + b"h\x00h\x01\x93" + s(f"touch {canary}") + b"\x85R."
+    refuse(payload, exc=ForbiddenGlobalError)
+
+
+def test_protocol_0_global_opcode_is_refused_before_find_class(canary) -> None:
+    payload = b"cos\nsystem\n(S'touch " + str(canary).encode() + b"'\ntR."
+    refuse(payload)  # not even PROTO 5
+    refuse(P5 + b"cos\nsystem\n(S'x'\ntR.")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        ("builtins", "eval"), ("builtins", "exec"), ("builtins", "getattr"), ("builtins", "__import__"),
+        ("builtins", "open"), ("posix", "system"), ("subprocess", "Popen"), ("importlib", "import_module"),
+        ("pickle", "loads"), ("functools", "partial"), ("operator", "attrgetter"), ("numpy", "empty"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy", "dtype"), ("builtins", "bytearray"),
+        ("builtins", "object.__subclasses__"), ("collections", "OrderedDict.__init__.__globals__"),
+        ("streampickle._safe", "Loader"), ("streampickle", "loads"), ("оs", "system"), ("os ", "system"),
+        ("os\x00", "system"), ("numpy.f2py.diagnose", "run_command"), ("builtins", "list"),
+    ],
+)
+def test_dangerous_globals_are_forbidden(target) -> None:
+    refuse(P5 + glob(*target) + b".", exc=ForbiddenGlobalError)
+
+
+def test_allow_takes_exact_names_not_prefixes() -> None:
+    payload = P5 + glob("numpy.f2py.diagnose", "run_command") + b"."
+    refuse(payload, exc=ForbiddenGlobalError, allow=["numpy.f2py", "numpy.f2py.diagnose", "numpy.f2py.diagnose.run"])
+    with pytest.raises(streampickle.UsageError, match="dotted"):
+        Decoder(allow=["numpy"])  # a bare module is not a name; prefixes are never allowed
+
+
+class Point:
+    def __init__(self, x: int, y: int) -> None:
+        self.x, self.y = x, y
+
+
+def test_allow_by_name_and_by_class_and_trusted() -> None:
+    data = streampickle.dumps(Point(1, 2))
+    with pytest.raises(ForbiddenGlobalError, match="test_safe.Point"):
+        streampickle.loads(data)
+    for allow in (["test_safe.Point"], [Point]):
+        p = streampickle.loads(data, allow=allow)
+        assert (p.x, p.y) == (1, 2)
+    assert streampickle.loads(data, trusted=True).y == 2
+    with pytest.raises(streampickle.UsageError):
+        streampickle.loads(data, allow="test_safe.Point")
+
+
+def test_build_cannot_modify_a_reconstructor() -> None:
+    # BUILD with slot state aimed at streampickle._rebuild.ndarray itself
+    payload = P5 + glob("streampickle._rebuild", "ndarray") + b"N}" + s("__defaults__") + b"K\x01s\x86b."
+    refuse(payload)
+    payload = P5 + glob("streampickle._rebuild", "ndarray") + b"}" + s("x") + b"K\x01sb."
+    refuse(payload)
+
+
+def test_build_cannot_modify_an_allowed_class() -> None:
+    payload = P5 + glob("datetime", "datetime") + b"N}" + s("now") + b"K\x01s\x86b."
+    refuse(payload)
+    import datetime
+    assert callable(datetime.datetime.now)
+
+
+@pytest.mark.parametrize(
+    ("name", "payload"),
+    [
+        ("huge LONG_BINPUT", P5 + b"N" + b"r\xff\xff\xff\x3f" + b"."),
+        ("BINBYTES8 claiming 2**62", P5 + b"\x8e" + struct.pack("<Q", 2**62) + b"abc."),
+        ("BYTEARRAY8 claiming 2**62", P5 + b"\x96" + struct.pack("<Q", 2**62) + b"abc."),
+        ("BINUNICODE8 claiming 2**62", P5 + b"\x8d" + struct.pack("<Q", 2**62) + b"abc."),
+        ("BINBYTES claiming 2**31-1", P5 + b"B" + struct.pack("<I", 2**31 - 1) + b"abc."),
+        ("LONG4 claiming 2**31", P5 + b"\x8b" + struct.pack("<i", 2**31 - 1) + b"."),
+        ("LONG4 negative", P5 + b"\x8b" + struct.pack("<i", -2) + b"."),
+        ("bytes after STOP", P5 + b"N.garbage"),
+        ("two pickles", P5 + b"N." + P5 + b"N."),
+        ("no STOP", P5 + b"N"),
+        ("PROTO 6", b"\x80\x06N."),
+        ("PROTO 255", b"\x80\xffN."),
+        ("no PROTO", b"N."),
+        ("duplicate PROTO", P5 + b"\x80\x05N."),
+        ("unknown opcode", P5 + b"\xff."),
+        ("POP underflow", P5 + b"0N."),
+        ("APPEND underflow", P5 + b"Na."),
+        ("TUPLE2 underflow", P5 + b"N\x86."),
+        ("SETITEM underflow", P5 + b"}Ns."),
+        ("TUPLE without MARK", P5 + b"Nt."),
+        ("MARK never closed", P5 + b"(N."),
+        ("BINGET of undefined slot", P5 + b"h\x05."),
+        ("LONG_BINGET of undefined slot", P5 + b"j\xff\xff\xff\xff."),
+        ("INT text opcode", P5 + b"I" + b"9" * 1000 + b"\n."),
+        ("STRING text opcode", P5 + b"S'x'\n."),
+        ("INST", P5 + b"(ios\nsystem\n."),
+        ("OBJ", P5 + b"(N" + b"o."),
+        ("EXT1", P5 + b"\x82\x01."),
+        ("BINPERSID", P5 + b"NQ."),
+        ("PUT", P5 + b"Np0\n."),
+        ("FRAME past the end", P5 + b"\x95" + struct.pack("<Q", 100) + b"N."),
+        ("opcode straddling a FRAME end", P5 + b"\x95" + struct.pack("<Q", 2) + b"\x8c\x03abc."),
+        ("FRAME inside a FRAME", P5 + b"\x95" + struct.pack("<Q", 11) + b"\x95" + struct.pack("<Q", 2) + b"N."),
+        ("STOP with two items", P5 + b"NN."),
+        ("READONLY_BUFFER on a non-buffer", P5 + b"N\x98."),
+        ("empty stack STOP", P5 + b"."),
+    ],
+)
+def test_malformed_pickles_are_refused_by_the_scan(name: str, payload: bytes) -> None:
+    refuse(payload)
+
+
+def test_out_of_band_buffer_count_must_match_exactly() -> None:
+    one_buffer = P5 + b"\x97."
+    refuse(one_buffer, chunks=[])  # NEXT_BUFFER, no chunk declared
+    refuse(one_buffer, chunks=[b"a", b"b"])  # a chunk left over
+    refuse(P5 + b"\x97\x97\x86.", chunks=[b"a"])  # two NEXT_BUFFER, one chunk
+    assert bytes(streampickle.loads(make_message(one_buffer, [b"ab"]))) == b"ab"
+
+
+def test_trusted_mode_still_checks_framing_of_the_pickle() -> None:
+    with pytest.raises(MalformedPickleError):
+        streampickle.loads(make_message(P5 + b"N.garbage"), trusted=True)
+    with pytest.raises(MalformedPickleError):
+        streampickle.loads(make_message(P5 + b"\x97.", [b"a", b"b"]), trusted=True)
+
+
+def ndarray_pickle(descr, shape, fortran=False) -> bytes:
+    return pickle.dumps(
+        (_Rebuild(descr, shape, fortran)), protocol=5, buffer_callback=lambda b: False
+    )
+
+
+class _Rebuild:
+    """Pickles as a call of streampickle._rebuild.ndarray with arbitrary arguments."""
+
+    def __init__(self, descr, shape, fortran) -> None:
+        self.args = (descr, shape, fortran)
+
+    def __reduce__(self):
+        from streampickle import _rebuild
+
+        return _rebuild.ndarray, (*self.args, pickle.PickleBuffer(b""))
+
+
+@pytest.mark.parametrize(
+    ("descr", "shape", "chunk"),
+    [
+        ("<f8", [3], b"\x00" * 8),  # 3 float64 need 24 bytes
+        ("<i8", [1], b"\x00" * 5),
+        ("<f8", [2**40, 2**40], b"\x00" * 8),  # claims 8 * 2**80 bytes
+        ("<f8", [-1], b""),
+        ("|O8", [1], b"\x00" * 8),  # object dtype over raw bytes would be pointers
+        ("<f8x", [1], b"\x00" * 8),
+        ([["a", "|O8", []]], [1], b"\x00" * 8),
+        ([["a", "<f8", [2**62]]], [1], b"\x00" * 8),
+        ("<f8", [1] * 65, b"\x00" * 8),
+        (42, [1], b"\x00" * 8),
+    ],
+)
+def test_ndarray_reconstructor_validates_against_the_chunk(descr, shape, chunk) -> None:
+    payload = ndarray_pickle(descr, shape)
+    refuse(payload, chunks=[chunk])
+
+
+def test_trailing_pickle_opcodes_listing_matches_encoder_output() -> None:
+    """What the encoder emits passes the scan: a sanity check on the opcode table."""
+    data = streampickle.dumps({"a": [np.arange(3), {1, 2}, frozenset(), (1,), (1, 2, 3, 4)], "r": None})
+    plen = int.from_bytes(data[12:20], "little")
+    nchunks = int.from_bytes(data[8:12], "little")
+    segment = data[20 + 8 * nchunks : 20 + 8 * nchunks + plen]
+    ops = {op.name for op, _, _ in pickletools.genops(segment)}
+    assert {"STACK_GLOBAL", "NEXT_BUFFER", "EMPTY_SET", "ADDITEMS", "FROZENSET", "MEMOIZE"} <= ops
+    streampickle.loads(data)
+
+
+def test_object_arrays_go_in_band_through_the_allowlist() -> None:
+    arr = np.array([1, Point(1, 2)], dtype=object)
+    data = streampickle.dumps(arr)
+    with pytest.raises(ForbiddenGlobalError):
+        streampickle.loads(data)
+    assert streampickle.loads(data, allow=[Point])[1].y == 2
+
+
+def test_numpy_subclass_and_exotic_dtypes_need_trust() -> None:
+    m = np.ma.masked_array([1, 2], mask=[0, 1])
+    data = streampickle.dumps(m)
+    with pytest.raises(ForbiddenGlobalError):
+        streampickle.loads(data)
+    assert (streampickle.loads(data, trusted=True).mask == m.mask).all()
+
+
+def test_safe_default_does_not_import_anything_new() -> None:
+    payload = P5 + glob("this", "x") + b"."  # importing 'this' prints the Zen
+    import sys
+
+    sys.modules.pop("this", None)
+    refuse(payload, exc=ForbiddenGlobalError)
+    assert "this" not in sys.modules
+    assert os.environ  # and nothing crashed

@@ -1,0 +1,151 @@
+"""The blocking adapter over real sockets, pipes, files and a real child process."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import streampickle
+from _util import assert_same, sample_objects
+from streampickle import sync
+
+
+def test_socketpair_many_messages_each_load_gets_its_own() -> None:
+    a, b = socket.socketpair()
+    objs = list(sample_objects().values()) + [np.random.default_rng(0).random((512, 1024))]
+    with a, b:
+        sender = threading.Thread(target=lambda: [sync.dump(o, a) for o in objs])
+        sender.start()
+        for o in objs:
+            assert_same(o, sync.load(b))
+        sender.join()
+        a.shutdown(socket.SHUT_WR)
+        with pytest.raises(EOFError):
+            sync.load(b)
+
+
+def test_load_never_reads_past_its_message() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        sync.dump({"x": np.arange(10)}, a)
+        a.sendall(b"raw bytes after")
+        assert sync.load(b)["x"].sum() == 45
+        assert b.recv(100) == b"raw bytes after"
+
+
+def test_peer_closing_mid_message_is_incomplete() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        data = streampickle.dumps(np.arange(1000))
+        a.sendall(data[:100])
+        a.close()
+        with pytest.raises(streampickle.IncompleteMessageError) as info:
+            sync.load(b)
+        assert info.value.received == 100 and info.value.expected == len(data)
+
+
+def test_files_raw_and_buffered(tmp_path) -> None:
+    path = tmp_path / "objs.spk"
+    objs = [np.arange(5), {"k": "v"}, np.ones((3, 3), order="F")]
+    with open(path, "wb") as f:
+        for o in objs:
+            sync.dump(o, f)
+    for opener in (lambda: open(path, "rb"), lambda: open(path, "rb", buffering=0)):
+        with opener() as f:
+            for o in objs:
+                assert_same(o, sync.load(f))
+            with pytest.raises(EOFError):
+                sync.load(f)
+
+
+def test_file_without_readinto_and_key() -> None:
+    class ReadOnly:
+        def __init__(self, data: bytes) -> None:
+            self._f = io.BytesIO(data)
+
+        def read(self, n: int) -> bytes:
+            return self._f.read(n)
+
+    out = io.BytesIO()
+    sync.dump([1, np.arange(3)], out, key=b"k")
+    got = sync.load(ReadOnly(out.getvalue()), key=b"k")
+    assert got[0] == 1 and got[1].tolist() == [0, 1, 2]
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from streampickle import sync
+    while True:
+        try:
+            obj = sync.load(sys.stdin.buffer)
+        except EOFError:
+            break
+        # echo back a summary and the object itself
+        sync.dump({"sum": float(obj["a"].sum()), "obj": obj}, sys.stdout.buffer)
+    """
+)
+
+
+def test_pipe_to_a_real_child_process() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    rng = np.random.default_rng(1)
+    for size in (0, 1, 1000, 3_000_000):
+        obj = {"a": rng.random(size), "meta": {"size": size}}
+        sync.dump(obj, proc.stdin)
+        reply = sync.load(proc.stdout)
+        assert reply["sum"] == pytest.approx(obj["a"].sum())
+        assert_same(obj, reply["obj"])
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+
+
+def test_socket_to_a_real_child_process() -> None:
+    parent, child = socket.socketpair()
+    code = textwrap.dedent(
+        f"""
+        import socket, numpy as np
+        from streampickle import sync
+        s = socket.socket(fileno={child.fileno()})
+        arr = sync.load(s)
+        sync.dump(arr * 2, s)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child.fileno()])
+    child.close()
+    with parent:
+        arr = np.arange(2_000_000, dtype=np.int64).reshape(1000, 2000)
+        sync.dump(arr, parent)
+        out = sync.load(parent)
+        assert (out == arr * 2).all() and out.flags.aligned
+    assert proc.wait(timeout=30) == 0
+
+
+def test_sendmsg_handles_more_buffers_than_iov_max() -> None:
+    a, b = socket.socketpair()
+    arrays = [np.full(3, i, dtype=np.int16) for i in range(3000)]
+    with a, b:
+        t = threading.Thread(target=sync.dump, args=(arrays, a))
+        t.start()
+        out = sync.load(b)
+        t.join()
+    assert [int(x[0]) for x in out] == list(range(3000))
+
+
+def test_os_pipe_file_objects() -> None:
+    r, w = os.pipe()
+    with open(r, "rb", buffering=0) as rf, open(w, "wb", buffering=0) as wf:
+        t = threading.Thread(target=sync.dump, args=(np.arange(500_000), wf))
+        t.start()
+        out = sync.load(rf)
+        t.join()
+    assert out[-1] == 499_999
