@@ -33,11 +33,30 @@ from ._wire import VERSION as WIRE_VERSION
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from . import sync
+    from . import sync, testing
+    from ._sockets import (
+        ObjectStreamListener,
+        connect_tcp,
+        connect_unix,
+        create_tcp_listener,
+        create_unix_listener,
+    )
+    from ._stream import ObjectStream, dump, load
 
 # The I/O adapters load on first use, so that importing streampickle (the sans-IO core)
 # pulls in no socket, thread or event-loop machinery.
-_LAZY = {"sync": ("streampickle.sync", None)}
+_LAZY = {
+    "sync": ("streampickle.sync", None),
+    "testing": ("streampickle.testing", None),
+    "ObjectStream": ("streampickle._stream", "ObjectStream"),
+    "dump": ("streampickle._stream", "dump"),
+    "load": ("streampickle._stream", "load"),
+    "connect_tcp": ("streampickle._sockets", "connect_tcp"),
+    "connect_unix": ("streampickle._sockets", "connect_unix"),
+    "create_tcp_listener": ("streampickle._sockets", "create_tcp_listener"),
+    "create_unix_listener": ("streampickle._sockets", "create_unix_listener"),
+    "ObjectStreamListener": ("streampickle._sockets", "ObjectStreamListener"),
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -62,11 +81,20 @@ __all__ = [
     "LimitExceededError",
     "Limits",
     "MalformedPickleError",
+    "ObjectStream",
+    "ObjectStreamListener",
     "ProtocolError",
     "StreamPickleError",
     "UsageError",
     "WIRE_VERSION",
+    "connect_tcp",
+    "connect_unix",
+    "create_tcp_listener",
+    "create_unix_listener",
+    "dump",
     "dumps",
+    "load",
     "loads",
     "sync",
+    "testing",
 ]

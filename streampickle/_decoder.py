@@ -186,6 +186,11 @@ class Decoder:
         return len(self._ready)
 
     @property
+    def failed(self) -> bool:
+        """True once a framing error has made the decoder unusable."""
+        return self._failure is not None
+
+    @property
     def in_message(self) -> bool:
         """True if part of a message has arrived and the rest has not."""
         return self._received > 0

@@ -1,0 +1,227 @@
+"""The async adapters: ``await dump/load`` on byte streams, and ``ObjectStream``.
+
+Both are thin: the encoder makes the chunks, the decoder finds the messages, and a transport
+(``_transports``) moves the bytes. What lives here is the stream semantics users rely on:
+
+* *Cancellation loses nothing on receive.* The decoder holds every byte received so far, and a
+  transport read either completes (its bytes are in the decoder) or does not happen. A
+  cancelled ``receive`` leaves the partial message in the decoder, and the next ``receive``
+  carries on and returns it whole. ``load`` on a bare stream does the same by parking the
+  decoder of an interrupted message with the stream until the next ``load`` on it.
+* *A cancelled send is either harmless or fatal, never silent.* If no byte of the message
+  reached the transport, the stream is untouched; otherwise (or where the transport can't tell)
+  the send direction is broken: later sends raise ``anyio.BrokenResourceError``, and the peer
+  sees an incomplete message, never a wrong object.
+* *Sends are serialized, in order* (a FIFO lock); concurrent receives raise
+  ``anyio.BusyResourceError``.
+"""
+
+from __future__ import annotations
+
+import socket
+import weakref
+from typing import Any, Callable, Iterable, Mapping
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import ObjectStream as _AnyioObjectStream
+
+from ._decoder import Decoder
+from ._encoder import Encoder
+from ._limits import Limits
+from ._transports import AnyioTransport, AsyncioTransport, SocketTransport, fastest_transport
+
+__all__ = ["ObjectStream", "dump", "load"]
+
+# A receive that needed no I/O still yields to the event loop once in this many calls, so a
+# consumer of a fast stream of small messages can't starve other tasks (and a full yield per
+# message would cost more than the message).
+_YIELD_EVERY = 64
+
+
+class ObjectStream(_AnyioObjectStream[Any]):
+    """An anyio object stream carrying Python objects over a bidirectional byte stream.
+
+    ``transport_stream`` is any anyio ``ByteStream`` (TCP, Unix, TLS, a process's pipes
+    stapled together, ...). On the trio backend an anyio socket stream is driven zero-copy;
+    :meth:`from_socket` and streampickle's own ``connect_*``/listeners are zero-copy on every
+    backend. Options are the core's: ``trusted``, ``allow``, ``key``, ``limits``.
+
+    ``receive`` raises ``anyio.EndOfStream`` at a clean end between messages and
+    :class:`IncompleteMessageError` if the peer stopped inside one; ``async for`` ends cleanly.
+    Typed attributes of the transport (``SocketAttribute.remote_address``, ...) are forwarded.
+    """
+
+    def __init__(
+        self,
+        transport_stream: Any,
+        *,
+        trusted: bool = False,
+        allow: Iterable[Any] = (),
+        key: bytes | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.transport_stream = transport_stream
+        self._encoder = Encoder(key=key)
+        self._decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
+        self._transport: AnyioTransport | AsyncioTransport | SocketTransport | None = None
+        self._send_lock: anyio.Lock | None = None
+        self._send_broken: BaseException | None = None
+        self._receiving = False
+        self._eof = False
+        self._closed = False
+        self._quick_receives = 0
+
+    @classmethod
+    def from_socket(
+        cls,
+        sock: socket.socket,
+        *,
+        trusted: bool = False,
+        allow: Iterable[Any] = (),
+        key: bytes | None = None,
+        limits: Limits | None = None,
+    ) -> ObjectStream:
+        """Wrap a connected stream socket (TCP or Unix), which the object stream then owns:
+        side chunks go from memory to the kernel and back with no userspace copy.
+
+        For example one end of ``socket.socketpair()`` handed to a child process.
+        """
+        stream = cls(None, trusted=trusted, allow=allow, key=key, limits=limits)
+        stream._transport = SocketTransport(sock)
+        return stream
+
+    @property
+    def _t(self) -> AnyioTransport | AsyncioTransport | SocketTransport:
+        if self._transport is None:
+            self._transport = fastest_transport(self.transport_stream)
+        return self._transport
+
+    async def send(self, item: Any) -> None:
+        """Send one object. Pickling happens first: if it fails, :class:`EncodeError` is raised
+        and nothing was sent. Concurrent sends are queued in order."""
+        chunks = self._encoder.encode(item)
+        if self._send_lock is None:
+            self._send_lock = anyio.Lock()
+        async with self._send_lock:
+            self._check_send()
+            transport = self._t
+            transport.sent = 0
+            try:
+                await transport.send_chunks(chunks)
+            except BaseException as exc:
+                if transport.sent or not transport.exact_send_accounting:
+                    self._send_broken = exc
+                raise
+
+    async def receive(self) -> Any:
+        """The next object. Cancelling this loses nothing: the next call returns it whole."""
+        if self._receiving:
+            raise anyio.BusyResourceError("receiving from")
+        self._receiving = True
+        try:
+            decoder = self._decoder
+            while True:
+                if self._closed:
+                    raise anyio.ClosedResourceError
+                if decoder.pending:
+                    self._quick_receives += 1
+                    if self._quick_receives >= _YIELD_EVERY:
+                        self._quick_receives = 0
+                        await anyio.lowlevel.checkpoint()
+                    else:
+                        await anyio.lowlevel.checkpoint_if_cancelled()
+                    return next(decoder)
+                if self._eof:
+                    raise anyio.EndOfStream
+                self._quick_receives = 0
+                if not await self._t.fill(decoder, exact=False):
+                    self._eof = True
+        finally:
+            self._receiving = False
+
+    async def send_eof(self) -> None:
+        """Close the sending direction (after queued sends); the peer's ``receive`` ends."""
+        if self._send_lock is None:
+            self._send_lock = anyio.Lock()
+        async with self._send_lock:
+            self._check_send()
+            await self._t.send_eof()
+
+    async def aclose(self) -> None:
+        """Close the stream and its transport. Blocked calls wake with
+        ``anyio.ClosedResourceError``; closing twice is a no-op."""
+        if self._closed:
+            await anyio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        await self._t.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._t.extra_attributes
+
+    def _check_send(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._send_broken is not None:
+            raise anyio.BrokenResourceError(
+                "an earlier send was interrupted after part of its message was written, so "
+                "the peer can't find the next message boundary: close this stream"
+            ) from self._send_broken
+
+
+async def dump(obj: Any, stream: Any, *, key: bytes | None = None) -> None:
+    """Send one message carrying ``obj`` on an anyio byte stream or ``asyncio.StreamWriter``.
+
+    If pickling fails, :class:`EncodeError` is raised and nothing is written. If the call is
+    cancelled after its first byte went out, the stream holds part of a message: close it.
+    """
+    chunks = Encoder(key=key).encode(obj)
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    await fastest_transport(stream).send_chunks(chunks)
+
+
+# Decoders of messages whose load() was interrupted, parked until the next load() on the
+# same stream, so that cancelling a load loses nothing.
+_parked: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], Decoder]] = weakref.WeakKeyDictionary()
+
+
+async def load(
+    stream: Any,
+    *,
+    trusted: bool = False,
+    allow: Iterable[Any] = (),
+    key: bytes | None = None,
+    limits: Limits | None = None,
+) -> Any:
+    """Receive exactly one message from an anyio byte stream or ``asyncio.StreamReader``.
+
+    Never reads a byte beyond the message, so consecutive calls each get theirs and what
+    follows stays in the stream. ``EOFError`` at a clean end between messages;
+    :class:`IncompleteMessageError` if the stream ends inside one.
+    """
+    options = (trusted, tuple(allow), key, limits)
+    parked = _parked.pop(stream, None) if _weakrefable(stream) else None
+    if parked is not None and parked[0] == options:
+        decoder = parked[1]
+    else:
+        decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
+    transport = fastest_transport(stream)
+    try:
+        while not decoder.pending:
+            if not await transport.fill(decoder, exact=True):
+                raise EOFError("the stream ended before a message started")
+    except BaseException:
+        if decoder.in_message and not decoder.failed and _weakrefable(stream):
+            _parked[stream] = (options, decoder)
+        raise
+    return next(decoder)
+
+
+def _weakrefable(obj: Any) -> bool:
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True

@@ -1,0 +1,243 @@
+"""Byte transports under the async adapters: they only move bytes between a channel and the
+sans-IO core. Three kinds:
+
+* ``AnyioTransport``: any anyio ``ByteStream`` (or a send-only/receive-only one). Each received
+  byte is copied once (from the transport's ``bytes`` into its decoder destination); large
+  chunks are sent in slices so that no transport ever buffers a second copy of one.
+* ``AsyncioTransport``: an ``asyncio.StreamReader`` / ``StreamWriter``; same policy.
+* ``SocketTransport``: a raw non-blocking socket that streampickle owns, driven with
+  ``anyio.wait_readable``/``wait_writable``. Side chunks go from the caller's memory to the
+  kernel with ``sendmsg`` and from the kernel into their final destination with
+  ``recv_into``: no userspace copy either way. This is the fast path (anyio's asyncio socket
+  streams belong to an asyncio transport, which copies unsent data; see issue 3).
+
+Every transport counts the bytes of the current message it has handed to the kernel or
+channel (``sent``), so the object stream can tell a send cancelled before its first byte (the
+stream stays usable) from one cancelled later (the stream is broken). Where it can't know, it
+says so (``exact_send_accounting = False``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from typing import Any, Callable, Mapping
+
+import anyio
+from anyio.abc import ByteReceiveStream, ByteSendStream, SocketAttribute, SocketStream
+
+from ._decoder import Decoder
+from ._encoder import Chunk
+
+__all__ = ["AnyioTransport", "AsyncioTransport", "SocketTransport", "SEND_SLICE", "READ_AHEAD"]
+
+# Largest piece handed to a copying transport in one call. asyncio's transports copy what the
+# kernel did not take at once into their own buffer; a 1 MiB slice bounds that copy.
+SEND_SLICE = 1 << 20
+# How much a transport may read ahead of the current part when streampickle owns the stream.
+READ_AHEAD = 256 * 1024
+# Parts at least this large are read straight into their destination on raw sockets.
+DIRECT_READ = 64 * 1024
+_IOV_MAX = 1024  # Linux's limit on buffers per sendmsg
+
+
+def _slices(chunks: list[Chunk], size: int = SEND_SLICE) -> list[memoryview | bytes]:
+    out: list[memoryview | bytes] = []
+    for chunk in chunks:
+        if len(chunk) <= size:
+            if len(chunk):
+                out.append(chunk)
+            continue
+        view = memoryview(chunk).cast("B")
+        out.extend(view[i : i + size] for i in range(0, len(view), size))
+    return out
+
+
+class AnyioTransport:
+    exact_send_accounting = False
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.sent = 0
+
+    async def send_chunks(self, chunks: list[Chunk]) -> None:
+        send = self.stream.send
+        for piece in _slices(chunks):
+            self.sent += 1  # can't tell how much of an interrupted send reached the stream
+            await send(piece)
+
+    async def fill(self, decoder: Decoder, *, exact: bool) -> bool:
+        """Feed the decoder what the stream has next; False (after ``feed_eof``) at its end."""
+        want = len(decoder.get_buffer())
+        try:
+            data = await self.stream.receive(want if exact else max(want, READ_AHEAD))
+        except anyio.EndOfStream:
+            decoder.feed_eof()
+            return False
+        decoder.feed(data)
+        return True
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self.stream.extra_attributes
+
+
+class AsyncioTransport:
+    exact_send_accounting = False
+
+    def __init__(self, reader: asyncio.StreamReader | None, writer: asyncio.StreamWriter | None) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.sent = 0
+
+    async def send_chunks(self, chunks: list[Chunk]) -> None:
+        assert self.writer is not None
+        for piece in _slices(chunks):
+            self.sent += 1
+            self.writer.write(piece)
+            await self.writer.drain()
+
+    async def fill(self, decoder: Decoder, *, exact: bool) -> bool:
+        assert self.reader is not None
+        want = len(decoder.get_buffer())
+        data = await self.reader.read(want if exact else max(want, READ_AHEAD))
+        if not data:
+            decoder.feed_eof()
+            return False
+        decoder.feed(data)
+        return True
+
+
+class SocketTransport:
+    """A connected stream socket that streampickle drives itself, zero-copy both ways."""
+
+    exact_send_accounting = True
+
+    def __init__(self, sock: socket.socket, *, owner: Any = None) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.sent = 0
+        self._owner = owner  # an anyio stream whose socket this is: closed through it
+        self._scratch = memoryview(bytearray(READ_AHEAD))
+
+    async def send_chunks(self, chunks: list[Chunk]) -> None:
+        views = [memoryview(c).cast("B") for c in chunks if len(c)]
+        sock = self.sock
+        while views:
+            try:
+                n = sock.sendmsg(views[:_IOV_MAX])
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+                continue
+            except OSError as exc:
+                raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
+            self.sent += n
+            while n:
+                first = views[0]
+                if n >= len(first):
+                    n -= len(first)
+                    del views[0]
+                else:
+                    views[0] = first[n:]
+                    n = 0
+
+    async def fill(self, decoder: Decoder, *, exact: bool) -> bool:
+        view = decoder.get_buffer()
+        direct = exact or len(view) >= DIRECT_READ
+        target = view if direct else self._scratch
+        while True:
+            try:
+                n = self.sock.recv_into(target)
+                break
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
+            except OSError as exc:
+                raise anyio.BrokenResourceError(f"receiving failed: {exc}") from exc
+        if n == 0:
+            decoder.feed_eof()
+            return False
+        if direct:
+            decoder.buffer_updated(n)
+        else:
+            decoder.feed(target[:n])
+        return True
+
+    async def send_eof(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    async def aclose(self) -> None:
+        if self._owner is not None:
+            await self._owner.aclose()
+            return
+        if self.sock.fileno() >= 0:
+            anyio.notify_closing(self.sock)
+            self.sock.close()
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        if self._owner is not None:
+            return self._owner.extra_attributes
+        sock = self.sock
+        attrs: dict[Any, Callable[[], Any]] = {
+            SocketAttribute.raw_socket: lambda: sock,
+            SocketAttribute.family: lambda: sock.family,
+            SocketAttribute.local_address: lambda: sock.getsockname(),
+        }
+        try:
+            sock.getpeername()
+            attrs[SocketAttribute.remote_address] = lambda: sock.getpeername()
+        except OSError:
+            pass
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            attrs[SocketAttribute.local_port] = lambda: sock.getsockname()[1]
+            if SocketAttribute.remote_address in attrs:
+                attrs[SocketAttribute.remote_port] = lambda: sock.getpeername()[1]
+        return attrs
+
+
+def transport_for(stream: Any) -> AnyioTransport | AsyncioTransport:
+    """The copying transport for a stream given to ``dump``/``load``."""
+    if isinstance(stream, asyncio.StreamWriter):
+        return AsyncioTransport(None, stream)
+    if isinstance(stream, asyncio.StreamReader):
+        return AsyncioTransport(stream, None)
+    if isinstance(stream, (ByteSendStream, ByteReceiveStream)) or hasattr(stream, "receive") or hasattr(stream, "send"):
+        return AnyioTransport(stream)
+    raise TypeError(
+        f"expected an anyio byte stream or an asyncio StreamReader/StreamWriter, not {type(stream).__name__}"
+    )
+
+
+def _running_trio() -> bool:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+def fastest_transport(stream: Any) -> AnyioTransport | AsyncioTransport | SocketTransport:
+    """The zero-copy socket path where anyio's public API allows it, else a copying one.
+
+    On the trio backend an anyio socket stream's raw socket is an ordinary non-blocking socket
+    that streampickle may drive itself; on asyncio it belongs to an asyncio transport (whose
+    own reader would race ours), so there the stream is used through its public API. A TLS
+    stream is not a ``SocketStream`` and is never bypassed.
+    """
+    if isinstance(stream, SocketStream) and _running_trio():
+        return SocketTransport(stream.extra(SocketAttribute.raw_socket), owner=stream)
+    return transport_for(stream)
