@@ -113,17 +113,17 @@ async def tls() -> Pair:
     return ObjectStream(result["client"]), ObjectStream(result["server"])
 
 
-class _ProcessStream(StapledByteStream):
-    """Pipes of two relay processes stapled together; closing also reaps the processes."""
+#: Relay processes started by process_pipes(); reaped by reap_processes() after each test
+#: (not when a stream closes: killing a relay would drop data still on its way to the peer).
+PROCESSES: list[Any] = []
 
-    processes: list[Any]
 
-    async def aclose(self) -> None:
-        await super().aclose()
-        for proc in self.processes:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.aclose()
+async def reap_processes() -> None:
+    while PROCESSES:
+        proc = PROCESSES.pop()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.aclose()
 
 
 async def process_pipes() -> Pair:
@@ -132,11 +132,8 @@ async def process_pipes() -> Pair:
     assert cat, "the process-pipe binding needs cat"
     p1 = await anyio.open_process([cat], stderr=None)
     p2 = await anyio.open_process([cat], stderr=None)
-    a = _ProcessStream(p1.stdin, p2.stdout)
-    b = _ProcessStream(p2.stdin, p1.stdout)
-    a.processes = [p1]
-    b.processes = [p2]
-    return ObjectStream(a), ObjectStream(b)
+    PROCESSES.extend([p1, p2])
+    return ObjectStream(StapledByteStream(p1.stdin, p2.stdout)), ObjectStream(StapledByteStream(p2.stdin, p1.stdout))
 
 
 BINDINGS: dict[str, Callable[[], Awaitable[Pair]]] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from _pairs import BINDINGS
+from _pairs import BINDINGS, reap_processes
 from streampickle.testing import CHECKS, check_object_stream
 
 
@@ -12,4 +12,7 @@ from streampickle.testing import CHECKS, check_object_stream
 @pytest.mark.parametrize("check", CHECKS)
 @pytest.mark.parametrize("binding", BINDINGS)
 async def test_conformance(binding: str, check: str) -> None:
-    await check_object_stream(BINDINGS[binding], only=[check])
+    try:
+        await check_object_stream(BINDINGS[binding], only=[check])
+    finally:
+        await reap_processes()

@@ -1,0 +1,246 @@
+"""await dump/load on byte streams, ObjectStream specifics, and the zero-copy socket path."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import anyio
+import numpy as np
+import pytest
+from anyio.abc import SocketAttribute
+
+import streampickle
+from _pairs import tcp_anyio, tcp_owned, tls
+from streampickle import ObjectStream
+from streampickle._transports import AnyioTransport, SocketTransport
+from streampickle.testing import memory_stream_pair
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_consecutive_loads_each_get_their_message_and_leave_the_rest() -> None:
+    a, b = memory_stream_pair(max_buffered_sends=100)
+    objs = [np.arange(10), {"k": "v"}, np.ones((100, 100), order="F")]
+    for obj in objs:
+        await streampickle.dump(obj, a)
+    await a.send(b"raw tail")
+    await a.send_eof()
+    for obj in objs:
+        got = await streampickle.load(b)
+        assert type(got) is type(obj)
+    assert await b.receive() == b"raw tail"  # not one byte beyond the last message was read
+    with pytest.raises(EOFError):
+        await streampickle.load(b)
+
+
+async def test_load_over_tcp_stream_and_eof_inside_a_message() -> None:
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(SocketAttribute.local_port)
+        message = streampickle.dumps(np.arange(1000))
+        async with anyio.create_task_group() as tg:
+
+            async def server(stream) -> None:
+                async with stream:
+                    await stream.send(message)
+                    await stream.send(message[:50])
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(listener.serve, server)
+            client = await anyio.connect_tcp("127.0.0.1", port)
+            async with client:
+                assert (await streampickle.load(client))[-1] == 999
+                with pytest.raises(streampickle.IncompleteMessageError) as info:
+                    await streampickle.load(client)
+                assert info.value.received == 50
+
+
+async def test_cancelled_load_resumes_with_the_same_message() -> None:
+    a, b = memory_stream_pair(max_buffered_sends=1)
+    big = np.random.default_rng(0).random(3_000_000)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(streampickle.dump, big, a)
+        cancellations = 0
+        for _ in range(10_000):
+            with anyio.move_on_after(0.001) as scope:
+                got = await streampickle.load(b)
+            if not scope.cancelled_caught:
+                break
+            cancellations += 1
+        assert cancellations > 0
+        assert np.array_equal(got, big)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncio_stream_reader_and_writer() -> None:
+    received = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            received.append(await streampickle.load(reader))
+        with pytest.raises(EOFError):
+            await streampickle.load(reader)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await streampickle.dump({"a": np.arange(5)}, writer)
+    await streampickle.dump(np.zeros(3_000_000), writer)
+    writer.close()
+    await writer.wait_closed()
+    for _ in range(100):
+        if len(received) == 2:
+            break
+        await asyncio.sleep(0.02)
+    server.close()
+    assert received[0]["a"].sum() == 10 and received[1].shape == (3_000_000,)
+
+
+async def test_forbidden_message_is_dropped_and_the_stream_goes_on() -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    a, b = await tcp_owned()
+    async with a, b:
+        await a.send(Evil())
+        await a.send("fine")
+        with pytest.raises(streampickle.ForbiddenGlobalError):
+            await b.receive()
+        assert await b.receive() == "fine"
+
+
+async def test_framing_error_poisons_the_receive_side() -> None:
+    x, y = memory_stream_pair()
+    stream = ObjectStream(y)
+    await x.send(b"GET / HTTP/1.1\r\n")
+    with pytest.raises(streampickle.ProtocolError):
+        await stream.receive()
+    with pytest.raises(streampickle.ProtocolError, match="failed earlier"):
+        await stream.receive()
+
+
+async def test_keyed_object_streams() -> None:
+    x, y = memory_stream_pair()
+    a, b = ObjectStream(x, key=b"k1"), ObjectStream(y, key=b"k1")
+    await a.send(np.arange(3))
+    assert (await b.receive()).tolist() == [0, 1, 2]
+    c = ObjectStream(x, key=b"other")
+    await c.send("x")
+    with pytest.raises(streampickle.AuthenticationError):
+        await b.receive()
+
+
+async def test_typed_attributes_are_forwarded() -> None:
+    for make in (tcp_owned, tcp_anyio):
+        a, b = await make()
+        async with a, b:
+            assert a.extra(SocketAttribute.remote_port) == b.extra(SocketAttribute.local_port)
+            assert a.extra(SocketAttribute.raw_socket).fileno() >= 0
+
+
+async def test_which_streams_take_the_zero_copy_path(anyio_backend: str) -> None:
+    a, b = await tcp_owned()
+    async with a, b:
+        assert isinstance(a._t, SocketTransport) and a._t._owner is None
+    a, b = await tcp_anyio()
+    async with a, b:
+        assert isinstance(a._t, SocketTransport if anyio_backend == "trio" else AnyioTransport)
+    a, b = await tls()  # TLS is never bypassed
+    async with a, b:
+        assert isinstance(a._t, AnyioTransport)
+
+
+class RecordingSocket:
+    """A socket stand-in that records the memory handed to sendmsg and recv_into."""
+
+    def __init__(self, incoming: bytes = b"") -> None:
+        self.sent_buffers: list[memoryview] = []
+        self.recv_targets: list[memoryview] = []
+        self.out = bytearray()
+        self._incoming = memoryview(incoming)
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def sendmsg(self, buffers) -> int:
+        self.sent_buffers.extend(buffers)
+        n = 0
+        for b in buffers:
+            self.out += b
+            n += len(b)
+        return n
+
+    def recv_into(self, target) -> int:
+        self.recv_targets.append(target)
+        n = min(len(target), len(self._incoming), 1 << 20)
+        target[:n] = self._incoming[:n]
+        self._incoming = self._incoming[n:]
+        return n
+
+
+async def test_socket_path_sends_and_receives_without_copies() -> None:
+    arr = np.random.default_rng(0).random(2_000_000)
+    sender = RecordingSocket()
+    await ObjectStream.from_socket(sender).send({"arr": arr})  # type: ignore[arg-type]
+    # the array's own memory went to sendmsg
+    assert any(np.shares_memory(np.frombuffer(b, np.uint8), arr) for b in sender.sent_buffers)
+
+    receiver = RecordingSocket(bytes(sender.out))
+    got = (await ObjectStream.from_socket(receiver).receive())["arr"]  # type: ignore[arg-type]
+    assert np.array_equal(got, arr)
+    # the array's bytes were recv_into'd straight into the final array's memory
+    direct = [t for t in receiver.recv_targets if np.shares_memory(np.frombuffer(t, np.uint8), got)]
+    assert sum(len(t) for t in direct) >= arr.nbytes - 256 * 1024  # all but a read-ahead
+
+
+async def test_small_message_is_one_write() -> None:
+    sock = RecordingSocket()
+    stream = ObjectStream.from_socket(sock)  # type: ignore[arg-type]
+    await stream.send({"id": 1, "name": "x", "vals": [1.0, 2.0, 3.0]})
+    assert len(sock.sent_buffers) == 1
+
+
+async def test_serve_runs_a_handler_per_connection() -> None:
+    async with await streampickle.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(SocketAttribute.local_port)
+
+        async def echo(stream: ObjectStream) -> None:
+            async for obj in stream:
+                await stream.send(obj * 2)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, echo)
+
+            async def client(i: int) -> None:
+                async with await streampickle.connect_tcp("127.0.0.1", port) as c:
+                    await c.send(np.full(10, i))
+                    assert (await c.receive() == 2 * i).all()
+
+            async with anyio.create_task_group() as clients:
+                for i in range(10):
+                    clients.start_soon(client, i)
+            tg.cancel_scope.cancel()
+
+
+async def test_incomplete_message_from_a_dying_peer() -> None:
+    x, y = socket.socketpair()
+    stream = ObjectStream.from_socket(y)
+    data = streampickle.dumps(np.arange(10_000))
+    x.sendall(data[: len(data) // 2])
+    x.close()
+    with pytest.raises(streampickle.IncompleteMessageError):
+        await stream.receive()
+    await stream.aclose()
+
+
+async def test_unpicklable_object_raises_before_any_byte_and_stream_stays_usable() -> None:
+    sock = RecordingSocket()
+    stream = ObjectStream.from_socket(sock)  # type: ignore[arg-type]
+    with pytest.raises(streampickle.EncodeError):
+        await stream.send(lambda: 0)
+    assert sock.out == b""
+    await stream.send("ok")
+    assert struct.unpack_from("<4s", sock.out)[0] == b"\x93SPK"
