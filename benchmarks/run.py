@@ -1,0 +1,162 @@
+"""The benchmark suite: streampickle side by side with its peers and the raw-socket limit.
+
+    python benchmarks/run.py                       # every workload, TCP and Unix, 5 rounds
+    python benchmarks/run.py --workloads big-array --transports unix --rounds 7 --scale 0.5
+    python benchmarks/run.py --quick               # the smoke configuration the tests run
+
+Each measurement is two fresh OS processes (benchmarks/peers.py): a receiver that times from
+its first receive until every object is reconstructed, and a sender. Contenders are
+interleaved (A B C A B C ...) round by round so that machine noise hits them alike, and every
+figure is reported as a ratio to limit-socket measured in the same run. Received data is
+verified outside the timed region. Contenders whose package is missing (dask-comm needs
+`distributed`, zmq-zerocopy needs `pyzmq`) are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import peers  # noqa: E402
+import workloads  # noqa: E402
+
+WORKLOADS = ["big-array", "many-arrays", "small-msgs", "object-graph"]
+TRANSPORTS = ["tcp", "unix"]
+NEEDS = {"dask-comm": "distributed", "zmq-zerocopy": "zmq", "streampickle-uvloop": "uvloop"}
+TCP_ONLY = {"dask-comm"}
+
+
+def available(contenders: list[str]) -> list[str]:
+    out = []
+    for name in contenders:
+        module = NEEDS.get(name)
+        if module and importlib.util.find_spec(module) is None:
+            print(f"skipping {name}: the {module!r} package is not installed "
+                  f"(pip install -e '.[bench]')", file=sys.stderr)
+            continue
+        out.append(name)
+    return out
+
+
+def measure(contender: str, transport: str, workload: str, scale: float, timeout: float) -> dict[str, Any]:
+    peer = [sys.executable, os.path.join(HERE, "peers.py")]
+    args = [contender, transport, workload, str(scale)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    receiver = subprocess.Popen([*peer, "recv", *args], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert receiver.stdout is not None
+        address = json.loads(receiver.stdout.readline())["address"]
+        sender = subprocess.run([*peer, "send", *args, address], capture_output=True, text=True,
+                                timeout=timeout, env=env)
+        if sender.returncode != 0:
+            raise RuntimeError(f"{contender} sender failed:\n{sender.stderr[-2000:]}")
+        result = json.loads(receiver.stdout.readline())
+        verified = json.loads(receiver.stdout.readline())
+        if receiver.wait(timeout=timeout) != 0 or not verified.get("verified"):
+            raise RuntimeError(f"{contender} receiver failed verification")
+    finally:
+        receiver.kill()
+    return {"seconds": result["seconds"], "recv_rss_mib": result["rss_mib"],
+            "send_rss_mib": json.loads(sender.stdout.splitlines()[-1])["rss_mib"]}
+
+
+def run(workload_names: list[str], transports: list[str], contenders: list[str], rounds: int,
+        scale: float, timeout: float) -> list[dict[str, Any]]:
+    rows = []
+    for workload in workload_names:
+        payload = workloads.payload_bytes(workload, scale)
+        count = len(workloads.build(workload, scale))
+        for transport in transports:
+            names = [c for c in contenders if not (transport != "tcp" and c in TCP_ONLY)]
+            samples: dict[str, list[dict[str, Any]]] = {c: [] for c in names}
+            for r in range(rounds):
+                for contender in names:  # interleaved: A B C A B C ...
+                    samples[contender].append(measure(contender, transport, workload, scale, timeout))
+                print(f"  {workload}/{transport}: round {r + 1}/{rounds} done", file=sys.stderr)
+            limit = statistics.median(s["seconds"] for s in samples["limit-socket"])
+            for contender in names:
+                secs = [s["seconds"] for s in samples[contender]]
+                med = statistics.median(secs)
+                rows.append({
+                    "workload": workload, "transport": transport, "contender": contender,
+                    "median_s": med, "min_s": min(secs), "max_s": max(secs),
+                    "gb_per_s": payload / med / 1e9, "msgs_per_s": count / med,
+                    "vs_limit": limit / med,
+                    "send_rss_mib": max(s["send_rss_mib"] for s in samples[contender]),
+                    "recv_rss_mib": max(s["recv_rss_mib"] for s in samples[contender]),
+                    "payload_bytes": payload, "messages": count, "rounds": rounds,
+                })
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| workload | transport | contender | median s (min-max) | rate | x limit-socket | sender +RSS MiB | receiver +RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rate = f"{r['msgs_per_s']:,.0f} msg/s" if r["messages"] > 1 else f"{r['gb_per_s']:.2f} GB/s"
+        lines.append(
+            f"| {r['workload']} | {r['transport']} | {r['contender']} | {r['median_s']:.4f} "
+            f"({r['min_s']:.4f}-{r['max_s']:.4f}) | {rate} | {r['vs_limit']:.2f} | "
+            f"{r['send_rss_mib']:.0f} | {r['recv_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["workload"], r["transport"]) for r in rows}, key=lambda g: (WORKLOADS.index(g[0]), g[1]))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.2 * len(groups)), squeeze=False)
+    for ax, (workload, transport) in zip(axes[:, 0], groups):
+        sel = [r for r in rows if r["workload"] == workload and r["transport"] == transport]
+        ax.barh([r["contender"] for r in sel], [r["vs_limit"] for r in sel],
+                color=["tab:orange" if r["contender"].startswith("streampickle") else "tab:gray" for r in sel])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(f"{workload} over {transport}: throughput / raw-socket limit", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--transports", default=",".join(TRANSPORTS))
+    parser.add_argument("--contenders", default=",".join(peers.CONTENDERS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink every workload by this factor")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (the smoke test)")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+    parser.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.scale = 1, 0.001
+    contenders = available(args.contenders.split(","))
+    if "limit-socket" not in contenders:
+        contenders.insert(0, "limit-socket")
+    started = time.perf_counter()
+    rows = run(args.workloads.split(","), args.transports.split(","), contenders, args.rounds, args.scale, args.timeout)
+    print(table(rows))
+    print(f"\n{args.rounds} rounds, scale {args.scale}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The benchmark workloads: how to build each, how big it is, and how to check what arrived.
+
+Every workload is deterministic, so the receiver can rebuild the expected value and verify
+what it received, outside the timed region."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+MiB = 1 << 20
+
+
+def sizes(scale: float) -> dict[str, int]:
+    """Workload parameters; ``scale`` shrinks them (the smoke test uses a tiny scale)."""
+    return {
+        "big_array_bytes": max(8, int(512 * MiB * scale)) // 8 * 8,
+        "many_arrays_each": max(8, int(4 * MiB * scale)) // 8 * 8,
+        "small_msgs": max(10, int(100_000 * scale)),
+        "graph_items": max(10, int(1_000_000 * scale)),
+    }
+
+
+def build(workload: str, scale: float) -> list[Any]:
+    """The messages of a workload, in order (one message, or many for small-msgs)."""
+    s = sizes(scale)
+    if workload == "big-array":
+        return [np.arange(s["big_array_bytes"] // 8, dtype=np.float64)]
+    if workload == "many-arrays":
+        n = s["many_arrays_each"] // 8
+        return [{
+            "meta": {"name": "many-arrays", "count": 64, "step": 7},
+            **{f"array-{i}": np.arange(i, i + n, dtype=np.float64) for i in range(64)},
+        }]
+    if workload == "small-msgs":
+        return [{"id": i, "name": "x", "vals": [1.0, 2.0, 3.0]} for i in range(s["small_msgs"])]
+    if workload == "object-graph":
+        return [[(i, i * 0.5, str(i)) for i in range(s["graph_items"])]]
+    raise ValueError(f"unknown workload {workload!r}")
+
+
+def payload_bytes(workload: str, scale: float) -> int:
+    """Bytes of data the workload moves (for GB/s): array bytes, or pickled size otherwise."""
+    import pickle
+
+    messages = build(workload, scale)
+    total = 0
+    for m in messages:
+        bufs: list[Any] = []
+        total += len(pickle.dumps(m, protocol=5, buffer_callback=bufs.append))
+        total += sum(b.raw().nbytes for b in bufs)
+    return total
+
+
+def verify(workload: str, scale: float, received: list[Any]) -> None:
+    expected = build(workload, scale)
+    assert len(received) == len(expected), f"{len(received)} messages, expected {len(expected)}"
+    for got, want in zip(received, expected):
+        _same(got, want)
+
+
+def _same(got: Any, want: Any) -> None:
+    if isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype and np.array_equal(got, want)
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for k in want:
+            _same(got[k], want[k])
+    elif isinstance(want, (list, tuple)):
+        # list and tuple compare alike: dask's msgpack turns lists into tuples
+        assert isinstance(got, (list, tuple)) and len(got) == len(want)
+        for g, w in zip(got, want):
+            _same(g, w)
+    else:
+        assert got == want
