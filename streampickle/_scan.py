@@ -30,7 +30,7 @@ import pickle
 
 from ._errors import MalformedPickleError
 
-__all__ = ["scan_pickle"]
+__all__ = ["scan_pickle", "scan_py", "scan_c"]
 
 # For each allowed opcode: (fixed argument bytes, width of a length prefix, items popped,
 # items pushed). Opcodes whose stack effect depends on marks or state are handled inline.
@@ -97,13 +97,25 @@ _TO_MARK_INTO = {_APPENDS, _SETITEMS, _ADDITEMS}  # pop to mark into the item be
 _NAMES = {code[0]: name for name, code in vars(pickle).items() if name.isupper() and type(code) is bytes and len(code) == 1}
 
 
-def _fail(pos: int, what: str) -> MalformedPickleError:
-    return MalformedPickleError(f"malformed pickle at byte {pos}: {what}")
+class _Refused(Exception):
+    def __init__(self, pos: int, reason: str) -> None:
+        self.pos, self.reason = pos, reason
 
 
-def scan_pickle(data: bytes | bytearray | memoryview, chunk_count: int) -> None:
-    """Raise :class:`MalformedPickleError` unless ``data`` is one well-formed protocol-5 pickle
-    that takes exactly ``chunk_count`` out-of-band buffers."""
+def _fail(pos: int, what: str) -> _Refused:
+    return _Refused(pos, what)
+
+
+def scan_py(data: bytes | bytearray | memoryview, chunk_count: int) -> tuple[int, str] | None:
+    """The reference scan: None if acceptable, else ``(position, reason)``."""
+    try:
+        _scan(data, chunk_count)
+    except _Refused as refused:
+        return refused.pos, refused.reason
+    return None
+
+
+def _scan(data: bytes | bytearray | memoryview, chunk_count: int) -> None:
     end = len(data)
     if end < 3 or data[0] != _PROTO or data[1] != 5:
         raise _fail(0, "a pickle must start with PROTO 5 (bytes 80 05)")
@@ -205,3 +217,17 @@ def scan_pickle(data: bytes | bytearray | memoryview, chunk_count: int) -> None:
             f"{chunk_count} side chunks",
         )
 
+
+
+try:
+    from ._cscan import scan as scan_c
+except ImportError:  # built without a C compiler: the reference scan, slower but identical
+    scan_c = None
+
+
+def scan_pickle(data: bytes | bytearray | memoryview, chunk_count: int) -> None:
+    """Raise :class:`MalformedPickleError` unless ``data`` is one well-formed protocol-5 pickle
+    that takes exactly ``chunk_count`` out-of-band buffers."""
+    refused = (scan_c or scan_py)(data, chunk_count)
+    if refused is not None:
+        raise MalformedPickleError(f"malformed pickle at byte {refused[0]}: {refused[1]}")

@@ -1,0 +1,84 @@
+"""The opcode pre-scan, bound to both implementations (C and the pure-Python reference), and
+the two fuzzed against each other: they must accept and refuse exactly the same pickles, with
+the same position and reason."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streampickle import _scan
+from test_safe import test_malformed_pickles_are_refused_by_the_scan as _malformed
+
+# every malformed case of test_safe except the one that is well formed and refused later, by
+# the unpickler (READONLY_BUFFER applied to a non-buffer)
+MALFORMED = [case for case in _malformed.pytestmark[0].args[1] if case[0] != "READONLY_BUFFER on a non-buffer"]
+IMPLEMENTATIONS = {"python": _scan.scan_py, "c": _scan.scan_c}
+
+
+def test_the_c_scan_is_built() -> None:
+    # CI builds it; without a compiler streampickle falls back to the Python scan
+    assert _scan.scan_c is not None
+
+
+def valid_pickles() -> list[tuple[bytes, int]]:
+    objects = [
+        None, 1, -5, 2**100, 1.5, "x", "é" * 100, b"b" * 300, bytearray(b"ba"), (), (1,), (1, 2), (1, 2, 3),
+        (1, 2, 3, 4), [1, [2, [3]]], {"a": {1, 2}}, frozenset({1}), {i: str(i) for i in range(3000)},
+        [np.arange(3), np.arange(3)], list(range(10_000)), "y" * 100_000,
+    ]
+    shared: list = [1]
+    rec: list = [shared, shared]
+    rec.append(rec)
+    objects.append(rec)
+    out = []
+    for obj in objects:
+        buffers: list = []
+        data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        out.append((data, len(buffers)))
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_valid_pickles_are_accepted(impl: str) -> None:
+    for data, nbuf in valid_pickles():
+        assert IMPLEMENTATIONS[impl](data, nbuf) is None
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize(("name", "payload"), MALFORMED)
+def test_malformed_pickles_are_refused(impl: str, name: str, payload: bytes) -> None:
+    refused = IMPLEMENTATIONS[impl](payload, 0)
+    assert refused is not None, name
+    assert refused == _scan.scan_py(payload, 0)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 2**32), st.integers(1, 8))
+def test_c_and_python_agree_on_mutated_pickles(seed: int, mutations: int) -> None:
+    rng = random.Random(seed)
+    data, nbuf = rng.choice(valid_pickles()[:18])
+    mutated = bytearray(data)
+    for _ in range(mutations):
+        action = rng.random()
+        i = rng.randrange(len(mutated))
+        if action < 0.6:
+            mutated[i] = rng.randrange(256)
+        elif action < 0.8:
+            del mutated[i]
+        else:
+            mutated.insert(i, rng.randrange(256))
+    data = bytes(mutated)
+    for count in (nbuf, nbuf + 1):
+        assert _scan.scan_c(data, count) == _scan.scan_py(data, count)
+
+
+@given(st.binary(max_size=64), st.integers(0, 3))
+def test_c_and_python_agree_on_random_bytes(data: bytes, count: int) -> None:
+    data = b"\x80\x05" + data
+    assert _scan.scan_c(data, count) == _scan.scan_py(data, count)
