@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import struct
+import threading
 from typing import Any, Iterable
 
+from . import _wire
 from ._decoder import Decoder
 from ._encoder import Encoder
 from ._errors import IncompleteMessageError, ProtocolError
 from ._limits import Limits
+from ._safe import _SHARED
+
+_MAX_PICKLE = Limits().max_pickle_size
+_unpack_length = struct.Struct("<Q").unpack_from
 
 __all__ = ["dumps", "loads"]
+
+
+# dumps() without a key reuses one encoder per thread (making one costs more than pickling a
+# small object); Encoder.encode itself handles re-entry from a __reduce__ that calls dumps.
+_local = threading.local()
+
+# The first 12 bytes of a version-1 message without tag or side chunks.
+_PLAIN_PREFIX = _wire.MAGIC + bytes([_wire.VERSION]) + bytes(7)
 
 
 def dumps(obj: Any, *, key: bytes | None = None) -> bytes:
@@ -18,7 +33,15 @@ def dumps(obj: Any, *, key: bytes | None = None) -> bytes:
     Joining copies every out-of-band buffer once; to send large arrays without that copy, use
     :class:`Encoder` (or the stream helpers), which hand out the chunks unjoined.
     """
-    return b"".join(Encoder(key=key).encode(obj))
+    if key is None:
+        try:
+            encoder = _local.encoder
+        except AttributeError:
+            encoder = _local.encoder = Encoder()
+    else:
+        encoder = Encoder(key=key)
+    chunks = encoder.encode(obj)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def loads(
@@ -31,9 +54,20 @@ def loads(
 ) -> Any:
     """Decode exactly one whole message. Missing bytes raise :class:`IncompleteMessageError`,
     bytes after the message raise :class:`ProtocolError`."""
+    if (
+        type(data) is bytes and data[:12] == _PLAIN_PREFIX and key is None and limits is None
+        and allow == () and (trusted is False or trusted is True)
+        and len(data) == _wire.HEADER_SIZE + _unpack_length(data, 12)[0] > _wire.HEADER_SIZE
+    ):
+        # The commonest call, one small in-band message: the checks above are the decoder's
+        # (magic, version, no flags, no chunks, exact length, non-empty pickle; a default
+        # max_pickle_size can't be exceeded by bytes that are all here already... unless huge)
+        if len(data) - _wire.HEADER_SIZE <= _MAX_PICKLE:
+            return _SHARED[trusted].load_inband(data[_wire.HEADER_SIZE :])
     decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
     view = memoryview(data).cast("B")
     total = len(view)
+    view = decoder._take_whole(view, limit=1)
     while view and not decoder.pending:
         target = decoder.get_buffer(len(view))  # never extends past the first message
         n = min(len(target), len(view))

@@ -55,6 +55,11 @@ _PICKLE_GROWTH_FLOOR = 64 * 1024  # the pickle part starts this big (or smaller,
 _HEADER, _TABLE, _PICKLE, _CHUNK, _TAG = range(5)
 _PART_NAMES = ("header", "length table", "pickle", "side chunk", "tag")
 _NO_PICKLE = np.empty(0, dtype=np.uint8)
+_TAG_MISMATCH = (
+    "HMAC tag mismatch: the message was altered in transit, or the two ends use different "
+    "keys. Nothing of it was unpickled."
+)
+_DEFAULT_LIMITS = Limits()
 
 
 def aligned_empty(nbytes: int) -> np.ndarray[Any, Any]:
@@ -93,8 +98,8 @@ class Decoder:
             raise UsageError(f"limits must be a streampickle.Limits, not {type(limits).__name__}")
         if key is not None and (not isinstance(key, (bytes, bytearray)) or not key):
             raise UsageError("key must be non-empty bytes")
-        self._loader = Loader(trusted=trusted, allow=allow)
-        self._limits = limits or Limits()
+        self._loader = Loader.shared(trusted) if allow == () else Loader(trusted=trusted, allow=allow)
+        self._limits = limits or _DEFAULT_LIMITS
         self._key = bytes(key) if key is not None else None
         self._ready: collections.deque[_Message] = collections.deque()
         self._failure: StreamPickleError | None = None
@@ -112,6 +117,8 @@ class Decoder:
         call :meth:`feed_eof` for that.
         """
         view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        if self._pos == 0 and self._part == _HEADER and self._failure is None and not self._eof:
+            view = self._take_whole(view)
         while view:
             target = self.get_buffer(len(view))
             n = min(len(target), len(view))
@@ -235,8 +242,9 @@ class Decoder:
         else:
             self._on_tag()
 
-    def _on_header(self) -> None:
-        header = self._guard(_wire.parse_header, self._header_buf)
+    def _accept_header(self, data: Any) -> _wire.Header:
+        """Parse a fixed header and check it against the key and the limits."""
+        header = self._guard(_wire.parse_header, data)
         limits = self._limits
         if header.has_mac and self._key is None:
             raise self._fail(AuthenticationError(
@@ -253,9 +261,25 @@ class Decoder:
         if header.pickle_length > limits.max_pickle_size:
             raise self._over("pickle bytes", header.pickle_length, "max_pickle_size", limits.max_pickle_size)
         self._header = header
-        table = header.chunk_count * _wire.LENGTH_SIZE
-        self._expected = _wire.HEADER_SIZE + table + header.pickle_length + (_wire.TAG_SIZE if header.has_mac else 0)
+        self._expected = (
+            _wire.HEADER_SIZE
+            + header.chunk_count * _wire.LENGTH_SIZE
+            + header.pickle_length
+            + (_wire.TAG_SIZE if header.has_mac else 0)
+        )
         self._check_total()
+        return header
+
+    def _accept_lengths(self, table: Any) -> tuple[int, ...]:
+        lengths = _wire.unpack_lengths(table)
+        self._expected += sum(lengths)  # Python ints: no wraparound (BAD-INPUTS 6)
+        self._check_total()
+        self._lengths = lengths
+        return lengths
+
+    def _on_header(self) -> None:
+        header = self._accept_header(self._header_buf)
+        table = header.chunk_count * _wire.LENGTH_SIZE
         if table:
             self._enter(_TABLE, memoryview(bytearray(table)), table)
         else:
@@ -263,13 +287,57 @@ class Decoder:
 
     def _on_table(self) -> None:
         if self._header.chunk_count:
-            self._lengths = _wire.unpack_lengths(self._view)
-            self._expected += sum(self._lengths)  # Python ints: no wraparound (BAD-INPUTS 6)
-            self._check_total()
-        size = self._header.pickle_length
-        self._enter(_PICKLE, None, size)
+            self._accept_lengths(self._view)
+        self._enter(_PICKLE, None, self._header.pickle_length)
         self._cap = 0
         self._chunk_index = -1
+
+    def _take_whole(self, view: memoryview, limit: int = -1) -> memoryview:
+        """Fast path: decode the whole messages at the start of ``view`` in one step each and
+        return what is left. Only called at a message boundary. The common header is checked
+        inline; anything unusual goes through ``_accept_header``, which raises the precise
+        error, so both paths accept and refuse exactly the same bytes."""
+        taken = 0
+        limits = self._limits
+        key = self._key
+        want_flags = _wire.FLAG_MAC if key is not None else 0
+        tag_size = _wire.TAG_SIZE if key is not None else 0
+        while len(view) >= _wire.HEADER_SIZE and taken != limit:
+            magic, version, flags, reserved, count, plen = _wire.unpack_header(view)
+            if (
+                magic != _wire.MAGIC or version != _wire.VERSION or flags != want_flags or reserved
+                or not 0 < plen <= limits.max_pickle_size or count > limits.max_side_chunks
+            ):
+                self._accept_header(view[: _wire.HEADER_SIZE])  # raises the precise error
+            start = _wire.HEADER_SIZE + count * _wire.LENGTH_SIZE
+            total = start + plen + tag_size
+            if count:
+                if len(view) < start:
+                    break
+                lengths = _wire.unpack_lengths(view[_wire.HEADER_SIZE : start])
+                total += sum(lengths)  # Python ints: no wraparound (BAD-INPUTS 6)
+            else:
+                lengths = ()
+            if total > limits.max_message_size:
+                self._expected = total
+                self._check_total()  # raises
+            if len(view) < total:
+                break
+            if key is not None:
+                tag = hmac.digest(key, view[: total - tag_size], "sha256")
+                if not hmac.compare_digest(tag, view[total - tag_size : total]):
+                    raise self._fail(AuthenticationError(_TAG_MISMATCH))
+            pos = start + plen
+            chunks = []
+            for length in lengths:
+                dest = memoryview(aligned_empty(length))
+                dest[:] = view[pos : pos + length]
+                chunks.append(dest)
+                pos += length
+            self._ready.append(_Message(bytes(view[start : start + plen]), chunks))
+            view = view[total:]
+            taken += 1
+        return view
 
     def _next_chunk(self) -> None:
         if self._part == _PICKLE:
@@ -292,10 +360,7 @@ class Decoder:
     def _on_tag(self) -> None:
         assert self._mac is not None
         if not hmac.compare_digest(self._mac.digest(), bytes(self._view)):
-            raise self._fail(AuthenticationError(
-                "HMAC tag mismatch: the message was altered in transit, or the two ends use "
-                "different keys. Nothing of it was unpickled."
-            ))
+            raise self._fail(AuthenticationError(_TAG_MISMATCH))
         self._complete()
 
     def _complete(self) -> None:

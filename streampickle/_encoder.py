@@ -110,37 +110,54 @@ class Encoder:
         if key is not None and not key:
             raise UsageError("key must not be empty")
         self._key = bytes(key) if key is not None else None
+        self._flags = _wire.FLAG_MAC if key else 0
+        # One pickler and output file, reused: creating them costs more than pickling a small
+        # object. ``_busy`` guards against re-entry (a __reduce__ that encodes).
+        self._file = io.BytesIO()
+        self._buffers: list[pickle.PickleBuffer] = []
+        self._pickler = _Pickler(self._file, protocol=5, buffer_callback=self._collect)
+        self._busy = False
+
+    def _collect(self, buffer: pickle.PickleBuffer) -> None:
+        self._buffers.append(buffer)
+
+    def _reset(self) -> None:
+        self._pickler.clear_memo()
+        self._file.seek(0)
+        self._file.truncate()
+        if self._buffers:
+            self._buffers = []
+        self._busy = False
 
     def encode(self, obj: Any) -> list[Chunk]:
         """Return the chunks of one message carrying ``obj``; their concatenation is the
         message. Raises :class:`EncodeError` (and returns nothing) if ``obj`` can't be pickled.
         """
-        buffers: list[pickle.PickleBuffer] = []
-        out = io.BytesIO()
+        if self._busy:
+            return Encoder(key=self._key).encode(obj)
+        self._busy = True
+        file = self._file
         try:
-            _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
-            views = [b.raw() for b in buffers]
+            self._pickler.dump(obj)
+            buffers = self._buffers
+            views = [b.raw() for b in buffers] if buffers else None
         except BaseException as exc:
-            for b in buffers:
+            for b in self._buffers:
                 b.release()
+            self._reset()
             if not isinstance(exc, Exception):
                 raise
             raise EncodeError(f"could not pickle {type(obj).__name__} object: {exc}") from exc
-        data = out.getvalue()
-        lengths = [v.nbytes for v in views]
-        head = _wire.pack_header(
-            flags=_wire.FLAG_MAC if self._key else 0,
-            chunk_count=len(views),
-            pickle_length=len(data),
-        )
-        if views:
-            head += _wire.pack_lengths(lengths)
-        chunks: list[Chunk]
-        if len(head) + len(data) <= _wire.COALESCE_LIMIT:
-            chunks = [head + data]
+        data = file.getvalue()
+        self._reset()
+        if views is None:
+            head = _pack_header(_wire.MAGIC, _wire.VERSION, self._flags, 0, 0, len(data))
+            chunks: list[Chunk] = [head + data] if len(data) <= _wire.COALESCE_LIMIT else [head, data]
         else:
-            chunks = [head, data]
-        chunks.extend(views)
+            head = _pack_header(_wire.MAGIC, _wire.VERSION, self._flags, 0, len(views), len(data))
+            head += _wire.pack_lengths([v.nbytes for v in views])
+            chunks = [head + data] if len(data) <= _wire.COALESCE_LIMIT else [head, data]
+            chunks.extend(views)
         if self._key is not None:
             mac = hmac.new(self._key, digestmod=hashlib.sha256)
             for chunk in chunks:
@@ -151,3 +168,6 @@ class Encoder:
             else:
                 chunks.append(tag)
         return chunks
+
+
+_pack_header = _wire.HEADER_STRUCT.pack

@@ -21,7 +21,9 @@ from typing import Any, Iterable
 
 from . import _rebuild
 from ._errors import ForbiddenGlobalError, MalformedPickleError, StreamPickleError, UsageError
-from ._scan import scan_pickle
+from ._scan import scan_c, scan_py
+
+_scan = scan_c or scan_py
 
 __all__ = ["Loader", "DEFAULT_ALLOWED"]
 
@@ -62,7 +64,7 @@ def _allow_entry(entry: Any) -> tuple[str, Any]:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    _allowed: dict[str, Any]
+    _allowed: dict[str, Any]  # set on the per-Loader subclass
 
     def find_class(self, module: str, name: str) -> Any:
         full = f"{module}.{name}"
@@ -86,27 +88,73 @@ class Loader:
         allowed: dict[str, Any] = dict.fromkeys(DEFAULT_ALLOWED)
         allowed.update(_rebuild.NAMES)
         allowed.update(_allow_entry(entry) for entry in allow)
-        self._allowed = allowed
+        self._unpickler: type[pickle.Unpickler] = (
+            pickle.Unpickler if trusted else type("SafeUnpickler", (_SafeUnpickler,), {"_allowed": allowed})
+        )
+
+    @classmethod
+    def shared(cls, trusted: bool) -> Loader:
+        """The loader for the default allowlist (immutable, so one serves every decoder)."""
+        return _SHARED[trusted] if type(trusted) is bool else cls(trusted=trusted)
 
     def load(self, data: bytes, buffers: list[Any]) -> Any:
         """Unpickle ``data`` with ``buffers`` as its out-of-band buffers, all of them used."""
-        if not self.trusted:
-            scan_pickle(data, len(buffers))
-        file = io.BytesIO(data)
+        if not buffers:
+            return self.load_inband(data)
         it = iter(buffers)
         if self.trusted:
-            unpickler = pickle.Unpickler(file, buffers=it)
+            obj = _plain_loads(data, it)
         else:
-            unpickler = _SafeUnpickler(file, buffers=it)
-            unpickler._allowed = self._allowed
+            globals_ = _scan(data, len(buffers))
+            if type(globals_) is tuple:
+                raise _refused(globals_)
+            obj = self._restricted_loads(data, it) if globals_ else _plain_loads(data, it)
+        if next(it, None) is not None:
+            raise MalformedPickleError("the pickle used fewer out-of-band buffers than the message has side chunks")
+        return obj
+
+    def load_inband(self, data: bytes) -> Any:
+        """``load`` for a message without side chunks: the path every small message takes."""
+        if self.trusted:
+            return _plain_loads(data, None)
+        globals_ = _scan(data, 0)
+        if not globals_:
+            # No STACK_GLOBAL, and the scan admits no other opcode that looks a name up:
+            # only builtin containers and scalars can come out, so the plain C unpickler is
+            # as safe here as the restricted one, and faster.
+            return _plain_loads(data, None)
+        if type(globals_) is tuple:
+            raise _refused(globals_)
+        return self._restricted_loads(data, None)
+
+    def _restricted_loads(self, data: bytes, buffers: Any) -> Any:
+        file = io.BytesIO(data)
+        unpickler = self._unpickler(file, buffers=buffers)
         try:
             obj = unpickler.load()
         except StreamPickleError:
             raise
         except Exception as exc:  # UnpicklingError, TypeError from a reconstructor, ...
             raise MalformedPickleError(f"the message's pickle failed to load: {exc!r}") from exc
-        if file.tell() != len(data):
+        if file.tell() != len(data):  # trusted mode has no scan to guarantee this
             raise MalformedPickleError(f"{len(data) - file.tell()} bytes follow STOP in the pickle part")
-        if next(it, None) is not None:
-            raise MalformedPickleError("the pickle used fewer out-of-band buffers than the message has side chunks")
         return obj
+
+
+def _plain_loads(data: bytes, buffers: Any) -> Any:
+    """``pickle.loads`` for trusted messages and for safe ones without globals. In trusted
+    mode nothing scanned the pickle: insist at least that it ends with its STOP."""
+    try:
+        obj = pickle.loads(data, buffers=buffers)
+    except Exception as exc:
+        raise MalformedPickleError(f"the message's pickle failed to load: {exc!r}") from exc
+    if data[-1:] != b".":
+        raise MalformedPickleError("the pickle part does not end with STOP")
+    return obj
+
+
+def _refused(result: tuple[int, str]) -> MalformedPickleError:
+    return MalformedPickleError(f"malformed pickle at byte {result[0]}: {result[1]}")
+
+
+_SHARED = {False: Loader(trusted=False), True: Loader(trusted=True)}

@@ -77,6 +77,7 @@ for _name, _spec in {
     _FIXED[_op(_name)] = _spec
 
 _PROTO = _op("PROTO")
+_STACK_GLOBAL = _op("STACK_GLOBAL")
 _LONG4 = _op("LONG4")  # its length prefix is signed
 _STOP = _op("STOP")
 _FRAME = _op("FRAME")
@@ -106,16 +107,16 @@ def _fail(pos: int, what: str) -> _Refused:
     return _Refused(pos, what)
 
 
-def scan_py(data: bytes | bytearray | memoryview, chunk_count: int) -> tuple[int, str] | None:
-    """The reference scan: None if acceptable, else ``(position, reason)``."""
+def scan_py(data: bytes | bytearray | memoryview, chunk_count: int) -> int | tuple[int, str]:
+    """The reference scan: the number of ``STACK_GLOBAL`` opcodes if the pickle is acceptable
+    (0 means no global can be looked up at all), else ``(position, reason)``."""
     try:
-        _scan(data, chunk_count)
+        return _scan(data, chunk_count)
     except _Refused as refused:
         return refused.pos, refused.reason
-    return None
 
 
-def _scan(data: bytes | bytearray | memoryview, chunk_count: int) -> None:
+def _scan(data: bytes | bytearray | memoryview, chunk_count: int) -> int:
     end = len(data)
     if end < 3 or data[0] != _PROTO or data[1] != 5:
         raise _fail(0, "a pickle must start with PROTO 5 (bytes 80 05)")
@@ -125,6 +126,7 @@ def _scan(data: bytes | bytearray | memoryview, chunk_count: int) -> None:
     marks: list[int] = []  # the depth saved by each open MARK
     memo = 0  # memo slots defined so far
     buffers = 0
+    globals_ = 0
     fixed = _FIXED
     while pos < end:
         op = data[pos]
@@ -146,6 +148,8 @@ def _scan(data: bytes | bytearray | memoryview, chunk_count: int) -> None:
             if depth < pops:
                 raise _fail(start, f"{_NAMES[op]} needs {pops} items, the stack has {depth}")
             depth += pushes - pops
+            if op == _STACK_GLOBAL:
+                globals_ += 1
         elif op == _MEMOIZE:
             if depth < 1:
                 raise _fail(start, "MEMOIZE on an empty stack")
@@ -216,6 +220,7 @@ def _scan(data: bytes | bytearray | memoryview, chunk_count: int) -> None:
             f"the pickle takes {buffers} out-of-band buffers but the header declares "
             f"{chunk_count} side chunks",
         )
+    return globals_
 
 
 
@@ -228,6 +233,6 @@ except ImportError:  # built without a C compiler: the reference scan, slower bu
 def scan_pickle(data: bytes | bytearray | memoryview, chunk_count: int) -> None:
     """Raise :class:`MalformedPickleError` unless ``data`` is one well-formed protocol-5 pickle
     that takes exactly ``chunk_count`` out-of-band buffers."""
-    refused = (scan_c or scan_py)(data, chunk_count)
-    if refused is not None:
-        raise MalformedPickleError(f"malformed pickle at byte {refused[0]}: {refused[1]}")
+    result = (scan_c or scan_py)(data, chunk_count)
+    if type(result) is tuple:
+        raise MalformedPickleError(f"malformed pickle at byte {result[0]}: {result[1]}")

@@ -31,7 +31,10 @@ VERSION = 1
 FLAG_MAC = 0x01
 KNOWN_FLAGS = FLAG_MAC
 
-_HEADER = struct.Struct("<4sBBHIQ")
+_HEADER = HEADER_STRUCT = struct.Struct("<4sBBHIQ")
+#: For fast paths that check the common case inline: (magic, version, flags, reserved,
+#: chunk count, pickle length) = unpack_header(buffer, offset=0).
+unpack_header = _HEADER.unpack_from
 HEADER_SIZE = _HEADER.size  # 20
 LENGTH_SIZE = 8  # one entry of the length table
 TAG_SIZE = 32  # HMAC-SHA256

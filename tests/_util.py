@@ -37,8 +37,8 @@ def assert_same(a: Any, b: Any, path: str = "obj") -> None:
         assert len(a) == len(b), f"{path}: lengths differ"
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and a != a:
-        assert b != b
+    elif isinstance(a, (float, complex)) and a != a:
+        assert repr(a) == repr(b), f"{path}: {a!r} != {b!r}"  # NaN-aware
     elif isinstance(a, np.generic):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{path}: {a!r} != {b!r}"
     else:

@@ -174,6 +174,8 @@ def test_out_of_band_buffer_count_must_match_exactly() -> None:
 
 
 def test_trusted_mode_still_checks_framing_of_the_pickle() -> None:
+    # trusted mode hands the pickle to pickle.loads as it is; it still insists that the pickle
+    # part ends with STOP and that every side chunk was used
     with pytest.raises(MalformedPickleError):
         streampickle.loads(make_message(P5 + b"N.garbage"), trusted=True)
     with pytest.raises(MalformedPickleError):
