@@ -117,9 +117,11 @@ class Decoder:
         call :meth:`feed_eof` for that.
         """
         view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-        if self._pos == 0 and self._part == _HEADER and self._failure is None and not self._eof:
-            view = self._take_whole(view)
         while view:
+            if self._pos == 0 and self._part == _HEADER and self._failure is None and not self._eof:
+                view = self._take_whole(view)  # whole messages in one step each
+                if not view:
+                    break
             target = self.get_buffer(len(view))
             n = min(len(target), len(view))
             target[:n] = view[:n]

@@ -18,6 +18,7 @@ Both are thin: the encoder makes the chunks, the decoder finds the messages, and
 
 from __future__ import annotations
 
+import collections
 import socket
 import weakref
 from typing import Any, Callable, Iterable, Mapping
@@ -33,10 +34,40 @@ from ._transports import AnyioTransport, AsyncioTransport, SocketTransport, fast
 
 __all__ = ["ObjectStream", "dump", "load"]
 
-# A receive that needed no I/O still yields to the event loop once in this many calls, so a
-# consumer of a fast stream of small messages can't starve other tasks (and a full yield per
-# message would cost more than the message).
+# A send or receive that needed no waiting still yields to the event loop once in this many
+# calls, so a fast stream of small messages can't starve other tasks; a full yield per message
+# would cost more than the message (issue 4 measured this).
 _YIELD_EVERY = 64
+
+
+class _FifoLock:
+    """Serializes sends in arrival order. Unlike ``anyio.Lock`` it does not yield when it is
+    free: the send that follows reaches the event loop anyway whenever it has to wait."""
+
+    def __init__(self) -> None:
+        self._locked = False
+        self._waiters: collections.deque[anyio.Event] = collections.deque()
+
+    async def acquire(self) -> None:
+        if not self._locked:
+            self._locked = True
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # ownership was handed to us as we were cancelled: pass it on
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # hand over: stays locked for the next sender
+        else:
+            self._locked = False
 
 
 class ObjectStream(_AnyioObjectStream[Any]):
@@ -65,12 +96,13 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._encoder = Encoder(key=key)
         self._decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
         self._transport: AnyioTransport | AsyncioTransport | SocketTransport | None = None
-        self._send_lock: anyio.Lock | None = None
+        self._send_lock = _FifoLock()
         self._send_broken: BaseException | None = None
         self._receiving = False
         self._eof = False
         self._closed = False
         self._quick_receives = 0
+        self._quick_sends = 0
 
     @classmethod
     def from_socket(
@@ -101,9 +133,9 @@ class ObjectStream(_AnyioObjectStream[Any]):
         """Send one object. Pickling happens first: if it fails, :class:`EncodeError` is raised
         and nothing was sent. Concurrent sends are queued in order."""
         chunks = self._encoder.encode(item)
-        if self._send_lock is None:
-            self._send_lock = anyio.Lock()
-        async with self._send_lock:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        await self._send_lock.acquire()
+        try:
             self._check_send()
             transport = self._t
             transport.sent = 0
@@ -113,6 +145,13 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 if transport.sent or not transport.exact_send_accounting:
                     self._send_broken = exc
                 raise
+        finally:
+            self._send_lock.release()
+        self._quick_sends += 1
+        if self._quick_sends >= _YIELD_EVERY:
+            self._quick_sends = 0
+            # the message is out: a cancellation delivered here must not look like a failed send
+            await anyio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive(self) -> Any:
         """The next object. Cancelling this loses nothing: the next call returns it whole."""
@@ -142,11 +181,12 @@ class ObjectStream(_AnyioObjectStream[Any]):
 
     async def send_eof(self) -> None:
         """Close the sending direction (after queued sends); the peer's ``receive`` ends."""
-        if self._send_lock is None:
-            self._send_lock = anyio.Lock()
-        async with self._send_lock:
+        await self._send_lock.acquire()
+        try:
             self._check_send()
             await self._t.send_eof()
+        finally:
+            self._send_lock.release()
 
     async def aclose(self) -> None:
         """Close the stream and its transport. Blocked calls wake with

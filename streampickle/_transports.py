@@ -128,8 +128,20 @@ class SocketTransport:
         self._scratch = memoryview(bytearray(READ_AHEAD))
 
     async def send_chunks(self, chunks: list[Chunk]) -> None:
-        views = [memoryview(c).cast("B") for c in chunks if len(c)]
         sock = self.sock
+        if len(chunks) == 1:  # a small message: one send() and, usually, done
+            chunk = chunks[0]
+            try:
+                n = sock.send(chunk)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
+            self.sent += n
+            if n == len(chunk):
+                return
+            chunks = [memoryview(chunk)[n:]]
+        views = [memoryview(c).cast("B") for c in chunks if len(c)]
         while views:
             try:
                 n = sock.sendmsg(views[:_IOV_MAX])

@@ -165,6 +165,9 @@ class RecordingSocket:
     def setblocking(self, flag: bool) -> None:
         pass
 
+    def send(self, data) -> int:
+        return self.sendmsg([memoryview(data)])
+
     def sendmsg(self, buffers) -> int:
         self.sent_buffers.extend(buffers)
         n = 0
