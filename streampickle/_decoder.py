@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -73,11 +73,6 @@ def aligned_empty(nbytes: int) -> np.ndarray[Any, Any]:
     return raw[offset : offset + nbytes]
 
 
-class _Message(NamedTuple):
-    pickle: bytes
-    buffers: list[memoryview]
-
-
 class Decoder:
     """Decodes a stream of messages fed in any split. No I/O; not thread-safe.
 
@@ -101,7 +96,8 @@ class Decoder:
         self._loader = Loader.shared(trusted) if allow == () else Loader(trusted=trusted, allow=allow)
         self._limits = limits or _DEFAULT_LIMITS
         self._key = bytes(key) if key is not None else None
-        self._ready: collections.deque[_Message] = collections.deque()
+        # complete messages awaiting unpickling: (pickle part, side-chunk buffers)
+        self._ready: collections.deque[tuple[bytes, list[memoryview]]] = collections.deque()
         self._failure: StreamPickleError | None = None
         self._eof = False
         self._header_buf = bytearray(_wire.HEADER_SIZE)
@@ -183,8 +179,8 @@ class Decoder:
         """The next complete object. Stops when more input is needed; raises the error of a
         message that failed to unpickle (that message is dropped, the next one follows)."""
         if self._ready:
-            message = self._ready.popleft()
-            return self._loader.load(message.pickle, message.buffers)
+            pickle_bytes, buffers = self._ready.popleft()
+            return self._loader.load(pickle_bytes, buffers)
         if self._failure is not None:
             raise self._sticky()
         raise StopIteration
@@ -301,45 +297,52 @@ class Decoder:
         error, so both paths accept and refuse exactly the same bytes."""
         taken = 0
         limits = self._limits
+        max_pickle = limits.max_pickle_size
+        max_chunks = limits.max_side_chunks
         key = self._key
         want_flags = _wire.FLAG_MAC if key is not None else 0
         tag_size = _wire.TAG_SIZE if key is not None else 0
-        while len(view) >= _wire.HEADER_SIZE and taken != limit:
-            magic, version, flags, reserved, count, plen = _wire.unpack_header(view)
+        unpack_header = _wire.unpack_header
+        ready = self._ready
+        end = len(view)
+        pos = 0  # start of the current message in view
+        while end - pos >= _wire.HEADER_SIZE and taken != limit:
+            magic, version, flags, reserved, count, plen = unpack_header(view, pos)
             if (
                 magic != _wire.MAGIC or version != _wire.VERSION or flags != want_flags or reserved
-                or not 0 < plen <= limits.max_pickle_size or count > limits.max_side_chunks
+                or not 0 < plen <= max_pickle or count > max_chunks
             ):
-                self._accept_header(view[: _wire.HEADER_SIZE])  # raises the precise error
-            start = _wire.HEADER_SIZE + count * _wire.LENGTH_SIZE
-            total = start + plen + tag_size
+                self._accept_header(view[pos : pos + _wire.HEADER_SIZE])  # raises the precise error
+            start = pos + _wire.HEADER_SIZE + count * _wire.LENGTH_SIZE
+            stop = start + plen  # end of the pickle
             if count:
-                if len(view) < start:
+                if end < start:
                     break
-                lengths = _wire.unpack_lengths(view[_wire.HEADER_SIZE : start])
-                total += sum(lengths)  # Python ints: no wraparound (BAD-INPUTS 6)
+                lengths = _wire.unpack_lengths(view[pos + _wire.HEADER_SIZE : start])
+                total = stop - pos + sum(lengths) + tag_size  # Python ints: no wraparound
             else:
                 lengths = ()
+                total = stop - pos + tag_size
             if total > limits.max_message_size:
                 self._expected = total
                 self._check_total()  # raises
-            if len(view) < total:
+            if end - pos < total:
                 break
             if key is not None:
-                tag = hmac.digest(key, view[: total - tag_size], "sha256")
-                if not hmac.compare_digest(tag, view[total - tag_size : total]):
+                tag = hmac.digest(key, view[pos : pos + total - tag_size], "sha256")
+                if not hmac.compare_digest(tag, view[pos + total - tag_size : pos + total]):
                     raise self._fail(AuthenticationError(_TAG_MISMATCH))
-            pos = start + plen
             chunks = []
+            chunk_pos = stop
             for length in lengths:
                 dest = memoryview(aligned_empty(length))
-                dest[:] = view[pos : pos + length]
+                dest[:] = view[chunk_pos : chunk_pos + length]
                 chunks.append(dest)
-                pos += length
-            self._ready.append(_Message(bytes(view[start : start + plen]), chunks))
-            view = view[total:]
+                chunk_pos += length
+            ready.append((view[start:stop].tobytes(), chunks))
+            pos += total
             taken += 1
-        return view
+        return view[pos:] if pos else view
 
     def _next_chunk(self) -> None:
         if self._part == _PICKLE:
@@ -366,7 +369,7 @@ class Decoder:
         self._complete()
 
     def _complete(self) -> None:
-        self._ready.append(_Message(self._pickle_bytes, self._chunks))
+        self._ready.append((self._pickle_bytes, self._chunks))
         self._start_message()
 
     # -- memory -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import socket
 import weakref
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 import anyio
 import anyio.lowlevel
@@ -38,6 +38,15 @@ __all__ = ["ObjectStream", "dump", "load"]
 # calls, so a fast stream of small messages can't starve other tasks; a full yield per message
 # would cost more than the message (issue 4 measured this).
 _YIELD_EVERY = 64
+
+
+def _checkpoint_if_cancelled() -> Callable[[], Awaitable[None]]:
+    """The running backend's ``checkpoint_if_cancelled``, looked up once. anyio's module-level
+    function finds the backend anew on every call, which costs as much as a small message."""
+    get_backend = getattr(anyio.lowlevel, "get_async_backend", None)
+    if get_backend is None:  # older anyio: the public function, slower but the same
+        return anyio.lowlevel.checkpoint_if_cancelled
+    return get_backend().checkpoint_if_cancelled
 
 
 class _FifoLock:
@@ -103,6 +112,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._closed = False
         self._quick_receives = 0
         self._quick_sends = 0
+        self._cic: Callable[[], Awaitable[None]] | None = None  # see _checkpoint_if_cancelled
 
     @classmethod
     def from_socket(
@@ -133,11 +143,11 @@ class ObjectStream(_AnyioObjectStream[Any]):
         """Send one object. Pickling happens first: if it fails, :class:`EncodeError` is raised
         and nothing was sent. Concurrent sends are queued in order."""
         chunks = self._encoder.encode(item)
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        await (self._cic or self._set_cic())()
         await self._send_lock.acquire()
         try:
             self._check_send()
-            transport = self._t
+            transport = self._transport or self._t
             transport.sent = 0
             try:
                 await transport.send_chunks(chunks)
@@ -157,19 +167,20 @@ class ObjectStream(_AnyioObjectStream[Any]):
         """The next object. Cancelling this loses nothing: the next call returns it whole."""
         if self._receiving:
             raise anyio.BusyResourceError("receiving from")
+        decoder = self._decoder
+        if decoder._ready and not self._closed:  # already decoded: the small-message path
+            self._quick_receives += 1
+            if self._quick_receives < _YIELD_EVERY:
+                await (self._cic or self._set_cic())()
+                return next(decoder)
         self._receiving = True
         try:
-            decoder = self._decoder
             while True:
                 if self._closed:
                     raise anyio.ClosedResourceError
-                if decoder.pending:
-                    self._quick_receives += 1
-                    if self._quick_receives >= _YIELD_EVERY:
-                        self._quick_receives = 0
-                        await anyio.lowlevel.checkpoint()
-                    else:
-                        await anyio.lowlevel.checkpoint_if_cancelled()
+                if decoder._ready:
+                    self._quick_receives = 0
+                    await anyio.lowlevel.checkpoint()  # a real yield now and then
                     return next(decoder)
                 if self._eof:
                     raise anyio.EndOfStream
@@ -200,6 +211,10 @@ class ObjectStream(_AnyioObjectStream[Any]):
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         return self._t.extra_attributes
+
+    def _set_cic(self) -> Callable[[], Awaitable[None]]:
+        self._cic = _checkpoint_if_cancelled()
+        return self._cic
 
     def _check_send(self) -> None:
         if self._closed:
