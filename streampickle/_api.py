@@ -59,9 +59,11 @@ def loads(
         and allow == () and (trusted is False or trusted is True)
         and len(data) == _wire.HEADER_SIZE + _unpack_length(data, 12)[0] > _wire.HEADER_SIZE
     ):
-        # The commonest call, one small in-band message: the checks above are the decoder's
-        # (magic, version, no flags, no chunks, exact length, non-empty pickle; a default
-        # max_pickle_size can't be exceeded by bytes that are all here already... unless huge)
+        # The commonest call, one in-band message with default options: the checks above and
+        # below are the decoder's header checks (magic, version, no flags or reserved bits, no
+        # side chunks, a non-empty pickle within the default max_pickle_size, and exactly one
+        # message's worth of bytes), done inline because the Decoder's set-up would cost more
+        # than unpickling a small object.
         if len(data) - _wire.HEADER_SIZE <= _MAX_PICKLE:
             return _SHARED[trusted].load_inband(data[_wire.HEADER_SIZE :])
     decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)

@@ -149,3 +149,21 @@ def test_os_pipe_file_objects() -> None:
         out = sync.load(rf)
         t.join()
     assert out[-1] == 499_999
+
+
+def test_a_side_chunk_over_4_gib_round_trips() -> None:
+    """No 32-bit length anywhere: one 4 GiB + 16 byte array over a real socket. The sender's
+    array is np.zeros (untouched zero pages cost no memory) with three marked bytes."""
+    size = 2**32 + 16
+    arr = np.zeros(size, dtype=np.uint8)
+    for i, pos in enumerate((0, 2**32 - 1, size - 1)):
+        arr[pos] = i + 1
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Thread(target=lambda: sync.dump({"big": arr}, a), daemon=True)
+        sender.start()
+        out = sync.load(b)["big"]
+        sender.join()
+    assert out.shape == (size,) and out.flags.aligned
+    assert (out[0], out[2**32 - 1], out[size - 1]) == (1, 2, 3)
+    assert np.count_nonzero(out) == 3
