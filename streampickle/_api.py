@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import threading
 from typing import Any, Iterable
 
 from . import _wire
@@ -19,9 +18,10 @@ _unpack_length = struct.Struct("<Q").unpack_from
 __all__ = ["dumps", "loads"]
 
 
-# dumps() without a key reuses one encoder per thread (making one costs more than pickling a
-# small object); Encoder.encode itself handles re-entry from a __reduce__ that calls dumps.
-_local = threading.local()
+# dumps() without a key reuses encoders (making one costs more than pickling a small object).
+# list.pop and list.append are atomic, so concurrent threads each take their own; a __reduce__
+# that calls dumps re-entrantly finds the pool empty and makes one.
+_POOL: list[Encoder] = []
 
 # The first 12 bytes of a version-1 message without tag or side chunks.
 _PLAIN_PREFIX = _wire.MAGIC + bytes([_wire.VERSION]) + bytes(7)
@@ -33,14 +33,16 @@ def dumps(obj: Any, *, key: bytes | None = None) -> bytes:
     Joining copies every out-of-band buffer once; to send large arrays without that copy, use
     :class:`Encoder` (or the stream helpers), which hand out the chunks unjoined.
     """
-    if key is None:
-        try:
-            encoder = _local.encoder
-        except AttributeError:
-            encoder = _local.encoder = Encoder()
-    else:
-        encoder = Encoder(key=key)
-    chunks = encoder.encode(obj)
+    if key is not None:
+        return b"".join(Encoder(key=key).encode(obj))
+    try:
+        encoder = _POOL.pop()
+    except IndexError:
+        encoder = Encoder()
+    try:
+        chunks = encoder.encode(obj)
+    finally:
+        _POOL.append(encoder)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
