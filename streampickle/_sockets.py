@@ -18,10 +18,11 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import Listener, SocketAttribute, TaskGroup
+from anyio.abc import Listener, TaskGroup
 
 from ._limits import Limits
 from ._stream import ObjectStream
+from ._transports import socket_attributes
 
 __all__ = ["connect_tcp", "connect_unix", "create_tcp_listener", "create_unix_listener", "ObjectStreamListener"]
 
@@ -146,15 +147,7 @@ class ObjectStreamListener(Listener[ObjectStream]):
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        sock = self._sock
-        attrs: dict[Any, Callable[[], Any]] = {
-            SocketAttribute.raw_socket: lambda: sock,
-            SocketAttribute.family: lambda: sock.family,
-            SocketAttribute.local_address: lambda: sock.getsockname(),
-        }
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            attrs[SocketAttribute.local_port] = lambda: sock.getsockname()[1]
-        return attrs
+        return socket_attributes(self._sock)
 
 
 async def create_tcp_listener(

@@ -200,22 +200,28 @@ class SocketTransport:
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         if self._owner is not None:
             return self._owner.extra_attributes
-        sock = self.sock
-        attrs: dict[Any, Callable[[], Any]] = {
-            SocketAttribute.raw_socket: lambda: sock,
-            SocketAttribute.family: lambda: sock.family,
-            SocketAttribute.local_address: lambda: sock.getsockname(),
-        }
-        try:
-            sock.getpeername()
-            attrs[SocketAttribute.remote_address] = lambda: sock.getpeername()
-        except OSError:
-            pass
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            attrs[SocketAttribute.local_port] = lambda: sock.getsockname()[1]
-            if SocketAttribute.remote_address in attrs:
-                attrs[SocketAttribute.remote_port] = lambda: sock.getpeername()[1]
-        return attrs
+        return socket_attributes(self.sock)
+
+
+def socket_attributes(sock: socket.socket) -> dict[Any, Callable[[], Any]]:
+    """anyio's ``SocketAttribute``\ s of a socket (the remote ones only if it is connected)."""
+    attrs: dict[Any, Callable[[], Any]] = {
+        SocketAttribute.raw_socket: lambda: sock,
+        SocketAttribute.family: lambda: sock.family,
+        SocketAttribute.local_address: lambda: sock.getsockname(),
+    }
+    try:
+        sock.getpeername()
+    except OSError:
+        connected = False
+    else:
+        connected = True
+        attrs[SocketAttribute.remote_address] = lambda: sock.getpeername()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        attrs[SocketAttribute.local_port] = lambda: sock.getsockname()[1]
+        if connected:
+            attrs[SocketAttribute.remote_port] = lambda: sock.getpeername()[1]
+    return attrs
 
 
 def transport_for(stream: Any) -> AnyioTransport | AsyncioTransport:

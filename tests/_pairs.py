@@ -53,19 +53,15 @@ async def _anyio_accept(listener: Any, connect: Callable[[], Awaitable[Any]]) ->
         client = await connect()
         server = None
 
-        async def accept() -> None:
+        # anyio listeners only offer serve(): take the first connection and stop serving
+        async def handler(stream: Any) -> None:
             nonlocal server
-            # anyio listeners only offer serve(); take the first connection and stop
-            async def handler(stream: Any) -> None:
-                nonlocal server
-                server = stream
-                scope.cancel()
-                await anyio.sleep_forever()
+            server = stream
+            scope.cancel()
+            await anyio.sleep_forever()
 
-            with anyio.CancelScope() as scope:
-                await listener.serve(handler)
-
-        await accept()
+        with anyio.CancelScope() as scope:
+            await listener.serve(handler)
         return client, server
 
 
