@@ -133,8 +133,29 @@ class Encoder:
         """Return the chunks of one message carrying ``obj``; their concatenation is the
         message. Raises :class:`EncodeError` (and returns nothing) if ``obj`` can't be pickled.
         """
+        return self._encode(obj, sign=True)
+
+    def encode_unsigned(self, obj: Any) -> tuple[list[Chunk], Any]:
+        """For transports that MAC while they send: the chunks of a keyed message without its
+        tag, and a fresh HMAC to update with every byte as it goes out; the tag is its digest,
+        sent last. Small messages (one chunk) come back signed as by :meth:`encode`, with None.
+
+        Why: hashing the whole message before its first byte leaves makes the two ends hash
+        one after the other; hashing each slice as it is sent lets the receiver hash slice k
+        while the sender hashes slice k+1. Each slice is hashed from the memory it is sent
+        from, so an array mutated meanwhile makes the tag fail: never a silent difference.
+        """
+        if self._key is None:
+            return self._encode(obj, sign=False), None
+        chunks = self._encode(obj, sign=False)
+        if len(chunks) == 1:
+            tag = hmac.digest(self._key, chunks[0], "sha256")
+            return [chunks[0] + tag], None
+        return chunks, hmac.new(self._key, digestmod=hashlib.sha256)
+
+    def _encode(self, obj: Any, *, sign: bool) -> list[Chunk]:
         if self._busy:
-            return Encoder(key=self._key).encode(obj)
+            return Encoder(key=self._key)._encode(obj, sign=sign)
         self._busy = True
         file = self._file
         try:
@@ -158,7 +179,7 @@ class Encoder:
             head += _wire.pack_lengths([v.nbytes for v in views])
             chunks = [head + data] if len(data) <= _wire.COALESCE_LIMIT else [head, data]
             chunks.extend(views)
-        if self._key is not None:
+        if self._key is not None and sign:
             mac = hmac.new(self._key, digestmod=hashlib.sha256)
             for chunk in chunks:
                 mac.update(chunk)

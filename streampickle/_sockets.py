@@ -97,7 +97,7 @@ async def connect_unix(
 
 
 class ObjectStreamListener(Listener[ObjectStream]):
-    """An anyio ``Listener`` of zero-copy :class:`ObjectStream`\\ s; use ``serve`` or ``accept``."""
+    """An anyio ``Listener`` of zero-copy :class:`ObjectStream` objects; use ``serve`` or ``accept``."""
 
     def __init__(self, sock: socket.socket, options: dict[str, Any]) -> None:
         sock.setblocking(False)

@@ -30,7 +30,7 @@ from anyio.abc import ObjectStream as _AnyioObjectStream
 from ._decoder import Decoder
 from ._encoder import Encoder
 from ._limits import Limits
-from ._transports import AnyioTransport, AsyncioTransport, SocketTransport, fastest_transport
+from ._transports import AnyioTransport, AsyncioTransport, SocketTransport, fastest_transport, send_message
 
 __all__ = ["ObjectStream", "dump", "load"]
 
@@ -142,7 +142,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
     async def send(self, item: Any) -> None:
         """Send one object. Pickling happens first: if it fails, :class:`EncodeError` is raised
         and nothing was sent. Concurrent sends are queued in order."""
-        chunks = self._encoder.encode(item)
+        chunks, mac = self._encoder.encode_unsigned(item)
         await (self._cic or self._set_cic())()
         await self._send_lock.acquire()
         try:
@@ -150,7 +150,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
             transport = self._transport or self._t
             transport.sent = 0
             try:
-                await transport.send_chunks(chunks)
+                await send_message(transport, chunks, mac)
             except BaseException as exc:
                 if transport.sent or not transport.exact_send_accounting:
                     self._send_broken = exc
@@ -232,9 +232,9 @@ async def dump(obj: Any, stream: Any, *, key: bytes | None = None) -> None:
     If pickling fails, :class:`EncodeError` is raised and nothing is written. If the call is
     cancelled after its first byte went out, the stream holds part of a message: close it.
     """
-    chunks = Encoder(key=key).encode(obj)
+    chunks, mac = Encoder(key=key).encode_unsigned(obj)
     await anyio.lowlevel.checkpoint_if_cancelled()
-    await fastest_transport(stream).send_chunks(chunks)
+    await send_message(fastest_transport(stream), chunks, mac)
 
 
 # Decoders of messages whose load() was interrupted, parked until the next load() on the

@@ -42,6 +42,18 @@ DIRECT_READ = 64 * 1024
 _IOV_MAX = 1024  # Linux's limit on buffers per sendmsg
 
 
+async def send_message(transport: Any, chunks: list[Chunk], mac: Any) -> None:
+    """Send one message's chunks; with ``mac`` (see ``Encoder.encode_unsigned``), hash each
+    slice just before it goes out and send the tag last."""
+    if mac is None:
+        await transport.send_chunks(chunks)
+        return
+    for piece in _slices(chunks):
+        mac.update(piece)
+        await transport.send_chunks([piece])
+    await transport.send_chunks([mac.digest()])
+
+
 def _slices(chunks: list[Chunk], size: int = SEND_SLICE) -> list[memoryview | bytes]:
     out: list[memoryview | bytes] = []
     for chunk in chunks:
@@ -204,7 +216,7 @@ class SocketTransport:
 
 
 def socket_attributes(sock: socket.socket) -> dict[Any, Callable[[], Any]]:
-    """anyio's ``SocketAttribute``\ s of a socket (the remote ones only if it is connected)."""
+    """anyio's ``SocketAttribute``s of a socket (the remote ones only if it is connected)."""
     attrs: dict[Any, Callable[[], Any]] = {
         SocketAttribute.raw_socket: lambda: sock,
         SocketAttribute.family: lambda: sock.family,

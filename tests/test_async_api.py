@@ -247,3 +247,27 @@ async def test_unpicklable_object_raises_before_any_byte_and_stream_stays_usable
     assert sock.out == b""
     await stream.send("ok")
     assert struct.unpack_from("<4s", sock.out)[0] == b"\x93SPK"
+
+
+async def test_keyed_large_messages_over_sockets_and_memory() -> None:
+    big = np.random.default_rng(5).random(1_500_000)
+    for make in (_keyed_tcp, lambda: _memory_pair(key=b"key")):
+        a, b = await make()
+        async with a, b:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.send, {"big": big})
+                got = await b.receive()
+            assert np.array_equal(got["big"], big)
+
+
+async def _memory_pair(key: bytes):
+    x, y = memory_stream_pair()
+    return ObjectStream(x, key=key), ObjectStream(y, key=key)
+
+
+async def _keyed_tcp():
+    async with await streampickle.create_tcp_listener(local_host="127.0.0.1", key=b"key") as listener:
+        port = listener.extra(SocketAttribute.local_port)
+        client = await streampickle.connect_tcp("127.0.0.1", port, key=b"key")
+        server = await listener.accept()
+    return client, server

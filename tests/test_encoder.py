@@ -85,3 +85,18 @@ def test_key_must_be_bytes() -> None:
         Encoder(key="text")  # type: ignore[arg-type]
     with pytest.raises(streampickle.UsageError):
         Encoder(key=b"")
+
+
+def test_streamed_mac_gives_the_same_bytes_as_encode() -> None:
+    """Transports MAC large keyed messages slice by slice as they send (encode_unsigned); the
+    bytes on the wire must be exactly what encode() would have produced."""
+    key = b"k" * 16
+    obj = {"a": np.arange(300_000, dtype=np.float64), "b": [np.ones(5), "x"]}
+    chunks, mac = Encoder(key=key).encode_unsigned(obj)
+    assert mac is not None and len(chunks) > 1
+    for chunk in chunks:
+        mac.update(chunk)
+    streamed = b"".join(chunks) + mac.digest()
+    assert streamed == b"".join(Encoder(key=key).encode(obj))
+    small, none = Encoder(key=key).encode_unsigned({"id": 1})
+    assert none is None and small == Encoder(key=key).encode({"id": 1})
