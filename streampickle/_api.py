@@ -8,12 +8,17 @@ from typing import Any, Iterable
 from . import _wire
 from ._decoder import Decoder
 from ._encoder import Encoder
-from ._errors import IncompleteMessageError, ProtocolError
+from ._errors import IncompleteMessageError, MalformedPickleError, ProtocolError
 from ._limits import Limits
 from ._safe import _SHARED
 
 _MAX_PICKLE = Limits().max_pickle_size
 _unpack_length = struct.Struct("<Q").unpack_from
+
+try:
+    from ._cscan import loads_plain as _loads_plain
+except ImportError:  # no C extension: the inline Python checks below do the same
+    _loads_plain = None
 
 __all__ = ["dumps", "loads"]
 
@@ -57,16 +62,25 @@ def loads(
     """Decode exactly one whole message. Missing bytes raise :class:`IncompleteMessageError`,
     bytes after the message raise :class:`ProtocolError`."""
     if (
-        type(data) is bytes and data[:12] == _PLAIN_PREFIX and key is None and limits is None
-        and allow == () and (trusted is False or trusted is True)
-        and len(data) == _wire.HEADER_SIZE + _unpack_length(data, 12)[0] > _wire.HEADER_SIZE
+        type(data) is bytes and key is None and limits is None and allow == ()
+        and (trusted is False or trusted is True)
     ):
-        # The commonest call, one in-band message with default options: the checks above and
-        # below are the decoder's header checks (magic, version, no flags or reserved bits, no
-        # side chunks, a non-empty pickle within the default max_pickle_size, and exactly one
-        # message's worth of bytes), done inline because the Decoder's set-up would cost more
-        # than unpickling a small object.
-        if len(data) - _wire.HEADER_SIZE <= _MAX_PICKLE:
+        # The commonest call, one in-band message with default options, without building a
+        # Decoder (its set-up costs more than unpickling a small object). The checks are the
+        # decoder's header checks: magic, version, no flags or reserved bits, no side chunks,
+        # a non-empty pickle within the default max_pickle_size, exactly one message of bytes.
+        if _loads_plain is not None:  # header, scan and pickle.loads in one C call
+            try:
+                obj = _loads_plain(data, trusted, _MAX_PICKLE)
+            except Exception as exc:
+                raise MalformedPickleError(f"the message's pickle failed to load: {exc!r}") from exc
+            if obj is not NotImplemented:
+                return obj
+        if (
+            data[:12] == _PLAIN_PREFIX
+            and len(data) == _wire.HEADER_SIZE + _unpack_length(data, 12)[0] > _wire.HEADER_SIZE
+            and len(data) - _wire.HEADER_SIZE <= _MAX_PICKLE
+        ):
             return _SHARED[trusted].load_inband(data[_wire.HEADER_SIZE :])
     decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
     view = memoryview(data).cast("B")

@@ -107,12 +107,9 @@ static PyObject *fail(Py_ssize_t pos, const char *fmt, ...) {
     return Py_BuildValue("(nN)", pos, reason);
 }
 
-static PyObject *scan(PyObject *self, PyObject *args) {
-    Py_buffer view;
-    Py_ssize_t chunk_count;
-    if (!PyArg_ParseTuple(args, "y*n", &view, &chunk_count)) return NULL;
-    const unsigned char *data = view.buf;
-    const Py_ssize_t end = view.len;
+/* The scan proper: the number of STACK_GLOBALs (as a Python int) if acceptable, else a
+ * (position, reason) tuple; NULL with an exception set only on MemoryError. */
+static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_ssize_t chunk_count) {
     PyObject *result = NULL;
     Py_ssize_t *marks = NULL, marks_len = 0, marks_cap = 0;
     Py_ssize_t pos = 2, frame_end = 0, depth = 0, memo = 0, buffers = 0, globals = 0;
@@ -262,13 +259,59 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     result = PyLong_FromSsize_t(globals);
 done:
     PyMem_Free(marks);
+    return result;
+}
+
+static PyObject *scan(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t chunk_count;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &chunk_count)) return NULL;
+    PyObject *result = scan_impl(view.buf, view.len, chunk_count);
     PyBuffer_Release(&view);
     return result;
+}
+
+/* loads_plain(data, trusted, max_pickle) -> the object, or NotImplemented.
+ *
+ * The commonest streampickle.loads() call in one C call: a bytes object holding exactly one
+ * version-1 message with no tag and no side chunks, whose pickle (safe mode) passes the scan
+ * and names no global. Anything else returns NotImplemented and the Python path takes over
+ * (and raises its precise error): this function never refuses a message itself. An error
+ * from pickle.loads propagates for the caller to wrap, exactly as on the Python path. */
+static PyObject *pickle_loads = NULL;
+static const unsigned char plain_prefix[12] = {0x93, 'S', 'P', 'K', 1, 0, 0, 0, 0, 0, 0, 0};
+
+static PyObject *loads_plain(PyObject *self, PyObject *args) {
+    PyObject *data;
+    int trusted;
+    unsigned long long max_pickle;
+    if (!PyArg_ParseTuple(args, "SpK", &data, &trusted, &max_pickle)) return NULL;
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(data);
+    const Py_ssize_t len = PyBytes_GET_SIZE(data);
+    if (len <= 20 || memcmp(buf, plain_prefix, sizeof plain_prefix) != 0) Py_RETURN_NOTIMPLEMENTED;
+    const uint64_t plen = le(buf + 12, 8);
+    if (plen == 0 || plen > max_pickle || plen != (uint64_t)(len - 20)) Py_RETURN_NOTIMPLEMENTED;
+    if (!trusted) {
+        PyObject *scanned = scan_impl(buf + 20, len - 20, 0);
+        if (scanned == NULL) return NULL;
+        int plain = PyLong_Check(scanned) && PyLong_AsSsize_t(scanned) == 0;
+        Py_DECREF(scanned);
+        if (!plain) Py_RETURN_NOTIMPLEMENTED; /* refused, or names globals: the Python path */
+    } else if (buf[len - 1] != '.') {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    PyObject *view = PyMemoryView_FromMemory((char *)buf + 20, len - 20, PyBUF_READ);
+    if (view == NULL) return NULL;
+    PyObject *obj = PyObject_CallOneArg(pickle_loads, view);
+    Py_DECREF(view);
+    return obj; /* an unpickling error propagates: the caller wraps it, as its Python path does */
 }
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(data, chunk_count) -> number of STACK_GLOBALs, or (position, reason) if refused."},
+    {"loads_plain", loads_plain, METH_VARARGS,
+     "loads_plain(data, trusted, max_pickle) -> object, or NotImplemented to take the Python path."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -279,5 +322,10 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__cscan(void) {
     init_ops();
+    PyObject *pickle_module = PyImport_ImportModule("_pickle");
+    if (pickle_module == NULL) return NULL;
+    pickle_loads = PyObject_GetAttrString(pickle_module, "loads");
+    Py_DECREF(pickle_module);
+    if (pickle_loads == NULL) return NULL;
     return PyModule_Create(&module);
 }

@@ -146,3 +146,31 @@ def test_picklebuffer_arrives_as_aligned_writable_memoryview() -> None:
     assert np.frombuffer(out, np.uint8).ctypes.data % 64 == 0
     ro = streampickle.loads(streampickle.dumps(pickle.PickleBuffer(bytes(payload))))
     assert ro.readonly
+
+
+@pytest.mark.parametrize("c_fast_path", [True, False], ids=["c", "python"])
+def test_loads_fast_paths_agree(c_fast_path: bool, monkeypatch) -> None:
+    """loads() takes one small in-band message through a C fast path when the extension is
+    built and through inline Python otherwise; both must give the same objects and errors."""
+    from streampickle import _api
+
+    if not c_fast_path:
+        monkeypatch.setattr(_api, "_loads_plain", None)
+    else:
+        assert _api._loads_plain is not None
+    for obj in SAMPLES.values():
+        for trusted in (False, True):
+            assert_same(obj, streampickle.loads(streampickle.dumps(obj), trusted=trusted))
+    assert streampickle.loads(streampickle.dumps(NotImplemented), trusted=True) is NotImplemented
+    from _util import make_message
+
+    for bad, error in [
+        (make_message(b"\x80\x05N.garbage"), streampickle.MalformedPickleError),
+        (make_message(b"\x80\x05}]]s."), streampickle.MalformedPickleError),  # unhashable key
+        (make_message(b"\x80\x05N"), streampickle.MalformedPickleError),
+        (make_message(b"\x80\x05N.")[:-1], streampickle.IncompleteMessageError),
+        (make_message(b"\x80\x05N.") + b"x", streampickle.ProtocolError),
+    ]:
+        for trusted in (False, True):
+            with pytest.raises(error):
+                streampickle.loads(bad, trusted=trusted)
