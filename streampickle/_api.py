@@ -45,7 +45,7 @@ def dumps(obj: Any, *, key: bytes | None = None) -> bytes:
     except IndexError:
         encoder = Encoder()
     try:
-        chunks = encoder.encode(obj)
+        chunks = encoder._encode(obj, True)
     finally:
         _POOL.append(encoder)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

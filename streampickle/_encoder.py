@@ -133,7 +133,7 @@ class Encoder:
         """Return the chunks of one message carrying ``obj``; their concatenation is the
         message. Raises :class:`EncodeError` (and returns nothing) if ``obj`` can't be pickled.
         """
-        return self._encode(obj, sign=True)
+        return self._encode(obj, True)
 
     def encode_unsigned(self, obj: Any) -> tuple[list[Chunk], Any]:
         """For transports that MAC while they send: the chunks of a keyed message without its
@@ -146,16 +146,16 @@ class Encoder:
         from, so an array mutated meanwhile makes the tag fail: never a silent difference.
         """
         if self._key is None:
-            return self._encode(obj, sign=False), None
-        chunks = self._encode(obj, sign=False)
+            return self._encode(obj, False), None
+        chunks = self._encode(obj, False)
         if len(chunks) == 1:
             tag = hmac.digest(self._key, chunks[0], "sha256")
             return [chunks[0] + tag], None
         return chunks, hmac.new(self._key, digestmod=hashlib.sha256)
 
-    def _encode(self, obj: Any, *, sign: bool) -> list[Chunk]:
+    def _encode(self, obj: Any, sign: bool) -> list[Chunk]:
         if self._busy:
-            return Encoder(key=self._key)._encode(obj, sign=sign)
+            return Encoder(key=self._key)._encode(obj, sign)
         self._busy = True
         file = self._file
         try:
@@ -170,7 +170,13 @@ class Encoder:
                 raise
             raise EncodeError(f"could not pickle {type(obj).__name__} object: {exc}") from exc
         data = file.getvalue()
-        self._reset()
+        # _reset(), inlined: this is every message's path
+        self._pickler.clear_memo()
+        file.seek(0)
+        file.truncate()
+        if buffers:
+            self._buffers = []
+        self._busy = False
         if views is None:
             head = _pack_header(_wire.MAGIC, _wire.VERSION, self._flags, 0, 0, len(data))
             chunks: list[Chunk] = [head + data] if len(data) <= _wire.COALESCE_LIMIT else [head, data]
