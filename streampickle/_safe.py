@@ -2,7 +2,7 @@
 
 Safe mode (the default) is two gates in front of the C unpickler:
 
-1. ``scan_pickle`` walks the opcodes first and refuses anything a protocol-5 pickler would not
+1. ``_scan.scan`` walks the opcodes first and refuses anything a protocol-5 pickler would not
    write (see ``_scan``), so the C unpickler only ever runs on well-formed input;
 2. ``find_class`` admits only globals on an exact-name allowlist: streampickle's own
    reconstructors (arrays, numpy scalars and dtypes, UUID, Fraction, Counter) and immutable
@@ -21,9 +21,7 @@ from typing import Any, Iterable
 
 from . import _rebuild
 from ._errors import ForbiddenGlobalError, MalformedPickleError, StreamPickleError, UsageError
-from ._scan import scan_c, scan_py
-
-_scan = scan_c or scan_py
+from ._scan import scan as _scan
 
 __all__ = ["Loader", "DEFAULT_ALLOWED"]
 

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import pickle
 
-from ._errors import MalformedPickleError
 
-__all__ = ["scan_pickle", "scan_py", "scan_c"]
+__all__ = ["scan", "scan_py", "scan_c"]
 
 # For each allowed opcode: (fixed argument bytes, width of a length prefix, items popped,
 # items pushed). Opcodes whose stack effect depends on marks or state are handled inline.
@@ -229,10 +228,5 @@ try:
 except ImportError:  # built without a C compiler: the reference scan, slower but identical
     scan_c = None
 
-
-def scan_pickle(data: bytes | bytearray | memoryview, chunk_count: int) -> None:
-    """Raise :class:`MalformedPickleError` unless ``data`` is one well-formed protocol-5 pickle
-    that takes exactly ``chunk_count`` out-of-band buffers."""
-    result = (scan_c or scan_py)(data, chunk_count)
-    if type(result) is tuple:
-        raise MalformedPickleError(f"malformed pickle at byte {result[0]}: {result[1]}")
+#: The scan to use: the C one when it was built, the reference otherwise (they agree).
+scan = scan_c or scan_py
