@@ -8,9 +8,9 @@ from typing import Any, Iterable
 from . import _wire
 from ._decoder import Decoder
 from ._encoder import Encoder
-from ._errors import IncompleteMessageError, MalformedPickleError, ProtocolError
+from ._errors import IncompleteMessageError, ProtocolError
 from ._limits import Limits
-from ._safe import _SHARED
+from ._safe import _SHARED, unpickling_failed
 
 _MAX_PICKLE = Limits().max_pickle_size
 _unpack_length = struct.Struct("<Q").unpack_from
@@ -73,7 +73,7 @@ def loads(
             try:
                 obj = _loads_plain(data, trusted, _MAX_PICKLE)
             except Exception as exc:
-                raise MalformedPickleError(f"the message's pickle failed to load: {exc!r}") from exc
+                raise unpickling_failed(exc) from exc
             if obj is not NotImplemented:
                 return obj
         if (

@@ -133,8 +133,8 @@ class Loader:
         except StreamPickleError:
             raise
         except Exception as exc:  # UnpicklingError, TypeError from a reconstructor, ...
-            raise MalformedPickleError(f"the message's pickle failed to load: {exc!r}") from exc
-        if file.tell() != len(data):  # trusted mode has no scan to guarantee this
+            raise unpickling_failed(exc) from exc
+        if file.tell() != len(data):  # the scan guarantees this; a cheap cross-check
             raise MalformedPickleError(f"{len(data) - file.tell()} bytes follow STOP in the pickle part")
         return obj
 
@@ -145,10 +145,15 @@ def _plain_loads(data: bytes, buffers: Any) -> Any:
     try:
         obj = pickle.loads(data, buffers=buffers)
     except Exception as exc:
-        raise MalformedPickleError(f"the message's pickle failed to load: {exc!r}") from exc
+        raise unpickling_failed(exc) from exc
     if data[-1:] != b".":
         raise MalformedPickleError("the pickle part does not end with STOP")
     return obj
+
+
+def unpickling_failed(exc: Exception) -> MalformedPickleError:
+    """The error for a verified message whose pickle raised while loading (``exc``)."""
+    return MalformedPickleError(f"the message's pickle failed to load: {exc!r}")
 
 
 def _refused(result: tuple[int, str]) -> MalformedPickleError:
