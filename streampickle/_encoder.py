@@ -33,6 +33,26 @@ __all__ = ["Encoder", "Chunk"]
 #: caller's memory for out-of-band buffers.
 Chunk = bytes | memoryview
 
+#: Most buffers one ``sendmsg`` takes on Linux (IOV_MAX).
+IOV_MAX = 1024
+
+
+def sendable(chunks: list[Chunk]) -> list[memoryview]:
+    """The non-empty chunks as flat byte views, ready for ``sendmsg``."""
+    return [memoryview(c).cast("B") for c in chunks if len(c)]
+
+
+def drop_sent(views: list[memoryview], sent: int) -> None:
+    """Remove the first ``sent`` bytes from ``views`` (in place) after a partial ``sendmsg``."""
+    while sent:
+        first = views[0]
+        if sent >= len(first):
+            sent -= len(first)
+            del views[0]
+        else:
+            views[0] = first[sent:]
+            sent = 0
+
 
 def _reduce_ndarray(arr: np.ndarray[Any, Any]) -> Any:
     dt = arr.dtype

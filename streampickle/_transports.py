@@ -28,7 +28,7 @@ import anyio
 from anyio.abc import ByteReceiveStream, ByteSendStream, SocketAttribute, SocketStream
 
 from ._decoder import Decoder
-from ._encoder import Chunk
+from ._encoder import IOV_MAX, Chunk, drop_sent, sendable
 
 __all__ = ["AnyioTransport", "AsyncioTransport", "SocketTransport", "SEND_SLICE", "READ_AHEAD"]
 
@@ -39,7 +39,6 @@ SEND_SLICE = 1 << 20
 READ_AHEAD = 256 * 1024
 # Parts at least this large are read straight into their destination on raw sockets.
 DIRECT_READ = 64 * 1024
-_IOV_MAX = 1024  # Linux's limit on buffers per sendmsg
 
 
 async def send_message(transport: Any, chunks: list[Chunk], mac: Any) -> None:
@@ -153,24 +152,17 @@ class SocketTransport:
             if n == len(chunk):
                 return
             chunks = [memoryview(chunk)[n:]]
-        views = [memoryview(c).cast("B") for c in chunks if len(c)]
+        views = sendable(chunks)
         while views:
             try:
-                n = sock.sendmsg(views[:_IOV_MAX])
+                n = sock.sendmsg(views[:IOV_MAX])
             except BlockingIOError:
                 await anyio.wait_writable(sock)
                 continue
             except OSError as exc:
                 raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
             self.sent += n
-            while n:
-                first = views[0]
-                if n >= len(first):
-                    n -= len(first)
-                    del views[0]
-                else:
-                    views[0] = first[n:]
-                    n = 0
+            drop_sent(views, n)
 
     async def fill(self, decoder: Decoder, *, exact: bool) -> bool:
         view = decoder.get_buffer()

@@ -14,13 +14,11 @@ import socket
 from typing import Any, BinaryIO, Iterable
 
 from ._decoder import Decoder
-from ._encoder import Chunk, Encoder
+from ._encoder import IOV_MAX, Chunk, Encoder, drop_sent, sendable
 from ._limits import Limits
 
 __all__ = ["dump", "load"]
 
-# Linux refuses sendmsg with more than IOV_MAX (1024) buffers.
-_IOV_MAX = 1024
 
 
 def dump(obj: Any, file: BinaryIO | socket.socket, *, key: bytes | None = None) -> None:
@@ -47,15 +45,9 @@ def dump(obj: Any, file: BinaryIO | socket.socket, *, key: bytes | None = None) 
 
 def send_chunks(sock: socket.socket, chunks: list[Chunk]) -> None:
     """``sendall`` for a list of buffers, with one ``sendmsg`` for as many as the kernel takes."""
-    views = [memoryview(c).cast("B") for c in chunks if len(c)]
+    views = sendable(chunks)
     while views:
-        sent = sock.sendmsg(views[:_IOV_MAX])
-        while sent:
-            if sent >= len(views[0]):
-                sent -= len(views.pop(0))
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
+        drop_sent(views, sock.sendmsg(views[:IOV_MAX]))
 
 
 def load(
