@@ -6,4 +6,4 @@ pure-Python scan (streampickle/_scan.py), which accepts and refuses exactly the 
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("streampickle._cscan", ["streampickle/_cscan.c"], optional=True)])
+setup(ext_modules=[Extension("streampickle._speedups", ["streampickle/_speedups.c"], optional=True)])

@@ -16,7 +16,7 @@ _MAX_PICKLE = Limits().max_pickle_size
 _unpack_length = struct.Struct("<Q").unpack_from
 
 try:
-    from ._cscan import loads_plain as _loads_plain
+    from ._speedups import loads_plain as _loads_plain
 except ImportError:  # no C extension: the inline Python checks below do the same
     _loads_plain = None
 

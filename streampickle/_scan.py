@@ -224,7 +224,7 @@ def _scan(data: bytes | bytearray | memoryview, chunk_count: int) -> int:
 
 
 try:
-    from ._cscan import scan as scan_c
+    from ._speedups import scan as scan_c
 except ImportError:  # built without a C compiler: the reference scan, slower but identical
     scan_c = None
 
