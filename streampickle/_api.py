@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 from . import _wire
 from ._decoder import Decoder
-from ._encoder import Encoder
+from ._encoder import Encoder, _frame
 from ._errors import IncompleteMessageError, ProtocolError
 from ._limits import Limits
 from ._safe import _SHARED, unpickling_failed
@@ -45,10 +45,12 @@ def dumps(obj: Any, *, key: bytes | None = None) -> bytes:
     except IndexError:
         encoder = Encoder()
     try:
-        chunks = encoder._encode(obj, True)
+        data, views = encoder._pickle(obj)
     finally:
         _POOL.append(encoder)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if views is None:
+        return _frame(data, 0)  # header and pickle in one allocation
+    return b"".join(encoder._assemble(data, views, True))
 
 
 def loads(

@@ -17,7 +17,6 @@ import collections
 import fractions
 import hashlib
 import hmac
-import io
 import pickle
 import uuid
 from typing import Any, Callable
@@ -117,6 +116,30 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
+#: Pickles up to this size can't have grown the memo table past _PICKLER_MAX_BYTES.
+_MEMO_CHECK_BYTES = 2048
+#: A pickler (memo table and write buffer) bigger than this is replaced, not cleared.
+_PICKLER_MAX_BYTES = 64 * 1024
+
+
+class _Pieces(list[Any]):
+    """The pickler's output file: each write is kept as it is, with no copy into a BytesIO.
+
+    The C pickler writes a small pickle once, as one bytes object at the end of ``dump``; a
+    large one in 64 KiB frames, plus each large bytes, str or bytearray payload on its own.
+    """
+
+    write = list.append
+
+
+try:
+    from ._speedups import frame as _frame
+except ImportError:  # no C extension: the same bytes, built in Python
+
+    def _frame(pickled: bytes, flags: int) -> bytes:
+        return _pack_header(_wire.MAGIC, _wire.VERSION, flags, 0, 0, len(pickled)) + pickled
+
+
 class Encoder:
     """Turns objects into the chunks of one message each. No I/O; reusable; not thread-safe.
 
@@ -133,18 +156,21 @@ class Encoder:
         self._flags = _wire.FLAG_MAC if key else 0
         # One pickler and output file, reused: creating them costs more than pickling a small
         # object. ``_busy`` guards against re-entry (a __reduce__ that encodes).
-        self._file = io.BytesIO()
+        self._out = _Pieces()
         self._buffers: list[pickle.PickleBuffer] = []
-        self._pickler = _Pickler(self._file, protocol=5, buffer_callback=self._collect)
+        self._pickler = self._new_pickler()
         self._busy = False
+
+    def _new_pickler(self) -> _Pickler:
+        return _Pickler(self._out, protocol=5, buffer_callback=self._collect)
 
     def _collect(self, buffer: pickle.PickleBuffer) -> None:
         self._buffers.append(buffer)
 
     def _reset(self) -> None:
-        self._pickler.clear_memo()
-        self._file.seek(0)
-        self._file.truncate()
+        """After a failed dump: a fresh pickler, with nothing left of the failed object."""
+        self._pickler = self._new_pickler()
+        self._out.clear()
         if self._buffers:
             self._buffers = []
         self._busy = False
@@ -177,7 +203,15 @@ class Encoder:
         if self._busy:
             return Encoder(key=self._key)._encode(obj, sign)
         self._busy = True
-        file = self._file
+        data, views = self._pickle(obj)
+        if views is None and self._key is None and len(data) <= _wire.COALESCE_LIMIT:
+            return [_frame(data, 0)]  # every small unkeyed message: one chunk, built in C
+        return self._assemble(data, views, sign)
+
+    def _pickle(self, obj: Any) -> tuple[bytes, list[memoryview] | None]:
+        """Pickle ``obj``: the pickle part and the out-of-band buffers' views (None if there
+        are none). Leaves the encoder ready for the next object, whatever happens."""
+        out = self._out
         try:
             self._pickler.dump(obj)
             buffers = self._buffers
@@ -189,21 +223,32 @@ class Encoder:
             if not isinstance(exc, Exception):
                 raise
             raise EncodeError(f"could not pickle {type(obj).__name__} object: {exc}") from exc
-        data = file.getvalue()
-        # _reset(), inlined: this is every message's path
-        self._pickler.clear_memo()
-        file.seek(0)
-        file.truncate()
+        # One piece is a small pickle's bytes. Several are joined: that copies a bytearray
+        # payload too, so the message doesn't change if the caller changes it after encode().
+        data = out[0] if len(out) == 1 else b"".join(out)
+        # _reset(), inlined: this is every message's path. The pickler's memo table never
+        # shrinks, and clearing it costs its whole size: after one large object graph, every
+        # small message would pay milliseconds. So a pickler whose memo grew is replaced.
+        # (A pickle of n bytes memoizes fewer than n objects: small ones need no check.)
+        if len(data) > _MEMO_CHECK_BYTES and self._pickler.__sizeof__() > _PICKLER_MAX_BYTES:
+            self._pickler = self._new_pickler()
+        else:
+            self._pickler.clear_memo()
+        out.clear()
         if buffers:
             self._buffers = []
         self._busy = False
+        return data, views
+
+    def _assemble(self, data: bytes, views: list[memoryview] | None, sign: bool) -> list[Chunk]:
+        """The chunks of a message: header and length table, pickle, side chunks, tag."""
         if views is None:
             head = _pack_header(_wire.MAGIC, _wire.VERSION, self._flags, 0, 0, len(data))
-            chunks: list[Chunk] = [head + data] if len(data) <= _wire.COALESCE_LIMIT else [head, data]
         else:
             head = _pack_header(_wire.MAGIC, _wire.VERSION, self._flags, 0, len(views), len(data))
             head += _wire.pack_lengths([v.nbytes for v in views])
-            chunks = [head + data] if len(data) <= _wire.COALESCE_LIMIT else [head, data]
+        chunks: list[Chunk] = [head + data] if len(data) <= _wire.COALESCE_LIMIT else [head, data]
+        if views is not None:
             chunks.extend(views)
         if self._key is not None and sign:
             mac = hmac.new(self._key, digestmod=hashlib.sha256)
