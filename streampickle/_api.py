@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 from . import _wire
 from ._decoder import Decoder
-from ._encoder import Encoder, _frame
+from ._encoder import dumps
 from ._errors import IncompleteMessageError, ProtocolError
 from ._limits import Limits
 from ._safe import _SHARED, unpickling_failed
@@ -22,35 +22,8 @@ except ImportError:  # no C extension: the inline Python checks below do the sam
 
 __all__ = ["dumps", "loads"]
 
-
-# dumps() without a key reuses encoders (making one costs more than pickling a small object).
-# list.pop and list.append are atomic, so concurrent threads each take their own; a __reduce__
-# that calls dumps re-entrantly finds the pool empty and makes one.
-_POOL: list[Encoder] = []
-
 # The first 12 bytes of a version-1 message without tag or side chunks.
 _PLAIN_PREFIX = _wire.MAGIC + bytes([_wire.VERSION]) + bytes(7)
-
-
-def dumps(obj: Any, *, key: bytes | None = None) -> bytes:
-    """Encode ``obj`` as exactly one message, joined into one ``bytes``.
-
-    Joining copies every out-of-band buffer once; to send large arrays without that copy, use
-    :class:`Encoder` (or the stream helpers), which hand out the chunks unjoined.
-    """
-    if key is not None:
-        return b"".join(Encoder(key=key).encode(obj))
-    try:
-        encoder = _POOL.pop()
-    except IndexError:
-        encoder = Encoder()
-    try:
-        data, views = encoder._pickle(obj)
-    finally:
-        _POOL.append(encoder)
-    if views is None:
-        return _frame(data, 0)  # header and pickle in one allocation
-    return b"".join(encoder._assemble(data, views, True))
 
 
 def loads(
@@ -63,27 +36,27 @@ def loads(
 ) -> Any:
     """Decode exactly one whole message. Missing bytes raise :class:`IncompleteMessageError`,
     bytes after the message raise :class:`ProtocolError`."""
+    # The commonest call, one in-band message with default options, without building a
+    # Decoder (its set-up costs more than unpickling a small object): first in one C call
+    # (options, header, scan and pickle.loads), then, without the C extension or for a pickle
+    # that names globals, the same header checks inline. Anything unusual takes the decoder.
+    if _loads_plain is not None:
+        try:
+            obj = _loads_plain(data, trusted, allow, key, limits, _MAX_PICKLE)
+        except Exception as exc:
+            raise unpickling_failed(exc) from exc
+        if obj is not NotImplemented:
+            return obj
     if (
         type(data) is bytes and key is None and limits is None and allow == ()
         and (trusted is False or trusted is True)
+        # the decoder's header checks: magic, version, no flags or reserved bits, no side
+        # chunks, a non-empty pickle within the default max_pickle_size, one message exactly
+        and data[:12] == _PLAIN_PREFIX
+        and len(data) == _wire.HEADER_SIZE + _unpack_length(data, 12)[0] > _wire.HEADER_SIZE
+        and len(data) - _wire.HEADER_SIZE <= _MAX_PICKLE
     ):
-        # The commonest call, one in-band message with default options, without building a
-        # Decoder (its set-up costs more than unpickling a small object). The checks are the
-        # decoder's header checks: magic, version, no flags or reserved bits, no side chunks,
-        # a non-empty pickle within the default max_pickle_size, exactly one message of bytes.
-        if _loads_plain is not None:  # header, scan and pickle.loads in one C call
-            try:
-                obj = _loads_plain(data, trusted, _MAX_PICKLE)
-            except Exception as exc:
-                raise unpickling_failed(exc) from exc
-            if obj is not NotImplemented:
-                return obj
-        if (
-            data[:12] == _PLAIN_PREFIX
-            and len(data) == _wire.HEADER_SIZE + _unpack_length(data, 12)[0] > _wire.HEADER_SIZE
-            and len(data) - _wire.HEADER_SIZE <= _MAX_PICKLE
-        ):
-            return _SHARED[trusted].load_inband(data[_wire.HEADER_SIZE :])
+        return _SHARED[trusted].load_inband(data[_wire.HEADER_SIZE :])
     decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
     view = memoryview(data).cast("B")
     total = len(view)

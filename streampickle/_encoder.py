@@ -19,14 +19,14 @@ import hashlib
 import hmac
 import pickle
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 
 from . import _rebuild, _wire
 from ._errors import EncodeError, UsageError
 
-__all__ = ["Encoder", "Chunk"]
+__all__ = ["Encoder", "Chunk", "dumps"]
 
 #: What ``Encoder.encode`` returns a list of: bytes for what it built, memoryviews of the
 #: caller's memory for out-of-band buffers.
@@ -132,12 +132,17 @@ class _Pieces(list[Any]):
     write = list.append
 
 
-try:
-    from ._speedups import frame as _frame
-except ImportError:  # no C extension: the same bytes, built in Python
+def _frame_py(pickled: bytes, flags: int) -> bytes:
+    """A message without side chunks: header + pickle (a tag, if any, is appended later)."""
+    return _pack_header(_wire.MAGIC, _wire.VERSION, flags, 0, 0, len(pickled)) + pickled
 
-    def _frame(pickled: bytes, flags: int) -> bytes:
-        return _pack_header(_wire.MAGIC, _wire.VERSION, flags, 0, 0, len(pickled)) + pickled
+
+try:
+    from ._speedups import frame as _frame_c
+except ImportError:  # no C extension: the same bytes, built in Python
+    _frame_c = None
+
+_frame = _frame_c or _frame_py
 
 
 class Encoder:
@@ -166,14 +171,6 @@ class Encoder:
 
     def _collect(self, buffer: pickle.PickleBuffer) -> None:
         self._buffers.append(buffer)
-
-    def _reset(self) -> None:
-        """After a failed dump: a fresh pickler, with nothing left of the failed object."""
-        self._pickler = self._new_pickler()
-        self._out.clear()
-        if self._buffers:
-            self._buffers = []
-        self._busy = False
 
     def encode(self, obj: Any) -> list[Chunk]:
         """Return the chunks of one message carrying ``obj``; their concatenation is the
@@ -211,34 +208,49 @@ class Encoder:
     def _pickle(self, obj: Any) -> tuple[bytes, list[memoryview] | None]:
         """Pickle ``obj``: the pickle part and the out-of-band buffers' views (None if there
         are none). Leaves the encoder ready for the next object, whatever happens."""
-        out = self._out
         try:
             self._pickler.dump(obj)
-            buffers = self._buffers
-            views = [b.raw() for b in buffers] if buffers else None
         except BaseException as exc:
-            for b in self._buffers:
-                b.release()
-            self._reset()
-            if not isinstance(exc, Exception):
-                raise
-            raise EncodeError(f"could not pickle {type(obj).__name__} object: {exc}") from exc
+            self._fail(obj, exc)
+        return self._finish(obj)
+
+    def _finish(self, obj: Any) -> tuple[bytes, list[memoryview] | None]:
+        """After a successful dump: take the pickle and views, and reset for the next one."""
+        buffers = self._buffers
+        views = None
+        if buffers:
+            try:
+                views = [b.raw() for b in buffers]  # a non-contiguous PickleBuffer raises
+            except BaseException as exc:
+                self._fail(obj, exc)
+            self._buffers = []
+        out = self._out
         # One piece is a small pickle's bytes. Several are joined: that copies a bytearray
         # payload too, so the message doesn't change if the caller changes it after encode().
         data = out[0] if len(out) == 1 else b"".join(out)
-        # _reset(), inlined: this is every message's path. The pickler's memo table never
-        # shrinks, and clearing it costs its whole size: after one large object graph, every
-        # small message would pay milliseconds. So a pickler whose memo grew is replaced.
-        # (A pickle of n bytes memoizes fewer than n objects: small ones need no check.)
+        out.clear()
+        # The pickler's memo table never shrinks, and clearing it costs its whole size: after
+        # one large object graph, every small message would pay milliseconds. So a pickler
+        # whose memo grew is replaced. (A pickle of n bytes memoizes fewer than n objects.)
         if len(data) > _MEMO_CHECK_BYTES and self._pickler.__sizeof__() > _PICKLER_MAX_BYTES:
             self._pickler = self._new_pickler()
         else:
             self._pickler.clear_memo()
-        out.clear()
-        if buffers:
-            self._buffers = []
         self._busy = False
         return data, views
+
+    def _fail(self, obj: Any, exc: BaseException) -> NoReturn:
+        """After a failed dump: drop what it made (a fresh pickler keeps nothing of the
+        failed object), and raise: EncodeError for an Exception, others as they are."""
+        for b in self._buffers:
+            b.release()
+        self._buffers = []
+        self._out.clear()
+        self._pickler = self._new_pickler()
+        self._busy = False
+        if not isinstance(exc, Exception):
+            raise exc
+        raise EncodeError(f"could not pickle {type(obj).__name__} object: {exc}") from exc
 
     def _assemble(self, data: bytes, views: list[memoryview] | None, sign: bool) -> list[Chunk]:
         """The chunks of a message: header and length table, pickle, side chunks, tag."""
@@ -251,15 +263,54 @@ class Encoder:
         if views is not None:
             chunks.extend(views)
         if self._key is not None and sign:
-            mac = hmac.new(self._key, digestmod=hashlib.sha256)
-            for chunk in chunks:
-                mac.update(chunk)
-            tag = mac.digest()
             if len(chunks) == 1:
-                chunks[0] += tag
+                chunks[0] += hmac.digest(self._key, chunks[0], "sha256")
             else:
-                chunks.append(tag)
+                mac = hmac.new(self._key, digestmod=hashlib.sha256)
+                for chunk in chunks:
+                    mac.update(chunk)
+                chunks.append(mac.digest())
         return chunks
 
 
 _pack_header = _wire.HEADER_STRUCT.pack
+
+
+# dumps() without a key reuses encoders (making one costs more than pickling a small object).
+# list.pop and list.append are atomic, so concurrent threads each take their own; a __reduce__
+# that calls dumps re-entrantly finds the pool empty and makes one.
+_POOL: list[Encoder] = []
+
+
+def dumps(obj: Any, *, key: bytes | None = None) -> bytes:
+    """Encode ``obj`` as exactly one message, joined into one ``bytes``.
+
+    Joining copies every out-of-band buffer once; to send large arrays without that copy, use
+    :class:`Encoder` (or the stream helpers), which hand out the chunks unjoined.
+    """
+    if key is not None:
+        return b"".join(Encoder(key=key).encode(obj))
+    try:
+        encoder = _POOL.pop()
+    except IndexError:
+        encoder = Encoder()
+    try:
+        pickler = encoder._pickler
+        try:
+            pickler.dump(obj)
+        except BaseException as exc:
+            encoder._fail(obj, exc)
+        # Encoder._finish() inlined for the commonest message, a small plain one: this
+        # function is half Python glue and half pickling, and each line shows in the total.
+        out = encoder._out
+        if len(out) == 1 and not encoder._buffers and len(out[0]) <= _MEMO_CHECK_BYTES:
+            data = out[0]
+            out.clear()
+            pickler.clear_memo()
+            return _frame(data, 0)
+        data, views = encoder._finish(obj)
+        if views is None:
+            return _frame(data, 0)  # header and pickle in one allocation
+        return b"".join(encoder._assemble(data, views, True))
+    finally:
+        _POOL.append(encoder)

@@ -281,24 +281,30 @@ static const unsigned char plain_prefix[12] = {0x93, 'S', 'P', 'K', 1, 0, 0, 0, 
  * buffer are two garbage-collected objects), which is the cost of copying some 16 KiB. */
 #define COPY_LIMIT (16 * 1024)
 
-/* loads_plain(data, trusted, max_pickle) -> the object, or NotImplemented.
+/* loads_plain(data, trusted, allow, key, limits, max_pickle) -> the object, or NotImplemented.
  *
- * The commonest streampickle.loads() call in one C call: a bytes object holding exactly one
- * version-1 message with no tag and no side chunks, whose pickle (safe mode) passes the scan
- * and names no global. Anything else returns NotImplemented and the Python path takes over
- * (and raises its precise error): this function never refuses a message itself. An error
- * from pickle.loads propagates for the caller to wrap, exactly as on the Python path. */
+ * The commonest streampickle.loads() call in one C call: default options (trusted exactly
+ * True or False, allow the empty tuple, key and limits None) and a bytes object holding
+ * exactly one version-1 message with no tag and no side chunks, whose pickle (safe mode)
+ * passes the scan and names no global. Anything else returns NotImplemented and the Python
+ * path takes over (and raises its precise error): this function never refuses a message
+ * itself. An error from pickle.loads propagates for the caller to wrap, as on the Python path.
+ * The options are checked here rather than in Python because there they cost as much as
+ * the rest of this function. */
 static PyObject *pickle_loads = NULL;
 
 static PyObject *loads_plain(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "loads_plain(data, trusted, max_pickle) takes 3 arguments");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "loads_plain(data, trusted, allow, key, limits, max_pickle) takes 6 arguments");
         return NULL;
     }
-    PyObject *data = args[0];
-    int trusted = PyObject_IsTrue(args[1]);
-    if (trusted < 0) return NULL;
-    unsigned long long max_pickle = PyLong_AsUnsignedLongLong(args[2]);
+    PyObject *data = args[0], *allow = args[2];
+    if ((args[1] != Py_True && args[1] != Py_False) || args[3] != Py_None || args[4] != Py_None
+        || !PyTuple_CheckExact(allow) || PyTuple_GET_SIZE(allow) != 0)
+        Py_RETURN_NOTIMPLEMENTED;
+    const int trusted = args[1] == Py_True;
+    unsigned long long max_pickle = PyLong_AsUnsignedLongLong(args[5]);
     if (max_pickle == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     if (!PyBytes_CheckExact(data)) Py_RETURN_NOTIMPLEMENTED;
     const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(data);
@@ -354,7 +360,8 @@ static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(data, chunk_count) -> number of STACK_GLOBALs, or (position, reason) if refused."},
     {"loads_plain", (PyCFunction)(void (*)(void))loads_plain, METH_FASTCALL,
-     "loads_plain(data, trusted, max_pickle) -> object, or NotImplemented to take the Python path."},
+     "loads_plain(data, trusted, allow, key, limits, max_pickle) -> object, or NotImplemented\n"
+     "to take the Python path."},
     {"frame", (PyCFunction)(void (*)(void))frame, METH_FASTCALL,
      "frame(pickled, flags) -> header + pickled, a message without side chunks."},
     {NULL, NULL, 0, NULL},

@@ -154,10 +154,13 @@ def test_loads_fast_paths_agree(c_fast_path: bool, monkeypatch) -> None:
     built and through inline Python otherwise; both must give the same objects and errors."""
     from streampickle import _api
 
+    from streampickle import _encoder
+
     if not c_fast_path:
         monkeypatch.setattr(_api, "_loads_plain", None)
+        monkeypatch.setattr(_encoder, "_frame", _encoder._frame_py)
     else:
-        assert _api._loads_plain is not None
+        assert _api._loads_plain is not None and _encoder._frame is _encoder._frame_c
     for obj in SAMPLES.values():
         for trusted in (False, True):
             assert_same(obj, streampickle.loads(streampickle.dumps(obj), trusted=trusted))
@@ -174,3 +177,22 @@ def test_loads_fast_paths_agree(c_fast_path: bool, monkeypatch) -> None:
         for trusted in (False, True):
             with pytest.raises(error):
                 streampickle.loads(bad, trusted=trusted)
+    # options other than the defaults leave the fast paths, with the same result
+    message = streampickle.dumps(SAMPLES["small-dict"])
+    for options in [{"allow": []}, {"limits": streampickle.Limits()}]:
+        assert_same(SAMPLES["small-dict"], streampickle.loads(message, **options))
+    assert_same(SAMPLES["small-dict"], streampickle.loads(bytearray(message)))
+    with pytest.raises(streampickle.UsageError):
+        streampickle.loads(message, trusted=1)  # type: ignore[arg-type]
+
+
+def test_framing_in_c_gives_the_same_bytes_as_python() -> None:
+    from streampickle import _encoder
+
+    assert _encoder._frame_c is not None
+    for size in (1, 100, 70_000):
+        pickled = bytes(range(256)) * (size // 256) + b"." * (size % 256)
+        for flags in (0, 1, 255):
+            assert _encoder._frame_c(pickled, flags) == _encoder._frame_py(pickled, flags)
+    with pytest.raises(ValueError):
+        _encoder._frame_c(b".", 256)
