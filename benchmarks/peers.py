@@ -36,6 +36,44 @@ def hwm_mib() -> float:
     return 0.0
 
 
+def warm_bytes(workload: str, scale: float) -> int:
+    """Twice the workload's array memory (0 for the in-band workloads)."""
+    s = workloads.sizes(scale)
+    return 2 * {"big-array": s["big_array_bytes"], "many-arrays": 64 * s["many_arrays_each"]}.get(workload, 0)
+
+
+# Memory touched at start-up and freed just before the measurement (see ready()).
+_WARM: list[Any] = []
+
+
+def warm_up(nbytes: int) -> None:
+    if nbytes:
+        warm = np.empty(nbytes, dtype=np.uint8)
+        warm.fill(1)
+        _WARM.append(warm)
+
+
+def ready() -> float:
+    """Free the warm-up memory, reset the peak RSS, and return the baseline for the RSS rise.
+
+    The machines this runs on are VMs that report free guest memory to the host (free page
+    reporting), which discards it: touching such a page again costs a host fault. Whether a
+    large receive buffer got such pages or recently used ones was chance, and it moved the same
+    contender by up to 8x from one round to the next. So each side touches twice the workload's
+    array memory when it starts (warm_up) and frees it here, just before the clock starts: the
+    buffers it allocates next get recently used pages, for every contender alike, as in a
+    long-running process. Peak RSS is then reset to the current RSS (``clear_refs`` 5), so the
+    warm-up isn't counted in the RSS rise.
+    """
+    _WARM.clear()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the rise is then over the earlier peak
+        pass
+    return hwm_mib()
+
+
 def emit(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
@@ -178,7 +216,7 @@ def run_blocking(role: str, transport: str, messages: list[Any], address: str | 
         lsock, addr = listen_blocking(transport)
         emit(address=addr)
         conn, _ = lsock.accept()
-        before = hwm_mib()
+        before = ready()
         start = time.perf_counter()
         got = recv(conn, total if recv is limit_recv else len(messages))
         seconds = time.perf_counter() - start
@@ -193,7 +231,7 @@ def run_blocking(role: str, transport: str, messages: list[Any], address: str | 
         if send is limit_send:
             messages = limit_prepare(messages)
         sock = connect_blocking(transport, address or "")
-        before = hwm_mib()
+        before = ready()
         send(sock, messages)
         sock.recv(1)
         emit(rss_mib=hwm_mib() - before)
@@ -207,7 +245,7 @@ def run_mp(role: str, transport: str, messages: list[Any], address: str | None) 
         listener = Listener(new_address(transport), family=fam)
         emit(address=show_address(transport, listener.address))
         conn = listener.accept()
-        before = hwm_mib()
+        before = ready()
         start = time.perf_counter()
         got = [conn.recv() for _ in messages]
         seconds = time.perf_counter() - start
@@ -216,7 +254,7 @@ def run_mp(role: str, transport: str, messages: list[Any], address: str | None) 
         finish_recv(seconds, rss, got)
     else:
         conn = Client(parse_address(transport, address or ""), family=fam)
-        before = hwm_mib()
+        before = ready()
         for m in messages:
             conn.send(m)
         conn.recv_bytes()
@@ -235,7 +273,7 @@ def run_zmq(role: str, transport: str, messages: list[Any], address: str | None)
             sock.bind("tcp://127.0.0.1:*")
         emit(address=sock.getsockopt_string(zmq.LAST_ENDPOINT))
         sock.recv()  # hello: the sender is connected
-        before = hwm_mib()
+        before = ready()
         start = time.perf_counter()
         got = []
         for _ in messages:
@@ -248,7 +286,7 @@ def run_zmq(role: str, transport: str, messages: list[Any], address: str | None)
     else:
         sock.connect(address or "")
         sock.send(b"hello")
-        before = hwm_mib()
+        before = ready()
         for m in messages:
             bufs: list[pickle.PickleBuffer] = []
             data = pickle.dumps(m, protocol=5, buffer_callback=bufs.append)
@@ -268,7 +306,7 @@ def run_dask(role: str, transport: str, messages: list[Any], address: str | None
             result: dict[str, Any] = {}
 
             async def handler(comm: Any) -> None:
-                before = hwm_mib()
+                before = ready()
                 start = time.perf_counter()
                 got = [await comm.read() for _ in messages]
                 result.update(seconds=time.perf_counter() - start, rss=hwm_mib() - before, got=got)
@@ -283,7 +321,7 @@ def run_dask(role: str, transport: str, messages: list[Any], address: str | None
             finish_recv(result["seconds"], result["rss"], result["got"])
         else:
             comm = await connect(address or "", deserialize=True)
-            before = hwm_mib()
+            before = ready()
             for m in messages:
                 await comm.write(m)
             await comm.read()
@@ -310,7 +348,7 @@ def run_anyio_naive(role: str, transport: str, messages: list[Any], address: str
             async with listener:
                 async def handler(stream: Any) -> None:
                     buffered = BufferedByteReceiveStream(stream)
-                    before = hwm_mib()
+                    before = ready()
                     start = time.perf_counter()
                     got = []
                     for _ in messages:
@@ -331,7 +369,7 @@ def run_anyio_naive(role: str, transport: str, messages: list[Any], address: str
                 host, port = (address or "").rsplit(":", 1)
                 stream = await anyio.connect_tcp(host, int(port))
             async with stream:
-                before = hwm_mib()
+                before = ready()
                 for m in messages:
                     data = pickle.dumps(m, protocol=5)
                     await stream.send(struct.pack("<Q", len(data)) + data)
@@ -349,7 +387,7 @@ def run_streampickle(role: str, transport: str, messages: list[Any], address: st
     import streampickle
 
     async def receive_all(stream: Any) -> None:
-        before = hwm_mib()
+        before = ready()
         start = time.perf_counter()
         got = [await stream.receive() for _ in messages]
         seconds = time.perf_counter() - start
@@ -400,7 +438,7 @@ def run_streampickle(role: str, transport: str, messages: list[Any], address: st
                     raw = await anyio.connect_tcp(host, int(port))
                 stream = streampickle.ObjectStream(raw, key=key)
             async with stream:
-                before = hwm_mib()
+                before = ready()
                 for m in messages:
                     await stream.send(m)
                 await stream.receive()
@@ -439,6 +477,7 @@ def main() -> None:
     role, contender, transport, workload, scale = sys.argv[1:6]
     address = sys.argv[6] if len(sys.argv) > 6 else None
     messages = workloads.build(workload, float(scale))
+    warm_up(warm_bytes(workload, float(scale)))
     total = sum(v.nbytes for v in raw_payload(messages)) if contender == "limit-socket" else 0
     CONTENDERS[contender](role, transport, messages, address, total)
     if role == "recv":
