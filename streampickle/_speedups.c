@@ -3,8 +3,10 @@
  *
  * Why C: the scan walks every opcode of a peer's pickle before the C unpickler runs; in Python
  * that costs more than unpickling itself (1.3 s for a 25 MB pickle of a million tuples, 7 us
- * for a small dict). This file is a line-by-line port of _scan.py, which stays the reference:
- * the test suite runs every scan case against both and fuzzes them against each other.
+ * for a small dict). The scan here is a line-by-line port of _scan.py, which stays the
+ * reference: the test suite runs every scan case against both and fuzzes them against each
+ * other. The framing functions exist because dumps()/loads() of a small object were half
+ * Python glue; each has a Python equivalent that the tests hold it to.
  *
  * scan(data, chunk_count) -> the number of STACK_GLOBAL opcodes if the pickle is acceptable
  * (0 means no global can be looked up at all), else (position, reason).
