@@ -8,7 +8,8 @@ Each measurement is two fresh OS processes (benchmarks/peers.py): a receiver tha
 its first receive until every object is reconstructed, and a sender. Contenders are
 interleaved (A B C A B C ...) round by round so that machine noise hits them alike, and every
 figure is reported as a ratio to limit-socket measured in the same run. Received data is
-verified outside the timed region. Contenders whose package is missing (dask-comm needs
+verified outside the timed region. After the table comes issue 4's targets, each checked
+against the rows of the same run (``targets``). Contenders whose package is missing (dask-comm needs
 `distributed`, zmq-zerocopy needs `pyzmq`) are skipped with a message.
 """
 
@@ -115,6 +116,62 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# The streampickle contenders the targets apply to (its own sockets; default options).
+TARGETED = ["streampickle-asyncio", "streampickle-uvloop", "streampickle-trio"]
+
+
+def targets(rows: list[dict[str, Any]]) -> str:
+    """Issue 4's targets, checked against the rows of one run: markdown, one line per check.
+
+    Ratios compare medians from the same run. A check whose reference contender is missing
+    from the run (dask-comm without ``distributed``, say) is left out, not passed.
+    """
+    by = {(r["workload"], r["transport"], r["contender"]): r for r in rows}
+    lines = ["| target | transport | contender | measured | goal | held |", "|---|---|---|---|---|---|"]
+
+    def check(what: str, transport: str, contender: str, value: float, goal: str, held: bool) -> None:
+        lines.append(f"| {what} | {transport} | {contender} | {value:.3f} | {goal} | {'yes' if held else '**no**'} |")
+
+    for transport in TRANSPORTS:
+        for contender in TARGETED:
+            for workload in ("big-array", "many-arrays"):
+                r = by.get((workload, transport, contender))
+                if r is None:
+                    continue
+                floor = 1.0 if transport == "tcp" else 0.9
+                check(f"{workload}: speed / limit-socket", transport, contender, r["vs_limit"], f">= {floor}",
+                      r["vs_limit"] >= floor)
+                dask = by.get((workload, transport, "dask-comm"))
+                if dask is not None:
+                    ratio = r["median_s"] / dask["median_s"]
+                    check(f"{workload}: time / dask-comm", transport, contender, ratio, "<= 1.0", ratio <= 1.0)
+                check(f"{workload}: sender peak RSS rise, MiB", transport, contender, r["send_rss_mib"], "<= 32",
+                      r["send_rss_mib"] <= 32)
+                extra = r["recv_rss_mib"] - r["payload_bytes"] / (1 << 20)
+                check(f"{workload}: receiver peak RSS rise - payload, MiB", transport, contender, extra, "<= 32",
+                      extra <= 32)
+            r = by.get(("small-msgs", transport, contender))
+            if r is not None:
+                if r.get("vs_p5"):
+                    check("small-msgs: msg/s / pickle5-oob-sync", transport, contender, r["vs_p5"], ">= 0.65",
+                          r["vs_p5"] >= 0.65)
+                naive = by.get(("small-msgs", transport, "anyio-naive"))
+                if naive is not None:
+                    ratio = naive["median_s"] / r["median_s"]
+                    check("small-msgs: msg/s / anyio-naive", transport, contender, ratio, ">= 2.5", ratio >= 2.5)
+            r = by.get(("object-graph", transport, contender))
+            if r is not None and r.get("vs_p5"):
+                ratio = 1 / r["vs_p5"]
+                check("object-graph: time / pickle5-oob-sync", transport, contender, ratio, "<= 1.1", ratio <= 1.1)
+        keyed = by.get(("big-array", transport, "streampickle-asyncio-key"))
+        plain = by.get(("big-array", transport, "streampickle-asyncio"))
+        if keyed is not None and plain is not None:
+            ratio = plain["median_s"] / keyed["median_s"]
+            check("big-array with key: speed / unkeyed", transport, "streampickle-asyncio-key", ratio, ">= 0.5",
+                  ratio >= 0.5)
+    return "\n".join(lines)
+
+
 # Workloads whose data is mostly in-band: limit-socket only moves their pre-pickled bytes, so
 # the meaningful reference is hand-written pickle code.
 IN_BAND = {"small-msgs", "object-graph"}
@@ -165,6 +222,8 @@ def main() -> None:
             for r in group:
                 r.setdefault("vs_p5", p5[0] / r["median_s"] if p5 else None)
         print(table(rows))
+        print()
+        print(targets(rows))
         if args.plot:
             plot(rows, args.plot)
         return
@@ -176,6 +235,8 @@ def main() -> None:
     started = time.perf_counter()
     rows = run(args.workloads.split(","), args.transports.split(","), contenders, args.rounds, args.scale, args.timeout)
     print(table(rows))
+    print()
+    print(targets(rows))
     print(f"\n{args.rounds} rounds, scale {args.scale}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:

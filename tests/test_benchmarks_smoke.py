@@ -28,3 +28,4 @@ def test_benchmark_suite_runs_in_its_quick_configuration(tmp_path) -> None:
                 assert (workload, transport, contender) in seen
     assert all(r["median_s"] > 0 and r["vs_limit"] > 0 for r in rows)
     assert "| workload |" in proc.stdout
+    assert "| target |" in proc.stdout  # the targets, checked against the same rows
