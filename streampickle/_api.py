@@ -10,9 +10,11 @@ from ._decoder import Decoder
 from ._encoder import dumps
 from ._errors import IncompleteMessageError, ProtocolError
 from ._limits import Limits
-from ._safe import _SHARED, unpickling_failed
+from ._safe import _SHARED, GC_PAUSE_BYTES, unpickling_failed
 
 _MAX_PICKLE = Limits().max_pickle_size
+# The C path takes pickles below the size from which the Python path pauses the GC.
+_C_MAX_PICKLE = GC_PAUSE_BYTES - 1
 _unpack_length = struct.Struct("<Q").unpack_from
 
 try:
@@ -42,7 +44,7 @@ def loads(
     # that names globals, the same header checks inline. Anything unusual takes the decoder.
     if _loads_plain is not None:
         try:
-            obj = _loads_plain(data, trusted, allow, key, limits, _MAX_PICKLE)
+            obj = _loads_plain(data, trusted, allow, key, limits, _C_MAX_PICKLE)
         except Exception as exc:
             raise unpickling_failed(exc) from exc
         if obj is not NotImplemented:

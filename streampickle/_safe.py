@@ -15,9 +15,10 @@ buffer-count checks remain, since they are about framing, not trust).
 
 from __future__ import annotations
 
+import gc
 import io
 import pickle
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from . import _rebuild
 from ._errors import ForbiddenGlobalError, MalformedPickleError, StreamPickleError, UsageError
@@ -129,7 +130,7 @@ class Loader:
         file = io.BytesIO(data)
         unpickler = self._unpickler(file, buffers=buffers)
         try:
-            obj = unpickler.load()
+            obj = unpickler.load() if len(data) < GC_PAUSE_BYTES else _gc_paused(unpickler.load)
         except StreamPickleError:
             raise
         except Exception as exc:  # UnpicklingError, TypeError from a reconstructor, ...
@@ -143,12 +144,37 @@ def _plain_loads(data: bytes, buffers: Any) -> Any:
     """``pickle.loads`` for trusted messages and for safe ones without globals. In trusted
     mode nothing scanned the pickle: insist at least that it ends with its STOP."""
     try:
-        obj = pickle.loads(data, buffers=buffers)
+        if len(data) < GC_PAUSE_BYTES:
+            obj = pickle.loads(data, buffers=buffers)
+        else:
+            obj = _gc_paused(lambda: pickle.loads(data, buffers=buffers))
     except Exception as exc:
         raise unpickling_failed(exc) from exc
     if data[-1:] != b".":
         raise MalformedPickleError("the pickle part does not end with STOP")
     return obj
+
+
+#: Pickle parts from this size up are unpickled with the cyclic garbage collector paused.
+GC_PAUSE_BYTES = 1 << 20
+
+
+def _gc_paused(load: Callable[[], Any]) -> Any:
+    """Run ``load`` with the cyclic GC paused (and resumed only if it was running).
+
+    Why: an unpickler creates objects that all end up reachable from its result, so the
+    collections it triggers free nothing, yet each one traverses the containers made so far.
+    For a million small tuples they were 10-25% of the load time (measured). The C unpickler
+    holds the GIL throughout unless a reconstructor or find_class runs Python code, so other
+    threads rarely even see the pause.
+    """
+    if not gc.isenabled():
+        return load()
+    gc.disable()
+    try:
+        return load()
+    finally:
+        gc.enable()
 
 
 def unpickling_failed(exc: Exception) -> MalformedPickleError:

@@ -196,3 +196,33 @@ def test_framing_in_c_gives_the_same_bytes_as_python() -> None:
             assert _encoder._frame_c(pickled, flags) == _encoder._frame_py(pickled, flags)
     with pytest.raises(ValueError):
         _encoder._frame_c(b".", 256)
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_large_loads_pause_the_gc_and_restore_its_state(trusted: bool, monkeypatch) -> None:
+    """Pickle parts from 1 MiB up are unpickled with the cyclic GC paused: the collections an
+    unpickler triggers free nothing. Whatever happens, the GC ends as it was."""
+    import gc
+
+    from streampickle import _safe
+
+    seen = []
+    real_loads = pickle.loads
+    monkeypatch.setattr(_safe.pickle, "loads", lambda *a, **k: (seen.append(gc.isenabled()), real_loads(*a, **k))[1])
+    big = [(i, str(i)) for i in range(200_000)]  # about 2.4 MB of pickle
+    message = streampickle.dumps(big)
+    assert gc.isenabled()
+    assert streampickle.loads(message, trusted=trusted) == big
+    assert streampickle.loads(streampickle.dumps(big[:10]), trusted=trusted) == big[:10]
+    # paused for the large one only (the small one may not reach pickle.loads in _safe: C path)
+    assert seen[0] is False and all(seen[1:]) and gc.isenabled()
+    gc.disable()
+    try:
+        assert streampickle.loads(message, trusted=trusted) == big
+        assert not gc.isenabled()  # the caller's choice stands
+    finally:
+        gc.enable()
+    broken = message[:-1] + b"\x00"  # no STOP at the end: the load raises
+    with pytest.raises(streampickle.MalformedPickleError):
+        streampickle.loads(broken, trusted=trusted)
+    assert gc.isenabled()
