@@ -51,6 +51,7 @@ __all__ = ["Decoder", "aligned_empty"]
 ALIGNMENT = 64  # cache line, and enough for every SIMD load numpy does
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and on arm64 with 4 KiB pages
 _PICKLE_GROWTH_FLOOR = 64 * 1024  # the pickle part starts this big (or smaller, if it is)
+_PICKLE_COPY_LIMIT = 1 << 20  # complete pickle parts below this are copied into bytes
 
 # Parts of a message, in order.
 _HEADER, _TABLE, _PICKLE, _CHUNK, _TAG = range(5)
@@ -107,7 +108,7 @@ class Decoder:
         # An HMAC keyed once and copied per message: hmac.new costs twice as much as a copy.
         self._mac_template = hmac.new(self._key, digestmod=hashlib.sha256) if self._key else None
         # complete messages awaiting unpickling: (pickle part, side-chunk buffers)
-        self._ready: collections.deque[tuple[bytes, list[memoryview]]] = collections.deque()
+        self._ready: collections.deque[tuple[bytes | memoryview, list[memoryview]]] = collections.deque()
         self._failure: StreamPickleError | None = None
         self._eof = False
         self._header_buf = bytearray(_wire.HEADER_SIZE)
@@ -356,7 +357,11 @@ class Decoder:
 
     def _next_chunk(self) -> None:
         if self._part == _PICKLE:
-            self._pickle_bytes = self._pickle.tobytes()
+            # A small pickle goes on as bytes, which unpickle fastest; a large one as a view of
+            # the buffer it arrived in (exactly its size: growth stops at the part's end),
+            # which saves a copy of all of it.
+            pickled = self._pickle
+            self._pickle_bytes = pickled.tobytes() if pickled.nbytes < _PICKLE_COPY_LIMIT else memoryview(pickled)
             self._pickle = _NO_PICKLE
         while True:
             self._chunk_index += 1

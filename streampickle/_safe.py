@@ -96,7 +96,7 @@ class Loader:
         """The loader for the default allowlist (immutable, so one serves every decoder)."""
         return _SHARED[trusted] if type(trusted) is bool else cls(trusted=trusted)
 
-    def load(self, data: bytes, buffers: list[Any]) -> Any:
+    def load(self, data: bytes | memoryview, buffers: list[Any]) -> Any:
         """Unpickle ``data`` with ``buffers`` as its out-of-band buffers, all of them used."""
         if not buffers:
             return self.load_inband(data)
@@ -112,7 +112,7 @@ class Loader:
             raise MalformedPickleError("the pickle used fewer out-of-band buffers than the message has side chunks")
         return obj
 
-    def load_inband(self, data: bytes) -> Any:
+    def load_inband(self, data: bytes | memoryview) -> Any:
         """``load`` for a message without side chunks: the path every small message takes."""
         if self.trusted:
             return _plain_loads(data, None)
@@ -126,7 +126,7 @@ class Loader:
             raise _refused(globals_)
         return self._restricted_loads(data, None)
 
-    def _restricted_loads(self, data: bytes, buffers: Any) -> Any:
+    def _restricted_loads(self, data: bytes | memoryview, buffers: Any) -> Any:
         file = io.BytesIO(data)
         unpickler = self._unpickler(file, buffers=buffers)
         try:
@@ -140,7 +140,7 @@ class Loader:
         return obj
 
 
-def _plain_loads(data: bytes, buffers: Any) -> Any:
+def _plain_loads(data: bytes | memoryview, buffers: Any) -> Any:
     """``pickle.loads`` for trusted messages and for safe ones without globals. In trusted
     mode nothing scanned the pickle: insist at least that it ends with its STOP."""
     try:

@@ -3,6 +3,7 @@ early refusal of garbage, and memory that follows arrived bytes rather than clai
 
 from __future__ import annotations
 
+import pickle
 import struct
 import tracemalloc
 
@@ -219,3 +220,20 @@ def test_loads_wants_exactly_one_message() -> None:
         streampickle.loads(SMALL[:-1])
     with pytest.raises(IncompleteMessageError):
         streampickle.loads(b"")
+
+
+def test_a_large_pickle_part_is_unpickled_from_the_buffer_it_arrived_in(monkeypatch) -> None:
+    """A pickle part of 1 MiB or more is handed to the unpickler as a view of its receive
+    buffer, not copied into bytes first; a small one is copied (bytes unpickle fastest)."""
+    from streampickle import _safe
+
+    seen = []
+    real_loads = pickle.loads
+    monkeypatch.setattr(_safe.pickle, "loads", lambda data, **k: (seen.append(type(data)), real_loads(data, **k))[1])
+    big = [str(i) for i in range(200_000)]
+    decoder = Decoder()
+    for message in (streampickle.dumps(big), streampickle.dumps(["small"])):
+        for i in range(0, len(message), 100_000):  # in pieces: the incremental path
+            decoder.feed(message[i : i + 100_000])
+    assert list(decoder) == [big, ["small"]]
+    assert seen == [memoryview, bytes]
