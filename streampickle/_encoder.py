@@ -7,8 +7,9 @@ Chunks are passed through, never joined: every out-of-band buffer (numpy array m
 ``pickle.PickleBuffer``) is its own chunk, a memoryview of the original memory. The chunks
 hold references to that memory, so they stay valid after ``encode`` returns; the caller must
 not modify the arrays until the chunks are written (the same rule as ``socket.sendmsg``).
-Only the small parts (header, length table, and a pickle under 64 KiB) are joined, so that a
-small message goes out in one write.
+A pickle over 64 KiB is passed on in the pieces the pickler wrote (64 KiB frames, and large
+bytes or str payloads as they are), not joined. Only the small parts (header, length table,
+and a pickle under 64 KiB) are joined, so that a small message goes out in one write.
 """
 
 from __future__ import annotations
@@ -200,21 +201,22 @@ class Encoder:
         if self._busy:
             return Encoder(key=self._key)._encode(obj, sign)
         self._busy = True
-        data, views = self._pickle(obj)
-        if views is None and self._key is None and len(data) <= _wire.COALESCE_LIMIT:
-            return [_frame(data, 0)]  # every small unkeyed message: one chunk, built in C
-        return self._assemble(data, views, sign)
+        parts, size, views = self._pickle(obj)
+        if views is None and self._key is None and size <= _wire.COALESCE_LIMIT:
+            return [_frame(parts[0], 0)]  # every small unkeyed message: one chunk, built in C
+        return self._assemble(parts, size, views, sign)
 
-    def _pickle(self, obj: Any) -> tuple[bytes, list[memoryview] | None]:
-        """Pickle ``obj``: the pickle part and the out-of-band buffers' views (None if there
-        are none). Leaves the encoder ready for the next object, whatever happens."""
+    def _pickle(self, obj: Any) -> tuple[list[bytes], int, list[memoryview] | None]:
+        """Pickle ``obj``: the pickle part (in pieces; one if it is at most 64 KiB), its size,
+        and the out-of-band buffers' views (None if there are none). Leaves the encoder ready
+        for the next object, whatever happens."""
         try:
             self._pickler.dump(obj)
         except BaseException as exc:
             self._fail(obj, exc)
         return self._finish(obj)
 
-    def _finish(self, obj: Any) -> tuple[bytes, list[memoryview] | None]:
+    def _finish(self, obj: Any) -> tuple[list[bytes], int, list[memoryview] | None]:
         """After a successful dump: take the pickle and views, and reset for the next one."""
         buffers = self._buffers
         views = None
@@ -225,19 +227,24 @@ class Encoder:
                 self._fail(obj, exc)
             self._buffers = []
         out = self._out
-        # One piece is a small pickle's bytes. Several are joined: that copies a bytearray
-        # payload too, so the message doesn't change if the caller changes it after encode().
-        data = out[0] if len(out) == 1 else b"".join(out)
+        if len(out) == 1:  # a pickle under 64 KiB: the pickler's own bytes
+            parts = [out[0]]
+            size = len(parts[0])
+        else:
+            # Large payloads come as the objects pickled: a bytearray is copied, so that the
+            # message doesn't change if the caller changes it after encode().
+            parts = [p if type(p) is bytes else bytes(p) for p in out]
+            size = sum(map(len, parts))
         out.clear()
         # The pickler's memo table never shrinks, and clearing it costs its whole size: after
         # one large object graph, every small message would pay milliseconds. So a pickler
         # whose memo grew is replaced. (A pickle of n bytes memoizes fewer than n objects.)
-        if len(data) > _MEMO_CHECK_BYTES and self._pickler.__sizeof__() > _PICKLER_MAX_BYTES:
+        if size > _MEMO_CHECK_BYTES and self._pickler.__sizeof__() > _PICKLER_MAX_BYTES:
             self._pickler = self._new_pickler()
         else:
             self._pickler.clear_memo()
         self._busy = False
-        return data, views
+        return parts, size, views
 
     def _fail(self, obj: Any, exc: BaseException) -> NoReturn:
         """After a failed dump: drop what it made (a fresh pickler keeps nothing of the
@@ -252,14 +259,17 @@ class Encoder:
             raise exc
         raise EncodeError(f"could not pickle {type(obj).__name__} object: {exc}") from exc
 
-    def _assemble(self, data: bytes, views: list[memoryview] | None, sign: bool) -> list[Chunk]:
+    def _assemble(self, parts: list[bytes], size: int, views: list[memoryview] | None, sign: bool) -> list[Chunk]:
         """The chunks of a message: header and length table, pickle, side chunks, tag."""
         if views is None:
-            head = _pack_header(_wire.MAGIC, _wire.VERSION, self._flags, 0, 0, len(data))
+            head = _pack_header(_wire.MAGIC, _wire.VERSION, self._flags, 0, 0, size)
         else:
-            head = _pack_header(_wire.MAGIC, _wire.VERSION, self._flags, 0, len(views), len(data))
+            head = _pack_header(_wire.MAGIC, _wire.VERSION, self._flags, 0, len(views), size)
             head += _wire.pack_lengths([v.nbytes for v in views])
-        chunks: list[Chunk] = [head + data] if len(data) <= _wire.COALESCE_LIMIT else [head, data]
+        if size <= _wire.COALESCE_LIMIT:  # one piece in practice: the pickler flushes at 64 KiB
+            chunks: list[Chunk] = [head + (parts[0] if len(parts) == 1 else b"".join(parts))]
+        else:
+            chunks = [head, *parts]
         if views is not None:
             chunks.extend(views)
         if self._key is not None and sign:
@@ -308,9 +318,9 @@ def dumps(obj: Any, *, key: bytes | None = None) -> bytes:
             out.clear()
             pickler.clear_memo()
             return _frame(data, 0)
-        data, views = encoder._finish(obj)
-        if views is None:
-            return _frame(data, 0)  # header and pickle in one allocation
-        return b"".join(encoder._assemble(data, views, True))
+        parts, size, views = encoder._finish(obj)
+        if views is None and len(parts) == 1:
+            return _frame(parts[0], 0)  # header and pickle in one allocation
+        return b"".join(encoder._assemble(parts, size, views, True))
     finally:
         _POOL.append(encoder)

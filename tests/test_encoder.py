@@ -37,8 +37,18 @@ def test_small_message_is_one_chunk() -> None:
 
 
 def test_large_pickle_part_is_not_joined_with_the_header() -> None:
-    chunks = Encoder().encode([str(i) for i in range(20_000)])
-    assert len(chunks) == 2 and len(chunks[0]) == 20
+    obj = [str(i) for i in range(20_000)]
+    chunks = Encoder().encode(obj)
+    assert len(chunks[0]) == 20 and b"".join(chunks[1:]) == pickle.dumps(obj, protocol=5)
+
+
+def test_a_large_inband_bytes_payload_is_passed_on_uncopied() -> None:
+    """The pickler writes a large bytes payload straight to its file; the encoder hands that
+    very object on as a chunk, so a big bytes value is never copied on the way out."""
+    payload = bytes(1 << 20)
+    chunks = Encoder().encode({"blob": payload})
+    assert any(chunk is payload for chunk in chunks)
+    assert streampickle.loads(b"".join(chunks)) == {"blob": payload}
 
 
 class Bomb:
