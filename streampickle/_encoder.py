@@ -203,7 +203,7 @@ class Encoder:
         self._busy = True
         parts, size, views = self._pickle(obj)
         if views is None and self._key is None and size <= _wire.COALESCE_LIMIT:
-            return [_frame(parts[0], 0)]  # every small unkeyed message: one chunk, built in C
+            return [_frame(parts[0], 0)]  # every small unkeyed message: one chunk, one allocation
         return self._assemble(parts, size, views, sign)
 
     def _pickle(self, obj: Any) -> tuple[list[bytes], int, list[memoryview] | None]:
