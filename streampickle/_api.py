@@ -40,8 +40,9 @@ def loads(
     bytes after the message raise :class:`ProtocolError`."""
     # The commonest call, one in-band message with default options, without building a
     # Decoder (its set-up costs more than unpickling a small object): first in one C call
-    # (options, header, scan and pickle.loads), then, without the C extension or for a pickle
-    # that names globals, the same header checks inline. Anything unusual takes the decoder.
+    # (options, header, scan and pickle.loads), then, without the C extension, for a pickle
+    # that names globals, or for one of 1 MiB or more (unpickled with the GC paused), the same
+    # header checks inline. Anything unusual takes the decoder.
     if _loads_plain is not None:
         try:
             obj = _loads_plain(data, trusted, allow, key, limits, _C_MAX_PICKLE)
