@@ -83,8 +83,8 @@ class ObjectStream(_AnyioObjectStream[Any]):
     """An anyio object stream carrying Python objects over a bidirectional byte stream.
 
     ``transport_stream`` is any anyio ``ByteStream`` (TCP, Unix, TLS, a process's pipes
-    stapled together, ...). On the trio backend an anyio socket stream is driven zero-copy;
-    :meth:`from_socket` and streampickle's own ``connect_*``/listeners are zero-copy on every
+    stapled together, ...). anyio socket streams are driven zero-copy on trio, and anyio Unix
+    streams on asyncio too; :meth:`from_socket` and streampickle's own ``connect_*``/listeners are zero-copy on every
     backend. Options are the core's: ``trusted``, ``allow``, ``key``, ``limits``.
 
     ``receive`` raises ``anyio.EndOfStream`` at a clean end between messages and

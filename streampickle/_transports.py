@@ -8,8 +8,10 @@ sans-IO core. Three kinds:
 * ``SocketTransport``: a raw non-blocking socket that streampickle owns, driven with
   ``anyio.wait_readable``/``wait_writable``. Side chunks go from the caller's memory to the
   kernel with ``sendmsg`` and from the kernel into their final destination with
-  ``recv_into``: no userspace copy either way. This is the fast path (anyio's asyncio socket
-  streams belong to an asyncio transport, which copies unsent data; see issue 3).
+  ``recv_into``: no userspace copy either way. This is the fast path, taken for streampickle's
+  own sockets and for anyio socket streams whose socket nothing else reads (all of them on
+  trio, the Unix ones on asyncio). anyio's asyncio TCP streams belong to an asyncio transport,
+  which copies unsent data (see issue 3).
 
 Every transport counts the bytes of the current message it has handed to the kernel or
 channel (``sent``), so the object stream can tell a send cancelled before its first byte (the
@@ -193,6 +195,9 @@ class SocketTransport:
 
     async def aclose(self) -> None:
         if self._owner is not None:
+            # Wake our own waiters first: anyio's asyncio Unix stream only wakes its own.
+            if self.sock.fileno() >= 0:
+                anyio.notify_closing(self.sock)
             await self._owner.aclose()
             return
         if self.sock.fileno() >= 0:
@@ -252,14 +257,36 @@ def _running_trio() -> bool:
     return True
 
 
-def fastest_transport(stream: Any) -> AnyioTransport | AsyncioTransport | SocketTransport:
-    """The zero-copy socket path where anyio's public API allows it, else a copying one.
+def _raw_asyncio_unix_stream(stream: Any) -> bool:
+    """Whether ``stream`` is anyio's asyncio ``UNIXSocketStream``, which drives its raw socket
+    itself (``add_reader`` per wait, no asyncio transport), so nothing else reads from it.
 
-    On the trio backend an anyio socket stream's raw socket is an ordinary non-blocking socket
-    that streampickle may drive itself; on asyncio it belongs to an asyncio transport (whose
-    own reader would race ours), so there the stream is used through its public API. A TLS
-    stream is not a ``SocketStream`` and is never bypassed.
+    Checked by exact class and by the raw-socket method it waits with: an anyio release that
+    put a transport under Unix streams would fail the check and get the copying path.
     """
-    if isinstance(stream, SocketStream) and _running_trio():
+    cls = type(stream)
+    return (
+        cls.__name__ == "UNIXSocketStream"
+        and cls.__module__ == "anyio._backends._asyncio"
+        and hasattr(cls, "_wait_until_readable")
+    )
+
+
+def fastest_transport(stream: Any) -> AnyioTransport | AsyncioTransport | SocketTransport:
+    """The zero-copy socket path where nothing else reads the socket, else a copying one.
+
+    * On trio, an anyio socket stream's raw socket is an ordinary non-blocking socket that
+      streampickle may drive itself.
+    * On asyncio, anyio's Unix streams are the same (see ``_raw_asyncio_unix_stream``). Their
+      own wait is also racy: a receive cancelled while the socket turns readable makes the
+      loop's reader call ``set_result`` on the cancelled future (``InvalidStateError`` in the
+      loop's exception handler; seen on uvloop). Driving the socket with
+      ``anyio.wait_readable``, which tolerates that, avoids the race.
+    * anyio's asyncio TCP streams belong to an asyncio transport, whose own reader would race
+      ours, so they are used through their public API.
+
+    A TLS stream is not a ``SocketStream`` and is never bypassed.
+    """
+    if isinstance(stream, SocketStream) and (_running_trio() or _raw_asyncio_unix_stream(stream)):
         return SocketTransport(stream.extra(SocketAttribute.raw_socket), owner=stream)
     return transport_for(stream)

@@ -12,7 +12,7 @@ import pytest
 from anyio.abc import SocketAttribute
 
 import streampickle
-from _pairs import tcp_anyio, tcp_owned, tls
+from _pairs import tcp_anyio, tcp_owned, tls, unix_anyio
 from streampickle import ObjectStream
 from streampickle._transports import AnyioTransport, SocketTransport
 from streampickle.testing import memory_stream_pair
@@ -145,12 +145,45 @@ async def test_which_streams_take_the_zero_copy_path(anyio_backend: str) -> None
     a, b = await tcp_owned()
     async with a, b:
         assert isinstance(a._t, SocketTransport) and a._t._owner is None
-    a, b = await tcp_anyio()
+    a, b = await tcp_anyio()  # on asyncio its socket belongs to an asyncio transport
     async with a, b:
         assert isinstance(a._t, SocketTransport if anyio_backend == "trio" else AnyioTransport)
+    a, b = await unix_anyio()  # no asyncio transport under it: zero-copy everywhere
+    async with a, b:
+        assert isinstance(a._t, SocketTransport) and a._t._owner is a.transport_stream
     a, b = await tls()  # TLS is never bypassed
     async with a, b:
         assert isinstance(a._t, AnyioTransport)
+
+
+async def test_cancelled_receives_on_anyio_unix_stream_leave_the_loop_clean(anyio_backend: str) -> None:
+    """anyio's asyncio Unix streams wait with ``add_reader(sock, fut.set_result, None)`` and
+    remove the reader from a done-callback, so a receive cancelled as the socket turns readable
+    lets the reader fire on the cancelled future: ``InvalidStateError`` in the loop's exception
+    handler (uvloop shows it within a few hundred cancellations). streampickle drives such
+    streams itself; this fails if it ever goes back through their ``receive()``."""
+    errors: list[dict] = []
+    if anyio_backend != "trio":
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+    a, b = await unix_anyio()
+    async with a, b:
+        async with anyio.create_task_group() as tg:
+
+            async def producer() -> None:
+                for i in range(10_000):
+                    await a.send(i)
+                    await anyio.sleep(0)  # let the receiver wait, often
+
+            tg.start_soon(producer)
+            got: list[int] = []
+            cancelled = 0
+            while len(got) < 10_000:
+                with anyio.move_on_after(0.00001) as scope:
+                    got.append(await b.receive())
+                cancelled += scope.cancelled_caught
+    assert got == list(range(10_000))
+    assert cancelled >= 100, "too few receives were cancelled to exercise the race"
+    assert not errors, errors[:3]
 
 
 class RecordingSocket:
