@@ -28,6 +28,7 @@ from ._errors import (
     UsageError,
 )
 from ._limits import Limits
+from ._mac import Key
 from ._wire import VERSION as WIRE_VERSION
 
 __version__ = "0.1.0"
@@ -78,6 +79,7 @@ __all__ = [
     "Encoder",
     "ForbiddenGlobalError",
     "IncompleteMessageError",
+    "Key",
     "LimitExceededError",
     "Limits",
     "MalformedPickleError",

@@ -10,6 +10,7 @@ from ._decoder import Decoder
 from ._encoder import dumps
 from ._errors import IncompleteMessageError, ProtocolError
 from ._limits import Limits
+from ._mac import Key
 from ._safe import _SHARED, GC_PAUSE_BYTES, unpickling_failed
 
 _MAX_PICKLE = Limits().max_pickle_size
@@ -33,7 +34,7 @@ def loads(
     *,
     trusted: bool = False,
     allow: Iterable[Any] = (),
-    key: bytes | None = None,
+    key: bytes | Key | None = None,
     limits: Limits | None = None,
 ) -> Any:
     """Decode exactly one whole message. Missing bytes raise :class:`IncompleteMessageError`,

@@ -28,7 +28,6 @@ can't be trusted any more. Messages completed before the failure are still deliv
 from __future__ import annotations
 
 import collections
-import hashlib
 import hmac
 from typing import Any, Iterable, Iterator
 
@@ -44,6 +43,7 @@ from ._errors import (
     UsageError,
 )
 from ._limits import Limits
+from ._mac import Key, as_key, describe_flags
 from ._safe import Loader
 
 __all__ = ["Decoder", "aligned_empty"]
@@ -58,8 +58,8 @@ _HEADER, _TABLE, _PICKLE, _CHUNK, _TAG = range(5)
 _PART_NAMES = ("header", "length table", "pickle", "side chunk", "tag")
 _NO_PICKLE = np.empty(0, dtype=np.uint8)
 _TAG_MISMATCH = (
-    "HMAC tag mismatch: the message was altered in transit, or the two ends use different "
-    "keys. Nothing of it was unpickled."
+    "tag mismatch: the message was altered in transit, or the two ends use different keys. "
+    "Nothing of it was unpickled."
 )
 _DEFAULT_LIMITS = Limits()
 
@@ -87,7 +87,8 @@ class Decoder:
 
     Options: ``trusted`` (load any global, like ``pickle``; only for trusted peers), ``allow``
     (exact global names or classes to admit in safe mode), ``key`` (verify every message's
-    HMAC-SHA256 tag before unpickling; must match the encoder's), ``limits``.
+    tag before unpickling: ``bytes`` for HMAC-SHA256 or a :class:`Key`; must match the
+    encoder's), ``limits``.
     """
 
     def __init__(
@@ -95,18 +96,15 @@ class Decoder:
         *,
         trusted: bool = False,
         allow: Iterable[Any] = (),
-        key: bytes | None = None,
+        key: bytes | Key | None = None,
         limits: Limits | None = None,
     ) -> None:
         if limits is not None and not isinstance(limits, Limits):
             raise UsageError(f"limits must be a streampickle.Limits, not {type(limits).__name__}")
-        if key is not None and (not isinstance(key, (bytes, bytearray)) or not key):
-            raise UsageError("key must be non-empty bytes")
         self._loader = Loader.shared(trusted) if allow == () else Loader(trusted=trusted, allow=allow)
         self._limits = limits or _DEFAULT_LIMITS
-        self._key = bytes(key) if key is not None else None
-        # An HMAC keyed once and copied per message: hmac.new costs twice as much as a copy.
-        self._mac_template = hmac.new(self._key, digestmod=hashlib.sha256) if self._key else None
+        self._key = as_key(key)
+        self._want_flags = self._key.flags if self._key is not None else 0
         # complete messages awaiting unpickling: (pickle part, side-chunk buffers)
         self._ready: collections.deque[tuple[bytes | memoryview, list[memoryview]]] = collections.deque()
         self._failure: StreamPickleError | None = None
@@ -226,7 +224,7 @@ class Decoder:
         self._end = self._cap = _wire.HEADER_SIZE
         self._received = 0
         self._expected = _wire.HEADER_SIZE
-        self._mac = self._mac_template.copy() if self._mac_template is not None else None
+        self._mac: Any = None  # made when a header completes on the incremental path
         self._lengths: tuple[int, ...] = ()
         self._chunks: list[memoryview] = []
         self._pickle = _NO_PICKLE
@@ -255,16 +253,8 @@ class Decoder:
         """Parse a fixed header and check it against the key and the limits."""
         header = self._guard(_wire.parse_header, data)
         limits = self._limits
-        if header.has_mac and self._key is None:
-            raise self._fail(AuthenticationError(
-                "the peer's message carries an HMAC tag but this decoder has no key: pass the "
-                "same key= on both ends (or none on both)."
-            ))
-        if self._key is not None and not header.has_mac:
-            raise self._fail(AuthenticationError(
-                "this decoder has a key but the peer's message carries no HMAC tag: the peer "
-                "has no key configured, or someone is injecting unsigned messages."
-            ))
+        if header.flags != self._want_flags:
+            raise self._fail(AuthenticationError(self._wrong_signature(header.flags)))
         if header.chunk_count > limits.max_side_chunks:
             raise self._over("side chunks", header.chunk_count, "max_side_chunks", limits.max_side_chunks)
         if header.pickle_length > limits.max_pickle_size:
@@ -279,6 +269,25 @@ class Decoder:
         self._check_total()
         return header
 
+    def _wrong_signature(self, flags: int) -> str:
+        """Why a message signed as ``flags`` says isn't acceptable here, and what to do."""
+        got = describe_flags(flags)
+        if self._key is None:
+            return (
+                f"the peer's message carries {got} but this decoder has no key: pass the same "
+                f"key= on both ends (or none on both)."
+            )
+        if not flags & _wire.FLAG_MAC:
+            return (
+                "this decoder has a key but the peer's message carries no tag: the peer has no "
+                "key configured, or someone is injecting unsigned messages."
+            )
+        return (
+            f"the peer's message carries {got} but this decoder's key expects "
+            f"{describe_flags(self._want_flags)}: both ends must use the same "
+            f"streampickle.Key(..., mac=...)."
+        )
+
     def _accept_lengths(self, table: Any) -> tuple[int, ...]:
         lengths = _wire.unpack_lengths(table)
         self._expected += sum(lengths)  # Python ints: no wraparound (BAD-INPUTS 6)
@@ -288,6 +297,9 @@ class Decoder:
 
     def _on_header(self) -> None:
         header = self._accept_header(self._header_buf)
+        if self._key is not None:
+            self._mac = self._key.new()
+            self._mac.update(self._header_buf)
         table = header.chunk_count * _wire.LENGTH_SIZE
         if table:
             self._enter(_TABLE, memoryview(bytearray(table)), table)
@@ -311,7 +323,7 @@ class Decoder:
         max_pickle = limits.max_pickle_size
         max_chunks = limits.max_side_chunks
         key = self._key
-        want_flags = _wire.FLAG_MAC if key is not None else 0
+        want_flags = self._want_flags
         tag_size = _wire.TAG_SIZE if key is not None else 0
         unpack_header = _wire.unpack_header
         ready = self._ready
@@ -340,7 +352,7 @@ class Decoder:
             if end - pos < total:
                 break
             if key is not None:
-                tag = hmac.digest(key, view[pos : pos + total - tag_size], "sha256")
+                tag = key.digest(view[pos : pos + total - tag_size])
                 if not hmac.compare_digest(tag, view[pos + total - tag_size : pos + total]):
                     raise self._fail(AuthenticationError(_TAG_MISMATCH))
             chunks = []

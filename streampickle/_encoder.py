@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import collections
 import fractions
-import hashlib
-import hmac
 import pickle
 import uuid
 from typing import Any, Callable, NoReturn
@@ -25,7 +23,8 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 
 from . import _rebuild, _wire
-from ._errors import EncodeError, UsageError
+from ._errors import EncodeError
+from ._mac import Key, as_key
 
 __all__ = ["Encoder", "Chunk", "dumps"]
 
@@ -149,17 +148,13 @@ _frame = _frame_c or _frame_py
 class Encoder:
     """Turns objects into the chunks of one message each. No I/O; reusable; not thread-safe.
 
-    ``key``: if given, every message ends with an HMAC-SHA256 tag over all its bytes, and the
-    peer's decoder must have the same key.
+    ``key``: if given, every message ends with a tag over all its bytes (HMAC-SHA256 for
+    ``bytes``; a :class:`Key` names its MAC), and the peer's decoder must have the same key.
     """
 
-    def __init__(self, *, key: bytes | None = None) -> None:
-        if key is not None and not isinstance(key, (bytes, bytearray)):
-            raise UsageError(f"key must be bytes, not {type(key).__name__}")
-        if key is not None and not key:
-            raise UsageError("key must not be empty")
-        self._key = bytes(key) if key is not None else None
-        self._flags = _wire.FLAG_MAC if key else 0
+    def __init__(self, *, key: bytes | Key | None = None) -> None:
+        self._key = as_key(key)
+        self._flags = self._key.flags if self._key is not None else 0
         # One pickler and output file, reused: creating them costs more than pickling a small
         # object. ``_busy`` guards against re-entry (a __reduce__ that encodes).
         self._out = _Pieces()
@@ -181,8 +176,9 @@ class Encoder:
 
     def encode_unsigned(self, obj: Any) -> tuple[list[Chunk], Any]:
         """For transports that MAC while they send: the chunks of a keyed message without its
-        tag, and a fresh HMAC to update with every byte as it goes out; the tag is its digest,
-        sent last. Small messages (one chunk) come back signed as by :meth:`encode`, with None.
+        tag, and a fresh MAC object to update with every byte as it goes out; the tag is its
+        digest, sent last. Small messages (one chunk) come back signed as by :meth:`encode`,
+        with None.
 
         Why: hashing the whole message before its first byte leaves makes the two ends hash
         one after the other; hashing each slice as it is sent lets the receiver hash slice k
@@ -193,9 +189,8 @@ class Encoder:
             return self._encode(obj, False), None
         chunks = self._encode(obj, False)
         if len(chunks) == 1:
-            tag = hmac.digest(self._key, chunks[0], "sha256")
-            return [chunks[0] + tag], None
-        return chunks, hmac.new(self._key, digestmod=hashlib.sha256)
+            return [chunks[0] + self._key.digest(chunks[0])], None
+        return chunks, self._key.new()
 
     def _encode(self, obj: Any, sign: bool) -> list[Chunk]:
         if self._busy:
@@ -274,9 +269,9 @@ class Encoder:
             chunks.extend(views)
         if self._key is not None and sign:
             if len(chunks) == 1:
-                chunks[0] += hmac.digest(self._key, chunks[0], "sha256")
+                chunks[0] += self._key.digest(chunks[0])
             else:
-                mac = hmac.new(self._key, digestmod=hashlib.sha256)
+                mac = self._key.new()
                 for chunk in chunks:
                     mac.update(chunk)
                 chunks.append(mac.digest())
@@ -292,7 +287,7 @@ _pack_header = _wire.HEADER_STRUCT.pack
 _POOL: list[Encoder] = []
 
 
-def dumps(obj: Any, *, key: bytes | None = None) -> bytes:
+def dumps(obj: Any, *, key: bytes | Key | None = None) -> bytes:
     """Encode ``obj`` as exactly one message, joined into one ``bytes``.
 
     Joining copies every out-of-band buffer once; to send large arrays without that copy, use

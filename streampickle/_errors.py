@@ -102,10 +102,11 @@ class IncompleteMessageError(ProtocolError):
 
 
 class AuthenticationError(StreamPickleError):
-    """The message's HMAC tag is missing, wrong, or present where no key was configured.
+    """The message's tag is missing, wrong, of the other MAC, or present where no key was
+    configured.
 
-    Nothing of the message was unpickled. Either the two ends use different keys (or only one
-    has a key), or the bytes were altered in transit. The stream is poisoned.
+    Nothing of the message was unpickled. Either the two ends use different keys or MACs (or
+    only one has a key), or the bytes were altered in transit. The stream is poisoned.
     """
 
 

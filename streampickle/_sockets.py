@@ -21,6 +21,7 @@ import anyio.lowlevel
 from anyio.abc import Listener, TaskGroup
 
 from ._limits import Limits
+from ._mac import Key
 from ._stream import ObjectStream
 from ._transports import socket_attributes
 
@@ -56,7 +57,7 @@ async def connect_tcp(
     *,
     trusted: bool = False,
     allow: Iterable[Any] = (),
-    key: bytes | None = None,
+    key: bytes | Key | None = None,
     limits: Limits | None = None,
 ) -> ObjectStream:
     """Connect to a TCP server and return a zero-copy :class:`ObjectStream` over it."""
@@ -82,7 +83,7 @@ async def connect_unix(
     *,
     trusted: bool = False,
     allow: Iterable[Any] = (),
-    key: bytes | None = None,
+    key: bytes | Key | None = None,
     limits: Limits | None = None,
 ) -> ObjectStream:
     """Connect to a Unix socket and return a zero-copy :class:`ObjectStream` over it."""
@@ -158,7 +159,7 @@ async def create_tcp_listener(
     reuse_port: bool = False,
     trusted: bool = False,
     allow: Iterable[Any] = (),
-    key: bytes | None = None,
+    key: bytes | Key | None = None,
     limits: Limits | None = None,
 ) -> ObjectStreamListener:
     """Listen on TCP (like ``anyio.create_tcp_listener``, default all interfaces, port chosen by
@@ -179,7 +180,7 @@ async def create_unix_listener(
     backlog: int = 65536,
     trusted: bool = False,
     allow: Iterable[Any] = (),
-    key: bytes | None = None,
+    key: bytes | Key | None = None,
     limits: Limits | None = None,
 ) -> ObjectStreamListener:
     """Listen on a Unix socket at ``path`` (``mode``: its permission bits, e.g. ``0o600``)."""

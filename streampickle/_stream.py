@@ -30,6 +30,7 @@ from anyio.abc import ObjectStream as _AnyioObjectStream
 from ._decoder import Decoder
 from ._encoder import Encoder
 from ._limits import Limits
+from ._mac import Key
 from ._transports import AnyioTransport, AsyncioTransport, SocketTransport, fastest_transport, send_message
 
 __all__ = ["ObjectStream", "dump", "load"]
@@ -98,7 +99,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         *,
         trusted: bool = False,
         allow: Iterable[Any] = (),
-        key: bytes | None = None,
+        key: bytes | Key | None = None,
         limits: Limits | None = None,
     ) -> None:
         self.transport_stream = transport_stream
@@ -121,7 +122,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         *,
         trusted: bool = False,
         allow: Iterable[Any] = (),
-        key: bytes | None = None,
+        key: bytes | Key | None = None,
         limits: Limits | None = None,
     ) -> ObjectStream:
         """Wrap a connected stream socket (TCP or Unix), which the object stream then owns:
@@ -226,7 +227,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
             ) from self._send_broken
 
 
-async def dump(obj: Any, stream: Any, *, key: bytes | None = None) -> None:
+async def dump(obj: Any, stream: Any, *, key: bytes | Key | None = None) -> None:
     """Send one message carrying ``obj`` on an anyio byte stream or ``asyncio.StreamWriter``.
 
     If pickling fails, :class:`EncodeError` is raised and nothing is written. If the call is
@@ -247,7 +248,7 @@ async def load(
     *,
     trusted: bool = False,
     allow: Iterable[Any] = (),
-    key: bytes | None = None,
+    key: bytes | Key | None = None,
     limits: Limits | None = None,
 ) -> Any:
     """Receive exactly one message from an anyio byte stream or ``asyncio.StreamReader``.

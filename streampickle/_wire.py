@@ -9,7 +9,8 @@ All integers are unsigned little-endian. The fixed header is::
     offset  size  field
     0       4     magic            b"\\x93SPK"
     4       1     version          1
-    5       1     flags            bit 0: a 32-byte HMAC-SHA256 tag ends the message
+    5       1     flags            bit 0: a 32-byte tag ends the message (HMAC-SHA256)
+                                   bit 1: with bit 0 only: the tag is keyed BLAKE3
     6       2     reserved         must be 0
     8       4     side-chunk count
     12      8     pickle length    (bytes of the pickle part; at least 1)
@@ -29,7 +30,8 @@ MAGIC = b"\x93SPK"
 VERSION = 1
 
 FLAG_MAC = 0x01
-KNOWN_FLAGS = FLAG_MAC
+FLAG_BLAKE3 = 0x02
+KNOWN_FLAGS = FLAG_MAC | FLAG_BLAKE3
 
 _HEADER = HEADER_STRUCT = struct.Struct("<4sBBHIQ")
 #: For fast paths that check the common case inline: (magic, version, flags, reserved,
@@ -37,7 +39,7 @@ _HEADER = HEADER_STRUCT = struct.Struct("<4sBBHIQ")
 unpack_header = _HEADER.unpack_from
 HEADER_SIZE = _HEADER.size  # 20
 LENGTH_SIZE = 8  # one entry of the length table
-TAG_SIZE = 32  # HMAC-SHA256
+TAG_SIZE = 32  # HMAC-SHA256 or BLAKE3
 
 # Messages whose header, table and pickle together are at most this many bytes are sent as one
 # chunk (one write); larger pickles are handed to the transport as their own chunk, unjoined.
@@ -90,6 +92,11 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(
             f"reserved header bits are set (flags={flags:#04x}, reserved={reserved:#06x}): "
             f"the peer uses a newer wire format or the stream is corrupt."
+        )
+    if flags & FLAG_BLAKE3 and not flags & FLAG_MAC:
+        raise ProtocolError(
+            f"the header names a MAC but carries no tag (flags={flags:#04x}): the peer is "
+            f"broken or the stream is corrupt."
         )
     if pickle_length == 0:
         raise ProtocolError("the header declares an empty pickle part; every message has one")

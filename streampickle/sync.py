@@ -16,12 +16,13 @@ from typing import Any, BinaryIO, Iterable
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, Encoder, drop_sent, sendable
 from ._limits import Limits
+from ._mac import Key
 
 __all__ = ["dump", "load"]
 
 
 
-def dump(obj: Any, file: BinaryIO | socket.socket, *, key: bytes | None = None) -> None:
+def dump(obj: Any, file: BinaryIO | socket.socket, *, key: bytes | Key | None = None) -> None:
     """Write one message carrying ``obj`` to a blocking binary file, pipe or socket.
 
     If ``obj`` can't be pickled, :class:`EncodeError` is raised and nothing is written.
@@ -55,7 +56,7 @@ def load(
     *,
     trusted: bool = False,
     allow: Iterable[Any] = (),
-    key: bytes | None = None,
+    key: bytes | Key | None = None,
     limits: Limits | None = None,
 ) -> Any:
     """Read exactly one message from a blocking binary file, pipe or socket and return its

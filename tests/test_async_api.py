@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
+import tempfile
 
 import anyio
 import numpy as np
@@ -131,6 +133,27 @@ async def test_keyed_object_streams() -> None:
     await c.send("x")
     with pytest.raises(streampickle.AuthenticationError):
         await b.receive()
+
+
+async def test_blake3_keyed_stream_over_a_real_socket() -> None:
+    """A large array with a blake3 key: hashed slice by slice as it is sent and as it is
+    received; a receiver keyed for HMAC-SHA256 refuses the same bytes."""
+    arr = np.random.default_rng(5).random(4_000_000)  # 32 MB: many slices and reads
+    key = streampickle.Key(b"shared secret", mac="blake3")
+    for receiver_key in (key, b"shared secret"):
+        path = os.path.join(tempfile.mkdtemp(), "sock")
+        async with await streampickle.create_unix_listener(path, key=receiver_key) as listener:
+            a = await streampickle.connect_unix(path, key=key)
+            b = await listener.accept()
+        async with a, b:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.send, {"arr": arr})
+                if receiver_key is key:
+                    assert np.array_equal((await b.receive())["arr"], arr)
+                else:
+                    with pytest.raises(streampickle.AuthenticationError, match="blake3"):
+                        await b.receive()
+                    tg.cancel_scope.cancel()
 
 
 async def test_typed_attributes_are_forwarded() -> None:

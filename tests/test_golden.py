@@ -37,6 +37,10 @@ VECTOR = bytes.fromhex(
 )
 # The same message with key=b"k": flags bit 0 set, and an HMAC-SHA256 over every byte before it.
 TAG = bytes.fromhex("264e564cc6d82d6681bc85dd0ed1263c8d3197dd09709412d002fd4939315e8c")
+# With Key(b"k", mac="blake3"): flags 0x03, and keyed BLAKE3 under the key that BLAKE3's
+# derive_key mode makes from b"k" with the spec's context string.
+BLAKE3_KEY = bytes.fromhex("caaf5cd4cd2c2490d03be4e2e15ad667441324ad78fec904025aaefba4370027")
+BLAKE3_TAG = bytes.fromhex("0b1c746f80298f6f942f722afde6b7e7e90483e322a862d22b82b12a1b3d0bda")
 
 
 def obj():
@@ -56,3 +60,14 @@ def test_keyed_golden_vector() -> None:
     keyed = VECTOR[:5] + b"\x01" + VECTOR[6:] + TAG
     assert streampickle.dumps(obj(), key=b"k") == keyed
     assert streampickle.loads(keyed, key=b"k")["x"].tolist() == [0, 1, 2]
+
+
+def test_blake3_golden_vector() -> None:
+    from blake3 import blake3  # the test extra installs it: this test never skips
+    # the derivation as the spec words it, computed here without streampickle
+    assert blake3(b"k", derive_key_context="streampickle 2026-11-27 message tag v1").digest() == BLAKE3_KEY
+    unsigned = VECTOR[:5] + b"\x03" + VECTOR[6:]
+    assert blake3(unsigned, key=BLAKE3_KEY).digest() == BLAKE3_TAG
+    key = streampickle.Key(b"k", mac="blake3")
+    assert streampickle.dumps(obj(), key=key) == unsigned + BLAKE3_TAG
+    assert streampickle.loads(unsigned + BLAKE3_TAG, key=key)["x"].tolist() == [0, 1, 2]
