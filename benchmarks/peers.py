@@ -470,7 +470,15 @@ CONTENDERS: dict[str, Callable[..., None]] = {
     "streampickle-trio": lambda r, t, m, a, total: run_streampickle(r, t, m, a, "trio", False, True, None),
     "streampickle-anyio-stream": lambda r, t, m, a, total: run_streampickle(r, t, m, a, "asyncio", False, False, None),
     "streampickle-asyncio-key": lambda r, t, m, a, total: run_streampickle(r, t, m, a, "asyncio", False, True, KEY),
+    "streampickle-asyncio-blake3": lambda r, t, m, a, total: run_streampickle(
+        r, t, m, a, "asyncio", False, True, blake3_key()),
 }
+
+
+def blake3_key() -> Any:
+    import streampickle
+
+    return streampickle.Key(KEY, mac="blake3")
 
 
 def main() -> None:
