@@ -270,7 +270,7 @@ class Decoder:
         return header
 
     def _wrong_signature(self, flags: int) -> str:
-        """Why a message signed as ``flags`` says isn't acceptable here, and what to do."""
+        """Why a message with header flags ``flags`` is refused here, and what to do."""
         got = describe_flags(flags)
         if self._key is None:
             return (
