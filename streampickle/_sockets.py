@@ -23,20 +23,14 @@ from anyio.abc import Listener, TaskGroup
 from ._limits import Limits
 from ._mac import Key
 from ._stream import ObjectStream
-from ._transports import socket_attributes
+from ._transports import grow_socket_buffers, socket_attributes
 
 __all__ = ["connect_tcp", "connect_unix", "create_tcp_listener", "create_unix_listener", "ObjectStreamListener"]
-
-SOCKET_BUFFER = 4 << 20
 
 
 def _tune(sock: socket.socket) -> None:
     sock.setblocking(False)
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        except OSError:
-            pass
+    grow_socket_buffers(sock)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 

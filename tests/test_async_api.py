@@ -16,7 +16,7 @@ from anyio.abc import SocketAttribute
 import streampickle
 from _pairs import tcp_anyio, tcp_owned, tls, unix_anyio
 from streampickle import ObjectStream
-from streampickle._transports import AnyioTransport, SocketTransport
+from streampickle._transports import SOCKET_BUFFER, AnyioTransport, SocketTransport
 from streampickle.testing import memory_stream_pair
 
 pytestmark = pytest.mark.anyio
@@ -174,6 +174,12 @@ async def test_which_streams_take_the_zero_copy_path(anyio_backend: str) -> None
     a, b = await unix_anyio()  # no asyncio transport under it: zero-copy everywhere
     async with a, b:
         assert isinstance(a._t, SocketTransport) and a._t._owner is a.transport_stream
+        # and its buffers grown like streampickle's own (Linux reports double what was set,
+        # capped by net.core.wmem_max)
+        with open("/proc/sys/net/core/wmem_max") as f:
+            want = 2 * min(SOCKET_BUFFER, int(f.read()))
+        sock = a.extra(SocketAttribute.raw_socket)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= want
     a, b = await tls()  # TLS is never bypassed
     async with a, b:
         assert isinstance(a._t, AnyioTransport)
