@@ -137,7 +137,11 @@ def raw_payload(messages: list[Any]) -> list[memoryview]:
 
 
 def _big_buffers(sock: socket.socket) -> None:
-    # The limit gets the best socket settings (the same 4 MiB streampickle's sockets ask for)
+    # The limit gets the best socket settings, the ones streampickle's sockets use: 4 MiB
+    # buffers on Unix sockets; on TCP the kernel's autotuning, which beat fixed 4 MiB buffers
+    # over loopback here, for the limit and for streampickle alike.
+    if sock.family != socket.AF_UNIX:
+        return
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
 

@@ -41,9 +41,10 @@ SEND_SLICE = 1 << 20
 READ_AHEAD = 256 * 1024
 # Parts at least this large are read straight into their destination on raw sockets.
 DIRECT_READ = 64 * 1024
-# Socket buffers streampickle asks for (the kernel caps them at net.core.wmem_max/rmem_max).
-# Larger ones mean fewer event-loop wake-ups per array: on a Unix socket, 4 MiB instead of the
-# default ~200 KiB made big arrays move 2.5x as fast here.
+# Unix socket buffers streampickle asks for (the kernel caps them at net.core.wmem_max and
+# rmem_max). Larger ones mean fewer event-loop wake-ups per array: 4 MiB instead of the default
+# ~200 KiB made big arrays move 2.5x as fast here. TCP sockets are left to the kernel's
+# autotuning, which did better than any fixed size (see _sockets).
 SOCKET_BUFFER = 4 << 20
 
 
@@ -300,8 +301,8 @@ def fastest_transport(stream: Any) -> AnyioTransport | AsyncioTransport | Socket
       ours, so they are used through their public API.
 
     A TLS stream is not a ``SocketStream`` and is never bypassed. A Unix socket taken over gets
-    the same buffer sizes as streampickle's own sockets (``grow_socket_buffers``); a TCP one
-    keeps its own, because setting them would switch off the kernel's TCP buffer autotuning.
+    the same buffer sizes as streampickle's own Unix sockets (``grow_socket_buffers``); TCP
+    sockets keep the kernel's buffer autotuning, as streampickle's own do.
     """
     if isinstance(stream, SocketStream) and (_running_trio() or _raw_asyncio_unix_stream(stream)):
         sock = stream.extra(SocketAttribute.raw_socket)

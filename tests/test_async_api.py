@@ -14,7 +14,7 @@ import pytest
 from anyio.abc import SocketAttribute
 
 import streampickle
-from _pairs import tcp_anyio, tcp_owned, tls, unix_anyio
+from _pairs import tcp_anyio, tcp_owned, tls, unix_anyio, unix_owned
 from streampickle import ObjectStream
 from streampickle._transports import SOCKET_BUFFER, AnyioTransport, SocketTransport
 from streampickle.testing import memory_stream_pair
@@ -162,6 +162,20 @@ async def test_typed_attributes_are_forwarded() -> None:
         async with a, b:
             assert a.extra(SocketAttribute.remote_port) == b.extra(SocketAttribute.local_port)
             assert a.extra(SocketAttribute.raw_socket).fileno() >= 0
+
+
+async def test_socket_buffers_grown_on_unix_left_to_autotuning_on_tcp() -> None:
+    """Unix sockets get SOCKET_BUFFER (Linux reports double what was set, capped by
+    net.core.wmem_max/rmem_max); TCP sockets keep the kernel's autotuning, so their buffers
+    start at the small tcp_rmem/tcp_wmem defaults instead of the size a setsockopt would fix."""
+    with open("/proc/sys/net/core/wmem_max") as f:
+        want = 2 * min(SOCKET_BUFFER, int(f.read()))
+    for make, grown in ((unix_owned, True), (tcp_owned, False)):
+        a, b = await make()
+        async with a, b:
+            for stream in (a, b):
+                size = stream.extra(SocketAttribute.raw_socket).getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                assert (size >= want) is grown, (make.__name__, size, want)
 
 
 async def test_which_streams_take_the_zero_copy_path(anyio_backend: str) -> None:
