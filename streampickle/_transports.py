@@ -153,7 +153,9 @@ class SocketTransport:
         self.sock = sock
         self.sent = 0
         self._owner = owner  # an anyio stream whose socket this is: closed through it
-        self._scratch = memoryview(bytearray(READ_AHEAD))
+        # Read-ahead space, made on first use: dump() and load(), which build a transport per
+        # call, never read ahead.
+        self._scratch: memoryview | None = None
 
     async def send_chunks(self, chunks: list[Chunk]) -> None:
         sock = self.sock
@@ -184,7 +186,12 @@ class SocketTransport:
     async def fill(self, decoder: Decoder, *, exact: bool) -> bool:
         view = decoder.get_buffer()
         direct = exact or len(view) >= DIRECT_READ
-        target = view if direct else self._scratch
+        if direct:
+            target = view
+        else:
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(READ_AHEAD))
+            target = self._scratch
         while True:
             try:
                 n = self.sock.recv_into(target)
