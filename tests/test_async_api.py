@@ -164,12 +164,18 @@ async def test_typed_attributes_are_forwarded() -> None:
             assert a.extra(SocketAttribute.raw_socket).fileno() >= 0
 
 
-async def test_socket_buffers_grown_on_unix_left_to_autotuning_on_tcp() -> None:
-    """Unix sockets get SOCKET_BUFFER (Linux reports double what was set, capped by
-    net.core.wmem_max/rmem_max); TCP sockets keep the kernel's autotuning, so their buffers
-    start at the small tcp_rmem/tcp_wmem defaults instead of the size a setsockopt would fix."""
+def grown_sndbuf() -> int:
+    """SO_SNDBUF of a socket whose buffers streampickle grew: Linux reports double what was
+    set, and caps what can be set at net.core.wmem_max."""
     with open("/proc/sys/net/core/wmem_max") as f:
-        want = 2 * min(SOCKET_BUFFER, int(f.read()))
+        return 2 * min(SOCKET_BUFFER, int(f.read()))
+
+
+async def test_socket_buffers_grown_on_unix_left_to_autotuning_on_tcp() -> None:
+    """Unix sockets get SOCKET_BUFFER; TCP sockets keep the kernel's autotuning, so their
+    buffers start at the small tcp_rmem/tcp_wmem defaults instead of the size a setsockopt
+    would fix."""
+    want = grown_sndbuf()
     for make, grown in ((unix_owned, True), (tcp_owned, False)):
         a, b = await make()
         async with a, b:
@@ -188,12 +194,9 @@ async def test_which_streams_take_the_zero_copy_path(anyio_backend: str) -> None
     a, b = await unix_anyio()  # no asyncio transport under it: zero-copy everywhere
     async with a, b:
         assert isinstance(a._t, SocketTransport) and a._t._owner is a.transport_stream
-        # and its buffers grown like streampickle's own (Linux reports double what was set,
-        # capped by net.core.wmem_max)
-        with open("/proc/sys/net/core/wmem_max") as f:
-            want = 2 * min(SOCKET_BUFFER, int(f.read()))
+        # and its buffers grown like streampickle's own
         sock = a.extra(SocketAttribute.raw_socket)
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= want
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= grown_sndbuf()
     a, b = await tls()  # TLS is never bypassed
     async with a, b:
         assert isinstance(a._t, AnyioTransport)
