@@ -350,3 +350,76 @@ async def _keyed_tcp():
         client = await streampickle.connect_tcp("127.0.0.1", port, key=b"key")
         server = await listener.accept()
     return client, server
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the loop whose add_reader we can wrap
+async def test_a_large_part_arrives_through_one_reader_registration() -> None:
+    """On an asyncio loop a side chunk is read from one reader callback, not from a wait per
+    read (each costs a registration, a removal and a task switch: hundreds per large array)."""
+    loop = asyncio.get_running_loop()
+    a, b = await tcp_owned()
+    async with a, b:
+        fd = b.extra(SocketAttribute.raw_socket).fileno()
+        registrations = 0
+        add_reader = loop.add_reader
+
+        def counting_add_reader(what, *args):  # type: ignore[no-untyped-def]
+            nonlocal registrations
+            registrations += what == fd or getattr(what, "fileno", lambda: None)() == fd
+            return add_reader(what, *args)
+
+        loop.add_reader = counting_add_reader  # type: ignore[method-assign]
+        try:
+            big = np.random.default_rng(7).random(8_000_000)  # 64 MB
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.send, big)
+                got = await b.receive()
+        finally:
+            del loop.add_reader
+        assert np.array_equal(got, big)
+        assert 1 <= registrations <= 4, registrations
+
+
+async def _stalled_inside_a_large_chunk() -> tuple[socket.socket, ObjectStream, bytes]:
+    """A raw peer that sent the start of a 32 MB array's message and then stopped."""
+    async with await streampickle.create_tcp_listener(local_host="127.0.0.1") as listener:
+        peer = socket.create_connection(("127.0.0.1", listener.extra(SocketAttribute.local_port)))
+        stream = await listener.accept()
+    data = streampickle.dumps(np.zeros(4_000_000))
+    peer.sendall(data[: 1 << 20])
+    return peer, stream, data
+
+
+async def test_close_wakes_a_receive_waiting_inside_a_large_chunk() -> None:
+    peer, stream, _ = await _stalled_inside_a_large_chunk()
+    woke: list[BaseException] = []
+
+    async def blocked() -> None:
+        try:
+            await stream.receive()
+        except BaseException as exc:  # noqa: BLE001 - we record what woke it
+            woke.append(exc)
+
+    with peer:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(blocked)
+            await anyio.sleep(0.05)
+            assert stream._decoder.in_message  # waiting inside the chunk
+            await stream.aclose()
+    assert woke and isinstance(woke[0], anyio.ClosedResourceError), woke
+    assert stream._t._reader is None
+
+
+async def test_a_peer_that_dies_inside_a_large_chunk() -> None:
+    peer, stream, data = await _stalled_inside_a_large_chunk()
+
+    async def more_then_die() -> None:
+        await anyio.sleep(0.05)  # the receive is waiting inside the chunk by now
+        peer.sendall(data[1 << 20 : 2 << 20])
+        peer.close()
+
+    async with stream, anyio.create_task_group() as tg:
+        tg.start_soon(more_then_die)
+        with pytest.raises(streampickle.IncompleteMessageError) as failure:
+            await stream.receive()
+    assert failure.value.received == 2 << 20  # every byte that came was counted
