@@ -39,7 +39,7 @@ def test_small_message_is_one_chunk() -> None:
 def test_large_pickle_part_is_not_joined_with_the_header() -> None:
     obj = [str(i) for i in range(20_000)]
     chunks = Encoder().encode(obj)
-    assert len(chunks[0]) == 20 and b"".join(chunks[1:]) == pickle.dumps(obj, protocol=5)
+    assert len(chunks[0]) == 20 and len(chunks) > 2 and pickle.loads(b"".join(chunks[1:])) == obj
 
 
 def test_a_large_inband_bytes_payload_is_passed_on_uncopied() -> None:
@@ -132,3 +132,91 @@ def test_a_large_inband_bytearray_is_copied_when_encoded() -> None:
     chunks = Encoder().encode([data])
     data[:] = b"b" * 200_000
     assert streampickle.loads(b"".join(chunks)) == [bytearray(b"a" * 200_000)]
+
+
+def _fresh(text: str) -> str:
+    return "".join(list(text))  # a new str object, referenced only by the caller
+
+
+def test_the_memo_is_skipped_only_where_no_object_can_appear_twice() -> None:
+    """``unshared`` decides when the pickler may run without its memo (for a large graph the
+    memo is most of pickling's cost): never where an object could appear twice or in a
+    cycle, or where anything but plain data sits in the graph."""
+    from streampickle._speedups import unshared
+
+    shared_list = [1]
+    shared_str = _fresh("shared")
+    cyclic: list = []
+    cyclic.append(cyclic)
+    deep: list = []
+    for _ in range(300):
+        deep = [deep]
+
+    yes = {
+        "tuples": [(i, i * 0.5, str(i)) for i in range(100)],
+        "fresh dict keys": {str(i) + "k": [float(i), None, True] for i in range(10)},
+        "bytes": [bytes([i]) * 10 for i in range(10)],
+        "shared atoms": [10**20, 10**20, 1.5, "", "a", b"", b"b", (), ()],
+        "a root referenced from outside": shared_list,
+    }
+    no = {
+        "a shared list": [shared_list, shared_list],
+        "a shared str": [shared_str, shared_str],
+        "a str referenced from outside the graph": [shared_str],
+        "a cycle": cyclic,
+        "literal dict keys (interned)": {"id": 1},
+        "an array": [np.arange(3)],
+        "an arbitrary object": [object()],
+        "a set": [{1, 2}],
+        "a list subclass": [type("L", (list,), {})()],
+        "nesting deeper than 200": deep,
+    }
+    for name, obj in yes.items():
+        assert unshared(obj), name
+    for name, obj in no.items():
+        assert not unshared(obj), name
+
+
+def test_unshared_graphs_are_pickled_without_memo_and_the_pickler_is_reset() -> None:
+    import pickletools
+
+    encoder = Encoder()
+    rows = [(i, i * 0.5, str(i)) for i in range(10_000)]
+    pickled = b"".join(encoder.encode(rows)[1:])
+    ops = {op.name for op, _, _ in pickletools.genops(pickled)}
+    assert "MEMOIZE" not in ops and streampickle.loads(streampickle.dumps(rows)) == rows
+    assert not encoder._pickler.fast  # back to normal for the next message
+    # a shared object keeps its identity: the memo is on
+    shared = [1, 2]
+    out = streampickle.loads(b"".join(encoder.encode([shared, shared])))
+    assert out[0] is out[1]
+
+
+def test_a_failed_memo_less_dump_leaves_the_pickler_in_normal_mode() -> None:
+    from streampickle._speedups import dump
+
+    class FailingPickler:
+        fast = False
+        seen_fast = None
+
+        def dump(self, obj):
+            FailingPickler.seen_fast = self.fast
+            raise ValueError("boom")
+
+    pickler = FailingPickler()
+    with pytest.raises(ValueError, match="boom"):
+        dump(pickler, [(1, 2.0, str(3))])
+    assert FailingPickler.seen_fast is True and pickler.fast is False
+
+
+def test_dump_small_in_c_matches_python() -> None:
+    from streampickle import _encoder
+
+    assert _encoder._dump_small_c is not None
+    for obj in [{"id": 1, "vals": [1.0]}, [str(i) for i in range(2000)], np.arange(4), "x" * 5000]:
+        results = []
+        for dump_small in (_encoder._dump_small_c, _encoder._dump_small_py):
+            enc = Encoder()
+            framed = dump_small(enc._pickler, enc._out, enc._buffers, obj, _encoder._MEMO_CHECK_BYTES)
+            results.append((framed, list(enc._out), len(enc._buffers)))
+        assert results[0] == results[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -159,8 +160,11 @@ def test_loads_fast_paths_agree(c_fast_path: bool, monkeypatch) -> None:
     if not c_fast_path:
         monkeypatch.setattr(_api, "_loads_plain", None)
         monkeypatch.setattr(_encoder, "_frame", _encoder._frame_py)
+        monkeypatch.setattr(_encoder, "_dump", _encoder._dump_py)
+        monkeypatch.setattr(_encoder, "_dump_small", _encoder._dump_small_py)
     else:
         assert _api._loads_plain is not None and _encoder._frame is _encoder._frame_c
+        assert _encoder._dump is _encoder._dump_c and _encoder._dump_small is _encoder._dump_small_c
     for obj in SAMPLES.values():
         for trusted in (False, True):
             assert_same(obj, streampickle.loads(streampickle.dumps(obj), trusted=trusted))
@@ -226,3 +230,69 @@ def test_large_loads_pause_the_gc_and_restore_its_state(trusted: bool, monkeypat
     with pytest.raises(streampickle.MalformedPickleError):
         streampickle.loads(broken, trusted=trusted)
     assert gc.isenabled()
+
+
+def _identity_shape(obj: Any) -> list[Any]:
+    """obj's values in depth-first order, with each str, bytes and container numbered by its
+    first appearance: two graphs have the same shape only if they share the same objects."""
+    seen: dict[int, int] = {}
+    shape: list[Any] = []
+
+    def walk(o: Any) -> None:
+        if isinstance(o, (list, dict)) or (isinstance(o, tuple) and o) or (isinstance(o, (str, bytes)) and len(o) > 1):
+            if id(o) in seen:
+                shape.append(("again", seen[id(o)]))
+                return
+            seen[id(o)] = len(seen)
+        if isinstance(o, (list, tuple)):
+            shape.append((type(o).__name__, len(o)))
+            for item in o:
+                walk(item)
+        elif isinstance(o, dict):
+            shape.append(("dict", len(o)))
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        else:
+            shape.append(o)
+
+    walk(obj)
+    return shape
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sharing_and_identity_survive_with_or_without_the_memo(seed: int) -> None:
+    """The encoder drops the pickler's memo for graphs where no object can appear twice; a
+    graph with any sharing must come back with the same sharing."""
+    from streampickle._speedups import unshared
+
+    rng = random.Random(seed)
+    sharing = seed % 2 == 1
+    pool: list[Any] = []  # what later nodes may share (a reference here would count too)
+
+    def build(depth: int) -> Any:
+        roll = rng.random()
+        if pool and roll < 0.15:
+            return rng.choice(pool)
+        if depth > 3 or roll < 0.4:
+            made = rng.choice([lambda: str(rng.random()), lambda: rng.random(), lambda: rng.randrange(10**30),
+                               lambda: bytes(rng.randrange(256) for _ in range(5)), lambda: None, lambda: "a"])()
+        elif roll < 0.6:
+            made = tuple(build(depth + 1) for _ in range(rng.randrange(4)))
+        elif roll < 0.8:
+            made = {str(rng.random()): build(depth + 1) for _ in range(rng.randrange(4))}
+        else:
+            made = [build(depth + 1) for _ in range(rng.randrange(5))]
+        if sharing:
+            pool.append(made)
+        return made
+
+    obj = [build(0) for _ in range(30)]
+    pool.clear()
+    memo_free = unshared(obj)  # before _identity_shape, whose list refers to the values
+    shape = _identity_shape(obj)
+    shares = any(isinstance(x, tuple) and x[0] == "again" for x in shape)
+    assert shares == sharing  # every odd seed does share something
+    assert memo_free == (not shares)
+    out = streampickle.loads(streampickle.dumps(obj))
+    assert out == obj and _identity_shape(out) == shape
