@@ -160,21 +160,30 @@ async def _eof_and_close(make: StreamMaker) -> None:
             raise AssertionError("a closed stream accepted a call")
 
 
+async def _close_while_receiving(stream: ObjectStream[Any], *, check: Callable[[], None] | None = None) -> list[BaseException]:
+    """Close ``stream`` while a task is blocked in its ``receive()`` (after calling ``check``,
+    if given, at that point); return what woke that receive."""
+    woke: list[BaseException] = []
+
+    async def blocked() -> None:
+        try:
+            await stream.receive()
+        except BaseException as exc:  # noqa: BLE001 - we record what woke it
+            woke.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(blocked)
+        await anyio.sleep(0.05)
+        if check is not None:
+            check()
+        await stream.aclose()
+    return woke
+
+
 async def _close_wakes_blocked_receive(make: StreamMaker) -> None:
     a, b = await make()
     async with a, b:
-        woke: list[BaseException] = []
-
-        async def blocked() -> None:
-            try:
-                await b.receive()
-            except BaseException as exc:  # noqa: BLE001 - we record what woke it
-                woke.append(exc)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(blocked)
-            await anyio.sleep(0.05)
-            await b.aclose()
+        woke = await _close_while_receiving(b)
         assert woke and isinstance(woke[0], anyio.ClosedResourceError), woke
 
 

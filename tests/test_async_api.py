@@ -17,7 +17,7 @@ import streampickle
 from _pairs import tcp_anyio, tcp_owned, tls, unix_anyio, unix_owned
 from streampickle import ObjectStream
 from streampickle._transports import SOCKET_BUFFER, AnyioTransport, SocketTransport
-from streampickle.testing import memory_stream_pair
+from streampickle.testing import _close_while_receiving, memory_stream_pair
 
 pytestmark = pytest.mark.anyio
 
@@ -392,20 +392,12 @@ async def _stalled_inside_a_large_chunk() -> tuple[socket.socket, ObjectStream, 
 
 async def test_close_wakes_a_receive_waiting_inside_a_large_chunk() -> None:
     peer, stream, _ = await _stalled_inside_a_large_chunk()
-    woke: list[BaseException] = []
 
-    async def blocked() -> None:
-        try:
-            await stream.receive()
-        except BaseException as exc:  # noqa: BLE001 - we record what woke it
-            woke.append(exc)
+    def waiting_inside_the_chunk() -> None:
+        assert stream._decoder.in_message and stream._decoder.get_buffer().nbytes > 1 << 20
 
     with peer:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(blocked)
-            await anyio.sleep(0.05)
-            assert stream._decoder.in_message  # waiting inside the chunk
-            await stream.aclose()
+        woke = await _close_while_receiving(stream, check=waiting_inside_the_chunk)
     assert woke and isinstance(woke[0], anyio.ClosedResourceError), woke
     assert stream._t._reader is None
 
