@@ -191,10 +191,10 @@ class Encoder:
         self._busy = False
 
     def _new_pickler(self) -> _Pickler:
-        return _Pickler(self._out, protocol=5, buffer_callback=self._collect)
-
-    def _collect(self, buffer: pickle.PickleBuffer) -> None:
-        self._buffers.append(buffer)
+        # The callback is the list's own append, not a method of self: an encoder is then no
+        # reference cycle (self -> pickler -> bound method -> self), and one made per call
+        # (dumps with a key) is freed at once instead of by the cyclic GC.
+        return _Pickler(self._out, protocol=5, buffer_callback=self._buffers.append)
 
     def encode(self, obj: Any) -> list[Chunk]:
         """Return the chunks of one message carrying ``obj``; their concatenation is the
@@ -248,7 +248,7 @@ class Encoder:
                 views = [b.raw() for b in buffers]  # a non-contiguous PickleBuffer raises
             except BaseException as exc:
                 self._fail(obj, exc)
-            self._buffers = []
+            buffers.clear()
         out = self._out
         if len(out) == 1:  # a pickle under 64 KiB: the pickler's own bytes
             parts = [out[0]]
@@ -274,7 +274,7 @@ class Encoder:
         failed object), and raise: EncodeError for an Exception, others as they are."""
         for b in self._buffers:
             b.release()
-        self._buffers = []
+        self._buffers.clear()
         self._out.clear()
         self._pickler = self._new_pickler()
         self._busy = False

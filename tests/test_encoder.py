@@ -220,3 +220,22 @@ def test_dump_small_in_c_matches_python() -> None:
             framed = dump_small(enc._pickler, enc._out, enc._buffers, obj, _encoder._MEMO_CHECK_BYTES)
             results.append((framed, list(enc._out), len(enc._buffers)))
         assert results[0] == results[1]
+
+
+def test_an_encoder_is_no_reference_cycle() -> None:
+    """dumps(key=...) makes an encoder per call: it must be freed when dropped, not left for
+    the cyclic GC (which made each one cost 5.6 us instead of 1.8)."""
+    import gc
+    import weakref
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        encoder = Encoder(key=b"k")
+        encoder.encode({"arrays": [np.arange(10)], "rows": [(1, "a")]})
+        ref = weakref.ref(encoder)
+        del encoder
+        assert ref() is None
+    finally:
+        if was:
+            gc.enable()
