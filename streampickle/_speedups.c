@@ -337,7 +337,8 @@ static PyObject *loads_plain(PyObject *self, PyObject *const *args, Py_ssize_t n
 /* frame(pickled, flags) -> bytes: the header of a message without side chunks, followed by
  * the pickle, in one allocation (a MAC tag, if flags asks for one, is the caller's to append).
  * The same bytes as HEADER_STRUCT.pack(MAGIC, 1, flags, 0, 0, len(pickled)) + pickled, for
- * a third of the cost: dumps() of a small object is mostly this kind of glue. */
+ * a third of the cost: dumps() of a small object is mostly this kind of glue. frame_bytes
+ * does the work for frame() and dump_small(). */
 static PyObject *frame_bytes(PyObject *pickled, long flags) {
     const Py_ssize_t n = PyBytes_GET_SIZE(pickled);
     PyObject *message = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + n);

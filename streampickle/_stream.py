@@ -86,7 +86,8 @@ class ObjectStream(_AnyioObjectStream[Any]):
     ``transport_stream`` is any anyio ``ByteStream`` (TCP, Unix, TLS, a process's pipes
     stapled together, ...). anyio socket streams are driven zero-copy on trio, and anyio Unix
     streams on asyncio too; :meth:`from_socket` and streampickle's own
-    ``connect_*``/listeners are zero-copy on every backend. Options are the core's: ``trusted``, ``allow``, ``key``, ``limits``.
+    ``connect_*``/listeners are zero-copy on every backend. Options are the core's:
+    ``trusted``, ``allow``, ``key``, ``limits``.
 
     ``receive`` raises ``anyio.EndOfStream`` at a clean end between messages and
     :class:`IncompleteMessageError` if the peer stopped inside one; ``async for`` ends cleanly.
