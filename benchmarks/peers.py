@@ -475,14 +475,16 @@ CONTENDERS: dict[str, Callable[..., None]] = {
     "streampickle-anyio-stream": lambda r, t, m, a, total: run_streampickle(r, t, m, a, "asyncio", False, False, None),
     "streampickle-asyncio-key": lambda r, t, m, a, total: run_streampickle(r, t, m, a, "asyncio", False, True, KEY),
     "streampickle-asyncio-blake3": lambda r, t, m, a, total: run_streampickle(
-        r, t, m, a, "asyncio", False, True, blake3_key()),
+        r, t, m, a, "asyncio", False, True, mac_key("blake3")),
+    "streampickle-asyncio-poly1305": lambda r, t, m, a, total: run_streampickle(
+        r, t, m, a, "asyncio", False, True, mac_key("poly1305")),
 }
 
 
-def blake3_key() -> Any:
+def mac_key(mac: str) -> Any:
     import streampickle
 
-    return streampickle.Key(KEY, mac="blake3")
+    return streampickle.Key(KEY, mac=mac)
 
 
 def main() -> None:

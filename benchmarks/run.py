@@ -33,7 +33,7 @@ import workloads  # noqa: E402
 WORKLOADS = ["big-array", "many-arrays", "small-msgs", "object-graph"]
 TRANSPORTS = ["tcp", "unix"]
 NEEDS = {"dask-comm": "distributed", "zmq-zerocopy": "zmq", "streampickle-uvloop": "uvloop",
-         "streampickle-asyncio-blake3": "blake3"}
+         "streampickle-asyncio-blake3": "blake3", "streampickle-asyncio-poly1305": "cryptography"}
 TCP_ONLY = {"dask-comm"}
 
 
@@ -165,7 +165,8 @@ def targets(rows: list[dict[str, Any]]) -> str:
                 ratio = 1 / r["vs_p5"]
                 check("object-graph: time / pickle5-oob-sync", transport, contender, ratio, "<= 1.1", ratio <= 1.1)
         plain = by.get(("big-array", transport, "streampickle-asyncio"))
-        for name, mac in (("streampickle-asyncio-key", "HMAC-SHA256"), ("streampickle-asyncio-blake3", "blake3")):
+        for name, mac in (("streampickle-asyncio-key", "HMAC-SHA256"), ("streampickle-asyncio-blake3", "blake3"),
+                          ("streampickle-asyncio-poly1305", "poly1305")):
             keyed = by.get(("big-array", transport, name))
             if keyed is not None and plain is not None:
                 ratio = plain["median_s"] / keyed["median_s"]

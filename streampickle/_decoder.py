@@ -28,7 +28,6 @@ can't be trusted any more. Messages completed before the failure are still deliv
 from __future__ import annotations
 
 import collections
-import hmac
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -352,8 +351,7 @@ class Decoder:
             if end - pos < total:
                 break
             if key is not None:
-                tag = key.digest(view[pos : pos + total - tag_size])
-                if not hmac.compare_digest(tag, view[pos + total - tag_size : pos + total]):
+                if not key.check(view[pos : pos + total - tag_size], view[pos + total - tag_size : pos + total]):
                     raise self._fail(AuthenticationError(_TAG_MISMATCH))
             chunks = []
             chunk_pos = stop
@@ -390,8 +388,8 @@ class Decoder:
             self._chunks.append(memoryview(aligned_empty(0)))  # zero-length: nothing to wait for
 
     def _on_tag(self) -> None:
-        assert self._mac is not None
-        if not hmac.compare_digest(self._mac.digest(), bytes(self._view)):
+        assert self._mac is not None and self._key is not None
+        if not self._key.verify(self._mac, bytes(self._view)):
             raise self._fail(AuthenticationError(_TAG_MISMATCH))
         self._complete()
 

@@ -11,6 +11,7 @@ All integers are unsigned little-endian. The fixed header is::
     4       1     version          1
     5       1     flags            bit 0: a 32-byte tag ends the message (HMAC-SHA256)
                                    bit 1: with bit 0 only: the tag is keyed BLAKE3
+                                   bit 2: with bit 0 only, not bit 1: nonce + Poly1305
     6       2     reserved         must be 0
     8       4     side-chunk count
     12      8     pickle length    (bytes of the pickle part; at least 1)
@@ -31,7 +32,9 @@ VERSION = 1
 
 FLAG_MAC = 0x01
 FLAG_BLAKE3 = 0x02
-KNOWN_FLAGS = FLAG_MAC | FLAG_BLAKE3
+FLAG_POLY1305 = 0x04
+KNOWN_FLAGS = FLAG_MAC | FLAG_BLAKE3 | FLAG_POLY1305
+_MAC_KINDS = FLAG_BLAKE3 | FLAG_POLY1305
 
 _HEADER = HEADER_STRUCT = struct.Struct("<4sBBHIQ")
 #: For fast paths that check the common case inline: (magic, version, flags, reserved,
@@ -39,7 +42,7 @@ _HEADER = HEADER_STRUCT = struct.Struct("<4sBBHIQ")
 unpack_header = _HEADER.unpack_from
 HEADER_SIZE = _HEADER.size  # 20
 LENGTH_SIZE = 8  # one entry of the length table
-TAG_SIZE = 32  # HMAC-SHA256 or BLAKE3
+TAG_SIZE = 32  # HMAC-SHA256, BLAKE3, or a 16-byte nonce and Poly1305
 
 # Messages whose header, table and pickle together are at most this many bytes are sent as one
 # chunk (one write); larger pickles are handed to the transport as their own chunk, unjoined.
@@ -93,7 +96,12 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
             f"reserved header bits are set (flags={flags:#04x}, reserved={reserved:#06x}): "
             f"the peer uses a newer wire format or the stream is corrupt."
         )
-    if flags & FLAG_BLAKE3 and not flags & FLAG_MAC:
+    if flags & _MAC_KINDS == _MAC_KINDS:
+        raise ProtocolError(
+            f"the header names two MACs (flags={flags:#04x}): the peer is broken or the "
+            f"stream is corrupt."
+        )
+    if flags & _MAC_KINDS and not flags & FLAG_MAC:
         raise ProtocolError(
             f"the header names a MAC but carries no tag (flags={flags:#04x}): the peer is "
             f"broken or the stream is corrupt."

@@ -13,8 +13,10 @@ from streampickle import AuthenticationError, Decoder, Key, ProtocolError, Usage
 
 KEY = b"sixteen byte key"
 BLAKE3_KEY = Key(KEY, mac="blake3")
-# the same tests for both MACs: bytes mean HMAC-SHA256
-BOTH = pytest.mark.parametrize("key", [KEY, BLAKE3_KEY], ids=["hmac-sha256", "blake3"])
+POLY1305_KEY = Key(KEY, mac="poly1305")
+# the same tests for every MAC: bytes mean HMAC-SHA256
+BOTH = pytest.mark.parametrize("key", [KEY, BLAKE3_KEY, POLY1305_KEY], ids=["hmac-sha256", "blake3", "poly1305"])
+FLAGS = {KEY: 0x01, BLAKE3_KEY: 0x03, POLY1305_KEY: 0x05}  # the MAC flag, and the MAC's own bit
 
 
 def message(key: bytes | Key = KEY) -> bytes:
@@ -24,7 +26,7 @@ def message(key: bytes | Key = KEY) -> bytes:
 @BOTH
 def test_keyed_roundtrip_and_tag_position(key: bytes | Key) -> None:
     data = message(key)
-    assert data[5] == (1 if key == KEY else 3)  # the MAC flag, and the BLAKE3 bit
+    assert data[5] == FLAGS[key]
     out = streampickle.loads(data, key=key)
     assert out["s"] == "hi" and out["a"].tolist() == [0, 1, 2, 3]
 
@@ -85,17 +87,19 @@ def test_swapped_side_chunks_are_detected(key: bytes | Key) -> None:
     assert streampickle.loads(b"".join(a), key=key)[1].tolist() == [1] * 4
 
 
-def test_each_mac_refuses_the_other() -> None:
-    """The MAC is chosen on both ends: a tag of the other kind is refused, whatever the
+def test_each_mac_refuses_the_others() -> None:
+    """The MAC is chosen on both ends: a tag of another kind is refused, whatever the
     secret, so a peer can't downgrade the MAC, and the error names both."""
-    with pytest.raises(AuthenticationError, match="carries a blake3 tag but this decoder's key expects an HMAC"):
-        streampickle.loads(message(BLAKE3_KEY), key=KEY)
-    with pytest.raises(AuthenticationError, match="carries an HMAC-SHA256 tag but this decoder's key expects a blake3"):
-        streampickle.loads(message(KEY), key=BLAKE3_KEY)
-    with pytest.raises(AuthenticationError, match="carries a blake3 tag but this decoder has no key"):
-        streampickle.loads(message(BLAKE3_KEY))
-    with pytest.raises(AuthenticationError, match="carries no tag"):
-        streampickle.loads(streampickle.dumps("x"), key=BLAKE3_KEY)
+    names = {KEY: "an HMAC-SHA256", BLAKE3_KEY: "a blake3", POLY1305_KEY: "a poly1305"}
+    for sender, got in names.items():
+        for receiver, want in names.items():
+            if sender is not receiver:
+                with pytest.raises(AuthenticationError, match=f"carries {got} tag but this decoder's key expects {want} tag"):
+                    streampickle.loads(message(sender), key=receiver)
+        with pytest.raises(AuthenticationError, match=f"carries {got} tag but this decoder has no key"):
+            streampickle.loads(message(sender))
+        with pytest.raises(AuthenticationError, match="carries no tag"):
+            streampickle.loads(streampickle.dumps("x"), key=sender)
     # the same refusals on the incremental path, fed one byte at a time
     decoder = Decoder(key=KEY)
     with pytest.raises(AuthenticationError, match="blake3"):
@@ -104,28 +108,35 @@ def test_each_mac_refuses_the_other() -> None:
     assert i == 19  # refused with the header's last byte, before any table or pickle byte
 
 
-def test_blake3_flag_without_a_tag_is_a_protocol_error() -> None:
-    data = bytearray(streampickle.dumps("x"))
-    data[5] = 0x02
-    with pytest.raises(ProtocolError, match="names a MAC but carries no tag"):
-        streampickle.loads(bytes(data))
+@pytest.mark.parametrize("flags", [0x02, 0x04, 0x06, 0x07])
+def test_a_mac_bit_without_a_tag_or_two_mac_bits_are_protocol_errors(flags: int) -> None:
+    data = bytearray(streampickle.dumps("x", key=POLY1305_KEY if flags & 1 else None))
+    data[5] = flags
+    match = "names two MACs" if flags & 0x06 == 0x06 else "names a MAC but carries no tag"
+    with pytest.raises(ProtocolError, match=match):
+        streampickle.loads(bytes(data), key=POLY1305_KEY if flags & 1 else None)
 
 
-def test_large_blake3_message_verified_incrementally() -> None:
+@pytest.mark.parametrize("key", [BLAKE3_KEY, POLY1305_KEY], ids=["blake3", "poly1305"])
+def test_large_message_verified_incrementally(key: Key) -> None:
     """A large keyed message: streamed MAC on the sending side, hashed piece by piece on the
     receiving side, fed in uneven pieces; one flipped byte deep inside is caught."""
     arr = np.random.default_rng(3).random(3_000_000)  # 24 MB
-    chunks, mac = streampickle.Encoder(key=BLAKE3_KEY).encode_unsigned({"arr": arr})
+    chunks, mac = streampickle.Encoder(key=key).encode_unsigned({"arr": arr})
     assert mac is not None
     for chunk in chunks:
         mac.update(chunk)
     data = b"".join(chunks) + mac.digest()
-    assert data == streampickle.dumps({"arr": arr}, key=BLAKE3_KEY)
+    one_shot = streampickle.dumps({"arr": arr}, key=key)
+    if key.mac == "poly1305":  # a fresh nonce per message: only the tag differs
+        assert data[:-32] == one_shot[:-32] and data[-32:] != one_shot[-32:]
+    else:
+        assert data == one_shot
     for corrupt in (False, True):
         wire = bytearray(data)
         if corrupt:
             wire[len(wire) // 2] ^= 0x10
-        decoder = Decoder(key=BLAKE3_KEY)
+        decoder = Decoder(key=key)
         view = memoryview(wire)
         try:
             for start in range(0, len(view), 1_000_003):
@@ -140,6 +151,8 @@ def test_key_object() -> None:
     key = Key(b"secret", mac="blake3")
     assert key.mac == "blake3" and Key(b"secret").mac == "hmac-sha256"
     assert "secret" not in repr(key) and "blake3" in repr(key)
+    poly = Key(b"secret", mac="poly1305")
+    assert poly.mac == "poly1305" and poly == Key(b"secret", mac="poly1305") != key
     assert key == Key(bytearray(b"secret"), mac="blake3") != Key(b"secret")
     assert len({key, Key(b"secret", mac="blake3")}) == 1
     with pytest.raises(AttributeError):
@@ -156,10 +169,27 @@ def test_key_object() -> None:
         streampickle.Encoder(key="secret")  # type: ignore[arg-type]
 
 
-def test_blake3_missing_says_what_to_install(monkeypatch) -> None:
+@pytest.mark.parametrize("mac, module", [("blake3", "blake3"), ("poly1305", "cryptography.hazmat.primitives.poly1305")])
+def test_a_missing_mac_package_says_what_to_install(monkeypatch, mac: str, module: str) -> None:
     import sys
 
-    monkeypatch.setitem(sys.modules, "blake3", None)  # makes `import blake3` fail
-    with pytest.raises(UsageError, match=r"pip install 'streampickle\[blake3\]'"):
-        Key(b"secret", mac="blake3")
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    with pytest.raises(UsageError, match=rf"pip install 'streampickle\[{mac}\]'"):
+        Key(b"secret", mac=mac)  # type: ignore[arg-type]
     assert Key(b"secret").mac == "hmac-sha256"  # the default needs nothing
+
+
+def test_poly1305_tags_carry_a_fresh_nonce_and_the_nonce_is_authenticated() -> None:
+    """Poly1305's pad comes from a random nonce sent at the start of the tag: no two messages
+    share one (a repeated pad would let an observer solve for r), and a tag moved onto another
+    message, or a nonce swapped between two valid tags, fails."""
+    data = [streampickle.dumps("same", key=POLY1305_KEY) for _ in range(200)]
+    assert len({d[-32:-16] for d in data}) == 200
+    assert all(streampickle.loads(d, key=POLY1305_KEY) == "same" for d in data)
+    a, b = data[0], data[1]
+    for forged in (a[:-16] + b[-16:], a[:-32] + b[-32:-16] + a[-16:]):
+        with pytest.raises(AuthenticationError, match="mismatch"):
+            streampickle.loads(forged, key=POLY1305_KEY)
+    other = streampickle.dumps("diff", key=POLY1305_KEY)
+    with pytest.raises(AuthenticationError, match="mismatch"):
+        streampickle.loads(other[:-32] + a[-32:], key=POLY1305_KEY)
