@@ -179,6 +179,19 @@ def test_a_missing_mac_package_says_what_to_install(monkeypatch, mac: str, modul
     assert Key(b"secret").mac == "hmac-sha256"  # the default needs nothing
 
 
+def test_poly1305_without_openssl_support_says_what_to_use(monkeypatch) -> None:
+    """An OpenSSL without Poly1305 (a FIPS build) fails at Key(), not at the first message."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import poly1305
+
+    def unsupported(key: bytes) -> None:
+        raise UnsupportedAlgorithm("poly1305 is not supported by this backend")
+
+    monkeypatch.setattr(poly1305, "Poly1305", unsupported)
+    with pytest.raises(UsageError, match="has no Poly1305; use mac='blake3'"):
+        Key(b"secret", mac="poly1305")
+
+
 def test_poly1305_tags_carry_a_fresh_nonce_and_the_nonce_is_authenticated() -> None:
     """Poly1305's pad comes from a random nonce sent at the start of the tag: no two messages
     share one (a repeated pad would let an observer solve for r), and a tag moved onto another
