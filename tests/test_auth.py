@@ -15,7 +15,7 @@ KEY = b"sixteen byte key"
 BLAKE3_KEY = Key(KEY, mac="blake3")
 POLY1305_KEY = Key(KEY, mac="poly1305")
 # the same tests for every MAC: bytes mean HMAC-SHA256
-BOTH = pytest.mark.parametrize("key", [KEY, BLAKE3_KEY, POLY1305_KEY], ids=["hmac-sha256", "blake3", "poly1305"])
+EVERY_MAC = pytest.mark.parametrize("key", [KEY, BLAKE3_KEY, POLY1305_KEY], ids=["hmac-sha256", "blake3", "poly1305"])
 FLAGS = {KEY: 0x01, BLAKE3_KEY: 0x03, POLY1305_KEY: 0x05}  # the MAC flag, and the MAC's own bit
 
 
@@ -23,7 +23,7 @@ def message(key: bytes | Key = KEY) -> bytes:
     return streampickle.dumps({"a": np.arange(4, dtype=np.uint8), "s": "hi"}, key=key)
 
 
-@BOTH
+@EVERY_MAC
 def test_keyed_roundtrip_and_tag_position(key: bytes | Key) -> None:
     data = message(key)
     assert data[5] == FLAGS[key]
@@ -31,7 +31,7 @@ def test_keyed_roundtrip_and_tag_position(key: bytes | Key) -> None:
     assert out["s"] == "hi" and out["a"].tolist() == [0, 1, 2, 3]
 
 
-@BOTH
+@EVERY_MAC
 def test_every_single_bit_flip_is_detected(key: bytes | Key) -> None:
     data = message(key)
     for i in range(len(data)):
@@ -78,7 +78,7 @@ def test_authentication_failure_poisons_the_decoder() -> None:
         decoder.feed(message())
 
 
-@BOTH
+@EVERY_MAC
 def test_swapped_side_chunks_are_detected(key: bytes | Key) -> None:
     a = streampickle.Encoder(key=key).encode([np.zeros(4, np.uint8), np.ones(4, np.uint8)])
     head, c1, c2, tag = a
