@@ -108,7 +108,9 @@ async def send_main() -> None:
         await streampickle.dump(arr, proc.stdin)
         after = peak_mib()
         await proc.stdin.aclose()
-        out = await proc.stdout.receive()
+        # All of the receiver's output, to its end: one receive() may return part of a line,
+        # and the report would then run into this side's own (a CI failure, once).
+        out = b"".join([chunk async for chunk in proc.stdout])
         await proc.wait()
         sys.stdout.write(out.decode())
         report(role="send", increase_mib=after - before, ok=True)
