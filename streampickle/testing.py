@@ -187,6 +187,29 @@ async def _close_wakes_blocked_receive(make: StreamMaker) -> None:
         assert woke and isinstance(woke[0], anyio.ClosedResourceError), woke
 
 
+async def _close_wakes_blocked_send(make: StreamMaker) -> None:
+    """A send blocked on a peer that doesn't read wakes when its stream is closed."""
+    a, b = await make()
+    async with a, b:
+        await a.send("warm-up")  # see _backpressure
+        assert await b.receive() == "warm-up"
+        big = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB: more than any socket buffers
+        woke: list[BaseException] = []
+
+        async def blocked() -> None:
+            try:
+                await a.send(big)
+            except BaseException as exc:  # noqa: BLE001 - we record what woke it
+                woke.append(exc)
+
+        with anyio.fail_after(2):  # a local channel's send wakes within milliseconds
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(blocked)
+                await anyio.sleep(0.1)
+                await a.aclose()
+        assert woke and isinstance(woke[0], anyio.ClosedResourceError), woke
+
+
 async def _cancelled_receive_loses_nothing(make: StreamMaker) -> None:
     a, b = await make()
     async with a, b:
@@ -333,6 +356,7 @@ CHECKS: dict[str, Callable[[StreamMaker], Awaitable[None]]] = {
     "ordering": _ordering,
     "eof_and_close": _eof_and_close,
     "close_wakes_blocked_receive": _close_wakes_blocked_receive,
+    "close_wakes_blocked_send": _close_wakes_blocked_send,
     "cancelled_receive_loses_nothing": _cancelled_receive_loses_nothing,
     "cancelled_send_before_first_byte_keeps_stream": _cancelled_send_before_first_byte_keeps_stream,
     "cancelled_send_mid_message_breaks_stream": _cancelled_send_mid_message_breaks_stream,

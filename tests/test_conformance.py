@@ -13,14 +13,23 @@ from streampickle.testing import CHECKS, check_object_stream
 # sends: no backpressure. Measured: 300 MiB accepted with nobody reading. streampickle's own
 # sockets don't depend on it. strict: if anyio or uvloop fix it, this starts failing as XPASS.
 _UVLOOP_NO_BACKPRESSURE = {"tcp-anyio"}
+_NEEDS_BACKPRESSURE = {"backpressure", "close_wakes_blocked_send"}
+
+# anyio's asyncio process stdin closes with StreamWriter.close(), and asyncio's pipe transport
+# closes only after flushing what it buffered: with nobody reading, a send blocked in drain()
+# never wakes. (trio's process pipes do wake it.) strict, as above.
+_ASYNCIO_CLOSE_DOES_NOT_WAKE_SEND = {"process-pipes"}
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("check", CHECKS)
 @pytest.mark.parametrize("binding", BINDINGS)
 async def test_conformance(binding: str, check: str, anyio_backend: object, request: pytest.FixtureRequest) -> None:
-    if check == "backpressure" and binding in _UVLOOP_NO_BACKPRESSURE and isinstance(anyio_backend, tuple):
+    on_asyncio = anyio_backend == "asyncio" or isinstance(anyio_backend, tuple)
+    if check in _NEEDS_BACKPRESSURE and binding in _UVLOOP_NO_BACKPRESSURE and isinstance(anyio_backend, tuple):
         request.applymarker(pytest.mark.xfail(strict=True, reason="anyio streams on uvloop don't pause reading"))
+    if check == "close_wakes_blocked_send" and binding in _ASYNCIO_CLOSE_DOES_NOT_WAKE_SEND and on_asyncio:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="asyncio's pipe transport flushes before closing"))
     try:
         await check_object_stream(BINDINGS[binding], only=[check])
     finally:
