@@ -92,6 +92,7 @@ def run(workload_names: list[str], transports: list[str], contenders: list[str],
                 rows.append({
                     "workload": workload, "transport": transport, "contender": contender,
                     "median_s": med, "min_s": min(secs), "max_s": max(secs),
+                    "samples_s": secs,  # round by round, for re-analysis
                     "gb_per_s": payload / med / 1e9, "msgs_per_s": count / med,
                     "vs_limit": limit / med,
                     "vs_p5": p5 / med if p5 else None,
