@@ -160,20 +160,26 @@ async def _eof_and_close(make: StreamMaker) -> None:
             raise AssertionError("a closed stream accepted a call")
 
 
-async def _close_while_receiving(stream: ObjectStream[Any], *, check: Callable[[], None] | None = None) -> list[BaseException]:
-    """Close ``stream`` while a task is blocked in its ``receive()`` (after calling ``check``,
-    if given, at that point); return what woke that receive."""
+async def _close_while_blocked(
+    stream: ObjectStream[Any],
+    call: Callable[[], Awaitable[Any]],
+    *,
+    check: Callable[[], None] | None = None,
+    after: float = 0.05,
+) -> list[BaseException]:
+    """Close ``stream`` ``after`` seconds into a task blocked in ``call()`` (calling ``check``,
+    if given, at that point); return what woke that call."""
     woke: list[BaseException] = []
 
     async def blocked() -> None:
         try:
-            await stream.receive()
+            await call()
         except BaseException as exc:  # noqa: BLE001 - we record what woke it
             woke.append(exc)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(blocked)
-        await anyio.sleep(0.05)
+        await anyio.sleep(after)
         if check is not None:
             check()
         await stream.aclose()
@@ -183,7 +189,7 @@ async def _close_while_receiving(stream: ObjectStream[Any], *, check: Callable[[
 async def _close_wakes_blocked_receive(make: StreamMaker) -> None:
     a, b = await make()
     async with a, b:
-        woke = await _close_while_receiving(b)
+        woke = await _close_while_blocked(b, b.receive)
         assert woke and isinstance(woke[0], anyio.ClosedResourceError), woke
 
 
@@ -194,19 +200,8 @@ async def _close_wakes_blocked_send(make: StreamMaker) -> None:
         await a.send("warm-up")  # see _backpressure
         assert await b.receive() == "warm-up"
         big = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB: more than any socket buffers
-        woke: list[BaseException] = []
-
-        async def blocked() -> None:
-            try:
-                await a.send(big)
-            except BaseException as exc:  # noqa: BLE001 - we record what woke it
-                woke.append(exc)
-
         with anyio.fail_after(2):  # a local channel's send wakes within milliseconds
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(blocked)
-                await anyio.sleep(0.1)
-                await a.aclose()
+            woke = await _close_while_blocked(a, lambda: a.send(big), after=0.1)
         assert woke and isinstance(woke[0], anyio.ClosedResourceError), woke
 
 

@@ -17,7 +17,7 @@ import streampickle
 from _pairs import tcp_anyio, tcp_owned, tls, unix_anyio, unix_owned
 from streampickle import ObjectStream
 from streampickle._transports import SOCKET_BUFFER, AnyioTransport, SocketTransport
-from streampickle.testing import _close_while_receiving, memory_stream_pair
+from streampickle.testing import _close_while_blocked, memory_stream_pair
 
 pytestmark = pytest.mark.anyio
 
@@ -398,7 +398,7 @@ async def test_close_wakes_a_receive_waiting_inside_a_large_chunk() -> None:
         assert stream._decoder.in_message and stream._decoder.get_buffer().nbytes > 1 << 20
 
     with peer:
-        woke = await _close_while_receiving(stream, check=waiting_inside_the_chunk)
+        woke = await _close_while_blocked(stream, stream.receive, check=waiting_inside_the_chunk)
     assert woke and isinstance(woke[0], anyio.ClosedResourceError), woke
     assert stream._t._reader is None
 
