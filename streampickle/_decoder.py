@@ -56,6 +56,12 @@ _PICKLE_COPY_LIMIT = 1 << 20  # complete pickle parts below this are copied into
 _HEADER, _TABLE, _PICKLE, _CHUNK, _TAG = range(5)
 _PART_NAMES = ("header", "length table", "pickle", "side chunk", "tag")
 _NO_PICKLE = np.empty(0, dtype=np.uint8)
+_NO_CHUNKS: tuple[memoryview, ...] = ()  # the side chunks of every message that has none
+
+try:
+    from ._speedups import take_plain as _take_plain
+except ImportError:  # built without the C extension: the Python loop does it all
+    _take_plain = None
 _TAG_MISMATCH = (
     "tag mismatch: the message was altered in transit, or the two ends use different keys. "
     "Nothing of it was unpickled."
@@ -326,9 +332,16 @@ class Decoder:
         tag_size = _wire.TAG_SIZE if key is not None else 0
         unpack_header = _wire.unpack_header
         ready = self._ready
+        # Runs of plain messages (no key, no side chunks) go through C when it is there: the
+        # loop below, in Python, costs more than unpickling a small message.
+        take_plain = _take_plain if key is None and limit < 0 else None
         end = len(view)
         pos = 0  # start of the current message in view
         while end - pos >= _wire.HEADER_SIZE and taken != limit:
+            if take_plain is not None:
+                pos = take_plain(view, pos, max_pickle, limits.max_message_size, ready.append, _NO_CHUNKS)
+                if end - pos < _wire.HEADER_SIZE:
+                    break
             magic, version, flags, reserved, count, plen = unpack_header(view, pos)
             if (
                 magic != _wire.MAGIC or version != _wire.VERSION or flags != want_flags or reserved

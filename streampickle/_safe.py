@@ -114,6 +114,13 @@ class Loader:
 
     def load_inband(self, data: bytes | memoryview) -> Any:
         """``load`` for a message without side chunks: the path every small message takes."""
+        if _load_inband_c is not None and type(data) is bytes and len(data) < GC_PAUSE_BYTES:
+            try:
+                obj = _load_inband_c(data, self.trusted)  # the lines below, in one C call
+            except Exception as exc:
+                raise unpickling_failed(exc) from exc
+            if obj is not NotImplemented:
+                return obj
         if self.trusted:
             return _plain_loads(data, None)
         globals_ = _scan(data, 0)
@@ -185,5 +192,10 @@ def unpickling_failed(exc: Exception) -> MalformedPickleError:
 def _refused(result: tuple[int, str]) -> MalformedPickleError:
     return MalformedPickleError(f"malformed pickle at byte {result[0]}: {result[1]}")
 
+
+try:
+    from ._speedups import load_inband as _load_inband_c
+except ImportError:  # built without the C extension
+    _load_inband_c = None
 
 _SHARED = {False: Loader(trusted=False), True: Loader(trusted=True)}

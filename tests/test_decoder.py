@@ -3,12 +3,15 @@ early refusal of garbage, and memory that follows arrived bytes rather than clai
 
 from __future__ import annotations
 
+import decimal
 import pickle
 import struct
 import tracemalloc
 
 import numpy as np
 import pytest
+
+from _util import assert_same
 
 import streampickle
 from streampickle import (
@@ -229,6 +232,7 @@ def test_a_large_pickle_part_is_unpickled_from_the_buffer_it_arrived_in(monkeypa
 
     seen = []
     real_loads = pickle.loads
+    monkeypatch.setattr(_safe, "_load_inband_c", None)  # it calls _pickle.loads, unseen here
     monkeypatch.setattr(_safe.pickle, "loads", lambda data, **k: (seen.append(type(data)), real_loads(data, **k))[1])
     big = [str(i) for i in range(200_000)]
     decoder = Decoder()
@@ -237,3 +241,88 @@ def test_a_large_pickle_part_is_unpickled_from_the_buffer_it_arrived_in(monkeypa
             decoder.feed(message[i : i + 100_000])
     assert list(decoder) == [big, ["small"]]
     assert seen == [memoryview, bytes]
+
+
+def _decode_all(data: bytes, splits: list[int], limits: Limits | None) -> list[tuple[str, object]]:
+    """What a decoder hands out for ``data`` fed in pieces ending at ``splits``: each object,
+    or the type and text of each error, in order, until the decoder fails."""
+    decoder = Decoder(limits=limits)
+    out: list[tuple[str, object]] = []
+
+    def drain() -> bool:
+        while True:
+            try:
+                obj = next(decoder)
+            except StopIteration:
+                return True
+            except streampickle.StreamPickleError as exc:
+                out.append((type(exc).__name__, str(exc)))
+                if decoder.failed:
+                    return False
+            else:
+                out.append(("object", obj))
+
+    start = 0
+    for stop in [*splits, len(data)]:
+        try:
+            decoder.feed(data[start:stop])
+        except streampickle.StreamPickleError as exc:
+            out.append((type(exc).__name__, str(exc)))
+            drain()
+            return out
+        if not drain():
+            return out
+        start = stop
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_c_paths_for_plain_messages_decode_as_the_python_ones(seed: int, monkeypatch) -> None:
+    """A run of plain messages (no key, no side chunks) is split off in C (take_plain) and
+    unpickled in C (load_inband); the Python loop they stand in for must give the same objects
+    and the same errors at the same places, whatever the split, mix of messages, limits, or
+    corruption. (The C functions may stop early and leave a message to Python, but never
+    split one differently or accept one that Python refuses.)"""
+    import random
+
+    from streampickle import _decoder, _safe
+
+    assert _decoder._take_plain is not None and _safe._load_inband_c is not None
+    rng = random.Random(seed)
+    pieces = [
+        streampickle.dumps({"id": 1, "vals": [1.0, 2.0]}),
+        streampickle.dumps("x" * rng.randrange(1, 300)),
+        streampickle.dumps(np.arange(rng.randrange(0, 5))),  # side chunks: the Python loop
+        streampickle.dumps(decimal.Decimal("1.5")),  # names a global
+        streampickle.dumps(None),
+        header(plen=0),  # refused: empty pickle part
+        header(flags=1, plen=3) + b"\x80\x05N." + b"t" * 32,  # a tag nobody asked for
+        header(plen=4) + b"\x80\x05N.",  # the pickle is short by one byte (eats the next)
+        header(plen=3) + b"\x80\x05N",  # no STOP: malformed
+        header(plen=3) + b"\x80\x05\x8c",  # the scan refuses it
+        header(plen=17) + b"\x80\x05cbuiltins\nlen\n.",  # GLOBAL: refused in safe mode
+    ]
+    good, bad = pieces[:5], pieces[5:]
+    stream = b"".join(rng.choice(good) for _ in range(rng.randrange(1, 30)))
+    if seed % 2:  # every bad piece in some seeds
+        stream += bad[seed // 2 % len(bad)]
+        stream += b"".join(rng.choice(good) for _ in range(rng.randrange(0, 5)))
+    if rng.random() < 0.3:  # a random byte changed
+        i = rng.randrange(len(stream))
+        stream = stream[:i] + bytes([rng.randrange(256)]) + stream[i + 1 :]
+    if rng.random() < 0.3:
+        stream = stream[: rng.randrange(len(stream))]  # cut anywhere
+    splits = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randrange(0, 6))))
+    limits = rng.choice([None, Limits(max_pickle_size=40), Limits(max_message_size=60)])
+
+    with_c = _decode_all(stream, splits, limits)
+    monkeypatch.setattr(_decoder, "_take_plain", None)
+    monkeypatch.setattr(_safe, "_load_inband_c", None)
+    in_python = _decode_all(stream, splits, limits)
+    assert len(with_c) == len(in_python)
+    for (kind_c, value_c), (kind_py, value_py) in zip(with_c, in_python):
+        assert kind_c == kind_py
+        if kind_c == "object":
+            assert_same(value_py, value_c)
+        else:
+            assert value_c == value_py
