@@ -224,7 +224,18 @@ class Encoder:
         if self._busy:
             return Encoder(key=self._key)._encode(obj, sign)
         self._busy = True
-        parts, size, views = self._pickle(obj)
+        if self._key is None:
+            # The commonest message, small and plain, framed in the same C call as dumps() uses.
+            try:
+                framed = _dump_small(self._pickler, self._out, self._buffers, obj, _MEMO_CHECK_BYTES)
+            except BaseException as exc:
+                self._fail(obj, exc)
+            if framed is not None:
+                self._busy = False
+                return [framed]
+            parts, size, views = self._finish(obj)
+        else:
+            parts, size, views = self._pickle(obj)
         if views is None and self._key is None and size <= _wire.COALESCE_LIMIT:
             return [_frame(parts[0], 0)]  # every small unkeyed message: one chunk, one allocation
         return self._assemble(parts, size, views, sign)
