@@ -14,6 +14,10 @@ Both are thin: the encoder makes the chunks, the decoder finds the messages, and
   sees an incomplete message, never a wrong object.
 * *Sends are serialized, in order* (a FIFO lock); concurrent receives raise
   ``anyio.BusyResourceError``.
+* *A burst of small messages is one write* where the transport can (``send_later``: asyncio
+  and uvloop on streampickle's sockets). The first send since the stream last yielded goes out
+  at once, so a reply isn't held back; the rest of the burst is taken, counts as sent, and is
+  written when the task next yields. Closing writes it first.
 """
 
 from __future__ import annotations
@@ -143,9 +147,31 @@ class ObjectStream(_AnyioObjectStream[Any]):
 
     async def send(self, item: Any) -> None:
         """Send one object. Pickling happens first: if it fails, :class:`EncodeError` is raised
-        and nothing was sent. Concurrent sends are queued in order."""
+        and nothing was sent. Concurrent sends are queued in order. A small message sent in a
+        burst may be written, with the rest of the burst, only when this task next yields to
+        the event loop (see the module docstring)."""
         chunks, mac = self._encoder.encode_unsigned(item)
         await (self._cic or self._set_cic())()
+        # A small message in a burst (not the first send since this stream last yielded) is
+        # written with the rest of the burst where the transport can (SocketTransport.send_later).
+        taken = (
+            self._quick_sends
+            and len(chunks) == 1
+            and mac is None
+            and not self._send_lock._locked
+            and self._send_broken is None
+            and not self._closed
+            and (self._transport or self._t).send_later(chunks[0])
+        )
+        if not taken:
+            await self._send_chunks(chunks, mac)
+        self._quick_sends += 1
+        if self._quick_sends >= _YIELD_EVERY:
+            self._quick_sends = 0
+            # the message is out: a cancellation delivered here must not look like a failed send
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _send_chunks(self, chunks: list[Any], mac: Any) -> None:
         await self._send_lock.acquire()
         try:
             self._check_send()
@@ -159,11 +185,6 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 raise
         finally:
             self._send_lock.release()
-        self._quick_sends += 1
-        if self._quick_sends >= _YIELD_EVERY:
-            self._quick_sends = 0
-            # the message is out: a cancellation delivered here must not look like a failed send
-            await anyio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive(self) -> Any:
         """The next object. Cancelling this loses nothing: the next call returns it whole."""
@@ -187,6 +208,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 if self._eof:
                     raise anyio.EndOfStream
                 self._quick_receives = 0
+                self._quick_sends = 0  # the next send, likely a reply, goes out at once
                 if not await self._t.fill(decoder, exact=False):
                     self._eof = True
         finally:

@@ -12,7 +12,8 @@ sans-IO core. Three kinds:
   ``recv_into``: no userspace copy either way. This is the fast path, taken for streampickle's
   own sockets and for anyio socket streams whose socket nothing else reads (all of them on
   trio, the Unix ones on asyncio). anyio's asyncio TCP streams belong to an asyncio transport,
-  which copies unsent data (see issue 3).
+  which copies unsent data (see issue 3). On asyncio and uvloop it also coalesces the small
+  messages of a burst of sends into one write (``send_later``).
 
 Every transport counts the bytes of the current message it has handed to the kernel or
 channel (``sent``), so the object stream can tell a send cancelled before its first byte (the
@@ -42,6 +43,9 @@ SEND_SLICE = 1 << 20
 READ_AHEAD = 256 * 1024
 # Parts at least this large are read straight into their destination on raw sockets.
 DIRECT_READ = 64 * 1024
+# At most this many bytes of small messages wait to be written together (see send_later); a
+# send that finds this much waiting goes the ordinary way, behind it.
+COALESCE_BYTES = 64 * 1024
 # Unix socket buffers streampickle asks for (the kernel caps them at net.core.wmem_max and
 # rmem_max). Larger ones mean fewer event-loop wake-ups per array: 4 MiB instead of the default
 # ~200 KiB made big arrays move 2.5x as fast here. TCP sockets are left to the kernel's
@@ -90,6 +94,10 @@ class AnyioTransport:
         self.stream = stream
         self.sent = 0
 
+    def send_later(self, chunk: Chunk) -> bool:
+        """Never: anyio's streams do their own buffering (see ``SocketTransport.send_later``)."""
+        return False
+
     async def send_chunks(self, chunks: list[Chunk]) -> None:
         send = self.stream.send
         for piece in _slices(chunks):
@@ -126,6 +134,10 @@ class AsyncioTransport:
         self.writer = writer
         self.sent = 0
 
+    def send_later(self, chunk: Chunk) -> bool:
+        """Never: a ``StreamWriter`` does its own buffering (see ``SocketTransport.send_later``)."""
+        return False
+
     async def send_chunks(self, chunks: list[Chunk]) -> None:
         assert self.writer is not None
         for piece in _slices(chunks):
@@ -161,8 +173,99 @@ class SocketTransport:
         # after the first wait, and the reader registered for the current wait, if any.
         self._loop_readers: bool | None = None
         self._reader: tuple[asyncio.AbstractEventLoop, int, asyncio.Future[bool]] | None = None
+        # Small messages that send_later took and the kernel doesn't have yet, in order; the
+        # loop whose writer callback is writing them (set while the kernel has no room); tasks
+        # waiting for them to be written; and the error that writing them ended with.
+        self._later: list[Chunk] = []
+        self._later_size = 0
+        self._later_writer: asyncio.AbstractEventLoop | None = None
+        self._later_waiters: list[asyncio.Future[None]] = []
+        self._later_error: OSError | None = None
+
+    def send_later(self, chunk: Chunk) -> bool:
+        """Take one small whole message to write together with the others that the sending
+        task sends before it next yields to the event loop, in one system call, as soon as it
+        does. False (nothing taken) where the message must go the ordinary way: on a loop
+        without callbacks (trio), behind ``COALESCE_BYTES`` already waiting, or after such a
+        write failed.
+
+        Why: a burst of small messages costs one ``send()`` each, and the system call is most
+        of a small message's cost on both ends (it also wakes the receiver each time). uvloop
+        coalesces its transports' writes per loop iteration the same way.
+
+        The message counts as sent: it goes out before any later one, and closing the stream
+        writes it first (``aclose``). If writing it fails, the next send raises.
+        """
+        later = self._later
+        if later:  # a write is already scheduled, or waiting for room in the kernel
+            if self._later_size >= COALESCE_BYTES:
+                return False
+        else:
+            if self._later_error is not None:
+                return False
+            loop = self._loop_taking_callbacks()
+            if loop is None:
+                return False
+            loop.call_soon(self._write_later, loop)
+        later.append(chunk)
+        self._later_size += len(chunk)
+        return True
+
+    def _write_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Loop callback: write what ``send_later`` took, as far as the kernel takes it, and the
+        rest each time the socket is writable again."""
+        later = self._later
+        if not later:  # closed meanwhile
+            return
+        try:
+            n = self.sock.sendmsg(later[:IOV_MAX])
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._later_error = exc
+            self._drop_later(None)
+            return
+        self._later_size -= n
+        drop_sent(later, n)
+        if not later:
+            self._drop_later(None)
+        elif self._later_writer is None:
+            loop.add_writer(self.sock.fileno(), self._write_later, loop)
+            self._later_writer = loop
+
+    def _drop_later(self, exc: BaseException | None) -> None:
+        """Forget what ``send_later`` took (all of it is written, or it never will be) and
+        wake the tasks waiting for it: with ``exc``, or to find out for themselves."""
+        self._later.clear()
+        self._later_size = 0
+        if self._later_writer is not None:
+            self._later_writer.remove_writer(self.sock.fileno())
+            self._later_writer = None
+        waiters, self._later_waiters = self._later_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
+
+    async def _written_later(self) -> None:
+        """Wait until every message ``send_later`` took is written; ``BrokenResourceError`` if
+        that failed. Cancelling the wait loses nothing: the loop callback goes on writing."""
+        while self._later:
+            waiter = asyncio.get_running_loop().create_future()
+            self._later_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._later_waiters:
+                    self._later_waiters.remove(waiter)
+        if self._later_error is not None:
+            raise anyio.BrokenResourceError(f"sending failed: {self._later_error}") from self._later_error
 
     async def send_chunks(self, chunks: list[Chunk]) -> None:
+        if self._later or self._later_error is not None:
+            await self._written_later()  # the messages ahead of this one go first
         sock = self.sock
         if len(chunks) == 1:  # a small message: one send() and, usually, done
             chunk = chunks[0]
@@ -202,7 +305,7 @@ class SocketTransport:
                 n = self.sock.recv_into(target)
                 break
             except BlockingIOError:
-                loop = self._loop_taking_readers() if direct else None
+                loop = self._loop_taking_callbacks() if direct else None
                 if loop is not None:
                     return await self._fill_from_reader(loop, decoder, target)
                 await anyio.wait_readable(self.sock)
@@ -217,9 +320,9 @@ class SocketTransport:
             decoder.feed(target[:n])
         return True
 
-    def _loop_taking_readers(self) -> asyncio.AbstractEventLoop | None:
-        """The running asyncio loop if it takes reader callbacks: the selector loop and uvloop
-        do; trio and the Windows proactor loop don't."""
+    def _loop_taking_callbacks(self) -> asyncio.AbstractEventLoop | None:
+        """The running asyncio loop if it takes reader and writer callbacks: the selector loop
+        and uvloop do; trio and the Windows proactor loop don't."""
         if self._loop_readers is False:
             return None
         try:
@@ -296,13 +399,32 @@ class SocketTransport:
                 done.set_exception(anyio.ClosedResourceError())
 
     async def send_eof(self) -> None:
+        if self._later:
+            await self._written_later()
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
     async def aclose(self) -> None:
+        """Wake every blocked call with ``ClosedResourceError``, write the messages that
+        ``send_later`` took (waiting for the peer to make room, if it must: cancel the close to
+        drop them), and close."""
+        waiters, self._later_waiters = self._later_waiters, []
+        for waiter in waiters:  # sends waiting to go behind them: they never started
+            if not waiter.done():
+                waiter.set_exception(anyio.ClosedResourceError())
         self._wake_reader()
+        try:
+            if self._later:
+                await self._written_later()
+        except anyio.BrokenResourceError:
+            pass  # the peer is gone: nothing left to write to
+        finally:
+            self._drop_later(anyio.ClosedResourceError())
+            await self._close()
+
+    async def _close(self) -> None:
         if self._owner is not None:
             # Wake our own waiters first: anyio's asyncio Unix stream only wakes its own.
             if self.sock.fileno() >= 0:
