@@ -28,7 +28,7 @@ can't be trusted any more. Messages completed before the failure are still deliv
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -57,16 +57,16 @@ _HEADER, _TABLE, _PICKLE, _CHUNK, _TAG = range(5)
 _PART_NAMES = ("header", "length table", "pickle", "side chunk", "tag")
 _NO_PICKLE = np.empty(0, dtype=np.uint8)
 _NO_CHUNKS: tuple[memoryview, ...] = ()  # the side chunks of every message that has none
-
-try:
-    from ._speedups import take_plain as _take_plain
-except ImportError:  # built without the C extension: the Python loop does it all
-    _take_plain = None
 _TAG_MISMATCH = (
     "tag mismatch: the message was altered in transit, or the two ends use different keys. "
     "Nothing of it was unpickled."
 )
 _DEFAULT_LIMITS = Limits()
+
+try:
+    from ._speedups import take_plain as _take_plain
+except ImportError:  # built without the C extension: the Python loop does it all
+    _take_plain = None
 
 
 def aligned_empty(nbytes: int) -> np.ndarray[Any, Any]:
@@ -111,7 +111,7 @@ class Decoder:
         self._key = as_key(key)
         self._want_flags = self._key.flags if self._key is not None else 0
         # complete messages awaiting unpickling: (pickle part, side-chunk buffers)
-        self._ready: collections.deque[tuple[bytes | memoryview, list[memoryview]]] = collections.deque()
+        self._ready: collections.deque[tuple[bytes | memoryview, Sequence[memoryview]]] = collections.deque()
         self._failure: StreamPickleError | None = None
         self._eof = False
         self._header_buf = bytearray(_wire.HEADER_SIZE)

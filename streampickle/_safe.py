@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import io
 import pickle
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from . import _rebuild
 from ._errors import ForbiddenGlobalError, MalformedPickleError, StreamPickleError, UsageError
@@ -96,7 +96,7 @@ class Loader:
         """The loader for the default allowlist (immutable, so one serves every decoder)."""
         return _SHARED[trusted] if type(trusted) is bool else cls(trusted=trusted)
 
-    def load(self, data: bytes | memoryview, buffers: list[Any]) -> Any:
+    def load(self, data: bytes | memoryview, buffers: Sequence[Any]) -> Any:
         """Unpickle ``data`` with ``buffers`` as its out-of-band buffers, all of them used."""
         if not buffers:
             return self.load_inband(data)

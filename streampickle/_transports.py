@@ -169,9 +169,9 @@ class SocketTransport:
         # Read-ahead space, made on first use: dump() and load(), which build a transport per
         # call, never read ahead.
         self._scratch: memoryview | None = None
-        # Whether the running loop takes reader callbacks (asyncio, uvloop; not trio), known
-        # after the first wait, and the reader registered for the current wait, if any.
-        self._loop_readers: bool | None = None
+        # Whether the running loop takes reader and writer callbacks (asyncio, uvloop; not
+        # trio), known after the first use, and the reader registered for the current wait.
+        self._loop_callbacks: bool | None = None
         self._reader: tuple[asyncio.AbstractEventLoop, int, asyncio.Future[bool]] | None = None
         # Small messages that send_later took and the kernel doesn't have yet, in order; the
         # loop whose writer callback is writing them (set while the kernel has no room); tasks
@@ -323,16 +323,16 @@ class SocketTransport:
     def _loop_taking_callbacks(self) -> asyncio.AbstractEventLoop | None:
         """The running asyncio loop if it takes reader and writer callbacks: the selector loop
         and uvloop do; trio and the Windows proactor loop don't."""
-        if self._loop_readers is False:
+        if self._loop_callbacks is False:
             return None
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # trio
-            self._loop_readers = False
+            self._loop_callbacks = False
             return None
-        if self._loop_readers is None:
-            self._loop_readers = type(loop).add_reader is not asyncio.AbstractEventLoop.add_reader
-        return loop if self._loop_readers else None
+        if self._loop_callbacks is None:
+            self._loop_callbacks = type(loop).add_reader is not asyncio.AbstractEventLoop.add_reader
+        return loop if self._loop_callbacks else None
 
     async def _fill_from_reader(self, loop: asyncio.AbstractEventLoop, decoder: Decoder, target: memoryview) -> bool:
         """Fill ``target`` (the rest of the current part) from a reader callback on the loop.
