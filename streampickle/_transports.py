@@ -223,31 +223,36 @@ class SocketTransport:
             n = 0
         except OSError as exc:
             self._later_error = exc
-            self._drop_later(None)
+            self._drop_later(closed=False)
             return
         self._later_size -= n
         drop_sent(later, n)
         if not later:
-            self._drop_later(None)
+            self._drop_later(closed=False)
         elif self._later_writer is None:
             loop.add_writer(self.sock.fileno(), self._write_later, loop)
             self._later_writer = loop
 
-    def _drop_later(self, exc: BaseException | None) -> None:
+    def _drop_later(self, *, closed: bool) -> None:
         """Forget what ``send_later`` took (all of it is written, or it never will be) and
-        wake the tasks waiting for it: with ``exc``, or to find out for themselves."""
+        wake the tasks waiting for it (see ``_wake_later_waiters``)."""
         self._later.clear()
         self._later_size = 0
         if self._later_writer is not None:
             self._later_writer.remove_writer(self.sock.fileno())
             self._later_writer = None
+        self._wake_later_waiters(closed=closed)
+
+    def _wake_later_waiters(self, *, closed: bool) -> None:
+        """Wake the tasks waiting in ``_written_later``: with ``ClosedResourceError`` if the
+        stream is closing, else to look again."""
         waiters, self._later_waiters = self._later_waiters, []
         for waiter in waiters:
             if not waiter.done():
-                if exc is None:
-                    waiter.set_result(None)
+                if closed:
+                    waiter.set_exception(anyio.ClosedResourceError())
                 else:
-                    waiter.set_exception(exc)
+                    waiter.set_result(None)
 
     async def _written_later(self) -> None:
         """Wait until every message ``send_later`` took is written; ``BrokenResourceError`` if
@@ -410,10 +415,7 @@ class SocketTransport:
         """Wake every blocked call with ``ClosedResourceError``, write the messages that
         ``send_later`` took (waiting for the peer to make room, if it must: cancel the close to
         drop them), and close."""
-        waiters, self._later_waiters = self._later_waiters, []
-        for waiter in waiters:  # sends waiting to go behind them: they never started
-            if not waiter.done():
-                waiter.set_exception(anyio.ClosedResourceError())
+        self._wake_later_waiters(closed=True)  # sends waiting behind them never started
         self._wake_reader()
         try:
             if self._later:
@@ -421,7 +423,7 @@ class SocketTransport:
         except anyio.BrokenResourceError:
             pass  # the peer is gone: nothing left to write to
         finally:
-            self._drop_later(anyio.ClosedResourceError())
+            self._drop_later(closed=True)
             await self._close()
 
     async def _close(self) -> None:
