@@ -3,9 +3,12 @@
     python peers.py recv CONTENDER TRANSPORT WORKLOAD SCALE   -> prints {"address": ...}, then a result
     python peers.py send CONTENDER TRANSPORT WORKLOAD SCALE ADDRESS
 
-The receiver listens and, once a sender is connected, times from its first receive call until
-every message of the workload is reconstructed as a Python object; then (untimed) it verifies
-them. Both sides report the rise of their peak RSS (VmHWM) over the measurement.
+The receiver listens and, once a sender is connected, moves the workload over that one
+connection up to ``TRANSFERS`` times (see ``Transfers``). Each transfer starts at a barrier: the
+receiver tells the sender to go, and times from then until every message of the workload is
+reconstructed as a Python object; then (untimed) it verifies them and lets them go. Both sides
+report the rise of their peak RSS (VmHWM): the sender's over the whole measurement, the
+receiver's the largest over one transfer.
 """
 
 from __future__ import annotations
@@ -147,7 +150,6 @@ def _big_buffers(sock: socket.socket) -> None:
 
 
 def limit_send(sock: socket.socket, prepared: list[memoryview | bytes]) -> None:
-    _big_buffers(sock)
     for v in prepared:
         sock.sendall(v)
 
@@ -158,12 +160,25 @@ def limit_prepare(messages: list[Any]) -> list[memoryview | bytes]:
     return [b"".join(v for v in views if v.nbytes < 1 << 16)] + [v for v in views if v.nbytes >= 1 << 16]
 
 
-def limit_recv(sock: socket.socket, total: int) -> list[Any]:
-    _big_buffers(sock)
-    dest = np.empty(total, dtype=np.uint8)  # preallocated, uninitialised
-    start = time.perf_counter()
+def limit_recv(sock: socket.socket, total: int) -> np.ndarray[Any, Any]:
+    dest = np.empty(total, dtype=np.uint8)  # uninitialised, as streampickle's destinations
     recv_exactly_into(sock, memoryview(dest))
-    return [time.perf_counter() - start, dest]
+    return dest
+
+
+def limit_check(messages: list[Any]) -> Callable[[np.ndarray[Any, Any]], None]:
+    """What the limit's receiver verifies: the bytes it got are the payload's, in order."""
+    views = raw_payload(messages)
+
+    def check(dest: np.ndarray[Any, Any]) -> None:
+        pos = 0
+        for view in views:
+            chunk = np.frombuffer(view, dtype=np.uint8)
+            assert np.array_equal(dest[pos : pos + chunk.size], chunk), "limit-socket bytes differ"
+            pos += chunk.size
+        assert pos == dest.size
+
+    return check
 
 
 _HEAD = struct.Struct("<QI")
@@ -211,34 +226,102 @@ def inband_recv(sock: socket.socket, count: int) -> list[Any]:
     return out
 
 
+# -- repeated transfers with a start barrier ---------------------------------------------------
+
+# One measurement moves its workload over one connection at most this many times, and stops
+# repeating once its timed transfers add up to TRANSFER_BUDGET_S. Single transfers of the same
+# code spread by 30% and more here (run 10's big-array over Unix: 0.13-0.25 s), so a median of
+# one transfer per round could not tell 0.9x of the limit from 1.0x; repeating the fast
+# transfers gives each round up to five samples for little more time, while a contender that
+# takes seconds per transfer (whose ratios are far from any target) still moves its workload once.
+TRANSFERS = 5
+TRANSFER_BUDGET_S = 1.0
+GO, STOP = b"g", b"s"
+
+
+class Transfers:
+    """The receiver's record of one measurement: each transfer's seconds and RSS rise.
+
+    The receiver's loop, in every contender::
+
+        while t.more():
+            t.prepare(); <send GO>; t.start()
+            got = <receive the workload>
+            t.stop(); check(got); del got
+        <send STOP>; t.report()
+
+    ``prepare`` comes before GO so that the sender starts no earlier than the clock. The peak
+    RSS is reset before each transfer and read after it, before verification: the comparison's
+    temporaries and the previous transfer's objects are not counted.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.rss_mib = 0.0
+        self._base = 0.0
+        self._start = 0.0
+
+    def more(self) -> bool:
+        return not self.seconds or (len(self.seconds) < TRANSFERS and sum(self.seconds) < TRANSFER_BUDGET_S)
+
+    def prepare(self) -> None:
+        self._base = ready()
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+        self.rss_mib = max(self.rss_mib, hwm_mib() - self._base)
+
+    def report(self) -> None:
+        emit(seconds=self.seconds, rss_mib=self.rss_mib, verified=True)
+
+
+def send_transfers(wait_go: Callable[[], bool], send: Callable[[], None]) -> None:
+    """The sender's loop (blocking contenders): send the workload each time the receiver says go."""
+    before = ready()
+    while wait_go():
+        send()
+    emit(rss_mib=hwm_mib() - before)
+
+
+def receive_transfers(go: Callable[[bytes], Any], receive: Callable[[], Any], check: Callable[[Any], None]) -> None:
+    """The receiver's loop (blocking contenders); see ``Transfers``."""
+    t = Transfers()
+    while t.more():
+        t.prepare()
+        go(GO)
+        t.start()
+        got = receive()
+        t.stop()
+        check(got)
+        del got
+    go(STOP)
+    t.report()
+
+
 # -- the contenders --------------------------------------------------------------------------
 
 
 def run_blocking(role: str, transport: str, messages: list[Any], address: str | None,
-                 send: Callable[..., None], recv: Callable[..., list[Any]], total: int) -> None:
+                 send: Callable[..., None], recv: Callable[..., Any], total: int) -> None:
+    limit = send is limit_send
     if role == "recv":
         lsock, addr = listen_blocking(transport)
         emit(address=addr)
         conn, _ = lsock.accept()
-        before = ready()
-        start = time.perf_counter()
-        got = recv(conn, total if recv is limit_recv else len(messages))
-        seconds = time.perf_counter() - start
-        if recv is limit_recv:
-            seconds, dest = got
-            _RESULT["dest"] = dest
-            got = []
-        rss = hwm_mib() - before
-        conn.sendall(b"k")
-        finish_recv(seconds, rss, got)
+        if limit:
+            _big_buffers(conn)
+            receive_transfers(conn.sendall, lambda: limit_recv(conn, total), limit_check(messages))
+        else:
+            receive_transfers(conn.sendall, lambda: recv(conn, len(messages)), workloads.checker(messages))
     else:
-        if send is limit_send:
-            messages = limit_prepare(messages)
+        payload = limit_prepare(messages) if limit else messages
         sock = connect_blocking(transport, address or "")
-        before = ready()
-        send(sock, messages)
-        sock.recv(1)
-        emit(rss_mib=hwm_mib() - before)
+        if limit:
+            _big_buffers(sock)
+        send_transfers(lambda: sock.recv(1) == GO, lambda: send(sock, payload))
 
 
 def run_mp(role: str, transport: str, messages: list[Any], address: str | None) -> None:
@@ -249,20 +332,15 @@ def run_mp(role: str, transport: str, messages: list[Any], address: str | None) 
         listener = Listener(new_address(transport), family=fam)
         emit(address=show_address(transport, listener.address))
         conn = listener.accept()
-        before = ready()
-        start = time.perf_counter()
-        got = [conn.recv() for _ in messages]
-        seconds = time.perf_counter() - start
-        rss = hwm_mib() - before
-        conn.send_bytes(b"k")
-        finish_recv(seconds, rss, got)
+        receive_transfers(conn.send_bytes, lambda: [conn.recv() for _ in messages], workloads.checker(messages))
     else:
-        conn = Client(parse_address(transport, address or ""), family=fam)
-        before = ready()
-        for m in messages:
-            conn.send(m)
-        conn.recv_bytes()
-        emit(rss_mib=hwm_mib() - before)
+        client = Client(parse_address(transport, address or ""), family=fam)
+
+        def send() -> None:
+            for m in messages:
+                client.send(m)
+
+        send_transfers(lambda: client.recv_bytes() == GO, send)
 
 
 def run_zmq(role: str, transport: str, messages: list[Any], address: str | None) -> None:
@@ -277,26 +355,50 @@ def run_zmq(role: str, transport: str, messages: list[Any], address: str | None)
             sock.bind("tcp://127.0.0.1:*")
         emit(address=sock.getsockopt_string(zmq.LAST_ENDPOINT))
         sock.recv()  # hello: the sender is connected
-        before = ready()
-        start = time.perf_counter()
-        got = []
-        for _ in messages:
-            frames = sock.recv_multipart(copy=False)
-            got.append(pickle.loads(frames[0].buffer, buffers=[f.buffer for f in frames[1:]]))
-        seconds = time.perf_counter() - start
-        rss = hwm_mib() - before
-        sock.send(b"k")
-        finish_recv(seconds, rss, got)
+
+        def receive() -> list[Any]:
+            got = []
+            for _ in messages:
+                frames = sock.recv_multipart(copy=False)
+                got.append(pickle.loads(frames[0].buffer, buffers=[f.buffer for f in frames[1:]]))
+            return got
+
+        receive_transfers(sock.send, receive, workloads.checker(messages))
     else:
         sock.connect(address or "")
         sock.send(b"hello")
-        before = ready()
-        for m in messages:
-            bufs: list[pickle.PickleBuffer] = []
-            data = pickle.dumps(m, protocol=5, buffer_callback=bufs.append)
-            sock.send_multipart([data, *(b.raw() for b in bufs)], copy=False)
-        sock.recv()
-        emit(rss_mib=hwm_mib() - before)
+
+        def send() -> None:
+            for m in messages:
+                bufs: list[pickle.PickleBuffer] = []
+                data = pickle.dumps(m, protocol=5, buffer_callback=bufs.append)
+                sock.send_multipart([data, *(b.raw() for b in bufs)], copy=False)
+
+        send_transfers(lambda: sock.recv() == GO, send)
+
+
+async def receive_transfers_async(go: Callable[[bytes], Any], receive: Callable[[], Any],
+                                  check: Callable[[Any], None]) -> None:
+    """``receive_transfers`` for the async contenders: ``go`` and ``receive`` are awaited."""
+    t = Transfers()
+    while t.more():
+        t.prepare()
+        await go(GO)
+        t.start()
+        got = await receive()
+        t.stop()
+        check(got)
+        del got
+    await go(STOP)
+    t.report()
+
+
+async def send_transfers_async(wait_go: Callable[[], Any], send: Callable[[], Any]) -> None:
+    """``send_transfers`` for the async contenders."""
+    before = ready()
+    while await wait_go():
+        await send()
+    emit(rss_mib=hwm_mib() - before)
 
 
 def run_dask(role: str, transport: str, messages: list[Any], address: str | None) -> None:
@@ -307,14 +409,12 @@ def run_dask(role: str, transport: str, messages: list[Any], address: str | None
     async def main() -> None:
         if role == "recv":
             done = asyncio.Event()
-            result: dict[str, Any] = {}
 
             async def handler(comm: Any) -> None:
-                before = ready()
-                start = time.perf_counter()
-                got = [await comm.read() for _ in messages]
-                result.update(seconds=time.perf_counter() - start, rss=hwm_mib() - before, got=got)
-                await comm.write("k")
+                async def receive() -> list[Any]:
+                    return [await comm.read() for _ in messages]
+
+                await receive_transfers_async(comm.write, receive, workloads.checker(messages))
                 done.set()
 
             listener = listen("tcp://127.0.0.1:0", handler, deserialize=True)
@@ -322,14 +422,17 @@ def run_dask(role: str, transport: str, messages: list[Any], address: str | None
             emit(address=listener.contact_address)
             await done.wait()
             listener.stop()
-            finish_recv(result["seconds"], result["rss"], result["got"])
         else:
             comm = await connect(address or "", deserialize=True)
-            before = ready()
-            for m in messages:
-                await comm.write(m)
-            await comm.read()
-            emit(rss_mib=hwm_mib() - before)
+
+            async def wait_go() -> bool:
+                return await comm.read() == GO
+
+            async def send() -> None:
+                for m in messages:
+                    await comm.write(m)
+
+            await send_transfers_async(wait_go, send)
             await comm.close()
 
     asyncio.run(main())
@@ -352,16 +455,15 @@ def run_anyio_naive(role: str, transport: str, messages: list[Any], address: str
             async with listener:
                 async def handler(stream: Any) -> None:
                     buffered = BufferedByteReceiveStream(stream)
-                    before = ready()
-                    start = time.perf_counter()
-                    got = []
-                    for _ in messages:
-                        (n,) = struct.unpack("<Q", await buffered.receive_exactly(8))
-                        got.append(pickle.loads(await buffered.receive_exactly(n)))
-                    seconds = time.perf_counter() - start
-                    rss = hwm_mib() - before
-                    await stream.send(b"k")
-                    finish_recv(seconds, rss, got)
+
+                    async def receive() -> list[Any]:
+                        got = []
+                        for _ in messages:
+                            (n,) = struct.unpack("<Q", await buffered.receive_exactly(8))
+                            got.append(pickle.loads(await buffered.receive_exactly(n)))
+                        return got
+
+                    await receive_transfers_async(stream.send, receive, workloads.checker(messages))
                     tg.cancel_scope.cancel()
 
                 async with anyio.create_task_group() as tg:
@@ -373,12 +475,15 @@ def run_anyio_naive(role: str, transport: str, messages: list[Any], address: str
                 host, port = (address or "").rsplit(":", 1)
                 stream = await anyio.connect_tcp(host, int(port))
             async with stream:
-                before = ready()
-                for m in messages:
-                    data = pickle.dumps(m, protocol=5)
-                    await stream.send(struct.pack("<Q", len(data)) + data)
-                await stream.receive(1)
-                emit(rss_mib=hwm_mib() - before)
+                async def wait_go() -> bool:
+                    return await stream.receive(1) == GO
+
+                async def send() -> None:
+                    for m in messages:
+                        data = pickle.dumps(m, protocol=5)
+                        await stream.send(struct.pack("<Q", len(data)) + data)
+
+                await send_transfers_async(wait_go, send)
 
     anyio.run(main)
 
@@ -391,13 +496,10 @@ def run_streampickle(role: str, transport: str, messages: list[Any], address: st
     import streampickle
 
     async def receive_all(stream: Any) -> None:
-        before = ready()
-        start = time.perf_counter()
-        got = [await stream.receive() for _ in messages]
-        seconds = time.perf_counter() - start
-        rss = hwm_mib() - before
-        await stream.send("k")
-        finish_recv(seconds, rss, got)
+        async def receive() -> list[Any]:
+            return [await stream.receive() for _ in messages]
+
+        await receive_transfers_async(stream.send, receive, workloads.checker(messages))
 
     async def main() -> None:
         if role == "recv":
@@ -442,22 +544,18 @@ def run_streampickle(role: str, transport: str, messages: list[Any], address: st
                     raw = await anyio.connect_tcp(host, int(port))
                 stream = streampickle.ObjectStream(raw, key=key)
             async with stream:
-                before = ready()
-                for m in messages:
-                    await stream.send(m)
-                await stream.receive()
-                emit(rss_mib=hwm_mib() - before)
+                async def wait_go() -> bool:
+                    return await stream.receive() == GO
+
+                async def send() -> None:
+                    for m in messages:
+                        await stream.send(m)
+
+                await send_transfers_async(wait_go, send)
 
     options = {"use_uvloop": True} if uvloop else {}
     anyio.run(main, backend=backend, backend_options=options)
 
-
-def finish_recv(seconds: float, rss: float, got: list[Any]) -> None:
-    emit(seconds=seconds, rss_mib=rss, _verify_pending=True)
-    _RESULT["got"] = got
-
-
-_RESULT: dict[str, Any] = {}
 
 KEY = b"benchmark key"
 
@@ -494,18 +592,6 @@ def main() -> None:
     warm_up(warm_bytes(workload, float(scale)))
     total = sum(v.nbytes for v in raw_payload(messages)) if contender == "limit-socket" else 0
     CONTENDERS[contender](role, transport, messages, address, total)
-    if role == "recv":
-        got = _RESULT.get("got", [])
-        if contender == "limit-socket":
-            dest, pos = _RESULT["dest"], 0
-            for view in raw_payload(messages):
-                chunk = np.frombuffer(view, dtype=np.uint8)
-                assert np.array_equal(dest[pos : pos + chunk.size], chunk), "limit-socket bytes differ"
-                pos += chunk.size
-            assert pos == dest.size
-        else:
-            workloads.verify(workload, float(scale), got)
-        emit(verified=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def available(contenders: list[str]) -> list[str]:
 
 
 def measure(contender: str, transport: str, workload: str, scale: float, timeout: float) -> dict[str, Any]:
+    """One measurement: a fresh receiver and sender process; the seconds of each transfer."""
     peer = [sys.executable, os.path.join(HERE, "peers.py")]
     args = [contender, transport, workload, str(scale)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
@@ -61,14 +62,21 @@ def measure(contender: str, transport: str, workload: str, scale: float, timeout
                                 timeout=timeout, env=env)
         if sender.returncode != 0:
             raise RuntimeError(f"{contender} sender failed:\n{sender.stderr[-2000:]}")
-        result = json.loads(receiver.stdout.readline())
-        verified = json.loads(receiver.stdout.readline())
-        if receiver.wait(timeout=timeout) != 0 or not verified.get("verified"):
+        line = receiver.stdout.readline()
+        if receiver.wait(timeout=timeout) != 0 or not line:
+            raise RuntimeError(f"{contender} receiver failed (its traceback is above)")
+        result = json.loads(line)
+        if not result.get("verified"):
             raise RuntimeError(f"{contender} receiver failed verification")
     finally:
         receiver.kill()
     return {"seconds": result["seconds"], "recv_rss_mib": result["rss_mib"],
             "send_rss_mib": json.loads(sender.stdout.splitlines()[-1])["rss_mib"]}
+
+
+def transfers(measurements: list[dict[str, Any]]) -> list[float]:
+    """The seconds of every transfer of a contender's measurements, in order."""
+    return [t for m in measurements for t in m["seconds"]]
 
 
 def run(workload_names: list[str], transports: list[str], contenders: list[str], rounds: int,
@@ -84,15 +92,16 @@ def run(workload_names: list[str], transports: list[str], contenders: list[str],
                 for contender in names:  # interleaved: A B C A B C ...
                     samples[contender].append(measure(contender, transport, workload, scale, timeout))
                 print(f"  {workload}/{transport}: round {r + 1}/{rounds} done", file=sys.stderr)
-            limit = statistics.median(s["seconds"] for s in samples["limit-socket"])
-            p5 = statistics.median(s["seconds"] for s in samples["pickle5-oob-sync"]) if "pickle5-oob-sync" in samples else None
+            limit = statistics.median(transfers(samples["limit-socket"]))
+            p5 = statistics.median(transfers(samples["pickle5-oob-sync"])) if "pickle5-oob-sync" in samples else None
             for contender in names:
-                secs = [s["seconds"] for s in samples[contender]]
+                secs = transfers(samples[contender])
                 med = statistics.median(secs)
                 rows.append({
                     "workload": workload, "transport": transport, "contender": contender,
                     "median_s": med, "min_s": min(secs), "max_s": max(secs),
-                    "samples_s": secs,  # round by round, for re-analysis
+                    "samples_s": secs,  # every transfer, round by round, for re-analysis
+                    "transfers": [len(s["seconds"]) for s in samples[contender]],  # per round
                     "gb_per_s": payload / med / 1e9, "msgs_per_s": count / med,
                     "vs_limit": limit / med,
                     "vs_p5": p5 / med if p5 else None,

@@ -1,11 +1,11 @@
 """The benchmark workloads: how to build each, how big it is, and how to check what arrived.
 
-Every workload is deterministic, so the receiver can rebuild the expected value and verify
+Every workload is deterministic, so the receiver can build the expected value itself and verify
 what it received, outside the timed region."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -53,11 +53,18 @@ def payload_bytes(workload: str, scale: float) -> int:
     return total
 
 
-def verify(workload: str, scale: float, received: list[Any]) -> None:
-    expected = build(workload, scale)
-    assert len(received) == len(expected), f"{len(received)} messages, expected {len(expected)}"
-    for got, want in zip(received, expected):
-        _same(got, want)
+def checker(expected: list[Any]) -> Callable[[list[Any]], None]:
+    """A check that messages received equal ``expected`` (the receiver's own build of them).
+
+    The receiver builds the workload once and checks every transfer against it, so a check
+    costs a comparison, not a rebuild."""
+
+    def check(received: list[Any]) -> None:
+        assert len(received) == len(expected), f"{len(received)} messages, expected {len(expected)}"
+        for got, want in zip(received, expected):
+            _same(got, want)
+
+    return check
 
 
 def _same(got: Any, want: Any) -> None:

@@ -1,7 +1,8 @@
 """The benchmark suite, once, in its tiny configuration, so that it cannot rot.
 
 Timings here mean nothing (tiny sizes, one round); what is tested is that every installed
-contender runs as two processes, reconstructs every object, and passes verification."""
+contender runs as two processes, moves its workload several times over one connection,
+reconstructs every object, and passes verification."""
 
 from __future__ import annotations
 
@@ -27,5 +28,10 @@ def test_benchmark_suite_runs_in_its_quick_configuration(tmp_path) -> None:
             for contender in ("limit-socket", "pickle5-oob-sync", "streampickle-asyncio", "streampickle-trio"):
                 assert (workload, transport, contender) in seen
     assert all(r["median_s"] > 0 and r["vs_limit"] > 0 for r in rows)
+    # Tiny transfers never use up the time budget: every contender moved its workload the
+    # full number of times (peers.TRANSFERS) over one connection, each behind the start barrier.
+    counts = {tuple(r["transfers"]) for r in rows}
+    assert len(counts) == 1 and counts.pop()[0] > 1, counts
+    assert all(len(r["samples_s"]) == sum(r["transfers"]) for r in rows)
     assert "| workload |" in proc.stdout
     assert "| target |" in proc.stdout  # the targets, checked against the same rows
