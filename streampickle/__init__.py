@@ -29,6 +29,7 @@ from ._errors import (
 )
 from ._limits import Limits
 from ._mac import Key
+from ._pool import BufferPool, buffer_pool
 from ._wire import VERSION as WIRE_VERSION
 
 __version__ = "0.1.0"
@@ -74,6 +75,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AuthenticationError",
+    "BufferPool",
     "Decoder",
     "EncodeError",
     "Encoder",
@@ -89,6 +91,7 @@ __all__ = [
     "StreamPickleError",
     "UsageError",
     "WIRE_VERSION",
+    "buffer_pool",
     "connect_tcp",
     "connect_unix",
     "create_tcp_listener",

@@ -8,8 +8,9 @@ Two ways to put bytes in, which may be mixed freely:
 * ``feed(data)`` copies ``data`` into the parts, however it is split;
 * ``get_buffer()`` / ``buffer_updated(n)`` (the ``asyncio.BufferedProtocol`` pair) hand out
   the exact memory the next bytes belong in, so a transport can ``recv_into`` it. For a side
-  chunk that memory is the chunk's final destination: a fresh, 64-byte-aligned, uninitialised
-  buffer that the decoded array will view. The buffer handed out never extends past the
+  chunk that memory is the chunk's final destination: a 64-byte-aligned, uninitialised buffer
+  (from 1 MiB, reused memory from ``buffer_pool`` when it has some) that the decoded array
+  will view. The buffer handed out never extends past the
   current part, hence never past the current message: a reader that only uses
   ``get_buffer`` consumes exactly one message and not a byte more.
 
@@ -43,6 +44,7 @@ from ._errors import (
 )
 from ._limits import Limits
 from ._mac import Key, as_key, describe_flags
+from ._pool import POOL_MIN, buffer_pool
 from ._safe import Loader
 
 __all__ = ["Decoder", "aligned_empty"]
@@ -70,7 +72,7 @@ except ImportError:  # built without the C extension: the Python loop does it al
 
 
 def aligned_empty(nbytes: int) -> np.ndarray[Any, Any]:
-    """A fresh, uninitialised, writable uint8 array of ``nbytes`` whose data is 64-byte aligned.
+    """An uninitialised, writable uint8 array of ``nbytes`` whose data is 64-byte aligned.
 
     Uninitialised on purpose: zero-filling a receive buffer costs more than the transfer it is
     for, and every byte of it is about to be overwritten by the peer's data.
@@ -80,7 +82,13 @@ def aligned_empty(nbytes: int) -> np.ndarray[Any, Any]:
     maps a huge page over an aligned 2 MiB range, and ``malloc`` doesn't align its large
     blocks. Faulting in 64 arrays of 4 MiB took a third of the time aligned (measured). The
     extra 2 MiB is address space only: its pages are never touched.
+
+    From ``POOL_MIN`` (1 MiB) up, the memory comes from ``buffer_pool`` (see ``_pool``):
+    memory of earlier arrays that died, already faulted in, unless the pool is configured to
+    keep none.
     """
+    if nbytes >= POOL_MIN and buffer_pool.max_bytes:
+        return buffer_pool.empty(nbytes)
     alignment = HUGE_PAGE if nbytes >= HUGE_PAGE else ALIGNMENT
     raw = np.empty(nbytes + alignment, dtype=np.uint8)
     offset = -raw.__array_interface__["data"][0] % alignment
@@ -369,7 +377,7 @@ class Decoder:
             chunks = []
             chunk_pos = stop
             for length in lengths:
-                dest = memoryview(aligned_empty(length))
+                dest = memoryview(self._destination(length, len(chunks)))
                 dest[:] = view[chunk_pos : chunk_pos + length]
                 chunks.append(dest)
                 chunk_pos += length
@@ -427,15 +435,17 @@ class Decoder:
 
     def _allocate_chunk(self) -> None:
         size = self._end
+        self._view = memoryview(self._destination(size, self._chunk_index))
+        self._cap = size
+
+    def _destination(self, size: int, index: int) -> np.ndarray[Any, Any]:
         try:
-            dest = aligned_empty(size)
+            return aligned_empty(size)
         except MemoryError as exc:
             raise self._fail(LimitExceededError(
-                f"could not allocate {size} bytes for side chunk {self._chunk_index}: the system "
+                f"could not allocate {size} bytes for side chunk {index}: the system "
                 f"refused. Lower Limits.max_message_size to refuse such messages up front."
             )) from exc
-        self._view = memoryview(dest)
-        self._cap = size
 
     # -- failure ------------------------------------------------------------------------------
 

@@ -1,0 +1,209 @@
+"""Memory for large received side chunks, taken back when the arrays built on it die.
+
+Faulting in fresh memory is the largest cost of receiving an array: the kernel zeroes every
+page before a process may touch it. Profiled on a 64 × 4 MiB transfer over a Unix socket,
+zeroing (``clear_page_erms``) took four times the CPU of copying the bytes out of the socket.
+A long-running receiver gets the same sizes again and again, so the destinations of large
+side chunks come from a pool: when the last object that uses a destination (the array, a
+view of it, a memoryview) dies, its memory goes back to the pool, and the next chunk of that
+size class is read into it without a single page fault. Repeated 256 MiB transfers then
+ran 1.2-1.3x as fast (see docs/benchmark-results.md).
+
+What the pool keeps, and for how long, is bounded (``BufferPool.configure``):
+
+* at most ``max_bytes`` of idle memory (1 GiB by default); memory given back beyond it is
+  unmapped at once;
+* for at most ``max_idle`` seconds (10 by default, as jemalloc's decay); older blocks are
+  unmapped at the pool's next use. The pool has no thread or timer (nothing in the core
+  does), so a process that stops receiving keeps its idle blocks until it receives again or
+  calls ``release()``;
+* idle memory is marked ``MADV_FREE`` where the platform has it: the kernel may take those
+  pages back whenever it needs memory, without swapping, and a block whose pages it took is
+  simply faulted in (zeroed) again when reused.
+
+Reused memory holds earlier data until the peer's bytes overwrite it, exactly as
+``np.empty`` can return memory that earlier objects of this process used. The decoder hands
+out a destination only once every byte of it has arrived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = ["BufferPool", "buffer_pool", "POOL_MIN"]
+
+HUGE_PAGE = 2 << 20
+# Chunks smaller than this come from np.empty: malloc already recycles small blocks, and the
+# bookkeeping here (about 10 µs) would show on them.
+POOL_MIN = 1 << 20
+
+_MAP_FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+_MADV_FREE = getattr(mmap, "MADV_FREE", None)
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+
+
+class _Block:
+    """One anonymous mapping: ``size`` usable bytes from a 2 MiB-aligned ``address``."""
+
+    __slots__ = ("map", "whole", "address", "size", "idle_since")
+
+    def __init__(self, size: int) -> None:
+        # Private anonymous memory (a shared mapping would be shmem, without huge pages),
+        # 2 MiB more than needed so that the usable part can start on a huge-page boundary.
+        self.map = mmap.mmap(-1, size + HUGE_PAGE, flags=_MAP_FLAGS) if _MAP_FLAGS else mmap.mmap(-1, size + HUGE_PAGE)
+        if _MADV_HUGEPAGE is not None:
+            try:
+                self.map.madvise(_MADV_HUGEPAGE)
+            except OSError:
+                pass
+        # Holding this export keeps the mapping alive as long as the block is referenced.
+        self.whole = np.frombuffer(self.map, dtype=np.uint8)
+        base = self.whole.__array_interface__["data"][0]
+        self.address = base + (-base % HUGE_PAGE)
+        self.size = size
+        self.idle_since = 0.0
+
+
+class _Lease:
+    """The base object of an array handed out: numpy keeps it alive for as long as any array,
+    view or memoryview built on that array exists, and its death gives the block back."""
+
+    __slots__ = ("__array_interface__", "_pool", "_block")
+
+    def __init__(self, pool: BufferPool, block: _Block, nbytes: int) -> None:
+        self.__array_interface__ = {
+            "data": (block.address, False), "shape": (nbytes,), "typestr": "|u1", "version": 3,
+        }
+        self._pool = pool
+        self._block = block
+
+    def __del__(self) -> None:
+        self._pool._give_back(self._block)
+
+
+class BufferPool:
+    """Reusable memory for the destinations of large side chunks; see the module docstring.
+
+    One pool serves the whole process (``streampickle.buffer_pool``). It is thread-safe:
+    arrays die in whatever thread drops them last.
+    """
+
+    def __init__(self, *, max_bytes: int = 1 << 30, max_idle: float = 10.0) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside _critical()
+        self._idle: dict[int, list[_Block]] = {}  # size class -> blocks, oldest first
+        self._idle_bytes = 0
+        self._returned: list[_Block] = []  # given back while their thread held the lock
+        self.max_bytes = max_bytes
+        self.max_idle = max_idle
+        self.reused = 0  # destinations served from idle memory
+        self.mapped = 0  # destinations that needed a fresh mapping
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def configure(self, *, max_bytes: int | None = None, max_idle: float | None = None) -> None:
+        """Change the bounds: ``max_bytes`` of idle memory kept (0 keeps none, so every
+        destination is fresh memory, as np.empty gives), for at most ``max_idle`` seconds."""
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
+        if max_idle is not None and max_idle < 0:
+            raise ValueError(f"max_idle must be >= 0, not {max_idle}")
+        with self._critical():
+            if max_bytes is not None:
+                self.max_bytes = max_bytes
+            if max_idle is not None:
+                self.max_idle = max_idle
+
+    def release(self) -> int:
+        """Unmap every idle block now; returns the bytes released."""
+        with self._critical():
+            released = self._idle_bytes
+            self._idle.clear()
+            self._idle_bytes = 0
+        return released
+
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes of idle memory the pool holds now."""
+        return self._idle_bytes
+
+    def empty(self, nbytes: int) -> np.ndarray[Any, Any]:
+        """An uninitialised, writable uint8 array of ``nbytes`` that starts on a 2 MiB
+        boundary, from idle memory of its size class if the pool has some."""
+        size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+        block = None
+        with self._critical():
+            blocks = self._idle.get(size)
+            if blocks:
+                block = blocks.pop()  # the most recently used: likeliest still in memory
+                if not blocks:
+                    del self._idle[size]
+                self._idle_bytes -= size
+                self.reused += 1
+        if block is None:
+            try:
+                block = _Block(size)
+            except OSError as exc:  # ENOMEM from mmap: what np.empty would raise
+                raise MemoryError(f"could not map {size} bytes: {exc}") from exc
+            self.mapped += 1
+        return np.asarray(_Lease(self, block, nbytes))
+
+    def _give_back(self, block: _Block) -> None:
+        if block.size > self.max_bytes:
+            return  # not kept: the mapping goes with its last reference
+        if _MADV_FREE is not None:
+            try:
+                block.map.madvise(_MADV_FREE)
+            except OSError:
+                pass
+        block.idle_since = time.monotonic()
+        if self._owner == threading.get_ident():
+            # The garbage collector ran this lease's __del__ inside this thread's own critical
+            # section; the block joins the pool when that section ends.
+            self._returned.append(block)
+            return
+        with self._critical():
+            self._returned.append(block)
+
+    @contextlib.contextmanager
+    def _critical(self) -> Iterator[None]:
+        """Hold the lock; on the way out, take in the blocks given back and apply the bounds:
+        blocks idle for longer than ``max_idle`` go, then the oldest until at most
+        ``max_bytes`` are idle."""
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+                returned, self._returned = self._returned, []
+                for block in returned:
+                    self._idle.setdefault(block.size, []).append(block)
+                    self._idle_bytes += block.size
+                now = time.monotonic()
+                for size in list(self._idle):
+                    while size in self._idle and now - self._idle[size][0].idle_since > self.max_idle:
+                        self._drop_oldest(size)
+                while self._idle_bytes > self.max_bytes:
+                    self._drop_oldest(min(self._idle, key=lambda size: self._idle[size][0].idle_since))
+            finally:
+                self._owner = None
+
+    def _drop_oldest(self, size: int) -> None:
+        """Let the oldest idle block of a size class go (its mapping goes with it)."""
+        blocks = self._idle[size]
+        del blocks[0]
+        self._idle_bytes -= size
+        if not blocks:
+            del self._idle[size]
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._owner = None
+
+
+buffer_pool = BufferPool()

@@ -1,0 +1,206 @@
+"""The buffer pool: destinations of large side chunks reuse the memory of arrays that died.
+
+What matters most is that memory is never reused while anything built on it lives: the
+array, a view, a reshaped or transposed copy of the reference, a memoryview. Then that the
+bounds hold (bytes kept, seconds kept), that it is thread-safe, and that a garbage collection
+inside the pool's own lock can't deadlock it."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import streampickle
+from streampickle import _pool, sync
+from streampickle._pool import HUGE_PAGE, POOL_MIN, BufferPool, buffer_pool
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def fresh_pool():
+    saved = (buffer_pool.max_bytes, buffer_pool.max_idle)
+    buffer_pool.release()
+    buffer_pool.reused = buffer_pool.mapped = 0
+    yield
+    buffer_pool.configure(max_bytes=saved[0], max_idle=saved[1])
+    buffer_pool.release()
+
+
+def address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def over_socket(*objs):
+    """Send ``objs`` over a real Unix socketpair and receive them back, one by one."""
+    a, b = socket.socketpair()
+    with a, b:
+        out = []
+        for obj in objs:
+            t = threading.Thread(target=sync.dump, args=(obj, a))
+            t.start()
+            out.append(sync.load(b))
+            t.join()
+        return out
+
+
+def test_a_received_array_reuses_the_memory_of_one_that_died():
+    first = np.arange(MiB, dtype=np.float64)  # 8 MiB
+    (got,) = over_socket(first)
+    assert np.array_equal(got, first) and got.flags.writeable
+    where = address(got)
+    assert where % HUGE_PAGE == 0
+    del got
+    second = np.arange(MiB, dtype=np.float64)[::-1].copy()
+    (again,) = over_socket(second)
+    assert address(again) == where  # the same memory, no fresh mapping
+    assert np.array_equal(again, second)
+    assert buffer_pool.reused >= 1
+
+
+@pytest.mark.parametrize("keep", [
+    lambda a: a[10:],                       # a numpy view
+    lambda a: a.reshape(-1, 4).T,           # a view of a view
+    lambda a: memoryview(a),                # a memoryview of the array
+    lambda a: memoryview(a)[3:],            # a slice of that memoryview
+    lambda a: np.frombuffer(pickle.PickleBuffer(a), dtype=np.uint8),  # through a PickleBuffer
+    lambda a: {"inside": [a]},              # the array itself, in a container
+])
+def test_memory_is_never_reused_while_anything_built_on_it_lives(keep):
+    (got,) = over_socket(np.full(2 * MiB, 7, dtype=np.uint8))
+    kept = keep(got)
+    del got
+    gc.collect()
+    others = over_socket(*[np.full(2 * MiB, 9, dtype=np.uint8) for _ in range(3)])
+    assert buffer_pool.reused == 0
+    # The kept object still sees its own bytes, and no new array shares its memory.
+    flat = np.asarray(kept["inside"][0] if isinstance(kept, dict) else kept)
+    assert (flat == 7).all()
+    for o in others:
+        assert (o == 9).all()
+        assert not np.shares_memory(o, flat)
+
+
+def test_the_arrays_of_a_message_with_many_side_chunks_are_all_reused():
+    msg = {f"a{i}": np.full(MiB // 8, i, dtype=np.float64) for i in range(16)}
+    (got,) = over_socket(msg)
+    before = {address(v) for v in got.values()}
+    del got
+    (again,) = over_socket(msg)
+    assert {address(v) for v in again.values()} == before
+    for i in range(16):
+        assert (again[f"a{i}"] == i).all()
+
+
+def test_small_chunks_are_not_pooled():
+    (got,) = over_socket(np.zeros(POOL_MIN // 2, dtype=np.uint8))
+    del got
+    assert buffer_pool.idle_bytes == 0 and buffer_pool.reused == 0
+
+
+def test_max_bytes_bounds_the_idle_memory_and_zero_turns_the_pool_off():
+    buffer_pool.configure(max_bytes=8 * MiB)
+    arrays = [buffer_pool.empty(2 * MiB) for _ in range(10)]
+    del arrays
+    assert buffer_pool.idle_bytes == 8 * MiB
+    buffer_pool.configure(max_bytes=0)
+    assert buffer_pool.idle_bytes == 0
+    (got,) = over_socket(np.ones(4 * MiB, dtype=np.uint8))
+    assert buffer_pool.mapped == 10 and buffer_pool.reused == 0  # np.empty, not the pool
+    del got
+    assert buffer_pool.idle_bytes == 0
+
+
+def test_idle_blocks_go_after_max_idle_seconds():
+    pool = BufferPool(max_idle=0.05)
+    a = pool.empty(2 * MiB)
+    del a
+    assert pool.idle_bytes == 2 * MiB
+    time.sleep(0.1)
+    b = pool.empty(4 * MiB)  # any use of the pool applies the bounds
+    assert pool.idle_bytes == 0
+    del b
+
+
+def test_release_unmaps_every_idle_block():
+    arrays = [buffer_pool.empty(3 * MiB) for _ in range(3)]
+    del arrays
+    assert buffer_pool.idle_bytes == 3 * 4 * MiB  # size classes are whole huge pages
+    assert buffer_pool.release() == 12 * MiB
+    assert buffer_pool.idle_bytes == 0
+
+
+def test_bad_bounds_are_refused():
+    with pytest.raises(ValueError):
+        buffer_pool.configure(max_bytes=-1)
+    with pytest.raises(ValueError):
+        buffer_pool.configure(max_idle=-0.5)
+
+
+def test_threads_taking_and_dropping_at_once_never_share_memory():
+    pool = BufferPool(max_bytes=64 * MiB)
+    errors = []
+
+    def work(tag: int) -> None:
+        try:
+            for _ in range(100):
+                a = pool.empty(MiB + tag)
+                a[::4096] = tag
+                time.sleep(0)
+                assert (a[::4096] == tag).all()  # nobody else wrote into it
+                del a
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert pool.idle_bytes == sum(size * len(blocks) for size, blocks in pool._idle.items())
+    assert pool.idle_bytes <= 64 * MiB
+
+
+def test_a_collection_inside_the_pools_own_lock_does_not_deadlock(monkeypatch):
+    pool = BufferPool()
+    cycle: list = [pool.empty(2 * MiB)]
+    cycle.append(cycle)  # only the cycle collector can free this array
+    del cycle
+    real = time.monotonic
+    collected = []
+
+    def collecting_clock() -> float:
+        if not collected:
+            collected.append(gc.collect())  # the lease's __del__ runs here, under the lock
+        return real()
+
+    monkeypatch.setattr(_pool.time, "monotonic", collecting_clock)
+    done = threading.Event()
+
+    def use() -> None:
+        b = pool.empty(4 * MiB)
+        del b
+        done.set()
+
+    threading.Thread(target=use, daemon=True).start()
+    assert done.wait(5), "the pool deadlocked on its own lock"
+    monkeypatch.setattr(_pool.time, "monotonic", real)
+    pool.empty(8 * MiB)  # the block given back during the collection is in the pool now
+    assert 2 * MiB in pool._idle
+
+
+def test_a_mapping_the_system_refuses_is_a_limit_error(monkeypatch):
+    def refuse(size: int) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(_pool, "_Block", refuse)
+    data = streampickle.dumps(np.ones(4 * MiB, dtype=np.uint8))
+    with pytest.raises(streampickle.LimitExceededError, match="could not allocate"):
+        streampickle.loads(data)
