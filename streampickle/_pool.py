@@ -33,6 +33,7 @@ import mmap
 import os
 import threading
 import time
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -91,8 +92,10 @@ class _Lease:
 class BufferPool:
     """Reusable memory for the destinations of large side chunks; see the module docstring.
 
-    One pool serves the whole process (``streampickle.buffer_pool``). It is thread-safe:
-    arrays die in whatever thread drops them last.
+    One pool serves the whole process (``streampickle.buffer_pool``); the decoder takes its
+    destinations from it. It is thread-safe: arrays die in whatever thread drops them last.
+    ``reused`` and ``mapped`` count the destinations served from idle memory and from fresh
+    mappings, to see whether the pool helps a workload.
     """
 
     def __init__(self, *, max_bytes: int = 1 << 30, max_idle: float = 10.0) -> None:
@@ -105,7 +108,7 @@ class BufferPool:
         self.max_idle = max_idle
         self.reused = 0  # destinations served from idle memory
         self.mapped = 0  # destinations that needed a fresh mapping
-        os.register_at_fork(after_in_child=self._after_fork)
+        _POOLS.add(self)
 
     def configure(self, *, max_bytes: int | None = None, max_idle: float | None = None) -> None:
         """Change the bounds: ``max_bytes`` of idle memory kept (0 keeps none, so every
@@ -201,9 +204,18 @@ class BufferPool:
         if not blocks:
             del self._idle[size]
 
-    def _after_fork(self) -> None:
-        self._lock = threading.Lock()
-        self._owner = None
 
+
+_POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A thread that held a pool's lock at fork doesn't exist in the child: start unlocked.
+    for pool in _POOLS:
+        pool._lock = threading.Lock()
+        pool._owner = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 buffer_pool = BufferPool()

@@ -204,3 +204,21 @@ def test_a_mapping_the_system_refuses_is_a_limit_error(monkeypatch):
     data = streampickle.dumps(np.ones(4 * MiB, dtype=np.uint8))
     with pytest.raises(streampickle.LimitExceededError, match="could not allocate"):
         streampickle.loads(data)
+
+
+def test_a_child_forked_while_the_lock_is_held_can_use_the_pool():
+    import os
+    import signal
+
+    with buffer_pool._lock:  # as if another thread were inside the pool at fork time
+        pid = os.fork()
+        if pid == 0:  # the child: the holder doesn't exist here
+            signal.alarm(5)  # a deadlock ends the child, with a non-zero status
+            try:
+                a = buffer_pool.empty(2 * MiB)
+                a[:] = 1
+                os._exit(0 if (a == 1).all() else 1)
+            finally:
+                os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
