@@ -393,11 +393,14 @@ async def receive_transfers_async(go: Callable[[bytes], Any], receive: Callable[
     t.report()
 
 
-async def send_transfers_async(wait_go: Callable[[], Any], send: Callable[[], Any]) -> None:
-    """``send_transfers`` for the async contenders."""
+async def send_transfers_async(receive: Callable[[], Any], send_one: Callable[[Any], Any],
+                               messages: list[Any]) -> None:
+    """``send_transfers`` for the async contenders: ``await receive()`` gets the receiver's
+    word, ``await send_one(m)`` sends one message of the workload."""
     before = ready()
-    while await wait_go():
-        await send()
+    while await receive() == GO:
+        for m in messages:
+            await send_one(m)
     emit(rss_mib=hwm_mib() - before)
 
 
@@ -424,15 +427,7 @@ def run_dask(role: str, transport: str, messages: list[Any], address: str | None
             listener.stop()
         else:
             comm = await connect(address or "", deserialize=True)
-
-            async def wait_go() -> bool:
-                return await comm.read() == GO
-
-            async def send() -> None:
-                for m in messages:
-                    await comm.write(m)
-
-            await send_transfers_async(wait_go, send)
+            await send_transfers_async(comm.read, comm.write, messages)
             await comm.close()
 
     asyncio.run(main())
@@ -475,15 +470,11 @@ def run_anyio_naive(role: str, transport: str, messages: list[Any], address: str
                 host, port = (address or "").rsplit(":", 1)
                 stream = await anyio.connect_tcp(host, int(port))
             async with stream:
-                async def wait_go() -> bool:
-                    return await stream.receive(1) == GO
+                async def send_one(m: Any) -> None:
+                    data = pickle.dumps(m, protocol=5)
+                    await stream.send(struct.pack("<Q", len(data)) + data)
 
-                async def send() -> None:
-                    for m in messages:
-                        data = pickle.dumps(m, protocol=5)
-                        await stream.send(struct.pack("<Q", len(data)) + data)
-
-                await send_transfers_async(wait_go, send)
+                await send_transfers_async(lambda: stream.receive(1), send_one, messages)
 
     anyio.run(main)
 
@@ -544,14 +535,7 @@ def run_streampickle(role: str, transport: str, messages: list[Any], address: st
                     raw = await anyio.connect_tcp(host, int(port))
                 stream = streampickle.ObjectStream(raw, key=key)
             async with stream:
-                async def wait_go() -> bool:
-                    return await stream.receive() == GO
-
-                async def send() -> None:
-                    for m in messages:
-                        await stream.send(m)
-
-                await send_transfers_async(wait_go, send)
+                await send_transfers_async(stream.receive, stream.send, messages)
 
     options = {"use_uvloop": True} if uvloop else {}
     anyio.run(main, backend=backend, backend_options=options)

@@ -4,10 +4,12 @@
     python benchmarks/run.py --workloads big-array --transports unix --rounds 7 --scale 0.5
     python benchmarks/run.py --quick               # the smoke configuration the tests run
 
-Each measurement is two fresh OS processes (benchmarks/peers.py): a receiver that times from
-its first receive until every object is reconstructed, and a sender. Contenders are
-interleaved (A B C A B C ...) round by round so that machine noise hits them alike, and every
-figure is reported as a ratio to limit-socket measured in the same run. Received data is
+Each measurement is two fresh OS processes (benchmarks/peers.py): a receiver and a sender,
+which move the workload over their one connection up to 5 times (until 1 s of transfers), each
+transfer timed by the receiver from a start barrier until every object is reconstructed.
+Contenders are interleaved (A B C A B C ...) round by round so that machine noise hits them
+alike; a contender's figure is the median over all its transfers, and every figure is
+reported as a ratio to limit-socket measured in the same run. Received data is
 verified outside the timed region. After the table comes issue 4's targets, each checked
 against the rows of the same run (``targets``). Contenders whose package is missing (dask-comm needs
 `distributed`, zmq-zerocopy needs `pyzmq`) are skipped with a message.
@@ -113,14 +115,15 @@ def run(workload_names: list[str], transports: list[str], contenders: list[str],
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown. Speed ratios: >1 is faster than the reference, measured in the same run."""
-    lines = ["| workload | transport | contender | median s (min-max) | rate | x limit-socket | x pickle5-oob-sync | sender +RSS MiB | receiver +RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown. Speed ratios: >1 is faster than the reference, measured in the same run;
+    ``transfers`` is how many timed transfers the median is over (rounds x repeats)."""
+    lines = ["| workload | transport | contender | transfers | median s (min-max) | rate | x limit-socket | x pickle5-oob-sync | sender +RSS MiB | receiver +RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rate = f"{r['msgs_per_s']:,.0f} msg/s" if r["messages"] > 1 else f"{r['gb_per_s']:.2f} GB/s"
         vs_p5 = f"{r['vs_p5']:.2f}" if r.get("vs_p5") else "-"
         lines.append(
-            f"| {r['workload']} | {r['transport']} | {r['contender']} | {r['median_s']:.4f} "
+            f"| {r['workload']} | {r['transport']} | {r['contender']} | {len(r['samples_s'])} | {r['median_s']:.4f} "
             f"({r['min_s']:.4f}-{r['max_s']:.4f}) | {rate} | {r['vs_limit']:.2f} | {vs_p5} | "
             f"{r['send_rss_mib']:.0f} | {r['recv_rss_mib']:.0f} |"
         )

@@ -10,9 +10,9 @@ Two ways to put bytes in, which may be mixed freely:
   the exact memory the next bytes belong in, so a transport can ``recv_into`` it. For a side
   chunk that memory is the chunk's final destination: a 64-byte-aligned, uninitialised buffer
   (from 1 MiB, reused memory from ``buffer_pool`` when it has some) that the decoded array
-  will view. The buffer handed out never extends past the
-  current part, hence never past the current message: a reader that only uses
-  ``get_buffer`` consumes exactly one message and not a byte more.
+  will view. The buffer handed out never extends past the current part, hence never past
+  the current message: a reader that only uses ``get_buffer`` consumes exactly one message
+  and not a byte more.
 
 Memory follows the bytes that arrived, never the sizes claimed: sizes are checked against
 :class:`Limits` as soon as the header (or length table) is complete; a side chunk's destination

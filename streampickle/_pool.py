@@ -11,8 +11,8 @@ ran 1.2-1.3x as fast (see docs/benchmark-results.md).
 
 What the pool keeps, and for how long, is bounded (``BufferPool.configure``):
 
-* at most ``max_bytes`` of idle memory (1 GiB by default); memory given back beyond it is
-  unmapped at once;
+* at most ``max_bytes`` of idle memory (1 GiB by default); beyond it, the blocks idle the
+  longest are unmapped at once;
 * for at most ``max_idle`` seconds (10 by default, as jemalloc's decay); older blocks are
   unmapped at the pool's next use. The pool has no thread or timer (nothing in the core
   does), so a process that stops receiving keeps its idle blocks until it receives again or
@@ -42,7 +42,7 @@ __all__ = ["BufferPool", "buffer_pool", "POOL_MIN"]
 
 HUGE_PAGE = 2 << 20
 # Chunks smaller than this come from np.empty: malloc already recycles small blocks, and the
-# bookkeeping here (about 10 µs) would show on them.
+# bookkeeping here (about 20 µs to take and give back a block) would show on them.
 POOL_MIN = 1 << 20
 
 _MAP_FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
@@ -64,7 +64,8 @@ class _Block:
                 self.map.madvise(_MADV_HUGEPAGE)
             except OSError:
                 pass
-        # Holding this export keeps the mapping alive as long as the block is referenced.
+        # While this export exists the mapping can't be closed, so the raw address below stays
+        # valid for as long as anything references the block.
         self.whole = np.frombuffer(self.map, dtype=np.uint8)
         base = self.whole.__array_interface__["data"][0]
         self.address = base + (-base % HUGE_PAGE)
@@ -203,7 +204,6 @@ class BufferPool:
         self._idle_bytes -= size
         if not blocks:
             del self._idle[size]
-
 
 
 _POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
