@@ -28,10 +28,10 @@ out a destination only once every byte of it has arrived.
 
 from __future__ import annotations
 
+import _thread  # the lock and thread id only: the core imports no threading machinery
 import contextlib
 import mmap
 import os
-import threading
 import time
 import weakref
 from typing import Any, Iterator
@@ -100,7 +100,7 @@ class BufferPool:
     """
 
     def __init__(self, *, max_bytes: int = 1 << 30, max_idle: float = 10.0) -> None:
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._owner: int | None = None  # the thread inside _critical()
         self._idle: dict[int, list[_Block]] = {}  # size class -> blocks, oldest first
         self._idle_bytes = 0
@@ -167,7 +167,7 @@ class BufferPool:
             except OSError:
                 pass
         block.idle_since = time.monotonic()
-        if self._owner == threading.get_ident():
+        if self._owner == _thread.get_ident():
             # The garbage collector ran this lease's __del__ inside this thread's own critical
             # section; the block joins the pool when that section ends.
             self._returned.append(block)
@@ -181,7 +181,7 @@ class BufferPool:
         blocks idle for longer than ``max_idle`` go, then the oldest until at most
         ``max_bytes`` are idle."""
         with self._lock:
-            self._owner = threading.get_ident()
+            self._owner = _thread.get_ident()
             try:
                 yield
                 returned, self._returned = self._returned, []
@@ -212,7 +212,7 @@ _POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     # A thread that held a pool's lock at fork doesn't exist in the child: start unlocked.
     for pool in _POOLS:
-        pool._lock = threading.Lock()
+        pool._lock = _thread.allocate_lock()
         pool._owner = None
 
 
