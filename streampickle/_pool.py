@@ -105,8 +105,9 @@ class BufferPool:
         self._idle: dict[int, list[_Block]] = {}  # size class -> blocks, oldest first
         self._idle_bytes = 0
         self._returned: list[_Block] = []  # given back while their thread held the lock
-        self.max_bytes = max_bytes
-        self.max_idle = max_idle
+        self.max_bytes = 0
+        self.max_idle = 0.0
+        self.configure(max_bytes=max_bytes, max_idle=max_idle)  # checks them
         self.reused = 0  # destinations served from idle memory
         self.mapped = 0  # destinations that needed a fresh mapping
         _POOLS.add(self)

@@ -141,6 +141,9 @@ def test_bad_bounds_are_refused():
         buffer_pool.configure(max_bytes=-1)
     with pytest.raises(ValueError):
         buffer_pool.configure(max_idle=-0.5)
+    with pytest.raises(ValueError):
+        BufferPool(max_bytes=-1)
+    assert (buffer_pool.max_bytes, buffer_pool.max_idle) == (1 << 30, 10.0)  # unchanged
 
 
 def test_threads_taking_and_dropping_at_once_never_share_memory():
