@@ -44,13 +44,12 @@ from ._errors import (
 )
 from ._limits import Limits
 from ._mac import Key, as_key, describe_flags
-from ._pool import POOL_MIN, buffer_pool
+from ._pool import HUGE_PAGE, POOL_MIN, buffer_pool
 from ._safe import Loader
 
 __all__ = ["Decoder", "aligned_empty"]
 
 ALIGNMENT = 64  # cache line, and enough for every SIMD load numpy does
-HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and on arm64 with 4 KiB pages
 _PICKLE_GROWTH_FLOOR = 64 * 1024  # the pickle part starts this big (or smaller, if it is)
 _PICKLE_COPY_LIMIT = 1 << 20  # complete pickle parts below this are copied into bytes
 

@@ -40,7 +40,7 @@ import numpy as np
 
 __all__ = ["BufferPool", "buffer_pool", "POOL_MIN"]
 
-HUGE_PAGE = 2 << 20
+HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and on arm64 with 4 KiB pages
 # Chunks smaller than this come from np.empty: malloc already recycles small blocks, and the
 # bookkeeping here (about 20 µs to take and give back a block) would show on them.
 POOL_MIN = 1 << 20
