@@ -27,7 +27,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import _kinds
 from ._errors import MalformedPickleError
+from ._kinds import BOOL, BUFFER, BYTES, DICT, INT, LIST, STR
 
 __all__ = ["ndarray", "object_ndarray", "scalar", "dtype", "uuid", "fraction", "counter", "NAMES"]
 
@@ -44,13 +46,21 @@ _SIMPLE_DESCR = re.compile(r"[<>|][biufcmMSUV][0-9]{1,10}(\[[0-9]{0,10}[a-zA-Z\u
 
 
 class Rebuilder:
-    """A reconstructor referenced by name from pickles; immutable, so ``BUILD`` can't alter it."""
+    """A reconstructor referenced by name from pickles; immutable, so ``BUILD`` can't alter it.
 
-    __slots__ = ("_name", "_func")
+    ``args`` declares, for each positional argument, the kinds (``_kinds``) the verifier lets
+    a pickle pass there; ``result`` is the kind of what it returns. The verifier refuses a
+    call with another number of arguments or an argument of another kind before the
+    unpickler runs; the function itself then checks each argument's exact Python type.
+    """
 
-    def __init__(self, name: str, func: Callable[..., Any]) -> None:
+    __slots__ = ("_name", "_func", "args", "result")
+
+    def __init__(self, name: str, func: Callable[..., Any], args: tuple[int, ...], result: int = _kinds.VALUE) -> None:
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_func", func)
+        object.__setattr__(self, "args", args)
+        object.__setattr__(self, "result", result)
 
     def __call__(self, *args: Any) -> Any:
         return self._func(*args)
@@ -226,13 +236,13 @@ def _counter(items: Any) -> collections.Counter[Any]:
     return collections.Counter(items)
 
 
-ndarray = Rebuilder("ndarray", _ndarray)
-object_ndarray = Rebuilder("object_ndarray", _object_ndarray)
-scalar = Rebuilder("scalar", _scalar)
-dtype = Rebuilder("dtype", _dtype)
-uuid = Rebuilder("uuid", _uuid_from)
-fraction = Rebuilder("fraction", _fraction)
-counter = Rebuilder("counter", _counter)
+ndarray = Rebuilder("ndarray", _ndarray, (STR | LIST, LIST, BOOL, BUFFER | BYTES))
+object_ndarray = Rebuilder("object_ndarray", _object_ndarray, (LIST, BOOL, BOOL, LIST))
+scalar = Rebuilder("scalar", _scalar, (STR | LIST, BYTES))
+dtype = Rebuilder("dtype", _dtype, (STR | LIST,))
+uuid = Rebuilder("uuid", _uuid_from, (INT,))
+fraction = Rebuilder("fraction", _fraction, (INT, INT))
+counter = Rebuilder("counter", _counter, (DICT,))
 
 #: Every reconstructor, by the global name pickles use for it.
 NAMES: dict[str, Rebuilder] = {
