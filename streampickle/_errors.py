@@ -114,19 +114,52 @@ class ForbiddenGlobalError(StreamPickleError):
     """The peer's pickle names a global that the safe loader does not allow.
 
     The message was dropped and nothing it names was called; the stream is still usable.
-    ``module`` and ``name`` say what was asked for. If you trust that type, add its exact name
-    with ``allow=[...]``; ``trusted=True`` lifts every restriction (only for trusted peers).
+    ``module`` and ``name`` say what was asked for; ``position`` and ``opcode``, when known,
+    where in the pickle (``"STACK_GLOBAL"`` at byte 17). If you trust that type, add its exact
+    name with ``allow=[...]``; ``trusted=True`` lifts every restriction (only for trusted
+    peers). A name that runs code or reaches the system (``os.system``, ``builtins.getattr``)
+    can never be allowed, and for those the message says why and suggests neither.
     """
 
     poisons_stream = False
 
-    def __init__(self, module: str, name: str) -> None:
+    def __init__(
+        self, module: str, name: str, *, position: int | None = None, opcode: str | None = None
+    ) -> None:
+        from ._allow import denied_reason  # light: sys, types and typing only
+
         full = f"{module}.{name}"
-        super().__init__(
-            f"the peer's message asks for the global {full!r}, which the safe loader does not "
-            f"allow, so the message was dropped. If you trust that type, pass "
-            f"allow=[{full!r}] (exact names, never prefixes); trusted=True loads anything "
-            f"and must only be used with peers you trust as much as your own code."
-        )
+        where = opcode or ""
+        if position is not None:
+            where = f"{where} at byte {position}".lstrip()
+        asked = f"the peer's message asks for the global {_bounded(full)}" + (f" ({where})" if where else "")
+        reason = denied_reason(full)
+        if reason is not None:
+            text = (
+                f"{asked}, which can never be allowed: {reason}. The message was dropped; a peer "
+                f"that sends it is buggy or hostile."
+            )
+        else:
+            hint = f"allow=[{full!r}]" if len(full) <= _NAME_LIMIT else "its exact name in allow=[...]"
+            text = (
+                f"{asked}, which the safe loader does not allow, so the message was dropped. If "
+                f"you trust that type, pass {hint} (exact names, never prefixes); "
+                f"trusted=True loads anything and must only be used with peers you trust as "
+                f"much as your own code."
+            )
+        super().__init__(text)
         self.module = module
         self.name = name
+        self.position = position
+        self.opcode = opcode
+
+
+#: Longest peer-chosen name an error message quotes whole.
+_NAME_LIMIT = 200
+
+
+def _bounded(text: str) -> str:
+    """``repr(text)``, cut short if the peer made it long."""
+    if len(text) <= _NAME_LIMIT:
+        return repr(text)
+    return f"{text[:_NAME_LIMIT]!r}...({len(text) - _NAME_LIMIT} more characters)"
