@@ -3,17 +3,30 @@
 Why these exist: numpy's own pickling goes through ``numpy.core.multiarray._reconstruct``
 (which allocates whatever shape the pickle claims, uninitialised) and ``ndarray.__setstate__``
 / ``dtype.__setstate__`` (which have crashed the interpreter on states one bit away from valid
-ones). None of those can be on a safe allowlist. So the encoder reduces arrays, numpy scalars,
-dtypes and a few Python-level value types to the reconstructors below instead. Each one:
+ones), and the standard library's value types are rebuilt by calling their classes with
+whatever the pickle says: ``deque(range(2**62), 0)`` never returns, ``datetime`` built from a
+byte state checks little, ``Fraction`` of huge ints runs a quadratic gcd. None of those can be
+on a safe allowlist. So the encoder reduces arrays, numpy scalars, dtypes and the value types
+below to these reconstructors instead, and in safe mode they are the only globals a peer's
+pickle can name (besides names the user allows). Each one:
 
-* takes plain data (strings, ints, tuples, lists, bytes, and out-of-band buffers);
-* validates every argument, builds dtypes only through ``numpy.dtype``'s public constructor
-  from a restricted descriptor grammar, and never allocates from a size the input merely
-  claims: an array's size must equal the bytes of the buffer that actually arrived;
+* takes a fixed number of positional arguments of declared kinds (``Rebuilder.args``), all of
+  them plain data: ``None``, bools, ints, floats, strs, bytes, tuples, lists and dicts the
+  pickle made, out-of-band buffers, and time zones this module made;
+* checks the exact type (``type(x) is int``, never ``isinstance``) and the range of every
+  argument, bounds digit counts and descriptor sizes, and never iterates anything but an
+  exact list, dict or tuple it was given;
+* returns a fresh object: a list or dict it was given is copied, since the pickle can still
+  change that one through its memo after the call;
 * describes bad arguments in bounded words (a type name, a length, a truncated value), never
   with ``repr()`` of a peer's container, which may be self-referencing or shared exponentially;
+* raises :class:`MalformedPickleError` for anything outside its rules;
 * is an immutable object, not a function, so a ``BUILD`` opcode aimed at it can't plant
   state (``__defaults__``, ``__module__``...) that would change later messages.
+
+numpy data is built only through ``numpy.dtype``'s public constructor from a restricted
+descriptor grammar, and an array is never allocated from a size the input merely claims: its
+size must equal the bytes of the buffer that actually arrived.
 
 These names are part of the wire format (docs/wire-format.md): renaming one breaks peers.
 """
@@ -21,22 +34,31 @@ These names are part of the wire format (docs/wire-format.md): renaming one brea
 from __future__ import annotations
 
 import collections
+import datetime as _dt
+import decimal as _decimal
 import fractions
 import math
 import pickle
 import re
+import sys
 import uuid as _uuid
+import zoneinfo as _zoneinfo
 from typing import Any, Callable
 
 import numpy as np
 
 from . import _kinds
 from ._errors import MalformedPickleError
-from ._kinds import BOOL, BUFFER, BYTES, DICT, INT, LIST, STR
+from ._kinds import BOOL, BUFFER, BYTES, DICT, FLOAT, INT, LIST, NONE, STR, TZINFO
 
 __all__ = [
-    "Rebuilder", "NAMES", "descr_of", "dtype_of", "ndarray", "object_ndarray", "scalar", "dtype",
-    "uuid", "fraction", "counter", "INT64_MAX", "FRACTION_MAX_BITS", "MAX_DESCR_NODES",
+    "Rebuilder", "NAMES", "descr_of", "dtype_of",
+    "ndarray", "object_ndarray", "scalar", "dtype",
+    "complex_", "fraction", "decimal", "slice_", "range_", "ellipsis", "not_implemented",
+    "ordered_dict", "deque", "counter", "uuid",
+    "date", "time", "datetime", "timedelta", "timezone", "zoneinfo",
+    "INT64_MIN", "INT64_MAX", "FRACTION_MAX_BITS", "DECIMAL_MAX_DIGITS", "DECIMAL_MAX_EXPONENT",
+    "MAX_DESCR_NODES",
 ]
 
 # numpy's own limit on dimensions (NPY_MAXDIMS is 32 before numpy 2, 64 since).
@@ -56,11 +78,20 @@ _SIMPLE_DESCR = re.compile(r"[<>|][biufcmMSUV][0-9]{1,10}(\[[0-9]{0,10}[a-zA-Z\u
 # The largest code point a str can hold; numpy's U arrays store UCS-4 and don't check.
 _MAX_CODE_POINT = 0x10FFFF
 
-#: Largest shape entry: what every platform's Py_ssize_t-sized fields hold.
+#: Signed 64-bit bounds of the ints in a slice or range, of shape entries and of a deque's
+#: maxlen: what every platform's Py_ssize_t-sized fields hold.
+INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 #: Bits of a Fraction's numerator or denominator (about 4,900 decimal digits). The gcd that
 #: normalises a Fraction is quadratic in this; at 16,384 bits it takes about 0.3 ms.
 FRACTION_MAX_BITS = 1 << 14
+#: Coefficient digits of a Decimal (and of a NaN's payload): the limit CPython puts on int/str
+#: conversions by default (``sys.int_info.default_max_str_digits``).
+DECIMAL_MAX_DIGITS = 4300
+#: Largest magnitude of a finite Decimal's exponent. ``int(Decimal("1E1000000"))`` takes half a
+#: minute, so a peer's Decimal is kept to values whose integer part has at most 8,600 digits.
+DECIMAL_MAX_EXPONENT = 4300
+
 
 class Rebuilder:
     """A reconstructor referenced by name from pickles; immutable, so ``BUILD`` can't alter it.
@@ -344,12 +375,14 @@ def _dtype(descr: Any) -> np.dtype[Any]:
     return dtype_of(descr)  # one argument only: the budget is not the peer's to set
 
 
-# -- Python value types whose own reduction names a mutable Python class ------------------
+# -- numbers --------------------------------------------------------------------------------
 
 
-def _uuid_from(value: Any) -> _uuid.UUID:
-    """``uuid.UUID(int=value)``, value in [0, 2**128)."""
-    return _uuid.UUID(int=_int_in(value, 0, (1 << 128) - 1, "a UUID", "in [0, 2**128)"))
+def _complex(real: Any, imag: Any) -> complex:
+    """``complex(real, imag)`` from two floats (NaN and infinities included)."""
+    if type(real) is not float or type(imag) is not float:
+        raise _bad(f"a complex needs two floats, not {_brief(real)} and {_brief(imag)}")
+    return complex(real, imag)
 
 
 def _fraction(numerator: Any, denominator: Any) -> fractions.Fraction:
@@ -360,11 +393,199 @@ def _fraction(numerator: Any, denominator: Any) -> fractions.Fraction:
     return fractions.Fraction(numerator, denominator)
 
 
+_COEFFICIENT = re.compile(r"0|[1-9][0-9]*")  # [0-9], not \d: ASCII digits only
+_PAYLOAD = re.compile(r"(?:[1-9][0-9]*)?")
+
+
+def _decimal_of(sign: Any, digits: Any, exponent: Any) -> _decimal.Decimal:
+    """A Decimal from ``Decimal.as_tuple()``'s parts: ``sign`` 0 or 1; ``digits`` the
+    coefficient as a string of ASCII digits without leading zeros (empty for an infinity, the
+    payload or empty for a NaN), at most ``DECIMAL_MAX_DIGITS``; ``exponent`` an int of
+    magnitude at most ``DECIMAL_MAX_EXPONENT``, or "F" (infinity), "n" (NaN), "N" (sNaN)."""
+    _int_in(sign, 0, 1, "a Decimal's sign")
+    if type(digits) is not str or len(digits) > DECIMAL_MAX_DIGITS:
+        raise _bad(f"a Decimal's digits must be a str of at most {DECIMAL_MAX_DIGITS} digits, not {_brief(digits)}")
+    text = "-" if sign else ""
+    if type(exponent) is int:
+        _int_in(exponent, -DECIMAL_MAX_EXPONENT, DECIMAL_MAX_EXPONENT, "a Decimal's exponent")
+        if not _COEFFICIENT.fullmatch(digits):
+            raise _bad(f"a finite Decimal's digits must be ASCII digits without leading zeros, not {_brief(digits)}")
+        text += f"{digits}E{exponent}"
+    elif exponent == "F" and type(exponent) is str:
+        if digits:
+            raise _bad("an infinite Decimal has no digits")
+        text += "Infinity"
+    elif exponent in ("n", "N") and type(exponent) is str:
+        if not _PAYLOAD.fullmatch(digits):
+            raise _bad(f"a NaN's payload must be ASCII digits without leading zeros, not {_brief(digits)}")
+        text += f"{'s' if exponent == 'N' else ''}NaN{digits}"
+    else:
+        raise _bad(f"a Decimal's exponent must be an int, 'F', 'n' or 'N', not {_brief(exponent)}")
+    return _decimal.Decimal(text)  # exact: a string is converted without rounding
+
+
+# -- builtin values -------------------------------------------------------------------------
+
+
+def _slice(start: Any, stop: Any, step: Any) -> slice:
+    """A slice whose parts are each None or a signed 64-bit int (a step of 0 included, as
+    Python allows in a slice object)."""
+    for part in (start, stop, step):
+        if part is not None:
+            _int_in(part, INT64_MIN, INT64_MAX, "a slice's start, stop or step")
+    return slice(start, stop, step)
+
+
+def _range(start: Any, stop: Any, step: Any) -> range:
+    """A range of signed 64-bit ints with a non-zero step."""
+    for part in (start, stop, step):
+        _int_in(part, INT64_MIN, INT64_MAX, "a range's start, stop or step")
+    if step == 0:
+        raise _bad("a range's step must not be 0")
+    return range(start, stop, step)
+
+
+def _ellipsis() -> Any:
+    return Ellipsis
+
+
+def _not_implemented() -> Any:
+    return NotImplemented
+
+
+# -- collections ----------------------------------------------------------------------------
+
+
+def _ordered_dict(items: Any) -> collections.OrderedDict[Any, Any]:
+    """A new OrderedDict with the items of a dict, in its order."""
+    if type(items) is not dict:
+        raise _bad(f"an OrderedDict needs a dict, not {_brief(items)}")
+    return collections.OrderedDict(items)
+
+
+def _deque(items: Any, maxlen: Any) -> collections.deque[Any]:
+    """A new deque of a list's items; ``maxlen`` None or an int in [0, 2**63)."""
+    if type(items) is not list:
+        raise _bad(f"a deque needs a list, not {_brief(items)}")
+    if maxlen is not None:
+        _int_in(maxlen, 0, min(INT64_MAX, sys.maxsize), "a deque's maxlen")
+    return collections.deque(items, maxlen)
+
+
 def _counter(items: Any) -> collections.Counter[Any]:
     """A new Counter with the items of a dict (any values, as Counter allows)."""
     if type(items) is not dict:
         raise _bad(f"a Counter needs a dict, not {_brief(items)}")
     return collections.Counter(items)
+
+
+def _uuid_from(value: Any) -> _uuid.UUID:
+    """``uuid.UUID(int=value)``, value in [0, 2**128)."""
+    return _uuid.UUID(int=_int_in(value, 0, (1 << 128) - 1, "a UUID", "in [0, 2**128)"))
+
+
+# -- dates and times ------------------------------------------------------------------------
+
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_DAY_US = 86_400 * 1_000_000
+
+
+def _check_date(year: Any, month: Any, day: Any) -> None:
+    """Year in [1, 9999], month in [1, 12], day within that month (proleptic Gregorian)."""
+    _int_in(year, _dt.MINYEAR, _dt.MAXYEAR, "a year")
+    _int_in(month, 1, 12, "a month")
+    leap = month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    _int_in(day, 1, _MONTH_DAYS[month - 1] + leap, f"the day of month {year}-{month:02}")
+
+
+def _check_time(hour: Any, minute: Any, second: Any, microsecond: Any, tz: Any, fold: Any) -> None:
+    """Clock fields in range, ``tz`` None or a time zone this module makes, fold 0 or 1."""
+    _int_in(hour, 0, 23, "an hour")
+    _int_in(minute, 0, 59, "a minute")
+    _int_in(second, 0, 59, "a second")
+    _int_in(microsecond, 0, 999_999, "a microsecond")
+    _int_in(fold, 0, 1, "fold")
+    if tz is not None and type(tz) is not _dt.timezone and type(tz) is not _zoneinfo.ZoneInfo:
+        raise _bad(f"a time zone must be None, a datetime.timezone or a zoneinfo.ZoneInfo, not {_brief(tz)}")
+
+
+# The checks below start with one expression that admits the common case (days 1 to 28,
+# which every month has) without a function call: lists of a million datetimes are common,
+# and the per-field helpers that then give the precise error cost 1 us more per value.
+
+
+def _date(year: Any, month: Any, day: Any) -> _dt.date:
+    if not (type(year) is int and type(month) is int and type(day) is int
+            and 1 <= year <= 9999 and 1 <= month <= 12 and 1 <= day <= 28):
+        _check_date(year, month, day)
+    return _dt.date(year, month, day)
+
+
+def _clock_ok(hour: Any, minute: Any, second: Any, microsecond: Any, tz: Any, fold: Any) -> bool:
+    return (type(hour) is int and type(minute) is int and type(second) is int
+            and type(microsecond) is int and type(fold) is int
+            and 0 <= hour <= 23 and 0 <= minute <= 59 and 0 <= second <= 59
+            and 0 <= microsecond <= 999_999 and 0 <= fold <= 1
+            and (tz is None or type(tz) is _dt.timezone or type(tz) is _zoneinfo.ZoneInfo))
+
+
+def _time(hour: Any, minute: Any, second: Any, microsecond: Any, tz: Any, fold: Any) -> _dt.time:
+    if not _clock_ok(hour, minute, second, microsecond, tz, fold):
+        _check_time(hour, minute, second, microsecond, tz, fold)
+    return _dt.time(hour, minute, second, microsecond, tz, fold=fold)
+
+
+def _datetime(year: Any, month: Any, day: Any, hour: Any, minute: Any, second: Any,
+              microsecond: Any, tz: Any, fold: Any) -> _dt.datetime:
+    if not (type(year) is int and type(month) is int and type(day) is int
+            and 1 <= year <= 9999 and 1 <= month <= 12 and 1 <= day <= 28
+            and _clock_ok(hour, minute, second, microsecond, tz, fold)):
+        _check_date(year, month, day)
+        _check_time(hour, minute, second, microsecond, tz, fold)
+    return _dt.datetime(year, month, day, hour, minute, second, microsecond, tz, fold=fold)
+
+
+def _timedelta(days: Any, seconds: Any, microseconds: Any) -> _dt.timedelta:
+    """A timedelta from its normalised fields, as ``timedelta.days/seconds/microseconds``."""
+    _int_in(days, -999_999_999, 999_999_999, "a timedelta's days")
+    _int_in(seconds, 0, 86_399, "a timedelta's seconds")
+    _int_in(microseconds, 0, 999_999, "a timedelta's microseconds")
+    return _dt.timedelta(days, seconds, microseconds)
+
+
+def _timezone(offset: Any, name: Any) -> _dt.timezone:
+    """A fixed-offset zone: ``offset`` in microseconds east of UTC, strictly within a day
+    either way; ``name`` None (the default name) or a str."""
+    _int_in(offset, 1 - _DAY_US, _DAY_US - 1, "a time zone's offset in microseconds")
+    delta = _dt.timedelta(microseconds=offset)
+    if name is None:
+        return _dt.timezone(delta)
+    if type(name) is not str:
+        raise _bad(f"a time zone's name must be None or a str, not {_brief(name)}")
+    return _dt.timezone(delta, name)
+
+
+_zone_keys: frozenset[str] | None = None
+
+
+def _installed_zones() -> frozenset[str]:
+    """The keys of the installed IANA time zones, looked up once, when first needed (it reads
+    the time zone directories)."""
+    global _zone_keys
+    if _zone_keys is None:
+        _zone_keys = frozenset(_zoneinfo.available_timezones())
+    return _zone_keys
+
+
+def _zoneinfo_of(key: Any) -> _zoneinfo.ZoneInfo:
+    """``zoneinfo.ZoneInfo(key)`` (the shared, cached instance) for an installed zone's key;
+    a key is never used as a path before it is found among the installed ones."""
+    if type(key) is not str or key not in _installed_zones():
+        raise _bad(f"a time zone key must name an installed zone, not {_brief(key)}")
+    try:
+        return _zoneinfo.ZoneInfo(key)
+    except (KeyError, ValueError, OSError) as exc:  # removed since the lookup
+        raise _bad(f"time zone {key!r} could not be loaded") from exc
 
 
 # -- the table ------------------------------------------------------------------------------
@@ -373,11 +594,30 @@ ndarray = Rebuilder("ndarray", _ndarray, (STR | LIST, LIST, BOOL, BUFFER | BYTES
 object_ndarray = Rebuilder("object_ndarray", _object_ndarray, (LIST, BOOL, BOOL, LIST))
 scalar = Rebuilder("scalar", _scalar, (STR | LIST, BYTES))
 dtype = Rebuilder("dtype", _dtype, (STR | LIST,))
-uuid = Rebuilder("uuid", _uuid_from, (INT,))
+complex_ = Rebuilder("complex_", _complex, (FLOAT, FLOAT))
 fraction = Rebuilder("fraction", _fraction, (INT, INT))
+decimal = Rebuilder("decimal", _decimal_of, (INT, STR, INT | STR))
+slice_ = Rebuilder("slice_", _slice, (NONE | INT, NONE | INT, NONE | INT))
+range_ = Rebuilder("range_", _range, (INT, INT, INT))
+ellipsis = Rebuilder("ellipsis", _ellipsis, ())
+not_implemented = Rebuilder("not_implemented", _not_implemented, ())
+ordered_dict = Rebuilder("ordered_dict", _ordered_dict, (DICT,))
+deque = Rebuilder("deque", _deque, (LIST, NONE | INT))
 counter = Rebuilder("counter", _counter, (DICT,))
+uuid = Rebuilder("uuid", _uuid_from, (INT,))
+date = Rebuilder("date", _date, (INT, INT, INT))
+time = Rebuilder("time", _time, (INT, INT, INT, INT, NONE | TZINFO, INT))
+datetime = Rebuilder("datetime", _datetime, (INT, INT, INT, INT, INT, INT, INT, NONE | TZINFO, INT))
+timedelta = Rebuilder("timedelta", _timedelta, (INT, INT, INT))
+timezone = Rebuilder("timezone", _timezone, (INT, NONE | STR), result=TZINFO)
+zoneinfo = Rebuilder("zoneinfo", _zoneinfo_of, (STR,), result=TZINFO)
 
 #: Every reconstructor, by the global name pickles use for it.
 NAMES: dict[str, Rebuilder] = {
-    f"{__name__}.{r._name}": r for r in (ndarray, object_ndarray, scalar, dtype, uuid, fraction, counter)
+    f"{__name__}.{r._name}": r
+    for r in (
+        ndarray, object_ndarray, scalar, dtype, complex_, fraction, decimal, slice_, range_,
+        ellipsis, not_implemented, ordered_dict, deque, counter, uuid, date, time, datetime,
+        timedelta, timezone, zoneinfo,
+    )
 }
