@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from ._errors import ProtocolError
+from ._errors import IncompleteMessageError, ProtocolError
 
 MAGIC = b"\x93SPK"
 VERSION = 1
@@ -68,7 +68,12 @@ def pack_lengths(lengths: list[int]) -> bytes:
 
 
 def unpack_lengths(table: bytes | bytearray | memoryview) -> tuple[int, ...]:
-    return struct.unpack(f"<{len(table) // LENGTH_SIZE}Q", table)
+    try:
+        return struct.unpack(f"<{len(table) // LENGTH_SIZE}Q", table)
+    except struct.error as exc:
+        raise ProtocolError(
+            f"a length table is a whole number of {LENGTH_SIZE}-byte entries, got {len(table)} bytes"
+        ) from exc
 
 
 def check_magic_prefix(data: bytes | bytearray | memoryview) -> None:
@@ -83,8 +88,18 @@ def check_magic_prefix(data: bytes | bytearray | memoryview) -> None:
 
 
 def parse_header(data: bytes | bytearray | memoryview) -> Header:
-    """Parse and validate a fixed header. Limits are the decoder's business, not this."""
-    magic, version, flags, reserved, chunk_count, pickle_length = _HEADER.unpack(data)
+    """Parse and validate a fixed header (exactly ``HEADER_SIZE`` bytes). Limits are the
+    decoder's business, not this. A short header raises :class:`IncompleteMessageError`."""
+    try:
+        magic, version, flags, reserved, chunk_count, pickle_length = _HEADER.unpack(data)
+    except struct.error as exc:
+        if len(data) < HEADER_SIZE:
+            raise IncompleteMessageError(
+                f"the fixed header is cut off: {len(data)} of its {HEADER_SIZE} bytes",
+                received=len(data),
+                expected=HEADER_SIZE,
+            ) from exc
+        raise ProtocolError(f"a fixed header is {HEADER_SIZE} bytes, got {len(data)}") from exc
     check_magic_prefix(magic)
     if version != VERSION:
         raise ProtocolError(
