@@ -29,6 +29,7 @@ can't be trusted any more. Messages completed before the failure are still deliv
 from __future__ import annotations
 
 import collections
+import operator
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -47,7 +48,7 @@ from ._mac import Key, as_key, describe_flags
 from ._pool import HUGE_PAGE, POOL_MIN, buffer_pool
 from ._safe import Loader
 
-__all__ = ["Decoder", "aligned_empty"]
+__all__ = ["Decoder", "aligned_empty", "byte_view"]
 
 ALIGNMENT = 64  # cache line, and enough for every SIMD load numpy does
 _PICKLE_GROWTH_FLOOR = 64 * 1024  # the pickle part starts this big (or smaller, if it is)
@@ -68,6 +69,34 @@ try:
     from ._speedups import take_plain as _take_plain
 except ImportError:  # built without the C extension: the Python loop does it all
     _take_plain = None
+
+
+def byte_view(data: Any) -> memoryview:
+    """The bytes of ``data``, any bytes-like object, as a flat memoryview of unsigned bytes:
+    the bytes ``bytes(memoryview(data))`` would give, whatever the buffer's item format and
+    shape. A C-contiguous buffer is viewed in place; any other one (a strided slice, a
+    Fortran-order array) is copied once, in C order.
+
+    Anything that can't export a buffer (``str``, ``None``, an ``int``, a list, a released
+    memoryview, an object whose export fails) raises :class:`UsageError`: it is the caller's
+    mistake, not the peer's. The slow path behind the inline ``memoryview(data)`` of ``feed``
+    and ``loads``: only taken when that one failed or was not a plain byte view.
+    """
+    try:
+        view = memoryview(data)
+    except Exception as exc:  # TypeError: no buffer; ValueError, BufferError: the export failed
+        raise UsageError(
+            f"expected a bytes-like object (bytes, bytearray, memoryview, a numpy array...), "
+            f"not {type(data).__name__}"
+        ) from exc
+    try:
+        return view.cast("B")
+    except (TypeError, ValueError):  # not C-contiguous, or a format cast() refuses
+        pass
+    try:
+        return memoryview(view.tobytes())
+    except Exception as exc:
+        raise UsageError(f"could not read the bytes of the {type(data).__name__} given: {exc}") from exc
 
 
 def aligned_empty(nbytes: int) -> np.ndarray[Any, Any]:
@@ -113,7 +142,15 @@ class Decoder:
     ) -> None:
         if limits is not None and not isinstance(limits, Limits):
             raise UsageError(f"limits must be a streampickle.Limits, not {type(limits).__name__}")
-        self._loader = Loader.shared(trusted) if allow == () else Loader(trusted=trusted, allow=allow)
+        if type(allow) is tuple and not allow:  # not ``allow == ()``: a numpy array can't say
+            self._loader = Loader.shared(trusted)
+        else:
+            try:
+                self._loader = Loader(trusted=trusted, allow=allow)
+            except TypeError as exc:  # allow=5, allow=None: not iterable
+                raise UsageError(
+                    f"allow must be an iterable of names or classes, not {type(allow).__name__}"
+                ) from exc
         self._limits = limits or _DEFAULT_LIMITS
         self._key = as_key(key)
         self._want_flags = self._key.flags if self._key is not None else 0
@@ -132,8 +169,19 @@ class Decoder:
         Raises the framing errors (``ProtocolError``, ``LimitExceededError``,
         ``AuthenticationError``) as soon as the bytes show them. ``b""`` is not end of input;
         call :meth:`feed_eof` for that.
+
+        ``data`` is any bytes-like object, read as ``bytes(memoryview(data))`` would read it (a
+        non-contiguous one is copied first, see :func:`byte_view`); nothing of it is kept, so
+        the caller may reuse or resize it at once. Anything else raises :class:`UsageError`
+        and leaves the decoder as it was.
         """
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        if isinstance(data, bytes):
+            view = memoryview(data)
+        else:
+            try:
+                view = memoryview(data).cast("B")
+            except Exception:
+                view = byte_view(data)  # copies, or raises UsageError
         while view:
             if self._pos == 0 and self._part == _HEADER and self._failure is None and not self._eof:
                 view = self._take_whole(view)  # whole messages in one step each
@@ -151,6 +199,9 @@ class Decoder:
         Never longer than what the current part of the current message still needs, so filling
         it never reads into the next message. In a side chunk it is the chunk's final,
         aligned destination. Call :meth:`buffer_updated` after writing into it.
+
+        ``sizehint`` (an int; negative for none) is how many bytes the caller has ready; only
+        a growing pickle part uses it, and a non-int raises :class:`UsageError` there.
         """
         self._check_usable()
         if self._part == _PICKLE:
@@ -160,10 +211,14 @@ class Decoder:
         return self._view[self._pos : self._cap]
 
     def buffer_updated(self, nbytes: int) -> None:
-        """Say that ``nbytes`` were written at the start of the last :meth:`get_buffer` view."""
+        """Say that ``nbytes`` were written at the start of the last :meth:`get_buffer` view.
+
+        ``nbytes`` is an int (or has ``__index__``) from 0 to the view's length; anything else
+        raises :class:`UsageError` and changes nothing."""
         self._check_usable()
-        if nbytes < 0 or self._pos + nbytes > self._cap:
-            raise UsageError(f"buffer_updated({nbytes}) does not fit the buffer from get_buffer()")
+        # One identity test on the hot path: a float or a str must not reach the state below.
+        if type(nbytes) is not int or nbytes < 0 or self._pos + nbytes > self._cap:
+            nbytes = self._byte_count(nbytes)
         if nbytes == 0:
             return
         start = self._pos
@@ -422,6 +477,8 @@ class Decoder:
     def _grow_pickle(self, sizehint: int) -> None:
         if self._pos < self._cap:
             return
+        if type(sizehint) is not int:
+            sizehint = _index(sizehint, "get_buffer(sizehint=...)")
         # Geometric growth into fresh uninitialised memory: what is held stays within twice
         # what arrived (plus the floor), whatever the header claimed (BAD-INPUTS 3).
         new_cap = min(self._end, max(_PICKLE_GROWTH_FLOOR, 2 * self._cap, sizehint))
@@ -481,8 +538,26 @@ class Decoder:
         exc.__cause__ = failure
         return exc
 
+    def _byte_count(self, nbytes: Any) -> int:
+        """``buffer_updated``'s argument as an int that fits the last buffer, or UsageError."""
+        n = _index(nbytes, "buffer_updated()")
+        if n < 0 or self._pos + n > self._cap:
+            raise UsageError(
+                f"buffer_updated({n}) does not fit the buffer from get_buffer(), which had room "
+                f"for {self._cap - self._pos} bytes"
+            )
+        return n
+
     def _check_usable(self) -> None:
         if self._failure is not None:
             raise self._sticky()
         if self._eof:
             raise UsageError("the decoder was told the input ended (feed_eof); it takes no more")
+
+
+def _index(value: Any, where: str) -> int:
+    """``value`` as an int (``operator.index``: ints, bools, numpy integers), or UsageError."""
+    try:
+        return operator.index(value)
+    except TypeError as exc:
+        raise UsageError(f"{where} takes a byte count (an int), not {type(value).__name__}") from exc
