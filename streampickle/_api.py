@@ -6,7 +6,7 @@ import struct
 from typing import Any, Iterable
 
 from . import _wire
-from ._decoder import Decoder
+from ._decoder import Decoder, byte_view
 from ._encoder import dumps
 from ._errors import IncompleteMessageError, ProtocolError
 from ._limits import Limits
@@ -38,7 +38,13 @@ def loads(
     limits: Limits | None = None,
 ) -> Any:
     """Decode exactly one whole message. Missing bytes raise :class:`IncompleteMessageError`,
-    bytes after the message raise :class:`ProtocolError`."""
+    bytes after the message raise :class:`ProtocolError`.
+
+    ``data`` is any bytes-like object, read as ``bytes(memoryview(data))`` would read it: a
+    memoryview of another item format or several dimensions, or a numpy array, is taken as
+    its raw bytes, and a non-contiguous one is copied once first. Anything that isn't
+    bytes-like (``str``, ``None``...), or a bad option, raises :class:`UsageError`. So every
+    call returns an object or raises a :class:`StreamPickleError`."""
     # The commonest call, one in-band message with default options, without building a
     # Decoder (its set-up costs more than unpickling a small object): first in one C call
     # (options, header, scan and pickle.loads), then, without the C extension, for a pickle
@@ -52,17 +58,22 @@ def loads(
         if obj is not NotImplemented:
             return obj
     if (
-        type(data) is bytes and key is None and limits is None and allow == ()
+        type(data) is bytes and key is None and limits is None
+        and type(allow) is tuple and not allow  # not ``allow == ()``: a numpy array can't say
         and (trusted is False or trusted is True)
         # the decoder's header checks: magic, version, no flags or reserved bits, no side
         # chunks, a non-empty pickle within the default max_pickle_size, one message exactly
+        and len(data) > _wire.HEADER_SIZE
         and data[:12] == _PLAIN_PREFIX
-        and len(data) == _wire.HEADER_SIZE + _unpack_length(data, 12)[0] > _wire.HEADER_SIZE
+        and len(data) == _wire.HEADER_SIZE + _unpack_length(data, 12)[0]
         and len(data) - _wire.HEADER_SIZE <= _MAX_PICKLE
     ):
         return _SHARED[trusted].load_inband(data[_wire.HEADER_SIZE :])
-    decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
-    view = memoryview(data).cast("B")
+    decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)  # checks the options
+    try:
+        view = memoryview(data).cast("B")
+    except Exception:
+        view = byte_view(data)  # copies, or raises UsageError for what isn't bytes-like
     total = len(view)
     view = decoder._take_whole(view, limit=1)
     while view and not decoder.pending:
