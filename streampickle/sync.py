@@ -15,11 +15,11 @@ from typing import Any, BinaryIO, Iterable
 
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, Encoder, drop_sent, sendable
+from ._errors import IncompleteMessageError, UsageError
 from ._limits import Limits
 from ._mac import Key
 
 __all__ = ["dump", "load"]
-
 
 
 def dump(obj: Any, file: BinaryIO | socket.socket, *, key: bytes | Key | None = None) -> None:
@@ -61,28 +61,96 @@ def load(
 ) -> Any:
     """Read exactly one message from a blocking binary file, pipe or socket and return its
     object. Raises ``EOFError`` if the input ends cleanly before the message starts, and
-    :class:`IncompleteMessageError` if it ends inside it."""
+    :class:`IncompleteMessageError` if it ends inside it.
+
+    An ``OSError`` from the file or socket (a reset connection, a timeout) propagates as it is
+    when it comes before the message's first byte, since nothing was lost; inside the message
+    it raises :class:`IncompleteMessageError`, with the ``OSError`` as its cause, like an end
+    of input there. A file that is not one (no ``readinto``/``read``, a text file, a
+    ``read``/``readinto`` that returns something other than bytes or a count that fits, a
+    closed file) or a non-blocking one raises :class:`UsageError`."""
     decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
-    if isinstance(file, socket.socket):
-        readinto = file.recv_into
-    else:
-        readinto = getattr(file, "readinto", None) or _readinto_from_read(file)
+    readinto = _readinto_for(file)
     while not decoder.pending:
         target = decoder.get_buffer()
-        n = readinto(target)
-        if n is None:
-            raise BlockingIOError("streampickle.sync.load needs a blocking file")
-        if n == 0:
+        try:
+            n = readinto(target)
+        except BlockingIOError as exc:  # a non-blocking socket with nothing to read
+            raise _non_blocking(file) from exc
+        except OSError as exc:
+            if not decoder.in_message:
+                raise
+            received, expected = decoder.progress
+            raise IncompleteMessageError(
+                f"reading failed inside a message ({exc}): {received} of {expected} bytes had "
+                f"arrived, and the rest can't be read from this file any more.",
+                received=received,
+                expected=expected,
+            ) from exc
+        except (TypeError, ValueError) as exc:  # a closed file, or no callable readinto
+            raise UsageError(f"reading from the {_name(file)} failed: {exc!r}") from exc
+        try:
+            decoder.buffer_updated(n)  # refuses a count that is not an int within target
+        except UsageError as exc:
+            if n is None:
+                raise _non_blocking(file) from exc
+            raise UsageError(
+                f"{_name(file)}.readinto() returned {_describe(n)} for a buffer of {len(target)} "
+                f"bytes; it must return how many bytes it wrote there"
+            ) from exc
+        if not n:  # an int now: buffer_updated took it
             decoder.feed_eof()  # raises IncompleteMessageError inside a message
             raise EOFError("the input ended before a message started")
-        decoder.buffer_updated(n)
     return next(decoder)
 
 
-def _readinto_from_read(file: Any) -> Any:
-    def readinto(target: memoryview) -> int:
-        data = file.read(len(target))
-        target[: len(data)] = data
-        return len(data)
+def _readinto_for(file: Any) -> Any:
+    """``file``'s ``readinto``: a socket's ``recv_into``, the file's own, or one made of its
+    ``read``. UsageError for an object with neither."""
+    if isinstance(file, socket.socket):
+        return file.recv_into
+    readinto = getattr(file, "readinto", None)
+    if readinto is not None:
+        return readinto
+    read = getattr(file, "read", None)
+    if read is None:
+        raise UsageError(
+            f"streampickle.sync.load reads a binary file, pipe or socket, not {_name(file)}"
+        )
 
-    return readinto
+    def readinto_from_read(target: memoryview) -> int | None:
+        data = read(len(target))
+        if data is None:  # a non-blocking file with nothing to read
+            return None
+        try:
+            n = len(data)
+            target[:n] = data
+        except Exception as exc:  # str (a text file), too many bytes, not bytes at all
+            raise UsageError(
+                f"{_name(file)}.read({len(target)}) returned {_describe(data)}; a binary file's "
+                f"read(n) returns at most n bytes (is the file open in text mode?)"
+            ) from exc
+        return n
+
+    return readinto_from_read
+
+
+def _non_blocking(file: Any) -> UsageError:
+    return UsageError(
+        f"streampickle.sync.load needs a blocking file or socket; this {_name(file)} had no "
+        f"data ready. Use the async API (streampickle.load) for non-blocking I/O."
+    )
+
+
+def _name(obj: Any) -> str:
+    return type(obj).__name__
+
+
+def _describe(value: Any) -> str:
+    """A bounded description of what a file returned, for error messages."""
+    if isinstance(value, int) and value.bit_length() <= 64:
+        return repr(value)
+    try:
+        return f"a {_name(value)} of length {len(value)}"
+    except Exception:
+        return f"a {_name(value)}"
