@@ -33,6 +33,7 @@ from anyio.abc import ObjectStream as _AnyioObjectStream
 
 from ._decoder import Decoder
 from ._encoder import Encoder
+from ._errors import UsageError
 from ._limits import Limits
 from ._mac import Key
 from ._transports import AnyioTransport, AsyncioTransport, SocketTransport, fastest_transport, send_message
@@ -142,7 +143,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
     @property
     def _t(self) -> AnyioTransport | AsyncioTransport | SocketTransport:
         if self._transport is None:
-            self._transport = fastest_transport(self.transport_stream)
+            self._transport = _transport_for(self.transport_stream)
         return self._transport
 
     async def send(self, item: Any) -> None:
@@ -280,27 +281,49 @@ async def load(
     follows stays in the stream. ``EOFError`` at a clean end between messages;
     :class:`IncompleteMessageError` if the stream ends inside one.
     """
-    options = (trusted, tuple(allow), key, limits)
-    parked = _parked.pop(stream, None) if _weakrefable(stream) else None
-    if parked is not None and parked[0] == options:
+    try:
+        options = (trusted, tuple(allow), key, limits)
+    except TypeError as exc:  # allow=5, allow=None
+        raise UsageError(f"allow must be an iterable of names or classes, not {type(allow).__name__}") from exc
+    parked = _parked.pop(stream, None) if _parkable(stream) else None
+    if parked is not None and _same(parked[0], options):
         decoder = parked[1]
-    else:
-        decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
-    transport = fastest_transport(stream)
+    else:  # options[1], not allow: a generator given as allow was consumed making it
+        decoder = Decoder(trusted=trusted, allow=options[1], key=key, limits=limits)
+    transport = _transport_for(stream)
     try:
         while not decoder.pending:
             if not await transport.fill(decoder, exact=True):
                 raise EOFError("the stream ended before a message started")
     except BaseException:
-        if decoder.in_message and not decoder.failed and _weakrefable(stream):
+        if decoder.in_message and not decoder.failed and _parkable(stream):
             _parked[stream] = (options, decoder)
         raise
     return next(decoder)
 
 
-def _weakrefable(obj: Any) -> bool:
+def _transport_for(stream: Any) -> AnyioTransport | AsyncioTransport | SocketTransport:
+    """``fastest_transport``, with a stream of the wrong type refused as the caller's mistake."""
+    try:
+        return fastest_transport(stream)
+    except TypeError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _parkable(obj: Any) -> bool:
+    """Whether ``obj`` can key ``_parked``: weakly referenced and hashable."""
     try:
         weakref.ref(obj)
-    except TypeError:
+        hash(obj)
+    except Exception:  # TypeError: no weak references, or unhashable; or a __hash__ that fails
         return False
     return True
+
+
+def _same(parked: tuple[Any, ...], options: tuple[Any, ...]) -> bool:
+    """Whether a parked decoder's options are ``options``. Options whose ``==`` raises (a
+    numpy array as key) are not the same: the new decoder then judges them."""
+    try:
+        return bool(parked == options)
+    except Exception:
+        return False
