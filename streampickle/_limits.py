@@ -44,6 +44,15 @@ class Limits:
     #: millions of tiny allocations; a dict of thousands of arrays still fits.
     max_side_chunks: int = 65_536
 
+    #: Dict keys and set items, in one message, whose hash the verifier can't compute: values a
+    #: reconstructor built (UUIDs, Fractions, numpy scalars...) and instances of allowed
+    #: classes. Keys whose hashes collide cost time quadratic in their number, and these are
+    #: the keys a peer could make collide unseen (str and bytes hashes are salted; small
+    #: ints, floats and tuples of numbers the verifier checks itself). Default 1,024: at a
+    #: few hundred nanoseconds per comparison even all of them colliding costs well under a
+    #: second; raise it for peers you trust with that much CPU.
+    max_opaque_keys: int = 1024
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)

@@ -2,12 +2,20 @@
 
 Safe mode (the default) is two gates in front of the C unpickler:
 
-1. ``_scan.scan`` walks the opcodes first and refuses anything a protocol-5 pickler would not
-   write (see ``_scan``), so the C unpickler only ever runs on well-formed input;
-2. ``find_class`` admits only globals on an exact-name allowlist: streampickle's own
-   reconstructors (arrays, numpy scalars and dtypes, UUID, Fraction, Counter) and immutable
-   builtin value types. Nothing on it runs code, imports modules, touches files, or allocates
-   from a size the input merely claims. Users extend it with exact names (``allow=``).
+1. the verifier (``_verify``) proves, before anything is unpickled, what every opcode acts
+   on: only protocol-5 opcodes in a well-formed order, globals that resolve to
+   streampickle's own reconstructors or to names the user allowed, reconstructor calls with
+   arguments of the kinds each declares, ``SETITEMS``/``APPENDS``/``ADDITEMS`` only into
+   containers the pickle made, ``BUILD`` only on instances of allowed classes, dict keys
+   whose hashes can't be steered, and work in proportion to the pickle's size. Its fast
+   path (``_speedups.scan``, or ``_verify.scan_py`` without the C extension) settles plain
+   data alone and hands anything else to the full walk;
+2. ``find_class`` resolves the same names again at unpickling time, from the same table.
+
+Every default type is built by a reconstructor (``_rebuild``) that checks the exact type and
+range of each argument and returns a fresh object; no stdlib class or function is on the
+default allowlist. Users extend it with exact names (``allow=``, vetted by ``_allow``: names
+that run code or reach the system are refused).
 
 ``trusted=True`` skips both and behaves like ``pickle.loads`` (only the bytes-after-STOP and
 buffer-count checks remain, since they are about framing, not trust).
@@ -16,85 +24,131 @@ buffer-count checks remain, since they are about framing, not trust).
 from __future__ import annotations
 
 import gc
+import importlib
 import io
 import pickle
 from typing import Any, Callable, Iterable, Sequence
 
-from . import _rebuild
+from . import _rebuild, _verify
+from ._allow import denied_object_reason, parse_allow
 from ._errors import ForbiddenGlobalError, MalformedPickleError, StreamPickleError, UsageError
+from ._limits import Limits
 from ._scan import scan as _scan
 
 __all__ = ["Loader", "DEFAULT_ALLOWED"]
 
-#: Globals the safe loader resolves without being asked. Each is an immutable type whose
-#: constructor validates its arguments and does work linear in them (no walking of nested
-#: arguments, no size taken on trust): mutable Python classes are left out because a BUILD
-#: opcode could set attributes on the class itself.
-DEFAULT_ALLOWED: frozenset[str] = frozenset(
-    {
-        "builtins.complex",
-        "builtins.slice",
-        "builtins.range",
-        "builtins.Ellipsis",
-        "builtins.NotImplemented",
-        "datetime.date",
-        "datetime.time",
-        "datetime.datetime",
-        "datetime.timedelta",
-        "datetime.timezone",
-        "decimal.Decimal",
-        "collections.OrderedDict",
-        "collections.deque",
-        *_rebuild.NAMES,
-    }
-)
+#: Globals the safe loader resolves without being asked: streampickle's reconstructors only.
+DEFAULT_ALLOWED: frozenset[str] = frozenset(_rebuild.NAMES)
+
+_DEFAULT_MAX_OPAQUE_KEYS = Limits().max_opaque_keys
+_GETATTR = "builtins.getattr"
 
 
-def _allow_entry(entry: Any) -> tuple[str, Any]:
-    if isinstance(entry, str):
-        if not entry or entry.startswith(".") or entry.endswith(".") or "." not in entry:
-            raise UsageError(f"allow entry {entry!r} is not a dotted 'module.QualName'")
-        return entry, None
-    module = getattr(entry, "__module__", None)
-    qualname = getattr(entry, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qualname, str) or "<locals>" in qualname:
-        raise UsageError(f"allow entry {entry!r} has no importable module and qualified name")
-    return f"{module}.{qualname}", entry
+def _import(module: str, qualname: str) -> Any:
+    """The object an allowed name refers to (the name is the user's, never only the peer's)."""
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    _allowed: dict[str, Any]  # set on the per-Loader subclass
+    _loader: Loader  # set on the per-Loader subclass
 
     def find_class(self, module: str, name: str) -> Any:
-        full = f"{module}.{name}"
-        if full not in self._allowed:
-            raise ForbiddenGlobalError(module, name)
-        obj = self._allowed[full]
-        if obj is None:
-            obj = super().find_class(module, name)
-        return obj
+        return self._loader.resolve_object(module, name)
 
 
 class Loader:
     """Unpickles one message's pickle part against its side chunks, safely unless trusted."""
 
-    def __init__(self, *, trusted: bool = False, allow: Iterable[Any] = ()) -> None:
+    def __init__(self, *, trusted: bool = False, allow: Iterable[Any] = (),
+                 max_opaque_keys: int = _DEFAULT_MAX_OPAQUE_KEYS) -> None:
         if type(trusted) is not bool:
             raise UsageError(f"trusted must be True or False, not {trusted!r}")
         if isinstance(allow, (str, bytes)):
             raise UsageError("allow must be a list of names or classes, not a single string")
         self.trusted = trusted
-        allowed: dict[str, Any] = dict.fromkeys(DEFAULT_ALLOWED)
-        allowed.update(_rebuild.NAMES)
-        allowed.update(_allow_entry(entry) for entry in allow)
+        self.max_opaque_keys = max_opaque_keys
+        # full name -> object, or None until first use (imported then)
+        self._allowed: dict[str, Any] = parse_allow(allow)
+        self._globals: dict[str, _verify.Global] = {}
         self._unpickler: type[pickle.Unpickler] = (
-            pickle.Unpickler if trusted else type("SafeUnpickler", (_SafeUnpickler,), {"_allowed": allowed})
+            pickle.Unpickler if trusted else type("SafeUnpickler", (_SafeUnpickler,), {"_loader": self})
         )
 
     @classmethod
     def shared(cls, trusted: bool) -> Loader:
         """The loader for the default allowlist (immutable, so one serves every decoder)."""
         return _SHARED[trusted] if type(trusted) is bool else cls(trusted=trusted)
+
+    # -- names ------------------------------------------------------------------------------
+
+    def resolve(self, module: str, qualname: str, pos: int) -> _verify.Global:
+        """What the verifier may assume of the global ``module.qualname`` (at byte ``pos``)."""
+        full = f"{module}.{qualname}"
+        known = self._globals.get(full)
+        if known is not None:
+            return known
+        rebuilder = _rebuild.NAMES.get(full)
+        if rebuilder is not None:
+            found = _verify.Global(module, qualname, rebuilder=rebuilder)
+        elif full == _GETATTR and any(name.count(".") > 1 for name in self._allowed):
+            # getattr(allowed class, "name") is how pickle writes a classmethod; the verifier
+            # admits it only when "module.Class.name" itself is allowed.
+            found = _verify.Global(module, qualname, attribute_of=True)
+        elif full in self._allowed:
+            obj = self._object(full, module, qualname, pos)
+            is_class = isinstance(obj, type)
+            found = _verify.Global(
+                module, qualname, is_class=is_class,
+                dict_like=is_class and issubclass(obj, dict),
+                list_like=is_class and issubclass(obj, list),
+            )
+        else:
+            raise ForbiddenGlobalError(module, qualname, position=pos, opcode="STACK_GLOBAL")
+        if len(self._globals) < 4096:  # the cache is bounded; peers choose the names
+            self._globals[full] = found
+        return found
+
+    def _object(self, full: str, module: str, qualname: str, pos: int | None) -> Any:
+        obj = self._allowed[full]
+        if obj is None:
+            try:
+                obj = _import(module, qualname)
+            except Exception as exc:
+                raise ForbiddenGlobalError(module, qualname, position=pos, opcode="STACK_GLOBAL") from exc
+            if denied_object_reason(obj) is not None:  # "mymod.os.system" is os.system
+                raise ForbiddenGlobalError(obj.__module__ or module, getattr(obj, "__qualname__", qualname),
+                                           position=pos, opcode="STACK_GLOBAL")
+            self._allowed[full] = obj
+        return obj
+
+    def resolve_object(self, module: str, name: str) -> Any:
+        """``find_class`` of the restricted unpickler: the object for a name the verifier
+        already admitted, from the same table."""
+        full = f"{module}.{name}"
+        rebuilder = _rebuild.NAMES.get(full)
+        if rebuilder is not None:
+            return rebuilder
+        if full == _GETATTR:
+            return self._getattr
+        if full in self._allowed:
+            return self._object(full, module, name, None)
+        raise ForbiddenGlobalError(module, name)
+
+    def _getattr(self, owner: Any, attr: Any) -> Any:
+        """``builtins.getattr`` as a safe pickle sees it: only an allowed dotted name."""
+        module = getattr(owner, "__module__", None)
+        qualname = getattr(owner, "__qualname__", None)
+        if type(attr) is not str or type(module) is not str or type(qualname) is not str:
+            raise ForbiddenGlobalError("builtins", "getattr")
+        full = f"{module}.{qualname}.{attr}"
+        if full not in self._allowed:
+            raise ForbiddenGlobalError(module, f"{qualname}.{attr}")
+        return self._object(full, module, f"{qualname}.{attr}", None)
+
+    # -- loading ----------------------------------------------------------------------------
 
     def load(self, data: bytes | memoryview, buffers: Sequence[Any]) -> Any:
         """Unpickle ``data`` with ``buffers`` as its out-of-band buffers, all of them used."""
@@ -104,10 +158,7 @@ class Loader:
         if self.trusted:
             obj = _plain_loads(data, it)
         else:
-            globals_ = _scan(data, len(buffers))
-            if type(globals_) is tuple:
-                raise _refused(globals_)
-            obj = self._restricted_loads(data, it) if globals_ else _plain_loads(data, it)
+            obj = self._restricted_loads(data, it) if self._verify(data, len(buffers)) else _plain_loads(data, it)
         if next(it, None) is not None:
             raise MalformedPickleError("the pickle used fewer out-of-band buffers than the message has side chunks")
         return obj
@@ -116,22 +167,29 @@ class Loader:
         """``load`` for a message without side chunks: the path every small message takes."""
         if _load_inband_c is not None and type(data) is bytes and len(data) < GC_PAUSE_BYTES:
             try:
-                obj = _load_inband_c(data, self.trusted)  # the lines below, in one C call
+                obj = _load_inband_c(data, self.trusted)  # the fast path below, in one C call
             except Exception as exc:
                 raise unpickling_failed(exc) from exc
             if obj is not NotImplemented:
                 return obj
         if self.trusted:
             return _plain_loads(data, None)
-        globals_ = _scan(data, 0)
-        if not globals_:
-            # No STACK_GLOBAL, and the scan admits no other opcode that looks a name up:
-            # only builtin containers and scalars can come out, so the plain C unpickler is
-            # as safe here as the restricted one, and faster.
-            return _plain_loads(data, None)
-        if type(globals_) is tuple:
-            raise _refused(globals_)
-        return self._restricted_loads(data, None)
+        if self._verify(data, 0):
+            return self._restricted_loads(data, None)
+        return _plain_loads(data, None)
+
+    def _verify(self, data: bytes | memoryview, chunk_count: int) -> int:
+        """Run the verifier; return the number of globals the pickle names (0: plain data,
+        which the plain C unpickler loads as safely as the restricted one, and faster)."""
+        result = _scan(data, chunk_count)
+        if result == 0:
+            return 0
+        if type(result) is tuple:
+            raise _verify.refusal(_verify.Refused(*result))
+        try:
+            return _verify.verify(data, chunk_count, self.resolve, self.max_opaque_keys)
+        except _verify.Refused as refused:
+            raise _verify.refusal(refused) from None
 
     def _restricted_loads(self, data: bytes | memoryview, buffers: Any) -> Any:
         file = io.BytesIO(data)
@@ -142,7 +200,7 @@ class Loader:
             raise
         except Exception as exc:  # UnpicklingError, TypeError from a reconstructor, ...
             raise unpickling_failed(exc) from exc
-        if file.tell() != len(data):  # the scan guarantees this; a cheap cross-check
+        if file.tell() != len(data):  # the verifier guarantees this; a cheap cross-check
             raise MalformedPickleError(f"{len(data) - file.tell()} bytes follow STOP in the pickle part")
         return obj
 
@@ -185,12 +243,15 @@ def _gc_paused(load: Callable[[], Any]) -> Any:
 
 
 def unpickling_failed(exc: Exception) -> MalformedPickleError:
-    """The error for a verified message whose pickle raised while loading (``exc``)."""
-    return MalformedPickleError(f"the message's pickle failed to load: {exc!r}")
+    """The error for a verified message whose pickle raised while loading (``exc``).
 
-
-def _refused(result: tuple[int, str]) -> MalformedPickleError:
-    return MalformedPickleError(f"malformed pickle at byte {result[0]}: {result[1]}")
+    The message says the exception's type and its first argument if that is a string, cut to
+    300 characters: ``repr`` of an exception whose arguments are the peer's objects could walk
+    structure of any size.
+    """
+    first = exc.args[0] if len(exc.args) == 1 else None
+    detail = f": {first[:300]}" if type(first) is str else ""
+    return MalformedPickleError(f"the message's pickle failed to load: {type(exc).__name__}{detail}")
 
 
 try:

@@ -113,18 +113,92 @@ static PyObject *fail(Py_ssize_t pos, const char *fmt, ...) {
     return Py_BuildValue("(nN)", pos, reason);
 }
 
-/* The scan proper: the number of STACK_GLOBALs (as a Python int) if acceptable, else a
- * (position, reason) tuple; NULL with an exception set only on MemoryError. */
+/* The verifier's plain mode (streampickle/_verify.py, scan_py), line for line: 0 if the pickle
+ * is plain data every rule admits as it is, DEFER (1) at the first opcode that needs the full
+ * verifier, a (position, reason) tuple if the pickle's shape is refused; NULL with an exception
+ * set only on MemoryError.
+ *
+ * Each stack slot and memo entry holds what the Python walk's _V holds that plain mode reads:
+ * the container kind (for the targets of APPEND, SETITEM, ADDITEMS, READONLY_BUFFER), the hash
+ * class and the nesting depth and hashing cost of a would-be key. */
+#define MAX_OPEN_MARKS 1024
+#define MAX_KEY_DEPTH 64
+#define WORK_PER_BYTE 16
+#define WORK_BASE (1 << 16)
+#define DEFER 1
+#define COST_CAP ((uint64_t)1 << 62)
+
+enum { V_OTHER = 0, V_BUFFER, V_LIST, V_DICT, V_SET };
+enum { H_UNHASHABLE = 0, H_FREE, H_SALTED, H_COMPUTED, H_WEAK };
+
+typedef struct { unsigned char kind, hkind; Py_ssize_t depth; uint64_t cost; } Slot;
+
+typedef struct {
+    Slot *items;
+    Py_ssize_t len, cap;
+} Slots;
+
+static int slots_push(Slots *s, Slot v) {
+    if (s->len == s->cap) {
+        Py_ssize_t cap = s->cap ? s->cap * 2 : 64;
+        Slot *grown = PyMem_Realloc(s->items, (size_t)cap * sizeof *grown);
+        if (grown == NULL) { PyErr_NoMemory(); return -1; }
+        s->items = grown;
+        s->cap = cap;
+    }
+    s->items[s->len++] = v;
+    return 0;
+}
+
+/* A tuple of items[0..n): _verify._tuple_value's hash class, depth and cost. */
+static Slot tuple_of(const Slot *items, Py_ssize_t n) {
+    Slot t = {V_OTHER, H_COMPUTED, 0, 1};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const unsigned char h = items[i].hkind;
+        if (h == H_UNHASHABLE) t.hkind = H_UNHASHABLE;
+        else if (t.hkind != H_UNHASHABLE) {
+            if (h == H_WEAK) t.hkind = H_WEAK;
+            else if (h == H_SALTED && t.hkind != H_WEAK) t.hkind = H_SALTED;
+        }
+        t.cost = items[i].cost >= COST_CAP - t.cost ? COST_CAP : t.cost + items[i].cost;
+        if (items[i].depth > t.depth) t.depth = items[i].depth;
+    }
+    t.depth += 1;
+    return t;
+}
+
+/* _verify._key in plain mode: 0 the key is admitted, 1 defer, -1 refused (*result set). */
+static int admit_key(const Slot *key, Py_ssize_t pos, const char *opname, int64_t *budget, PyObject **result) {
+    if (key->hkind == H_UNHASHABLE) return 1;
+    if (key->depth > MAX_KEY_DEPTH) {
+        *result = fail(pos, "%s: a key nested %zd deep (at most %d)", opname, key->depth, MAX_KEY_DEPTH);
+        return -1;
+    }
+    if (key->cost > 1) {
+        *budget -= (int64_t)key->cost;
+        if (*budget < 0) {
+            *result = fail(pos, "%s: hashing the keys would take work out of proportion to the pickle's size", opname);
+            return -1;
+        }
+    }
+    return key->hkind == H_FREE || key->hkind == H_SALTED ? 0 : 1;
+}
+
 static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_ssize_t chunk_count) {
     PyObject *result = NULL;
+    Slots stack = {NULL, 0, 0}, memo = {NULL, 0, 0};
     Py_ssize_t *marks = NULL, marks_len = 0, marks_cap = 0;
-    Py_ssize_t pos = 2, frame_end = 0, depth = 0, memo = 0, buffers = 0, globals = 0;
-    int stopped = 0;
+    Py_ssize_t pos = 2, frame_end = 0, buffers = 0;
+    int64_t budget = (int64_t)WORK_PER_BYTE * end + WORK_BASE;
+    int stopped = 0, k;
 
     if (end < 3 || data[0] != 0x80 || data[1] != 5) {
         result = fail(0, "a pickle must start with PROTO 5 (bytes 80 05)");
         goto done;
     }
+#define DEFER_NOW do { result = PyLong_FromLong(DEFER); goto done; } while (0)
+#define BASE (marks_len ? marks[marks_len - 1] : 0)
+#define PUSH(slot) do { if (slots_push(&stack, (slot)) < 0) goto done; } while (0)
     while (pos < end) {
         const unsigned char op = data[pos];
         const OpSpec *spec = &ops[op];
@@ -156,17 +230,56 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                 goto done;
             }
             pos += (Py_ssize_t)size;
-            if (depth < spec->pops) {
-                result = fail(start, "%s needs %d items, the stack has %zd", spec->name, (int)spec->pops, depth);
+            if (stack.len - BASE < spec->pops) {
+                result = fail(start, "%s needs %d items, the stack has %zd", spec->name, (int)spec->pops, stack.len - BASE);
                 goto done;
             }
-            depth += spec->pushes - spec->pops;
-            if (op == 0x93) globals += 1; /* STACK_GLOBAL */
+            Slot *top = stack.items + stack.len; /* one past the top */
+            switch (op) {
+            case 'N': case 0x88: case 0x89: case 'J': case 'K': case 'M': case 'G': /* NONE, bools, ints, float */
+                PUSH(((Slot){V_OTHER, H_FREE, 0, 1}));
+                break;
+            case 0x8a: case 0x8b: /* LONG1, LONG4: plain mode judges only ints of at most 7 bytes */
+                PUSH(((Slot){V_OTHER, size >= 8 ? H_COMPUTED : H_FREE, 0, 1}));
+                break;
+            case 'C': case 'B': case 0x8e: case 0x8c: case 'X': case 0x8d: /* bytes and str */
+                PUSH(((Slot){V_OTHER, H_SALTED, 0, 1}));
+                break;
+            case 0x96: /* BYTEARRAY8 */
+                PUSH(((Slot){V_OTHER, H_UNHASHABLE, 0, 1}));
+                break;
+            case ')': PUSH(tuple_of(NULL, 0)); break;
+            case ']': PUSH(((Slot){V_LIST, H_UNHASHABLE, 0, 1})); break;
+            case '}': PUSH(((Slot){V_DICT, H_UNHASHABLE, 0, 1})); break;
+            case 0x8f: PUSH(((Slot){V_SET, H_UNHASHABLE, 0, 1})); break;
+            case 0x85: case 0x86: case 0x87: { /* TUPLE1..3 */
+                Slot t = tuple_of(top - spec->pops, spec->pops);
+                stack.len -= spec->pops;
+                PUSH(t);
+                break;
+            }
+            case 'a': /* APPEND */
+                if (top[-2].kind != V_LIST) DEFER_NOW;
+                stack.len -= 1;
+                break;
+            case 's': /* SETITEM */
+                if (top[-3].kind != V_DICT) DEFER_NOW;
+                k = admit_key(&top[-2], start, spec->name, &budget, &result);
+                if (k < 0) goto done;
+                if (k > 0) DEFER_NOW;
+                stack.len -= 2;
+                break;
+            case 0x98: /* READONLY_BUFFER */
+                if (top[-1].kind != V_BUFFER) DEFER_NOW;
+                break;
+            default: /* STACK_GLOBAL, REDUCE, NEWOBJ, NEWOBJ_EX, BUILD: the full verifier's */
+                DEFER_NOW;
+            }
             break;
         }
         case K_MEMOIZE:
-            if (depth < 1) { result = fail(start, "MEMOIZE on an empty stack"); goto done; }
-            memo += 1;
+            if (stack.len == BASE) { result = fail(start, "MEMOIZE on an empty stack"); goto done; }
+            if (slots_push(&memo, stack.items[stack.len - 1]) < 0) goto done;
             break;
         case K_GET1:
         case K_GET4: {
@@ -174,15 +287,19 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
             if (end - pos < width) { result = fail(start, "%s: argument cut off", spec->name); goto done; }
             const uint64_t index = le(data + pos, width);
             pos += width;
-            if (index >= (uint64_t)memo) {
+            if (index >= (uint64_t)memo.len) {
                 result = fail(start, "%s %llu names a memo slot never defined", spec->name,
                               (unsigned long long)index);
                 goto done;
             }
-            depth += 1;
+            PUSH(memo.items[index]);
             break;
         }
         case K_MARK:
+            if (marks_len == MAX_OPEN_MARKS) {
+                result = fail(start, "more than %d MARKs open at once", MAX_OPEN_MARKS);
+                goto done;
+            }
             if (marks_len == marks_cap) {
                 Py_ssize_t cap = marks_cap ? marks_cap * 2 : 64;
                 Py_ssize_t *grown = PyMem_Realloc(marks, (size_t)cap * sizeof *marks);
@@ -190,29 +307,68 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                 marks = grown;
                 marks_cap = cap;
             }
-            marks[marks_len++] = depth;
-            depth = 0;
+            marks[marks_len++] = stack.len;
             break;
         case K_TOMARK_PUSH:
         case K_TOMARK_INTO:
-        case K_POP_MARK:
+        case K_POP_MARK: {
             if (marks_len == 0) { result = fail(start, "%s without a MARK", spec->name); goto done; }
-            depth = marks[--marks_len];
-            if (spec->kind == K_TOMARK_PUSH) {
-                depth += 1;
-            } else if (spec->kind == K_TOMARK_INTO && depth < 1) {
-                result = fail(start, "%s has no container below its MARK", spec->name);
-                goto done;
+            const Py_ssize_t base = marks[--marks_len];
+            Slot *items = stack.items + base;
+            const Py_ssize_t n = stack.len - base;
+            if (op == 't') { /* TUPLE */
+                Slot t = tuple_of(items, n);
+                stack.len = base;
+                PUSH(t);
+            } else if (op == 0x91) { /* FROZENSET */
+                Slot f = {V_OTHER, n ? H_SALTED : H_WEAK, 0, 1};
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    k = admit_key(&items[i], start, spec->name, &budget, &result);
+                    if (k < 0) goto done;
+                    if (k > 0) DEFER_NOW;
+                    if (items[i].hkind != H_SALTED) f.hkind = H_WEAK;
+                    if (items[i].depth > f.depth) f.depth = items[i].depth;
+                }
+                f.depth += 1;
+                stack.len = base;
+                PUSH(f);
+            } else if (op != '1') { /* APPENDS, SETITEMS, ADDITEMS */
+                if (base - BASE < 1) {
+                    result = fail(start, "%s has no container below its MARK", spec->name);
+                    goto done;
+                }
+                const Slot *target = &stack.items[base - 1];
+                if (op == 'e') {
+                    if (target->kind != V_LIST) DEFER_NOW;
+                } else {
+                    Py_ssize_t step = 1;
+                    if (op == 'u') {
+                        if (n % 2) { result = fail(start, "SETITEMS with an odd number of items"); goto done; }
+                        if (target->kind != V_DICT) DEFER_NOW;
+                        step = 2;
+                    } else if (target->kind != V_SET) {
+                        DEFER_NOW;
+                    }
+                    for (Py_ssize_t i = 0; i < n; i += step) {
+                        k = admit_key(&items[i], start, spec->name, &budget, &result);
+                        if (k < 0) goto done;
+                        if (k > 0) DEFER_NOW;
+                    }
+                }
+                stack.len = base;
+            } else {
+                stack.len = base;
             }
             break;
+        }
         case K_POP:
-            if (depth) depth -= 1;
-            else if (marks_len) depth = marks[--marks_len];
+            if (stack.len > BASE) stack.len -= 1;
+            else if (marks_len) marks_len -= 1;
             else { result = fail(start, "POP on an empty stack"); goto done; }
             break;
         case K_NEXT_BUFFER:
             buffers += 1;
-            depth += 1;
+            PUSH(((Slot){V_BUFFER, H_UNHASHABLE, 0, 1}));
             break;
         case K_FRAME: {
             if (start < frame_end) { result = fail(start, "FRAME opened inside another frame"); goto done; }
@@ -231,7 +387,7 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                 result = fail(start, "%zd bytes follow STOP inside the pickle part", end - pos);
                 goto done;
             }
-            if (marks_len || depth != 1) { result = fail(start, "STOP with an unbalanced stack"); goto done; }
+            if (marks_len || stack.len != 1) { result = fail(start, "STOP with an unbalanced stack"); goto done; }
             stopped = 1;
             break;
         case K_PROTO:
@@ -253,6 +409,9 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
             goto done;
         }
     }
+#undef DEFER_NOW
+#undef BASE
+#undef PUSH
     if (!stopped) {
         result = fail(end, "the pickle part ends without STOP");
         goto done;
@@ -262,9 +421,11 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                       buffers, chunk_count);
         goto done;
     }
-    result = PyLong_FromSsize_t(globals);
+    result = PyLong_FromLong(0);
 done:
     PyMem_Free(marks);
+    PyMem_Free(stack.items);
+    PyMem_Free(memo.items);
     return result;
 }
 
@@ -307,7 +468,7 @@ static int plain_pickle(const unsigned char *buf, Py_ssize_t len, int trusted) {
     if (scanned == NULL) return -1;
     const int plain = PyLong_Check(scanned) && PyLong_AsSsize_t(scanned) == 0;
     Py_DECREF(scanned);
-    return plain; /* refused, or names globals: 0, for the Python path */
+    return plain; /* refused, or the full verifier's to judge: 0, for the Python path */
 }
 
 static PyObject *loads_plain(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -575,7 +736,8 @@ error:
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
-     "scan(data, chunk_count) -> number of STACK_GLOBALs, or (position, reason) if refused."},
+     "scan(data, chunk_count) -> 0 (plain, admitted), 1 (defer to the full verifier), or\n"
+     "(position, reason) if refused: the verifier's plain mode."},
     {"loads_plain", (PyCFunction)(void (*)(void))loads_plain, METH_FASTCALL,
      "loads_plain(data, trusted, allow, key, limits, max_pickle) -> object, or NotImplemented\n"
      "to take the Python path."},
@@ -611,5 +773,15 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     str_fast = PyUnicode_InternFromString("fast");
     str_clear_memo = PyUnicode_InternFromString("clear_memo");
     if (str_dump == NULL || str_fast == NULL || str_clear_memo == NULL) return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    /* The verifier's bounds, for the test that holds them to _verify's. */
+    if (PyModule_AddIntConstant(m, "MAX_OPEN_MARKS", MAX_OPEN_MARKS) < 0
+        || PyModule_AddIntConstant(m, "MAX_KEY_DEPTH", MAX_KEY_DEPTH) < 0
+        || PyModule_AddIntConstant(m, "WORK_PER_BYTE", WORK_PER_BYTE) < 0
+        || PyModule_AddIntConstant(m, "WORK_BASE", WORK_BASE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

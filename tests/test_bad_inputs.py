@@ -594,7 +594,10 @@ def test_readonly_buffer_on_a_non_buffer_drops_the_message_with_the_type_error_c
     trusted: bool, operand: bytes
 ) -> None:
     err = assert_dropped_alone(make_message(P5 + operand + b"\x98."), trusted=trusted)
-    assert isinstance(err.__cause__, TypeError)
+    if trusted:  # the unpickler's own TypeError, chained
+        assert isinstance(err.__cause__, TypeError)
+    else:  # the verifier refuses it before the unpickler runs, naming the opcode and offset
+        assert f"at byte {2 + len(operand)}: READONLY_BUFFER on a" in str(err)
 
 
 def _ndarray_pickle(descr: str, shape: list[int]) -> bytes:

@@ -50,7 +50,9 @@ def test_os_system_via_stack_global_reduce(canary) -> None:
     payload = P5 + glob("os", "system") + s(f"touch {canary}") + b"\x85R."
     err = refuse(payload, exc=ForbiddenGlobalError)
     assert (err.module, err.name) == ("os", "system")
-    assert "allow=['os.system']" in str(err) and "trusted=True" in str(err)
+    # a name that runs code is never suggested for allow=, nor is trusted=True
+    assert "can never be allowed" in str(err) and "allow=" not in str(err) and "trusted" not in str(err)
+    assert (err.position, err.opcode) == (14, "STACK_GLOBAL")
 
 
 def test_os_system_via_memoized_strings(canary) -> None:
@@ -82,8 +84,10 @@ def test_dangerous_globals_are_forbidden(target) -> None:
 
 
 def test_allow_takes_exact_names_not_prefixes() -> None:
-    payload = P5 + glob("numpy.f2py.diagnose", "run_command") + b"."
-    refuse(payload, exc=ForbiddenGlobalError, allow=["numpy.f2py", "numpy.f2py.diagnose", "numpy.f2py.diagnose.run"])
+    payload = P5 + glob("fractions", "Fraction") + b"."
+    refuse(payload, exc=ForbiddenGlobalError, allow=["fractions.Fract", "fraction.Fraction", "fractions.Fraction.from_float"])
+    with pytest.raises(streampickle.UsageError, match="can never be allowed"):
+        Decoder(allow=["numpy.f2py.diagnose.run_command"])  # runs commands: no allow= admits it
     with pytest.raises(streampickle.UsageError, match="dotted"):
         Decoder(allow=["numpy"])  # a bare module is not a name; prefixes are never allowed
 
@@ -114,10 +118,11 @@ def test_build_cannot_modify_a_reconstructor() -> None:
 
 
 def test_build_cannot_modify_an_allowed_class() -> None:
-    payload = P5 + glob("datetime", "datetime") + b"N}" + s("now") + b"K\x01s\x86b."
-    refuse(payload)
-    import datetime
-    assert callable(datetime.datetime.now)
+    # BUILD aimed at the allowed class itself, not at an instance of it
+    payload = P5 + glob("test_safe", "Point") + b"N}" + s("__init__") + b"K\x01s\x86b."
+    err = refuse(payload, allow=[Point])
+    assert "BUILD on a global" in str(err)
+    assert callable(Point.__init__)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
-"""The opcode pre-scan, bound to both implementations (C and the pure-Python reference), and
-the two fuzzed against each other: they must accept and refuse exactly the same pickles, with
-the same position and reason."""
+"""The verifier's plain mode (the fast path in front of the full typed walk), bound to both
+implementations (C and the pure-Python reference), and the two fuzzed against each other: they
+must admit, defer and refuse exactly the same pickles, with the same position and reason."""
 
 from __future__ import annotations
 
@@ -45,17 +45,49 @@ def valid_pickles() -> list[tuple[bytes, int]]:
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_the_scan_counts_global_lookups(impl: str) -> None:
+def test_plain_data_is_admitted_and_anything_to_judge_deferred(impl: str) -> None:
     scan = IMPLEMENTATIONS[impl]
-    assert scan(pickle.dumps({"a": [1, (2, 3)]}, protocol=5), 0) == 0
-    assert scan(pickle.dumps([complex(1, 2), complex(3, 4)], protocol=5), 0) == 1  # memoized
-    assert scan(pickle.dumps((range(2), slice(1)), protocol=5), 0) == 2
+    admitted = [{"a": [1, (2, 3)]}, {"k": 1, b"b": 2, 3: 4, 5.5: 6, None: 7, True: 8}, {("a", 1): 2},
+                {frozenset({"a"}): 1}, {2**50: 1}, [[1], [2]], set(), frozenset()]
+    for obj in admitted:
+        assert scan(pickle.dumps(obj, protocol=5), 0) == 0, obj
+    deferred = [[complex(1, 2)], (range(2), slice(1)), {(1, 2): 3}, {(): 1}, {2**70: 1}, {frozenset({1})}]
+    for obj in deferred:
+        assert scan(pickle.dumps(obj, protocol=5), 0) == _scan.DEFER, obj
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_plain_mode_defers_mutation_of_what_it_cannot_see_is_the_right_container(impl: str) -> None:
+    scan = IMPLEMENTATIONS[impl]
+    assert scan(b"\x80\x05)Na.", 0) == _scan.DEFER  # APPEND into a tuple
+    assert scan(b"\x80\x05]NNs.", 0) == _scan.DEFER  # SETITEM into a list
+    assert scan(b"\x80\x05}]Ns.", 0) == _scan.DEFER  # a list as a key
+    assert scan(b"\x80\x05N\x98.", 0) == _scan.DEFER  # READONLY_BUFFER of None
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_bounds_are_refused_alike(impl: str) -> None:
+    scan = IMPLEMENTATIONS[impl]
+    assert scan(b"\x80\x05" + b"(" * 1025 + b"N" + b"1" * 1025 + b".", 0)[1] == "more than 1024 MARKs open at once"
+    deep = b"\x8c\x01a" + b"\x85" * 65  # a str in 65 nested 1-tuples
+    assert "nested 65 deep" in scan(b"\x80\x05}" + deep + b"Ns.", 0)[1]
+    # a 60-level tuple DAG shared through the memo: hashing it visits 2**60 leaves
+    dag = b"\x8c\x01a\x940" + b"".join(b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86\x940" for i in range(60)) + b"h<"
+    assert "out of proportion" in scan(b"\x80\x05}" + dag + b"Ns.", 0)[1]
+    assert scan(b"\x80\x05}(NNNu.", 0)[1] == "SETITEMS with an odd number of items"
+
+
+def test_the_c_scan_has_the_verifiers_bounds() -> None:
+    from streampickle import _speedups, _verify
+
+    for name in ("MAX_OPEN_MARKS", "MAX_KEY_DEPTH", "WORK_PER_BYTE", "WORK_BASE"):
+        assert getattr(_speedups, name) == getattr(_verify, name), name
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_valid_pickles_are_accepted(impl: str) -> None:
     for data, nbuf in valid_pickles():
-        assert type(IMPLEMENTATIONS[impl](data, nbuf)) is int
+        assert IMPLEMENTATIONS[impl](data, nbuf) in (0, _scan.DEFER)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

@@ -1,0 +1,521 @@
+"""The typed verifier: proves what every opcode of a peer's pickle acts on, before unpickling.
+
+Why: the C unpickler is fast but does whatever the opcodes say. An allowlist of globals alone
+is no proof of safety: ``BUILD`` on a dtype a reconstructor returned reached numpy's
+``__setstate__``, ``SETITEM`` on an array wrote through a forged pointer, a memoized list
+shared 40 levels deep made an error message walk 2**40 nodes. So this module runs the pickle
+machine on *kinds* (``_kinds``) instead of objects, and refuses a pickle unless every opcode
+acts on what it may act on. Only then does the C unpickler run, at full speed.
+
+The rules (each refusal names the opcode and its byte offset):
+
+* **Shape.** ``PROTO 5`` first and nowhere else; only opcodes ``pickle.Pickler(protocol=5)``
+  writes; every length fits in the bytes left; ``FRAME``\\s lie inside the pickle, don't nest,
+  and no opcode straddles a frame's end; no stack or mark underflow, at most
+  ``MAX_OPEN_MARKS`` open marks; ``BINGET`` names defined memo slots; ``STOP`` ends the
+  pickle with one object; ``NEXT_BUFFER`` appears exactly once per side chunk.
+* **Globals.** ``STACK_GLOBAL`` takes two ``str`` literals, and the name they make must be a
+  streampickle reconstructor or a name the user allowed (``ForbiddenGlobalError`` otherwise).
+* **Calls.** ``REDUCE`` calls only a resolved global, with a tuple; a reconstructor gets
+  exactly as many arguments as it declares, each of a declared kind (an array's data is an
+  out-of-band buffer or a bytes literal, never an object). ``NEWOBJ``/``NEWOBJ_EX`` only
+  instantiate a class the user allowed.
+* **Mutation.** ``SETITEM(S)`` only into a dict this pickle made, ``APPEND(S)`` only into a
+  list, ``ADDITEMS`` only into a set (or into an instance of an allowed ``dict``/``list``
+  subclass); ``BUILD`` only on an instance of a class the user allowed;
+  ``READONLY_BUFFER`` only on an out-of-band buffer.
+* **Work.** Every dict key and set item is hashable, and its hash can't be steered: ``str``
+  and ``bytes`` hashes are salted per process; small ints, floats, ``None`` and bools can't
+  collide much; for big ints and tuples of numbers the verifier computes the exact hash
+  Python will compute and refuses more than ``MAX_EQUAL_HASHES`` equal hashes in one
+  container; keys whose hash it can't compute (reconstructed values, instances) are counted
+  against ``Limits.max_opaque_keys``. Hashing a nested tuple costs its whole tree, so key
+  trees are charged to a work budget linear in the pickle's size, as are the containers a
+  reconstructor is given (a memoized dict passed to a thousand calls is charged a thousand
+  times) and tuple nesting is bounded (hashing recurses in C).
+
+Two modes share this one walk. *Plain* mode (``resolver=None``) is the fast path's contract:
+it accepts a pickle that names no global and needs no typed judgement, refuses what breaks
+the shape rules, and returns ``DEFER`` at the first opcode that needs more. ``_speedups.scan``
+is its C twin (same results on every input; the tests fuzz them against each other). *Full*
+mode goes on from there with every rule above.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any, Callable
+
+from . import _kinds as K
+from ._errors import MalformedPickleError
+
+__all__ = ["verify", "scan_py", "Global", "DEFER", "MAX_OPEN_MARKS", "MAX_EQUAL_HASHES"]
+
+#: Plain mode's answer for a pickle it can't judge alone: run the full verifier.
+DEFER = 1
+#: Open MARKs at once. A pickler nests one mark per container level it is inside, and CPython's
+#: pickler stops near 1,000 levels (its recursion limit), so no real pickle comes close.
+MAX_OPEN_MARKS = 1024
+#: Keys of one dict or set whose computed hashes are equal. Distinct real keys collide on all
+#: 64 bits by chance about never; a pickle that needs more is a hash flood.
+MAX_EQUAL_HASHES = 8
+#: Tuples nested in tuples (or frozensets) inside a dict key or set item: hashing recurses in
+#: C without a depth guard, so a deep enough key would overflow the C stack.
+MAX_KEY_DEPTH = 64
+#: The work budget: this many units (one unit is about one element visited) per pickle byte,
+#: plus a constant. Linear work that every pickle does is not counted; what is counted is what
+#: memo sharing could multiply: hashing key trees and reconstructors walking their containers.
+WORK_PER_BYTE = 16
+WORK_BASE = 1 << 16
+
+_P = (1 << 61) - 1  # the modulus of Python's numeric hash
+_M64 = (1 << 64) - 1
+_XXPRIME_1 = 11400714785074694791
+_XXPRIME_2 = 14029467366897019727
+_XXPRIME_5 = 2870177450012600261
+
+
+def _op(name: str) -> int:
+    return getattr(pickle, name)[0]
+
+
+_NAMES = {code[0]: name for name, code in vars(pickle).items() if name.isupper() and type(code) is bytes and len(code) == 1}
+_FORBIDDEN = {_op(n) for n in ("INT", "LONG", "FLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "PUT", "BINPUT", "LONG_BINPUT", "GET", "LIST", "DICT", "DUP")}
+_unpack_float = struct.Struct(">d").unpack_from
+
+
+class Refused(Exception):
+    """A pickle the verifier refuses: ``pos`` is the offending opcode's offset."""
+
+    def __init__(self, pos: int, reason: str) -> None:
+        super().__init__(pos, reason)
+        self.pos, self.reason = pos, reason
+
+
+class Global:
+    """A name the pickle may resolve: what calling it makes, and how it is called."""
+
+    __slots__ = ("module", "qualname", "name", "rebuilder", "is_class", "dict_like", "list_like", "attribute_of")
+
+    def __init__(self, module: str, qualname: str, *, rebuilder: Any = None, is_class: bool = False,
+                 dict_like: bool = False, list_like: bool = False, attribute_of: bool = False) -> None:
+        self.module = module
+        self.qualname = qualname
+        self.name = f"{module}.{qualname}"
+        self.rebuilder = rebuilder  # a _rebuild.Rebuilder, or None for a user-allowed name
+        self.is_class = is_class
+        self.dict_like = dict_like  # an allowed dict subclass: SETITEMS may fill its instances
+        self.list_like = list_like
+        self.attribute_of = attribute_of  # builtins.getattr, only as getattr(allowed, "name")
+
+
+#: A resolver: (module, qualname) -> Global; raises ForbiddenGlobalError for a name it refuses.
+Resolver = Callable[[str, str, int], Global]
+
+# Hash classes of a value used as a key: computed ints are exact Python hashes.
+_SALTED = "salted"  # str, bytes and tuples holding one: the attacker can't predict the hash
+_FREE = "free"  # small ints, floats, None, bools: few distinct values share a hash
+_WEAK = "weak"  # hashable, but the verifier can't compute the hash
+_UNHASHABLE = None
+
+
+class _V:
+    """One abstract value: its kind and what the rules need to know about it."""
+
+    __slots__ = ("kind", "info", "hkind", "hval", "cost", "depth", "size")
+
+    def __init__(self, kind: int, info: Any = None, hkind: Any = _UNHASHABLE, hval: int = 0,
+                 cost: int = 1, depth: int = 0) -> None:
+        self.kind = kind
+        self.info = info  # STR: (start, end) in data; GLOBAL: Global; INSTANCE: Global; TUPLE: items
+        self.hkind = hkind  # _SALTED, _FREE, _WEAK, "computed", or None (unhashable)
+        self.hval = hval  # the exact hash, for "computed" and for tuple hashing of _FREE values
+        self.cost = cost  # units of work to hash it (tree size of a tuple)
+        self.depth = depth  # tuple nesting
+        self.size = 0  # containers: work units of what was put in (walked by a reconstructor)
+
+
+_NONE = _V(K.NONE, hkind=_FREE, hval=hash(None))
+_TRUE = _V(K.BOOL, hkind=_FREE, hval=1)
+_FALSE = _V(K.BOOL, hkind=_FREE, hval=0)
+_BUFFER = _V(K.BUFFER)
+
+
+def _int_value(value: int) -> _V:
+    h = hash(value)
+    return _V(K.INT, hkind=_FREE if -_P < value < _P else "computed", hval=h)
+
+
+def _tuple_value(items: list[_V]) -> _V:
+    """A tuple of ``items``: its hash class, exact hash where computable, cost and depth."""
+    hkind: Any = "computed"
+    acc = _XXPRIME_5
+    cost = 1
+    depth = 0
+    for item in items:
+        kind = item.hkind
+        if kind is _UNHASHABLE:
+            hkind = _UNHASHABLE
+        elif hkind is not _UNHASHABLE:
+            if kind is _WEAK:
+                hkind = _WEAK
+            elif kind is _SALTED and hkind != _WEAK:
+                hkind = _SALTED
+        if hkind == "computed":  # CPython's tuplehash (xxHash-based, 3.8 and later)
+            acc = (acc + (item.hval & _M64) * _XXPRIME_2) & _M64
+            acc = ((acc << 31) | (acc >> 33)) & _M64
+            acc = (acc * _XXPRIME_1) & _M64
+        cost += item.cost
+        if item.depth > depth:
+            depth = item.depth
+    hval = 0
+    if hkind == "computed":
+        acc = (acc + (len(items) ^ (_XXPRIME_5 ^ 3527539))) & _M64
+        hval = 1546275796 if acc == _M64 else (acc - (1 << 64) if acc >= 1 << 63 else acc)
+    value = _V(K.TUPLE, items, hkind, hval, min(cost, 1 << 62), depth + 1)
+    value.size = len(items)
+    return value
+
+
+class _Defer(Exception):
+    """Plain mode met something only the full verifier can judge."""
+
+
+def scan_py(data: bytes | bytearray | memoryview, chunk_count: int) -> int | tuple[int, str]:
+    """Plain mode, the twin of the C ``scan``: 0 if the pickle is accepted as it is (no global,
+    nothing to judge), ``DEFER`` if it needs the full verifier, ``(position, reason)`` if its
+    shape is refused."""
+    try:
+        return _walk(data, chunk_count, None, 0, 0)
+    except _Defer:
+        return DEFER
+    except Refused as refused:
+        return refused.pos, refused.reason
+
+
+def verify(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Resolver,
+           max_opaque_keys: int) -> int:
+    """Full mode: return the number of ``STACK_GLOBAL`` opcodes if every rule holds, else raise
+    :class:`Refused` (or the resolver's ``ForbiddenGlobalError``)."""
+    return _walk(data, chunk_count, resolver, max_opaque_keys, 1)
+
+
+def refusal(refused: Refused) -> MalformedPickleError:
+    """The error for a refused pickle, naming the offset and the rule."""
+    return MalformedPickleError(f"malformed pickle at byte {refused.pos}: {refused.reason}")
+
+
+# Opcodes, as ints, for the walk.
+_NONE_OP, _NEWTRUE, _NEWFALSE = _op("NONE"), _op("NEWTRUE"), _op("NEWFALSE")
+_BININT, _BININT1, _BININT2, _LONG1, _LONG4 = (_op(n) for n in ("BININT", "BININT1", "BININT2", "LONG1", "LONG4"))
+_BINFLOAT = _op("BINFLOAT")
+_SHORT_BINBYTES, _BINBYTES, _BINBYTES8, _BYTEARRAY8 = (_op(n) for n in ("SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"))
+_SHORT_BINUNICODE, _BINUNICODE, _BINUNICODE8 = (_op(n) for n in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"))
+_EMPTY_TUPLE, _EMPTY_LIST, _EMPTY_DICT, _EMPTY_SET = (_op(n) for n in ("EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"))
+_TUPLE1, _TUPLE2, _TUPLE3, _TUPLE = (_op(n) for n in ("TUPLE1", "TUPLE2", "TUPLE3", "TUPLE"))
+_APPEND, _APPENDS, _SETITEM, _SETITEMS, _ADDITEMS, _FROZENSET = (_op(n) for n in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "FROZENSET"))
+_STACK_GLOBAL, _REDUCE, _NEWOBJ, _NEWOBJ_EX, _BUILD = (_op(n) for n in ("STACK_GLOBAL", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"))
+_MARK, _POP, _POP_MARK, _MEMOIZE, _BINGET, _LONG_BINGET = (_op(n) for n in ("MARK", "POP", "POP_MARK", "MEMOIZE", "BINGET", "LONG_BINGET"))
+_NEXT_BUFFER, _READONLY_BUFFER, _FRAME, _STOP, _PROTO = (_op(n) for n in ("NEXT_BUFFER", "READONLY_BUFFER", "FRAME", "STOP", "PROTO"))
+
+# Literal opcodes: (width of a length prefix, or 0 for a fixed size; fixed size).
+_LENGTHS = {
+    _BININT: (0, 4), _BININT1: (0, 1), _BININT2: (0, 2), _BINFLOAT: (0, 8), _LONG1: (1, 0), _LONG4: (4, 0),
+    _SHORT_BINBYTES: (1, 0), _BINBYTES: (4, 0), _BINBYTES8: (8, 0), _BYTEARRAY8: (8, 0),
+    _SHORT_BINUNICODE: (1, 0), _BINUNICODE: (4, 0), _BINUNICODE8: (8, 0),
+}
+_POPS = {_TUPLE1: 1, _TUPLE2: 2, _TUPLE3: 3, _APPEND: 2, _SETITEM: 3, _STACK_GLOBAL: 2, _REDUCE: 2,
+         _NEWOBJ: 2, _NEWOBJ_EX: 3, _BUILD: 2, _READONLY_BUFFER: 1}
+_TYPED = {_STACK_GLOBAL, _REDUCE, _NEWOBJ, _NEWOBJ_EX, _BUILD}
+
+
+def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: int, full: int) -> int:
+    end = len(data)
+    if end < 3 or data[0] != _PROTO or data[1] != 5:
+        raise Refused(0, "a pickle must start with PROTO 5 (bytes 80 05)")
+    pos = 2
+    frame_end = 0
+    stack: list[_V] = []
+    marks: list[int] = []  # the stack length at each open MARK
+    memo: list[_V] = []
+    buffers = 0
+    globals_ = 0
+    budget = WORK_PER_BYTE * end + WORK_BASE
+    opaque = 0
+    collisions: list[tuple[int, int]] = []  # (id of the container, computed hash) of each key
+    lengths = _LENGTHS
+    pops = _POPS
+    while pos < end:
+        op = data[pos]
+        start = pos
+        pos += 1
+        spec = lengths.get(op)
+        if spec is not None:
+            prefix, size = spec
+            if prefix:
+                if pos + prefix > end:
+                    raise Refused(start, f"{_NAMES[op]}: length prefix cut off")
+                size = int.from_bytes(data[pos : pos + prefix], "little", signed=op == _LONG4)
+                if size < 0:
+                    raise Refused(start, f"{_NAMES[op]}: negative length {size}")
+                pos += prefix
+            if size > end - pos:
+                raise Refused(start, f"{_NAMES[op]} declares {size} bytes, only {end - pos} are left")
+            if op == _SHORT_BINUNICODE or op == _BINUNICODE or op == _BINUNICODE8:
+                value = _V(K.STR, (pos, pos + size), _SALTED)
+            elif op == _BINFLOAT:
+                value = _V(K.FLOAT, hkind=_FREE, hval=hash(_unpack_float(data, pos)[0]))
+            elif op == _BYTEARRAY8:
+                value = _V(K.BYTEARRAY)
+            elif op == _SHORT_BINBYTES or op == _BINBYTES or op == _BINBYTES8:
+                value = _V(K.BYTES, hkind=_SALTED)
+            elif op == _LONG1 or op == _LONG4:
+                value = _int_value(int.from_bytes(data[pos : pos + size], "little", signed=True))
+                if not full and size >= 8:
+                    value.hkind = "computed"  # plain mode judges only ints of at most 7 bytes
+            else:
+                value = _int_value(int.from_bytes(data[pos : pos + size], "little", signed=op == _BININT))
+            pos += size
+            stack.append(value)
+        elif op == _NONE_OP:
+            stack.append(_NONE)
+        elif op == _NEWTRUE:
+            stack.append(_TRUE)
+        elif op == _NEWFALSE:
+            stack.append(_FALSE)
+        elif op == _EMPTY_TUPLE:
+            stack.append(_tuple_value([]))
+        elif op == _EMPTY_LIST or op == _EMPTY_DICT or op == _EMPTY_SET:
+            kind = K.LIST if op == _EMPTY_LIST else K.DICT if op == _EMPTY_DICT else K.SET
+            stack.append(_V(kind, start))
+        elif op == _MEMOIZE:
+            if len(stack) == (marks[-1] if marks else 0):
+                raise Refused(start, "MEMOIZE on an empty stack")
+            memo.append(stack[-1])
+        elif op == _BINGET or op == _LONG_BINGET:
+            width = 1 if op == _BINGET else 4
+            if pos + width > end:
+                raise Refused(start, f"{_NAMES[op]}: argument cut off")
+            index = int.from_bytes(data[pos : pos + width], "little")
+            pos += width
+            if index >= len(memo):
+                raise Refused(start, f"{_NAMES[op]} {index} names a memo slot never defined")
+            stack.append(memo[index])
+        elif op == _MARK:
+            if len(marks) == MAX_OPEN_MARKS:
+                raise Refused(start, f"more than {MAX_OPEN_MARKS} MARKs open at once")
+            marks.append(len(stack))
+        elif op in pops:
+            n = pops[op]
+            if len(stack) - (marks[-1] if marks else 0) < n:
+                raise Refused(start, f"{_NAMES[op]} needs {n} items, the stack has {len(stack) - (marks[-1] if marks else 0)}")
+            if op == _APPEND:
+                _into(stack[-2], K.LIST, "list_like", start, op, full)
+                stack[-2].size += 1
+                del stack[-1]
+            elif op == _SETITEM:
+                target = stack[-3]
+                _into(target, K.DICT, "dict_like", start, op, full)
+                budget, opaque = _key(stack[-2], target, start, op, full, budget, opaque, max_opaque, collisions)
+                del stack[-2:]
+            elif op <= _TUPLE3 and op >= _TUPLE1:
+                items = stack[-n:]
+                del stack[-n:]
+                stack.append(_tuple_value(items))
+            elif op == _READONLY_BUFFER:
+                if stack[-1].kind != K.BUFFER:
+                    if not full:
+                        raise _Defer
+                    raise Refused(start, f"READONLY_BUFFER on a {K.name_of(stack[-1].kind)}, not an out-of-band buffer")
+            else:  # STACK_GLOBAL, REDUCE, NEWOBJ, NEWOBJ_EX, BUILD
+                if not full:
+                    raise _Defer
+                result, budget = _typed(op, stack[-n:], start, data, resolver, budget)  # type: ignore[arg-type]
+                del stack[-n:]
+                stack.append(result)
+                if op == _STACK_GLOBAL:
+                    globals_ += 1
+        elif op == _TUPLE or op == _FROZENSET or op == _APPENDS or op == _SETITEMS or op == _ADDITEMS or op == _POP_MARK:
+            if not marks:
+                raise Refused(start, f"{_NAMES[op]} without a MARK")
+            base = marks.pop()
+            items = stack[base:]
+            del stack[base:]
+            if op == _TUPLE:
+                stack.append(_tuple_value(items))
+            elif op == _FROZENSET:
+                frozen = _V(K.FROZENSET, start, _WEAK)
+                for item in items:
+                    budget, opaque = _key(item, frozen, start, op, full, budget, opaque, max_opaque, collisions)
+                frozen.depth = 1 + max((item.depth for item in items), default=0)
+                if all(item.hkind is _SALTED for item in items) and items:
+                    frozen.hkind = _SALTED
+                stack.append(frozen)
+            elif op != _POP_MARK:
+                if base - (marks[-1] if marks else 0) < 1:
+                    raise Refused(start, f"{_NAMES[op]} has no container below its MARK")
+                target = stack[-1]
+                if op == _APPENDS:
+                    _into(target, K.LIST, "list_like", start, op, full)
+                    target.size += len(items)
+                elif op == _ADDITEMS:
+                    _into(target, K.SET, None, start, op, full)
+                    for item in items:
+                        budget, opaque = _key(item, target, start, op, full, budget, opaque, max_opaque, collisions)
+                else:
+                    if len(items) % 2:
+                        raise Refused(start, "SETITEMS with an odd number of items")
+                    _into(target, K.DICT, "dict_like", start, op, full)
+                    for item in items[::2]:
+                        budget, opaque = _key(item, target, start, op, full, budget, opaque, max_opaque, collisions)
+        elif op == _POP:
+            if len(stack) > (marks[-1] if marks else 0):
+                del stack[-1]
+            elif marks:
+                marks.pop()
+            else:
+                raise Refused(start, "POP on an empty stack")
+        elif op == _NEXT_BUFFER:
+            buffers += 1
+            stack.append(_BUFFER)
+        elif op == _FRAME:
+            if start < frame_end:
+                raise Refused(start, "FRAME opened inside another frame")
+            if pos + 8 > end:
+                raise Refused(start, "FRAME: length cut off")
+            frame_end = pos + 8 + int.from_bytes(data[pos : pos + 8], "little")
+            pos += 8
+            if frame_end > end:
+                raise Refused(start, "FRAME extends past the end of the pickle")
+            continue
+        elif op == _STOP:
+            if pos != end:
+                raise Refused(start, f"{end - pos} bytes follow STOP inside the pickle part")
+            if marks or len(stack) != 1:
+                raise Refused(start, "STOP with an unbalanced stack")
+            break
+        elif op == _PROTO:
+            raise Refused(start, "PROTO may only be the first opcode")
+        elif op in _FORBIDDEN:
+            raise Refused(start, f"opcode {_NAMES[op]} is not allowed: a protocol-5 pickler never emits it")
+        else:
+            raise Refused(start, f"unknown opcode {op:#04x}")
+        if start < frame_end < pos:
+            raise Refused(start, f"{_NAMES[op]} straddles the end of its FRAME")
+    else:
+        raise Refused(end, "the pickle part ends without STOP")
+    if buffers != chunk_count:
+        raise Refused(end, f"the pickle takes {buffers} out-of-band buffers but the header declares {chunk_count} side chunks")
+    if collisions:
+        _check_collisions(collisions, end)
+    return globals_
+
+
+def _into(target: _V, kind: int, like: str | None, pos: int, op: int, full: int) -> None:
+    """Check that ``op`` may put items into ``target`` (a container of ``kind``)."""
+    if target.kind == kind:
+        return
+    if not full:
+        raise _Defer
+    if target.kind == K.INSTANCE and like is not None and getattr(target.info, like):
+        return
+    raise Refused(pos, f"{_NAMES[op]} into a {K.name_of(target.kind)}: only into a {K.name_of(kind)} this pickle made")
+
+
+def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opaque: int,
+         max_opaque: int, collisions: list[tuple[int, int]]) -> tuple[int, int]:
+    """Charge ``item`` as a key of ``container``; return the budget and opaque count left."""
+    kind = item.hkind
+    if kind is _UNHASHABLE:
+        if not full:
+            raise _Defer
+        raise Refused(pos, f"{_NAMES[op]}: a {K.name_of(item.kind)} can't be a dict key or set item")
+    if item.depth > MAX_KEY_DEPTH:
+        raise Refused(pos, f"{_NAMES[op]}: a key nested {item.depth} deep (at most {MAX_KEY_DEPTH})")
+    if item.cost > 1:  # a tuple: hashing it visits its whole tree, shared parts at each place
+        budget -= item.cost
+        if budget < 0:
+            raise Refused(pos, f"{_NAMES[op]}: hashing the keys would take work out of proportion to the pickle's size")
+    container.size += item.cost
+    if kind is _SALTED or kind is _FREE:
+        return budget, opaque
+    if not full:
+        raise _Defer
+    if kind is _WEAK:
+        opaque += 1
+        if opaque > max_opaque:
+            raise Refused(pos, f"{_NAMES[op]}: more than Limits.max_opaque_keys={max_opaque} keys whose hash the verifier can't check (raise the limit for peers you trust with the CPU)")
+    else:
+        collisions.append((id(container), item.hval))
+    return budget, opaque
+
+
+def _check_collisions(collisions: list[tuple[int, int]], end: int) -> None:
+    collisions.sort()  # sorting, not a dict: a dict keyed by the peer's hashes would be flooded
+    run = 1
+    for i in range(1, len(collisions)):
+        if collisions[i] == collisions[i - 1]:
+            run += 1
+            if run > MAX_EQUAL_HASHES:
+                raise Refused(end, f"more than {MAX_EQUAL_HASHES} keys with the same hash in one container: a hash flood")
+        else:
+            run = 1
+
+
+def _typed(op: int, args: list[_V], pos: int, data: Any, resolver: Resolver, budget: int) -> tuple[_V, int]:
+    """The result of a STACK_GLOBAL, REDUCE, NEWOBJ, NEWOBJ_EX or BUILD on ``args``, if allowed."""
+    if op == _STACK_GLOBAL:
+        module, name = args
+        if module.kind != K.STR or name.kind != K.STR:
+            raise Refused(pos, f"STACK_GLOBAL needs two str literals, not {K.name_of(module.kind)} and {K.name_of(name.kind)}")
+        try:
+            module_name = bytes(data[module.info[0] : module.info[1]]).decode("utf-8", "surrogatepass")
+            qualname = bytes(data[name.info[0] : name.info[1]]).decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise Refused(pos, "STACK_GLOBAL: a name that is not valid UTF-8") from None
+        return _V(K.GLOBAL, resolver(module_name, qualname, pos), _WEAK), budget
+    if op == _REDUCE:
+        func, arguments = args
+        if func.kind != K.GLOBAL:
+            raise Refused(pos, f"REDUCE calls a {K.name_of(func.kind)}: only a resolved global can be called")
+        if arguments.kind != K.TUPLE:
+            raise Refused(pos, f"REDUCE with a {K.name_of(arguments.kind)} as arguments, not a tuple")
+        target: Global = func.info
+        items: list[_V] = arguments.info
+        rebuilder = target.rebuilder
+        if rebuilder is not None:
+            declared = rebuilder.args
+            if len(items) != len(declared):
+                raise Refused(pos, f"REDUCE: {target.name} takes {len(declared)} arguments, not {len(items)}")
+            for i, (item, allowed) in enumerate(zip(items, declared)):
+                if not item.kind & allowed:
+                    raise Refused(pos, f"REDUCE: argument {i} of {target.name} must be a {K.name_of(allowed)}, not a {K.name_of(item.kind)}")
+                budget -= item.size
+            budget -= 1
+            if budget < 0:
+                raise Refused(pos, f"REDUCE: {target.name} would walk containers out of proportion to the pickle's size")
+            result = _V(rebuilder.result, None, _WEAK)
+            return result, budget
+        if target.attribute_of:
+            if len(items) != 2 or items[0].kind != K.GLOBAL or items[1].kind != K.STR:
+                raise Refused(pos, "REDUCE: builtins.getattr is only admitted as getattr(allowed global, 'name')")
+            owner: Global = items[0].info
+            attr = bytes(data[items[1].info[0] : items[1].info[1]]).decode("utf-8", "surrogatepass")
+            return _V(K.GLOBAL, resolver(owner.module, f"{owner.qualname}.{attr}", pos), _WEAK), budget
+        return _V(K.INSTANCE if target.is_class else K.OPAQUE, target, _WEAK), budget
+    if op == _NEWOBJ or op == _NEWOBJ_EX:
+        cls, arguments = args[0], args[1]
+        name = _NAMES[op]
+        if cls.kind != K.GLOBAL or not cls.info.is_class or cls.info.rebuilder is not None:
+            raise Refused(pos, f"{name} instantiates a {K.name_of(cls.kind)}: only a class the user allowed")
+        if arguments.kind != K.TUPLE:
+            raise Refused(pos, f"{name} with a {K.name_of(arguments.kind)} as arguments, not a tuple")
+        if op == _NEWOBJ_EX and args[2].kind != K.DICT:
+            raise Refused(pos, f"NEWOBJ_EX with a {K.name_of(args[2].kind)} as keyword arguments, not a dict")
+        return _V(K.INSTANCE, cls.info, _WEAK), budget
+    # BUILD
+    instance = args[0]
+    if instance.kind != K.INSTANCE:
+        raise Refused(pos, f"BUILD on a {K.name_of(instance.kind)}: only on an instance of a class the user allowed")
+    return instance, budget
