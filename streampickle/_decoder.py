@@ -142,11 +142,13 @@ class Decoder:
     ) -> None:
         if limits is not None and not isinstance(limits, Limits):
             raise UsageError(f"limits must be a streampickle.Limits, not {type(limits).__name__}")
-        if type(allow) is tuple and not allow:  # not ``allow == ()``: a numpy array can't say
+        max_opaque_keys = (limits or _DEFAULT_LIMITS).max_opaque_keys
+        if type(allow) is tuple and not allow and max_opaque_keys == _DEFAULT_LIMITS.max_opaque_keys:
+            # not ``allow == ()``: a numpy array can't say
             self._loader = Loader.shared(trusted)
         else:
             try:
-                self._loader = Loader(trusted=trusted, allow=allow)
+                self._loader = Loader(trusted=trusted, allow=allow, max_opaque_keys=max_opaque_keys)
             except TypeError as exc:  # allow=5, allow=None: not iterable
                 raise UsageError(
                     f"allow must be an iterable of names or classes, not {type(allow).__name__}"

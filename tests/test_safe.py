@@ -260,3 +260,21 @@ def test_safe_default_does_not_import_anything_new() -> None:
     refuse(payload, exc=ForbiddenGlobalError)
     assert "this" not in sys.modules
     assert os.environ  # and nothing crashed
+
+
+def test_keys_whose_hash_the_verifier_cannot_check_are_counted_against_the_limit() -> None:
+    import uuid
+
+    data = streampickle.dumps({uuid.UUID(int=i): i for i in range(10)})
+    assert len(streampickle.loads(data)) == 10
+    assert len(streampickle.loads(data, limits=streampickle.Limits(max_opaque_keys=10))) == 10
+    with pytest.raises(MalformedPickleError, match="max_opaque_keys=9"):
+        streampickle.loads(data, limits=streampickle.Limits(max_opaque_keys=9))
+
+
+def test_colliding_big_int_keys_are_a_hash_flood() -> None:
+    p = 2**61 - 1
+    assert len(streampickle.loads(streampickle.dumps({k * p: None for k in range(1, 9)}))) == 8
+    with pytest.raises(MalformedPickleError, match="same hash"):
+        streampickle.loads(streampickle.dumps({k * p: None for k in range(1, 10)}))
+    assert len(streampickle.loads(streampickle.dumps({k * p: None for k in range(1, 1000)}), trusted=True)) == 999
