@@ -47,6 +47,7 @@ SEEDS = ROOT / "fuzz" / "seeds"
 CORPUS = ROOT / "tests" / "corpus"
 TARGET_NAMES = ("loads", "decoder", "scan")  # the order of the slot's counters
 EXIT_RESTART = 3  # a worker asks to be started again (it changed state it can't trust)
+_SAVED = "saved to "
 
 # -- the slot ---------------------------------------------------------------------------------
 
@@ -334,12 +335,13 @@ def _supervise(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     counts = [sum(job.slot.totals()[i] for job in jobs) for i in range(len(TARGET_NAMES))]
     saved = _keep_findings(args, work)
-    print(_summary(args, jobs_wanted, seed, elapsed, counts, saved))
+    sys.stderr.flush()
+    print(_summary(args, jobs_wanted, seed, elapsed, counts, saved), flush=True)
     if args.keep_work or args.work:
         print(f"work directory: {work}", file=sys.stderr)
     else:
         shutil.rmtree(work, ignore_errors=True)
-    return 1 if saved else 0
+    return 1 if any(where.startswith(_SAVED) for _, _, where in saved) else 0
 
 
 def _keep_findings(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str]]:
@@ -368,7 +370,7 @@ def _keep_findings(args: argparse.Namespace, work: Path) -> list[tuple[str, str,
         except (subprocess.TimeoutExpired, ValueError) as exc:
             result = {"error": repr(exc)[:500]}
         if result.get("saved"):
-            where = result["saved"]
+            where = _SAVED + result["saved"]
         elif result.get("reproduced") is False:
             where = "not reproducible in a fresh process"
         else:
@@ -384,11 +386,12 @@ def _summary(
     runs = ", ".join(
         f"{name} {n} inputs ({n / elapsed:.0f}/s)" for name, n in zip(TARGET_NAMES, counts) if args.target in ("all", name)
     )
-    found = "; ".join(f"{sig} ({target}) -> {where}" for sig, target, where in saved) or "none"
-    return (
-        f"fuzz: {args.engine} engine, {elapsed:.0f} s, {jobs} job{'s' if jobs > 1 else ''}, seed {seed}: {runs}; "
-        f"findings: {len(saved)}{': ' if saved else ' '}{found if saved else ''}".rstrip()
-    )
+    kept = [f"{sig} ({target}) {where}" for sig, target, where in saved if where.startswith(_SAVED)]
+    dropped = len(saved) - len(kept)
+    found = f"findings: {len(kept)}" + (": " + "; ".join(kept) if kept else "")
+    if dropped:
+        found += f" ({dropped} more not reproducible outside the fuzzing process)"
+    return f"fuzz: {args.engine} engine, {elapsed:.0f} s, {jobs} job{'s' if jobs > 1 else ''}, seed {seed}: {runs}; {found}"
 
 
 def _minimize_one(args: argparse.Namespace) -> None:
