@@ -143,12 +143,45 @@ _BUFFER = _V(K.BUFFER)
 
 
 def _int_value(value: int) -> _V:
-    h = hash(value)
-    return _V(K.INT, hkind=_FREE if -_P < value < _P else "computed", hval=h)
+    if 0 <= value < 256:
+        return _SMALL_INTS[value]
+    return _V(K.INT, hkind=_FREE if -_P < value < _P else "computed", hval=hash(value))
+
+
+_SMALL_INTS = [_V(K.INT, hkind=_FREE, hval=i) for i in range(256)]  # never mutated: not containers
+
+
+_LAZY = "lazy"  # a tuple's hash class, until it is first used as a key
 
 
 def _tuple_value(items: list[_V]) -> _V:
-    """A tuple of ``items``: its hash class, exact hash where computable, cost and depth."""
+    """A tuple of ``items``. What hashing it would cost is settled when it is first used as a
+    key (most tuples are only ever arguments)."""
+    value = _V(K.TUPLE, items, _LAZY)
+    value.size = len(items)
+    return value
+
+
+def _settle(root: _V) -> None:
+    """Work out the hash class, exact hash where computable, hashing cost and nesting depth of
+    the tuple ``root`` and of every tuple in it not yet settled: each once, without recursion
+    (a tuple may be nested a million deep)."""
+    todo = [root]
+    while todo:
+        value = todo[-1]
+        if value.hkind is not _LAZY:
+            todo.pop()
+            continue
+        pending = [item for item in value.info if item.hkind is _LAZY]
+        if pending:
+            todo.extend(pending)
+            continue
+        todo.pop()
+        _settle_one(value)
+
+
+def _settle_one(value: _V) -> None:
+    items: list[_V] = value.info
     hkind: Any = "computed"
     acc = _XXPRIME_5
     cost = 1
@@ -169,13 +202,12 @@ def _tuple_value(items: list[_V]) -> _V:
         cost += item.cost
         if item.depth > depth:
             depth = item.depth
-    hval = 0
     if hkind == "computed":
         acc = (acc + (len(items) ^ (_XXPRIME_5 ^ 3527539))) & _M64
-        hval = 1546275796 if acc == _M64 else (acc - (1 << 64) if acc >= 1 << 63 else acc)
-    value = _V(K.TUPLE, items, hkind, hval, min(cost, 1 << 62), depth + 1)
-    value.size = len(items)
-    return value
+        value.hval = 1546275796 if acc == _M64 else (acc - (1 << 64) if acc >= 1 << 63 else acc)
+    value.hkind = hkind
+    value.cost = cost if cost < 1 << 62 else 1 << 62
+    value.depth = depth + 1
 
 
 class _Defer(Exception):
@@ -225,7 +257,7 @@ _LENGTHS = {
     _SHORT_BINBYTES: (1, 0), _BINBYTES: (4, 0), _BINBYTES8: (8, 0), _BYTEARRAY8: (8, 0),
     _SHORT_BINUNICODE: (1, 0), _BINUNICODE: (4, 0), _BINUNICODE8: (8, 0),
 }
-_POPS = {_TUPLE1: 1, _TUPLE2: 2, _TUPLE3: 3, _APPEND: 2, _SETITEM: 3, _STACK_GLOBAL: 2, _REDUCE: 2,
+_POPS = {_APPEND: 2, _SETITEM: 3, _STACK_GLOBAL: 2, _REDUCE: 2,
          _NEWOBJ: 2, _NEWOBJ_EX: 3, _BUILD: 2, _READONLY_BUFFER: 1}
 _TYPED = {_STACK_GLOBAL, _REDUCE, _NEWOBJ, _NEWOBJ_EX, _BUILD}
 
@@ -271,12 +303,23 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
             elif op == _SHORT_BINBYTES or op == _BINBYTES or op == _BINBYTES8:
                 value = _V(K.BYTES, hkind=_SALTED)
             elif op == _LONG1 or op == _LONG4:
-                value = _int_value(int.from_bytes(data[pos : pos + size], "little", signed=True))
-                if not full and size >= 8:
-                    value.hkind = "computed"  # plain mode judges only ints of at most 7 bytes
+                number = int.from_bytes(data[pos : pos + size], "little", signed=True)
+                if not full and size >= 8:  # plain mode judges only ints of at most 7 bytes
+                    value = _V(K.INT, hkind="computed", hval=hash(number))
+                else:
+                    value = _int_value(number)
             else:
                 value = _int_value(int.from_bytes(data[pos : pos + size], "little", signed=op == _BININT))
             pos += size
+            stack.append(value)
+        elif op == _TUPLE1 or op == _TUPLE2 or op == _TUPLE3:  # 1 byte each: kept cheap
+            n = op - _TUPLE1 + 1
+            if len(stack) - (marks[-1] if marks else 0) < n:
+                raise Refused(start, f"{_NAMES[op]} needs {n} items, the stack has {len(stack) - (marks[-1] if marks else 0)}")
+            items = stack[-n:]
+            del stack[-n:]
+            value = _V(K.TUPLE, items, _LAZY)
+            value.size = n
             stack.append(value)
         elif op == _NONE_OP:
             stack.append(_NONE)
@@ -319,10 +362,6 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
                 _into(target, K.DICT, "dict_like", start, op, full)
                 budget, opaque = _key(stack[-2], target, start, op, full, budget, opaque, max_opaque, collisions)
                 del stack[-2:]
-            elif op <= _TUPLE3 and op >= _TUPLE1:
-                items = stack[-n:]
-                del stack[-n:]
-                stack.append(_tuple_value(items))
             elif op == _READONLY_BUFFER:
                 if stack[-1].kind != K.BUFFER:
                     if not full:
@@ -426,6 +465,8 @@ def _into(target: _V, kind: int, like: str | None, pos: int, op: int, full: int)
 def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opaque: int,
          max_opaque: int, collisions: list[tuple[int, int]]) -> tuple[int, int]:
     """Charge ``item`` as a key of ``container``; return the budget and opaque count left."""
+    if item.hkind is _LAZY:
+        _settle(item)
     kind = item.hkind
     if kind is _UNHASHABLE:
         if not full:

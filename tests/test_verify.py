@@ -1,0 +1,117 @@
+"""The typed verifier's own machinery: the hashes it computes are CPython's, its walks don't
+recurse, and what a user allows (classes, classmethods) loads while nothing else does."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import streampickle
+from streampickle import ForbiddenGlobalError, MalformedPickleError, _verify
+
+leaves = st.one_of(st.none(), st.booleans(), st.integers(-(2**130), 2**130), st.floats(allow_nan=False))
+nested = st.recursive(leaves, lambda inner: st.tuples(inner) | st.tuples(inner, inner) | st.lists(inner, max_size=5).map(tuple), max_leaves=20)
+
+
+def abstract(value: object) -> _verify._V:
+    """The verifier's view of a literal value, built as its walk builds it."""
+    if value is None:
+        return _verify._NONE
+    if value is True or value is False:
+        return _verify._TRUE if value else _verify._FALSE
+    if type(value) is int:
+        return _verify._int_value(value)
+    if type(value) is float:
+        return _verify._V(_verify.K.FLOAT, hkind=_verify._FREE, hval=hash(value))
+    return _verify._tuple_value([abstract(item) for item in value])  # type: ignore[union-attr]
+
+
+@settings(max_examples=500, deadline=None)
+@given(nested.filter(lambda v: type(v) is tuple))
+def test_the_tuple_hash_the_verifier_computes_is_cpythons(value: tuple) -> None:
+    view = abstract(value)
+    _verify._settle(view)
+    assert view.hkind == "computed"
+    assert view.hval == hash(value)
+
+
+def test_a_million_deep_tuple_as_a_key_is_refused_without_recursing() -> None:
+    deep = b"\x80\x05}" + b"N" + b"\x85" * 1_000_000 + b"Ns."
+    with pytest.raises(MalformedPickleError, match="nested 1000000 deep"):
+        streampickle.loads(make(deep))
+
+
+def make(pickled: bytes, chunks: int = 0) -> bytes:
+    return streampickle._wire.HEADER_STRUCT.pack(b"\x93SPK", 1, 0, 0, chunks, len(pickled)) + pickled
+
+
+class Registry:
+    """A user class with a classmethod constructor."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @classmethod
+    def named(cls, name: str) -> Registry:
+        return cls(name)
+
+
+def test_a_classmethod_loads_only_when_its_dotted_name_is_allowed() -> None:
+    data = streampickle.dumps(Registry.named)  # pickled as getattr(Registry, "named")
+    assert b"getattr" in data
+    with pytest.raises(ForbiddenGlobalError):
+        streampickle.loads(data)
+    with pytest.raises(ForbiddenGlobalError, match="builtins.getattr"):
+        streampickle.loads(data, allow=[Registry])  # the class alone doesn't admit its attributes
+    assert streampickle.loads(data, allow=["test_verify.Registry.named", Registry]) == Registry.named
+
+
+def test_getattr_can_reach_only_the_allowed_dotted_name() -> None:
+    # getattr(Registry, "__init__") with only Registry.named allowed: refused before any call
+    s = lambda text: b"\x8c" + bytes([len(text)]) + text.encode()  # noqa: E731
+    payload = (b"\x80\x05" + s("builtins") + s("getattr") + b"\x93" + s("test_verify") + s("Registry")
+               + b"\x93" + s("__init__") + b"\x86R.")
+    with pytest.raises(ForbiddenGlobalError):
+        streampickle.loads(make(payload), allow=["test_verify.Registry.named", Registry])
+
+
+def test_an_allowed_class_gets_build_and_its_instances_only() -> None:
+    obj = Registry("a")
+    data = streampickle.dumps(obj)
+    assert streampickle.loads(data, allow=[Registry]).name == "a"
+    # the same BUILD aimed at a reconstructor's result is refused
+    s = lambda text: b"\x8c" + bytes([len(text)]) + text.encode()  # noqa: E731
+    payload = b"\x80\x05" + s("streampickle._rebuild") + s("uuid") + b"\x93K\x05\x85R}" + s("int") + s("x") + b"sb."
+    with pytest.raises(MalformedPickleError, match="BUILD on a reconstructed value"):
+        streampickle.loads(make(payload), allow=[Registry])
+
+
+def test_a_reconstructor_argument_of_the_wrong_kind_is_refused_before_any_call() -> None:
+    s = lambda text: b"\x8c" + bytes([len(text)]) + text.encode()  # noqa: E731
+    rebuild = lambda name: s("streampickle._rebuild") + s(name) + b"\x93"  # noqa: E731
+    # ndarray('<i8', [1], False, <an object array>): the data must be a buffer or bytes
+    objects = rebuild("object_ndarray") + b"(]K\x01a\x89\x88]Nat" + b"R"
+    payload = b"\x80\x05" + rebuild("ndarray") + b"(" + s("<i8") + b"]K\x01a\x89" + objects + b"tR."
+    with pytest.raises(MalformedPickleError, match="argument 3 of streampickle._rebuild.ndarray must be"):
+        streampickle.loads(make(payload))
+
+
+def test_setitem_into_anything_but_a_dict_the_pickle_made_is_refused() -> None:
+    s = lambda text: b"\x8c" + bytes([len(text)]) + text.encode()  # noqa: E731
+    counter = s("streampickle._rebuild") + s("counter") + b"\x93}\x85R"
+    with pytest.raises(MalformedPickleError, match="SETITEM into a reconstructed value"):
+        streampickle.loads(make(b"\x80\x05" + counter + s("k") + b"K\x01s."))
+
+
+def test_the_verifier_counts_work_not_bytes_for_shared_containers() -> None:
+    # one memoized 20,000-item list handed to the deque reconstructor 3,000 times: 60M items walked
+    s = lambda text: b"\x8c" + bytes([len(text)]) + text.encode()  # noqa: E731
+    items = b"](" + b"N" * 20_000 + b"e\x94"
+    call = b"h\x00h\x01N\x86R0"
+    payload = b"\x80\x05" + s("streampickle._rebuild") + s("deque") + b"\x93\x94" + b"0" + items + b"0" + b"h\x00" + b"0" + call * 3000 + b"N."
+    with pytest.raises(MalformedPickleError, match="out of proportion"):
+        streampickle.loads(make(payload))
