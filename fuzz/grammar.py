@@ -723,10 +723,10 @@ def generate_pickle(src: Source, big: bool = False) -> tuple[bytes, list[bytes]]
         b.value(ANY)
         b.memoize(ANY)
         b.op(pickle.POP)
-    if big:
+    if big:  # otherwise well formed, so that nothing but the big value can be refused
         _big(b)
-    else:
-        b.value(ANY)
+        return PROTO5 + b"".join(b.ops) + pickle.STOP, b.chunks
+    b.value(ANY)
     ops = [PROTO5, *b.ops, pickle.STOP]
     if src.chance(0.03):
         ops.insert(src.int(0, len(ops)), src.pick(_ILLEGAL))
@@ -949,9 +949,11 @@ def _mutate_ops(src: Source, ops: list[bytes], chunks: list[bytes]) -> list[byte
 
 
 def generate_message(src: Source, big: bool = False) -> bytes:
+    if big:
+        return wire.pack_message(*generate_pickle(src, big))
     kind = src.weighted([(6, "grammar"), (4, "mutated"), (1, "real")])
-    if kind == "grammar" or big:
-        return wrap(src, *generate_pickle(src, big))
+    if kind == "grammar":
+        return wrap(src, *generate_pickle(src))
     real = real_message(src)
     return real if kind == "real" else mutate_message(src, real)
 
@@ -984,7 +986,7 @@ def generate_case(src: Any, big: bool = False) -> Case:
     and the start of another, with the cuts a Decoder target feeds it at."""
     src = source(src)
     data = generate_message(src, big)
-    extra = src.weighted([(12, "none"), (2, "more"), (1, "partial")])
+    extra = src.weighted([(12, "none"), (2, "more"), (1, "partial")]) if not big else "none"
     if extra == "more":
         for _ in range(src.int(1, 2)):
             data += generate_message(src, False)
