@@ -133,19 +133,37 @@ enum { H_UNHASHABLE = 0, H_FREE, H_SALTED, H_COMPUTED, H_WEAK };
 
 typedef struct { unsigned char kind, hkind; Py_ssize_t depth; uint64_t cost; } Slot;
 
+/* A growable array of slots that starts in place: a small pickle's scan allocates nothing. */
+#define SLOTS_INLINE 32
 typedef struct {
     Slot *items;
     Py_ssize_t len, cap;
+    Slot inline_items[SLOTS_INLINE];
 } Slots;
 
-static int slots_push(Slots *s, Slot v) {
-    if (s->len == s->cap) {
-        Py_ssize_t cap = s->cap ? s->cap * 2 : 64;
-        Slot *grown = PyMem_Realloc(s->items, (size_t)cap * sizeof *grown);
-        if (grown == NULL) { PyErr_NoMemory(); return -1; }
-        s->items = grown;
-        s->cap = cap;
-    }
+static void slots_init(Slots *s) {
+    s->items = s->inline_items;
+    s->len = 0;
+    s->cap = SLOTS_INLINE;
+}
+
+static void slots_free(Slots *s) {
+    if (s->items != s->inline_items) PyMem_Free(s->items);
+}
+
+static int slots_grow(Slots *s) {
+    const Py_ssize_t cap = s->cap * 2;
+    Slot *grown = PyMem_Malloc((size_t)cap * sizeof *grown);
+    if (grown == NULL) { PyErr_NoMemory(); return -1; }
+    memcpy(grown, s->items, (size_t)s->len * sizeof *grown);
+    slots_free(s);
+    s->items = grown;
+    s->cap = cap;
+    return 0;
+}
+
+static inline int slots_push(Slots *s, Slot v) {
+    if (s->len == s->cap && slots_grow(s) < 0) return -1;
     s->items[s->len++] = v;
     return 0;
 }
@@ -186,7 +204,9 @@ static int admit_key(const Slot *key, Py_ssize_t pos, const char *opname, int64_
 
 static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_ssize_t chunk_count) {
     PyObject *result = NULL;
-    Slots stack = {NULL, 0, 0}, memo = {NULL, 0, 0};
+    Slots stack, memo;
+    slots_init(&stack);
+    slots_init(&memo);
     Py_ssize_t *marks = NULL, marks_len = 0, marks_cap = 0;
     Py_ssize_t pos = 2, frame_end = 0, buffers = 0;
     int64_t budget = (int64_t)WORK_PER_BYTE * end + WORK_BASE;
@@ -424,8 +444,8 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
     result = PyLong_FromLong(0);
 done:
     PyMem_Free(marks);
-    PyMem_Free(stack.items);
-    PyMem_Free(memo.items);
+    slots_free(&stack);
+    slots_free(&memo);
     return result;
 }
 
