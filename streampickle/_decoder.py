@@ -529,6 +529,8 @@ class Decoder:
         self._failure = exc
         self._view = None
         self._chunks = []
+        self._pickle = _NO_PICKLE  # what arrived of the message is freed, not kept for the error
+        self._pickle_bytes = b""
         return exc
 
     def _sticky(self) -> StreamPickleError:

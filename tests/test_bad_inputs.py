@@ -1069,3 +1069,21 @@ async def test_a_tls_ragged_eof_between_messages_follows_the_streams_policy(stan
                 await stream.receive()
     finally:
         await ours.transport_stream.aclose()
+
+
+BIG_PICKLE_MESSAGE = streampickle.dumps({"s": "x" * (512 * KiB), "a": CUT_ARRAYS[0]}, key=KEY)
+_BIG_PICKLE_END = HEADER_SIZE + 8 + int.from_bytes(BIG_PICKLE_MESSAGE[12:20], "little")
+
+
+@pytest.mark.parametrize("k", [_BIG_PICKLE_END - 1000, _BIG_PICKLE_END, _BIG_PICKLE_END + 100 * KiB],
+                         ids=["mid-pickle", "after-pickle", "inside-chunk"])
+def test_a_peer_closing_after_a_large_pickle_part_frees_it(k: int) -> None:
+    decoder = Decoder(key=KEY)
+    with traced():
+        base = tracemalloc.get_traced_memory()[0]
+        decoder.feed(BIG_PICKLE_MESSAGE[:k])
+        with pytest.raises(IncompleteMessageError):
+            decoder.feed_eof()
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0] - base
+    assert after < 16 * KiB, after
