@@ -52,11 +52,31 @@ def _import(module: str, qualname: str) -> Any:
     return obj
 
 
+class _Counted:
+    """A reconstructor as one unpickling sees it: each call is counted, so that a refusal can
+    be traced to its ``REDUCE`` (the unpickler makes the calls in the verifier's order)."""
+
+    __slots__ = ("_rebuilder", "_calls")
+
+    def __init__(self, rebuilder: Any, calls: list[int]) -> None:
+        self._rebuilder = rebuilder
+        self._calls = calls
+
+    def __call__(self, *args: Any) -> Any:
+        self._calls[0] += 1
+        return self._rebuilder(*args)
+
+
 class _SafeUnpickler(pickle.Unpickler):
     _loader: Loader  # set on the per-Loader subclass
 
+    def __init__(self, file: Any, *, buffers: Any = None) -> None:
+        super().__init__(file, buffers=buffers)
+        self.calls = [0]  # reconstructor calls made so far
+
     def find_class(self, module: str, name: str) -> Any:
-        return self._loader.resolve_object(module, name)
+        found = self._loader.resolve_object(module, name)
+        return _Counted(found, self.calls) if type(found) is _rebuild.Rebuilder else found
 
 
 class Loader:
@@ -195,11 +215,24 @@ class Loader:
         except _verify.Refused as refused:
             raise _verify.refusal(refused) from None
 
+    def _located(self, exc: MalformedPickleError, data: bytes | memoryview, buffers: Any, call: int) -> MalformedPickleError:
+        """``exc`` from the ``call``-th reconstructor call, with the offset of its ``REDUCE``."""
+        offsets: list[int] = []
+        try:
+            _verify.verify(data, -1, self.resolve, self.max_opaque_keys, offsets)
+        except (_verify.Refused, StreamPickleError):
+            pass  # the walk stops at the buffer count, after every call was seen
+        if not 0 < call <= len(offsets):
+            return exc
+        return MalformedPickleError(f"malformed pickle at byte {offsets[call - 1]}: REDUCE: {exc}")
+
     def _restricted_loads(self, data: bytes | memoryview, buffers: Any) -> Any:
         file = io.BytesIO(data)
         unpickler = self._unpickler(file, buffers=buffers)
         try:
             obj = unpickler.load() if len(data) < GC_PAUSE_BYTES else _gc_paused(unpickler.load)
+        except MalformedPickleError as exc:  # a reconstructor refused its arguments' values
+            raise self._located(exc, data, buffers, unpickler.calls[0]) from exc.__cause__
         except StreamPickleError:
             raise
         except Exception as exc:  # UnpicklingError, TypeError from a reconstructor, ...

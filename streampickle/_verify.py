@@ -227,10 +227,11 @@ def scan_py(data: bytes | bytearray | memoryview, chunk_count: int) -> int | tup
 
 
 def verify(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Resolver,
-           max_opaque_keys: int) -> int:
+           max_opaque_keys: int, calls: list[int] | None = None) -> int:
     """Full mode: return the number of ``STACK_GLOBAL`` opcodes if every rule holds, else raise
-    :class:`Refused` (or the resolver's ``ForbiddenGlobalError``)."""
-    return _walk(data, chunk_count, resolver, max_opaque_keys, 1)
+    :class:`Refused` (or the resolver's ``ForbiddenGlobalError``). ``calls``, if given, gets the
+    offset of each reconstructor's ``REDUCE``, in the order the unpickler will make the calls."""
+    return _walk(data, chunk_count, resolver, max_opaque_keys, 1, calls)
 
 
 def refusal(refused: Refused) -> MalformedPickleError:
@@ -262,7 +263,8 @@ _POPS = {_APPEND: 2, _SETITEM: 3, _STACK_GLOBAL: 2, _REDUCE: 2,
 _TYPED = {_STACK_GLOBAL, _REDUCE, _NEWOBJ, _NEWOBJ_EX, _BUILD}
 
 
-def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: int, full: int) -> int:
+def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: int, full: int,
+          calls: list[int] | None = None) -> int:
     end = len(data)
     if end < 3 or data[0] != _PROTO or data[1] != 5:
         raise Refused(0, "a pickle must start with PROTO 5 (bytes 80 05)")
@@ -370,7 +372,7 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
             else:  # STACK_GLOBAL, REDUCE, NEWOBJ, NEWOBJ_EX, BUILD
                 if not full:
                     raise _Defer
-                result, budget = _typed(op, stack[-n:], start, data, resolver, budget)  # type: ignore[arg-type]
+                result, budget = _typed(op, stack[-n:], start, data, resolver, budget, calls)  # type: ignore[arg-type]
                 del stack[-n:]
                 stack.append(result)
                 if op == _STACK_GLOBAL:
@@ -504,7 +506,8 @@ def _check_collisions(collisions: list[tuple[int, int]], end: int) -> None:
             run = 1
 
 
-def _typed(op: int, args: list[_V], pos: int, data: Any, resolver: Resolver, budget: int) -> tuple[_V, int]:
+def _typed(op: int, args: list[_V], pos: int, data: Any, resolver: Resolver, budget: int,
+           calls: list[int] | None) -> tuple[_V, int]:
     """The result of a STACK_GLOBAL, REDUCE, NEWOBJ, NEWOBJ_EX or BUILD on ``args``, if allowed."""
     if op == _STACK_GLOBAL:
         module, name = args
@@ -536,6 +539,8 @@ def _typed(op: int, args: list[_V], pos: int, data: Any, resolver: Resolver, bud
             budget -= 1
             if budget < 0:
                 raise Refused(pos, f"REDUCE: {target.name} would walk containers out of proportion to the pickle's size")
+            if calls is not None:  # where each reconstructor call is, to name it in a later error
+                calls.append(pos)
             result = _V(rebuilder.result, None, _WEAK)
             return result, budget
         if target.attribute_of:

@@ -115,3 +115,14 @@ def test_the_verifier_counts_work_not_bytes_for_shared_containers() -> None:
     payload = b"\x80\x05" + s("streampickle._rebuild") + s("deque") + b"\x93\x94" + b"0" + items + b"0" + b"h\x00" + b"0" + call * 3000 + b"N."
     with pytest.raises(MalformedPickleError, match="out of proportion"):
         streampickle.loads(make(payload))
+
+
+def test_a_reconstructor_refusing_a_value_names_its_reduce_and_offset() -> None:
+    s = lambda text: b"\x8c" + bytes([len(text)]) + text.encode()  # noqa: E731
+    uuid_call = s("streampickle._rebuild") + s("uuid") + b"\x93"
+    good = uuid_call + b"\x8a\x01\x05\x85R"
+    bad = uuid_call + b"\x8a\x11" + b"\xff" * 17 + b"\x85R"  # UUID(int=-1)
+    payload = b"\x80\x05" + good + bad + b"\x86."
+    reduce_at = 2 + len(good) + len(bad) - 1
+    with pytest.raises(MalformedPickleError, match=rf"at byte {reduce_at}: REDUCE: .*UUID"):
+        streampickle.loads(make(payload))
