@@ -458,6 +458,764 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* ---- The full verifier: _verify.verify in C ------------------------------------------------
+ *
+ * verify(data, chunk_count, resolver, max_opaque_keys) -> the number of STACK_GLOBAL opcodes if
+ * every rule of streampickle/_verify.py holds, else (position, reason) with the reason the
+ * Python walk gives; the resolver's exceptions propagate as they are, and the resolver is
+ * called at the same opcodes, in the same order. _verify.py stays the reference: the tests
+ * run both on every pickle they have and on mutations of them, and compare.
+ *
+ * State. A stack or memo entry is a Val held by value: its kind bit, hash class, exact hash,
+ * hashing cost and nesting depth, and what the rules read of it: a str's byte range, a
+ * tuple's items (copied once into the items arena when the tuple is made; memo copies point
+ * at the same items), a global's entry in the globals table. What the pickle can mutate
+ * (lists, dicts, sets, frozensets, instances) lives in the boxes table, so that a memo copy
+ * sees the same running size and a collision record names one container. A tuple's hash class
+ * is worked out when the tuple is made, from its items, which were worked out when they were
+ * made: the same values _verify._settle computes on first use, without a walk of the tree.
+ * Every table grows with opcodes read, never with a length the pickle declares. */
+
+/* streampickle/_kinds.py; a test holds these to it. */
+#define KD_NONE (1 << 0)
+#define KD_STR (1 << 4)
+#define KD_BYTES (1 << 5)
+#define KD_BYTEARRAY (1 << 6)
+#define KD_BUFFER (1 << 7)
+#define KD_TUPLE (1 << 8)
+#define KD_LIST (1 << 9)
+#define KD_DICT (1 << 10)
+#define KD_SET (1 << 11)
+#define KD_FROZENSET (1 << 12)
+#define KD_GLOBAL (1 << 13)
+#define KD_INSTANCE (1 << 16)
+#define KD_OPAQUE (1 << 17)
+#define KD_BOOL (1 << 1)
+#define KD_INT (1 << 2)
+#define KD_FLOAT (1 << 3)
+#define KD_VALUE (1 << 14)
+#define KD_TZINFO (1 << 15)
+#define KD_ANY ((1 << 18) - 1)
+#define KD_COUNT 18
+
+static const char *const kind_names[KD_COUNT] = {
+    "None", "bool", "int", "float", "str", "bytes", "bytearray", "out-of-band buffer", "tuple", "list",
+    "dict", "set", "frozenset", "global", "reconstructed value", "time zone",
+    "instance of an allowed class", "result of an allowed callable",
+};
+
+/* For the test that holds the bits above to _kinds' (module attribute KINDS). */
+static const struct { const char *name; long bit; } kind_bits[] = {
+    {"NONE", KD_NONE}, {"BOOL", KD_BOOL}, {"INT", KD_INT}, {"FLOAT", KD_FLOAT}, {"STR", KD_STR},
+    {"BYTES", KD_BYTES}, {"BYTEARRAY", KD_BYTEARRAY}, {"BUFFER", KD_BUFFER}, {"TUPLE", KD_TUPLE},
+    {"LIST", KD_LIST}, {"DICT", KD_DICT}, {"SET", KD_SET}, {"FROZENSET", KD_FROZENSET},
+    {"GLOBAL", KD_GLOBAL}, {"VALUE", KD_VALUE}, {"TZINFO", KD_TZINFO}, {"INSTANCE", KD_INSTANCE},
+    {"OPAQUE", KD_OPAQUE}, {"ANY", KD_ANY},
+};
+
+typedef struct { char s[512]; } KindName;
+
+/* _kinds.name_of: "anything", or the names of the bits set, in bit order, joined by " or ". */
+static const char *name_of(int64_t kinds, KindName *out) {
+    if (kinds == KD_ANY) return "anything";
+    size_t len = 0;
+    out->s[0] = '\0';
+    for (int bit = 0; bit < KD_COUNT; bit++) {
+        if (!(kinds & ((int64_t)1 << bit))) continue;
+        len += (size_t)snprintf(out->s + len, sizeof out->s - len, "%s%s", len ? " or " : "", kind_names[bit]);
+    }
+    return out->s;
+}
+
+#define HASH_P (((uint64_t)1 << 61) - 1) /* the modulus of Python's numeric hash */
+#define XXPRIME_1 11400714785074694791ULL
+#define XXPRIME_2 14029467366897019727ULL
+#define XXPRIME_5 2870177450012600261ULL
+#define MAX_EQUAL_HASHES 8
+
+typedef struct {
+    int64_t kind;
+    int64_t hval;          /* the exact hash: computed ints and tuples, and free scalars */
+    uint64_t cost;         /* units of work to hash it */
+    Py_ssize_t depth;      /* tuple (or frozenset) nesting */
+    Py_ssize_t a, b;       /* str: [a, b) in data; tuple: items a.., b of them; container: box a;
+                            * global, opaque: globals entry a */
+    unsigned char hkind;
+    unsigned char noinfo;  /* a reconstructor's result: the Python walk's info is None */
+} Val;
+
+typedef struct { int64_t size; Py_ssize_t global; } Box; /* global: -1 for none */
+
+typedef struct {
+    PyObject *obj, *module, *qualname, *name; /* owned by Walk.keep */
+    int has_rebuilder, is_class, dict_like, list_like, attribute_of;
+    int64_t result;
+    Py_ssize_t args, nargs; /* the declared argument kinds, in Walk.declared */
+} GlobalInfo;
+
+typedef struct { Py_ssize_t box; int64_t hval; } Collision;
+
+/* A growable array that starts empty; elements are moved, never pointed to across a push. */
+typedef struct { void *items; Py_ssize_t len, cap; } Vec;
+
+static int vec_grow(Vec *v, size_t elsize) {
+    const Py_ssize_t cap = v->cap ? v->cap * 2 : 16;
+    void *grown = PyMem_Realloc(v->items, (size_t)cap * elsize);
+    if (grown == NULL) { PyErr_NoMemory(); return -1; }
+    v->items = grown;
+    v->cap = cap;
+    return 0;
+}
+
+#define AT(v, T) ((T *)(v).items)
+#define VPUSH(v, T, x) ((v).len == (v).cap && vec_grow(&(v), sizeof(T)) < 0 ? -1 : (AT(v, T)[(v).len++] = (x), 0))
+
+typedef struct {
+    const unsigned char *data;
+    Py_ssize_t end;
+    PyObject *resolver, *max_opaque_obj, *keep;
+    int64_t budget, opaque, max_opaque;
+    Vec stack, memo, items, boxes, globals, declared, collisions;
+    Py_ssize_t *seen; /* open addressing: a Global's address -> its globals index + 1 */
+    Py_ssize_t seen_cap;
+    PyObject *result; /* the refusal, once there is one */
+} Walk;
+
+static int refuse(Walk *w, Py_ssize_t pos, const char *fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    PyObject *reason = PyUnicode_FromFormatV(fmt, args);
+    va_end(args);
+    if (reason != NULL) w->result = Py_BuildValue("(nN)", pos, reason);
+    return -1;
+}
+
+/* What the Python walk raises where it reads the info of a reconstructor's result (None). */
+static int no_attribute(const char *attr) {
+    PyErr_Format(PyExc_AttributeError, "'NoneType' object has no attribute '%s'", attr);
+    return -1;
+}
+
+static Py_hash_t int64_hash(int64_t v) {
+    const uint64_t mag = v < 0 ? (uint64_t)(-(v + 1)) + 1 : (uint64_t)v;
+    int64_t h = (int64_t)(mag % HASH_P);
+    if (v < 0) h = -h;
+    return h == -1 ? -2 : (Py_hash_t)h;
+}
+
+/* _verify._int_value of the little-endian two's complement integer at p (n bytes): the value's
+ * hash class and Python's hash of it, without making the int. */
+static Val int_val(const unsigned char *p, uint64_t n) {
+    Val v = {KD_INT, 0, 1, 0, 0, 0, H_FREE, 0};
+    if (n == 0) return v;
+    const unsigned char ext = p[n - 1] & 0x80 ? 0xff : 0x00;
+    int fits = 1;
+    for (uint64_t i = 8; i < n; i++)
+        if (p[i] != ext) { fits = 0; break; }
+    if (fits && n > 8 && (p[7] & 0x80) != (ext & 0x80)) fits = 0;
+    if (fits) {
+        const int width = n < 8 ? (int)n : 8;
+        uint64_t u = le(p, width);
+        if (width < 8 && ext) u |= ~(uint64_t)0 << (8 * width);
+        const int64_t x = (int64_t)u;
+        v.hval = int64_hash(x);
+        if (x <= -(int64_t)HASH_P || x >= (int64_t)HASH_P) v.hkind = H_COMPUTED;
+        return v;
+    }
+    /* |value| >= 2**63: reduce the unsigned value mod P, most significant byte first */
+    uint64_t r = 0;
+    for (uint64_t i = n; i-- > 0;) {
+        r = ((r << 8) & HASH_P) + (r >> 53) + p[i];
+        if (r >= HASH_P) r -= HASH_P;
+    }
+    int64_t h;
+    if (ext) { /* negative: |value| = 2**(8n) - unsigned, and 2**61 = 1 mod P */
+        const uint64_t top = (uint64_t)1 << ((8 * (n % 61)) % 61);
+        const uint64_t m = (top + HASH_P - r) % HASH_P;
+        h = -(int64_t)m;
+    } else {
+        h = (int64_t)r;
+    }
+    v.hkind = H_COMPUTED;
+    v.hval = h == -1 ? -2 : h;
+    return v;
+}
+
+/* A tuple of items[0..n), which are in the items arena from index at: _verify._settle_one. */
+static Val tuple_val(const Val *items, Py_ssize_t n, Py_ssize_t at) {
+    Val t = {KD_TUPLE, 0, 1, 0, at, n, H_COMPUTED, 0};
+    uint64_t acc = XXPRIME_5;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const unsigned char h = items[i].hkind;
+        if (h == H_UNHASHABLE) t.hkind = H_UNHASHABLE;
+        else if (t.hkind != H_UNHASHABLE) {
+            if (h == H_WEAK) t.hkind = H_WEAK;
+            else if (h == H_SALTED && t.hkind != H_WEAK) t.hkind = H_SALTED;
+        }
+        if (t.hkind == H_COMPUTED) { /* CPython's tuplehash (xxHash-based, 3.8 and later) */
+            acc += (uint64_t)items[i].hval * XXPRIME_2;
+            acc = (acc << 31) | (acc >> 33);
+            acc *= XXPRIME_1;
+        }
+        t.cost = items[i].cost >= COST_CAP - t.cost ? COST_CAP : t.cost + items[i].cost;
+        if (items[i].depth > t.depth) t.depth = items[i].depth;
+    }
+    if (t.hkind == H_COMPUTED) {
+        acc += (uint64_t)n ^ (XXPRIME_5 ^ 3527539ULL);
+        t.hval = acc == UINT64_MAX ? 1546275796 : (int64_t)acc;
+    }
+    t.depth += 1;
+    return t;
+}
+
+static int new_box(Walk *w, Py_ssize_t global, Py_ssize_t *index) {
+    *index = w->boxes.len;
+    return VPUSH(w->boxes, Box, ((Box){0, global}));
+}
+
+/* A container's running size: _V.size. Tuples: their length; scalars: 0. */
+static int64_t size_of(const Walk *w, const Val *v) {
+    if (v->kind == KD_TUPLE) return v->noinfo ? 0 : (int64_t)v->b;
+    const int boxed = v->kind == KD_LIST || v->kind == KD_DICT || v->kind == KD_SET || v->kind == KD_FROZENSET
+                      || v->kind == KD_INSTANCE;
+    return boxed && v->a >= 0 ? AT(w->boxes, Box)[v->a].size : 0;
+}
+
+/* _verify._into: 0 if op may put items into target (a container of kind), else -1. like: 'd'
+ * for dict_like, 'l' for list_like, 0 for none. */
+static int into(Walk *w, const Val *target, int64_t kind, char like, Py_ssize_t pos, const char *opname) {
+    if (target->kind == kind) return 0;
+    if (target->kind == KD_INSTANCE && like) {
+        const Py_ssize_t g = AT(w->boxes, Box)[target->a].global;
+        if (g < 0) return no_attribute(like == 'd' ? "dict_like" : "list_like");
+        const GlobalInfo *info = &AT(w->globals, GlobalInfo)[g];
+        if (like == 'd' ? info->dict_like : info->list_like) return 0;
+    }
+    KindName a, b;
+    return refuse(w, pos, "%s into a %s: only into a %s this pickle made", opname, name_of(target->kind, &a),
+                  name_of(kind, &b));
+}
+
+/* _verify._key: charge item as a key of the container in box; 0 admitted, -1 refused or error. */
+static int key(Walk *w, const Val *item, Py_ssize_t box, Py_ssize_t pos, const char *opname) {
+    if (item->hkind == H_UNHASHABLE) {
+        KindName a;
+        return refuse(w, pos, "%s: a %s can't be a dict key or set item", opname, name_of(item->kind, &a));
+    }
+    if (item->depth > MAX_KEY_DEPTH)
+        return refuse(w, pos, "%s: a key nested %zd deep (at most %d)", opname, item->depth, MAX_KEY_DEPTH);
+    if (item->cost > 1) { /* a tuple: hashing it visits its whole tree, shared parts at each place */
+        w->budget -= (int64_t)item->cost;
+        if (w->budget < 0)
+            return refuse(w, pos, "%s: hashing the keys would take work out of proportion to the pickle's size", opname);
+    }
+    AT(w->boxes, Box)[box].size += (int64_t)item->cost;
+    if (item->hkind == H_SALTED || item->hkind == H_FREE) return 0;
+    if (item->hkind == H_WEAK) {
+        w->opaque += 1;
+        if (w->opaque > w->max_opaque)
+            return refuse(w, pos, "%s: more than Limits.max_opaque_keys=%S keys whose hash the verifier can't check "
+                          "(raise the limit for peers you trust with the CPU)", opname, w->max_opaque_obj);
+        return 0;
+    }
+    return VPUSH(w->collisions, Collision, ((Collision){box, item->hval}));
+}
+
+static int collision_order(const void *x, const void *y) {
+    const Collision *a = x, *b = y;
+    if (a->box != b->box) return a->box < b->box ? -1 : 1;
+    return a->hval < b->hval ? -1 : a->hval > b->hval;
+}
+
+/* The attribute of a Global as the Python walk would use it; a new reference, kept. */
+static PyObject *kept_attr(Walk *w, PyObject *obj, const char *name) {
+    PyObject *value = PyObject_GetAttrString(obj, name);
+    if (value == NULL) return NULL;
+    const int err = PyList_Append(w->keep, value);
+    Py_DECREF(value);
+    return err < 0 ? NULL : value;
+}
+
+static int truth(PyObject *obj, const char *name, int *out) {
+    PyObject *value = PyObject_GetAttrString(obj, name);
+    if (value == NULL) return -1;
+    *out = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return *out < 0 ? -1 : 0;
+}
+
+static int as_kind(PyObject *value, int64_t *out) {
+    int overflow;
+    *out = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (*out == -1 && PyErr_Occurred()) return -1;
+    if (overflow) { PyErr_SetString(PyExc_OverflowError, "a kind mask does not fit in 64 bits"); return -1; }
+    return 0;
+}
+
+/* The globals index of the resolver's answer found (a new reference, consumed): the same
+ * Global object always gets the same entry, its attributes read once. */
+static Py_ssize_t add_global(Walk *w, PyObject *found) {
+    if (PyList_Append(w->keep, found) < 0) { Py_DECREF(found); return -1; }
+    Py_DECREF(found); /* the list keeps it alive until the walk ends */
+    if (w->globals.len * 2 >= w->seen_cap) { /* rehash into a table twice the size */
+        const Py_ssize_t cap = w->seen_cap ? w->seen_cap * 2 : 64;
+        Py_ssize_t *seen = PyMem_Calloc((size_t)cap, sizeof *seen);
+        if (seen == NULL) { PyErr_NoMemory(); return -1; }
+        for (Py_ssize_t i = 0; i < w->globals.len; i++) {
+            size_t h = ((size_t)AT(w->globals, GlobalInfo)[i].obj >> 4) & (size_t)(cap - 1);
+            while (seen[h]) h = (h + 1) & (size_t)(cap - 1);
+            seen[h] = i + 1;
+        }
+        PyMem_Free(w->seen);
+        w->seen = seen;
+        w->seen_cap = cap;
+    }
+    size_t h = ((size_t)found >> 4) & (size_t)(w->seen_cap - 1);
+    for (; w->seen[h]; h = (h + 1) & (size_t)(w->seen_cap - 1))
+        if (AT(w->globals, GlobalInfo)[w->seen[h] - 1].obj == found) return w->seen[h] - 1;
+    GlobalInfo g = {found, NULL, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0};
+    PyObject *rebuilder;
+    if ((g.module = kept_attr(w, found, "module")) == NULL || (g.qualname = kept_attr(w, found, "qualname")) == NULL
+        || (g.name = kept_attr(w, found, "name")) == NULL || (rebuilder = kept_attr(w, found, "rebuilder")) == NULL
+        || truth(found, "is_class", &g.is_class) < 0 || truth(found, "dict_like", &g.dict_like) < 0
+        || truth(found, "list_like", &g.list_like) < 0 || truth(found, "attribute_of", &g.attribute_of) < 0)
+        return -1;
+    g.has_rebuilder = rebuilder != Py_None;
+    if (g.has_rebuilder) {
+        PyObject *result = PyObject_GetAttrString(rebuilder, "result");
+        if (result == NULL) return -1;
+        const int err = as_kind(result, &g.result);
+        Py_DECREF(result);
+        if (err < 0) return -1;
+        PyObject *args = PyObject_GetAttrString(rebuilder, "args");
+        if (args == NULL) return -1;
+        PyObject *fast = PySequence_Fast(args, "a reconstructor's args must be a sequence of kinds");
+        Py_DECREF(args);
+        if (fast == NULL) return -1;
+        g.args = w->declared.len;
+        g.nargs = PySequence_Fast_GET_SIZE(fast);
+        for (Py_ssize_t i = 0; i < g.nargs; i++) {
+            int64_t kind;
+            if (as_kind(PySequence_Fast_GET_ITEM(fast, i), &kind) < 0 || VPUSH(w->declared, int64_t, kind) < 0) {
+                Py_DECREF(fast);
+                return -1;
+            }
+        }
+        Py_DECREF(fast);
+    }
+    const Py_ssize_t index = w->globals.len;
+    if (VPUSH(w->globals, GlobalInfo, g) < 0) return -1;
+    for (h = ((size_t)found >> 4) & (size_t)(w->seen_cap - 1); w->seen[h]; h = (h + 1) & (size_t)(w->seen_cap - 1)) {}
+    w->seen[h] = index + 1;
+    return index;
+}
+
+/* resolver(module, qualname, pos) -> a Val of kind GLOBAL; -1 with the resolver's exception. */
+static int resolve(Walk *w, PyObject *module, PyObject *qualname, Py_ssize_t pos, Val *out) {
+    PyObject *at = PyLong_FromSsize_t(pos);
+    if (at == NULL) return -1;
+    PyObject *found = PyObject_CallFunctionObjArgs(w->resolver, module, qualname, at, NULL);
+    Py_DECREF(at);
+    if (found == NULL) return -1;
+    const Py_ssize_t g = add_global(w, found);
+    if (g < 0) return -1;
+    *out = (Val){KD_GLOBAL, 0, 1, 0, g, 0, H_WEAK, 0};
+    return 0;
+}
+
+static PyObject *decode_name(const Walk *w, const Val *v) {
+    return PyUnicode_DecodeUTF8((const char *)w->data + v->a, v->b - v->a, "surrogatepass");
+}
+
+static int no_subscript(void) {
+    PyErr_SetString(PyExc_TypeError, "'NoneType' object is not subscriptable");
+    return -1;
+}
+
+static int no_len(void) {
+    PyErr_SetString(PyExc_TypeError, "object of type 'NoneType' has no len()");
+    return -1;
+}
+
+/* _verify._typed: the result of STACK_GLOBAL, REDUCE, NEWOBJ, NEWOBJ_EX or BUILD on args[0..n)
+ * (on the stack), into *out; -1 refused or error. */
+static int typed(Walk *w, unsigned char op, const char *opname, Py_ssize_t n, Py_ssize_t pos, Val *out) {
+    const Val *args = AT(w->stack, Val) + w->stack.len - n;
+    KindName ka, kb;
+    if (op == 0x93) { /* STACK_GLOBAL */
+        const Val module = args[0], name = args[1];
+        if (module.kind != KD_STR || name.kind != KD_STR)
+            return refuse(w, pos, "STACK_GLOBAL needs two str literals, not %s and %s", name_of(module.kind, &ka),
+                          name_of(name.kind, &kb));
+        if (module.noinfo) return no_subscript();
+        PyObject *module_name = decode_name(w, &module);
+        PyObject *qualname = NULL;
+        if (module_name != NULL) {
+            if (name.noinfo) { Py_DECREF(module_name); return no_subscript(); }
+            qualname = decode_name(w, &name);
+        }
+        if (qualname == NULL) {
+            Py_XDECREF(module_name);
+            if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) return -1;
+            PyErr_Clear();
+            return refuse(w, pos, "STACK_GLOBAL: a name that is not valid UTF-8");
+        }
+        const int err = resolve(w, module_name, qualname, pos, out);
+        Py_DECREF(module_name);
+        Py_DECREF(qualname);
+        return err;
+    }
+    if (op == 'R') { /* REDUCE */
+        const Val func = args[0], arguments = args[1];
+        if (func.kind != KD_GLOBAL)
+            return refuse(w, pos, "REDUCE calls a %s: only a resolved global can be called", name_of(func.kind, &ka));
+        if (arguments.kind != KD_TUPLE)
+            return refuse(w, pos, "REDUCE with a %s as arguments, not a tuple", name_of(arguments.kind, &ka));
+        if (func.noinfo) return no_attribute("rebuilder");
+        const GlobalInfo target = AT(w->globals, GlobalInfo)[func.a];
+        if (target.has_rebuilder) {
+            if (arguments.noinfo) return no_len();
+            if (arguments.b != target.nargs)
+                return refuse(w, pos, "REDUCE: %S takes %zd arguments, not %zd", target.name, target.nargs, arguments.b);
+            for (Py_ssize_t i = 0; i < arguments.b; i++) {
+                const Val *item = &AT(w->items, Val)[arguments.a + i];
+                const int64_t allowed = AT(w->declared, int64_t)[target.args + i];
+                if (!(item->kind & allowed))
+                    return refuse(w, pos, "REDUCE: argument %zd of %S must be a %s, not a %s", i, target.name,
+                                  name_of(allowed, &ka), name_of(item->kind, &kb));
+                w->budget -= size_of(w, item);
+            }
+            w->budget -= 1;
+            if (w->budget < 0)
+                return refuse(w, pos, "REDUCE: %S would walk containers out of proportion to the pickle's size", target.name);
+            *out = (Val){target.result, 0, 1, 0, -1, 0, H_WEAK, 1};
+            if (target.result == KD_LIST || target.result == KD_DICT || target.result == KD_SET
+                || target.result == KD_INSTANCE)
+                return new_box(w, -1, &out->a);
+            return 0;
+        }
+        if (target.attribute_of) {
+            if (arguments.noinfo) return no_len();
+            const Val *items = AT(w->items, Val) + arguments.a;
+            if (arguments.b != 2 || items[0].kind != KD_GLOBAL || items[1].kind != KD_STR)
+                return refuse(w, pos, "REDUCE: builtins.getattr is only admitted as getattr(allowed global, 'name')");
+            const Val owner = items[0], name = items[1];
+            if (name.noinfo) return no_subscript();
+            PyObject *attr = decode_name(w, &name); /* the Python walk lets UnicodeDecodeError out here */
+            if (attr == NULL) return -1;
+            if (owner.noinfo) { Py_DECREF(attr); return no_attribute("module"); }
+            const GlobalInfo g = AT(w->globals, GlobalInfo)[owner.a];
+            PyObject *dotted = PyUnicode_FromFormat("%S.%U", g.qualname, attr);
+            Py_DECREF(attr);
+            if (dotted == NULL) return -1;
+            const int err = resolve(w, g.module, dotted, pos, out);
+            Py_DECREF(dotted);
+            return err;
+        }
+        if (target.is_class) {
+            *out = (Val){KD_INSTANCE, 0, 1, 0, 0, 0, H_WEAK, 0};
+            return new_box(w, func.a, &out->a);
+        }
+        *out = (Val){KD_OPAQUE, 0, 1, 0, func.a, 0, H_WEAK, 0};
+        return 0;
+    }
+    if (op == 0x81 || op == 0x92) { /* NEWOBJ, NEWOBJ_EX */
+        const Val cls = args[0], arguments = args[1];
+        if (cls.kind == KD_GLOBAL && cls.noinfo) return no_attribute("is_class");
+        if (cls.kind != KD_GLOBAL || !AT(w->globals, GlobalInfo)[cls.a].is_class
+            || AT(w->globals, GlobalInfo)[cls.a].has_rebuilder)
+            return refuse(w, pos, "%s instantiates a %s: only a class the user allowed", opname, name_of(cls.kind, &ka));
+        if (arguments.kind != KD_TUPLE)
+            return refuse(w, pos, "%s with a %s as arguments, not a tuple", opname, name_of(arguments.kind, &ka));
+        if (op == 0x92 && args[2].kind != KD_DICT)
+            return refuse(w, pos, "NEWOBJ_EX with a %s as keyword arguments, not a dict", name_of(args[2].kind, &ka));
+        *out = (Val){KD_INSTANCE, 0, 1, 0, 0, 0, H_WEAK, 0};
+        return new_box(w, cls.a, &out->a);
+    }
+    /* BUILD */
+    if (args[0].kind != KD_INSTANCE)
+        return refuse(w, pos, "BUILD on a %s: only on an instance of a class the user allowed", name_of(args[0].kind, &ka));
+    *out = args[0];
+    return 0;
+}
+
+static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py_ssize_t chunk_count,
+                             PyObject *resolver, PyObject *max_opaque_obj) {
+    Walk w;
+    memset(&w, 0, sizeof w);
+    w.data = data;
+    w.end = end;
+    w.resolver = resolver;
+    w.max_opaque_obj = max_opaque_obj;
+    w.budget = (int64_t)WORK_PER_BYTE * end + WORK_BASE;
+    PyObject *result = NULL;
+    Py_ssize_t *marks = NULL, marks_len = 0, marks_cap = 0;
+    Py_ssize_t pos = 2, frame_end = 0, buffers = 0, globals = 0;
+    int stopped = 0;
+    int overflow;
+    w.max_opaque = PyLong_AsLongLongAndOverflow(max_opaque_obj, &overflow);
+    if (w.max_opaque == -1 && PyErr_Occurred()) return NULL;
+    if (overflow) w.max_opaque = overflow > 0 ? INT64_MAX : INT64_MIN;
+    const Py_hash_t none_hash = PyObject_Hash(Py_None);
+    if ((w.keep = PyList_New(0)) == NULL) return NULL;
+
+    if (end < 3 || data[0] != 0x80 || data[1] != 5) {
+        refuse(&w, 0, "a pickle must start with PROTO 5 (bytes 80 05)");
+        goto done;
+    }
+#define REFUSE(at, ...) do { refuse(&w, (at), __VA_ARGS__); goto done; } while (0)
+#define CHECK(call) do { if ((call) < 0) goto done; } while (0)
+#define BASE (marks_len ? marks[marks_len - 1] : 0)
+#define PUSH(val) CHECK(VPUSH(w.stack, Val, (val)))
+#define TOP (AT(w.stack, Val) + w.stack.len) /* one past the top */
+    while (pos < end) {
+        const unsigned char op = data[pos];
+        const OpSpec *spec = &ops[op];
+        const Py_ssize_t start = pos;
+        pos += 1;
+        switch (spec->kind) {
+        case K_TABLE: {
+            uint64_t size = spec->size;
+            if (spec->prefix) {
+                if (end - pos < spec->prefix) REFUSE(start, "%s: length prefix cut off", spec->name);
+                if (op == 0x8b) { /* LONG4: signed */
+                    const int32_t signed_size = (int32_t)(uint32_t)le(data + pos, 4);
+                    if (signed_size < 0) REFUSE(start, "%s: negative length %d", spec->name, (int)signed_size);
+                    size = (uint64_t)signed_size;
+                } else {
+                    size = le(data + pos, spec->prefix);
+                }
+                pos += spec->prefix;
+            }
+            if (size > (uint64_t)(end - pos))
+                REFUSE(start, "%s declares %llu bytes, only %zd are left", spec->name, (unsigned long long)size, end - pos);
+            const Py_ssize_t at = pos;
+            pos += (Py_ssize_t)size;
+            if (w.stack.len - BASE < spec->pops)
+                REFUSE(start, "%s needs %d items, the stack has %zd", spec->name, (int)spec->pops, w.stack.len - BASE);
+            switch (op) {
+            case 'N': PUSH(((Val){KD_NONE, none_hash, 1, 0, 0, 0, H_FREE, 0})); break;
+            case 0x88: PUSH(((Val){KD_BOOL, 1, 1, 0, 0, 0, H_FREE, 0})); break;
+            case 0x89: PUSH(((Val){KD_BOOL, 0, 1, 0, 0, 0, H_FREE, 0})); break;
+            case 'J': { /* BININT: signed */
+                const int64_t v = (int32_t)(uint32_t)le(data + at, 4);
+                PUSH(((Val){KD_INT, v == -1 ? -2 : v, 1, 0, 0, 0, H_FREE, 0}));
+                break;
+            }
+            case 'K': case 'M':
+                PUSH(((Val){KD_INT, (int64_t)le(data + at, (int)size), 1, 0, 0, 0, H_FREE, 0}));
+                break;
+            case 0x8a: case 0x8b: PUSH(int_val(data + at, size)); break; /* LONG1, LONG4 */
+            case 'G': { /* BINFLOAT: Python's hash of the float, as the walk takes it */
+                const double d = PyFloat_Unpack8((const char *)data + at, 0);
+                if (d == -1.0 && PyErr_Occurred()) goto done;
+                PyObject *f = PyFloat_FromDouble(d);
+                if (f == NULL) goto done;
+                const Py_hash_t h = PyObject_Hash(f);
+                Py_DECREF(f);
+                PUSH(((Val){KD_FLOAT, h, 1, 0, 0, 0, H_FREE, 0}));
+                break;
+            }
+            case 'C': case 'B': case 0x8e: PUSH(((Val){KD_BYTES, 0, 1, 0, 0, 0, H_SALTED, 0})); break;
+            case 0x8c: case 'X': case 0x8d: PUSH(((Val){KD_STR, 0, 1, 0, at, pos, H_SALTED, 0})); break;
+            case 0x96: PUSH(((Val){KD_BYTEARRAY, 0, 1, 0, 0, 0, H_UNHASHABLE, 0})); break;
+            case ')': PUSH(tuple_val(NULL, 0, w.items.len)); break;
+            case ']': case '}': case 0x8f: {
+                Val v = {op == ']' ? KD_LIST : op == '}' ? KD_DICT : KD_SET, 0, 1, 0, 0, 0, H_UNHASHABLE, 0};
+                CHECK(new_box(&w, -1, &v.a));
+                PUSH(v);
+                break;
+            }
+            case 0x85: case 0x86: case 0x87: { /* TUPLE1..3 */
+                const Py_ssize_t n = spec->pops, from = w.items.len;
+                for (Py_ssize_t i = 0; i < n; i++) CHECK(VPUSH(w.items, Val, TOP[i - n]));
+                w.stack.len -= n;
+                PUSH(tuple_val(AT(w.items, Val) + from, n, from));
+                break;
+            }
+            case 'a': /* APPEND */
+                CHECK(into(&w, &TOP[-2], KD_LIST, 'l', start, spec->name));
+                AT(w.boxes, Box)[TOP[-2].a].size += 1;
+                w.stack.len -= 1;
+                break;
+            case 's': /* SETITEM */
+                CHECK(into(&w, &TOP[-3], KD_DICT, 'd', start, spec->name));
+                CHECK(key(&w, &TOP[-2], TOP[-3].a, start, spec->name));
+                w.stack.len -= 2;
+                break;
+            case 0x98: /* READONLY_BUFFER */
+                if (TOP[-1].kind != KD_BUFFER) {
+                    KindName a;
+                    REFUSE(start, "READONLY_BUFFER on a %s, not an out-of-band buffer", name_of(TOP[-1].kind, &a));
+                }
+                break;
+            default: { /* STACK_GLOBAL, REDUCE, NEWOBJ, NEWOBJ_EX, BUILD */
+                Val v;
+                CHECK(typed(&w, op, spec->name, spec->pops, start, &v));
+                w.stack.len -= spec->pops;
+                PUSH(v);
+                if (op == 0x93) globals += 1;
+            }
+            }
+            break;
+        }
+        case K_MEMOIZE:
+            if (w.stack.len == BASE) REFUSE(start, "MEMOIZE on an empty stack");
+            CHECK(VPUSH(w.memo, Val, TOP[-1]));
+            break;
+        case K_GET1:
+        case K_GET4: {
+            const int width = spec->kind == K_GET1 ? 1 : 4;
+            if (end - pos < width) REFUSE(start, "%s: argument cut off", spec->name);
+            const uint64_t index = le(data + pos, width);
+            pos += width;
+            if (index >= (uint64_t)w.memo.len)
+                REFUSE(start, "%s %llu names a memo slot never defined", spec->name, (unsigned long long)index);
+            PUSH(AT(w.memo, Val)[index]);
+            break;
+        }
+        case K_MARK:
+            if (marks_len == MAX_OPEN_MARKS) REFUSE(start, "more than %d MARKs open at once", MAX_OPEN_MARKS);
+            if (marks_len == marks_cap) {
+                const Py_ssize_t cap = marks_cap ? marks_cap * 2 : 64;
+                Py_ssize_t *grown = PyMem_Realloc(marks, (size_t)cap * sizeof *marks);
+                if (grown == NULL) { PyErr_NoMemory(); goto done; }
+                marks = grown;
+                marks_cap = cap;
+            }
+            marks[marks_len++] = w.stack.len;
+            break;
+        case K_TOMARK_PUSH:
+        case K_TOMARK_INTO:
+        case K_POP_MARK: {
+            if (marks_len == 0) REFUSE(start, "%s without a MARK", spec->name);
+            const Py_ssize_t base = marks[--marks_len];
+            const Py_ssize_t n = w.stack.len - base;
+            if (op == 't') { /* TUPLE */
+                const Py_ssize_t from = w.items.len;
+                for (Py_ssize_t i = 0; i < n; i++) CHECK(VPUSH(w.items, Val, AT(w.stack, Val)[base + i]));
+                w.stack.len = base;
+                PUSH(tuple_val(AT(w.items, Val) + from, n, from));
+            } else if (op == 0x91) { /* FROZENSET */
+                Val f = {KD_FROZENSET, 0, 1, 0, 0, 0, n ? H_SALTED : H_WEAK, 0};
+                CHECK(new_box(&w, -1, &f.a));
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    const Val *item = &AT(w.stack, Val)[base + i];
+                    CHECK(key(&w, item, f.a, start, spec->name));
+                    if (item->hkind != H_SALTED) f.hkind = H_WEAK;
+                    if (item->depth > f.depth) f.depth = item->depth;
+                }
+                f.depth += 1;
+                w.stack.len = base;
+                PUSH(f);
+            } else if (op != '1') { /* APPENDS, SETITEMS, ADDITEMS */
+                if (base - BASE < 1) REFUSE(start, "%s has no container below its MARK", spec->name);
+                const Val target = AT(w.stack, Val)[base - 1];
+                if (op == 'e') {
+                    CHECK(into(&w, &target, KD_LIST, 'l', start, spec->name));
+                    AT(w.boxes, Box)[target.a].size += n;
+                } else {
+                    Py_ssize_t step = 1;
+                    if (op == 'u') {
+                        if (n % 2) REFUSE(start, "SETITEMS with an odd number of items");
+                        CHECK(into(&w, &target, KD_DICT, 'd', start, spec->name));
+                        step = 2;
+                    } else {
+                        CHECK(into(&w, &target, KD_SET, 0, start, spec->name));
+                    }
+                    for (Py_ssize_t i = 0; i < n; i += step)
+                        CHECK(key(&w, &AT(w.stack, Val)[base + i], target.a, start, spec->name));
+                }
+                w.stack.len = base;
+            } else {
+                w.stack.len = base;
+            }
+            break;
+        }
+        case K_POP:
+            if (w.stack.len > BASE) w.stack.len -= 1;
+            else if (marks_len) marks_len -= 1;
+            else REFUSE(start, "POP on an empty stack");
+            break;
+        case K_NEXT_BUFFER:
+            buffers += 1;
+            PUSH(((Val){KD_BUFFER, 0, 1, 0, 0, 0, H_UNHASHABLE, 0}));
+            break;
+        case K_FRAME: {
+            if (start < frame_end) REFUSE(start, "FRAME opened inside another frame");
+            if (end - pos < 8) REFUSE(start, "FRAME: length cut off");
+            const uint64_t length = le(data + pos, 8);
+            pos += 8;
+            if (length > (uint64_t)(end - pos)) REFUSE(start, "FRAME extends past the end of the pickle");
+            frame_end = pos + (Py_ssize_t)length;
+            continue; /* a FRAME can't straddle its own end */
+        }
+        case K_STOP:
+            if (pos != end) REFUSE(start, "%zd bytes follow STOP inside the pickle part", end - pos);
+            if (marks_len || w.stack.len != 1) REFUSE(start, "STOP with an unbalanced stack");
+            stopped = 1;
+            break;
+        case K_PROTO:
+            REFUSE(start, "PROTO may only be the first opcode");
+        case K_KNOWN_FORBIDDEN:
+            REFUSE(start, "opcode %s is not allowed: a protocol-5 pickler never emits it", spec->name);
+        default: {
+            char hex[8];
+            snprintf(hex, sizeof hex, "0x%02x", (unsigned)op);
+            REFUSE(start, "unknown opcode %s", hex);
+        }
+        }
+        if (stopped) break;
+        if (start < frame_end && frame_end < pos) REFUSE(start, "%s straddles the end of its FRAME", spec->name);
+    }
+    if (!stopped) REFUSE(end, "the pickle part ends without STOP");
+    if (buffers != chunk_count)
+        REFUSE(end, "the pickle takes %zd out-of-band buffers but the header declares %zd side chunks", buffers, chunk_count);
+    if (w.collisions.len) {
+        Collision *c = AT(w.collisions, Collision);
+        qsort(c, (size_t)w.collisions.len, sizeof *c, collision_order);
+        Py_ssize_t run = 1;
+        for (Py_ssize_t i = 1; i < w.collisions.len; i++) {
+            if (c[i].box == c[i - 1].box && c[i].hval == c[i - 1].hval) {
+                if (++run > MAX_EQUAL_HASHES)
+                    REFUSE(end, "more than %d keys with the same hash in one container: a hash flood", MAX_EQUAL_HASHES);
+            } else {
+                run = 1;
+            }
+        }
+    }
+    result = PyLong_FromSsize_t(globals);
+#undef REFUSE
+#undef CHECK
+#undef BASE
+#undef PUSH
+#undef TOP
+done:
+    if (result == NULL && w.result != NULL && !PyErr_Occurred()) result = w.result;
+    else Py_XDECREF(w.result);
+    PyMem_Free(marks);
+    PyMem_Free(w.stack.items);
+    PyMem_Free(w.memo.items);
+    PyMem_Free(w.items.items);
+    PyMem_Free(w.boxes.items);
+    PyMem_Free(w.globals.items);
+    PyMem_Free(w.declared.items);
+    PyMem_Free(w.collisions.items);
+    PyMem_Free(w.seen);
+    Py_DECREF(w.keep);
+    return result;
+}
+
+static PyObject *verify(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t chunk_count;
+    PyObject *resolver, *max_opaque_keys;
+    if (!PyArg_ParseTuple(args, "y*nOO!", &view, &chunk_count, &resolver, &PyLong_Type, &max_opaque_keys)) return NULL;
+    PyObject *result = verify_impl(view.buf, view.len, chunk_count, resolver, max_opaque_keys);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* The first 12 bytes of a version-1 message without flags, reserved bits or side chunks. */
 static const unsigned char plain_prefix[12] = {0x93, 'S', 'P', 'K', 1, 0, 0, 0, 0, 0, 0, 0};
 #define HEADER_SIZE 20
@@ -758,6 +1516,9 @@ static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(data, chunk_count) -> 0 (plain, admitted), 1 (defer to the full verifier), or\n"
      "(position, reason) if refused: the verifier's plain mode."},
+    {"verify", verify, METH_VARARGS,
+     "verify(data, chunk_count, resolver, max_opaque_keys) -> the number of STACK_GLOBAL opcodes,\n"
+     "or (position, reason) if refused: the verifier's full mode (_verify.verify)."},
     {"loads_plain", (PyCFunction)(void (*)(void))loads_plain, METH_FASTCALL,
      "loads_plain(data, trusted, allow, key, limits, max_pickle) -> object, or NotImplemented\n"
      "to take the Python path."},
@@ -799,9 +1560,25 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     if (PyModule_AddIntConstant(m, "MAX_OPEN_MARKS", MAX_OPEN_MARKS) < 0
         || PyModule_AddIntConstant(m, "MAX_KEY_DEPTH", MAX_KEY_DEPTH) < 0
         || PyModule_AddIntConstant(m, "WORK_PER_BYTE", WORK_PER_BYTE) < 0
-        || PyModule_AddIntConstant(m, "WORK_BASE", WORK_BASE) < 0) {
+        || PyModule_AddIntConstant(m, "WORK_BASE", WORK_BASE) < 0
+        || PyModule_AddIntConstant(m, "MAX_EQUAL_HASHES", MAX_EQUAL_HASHES) < 0) {
         Py_DECREF(m);
         return NULL;
+    }
+    PyObject *kinds = PyDict_New();
+    if (kinds == NULL || PyModule_AddObject(m, "KINDS", kinds) < 0) {
+        Py_XDECREF(kinds);
+        Py_DECREF(m);
+        return NULL;
+    }
+    for (size_t i = 0; i < sizeof kind_bits / sizeof kind_bits[0]; i++) {
+        PyObject *bit = PyLong_FromLong(kind_bits[i].bit);
+        if (bit == NULL || PyDict_SetItemString(kinds, kind_bits[i].name, bit) < 0) {
+            Py_XDECREF(bit);
+            Py_DECREF(m);
+            return NULL;
+        }
+        Py_DECREF(bit);
     }
     return m;
 }
