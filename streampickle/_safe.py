@@ -206,14 +206,19 @@ class Loader:
             return 0
         if type(result) is tuple:
             raise _verify.refusal(_verify.Refused(*result))
+        walk = _verify_c or _verify.verify  # the C twin returns its refusal, the reference raises it
         try:
             if len(data) < _VERIFY_GC_PAUSE_BYTES:
-                return _verify.verify(data, chunk_count, self.resolve, self.max_opaque_keys)
-            # The walk makes an object per opcode, all alive until it ends: collections find
-            # nothing to free and cost as much as the walk (measured: half its time).
-            return _gc_paused(lambda: _verify.verify(data, chunk_count, self.resolve, self.max_opaque_keys))
+                verified = walk(data, chunk_count, self.resolve, self.max_opaque_keys)
+            else:
+                # The walk makes an object per opcode, all alive until it ends: collections find
+                # nothing to free and cost as much as the walk (measured: half its time).
+                verified = _gc_paused(lambda: walk(data, chunk_count, self.resolve, self.max_opaque_keys))
         except _verify.Refused as refused:
             raise _verify.refusal(refused) from None
+        if type(verified) is tuple:
+            raise _verify.refusal(_verify.Refused(*verified))
+        return verified
 
     def _located(self, exc: MalformedPickleError, data: bytes | memoryview, buffers: Any, call: int) -> MalformedPickleError:
         """``exc`` from the ``call``-th reconstructor call, with the offset of its ``REDUCE``."""
@@ -297,5 +302,10 @@ try:
     from ._speedups import load_inband as _load_inband_c
 except ImportError:  # built without the C extension
     _load_inband_c = None
+
+try:
+    from ._speedups import verify as _verify_c
+except ImportError:  # built without the C extension: the reference walk, slower but identical
+    _verify_c = None
 
 _SHARED = {False: Loader(trusted=False), True: Loader(trusted=True)}

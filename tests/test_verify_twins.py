@@ -187,6 +187,13 @@ def collected_payloads() -> list[tuple[bytes, int]]:
     for target in test_safe.test_dangerous_globals_are_forbidden.pytestmark[0].args[1]:
         out.append((P5 + test_safe.glob(*target) + b".", 0))
     out.extend(test_scan.valid_pickles())
+    modules = [test_safe, test_verify]
+    try:
+        import test_attacks
+
+        modules.append(test_attacks)
+    except ImportError:
+        pass
     seen: list[tuple[bytes, int]] = []
     original, inband = _safe.Loader._verify, _safe._load_inband_c
 
@@ -197,7 +204,7 @@ def collected_payloads() -> list[tuple[bytes, int]]:
     _safe.Loader._verify = recording  # type: ignore[method-assign]
     _safe._load_inband_c = None
     try:
-        for module in (test_safe, test_verify):
+        for module in modules:
             for name, func in vars(module).items():
                 if not name.startswith("test_") or not callable(func) or name == "test_safe_default_does_not_import_anything_new":
                     continue
