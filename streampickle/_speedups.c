@@ -544,6 +544,14 @@ typedef struct {
     unsigned char noinfo;  /* a reconstructor's result: the Python walk's info is None */
 } Val;
 
+/* A tuple's item as the rules read it later (a REDUCE's arguments): what its hash needs was
+ * folded into the tuple's own Val when the tuple was made. */
+typedef struct {
+    int64_t kind;
+    Py_ssize_t a, b;
+    unsigned char noinfo;
+} Item;
+
 typedef struct { int64_t size; Py_ssize_t global; } Box; /* global: -1 for none */
 
 typedef struct {
@@ -641,7 +649,8 @@ static Val int_val(const unsigned char *p, uint64_t n) {
     return v;
 }
 
-/* A tuple of items[0..n), which are in the items arena from index at: _verify._settle_one. */
+/* A tuple of items[0..n) (stack entries), whose items will be in the items arena from index
+ * at: _verify._settle_one. */
 static Val tuple_val(const Val *items, Py_ssize_t n, Py_ssize_t at) {
     Val t = {KD_TUPLE, 0, 1, 0, at, n, H_COMPUTED, 0};
     uint64_t acc = XXPRIME_5;
@@ -674,7 +683,7 @@ static int new_box(Walk *w, Py_ssize_t global, Py_ssize_t *index) {
 }
 
 /* A container's running size: _V.size. Tuples: their length; scalars: 0. */
-static int64_t size_of(const Walk *w, const Val *v) {
+static int64_t size_of(const Walk *w, const Item *v) {
     if (v->kind == KD_TUPLE) return v->noinfo ? 0 : (int64_t)v->b;
     const int boxed = v->kind == KD_LIST || v->kind == KD_DICT || v->kind == KD_SET || v->kind == KD_FROZENSET
                       || v->kind == KD_INSTANCE;
@@ -878,7 +887,7 @@ static int typed(Walk *w, unsigned char op, const char *opname, Py_ssize_t n, Py
             if (arguments.b != target.nargs)
                 return refuse(w, pos, "REDUCE: %S takes %zd arguments, not %zd", target.name, target.nargs, arguments.b);
             for (Py_ssize_t i = 0; i < arguments.b; i++) {
-                const Val *item = &AT(w->items, Val)[arguments.a + i];
+                const Item *item = &AT(w->items, Item)[arguments.a + i];
                 const int64_t allowed = AT(w->declared, int64_t)[target.args + i];
                 if (!(item->kind & allowed))
                     return refuse(w, pos, "REDUCE: argument %zd of %S must be a %s, not a %s", i, target.name,
@@ -896,12 +905,12 @@ static int typed(Walk *w, unsigned char op, const char *opname, Py_ssize_t n, Py
         }
         if (target.attribute_of) {
             if (arguments.noinfo) return no_len();
-            const Val *items = AT(w->items, Val) + arguments.a;
+            const Item *items = AT(w->items, Item) + arguments.a;
             if (arguments.b != 2 || items[0].kind != KD_GLOBAL || items[1].kind != KD_STR)
                 return refuse(w, pos, "REDUCE: builtins.getattr is only admitted as getattr(allowed global, 'name')");
-            const Val owner = items[0], name = items[1];
+            const Item owner = items[0], name = items[1];
             if (name.noinfo) return no_subscript();
-            PyObject *attr = decode_name(w, &name); /* the Python walk lets UnicodeDecodeError out here */
+            PyObject *attr = PyUnicode_DecodeUTF8((const char *)w->data + name.a, name.b - name.a, "surrogatepass"); /* the Python walk lets UnicodeDecodeError out here */
             if (attr == NULL) return -1;
             if (owner.noinfo) { Py_DECREF(attr); return no_attribute("module"); }
             const GlobalInfo g = AT(w->globals, GlobalInfo)[owner.a];
@@ -936,6 +945,20 @@ static int typed(Walk *w, unsigned char op, const char *opname, Py_ssize_t n, Py
     if (args[0].kind != KD_INSTANCE)
         return refuse(w, pos, "BUILD on a %s: only on an instance of a class the user allowed", name_of(args[0].kind, &ka));
     *out = args[0];
+    return 0;
+}
+
+/* Replace the stack entries from base up with the tuple of them. */
+static int make_tuple(Walk *w, Py_ssize_t base) {
+    const Py_ssize_t n = w->stack.len - base;
+    const Val t = tuple_val(AT(w->stack, Val) + base, n, w->items.len);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Val *v = &AT(w->stack, Val)[base + i];
+        if (VPUSH(w->items, Item, ((Item){v->kind, v->a, v->b, v->noinfo})) < 0) return -1;
+    }
+    if (n == 0) return VPUSH(w->stack, Val, t);
+    AT(w->stack, Val)[base] = t;
+    w->stack.len = base + 1;
     return 0;
 }
 
@@ -1026,13 +1049,9 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                 PUSH(v);
                 break;
             }
-            case 0x85: case 0x86: case 0x87: { /* TUPLE1..3 */
-                const Py_ssize_t n = spec->pops, from = w.items.len;
-                for (Py_ssize_t i = 0; i < n; i++) CHECK(VPUSH(w.items, Val, TOP[i - n]));
-                w.stack.len -= n;
-                PUSH(tuple_val(AT(w.items, Val) + from, n, from));
+            case 0x85: case 0x86: case 0x87: /* TUPLE1..3 */
+                CHECK(make_tuple(&w, w.stack.len - spec->pops));
                 break;
-            }
             case 'a': /* APPEND */
                 CHECK(into(&w, &TOP[-2], KD_LIST, 'l', start, spec->name));
                 AT(w.boxes, Box)[TOP[-2].a].size += 1;
@@ -1092,10 +1111,7 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
             const Py_ssize_t base = marks[--marks_len];
             const Py_ssize_t n = w.stack.len - base;
             if (op == 't') { /* TUPLE */
-                const Py_ssize_t from = w.items.len;
-                for (Py_ssize_t i = 0; i < n; i++) CHECK(VPUSH(w.items, Val, AT(w.stack, Val)[base + i]));
-                w.stack.len = base;
-                PUSH(tuple_val(AT(w.items, Val) + from, n, from));
+                CHECK(make_tuple(&w, base));
             } else if (op == 0x91) { /* FROZENSET */
                 Val f = {KD_FROZENSET, 0, 1, 0, 0, 0, n ? H_SALTED : H_WEAK, 0};
                 CHECK(new_box(&w, -1, &f.a));
