@@ -48,10 +48,10 @@ class Limits:
     #: reconstructor built (UUIDs, Fractions, numpy scalars...) and instances of allowed
     #: classes. Keys whose hashes collide cost time quadratic in their number, and these are
     #: the keys a peer could make collide unseen (str and bytes hashes are salted; small
-    #: ints, floats and tuples of numbers the verifier checks itself). Default 1,024: at a
-    #: few hundred nanoseconds per comparison even all of them colliding costs well under a
-    #: second; raise it for peers you trust with that much CPU.
-    max_opaque_keys: int = 1024
+    #: ints, floats and tuples of numbers the verifier checks itself). Default 256: even if
+    #: all of them collide, 256**2 / 2 comparisons at about 0.3 us each (a Fraction's
+    #: ``__eq__``) cost about 10 ms; raise it for peers you trust with more CPU.
+    max_opaque_keys: int = 256
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -74,7 +74,7 @@ MAX_DESCR_NODES = 4096
 # dtype.str of every plain (non-structured) dtype we send: byte order, kind, item size, and a
 # datetime unit. Kind "O" (object) is absent on purpose: an object array built over raw bytes
 # would treat peer bytes as pointers.
-_SIMPLE_DESCR = re.compile(r"[<>|][biufcmMSUV][0-9]{1,10}(\[[0-9]{0,10}[a-zA-Z\u03bc]{1,3}\])?")
+_SIMPLE_DESCR = re.compile(r"[<>|][biufcmMSUV][0-9]{1,10}(\[(?:[1-9][0-9]{0,9})?[a-zA-Z\u03bc]{1,3}\])?")
 # The largest code point a str can hold; numpy's U arrays store UCS-4 and don't check.
 _MAX_CODE_POINT = 0x10FFFF
 

@@ -168,6 +168,12 @@ static inline int slots_push(Slots *s, Slot v) {
     return 0;
 }
 
+/* Whether the big-endian double at p is a NaN: all exponent bits set, a non-zero fraction. */
+static int is_nan_be(const unsigned char *p) {
+    if ((p[0] & 0x7f) != 0x7f || (p[1] & 0xf0) != 0xf0) return 0;
+    return (p[1] & 0x0f) || p[2] || p[3] || p[4] || p[5] || p[6] || p[7];
+}
+
 /* A tuple of items[0..n): _verify._tuple_value's hash class, depth and cost. */
 static Slot tuple_of(const Slot *items, Py_ssize_t n) {
     Slot t = {V_OTHER, H_COMPUTED, 0, 1};
@@ -256,11 +262,15 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
             }
             Slot *top = stack.items + stack.len; /* one past the top */
             switch (op) {
-            case 'N': case 0x88: case 0x89: case 'J': case 'K': case 'M': case 'G': /* NONE, bools, ints, float */
+            case 'N': case 0x88: case 0x89: case 'J': case 'K': case 'M': /* NONE, bools, ints */
                 PUSH(((Slot){V_OTHER, H_FREE, 0, 1}));
                 break;
-            case 0x8a: case 0x8b: /* LONG1, LONG4: plain mode judges only ints of at most 7 bytes */
-                PUSH(((Slot){V_OTHER, size >= 8 ? H_COMPUTED : H_FREE, 0, 1}));
+            case 'G': /* BINFLOAT: a NaN's hash is its address, as unpredictable as a salted one */
+                PUSH(((Slot){V_OTHER, is_nan_be(data + pos - 8) ? H_SALTED : H_FREE, 0, 1}));
+                break;
+            case 0x8a: case 0x8b: /* LONG1, LONG4: plain mode judges only ints of at most 7 bytes;
+                                   * hashing one visits its digits, charged to a key each time */
+                PUSH(((Slot){V_OTHER, size >= 8 ? H_COMPUTED : H_FREE, 0, size >= 8 ? 1 + size / 8 : 1}));
                 break;
             case 'C': case 'B': case 0x8e: case 0x8c: case 'X': case 0x8d: /* bytes and str */
                 PUSH(((Slot){V_OTHER, H_SALTED, 0, 1}));
@@ -910,8 +920,12 @@ static int typed(Walk *w, unsigned char op, const char *opname, Py_ssize_t n, Py
                 return refuse(w, pos, "REDUCE: builtins.getattr is only admitted as getattr(allowed global, 'name')");
             const Item owner = items[0], name = items[1];
             if (name.noinfo) return no_subscript();
-            PyObject *attr = PyUnicode_DecodeUTF8((const char *)w->data + name.a, name.b - name.a, "surrogatepass"); /* the Python walk lets UnicodeDecodeError out here */
-            if (attr == NULL) return -1;
+            PyObject *attr = PyUnicode_DecodeUTF8((const char *)w->data + name.a, name.b - name.a, "surrogatepass");
+            if (attr == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) return -1;
+                PyErr_Clear();
+                return refuse(w, pos, "REDUCE: getattr with a name that is not valid UTF-8");
+            }
             if (owner.noinfo) { Py_DECREF(attr); return no_attribute("module"); }
             const GlobalInfo g = AT(w->globals, GlobalInfo)[owner.a];
             PyObject *dotted = PyUnicode_FromFormat("%S.%U", g.qualname, attr);
@@ -1028,7 +1042,12 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
             case 'K': case 'M':
                 PUSH(((Val){KD_INT, (int64_t)le(data + at, (int)size), 1, 0, 0, 0, H_FREE, 0}));
                 break;
-            case 0x8a: case 0x8b: PUSH(int_val(data + at, size)); break; /* LONG1, LONG4 */
+            case 0x8a: case 0x8b: { /* LONG1, LONG4 */
+                Val v = int_val(data + at, size);
+                if (size >= 8) v.cost = 1 + size / 8;
+                PUSH(v);
+                break;
+            }
             case 'G': { /* BINFLOAT: Python's hash of the float, as the walk takes it */
                 const double d = PyFloat_Unpack8((const char *)data + at, 0);
                 if (d == -1.0 && PyErr_Occurred()) goto done;
@@ -1036,7 +1055,7 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                 if (f == NULL) goto done;
                 const Py_hash_t h = PyObject_Hash(f);
                 Py_DECREF(f);
-                PUSH(((Val){KD_FLOAT, h, 1, 0, 0, 0, H_FREE, 0}));
+                PUSH(((Val){KD_FLOAT, h, 1, 0, 0, 0, d != d ? H_SALTED : H_FREE, 0}));
                 break;
             }
             case 'C': case 'B': case 0x8e: PUSH(((Val){KD_BYTES, 0, 1, 0, 0, 0, H_SALTED, 0})); break;

@@ -277,7 +277,7 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
     globals_ = 0
     budget = WORK_PER_BYTE * end + WORK_BASE
     opaque = 0
-    collisions: list[tuple[int, int]] = []  # (id of the container, computed hash) of each key
+    collisions = _Collisions()  # (id of the container, computed hash) of each key
     lengths = _LENGTHS
     pops = _POPS
     while pos < end:
@@ -299,7 +299,9 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
             if op == _SHORT_BINUNICODE or op == _BINUNICODE or op == _BINUNICODE8:
                 value = _V(K.STR, (pos, pos + size), _SALTED)
             elif op == _BINFLOAT:
-                value = _V(K.FLOAT, hkind=_FREE, hval=hash(_unpack_float(data, pos)[0]))
+                number = _unpack_float(data, pos)[0]
+                # a NaN's hash is its address: unpredictable to the peer, as a salted hash is
+                value = _V(K.FLOAT, hkind=_SALTED if number != number else _FREE, hval=hash(number))
             elif op == _BYTEARRAY8:
                 value = _V(K.BYTEARRAY)
             elif op == _SHORT_BINBYTES or op == _BINBYTES or op == _BINBYTES8:
@@ -310,6 +312,8 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
                     value = _V(K.INT, hkind="computed", hval=hash(number))
                 else:
                     value = _int_value(number)
+                if size >= 8:  # hashing an int visits its digits: a key is charged them each time
+                    value = _V(K.INT, hkind=value.hkind, hval=value.hval, cost=1 + size // 8)
             else:
                 value = _int_value(int.from_bytes(data[pos : pos + size], "little", signed=op == _BININT))
             pos += size
@@ -491,7 +495,16 @@ def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opa
             raise Refused(pos, f"{_NAMES[op]}: more than Limits.max_opaque_keys={max_opaque} keys whose hash the verifier can't check (raise the limit for peers you trust with the CPU)")
     else:
         collisions.append((id(container), item.hval))
+        collisions.alive.append(container)  # so that no id is reused while the walk runs
     return budget, opaque
+
+
+class _Collisions(list):  # type: ignore[type-arg]
+    """The (container id, hash) records, and the containers they name, kept alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alive: list[_V] = []
 
 
 def _check_collisions(collisions: list[tuple[int, int]], end: int) -> None:
@@ -547,7 +560,10 @@ def _typed(op: int, args: list[_V], pos: int, data: Any, resolver: Resolver, bud
             if len(items) != 2 or items[0].kind != K.GLOBAL or items[1].kind != K.STR:
                 raise Refused(pos, "REDUCE: builtins.getattr is only admitted as getattr(allowed global, 'name')")
             owner: Global = items[0].info
-            attr = bytes(data[items[1].info[0] : items[1].info[1]]).decode("utf-8", "surrogatepass")
+            try:
+                attr = bytes(data[items[1].info[0] : items[1].info[1]]).decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                raise Refused(pos, "REDUCE: getattr with a name that is not valid UTF-8") from None
             return _V(K.GLOBAL, resolver(owner.module, f"{owner.qualname}.{attr}", pos), _WEAK), budget
         return _V(K.INSTANCE if target.is_class else K.OPAQUE, target, _WEAK), budget
     if op == _NEWOBJ or op == _NEWOBJ_EX:

@@ -126,3 +126,46 @@ def test_a_reconstructor_refusing_a_value_names_its_reduce_and_offset() -> None:
     reduce_at = 2 + len(good) + len(bad) - 1
     with pytest.raises(MalformedPickleError, match=rf"at byte {reduce_at}: REDUCE: .*UUID"):
         streampickle.loads(make(payload))
+
+
+def test_getattr_with_a_name_that_is_not_utf8_is_refused_by_both_twins() -> None:
+    s = lambda text: b"\x8c" + bytes([len(text)]) + text.encode()  # noqa: E731
+    payload = (b"\x80\x05" + s("builtins") + s("getattr") + b"\x93" + s("test_verify") + s("Registry")
+               + b"\x93\x8c\x01\xff\x86R)R.")
+    with pytest.raises(MalformedPickleError, match="not valid UTF-8"):
+        streampickle.loads(make(payload), allow=["test_verify.Registry.named", Registry])
+
+
+def test_a_big_int_key_is_charged_its_digits_each_time_it_is_hashed() -> None:
+    # one 200 KB int, memoized, put into 50,000 frozensets: 10 GB of digits hashed
+    big = (1 << (8 * 200_000 - 2)) + 12345
+    payload = (b"\x80\x05\x8b" + struct.pack("<i", 200_000) + big.to_bytes(200_000, "little", signed=True)
+               + b"\x940](" + b"(h\x00\x91" * 50_000 + b"e.")
+    with pytest.raises(MalformedPickleError, match="out of proportion"):
+        streampickle.loads(make(payload))
+    assert len(streampickle.loads(streampickle.dumps({big: 1, big + 1: 2}))) == 2  # charged once each
+
+
+def test_nan_in_a_tuple_key_is_not_given_a_hash_the_object_will_not_have() -> None:
+    from streampickle import _scan
+
+    data = pickle.dumps({(float("nan"), 1): 1}, protocol=5)
+    assert _scan.scan_c(data, 0) == _scan.scan_py(data, 0) == 0  # salted: admitted as plain data
+    (key,) = streampickle.loads(make(data))
+    assert key[1] == 1
+
+
+def test_collision_records_of_freed_containers_do_not_merge() -> None:
+    # two dicts of 5 colliding big-int keys each, the first popped before the second is made
+    p = 2**61 - 1
+    keys = lambda start: b"".join(b"\x8a\x09" + (k * p).to_bytes(9, "little") + b"N" for k in range(start, start + 5))  # noqa: E731
+    payload = b"\x80\x05}(" + keys(1) + b"u0}(N}u0}(" + keys(6) + b"u."
+    assert len(streampickle.loads(make(payload))) == 5
+
+
+def test_a_datetime_unit_multiplier_of_zero_is_refused() -> None:
+    from streampickle import _rebuild
+
+    with pytest.raises(MalformedPickleError):
+        _rebuild.dtype("<M8[0s]")
+    assert _rebuild.dtype("<M8[10s]") == "<M8[10s]"
