@@ -123,6 +123,7 @@ static PyObject *fail(Py_ssize_t pos, const char *fmt, ...) {
  * class and the nesting depth and hashing cost of a would-be key. */
 #define MAX_OPEN_MARKS 1024
 #define MAX_KEY_DEPTH 64
+#define MAX_TUPLE_DEPTH 1000
 #define WORK_PER_BYTE 16
 #define WORK_BASE (1 << 16)
 #define DEFER 1
@@ -278,12 +279,16 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
             case 0x96: /* BYTEARRAY8 */
                 PUSH(((Slot){V_OTHER, H_UNHASHABLE, 0, 1}));
                 break;
-            case ')': PUSH(tuple_of(NULL, 0)); break;
+            case ')': PUSH(tuple_of(NULL, 0)); break; /* depth 1: within any bound */
             case ']': PUSH(((Slot){V_LIST, H_UNHASHABLE, 0, 1})); break;
             case '}': PUSH(((Slot){V_DICT, H_UNHASHABLE, 0, 1})); break;
             case 0x8f: PUSH(((Slot){V_SET, H_UNHASHABLE, 0, 1})); break;
             case 0x85: case 0x86: case 0x87: { /* TUPLE1..3 */
                 Slot t = tuple_of(top - spec->pops, spec->pops);
+                if (t.depth > MAX_TUPLE_DEPTH) {
+                    result = fail(start, "%s: a tuple nested more than %d deep", spec->name, MAX_TUPLE_DEPTH);
+                    goto done;
+                }
                 stack.len -= spec->pops;
                 PUSH(t);
                 break;
@@ -348,6 +353,10 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
             const Py_ssize_t n = stack.len - base;
             if (op == 't') { /* TUPLE */
                 Slot t = tuple_of(items, n);
+                if (t.depth > MAX_TUPLE_DEPTH) {
+                    result = fail(start, "%s: a tuple nested more than %d deep", spec->name, MAX_TUPLE_DEPTH);
+                    goto done;
+                }
                 stack.len = base;
                 PUSH(t);
             } else if (op == 0x91) { /* FROZENSET */
@@ -963,9 +972,11 @@ static int typed(Walk *w, unsigned char op, const char *opname, Py_ssize_t n, Py
 }
 
 /* Replace the stack entries from base up with the tuple of them. */
-static int make_tuple(Walk *w, Py_ssize_t base) {
+static int make_tuple(Walk *w, Py_ssize_t base, Py_ssize_t pos, const char *opname) {
     const Py_ssize_t n = w->stack.len - base;
     const Val t = tuple_val(AT(w->stack, Val) + base, n, w->items.len);
+    if (t.depth > MAX_TUPLE_DEPTH)
+        return refuse(w, pos, "%s: a tuple nested more than %d deep", opname, MAX_TUPLE_DEPTH);
     for (Py_ssize_t i = 0; i < n; i++) {
         const Val *v = &AT(w->stack, Val)[base + i];
         if (VPUSH(w->items, Item, ((Item){v->kind, v->a, v->b, v->noinfo})) < 0) return -1;
@@ -1069,7 +1080,7 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                 break;
             }
             case 0x85: case 0x86: case 0x87: /* TUPLE1..3 */
-                CHECK(make_tuple(&w, w.stack.len - spec->pops));
+                CHECK(make_tuple(&w, w.stack.len - spec->pops, start, spec->name));
                 break;
             case 'a': /* APPEND */
                 CHECK(into(&w, &TOP[-2], KD_LIST, 'l', start, spec->name));
@@ -1130,7 +1141,7 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
             const Py_ssize_t base = marks[--marks_len];
             const Py_ssize_t n = w.stack.len - base;
             if (op == 't') { /* TUPLE */
-                CHECK(make_tuple(&w, base));
+                CHECK(make_tuple(&w, base, start, spec->name));
             } else if (op == 0x91) { /* FROZENSET */
                 Val f = {KD_FROZENSET, 0, 1, 0, 0, 0, n ? H_SALTED : H_WEAK, 0};
                 CHECK(new_box(&w, -1, &f.a));
@@ -1594,6 +1605,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     /* The verifier's bounds, for the test that holds them to _verify's. */
     if (PyModule_AddIntConstant(m, "MAX_OPEN_MARKS", MAX_OPEN_MARKS) < 0
         || PyModule_AddIntConstant(m, "MAX_KEY_DEPTH", MAX_KEY_DEPTH) < 0
+        || PyModule_AddIntConstant(m, "MAX_TUPLE_DEPTH", MAX_TUPLE_DEPTH) < 0
         || PyModule_AddIntConstant(m, "WORK_PER_BYTE", WORK_PER_BYTE) < 0
         || PyModule_AddIntConstant(m, "WORK_BASE", WORK_BASE) < 0
         || PyModule_AddIntConstant(m, "MAX_EQUAL_HASHES", MAX_EQUAL_HASHES) < 0) {

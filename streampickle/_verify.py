@@ -63,6 +63,9 @@ MAX_EQUAL_HASHES = 8
 #: Tuples nested in tuples (or frozensets) inside a dict key or set item: hashing recurses in
 #: C without a depth guard, so a deep enough key would overflow the C stack.
 MAX_KEY_DEPTH = 64
+#: Tuples nested in tuples anywhere: CPython's pickler stops near 1,000 levels (its recursion
+#: limit), and hashing a tuple recurses in C without a depth guard.
+MAX_TUPLE_DEPTH = 1000
 #: The work budget: this many units (one unit is about one element visited) per pickle byte,
 #: plus a constant. Linear work that every pickle does is not counted; what is counted is what
 #: memo sharing could multiply: hashing key trees and reconstructors walking their containers.
@@ -154,10 +157,17 @@ _SMALL_INTS = [_V(K.INT, hkind=_FREE, hval=i) for i in range(256)]  # never muta
 _LAZY = "lazy"  # a tuple's hash class, until it is first used as a key
 
 
-def _tuple_value(items: list[_V]) -> _V:
+def _tuple_value(items: list[_V], pos: int, op: int) -> _V:
     """A tuple of ``items``. What hashing it would cost is settled when it is first used as a
-    key (most tuples are only ever arguments)."""
-    value = _V(K.TUPLE, items, _LAZY)
+    key (most tuples are only ever arguments); its depth is bounded now: hashing and comparing
+    a tuple recurse in C, so a million-deep one would crash whoever hashes it later."""
+    depth = 0
+    for item in items:
+        if item.depth > depth:
+            depth = item.depth
+    if depth >= MAX_TUPLE_DEPTH:
+        raise Refused(pos, f"{_NAMES[op]}: a tuple nested more than {MAX_TUPLE_DEPTH} deep")
+    value = _V(K.TUPLE, items, _LAZY, depth=depth + 1)
     value.size = len(items)
     return value
 
@@ -324,9 +334,7 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
                 raise Refused(start, f"{_NAMES[op]} needs {n} items, the stack has {len(stack) - (marks[-1] if marks else 0)}")
             items = stack[-n:]
             del stack[-n:]
-            value = _V(K.TUPLE, items, _LAZY)
-            value.size = n
-            stack.append(value)
+            stack.append(_tuple_value(items, start, op))
         elif op == _NONE_OP:
             stack.append(_NONE)
         elif op == _NEWTRUE:
@@ -334,7 +342,7 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
         elif op == _NEWFALSE:
             stack.append(_FALSE)
         elif op == _EMPTY_TUPLE:
-            stack.append(_tuple_value([]))
+            stack.append(_tuple_value([], start, op))
         elif op == _EMPTY_LIST or op == _EMPTY_DICT or op == _EMPTY_SET:
             kind = K.LIST if op == _EMPTY_LIST else K.DICT if op == _EMPTY_DICT else K.SET
             stack.append(_V(kind, start))
@@ -388,7 +396,7 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
             items = stack[base:]
             del stack[base:]
             if op == _TUPLE:
-                stack.append(_tuple_value(items))
+                stack.append(_tuple_value(items, start, op))
             elif op == _FROZENSET:
                 frozen = _V(K.FROZENSET, start, _WEAK)
                 for item in items:

@@ -80,7 +80,7 @@ def test_bounds_are_refused_alike(impl: str) -> None:
 def test_the_c_scan_has_the_verifiers_bounds() -> None:
     from streampickle import _speedups, _verify
 
-    for name in ("MAX_OPEN_MARKS", "MAX_KEY_DEPTH", "WORK_PER_BYTE", "WORK_BASE"):
+    for name in ("MAX_OPEN_MARKS", "MAX_KEY_DEPTH", "MAX_TUPLE_DEPTH", "WORK_PER_BYTE", "WORK_BASE"):
         assert getattr(_speedups, name) == getattr(_verify, name), name
 
 

@@ -443,5 +443,7 @@ def test_opaque_keys_are_counted_alike() -> None:
 
 
 def test_a_million_tuple1_after_a_call_agree() -> None:
-    payload = P5 + _s("streampickle._rebuild") + _s("uuid") + b"\x93K\x05\x85R" + b"\x85" * 1_000_000 + b"."
-    assert both(payload) == 1
+    call = P5 + _s("streampickle._rebuild") + _s("uuid") + b"\x93K\x05\x85R"
+    assert both(call + b"\x85" * 999 + b".") == 1
+    refused = both(call + b"\x85" * 1_000_000 + b".")
+    assert refused[1] == "TUPLE1: a tuple nested more than 1000 deep", refused
