@@ -316,13 +316,17 @@ def float_keys_colliding(size: int) -> Case:
 
 
 def opaque_keys(make: Callable[[int], bytes], setup: bytes) -> Callable[[int], Case]:
-    """Reconstructed dict keys with one hash, as many as ``Limits.max_opaque_keys`` (1024)
-    and the size allow; the rest of the size is a bytes value."""
+    """Reconstructed dict keys with one hash, as many as ``Limits.max_opaque_keys`` and the
+    size allow; the rest of the size is a bytes literal."""
+    from streampickle import Limits
+
+    most = Limits().max_opaque_keys
+
     def build(size: int) -> Case:
         keys = []
         total = len(setup) + 16
         k = 1
-        while len(keys) < 1024:
+        while len(keys) < most:
             item = make(k) + b"N"
             if total + len(item) > size and keys:
                 break
@@ -639,9 +643,9 @@ ATTACKS: list[Attack] = [
     Attack("int-keys-k*P", "exhaustion", "dict keys k*(2**61-1), all hash 0", int_keys_colliding),
     Attack("tuple-keys-crafted", "exhaustion", "2-tuples of ints solved to one tuple hash", tuple_keys_colliding),
     Attack("float-keys", "exhaustion", "floats m*2**(61j), ~34 per hash", float_keys_colliding),
-    Attack("fraction-keys", "exhaustion", "1024 Fraction keys with one hash", opaque_keys(fraction_key, rebuilder("fraction") + MEMO_POP)),
-    Attack("uuid-keys", "exhaustion", "1024 UUID keys with one hash", opaque_keys(uuid_key, rebuilder("uuid") + MEMO_POP)),
-    Attack("numpy-complex-keys", "exhaustion", "1024 numpy complex128 scalar keys with one hash",
+    Attack("fraction-keys", "exhaustion", "max_opaque_keys Fraction keys with one hash", opaque_keys(fraction_key, rebuilder("fraction") + MEMO_POP)),
+    Attack("uuid-keys", "exhaustion", "max_opaque_keys UUID keys with one hash", opaque_keys(uuid_key, rebuilder("uuid") + MEMO_POP)),
+    Attack("numpy-complex-keys", "exhaustion", "max_opaque_keys numpy complex128 scalar keys with one hash",
            opaque_keys(complex_key, rebuilder("scalar") + MEMO_POP + s("<c16") + MEMO_POP)),
     Attack("bigint-in-tuple-keys", "exhaustion", "set items (X, k), X a memoized int of half the size", bigint_in_tuple_keys),
     Attack("deque-walk", "exhaustion", "memoized list to deque, at the work budget", walk_at_budget("deque")),
