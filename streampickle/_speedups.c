@@ -169,6 +169,29 @@ static inline int slots_push(Slots *s, Slot v) {
     return 0;
 }
 
+/* The argument size of the table-driven opcode at start (its fixed size, or the length its
+ * prefix declares), checked to fit in the bytes left; *pos moves past the prefix. NULL if it
+ * fits, else the refusal tuple (position, reason). Shared by both walks. */
+static PyObject *literal_size(const unsigned char *data, Py_ssize_t end, Py_ssize_t start,
+                              const OpSpec *spec, Py_ssize_t *pos, uint64_t *size) {
+    *size = spec->size;
+    if (spec->prefix) {
+        if (end - *pos < spec->prefix) return fail(start, "%s: length prefix cut off", spec->name);
+        if (data[start] == 0x8b) { /* LONG4: signed */
+            const int32_t signed_size = (int32_t)(uint32_t)le(data + *pos, 4);
+            if (signed_size < 0) return fail(start, "%s: negative length %d", spec->name, (int)signed_size);
+            *size = (uint64_t)signed_size;
+        } else {
+            *size = le(data + *pos, spec->prefix);
+        }
+        *pos += spec->prefix;
+    }
+    if (*size > (uint64_t)(end - *pos))
+        return fail(start, "%s declares %llu bytes, only %zd are left", spec->name,
+                    (unsigned long long)*size, end - *pos);
+    return NULL;
+}
+
 /* Whether the big-endian double at p is a NaN: all exponent bits set, a non-zero fraction. */
 static int is_nan_be(const unsigned char *p) {
     if ((p[0] & 0x7f) != 0x7f || (p[1] & 0xf0) != 0xf0) return 0;
@@ -233,29 +256,8 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
         pos += 1;
         switch (spec->kind) {
         case K_TABLE: {
-            uint64_t size = spec->size;
-            if (spec->prefix) {
-                if (end - pos < spec->prefix) {
-                    result = fail(start, "%s: length prefix cut off", spec->name);
-                    goto done;
-                }
-                if (op == 0x8b) { /* LONG4: signed */
-                    int32_t signed_size = (int32_t)(uint32_t)le(data + pos, 4);
-                    if (signed_size < 0) {
-                        result = fail(start, "%s: negative length %d", spec->name, (int)signed_size);
-                        goto done;
-                    }
-                    size = (uint64_t)signed_size;
-                } else {
-                    size = le(data + pos, spec->prefix);
-                }
-                pos += spec->prefix;
-            }
-            if (size > (uint64_t)(end - pos)) {
-                result = fail(start, "%s declares %llu bytes, only %zd are left", spec->name,
-                              (unsigned long long)size, end - pos);
-                goto done;
-            }
+            uint64_t size;
+            if ((result = literal_size(data, end, start, spec, &pos, &size)) != NULL || PyErr_Occurred()) goto done;
             pos += (Py_ssize_t)size;
             if (stack.len - BASE < spec->pops) {
                 result = fail(start, "%s needs %d items, the stack has %zd", spec->name, (int)spec->pops, stack.len - BASE);
@@ -1023,20 +1025,8 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
         pos += 1;
         switch (spec->kind) {
         case K_TABLE: {
-            uint64_t size = spec->size;
-            if (spec->prefix) {
-                if (end - pos < spec->prefix) REFUSE(start, "%s: length prefix cut off", spec->name);
-                if (op == 0x8b) { /* LONG4: signed */
-                    const int32_t signed_size = (int32_t)(uint32_t)le(data + pos, 4);
-                    if (signed_size < 0) REFUSE(start, "%s: negative length %d", spec->name, (int)signed_size);
-                    size = (uint64_t)signed_size;
-                } else {
-                    size = le(data + pos, spec->prefix);
-                }
-                pos += spec->prefix;
-            }
-            if (size > (uint64_t)(end - pos))
-                REFUSE(start, "%s declares %llu bytes, only %zd are left", spec->name, (unsigned long long)size, end - pos);
+            uint64_t size;
+            if ((w.result = literal_size(data, end, start, spec, &pos, &size)) != NULL || PyErr_Occurred()) goto done;
             const Py_ssize_t at = pos;
             pos += (Py_ssize_t)size;
             if (w.stack.len - BASE < spec->pops)
