@@ -150,7 +150,7 @@ _WORDS = (
 _BAD_UTF8 = (b"\xff", b"\xc3(", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"a\x80b")
 _LENGTHS = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64, 100, 255, 256, 1000)
 
-# Globals no peer may name (BAD-INPUTS E), and names next to allowed ones.
+# Globals no peer may name (code execution, system access), and names next to allowed ones.
 FORBIDDEN = (
     "os.system", "posix.system", "nt.system", "subprocess.Popen", "subprocess.check_output",
     "builtins.eval", "builtins.exec", "builtins.compile", "builtins.__import__", "builtins.getattr",

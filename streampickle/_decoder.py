@@ -359,7 +359,7 @@ class Decoder:
 
     def _accept_lengths(self, table: Any) -> tuple[int, ...]:
         lengths = _wire.unpack_lengths(table)
-        self._expected += sum(lengths)  # Python ints: no wraparound (BAD-INPUTS 6)
+        self._expected += sum(lengths)  # Python ints: no wraparound, whatever the peer claims
         self._check_total()
         self._lengths = lengths
         return lengths
@@ -482,7 +482,7 @@ class Decoder:
         if type(sizehint) is not int:
             sizehint = _index(sizehint, "get_buffer(sizehint=...)")
         # Geometric growth into fresh uninitialised memory: what is held stays within twice
-        # what arrived (plus the floor), whatever the header claimed (BAD-INPUTS 3).
+        # what arrived (plus the floor), whatever the header claimed.
         new_cap = min(self._end, max(_PICKLE_GROWTH_FLOOR, 2 * self._cap, sizehint))
         grown = np.empty(new_cap, dtype=np.uint8)
         if self._pos:

@@ -77,7 +77,8 @@ def unpack_lengths(table: bytes | bytearray | memoryview) -> tuple[int, ...]:
 
 
 def check_magic_prefix(data: bytes | bytearray | memoryview) -> None:
-    """Refuse a header as soon as its first bytes can't be the magic (BAD-INPUTS 9)."""
+    """Refuse a header as soon as its first bytes can't be the magic: a TLS ClientHello or an
+    HTTP request is refused on its first byte, without waiting for a whole header."""
     n = min(len(data), len(MAGIC))
     if data[:n] != MAGIC[:n]:
         raise ProtocolError(
