@@ -139,7 +139,8 @@ class Loader:
             except Exception as exc:
                 raise ForbiddenGlobalError(module, qualname, position=pos, opcode="STACK_GLOBAL") from exc
             if denied_object_reason(obj) is not None:  # "mymod.os.system" is os.system
-                raise ForbiddenGlobalError(obj.__module__ or module, getattr(obj, "__qualname__", qualname),
+                raise ForbiddenGlobalError(getattr(obj, "__module__", None) or module,
+                                           getattr(obj, "__qualname__", None) or qualname,
                                            position=pos, opcode="STACK_GLOBAL")
             self._allowed[full] = obj
         return obj
