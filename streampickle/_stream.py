@@ -42,7 +42,7 @@ __all__ = ["ObjectStream", "dump", "load"]
 
 # A send or receive that needed no waiting still yields to the event loop once in this many
 # calls, so a fast stream of small messages can't starve other tasks; a full yield per message
-# would cost more than the message (issue 4 measured this).
+# would cost more than the message (measured with benchmarks/run.py, small-msgs).
 _YIELD_EVERY = 64
 
 

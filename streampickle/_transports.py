@@ -12,7 +12,7 @@ sans-IO core. Three kinds:
   ``recv_into``: no userspace copy either way. This is the fast path, taken for streampickle's
   own sockets and for anyio socket streams whose socket nothing else reads (all of them on
   trio, the Unix ones on asyncio). anyio's asyncio TCP streams belong to an asyncio transport,
-  which copies unsent data (see issue 3). On asyncio and uvloop it also coalesces the small
+  which copies data the kernel did not take at once. On asyncio and uvloop it also coalesces the small
   messages of a burst of sends into one write (``send_later``).
 
 Every transport counts the bytes of the current message it has handed to the kernel or
