@@ -8,7 +8,8 @@ so array memory goes to and from the kernel without a userspace copy.
 Unix socket buffers are raised to 4 MiB where the system allows: with the default ~200 KiB a
 multi-GiB transfer spends its time in wakeups (measured with benchmarks/run.py). TCP sockets
 keep the kernel's buffer autotuning, which moved large arrays 10-25% faster than fixed 4 MiB
-buffers over loopback here (setting a size switches autotuning off). """
+buffers over loopback here (setting a size switches autotuning off).
+"""
 
 from __future__ import annotations
 
