@@ -52,13 +52,13 @@ from ._errors import MalformedPickleError
 from ._kinds import BOOL, BUFFER, BYTES, DICT, FLOAT, INT, LIST, NONE, STR, TZINFO
 
 __all__ = [
-    "Rebuilder", "NAMES", "descr_of", "dtype_of",
+    "Rebuilder", "NAMES", "descr_of", "dtype_of", "nbytes",
     "ndarray", "object_ndarray", "scalar", "dtype",
     "complex_", "fraction", "decimal", "slice_", "range_", "ellipsis", "not_implemented",
     "ordered_dict", "deque", "counter", "uuid",
     "date", "time", "datetime", "timedelta", "timezone", "zoneinfo",
     "INT64_MIN", "INT64_MAX", "FRACTION_MAX_BITS", "DECIMAL_MAX_DIGITS", "DECIMAL_MAX_EXPONENT",
-    "MAX_DESCR_NODES",
+    "MAX_DESCR_NODES", "WORK_UNIT_NS", "SCANNED_BYTES_PER_UNIT",
 ]
 
 # numpy's own limit on dimensions (NPY_MAXDIMS is 32 before numpy 2, 64 since).
@@ -101,15 +101,28 @@ class Rebuilder:
     call with another number of arguments or an argument of another kind before the
     unpickler runs; the call itself checks the count again and the function each argument's
     exact Python type and range.
+
+    ``cost(*args)`` is what the call will do beyond walking the containers it is given (which
+    the verifier charges), in work units (``WORK_UNIT_NS``): the safe loader charges it to a
+    budget in proportion to the pickle's size *before* making the call, so that one memoized
+    argument passed to a thousand calls can't multiply the work. It is computed from sizes
+    alone (lengths, bit counts, descriptor nodes, colliding keys) and never raises.
     """
 
-    __slots__ = ("_name", "_func", "args", "result")
+    __slots__ = ("_name", "_func", "args", "result", "cost")
 
-    def __init__(self, name: str, func: Callable[..., Any], args: tuple[int, ...], result: int = _kinds.VALUE) -> None:
+    def __init__(self, name: str, func: Callable[..., Any], args: tuple[int, ...], result: int = _kinds.VALUE,
+                 cost: Callable[..., int] | None = None) -> None:
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_func", func)
         object.__setattr__(self, "args", args)
         object.__setattr__(self, "result", result)
+        object.__setattr__(self, "cost", cost or _one)
+
+    @property
+    def name(self) -> str:
+        """The reconstructor's name (its global is ``streampickle._rebuild.<name>``)."""
+        return self._name
 
     def __call__(self, *args: Any) -> Any:
         if len(args) != len(self.args):
@@ -580,37 +593,184 @@ def _installed_zones() -> frozenset[str]:
 def _zoneinfo_of(key: Any) -> _zoneinfo.ZoneInfo:
     """``zoneinfo.ZoneInfo(key)`` (the shared, cached instance) for an installed zone's key;
     a key is never used as a path before it is found among the installed ones."""
+    zone = _zones.get(key) if type(key) is str else None
+    if zone is not None:
+        return zone
     if type(key) is not str or key not in _installed_zones():
         raise _bad(f"a time zone key must name an installed zone, not {_brief(key)}")
     try:
-        return _zoneinfo.ZoneInfo(key)
+        zone = _zoneinfo.ZoneInfo(key)
     except (KeyError, ValueError, OSError) as exc:  # removed since the lookup
         raise _bad(f"time zone {key!r} could not be loaded") from exc
+    _zones[key] = zone
+    return zone
+
+
+# Every zone a pickle has named, kept: so that each zone's file is read once per process (about
+# 600 zones, 2 MB in all), not once per call, whatever order a peer names them in.
+_zones: dict[str, _zoneinfo.ZoneInfo] = {}
+
+
+# -- what a call costs ----------------------------------------------------------------------
+
+#: The work unit of the safe loader's budgets (the verifier's, and the one each reconstructor
+#: call is charged to): about this many nanoseconds of CPU on an idle CI-class core, or 8 bytes
+#: of memory. A pickle gets ``_verify.WORK_PER_BYTE`` units per byte, so the work any input
+#: can make a call do stays near 1 µs and 128 bytes per byte it sent. The costs below were
+#: measured per reconstructor (``benchmarks/amplification.py`` shows the outcome).
+WORK_UNIT_NS = 60
+
+# Building one structured dtype field (numpy's dtype constructor: 1.4 to 1.7 µs a field, and
+# more when the fields are nested).
+_DESCR_NODE_COST = 48
+# A plain descriptor string: a regular expression match and numpy's dtype lookup (~1 µs).
+_PLAIN_DESCR_COST = 16
+# Bytes an array's data may span per unit: reading them once (the code-point check of a U
+# array scans 30 GB/s) is all the reconstructor does with them.
+SCANNED_BYTES_PER_UNIT = 256
+# Bytes a numpy scalar copies out of its data per unit (the copy is kept: memory).
+_COPIED_BYTES_PER_UNIT = 8
+# Per item of a dict copied into an OrderedDict (about 200 ns and 77 bytes an item) or a Counter
+# (60 ns, 61 bytes), on top of the unit the verifier charges per item.
+_ORDERED_DICT_ITEM_COST = 10
+_COUNTER_ITEM_COST = 7
+# Per key whose hash is Python code or a tree (a Fraction's takes about 1 µs) ...
+_OPAQUE_KEY_COST = 32
+# ... and per pair of keys with equal hashes, which the copy compares with ``__eq__`` (Python
+# code for a Fraction: 0.6 µs a pair).
+_COLLISION_COST = 10
+# Keys whose hashes the verifier already checked (salted, small, or computed and bounded).
+_CHEAP_KEYS = frozenset({str, bytes, int, float, bool, type(None)})
+# Loading a time zone's file (about 45 µs). Each installed zone is loaded once per process
+# (``_zones`` keeps them), so this is charged at most once per zone, ever.
+_ZONE_LOAD_COST = 256
+
+
+def _one(*args: Any) -> int:
+    return 1
+
+
+def _descr_cost(descr: Any) -> int:
+    """Units to build the dtype of ``descr``: its nodes (every use of a shared sub-list
+    counted, as ``_build_dtype`` counts them) and the entries of its subarray shapes."""
+    if type(descr) is str:
+        return _PLAIN_DESCR_COST
+    nodes = 1
+    shape_entries = 0
+    todo = [descr]
+    while todo:
+        level = todo.pop()
+        if type(level) is not list:
+            continue
+        nodes += len(level)  # every entry is one node: a field's descriptor or a padding entry
+        if nodes > MAX_DESCR_NODES:
+            # _build_dtype counts the same nodes, so it refuses this call, which ends the load:
+            # charge it as little, so that the refusal the peer sees is that one.
+            return _PLAIN_DESCR_COST
+        for field in level:
+            if type(field) is list and len(field) == 3:
+                todo.append(field[1])
+                shape = field[2]
+                if type(shape) is list or type(shape) is tuple:
+                    shape_entries += min(len(shape), _MAX_DIMS + 1)
+    return _DESCR_NODE_COST * nodes + shape_entries
+
+
+def nbytes(data: Any) -> int:
+    """The bytes of an array's or scalar's data (0 for what the reconstructor refuses)."""
+    kind = type(data)
+    if kind is bytes or kind is bytearray:
+        return len(data)
+    try:
+        if kind is memoryview or kind is np.ndarray:
+            return int(data.nbytes)
+        if kind is pickle.PickleBuffer:
+            with memoryview(data) as view:
+                return view.nbytes
+    except ValueError:  # a released buffer: the reconstructor refuses it
+        pass
+    return 0
+
+
+def _ndarray_cost(descr: Any, shape: Any, fortran: Any, buffer: Any) -> int:
+    return _descr_cost(descr) + nbytes(buffer) // SCANNED_BYTES_PER_UNIT
+
+
+def _scalar_cost(descr: Any, data: Any) -> int:
+    return _descr_cost(descr) + nbytes(data) // _COPIED_BYTES_PER_UNIT
+
+
+def _fraction_cost(numerator: Any, denominator: Any) -> int:
+    """The gcd that normalises a Fraction is linear and then quadratic in its bits (measured:
+    9 µs at 1,024 bits, 39 µs at 4,096, 320 µs at 16,384)."""
+    bits = 0
+    for part in (numerator, denominator):
+        if type(part) is int:
+            bits = max(bits, part.bit_length())
+    if bits > FRACTION_MAX_BITS:
+        return 1  # refused before any arithmetic
+    return 1 + bits // 8 + bits * bits // 40_000
+
+
+def _decimal_cost(sign: Any, digits: Any, exponent: Any) -> int:
+    """Checking and converting the coefficient's digits (18 µs for 4,300)."""
+    return 1 + (len(digits) // 8 if type(digits) is str and len(digits) <= DECIMAL_MAX_DIGITS else 0)
+
+
+def _dict_cost(items: Any, per_item: int) -> int:
+    """Units to copy ``items`` into a new mapping, beyond the unit per key the verifier
+    charges: ``per_item`` for each item, more for each key whose hash is Python code or a
+    tree, and more again for each pair of such keys with equal hashes (the copy compares
+    them). The verifier bounds equal hashes among the keys it can compute; the others it
+    only counts (``Limits.max_opaque_keys``), so their collisions are counted here, by hashing
+    them once."""
+    if type(items) is not dict:
+        return 1
+    cheap = _CHEAP_KEYS
+    opaque = [key for key in items if type(key) not in cheap]
+    cost = 1 + per_item * len(items) + _OPAQUE_KEY_COST * len(opaque)
+    if len(opaque) > 1:
+        counts = collections.Counter(map(hash, opaque))
+        if len(counts) < len(opaque):
+            cost += _COLLISION_COST * sum(n * (n - 1) // 2 for n in counts.values())
+    return cost
+
+
+def _ordered_dict_cost(items: Any) -> int:
+    return _dict_cost(items, _ORDERED_DICT_ITEM_COST)
+
+
+def _counter_cost(items: Any) -> int:
+    return _dict_cost(items, _COUNTER_ITEM_COST)
+
+
+def _zoneinfo_cost(key: Any) -> int:
+    return 1 if type(key) is str and key in _zones else _ZONE_LOAD_COST
 
 
 # -- the table ------------------------------------------------------------------------------
 
-ndarray = Rebuilder("ndarray", _ndarray, (STR | LIST, LIST, BOOL, BUFFER | BYTES))
+ndarray = Rebuilder("ndarray", _ndarray, (STR | LIST, LIST, BOOL, BUFFER | BYTES), cost=_ndarray_cost)
 object_ndarray = Rebuilder("object_ndarray", _object_ndarray, (LIST, BOOL, BOOL, LIST))
-scalar = Rebuilder("scalar", _scalar, (STR | LIST, BYTES))
-dtype = Rebuilder("dtype", _dtype, (STR | LIST,))
+scalar = Rebuilder("scalar", _scalar, (STR | LIST, BYTES), cost=_scalar_cost)
+dtype = Rebuilder("dtype", _dtype, (STR | LIST,), cost=_descr_cost)
 complex_ = Rebuilder("complex_", _complex, (FLOAT, FLOAT))
-fraction = Rebuilder("fraction", _fraction, (INT, INT))
-decimal = Rebuilder("decimal", _decimal_of, (INT, STR, INT | STR))
+fraction = Rebuilder("fraction", _fraction, (INT, INT), cost=_fraction_cost)
+decimal = Rebuilder("decimal", _decimal_of, (INT, STR, INT | STR), cost=_decimal_cost)
 slice_ = Rebuilder("slice_", _slice, (NONE | INT, NONE | INT, NONE | INT))
 range_ = Rebuilder("range_", _range, (INT, INT, INT))
 ellipsis = Rebuilder("ellipsis", _ellipsis, ())
 not_implemented = Rebuilder("not_implemented", _not_implemented, ())
-ordered_dict = Rebuilder("ordered_dict", _ordered_dict, (DICT,))
+ordered_dict = Rebuilder("ordered_dict", _ordered_dict, (DICT,), cost=_ordered_dict_cost)
 deque = Rebuilder("deque", _deque, (LIST, NONE | INT))
-counter = Rebuilder("counter", _counter, (DICT,))
+counter = Rebuilder("counter", _counter, (DICT,), cost=_counter_cost)
 uuid = Rebuilder("uuid", _uuid_from, (INT,))
 date = Rebuilder("date", _date, (INT, INT, INT))
 time = Rebuilder("time", _time, (INT, INT, INT, INT, NONE | TZINFO, INT))
 datetime = Rebuilder("datetime", _datetime, (INT, INT, INT, INT, INT, INT, INT, NONE | TZINFO, INT))
 timedelta = Rebuilder("timedelta", _timedelta, (INT, INT, INT))
 timezone = Rebuilder("timezone", _timezone, (INT, NONE | STR), result=TZINFO)
-zoneinfo = Rebuilder("zoneinfo", _zoneinfo_of, (STR,), result=TZINFO)
+zoneinfo = Rebuilder("zoneinfo", _zoneinfo_of, (STR,), result=TZINFO, cost=_zoneinfo_cost)
 
 #: Every reconstructor, by the global name pickles use for it.
 NAMES: dict[str, Rebuilder] = {

@@ -52,31 +52,57 @@ def _import(module: str, qualname: str) -> Any:
     return obj
 
 
-class _Counted:
-    """A reconstructor as one unpickling sees it: each call is counted, so that a refusal can
-    be traced to its ``REDUCE`` (the unpickler makes the calls in the verifier's order)."""
+class _Meter:
+    """One unpickling's reconstructor calls: how many were made (so that a refusal can be
+    traced to its ``REDUCE``: the unpickler makes the calls in the verifier's order), and the
+    work units left to charge them (``Rebuilder.cost``)."""
 
-    __slots__ = ("_rebuilder", "_calls")
+    __slots__ = ("calls", "left")
 
-    def __init__(self, rebuilder: Any, calls: list[int]) -> None:
+    def __init__(self, budget: int) -> None:
+        self.calls = 0
+        self.left = budget
+
+
+class _Metered:
+    """A reconstructor as one unpickling sees it: each call is counted and its cost charged
+    before it runs; a call the budget can't pay for is refused."""
+
+    __slots__ = ("_rebuilder", "_meter")
+
+    def __init__(self, rebuilder: _rebuild.Rebuilder, meter: _Meter) -> None:
         self._rebuilder = rebuilder
-        self._calls = calls
+        self._meter = meter
 
     def __call__(self, *args: Any) -> Any:
-        self._calls[0] += 1
+        meter = self._meter
+        meter.calls += 1
+        meter.left -= self._rebuilder.cost(*args)
+        if meter.left < 0:
+            raise MalformedPickleError(
+                f"{self._rebuilder.name}: the reconstructor calls would take work out of proportion to the "
+                "pickle's size (a memoized argument passed again and again?)"
+            )
         return self._rebuilder(*args)
 
 
 class _SafeUnpickler(pickle.Unpickler):
     _loader: Loader  # set on the per-Loader subclass
 
-    def __init__(self, file: Any, *, buffers: Any = None) -> None:
+    def __init__(self, file: Any, *, buffers: Any = None, budget: int = 0) -> None:
         super().__init__(file, buffers=buffers)
-        self.calls = [0]  # reconstructor calls made so far
+        self.meter = _Meter(budget)
 
     def find_class(self, module: str, name: str) -> Any:
         found = self._loader.resolve_object(module, name)
-        return _Counted(found, self.calls) if type(found) is _rebuild.Rebuilder else found
+        return _Metered(found, self.meter) if type(found) is _rebuild.Rebuilder else found
+
+
+def call_budget(pickle_bytes: int, chunk_bytes: int) -> int:
+    """Work units the reconstructor calls of one pickle may cost together: as many per pickle
+    byte as the verifier's budget, plus what reading each side chunk once costs (an array's
+    data is scanned once, for the code-point check of text)."""
+    return _verify.WORK_PER_BYTE * pickle_bytes + _verify.WORK_BASE + chunk_bytes // _rebuild.SCANNED_BYTES_PER_UNIT
 
 
 class Loader:
@@ -179,7 +205,8 @@ class Loader:
         if self.trusted:
             obj = _plain_loads(data, it)
         else:
-            obj = self._restricted_loads(data, it) if self._verify(data, len(buffers)) else _plain_loads(data, it)
+            obj = (self._restricted_loads(data, it, sum(map(_rebuild.nbytes, buffers)))
+                   if self._verify(data, len(buffers)) else _plain_loads(data, it))
         if next(it, None) is not None:
             raise MalformedPickleError("the pickle used fewer out-of-band buffers than the message has side chunks")
         return obj
@@ -196,7 +223,7 @@ class Loader:
         if self.trusted:
             return _plain_loads(data, None)
         if self._verify(data, 0):
-            return self._restricted_loads(data, None)
+            return self._restricted_loads(data, None, 0)
         return _plain_loads(data, None)
 
     def _verify(self, data: bytes | memoryview, chunk_count: int) -> int:
@@ -232,13 +259,13 @@ class Loader:
             return exc
         return MalformedPickleError(f"malformed pickle at byte {offsets[call - 1]}: REDUCE: {exc}")
 
-    def _restricted_loads(self, data: bytes | memoryview, buffers: Any) -> Any:
+    def _restricted_loads(self, data: bytes | memoryview, buffers: Any, chunk_bytes: int) -> Any:
         file = io.BytesIO(data)
-        unpickler = self._unpickler(file, buffers=buffers)
+        unpickler = self._unpickler(file, buffers=buffers, budget=call_budget(len(data), chunk_bytes))
         try:
             obj = unpickler.load() if len(data) < GC_PAUSE_BYTES else _gc_paused(unpickler.load)
         except MalformedPickleError as exc:  # a reconstructor refused its arguments' values
-            raise self._located(exc, data, buffers, unpickler.calls[0]) from exc.__cause__
+            raise self._located(exc, data, buffers, unpickler.meter.calls) from exc.__cause__
         except StreamPickleError:
             raise
         except Exception as exc:  # UnpicklingError, TypeError from a reconstructor, ...

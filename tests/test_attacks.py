@@ -808,6 +808,133 @@ def test_many_memoized_tuple_keys_in_many_dicts_are_charged() -> None:
     assert "out of proportion" in str(refuse(payload))
 
 
+# -- reconstructor calls are charged what they do ------------------------------------------
+#
+# A memoized argument costs the peer a few bytes per call, however much work the call does
+# with it. Each test below makes one call that loads, then the same call repeated until the
+# work per pickle byte is far beyond the budget: refused, and named as such. Without the
+# charge, every one of these loads (slowly), so the test fails.
+
+
+KEEP = b"\x940"  # MEMOIZE, POP: into the next memo slot, off the stack
+
+
+def repeated(setup: bytes, call: bytes, times: int) -> bytes:
+    return P5 + setup + b"(" + call * times + b"t."
+
+
+def out_of_proportion(err: Exception, name: str) -> None:
+    assert f"REDUCE: {name}: the reconstructor calls would take work out of proportion" in str(err)
+
+
+def shared_descriptor(levels: int, fields: int) -> bytes:
+    """A descriptor of ``fields`` fields per level that all reuse the level below, in memo
+    slot ``levels`` (slots 0..levels are defined)."""
+    body = s("<f8") + KEEP
+    for level in range(levels):
+        body += b"](" + b"".join(b"](" + s(f"f{k}") + memo_get(level) + b"]e" for k in range(fields)) + b"e" + KEEP
+    return body
+
+
+def test_a_memoized_structured_descriptor_rebuilt_again_and_again_is_charged_per_node() -> None:
+    setup = shared_descriptor(6, 3) + rb("dtype") + KEEP  # 1,093 nodes, within the node bound
+    call = memo_get(7) + memo_get(6) + b"\x85R"
+    assert load(repeated(setup, call, 1))[0].itemsize == 3**6 * 8
+    out_of_proportion(refuse(repeated(setup, call, 20)), "dtype")
+
+
+def test_a_memoized_bytes_literal_copied_into_scalars_again_and_again_is_charged_per_byte() -> None:
+    setup = rb("scalar") + KEEP + s("|S65536") + KEEP + b"B" + struct.pack("<I", 65536) + b"s" * 65536 + KEEP
+    call = memo_get(0) + memo_get(1) + memo_get(2) + b"\x86R"
+    assert load(repeated(setup, call, 10))[9] == b"s" * 65536
+    out_of_proportion(refuse(repeated(setup, call, 400)), "scalar")
+
+
+def test_a_memoized_side_chunk_rescanned_by_text_arrays_again_and_again_is_charged() -> None:
+    chunk = "x".encode("utf-32-le") * (1 << 18)  # 1 MiB: its code points are checked per array
+    setup = rb("ndarray") + KEEP + s("<U1") + KEEP + b"]" + long1(1 << 18) + b"a" + KEEP + b"\x97" + KEEP
+    call = memo_get(0) + b"(" + memo_get(1) + memo_get(2) + b"\x89" + memo_get(3) + b"tR"
+    assert load(repeated(setup, call, 1), [chunk])[0][-1] == "x"
+    out_of_proportion(refuse(repeated(setup, call, 100), [chunk]), "ndarray")
+
+
+def test_memoized_big_ints_made_into_fractions_again_and_again_are_charged_for_the_gcd() -> None:
+    numerator, denominator = (1 << 16_382) + 12345, (1 << 16_382) + 67891  # odd, coprime-ish
+    setup = rb("fraction") + KEEP + long1(numerator) + KEEP + long1(denominator) + KEEP
+    call = memo_get(0) + memo_get(1) + memo_get(2) + b"\x86R"
+    assert load(repeated(setup, call, 1))[0] == fractions.Fraction(numerator, denominator)
+    out_of_proportion(refuse(repeated(setup, call, 100)), "fraction")
+
+
+def test_a_dict_of_colliding_reconstructed_keys_copied_again_and_again_is_charged_per_pair() -> None:
+    # 64 Fraction keys whose hashes are all 0: every copy compares each pair with __eq__
+    keys = b"".join(memo_get(0) + long1(k * HASH_MODULUS) + b"K\x01\x86RN" for k in range(1, 65))
+    setup = rb("fraction") + KEEP + rb("ordered_dict") + KEEP + b"}(" + keys + b"u" + KEEP
+    call = memo_get(1) + memo_get(2) + b"\x85R"
+    assert len(load(repeated(setup, call, 1))[0]) == 64
+    out_of_proportion(refuse(repeated(setup, call, 10)), "ordered_dict")
+
+
+def test_a_memoized_dict_copied_into_counters_is_charged_what_a_counter_costs_per_item() -> None:
+    # within what the verifier charges for walking the dict (a unit per key per call), beyond
+    # what building a Counter item by item costs
+    setup = rb("counter") + KEEP + b"}(" + b"".join(long1(i) + b"K\x01" for i in range(1000)) + b"u" + KEEP
+    call = memo_get(0) + memo_get(1) + b"\x85R"
+    assert load(repeated(setup, call, 2))[1][999] == 1
+    out_of_proportion(refuse(repeated(setup, call, 60)), "counter")
+
+
+def test_a_time_zone_is_loaded_once_and_shared() -> None:
+    setup = rb("zoneinfo") + KEEP + s("Europe/Paris") + KEEP
+    zones = load(repeated(setup, memo_get(0) + memo_get(1) + b"\x85R", 1000))
+    assert zones[0] is zones[999] is zoneinfo.ZoneInfo("Europe/Paris")
+    assert R.zoneinfo.cost("Europe/Paris") == 1  # kept: charged as a lookup from now on
+
+
+def _legit_workloads() -> dict[str, Any]:
+    import random
+
+    rng = random.Random(1)
+    record = np.dtype([(f"f{i}", "<f8" if i % 2 else "<i4") for i in range(12)])
+    nested = np.dtype([("a", [("b", [("c", "<f8", (4,))])])])
+    return {
+        "a Counter of 20,000 bigram tuples": collections.Counter({(f"w{rng.randrange(5000)}", f"w{i}"): i for i in range(20_000)}),
+        "an OrderedDict of 10,000 items": collections.OrderedDict((i, str(i)) for i in range(10_000)),
+        "2,000 arrays of one 12-field dtype": [np.zeros(3, dtype=record) for _ in range(2000)],
+        "2,000 scalars of that dtype": list(np.zeros(2000, dtype=record)),
+        "1,000 arrays of a 3-level nested dtype": [np.zeros(2, dtype=nested) for _ in range(1000)],
+        "300 Fractions of 4,096-bit parts": [fractions.Fraction(rng.getrandbits(4096), rng.getrandbits(4096) | 1) for _ in range(300)],
+        "200 Decimals of 3,900 digits": [decimal.Decimal(str(rng.getrandbits(13_000))) for _ in range(200)],
+        "300 datetimes in 3 zones": [dt.datetime(2020, 1, 1, tzinfo=zoneinfo.ZoneInfo(z)) for z in ("Europe/Paris", "UTC", "Asia/Tokyo") * 100],
+        "1,000 numpy bytes scalars of 1 KB": [np.bytes_(b"x" * 1000) for _ in range(1000)],
+        "100 text arrays": [np.array(["abc"] * 1000) for _ in range(100)],
+    }
+
+
+@pytest.mark.parametrize("name", list(_legit_workloads()))
+def test_real_data_heavy_in_reconstructor_work_loads_within_the_budget(name: str) -> None:
+    obj = _legit_workloads()[name]
+    back = streampickle.loads(streampickle.dumps(obj))
+    assert type(back) is type(obj) and len(back) == len(obj)
+    if isinstance(obj, list) and isinstance(obj[0], (np.ndarray, np.generic)):
+        assert all(a.dtype == b.dtype and a.tobytes() == b.tobytes() for a, b in zip(obj, back))
+    else:
+        assert back == obj
+
+
+def test_every_cost_function_is_total_over_what_the_verifier_admits() -> None:
+    # a cost is computed before the reconstructor checks its arguments: it must never raise
+    released = memoryview(b"abc")
+    released.release()
+    oddities = [None, True, -1, 1 << 20_000, 1.5, "x" * 10_000, b"", released, pickle.PickleBuffer(b"ab"),
+                np.zeros(3), [], [[]], [["a"]], [["a", [["b", 7, 8]], []]], {}, {1: 2}, {(1, "a"): 0},
+                {fractions.Fraction(1, 2): 0, fractions.Fraction(2, 4): 1}]
+    for rebuilder in R.NAMES.values():
+        for value in oddities:
+            cost = rebuilder.cost(*[value] * len(rebuilder.args))
+            assert type(cost) is int and cost >= 1
+
+
 # -- exceptions inside reconstructors -----------------------------------------------------
 
 
