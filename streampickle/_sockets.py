@@ -24,6 +24,8 @@ from anyio.abc import Listener, TaskGroup
 
 from ._limits import Limits
 from ._mac import Key
+from ._serve import note_accepted
+from ._serve import serve as _serve
 from ._stream import ObjectStream
 from ._transports import grow_socket_buffers, socket_attributes
 
@@ -109,7 +111,7 @@ class ObjectStreamListener(Listener[ObjectStream]):
             if self._closed:
                 raise anyio.ClosedResourceError
             try:
-                conn, _ = self._sock.accept()
+                conn, address = self._sock.accept()
             except BlockingIOError:
                 await anyio.wait_readable(self._sock)
                 continue
@@ -118,23 +120,40 @@ class ObjectStreamListener(Listener[ObjectStream]):
                     continue  # the client gave up before we accepted; wait for the next one
                 raise
             _tune(conn)
-            return ObjectStream.from_socket(conn, **self._options)
+            stream = ObjectStream.from_socket(conn, **self._options)
+            note_accepted(stream, address)
+            return stream
 
     async def serve(
-        self, handler: Callable[[ObjectStream], Awaitable[Any]], task_group: TaskGroup | None = None
+        self,
+        handler: Callable[[ObjectStream], Awaitable[Any]],
+        task_group: TaskGroup | None = None,
+        *,
+        max_connections: int | None = None,
     ) -> None:
-        """Accept forever, running ``handler(stream)`` in a task per connection (the stream is
-        closed when the handler returns)."""
+        """Accept until cancelled, running ``handler(stream)`` in a task per connection (in
+        ``task_group`` if given); the stream is closed when the handler returns.
 
-        async def run(stream: ObjectStream) -> None:
-            async with stream:
-                await handler(stream)
+        Connections are isolated: an ``Exception`` the handler lets out (a peer's bad bytes as
+        a :class:`StreamPickleError`, ``anyio.BrokenResourceError`` from a peer that vanished,
+        a bug in the handler) closes that connection only, and is logged on the
+        ``"streampickle"`` logger with the peer's address: INFO for a lost connection, WARNING
+        for refused bytes, ERROR with the traceback for anything else. Cancellation and other
+        ``BaseException``s propagate as usual.
 
-        async with anyio.create_task_group() as own:
-            group = task_group or own
-            while True:
-                stream = await self.accept()
-                group.start_soon(run, stream)
+        ``accept`` failing for lack of descriptors or memory (``EMFILE``, ``ENFILE``,
+        ``ENOBUFS``, ``ENOMEM``) is logged and retried every 0.1 s; the peer waits in the
+        backlog meanwhile. Any other accept error ends ``serve``.
+
+        ``max_connections``: at most this many handlers run at once; at the limit nothing is
+        accepted, so further peers wait in the kernel's backlog (while it has room, their
+        connects succeed and their messages wait unread) until a connection closes. ``None``,
+        the default, sets no limit, as anyio's and trio's ``serve`` do: what a connection may
+        cost (a descriptor, and up to ``Limits.max_message_size`` of memory while a message
+        arrives) is the application's to weigh. Set it on servers open to peers you don't
+        control, below the process's open-file limit.
+        """
+        await _serve(self, handler, task_group, max_connections)
 
     async def aclose(self) -> None:
         if not self._closed:
