@@ -352,12 +352,11 @@ def test_position_and_opcode_are_reported() -> None:
 
 
 def test_peer_chosen_names_cost_linear_work_and_bounded_messages() -> None:
+    # sized so that quadratic work would outlast the test's timeout
     many_dots = "a." * 200_000 + "b"
-    start = time.perf_counter()
     assert denied_reason(many_dots) is None
     assert denied_reason("mymod" + ".__x__" * 100_000)
     assert denied_reason("uuid." + "_" * 1_000_000)
-    assert time.perf_counter() - start < 2
     err = ForbiddenGlobalError("mymod", "x" * 1_000_000)
     assert len(str(err)) < 1_000 and "allow=[...]" in str(err)
     err = ForbiddenGlobalError("mymod", "__" + "x" * 1_000_000 + "__")

@@ -24,7 +24,6 @@ import io
 import pickle
 import socket
 import struct
-import time
 import tracemalloc
 from typing import Any, Iterator
 
@@ -743,10 +742,8 @@ def test_marks_missing_or_never_closed_drop_the_message(pickled: bytes) -> None:
 def test_long_binput_0xffffffff_drops_the_message_without_growing_a_memo() -> None:
     pickled = P5 + b"N" + b"r\xff\xff\xff\xff" + b"."  # LONG_BINPUT 2**32-1
     with traced() as peak:
-        start = time.perf_counter()
         assert_dropped_alone(make_message(pickled))
-        elapsed = time.perf_counter() - start
-    assert peak[0] < 1 * MiB and elapsed < 1.0
+    assert peak[0] < 1 * MiB  # a memo grown to 2**32 slots would be 32 GiB
 
 
 @pytest.mark.parametrize(
@@ -781,10 +778,9 @@ def test_a_length_prefix_beyond_the_pickle_drops_the_message_in_constant_memory(
     ],
     ids=["int-100000-digits", "long-100000-digits", "string", "unicode", "float", "global-10mb", "obj"],
 )
-def test_text_protocol_opcodes_drop_the_message_quickly(pickled: bytes) -> None:
-    start = time.perf_counter()
-    assert_dropped_alone(make_message(pickled))
-    assert time.perf_counter() - start < 5.0
+def test_text_protocol_opcodes_drop_the_message_before_any_is_parsed(pickled: bytes) -> None:
+    err = assert_dropped_alone(make_message(pickled))
+    assert "is not allowed: a protocol-5 pickler never emits it" in str(err)
 
 
 @pytest.mark.parametrize(

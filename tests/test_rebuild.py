@@ -19,7 +19,6 @@ import pickle
 import struct
 import subprocess
 import sys
-import time
 import uuid
 import zoneinfo
 from typing import Any
@@ -71,11 +70,9 @@ def round_trip(obj: Any) -> Any:
 
 
 def refuses(rebuilder: R.Rebuilder, *args: Any) -> str:
-    """Call a reconstructor as a hostile pickle would; it must refuse, promptly and briefly."""
-    start = time.perf_counter()
+    """Call a reconstructor as a hostile pickle would; it must refuse, briefly."""
     with pytest.raises(MalformedPickleError) as info:
         rebuilder(*args)
-    assert time.perf_counter() - start < 0.5
     message = str(info.value)
     assert len(message) < 400, message
     return message
@@ -317,17 +314,16 @@ def test_wrong_arity_is_refused(name: str) -> None:
 @pytest.mark.parametrize("hostile", [self_referencing_list, shared_bomb, lambda: {1: shared_bomb()}])
 def test_hostile_containers_in_every_position_fail_fast(name: str, hostile: Any) -> None:
     """Each argument in turn replaced by a container whose repr() would not end: every call
-    either succeeds or refuses, promptly, with a short message."""
+    either succeeds or refuses with a short message (a repr of the container would outlast
+    the test's timeout)."""
     rebuilder = R.NAMES[name]
     for position in range(len(rebuilder.args)):
         args: list[Any] = [None] * len(rebuilder.args)
         args[position] = hostile()
-        start = time.perf_counter()
         try:
             rebuilder(*args)
         except MalformedPickleError as exc:
             assert len(str(exc)) < 400
-        assert time.perf_counter() - start < 0.5
 
 
 def test_a_self_referencing_list_in_a_pickle_fails_promptly() -> None:
@@ -336,10 +332,9 @@ def test_a_self_referencing_list_in_a_pickle_fails_promptly() -> None:
         b"\x80\x05" + b"\x8c\x15streampickle._rebuild\x8c\x0cordered_dict\x93"
         + b"]\x94h\x00a\x85R."
     )
-    start = time.perf_counter()
     with pytest.raises(MalformedPickleError) as info:
         streampickle.loads(make_message(payload))
-    assert time.perf_counter() - start < 0.5 and len(str(info.value)) < 600
+    assert len(str(info.value)) < 600
 
 
 BAD_CALLS: list[tuple[R.Rebuilder, tuple[Any, ...]]] = [
@@ -471,12 +466,11 @@ def test_boundaries_are_accepted() -> None:
     assert R.slice_(None, None, 0) == slice(None, None, 0)
 
 
-def test_fraction_gcd_stays_cheap() -> None:
-    a, b = (1 << 16384) - 1, (1 << 16384) - 3
-    start = time.perf_counter()
-    for _ in range(20):
-        R.fraction(a, b)
-    assert time.perf_counter() - start < 0.5
+def test_fraction_parts_are_bounded_where_the_gcd_is_still_cheap() -> None:
+    a, b = (1 << 16384) - 1, (1 << 16384) - 3  # the most bits accepted: a gcd of about 0.3 ms
+    assert R.fraction(a, b) == fractions.Fraction(a, b)
+    refuses(R.fraction, 1 << 16384, 1)
+    refuses(R.fraction, 1, 1 << 16384)
 
 
 # -- fresh objects --------------------------------------------------------------------------
@@ -562,10 +556,8 @@ def test_text_above_u10ffff_is_refused_in_nested_and_subarray_fields() -> None:
 
 
 def test_checking_text_is_linear() -> None:
-    data = np.full(1_000_000, "abcdefgh", dtype="<U8").tobytes()  # 32 MB
-    start = time.perf_counter()
+    data = np.full(1_000_000, "abcdefgh", dtype="<U8").tobytes()  # 32 MB: per element in Python would take seconds
     assert R.ndarray("<U8", [1_000_000], False, data).shape == (1_000_000,)
-    assert time.perf_counter() - start < 1.0
 
 
 @pytest.mark.parametrize("buffer", [  # each 32 bytes: only the kind of buffer is wrong
@@ -599,11 +591,23 @@ def test_ndarray_accepts_what_the_decoder_passes() -> None:
 # -- time zones -----------------------------------------------------------------------------
 
 
-def test_zone_keys_are_looked_up_once_and_lazily() -> None:
+def test_a_zone_is_found_by_its_key_alone_and_kept() -> None:
     code = (
-        "import streampickle._rebuild as r; assert r._zone_keys is None; "
-        "r.zoneinfo('UTC'); keys = r._zone_keys; assert keys and 'Europe/Paris' in keys; "
-        "r.zoneinfo('Europe/Paris'); assert r._zone_keys is keys; print('ok')"
+        "import zoneinfo; zoneinfo.available_timezones = None; "  # listing every zone costs 33 ms
+        "import streampickle._rebuild as r; paris = r.zoneinfo('Europe/Paris'); "
+        "assert paris is r.zoneinfo('Europe/Paris') is zoneinfo.ZoneInfo('Europe/Paris'); "
+        "assert list(r._zones) == ['Europe/Paris']; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("key", ["Europe", "zone.tab", "zone1970.tab", "iso3166.tab", "tzdata.zi", "leapseconds",
+                                 "Europe/", "/UTC", "Europe//Paris", "Europe/../UTC", "./UTC", "UTC\0", "UTC ",
+                                 "Europe/Paris/x/y/z"])
+def test_files_and_paths_in_the_zone_directory_that_are_not_zones_are_refused(key: str) -> None:
+    with pytest.raises(MalformedPickleError, match="must name an installed zone"):
+        R.zoneinfo(key)
+    assert key not in R._zones
+
+
