@@ -470,8 +470,8 @@ def decimal_memo(size: int) -> Case:
 
 
 def zoneinfo_all(_: int) -> Case:
-    """Every installed time zone once: the first one makes the reconstructor list the
-    installed zones, and each one loads its file."""
+    """Every installed time zone once, in a fresh process: each one loads its file (each zone
+    is loaded once per process, and kept)."""
     import zoneinfo
 
     zones = sorted(zoneinfo.available_timezones())

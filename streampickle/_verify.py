@@ -32,7 +32,9 @@ The rules (each refusal names the opcode and its byte offset):
   against ``Limits.max_opaque_keys``. Hashing a nested tuple costs its whole tree, so key
   trees are charged to a work budget linear in the pickle's size, as are the containers a
   reconstructor is given (a memoized dict passed to a thousand calls is charged a thousand
-  times) and tuple nesting is bounded (hashing recurses in C).
+  times) and tuple nesting is bounded (hashing recurses in C). What a call does beyond that
+  walk depends on its arguments' values (bits, bytes, descriptor nodes, colliding keys), so
+  the safe unpickler charges it, call by call before each runs (``Rebuilder.cost``).
 
 Two modes share this one walk. *Plain* mode (``resolver=None``) is the fast path's contract:
 it accepts a pickle that names no global and needs no typed judgement, refuses what breaks
