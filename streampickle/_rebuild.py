@@ -639,9 +639,11 @@ _OPAQUE_KEY_COST = 32
 _COLLISION_COST = 10
 # Keys whose hashes the verifier already checked (salted, small, or computed and bounded).
 _CHEAP_KEYS = frozenset({str, bytes, int, float, bool, type(None)})
-# Loading a time zone's file (about 45 µs). Each installed zone is loaded once per process
-# (``_zones`` keeps them), so this is charged at most once per zone, ever.
-_ZONE_LOAD_COST = 256
+# Loading a time zone's file: 45 to 70 µs. Each installed zone is loaded once per process
+# (``_zones`` keeps them), so this is charged at most once per zone, ever; but one message may
+# name every zone, so a first load is charged its full time: a message can load about 64
+# zones plus one per 64 bytes (a list of all 599 zones, 12 KB, is refused on first use).
+_ZONE_LOAD_COST = 1024
 
 
 def _one(*args: Any) -> int:
