@@ -51,7 +51,8 @@ from ._safe import Loader
 __all__ = ["Decoder", "aligned_empty", "byte_view"]
 
 ALIGNMENT = 64  # cache line, and enough for every SIMD load numpy does
-_PICKLE_GROWTH_FLOOR = 64 * 1024  # the pickle part starts this big (or smaller, if it is)
+_PICKLE_GROWTH_FLOOR = 4 * 1024  # the pickle part starts this big (or smaller, if it is): a
+# message that claims a large pickle part and sends a few bytes holds no more than this
 _PICKLE_COPY_LIMIT = 1 << 20  # complete pickle parts below this are copied into bytes
 
 # Parts of a message, in order.
