@@ -859,7 +859,7 @@ def summary(attacks: list[Attack]) -> list[str]:
             cpu_text += f" ({_size(cpu_row['bytes'])})"
         trace_text = _num(trace, 1) + (f" ({_size(trace_row['bytes'])})" if trace_row is not None and len(rows) > 1 else "")
         lines.append(
-            f"| {attack.section} | {attack.name}: {attack.what} | {sizes} | {'; '.join(outcomes)} | {cpu_text} "
+            f"| {attack.section} | {attack.name}: {attack.what.replace('|', chr(92) + '|')} | {sizes} | {'; '.join(outcomes)} | {cpu_text} "
             f"| {trace_text} | {_num(rss, 1)} | {_mark([r['cpu_ok'] for r in rows])} | {_mark([r['mem_ok'] for r in rows])} |"
         )
     return lines
