@@ -18,6 +18,7 @@ from ._decoder import Decoder
 from ._encoder import Encoder
 from ._errors import (
     AuthenticationError,
+    DeadlineExceededError,
     EncodeError,
     ForbiddenGlobalError,
     IncompleteMessageError,
@@ -76,6 +77,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AuthenticationError",
     "BufferPool",
+    "DeadlineExceededError",
     "Decoder",
     "EncodeError",
     "Encoder",

@@ -280,6 +280,12 @@ class Decoder:
         return self._received > 0
 
     @property
+    def in_header(self) -> bool:
+        """True if part of a message has arrived and not yet all of its header (the fixed
+        header and the length table)."""
+        return self._received > 0 and self._part <= _TABLE and self._failure is None
+
+    @property
     def progress(self) -> tuple[int, int]:
         """``(received, expected)`` bytes of the current message; ``expected`` is what the
         parts seen so far declare, and grows as the header and length table arrive."""

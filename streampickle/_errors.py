@@ -6,7 +6,7 @@ subclasses answer the two questions a caller has after a failure:
 * whose fault was it? ``UsageError`` is ours (the local code called the API wrongly);
   ``EncodeError`` is the object being sent; everything else is the peer's bytes.
 * can the stream still be used? A *framing* failure (``ProtocolError``,
-  ``LimitExceededError``, ``AuthenticationError``, ``IncompleteMessageError``) poisons the
+  ``LimitExceededError`` and its ``DeadlineExceededError``, ``AuthenticationError``, ``IncompleteMessageError``) poisons the
   decoder: message boundaries can no longer be trusted, so every later call raises. A message
   that arrived whole and verified but could not be unpickled (``MalformedPickleError``,
   ``ForbiddenGlobalError``) is dropped alone; the next message decodes normally. The
@@ -27,6 +27,7 @@ __all__ = [
     "ProtocolError",
     "MalformedPickleError",
     "LimitExceededError",
+    "DeadlineExceededError",
     "IncompleteMessageError",
     "AuthenticationError",
     "ForbiddenGlobalError",
@@ -84,7 +85,27 @@ class LimitExceededError(StreamPickleError):
 
     Raised from the header alone, before anything of that size is allocated. The message names
     the limit; raise it with ``limits=Limits(...)`` if the peer is legitimately sending more.
+    Its subclass :class:`DeadlineExceededError` is the time limits.
     """
+
+
+class DeadlineExceededError(LimitExceededError):
+    """A message took longer to arrive than ``Limits.max_header_seconds`` or
+    ``Limits.max_message_seconds`` allow, counted from its first byte.
+
+    Raised by the async adapters' receive. ``limit`` names the field, ``seconds`` is its value,
+    ``received`` and ``expected`` are the message's bytes as in
+    :class:`IncompleteMessageError`. What arrived of the message is dropped and the stream is
+    poisoned: close it. The peer stalled, is hostile (a slowloris), or the link is slower than
+    the limit allows; then raise it with ``limits=Limits(...)``.
+    """
+
+    def __init__(self, message: str, *, limit: str, seconds: float, received: int, expected: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.seconds = seconds
+        self.received = received
+        self.expected = expected
 
 
 class IncompleteMessageError(ProtocolError):

@@ -1,4 +1,5 @@
-"""The decoder's limits: how much a peer may make us hold, and why each default is what it is.
+"""The decoder's limits: how much a peer may make us hold, for how long, and why each default
+is what it is.
 
 Every size in a message header is checked against these before anything is allocated. They
 bound what a peer can *claim*; what it actually costs is further bounded by what arrives,
@@ -22,7 +23,11 @@ class Limits:
     """Sizes a peer's message may declare before the decoder refuses it.
 
     A value of a message that is over a limit raises :class:`LimitExceededError` as soon as the
-    header carrying it has arrived; exactly at the limit is accepted.
+    header carrying it has arrived; exactly at the limit is accepted. The two ``*_seconds``
+    fields are deadlines, enforced by the async adapters (``ObjectStream.receive``, ``load``):
+    past one, :class:`DeadlineExceededError` is raised. They run from the arrival of a
+    message's first byte, so an idle connection *between* messages is never timed out by them
+    (wrap ``receive`` in your own ``anyio.fail_after`` for that). ``None`` switches one off.
     """
 
     #: Whole message on the wire: header, length table, pickle, side chunks and tag.
@@ -53,8 +58,25 @@ class Limits:
     #: ``__eq__``) cost about 10 ms; raise it for peers you trust with more CPU.
     max_opaque_keys: int = 256
 
+    #: Seconds a message's header (the fixed header and the length table) may take to arrive,
+    #: counted from its first byte. Default 30: a header is at most 20 bytes plus 8 per side
+    #: chunk, one round trip on any working link, so this only ever closes a peer that started
+    #: a message and stalled (or a slowloris sending a byte now and then), which would
+    #: otherwise hold its connection and what arrived for ever. Raise it for very slow links.
+    max_header_seconds: float | None = 30.0
+
+    #: Seconds a whole message may take to arrive, counted from its first byte. Default 600
+    #: (ten minutes): a peer that stalls inside a message is let go in bounded time, while a
+    #: message near ``max_message_size`` still fits at about gigabit speed (64 GiB at 110
+    #: MB/s is about 600 s). Raise it, or set ``None``, if your peers send messages of many
+    #: GiB over slower links.
+    max_message_seconds: float | None = 600.0
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if type(value) is not int or value < 0:
+            if f.name.endswith("_seconds"):
+                if value is not None and (type(value) not in (int, float) or not value > 0):
+                    raise ValueError(f"Limits.{f.name} must be a positive number of seconds or None, not {value!r}")
+            elif type(value) is not int or value < 0:
                 raise ValueError(f"Limits.{f.name} must be a non-negative int, not {value!r}")

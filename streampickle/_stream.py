@@ -12,6 +12,12 @@ Both are thin: the encoder makes the chunks, the decoder finds the messages, and
   reached the transport, the stream is untouched; otherwise (or where the transport can't tell)
   the send direction is broken: later sends raise ``anyio.BrokenResourceError``, and the peer
   sees an incomplete message, never a wrong object.
+* *A started message has deadlines* (``Limits.max_header_seconds``, ``max_message_seconds``),
+  counted on anyio's clock from the read that brought its first byte: a peer that sends part
+  of a message and stalls, or dribbles it a byte at a time, gets
+  :class:`DeadlineExceededError` and a poisoned stream instead of holding the connection and
+  what arrived for ever. Reads inside a message run under a cancel scope with that deadline;
+  reads between messages have none, since waiting for the next message is normal.
 * *Sends are serialized, in order* (a FIFO lock); concurrent receives raise
   ``anyio.BusyResourceError``.
 * *A burst of small messages is one write* where the transport can (``send_later``: asyncio
@@ -33,7 +39,7 @@ from anyio.abc import ObjectStream as _AnyioObjectStream
 
 from ._decoder import Decoder
 from ._encoder import Encoder
-from ._errors import UsageError
+from ._errors import DeadlineExceededError, UsageError
 from ._limits import Limits
 from ._mac import Key
 from ._transports import AnyioTransport, AsyncioTransport, SocketTransport, fastest_transport, send_message
@@ -94,8 +100,10 @@ class ObjectStream(_AnyioObjectStream[Any]):
     ``connect_*``/listeners are zero-copy on every backend. Options are the core's:
     ``trusted``, ``allow``, ``key``, ``limits``.
 
-    ``receive`` raises ``anyio.EndOfStream`` at a clean end between messages and
-    :class:`IncompleteMessageError` if the peer stopped inside one; ``async for`` ends cleanly.
+    ``receive`` raises ``anyio.EndOfStream`` at a clean end between messages,
+    :class:`IncompleteMessageError` if the peer stopped inside one, and
+    :class:`DeadlineExceededError` if a started message outlasts ``limits``' deadlines;
+    ``async for`` ends cleanly.
     Typed attributes of the transport (``SocketAttribute.remote_address``, ...) are forwarded.
     """
 
@@ -115,6 +123,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._send_lock = _FifoLock()
         self._send_broken: BaseException | None = None
         self._receiving = False
+        self._started: float | None = None  # anyio.current_time() of the message in progress
         self._eof = False
         self._closed = False
         self._quick_receives = 0
@@ -210,7 +219,8 @@ class ObjectStream(_AnyioObjectStream[Any]):
                     raise anyio.EndOfStream
                 self._quick_receives = 0
                 self._quick_sends = 0  # the next send, likely a reply, goes out at once
-                if not await self._t.fill(decoder, exact=False):
+                more, self._started = await _fill(self._t, decoder, self._started, exact=False)
+                if not more:
                     self._eof = True
         finally:
             self._receiving = False
@@ -262,9 +272,69 @@ async def dump(obj: Any, stream: Any, *, key: bytes | Key | None = None) -> None
     await send_message(fastest_transport(stream), chunks, mac)
 
 
+async def _fill(
+    transport: AnyioTransport | AsyncioTransport | SocketTransport,
+    decoder: Decoder,
+    started: float | None,
+    *,
+    exact: bool,
+) -> tuple[bool, float | None]:
+    """``transport.fill(decoder)`` under the deadlines of the message in progress, if one is.
+
+    ``started`` is when that message's first byte arrived (None between messages); returns
+    ``fill``'s result and the new ``started``. A read that passes a deadline is cancelled (it
+    took no bytes), the decoder is failed, which frees what arrived and poisons it, and
+    :class:`DeadlineExceededError` is raised.
+    """
+    limit, deadline = _deadline(decoder, started)
+    if deadline is None:
+        more = await transport.fill(decoder, exact=exact)
+    else:
+        with anyio.CancelScope(deadline=deadline) as scope:
+            more = await transport.fill(decoder, exact=exact)
+        if scope.cancelled_caught:
+            raise _late(decoder, limit)
+    if not decoder.in_message:
+        return more, None
+    if started is None or decoder.pending:  # this read began the message (maybe after others)
+        return more, anyio.current_time()
+    return more, started
+
+
+def _deadline(decoder: Decoder, started: float | None) -> tuple[str, float | None]:
+    """The limit that ends first for the message in progress, and when (None: no deadline)."""
+    if started is None or not decoder.in_message:
+        return "", None
+    limits = decoder._limits
+    limit, deadline = "", None
+    if decoder.in_header and limits.max_header_seconds is not None:
+        limit, deadline = "max_header_seconds", started + limits.max_header_seconds
+    if limits.max_message_seconds is not None:
+        end = started + limits.max_message_seconds
+        if deadline is None or end < deadline:
+            limit, deadline = "max_message_seconds", end
+    return limit, deadline
+
+
+def _late(decoder: Decoder, limit: str) -> DeadlineExceededError:
+    seconds = getattr(decoder._limits, limit)
+    received, expected = decoder.progress
+    part = "header" if limit == "max_header_seconds" else "message"
+    exc = DeadlineExceededError(
+        f"the peer's {part} did not arrive within Limits.{limit}={seconds} s of its first "
+        f"byte ({received} of the {expected} bytes known so far had arrived); the message "
+        f"was dropped and the stream can't be used again. A stalled or hostile peer does "
+        f"this; if the link is just slow, raise it with limits=Limits({limit}=...).",
+        limit=limit, seconds=seconds, received=received, expected=expected,
+    )
+    return decoder._fail(exc)  # type: ignore[return-value]
+
+
 # Decoders of messages whose load() was interrupted, parked until the next load() on the
-# same stream, so that cancelling a load loses nothing.
-_parked: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], Decoder]] = weakref.WeakKeyDictionary()
+# same stream, with when their message started, so that cancelling a load loses nothing.
+_parked: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], Decoder, float | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def load(
@@ -279,25 +349,29 @@ async def load(
 
     Never reads a byte beyond the message, so consecutive calls each get theirs and what
     follows stays in the stream. ``EOFError`` at a clean end between messages;
-    :class:`IncompleteMessageError` if the stream ends inside one.
+    :class:`IncompleteMessageError` if the stream ends inside one;
+    :class:`DeadlineExceededError` if a started message outlasts ``limits``' deadlines (its
+    bytes are lost, so close the stream).
     """
     try:
         options = (trusted, tuple(allow), key, limits)
     except TypeError as exc:  # allow=5, allow=None
         raise UsageError(f"allow must be an iterable of names or classes, not {type(allow).__name__}") from exc
     parked = _parked.pop(stream, None) if _parkable(stream) else None
+    started: float | None = None
     if parked is not None and _same(parked[0], options):
-        decoder = parked[1]
+        decoder, started = parked[1], parked[2]
     else:  # options[1], not allow: a generator given as allow was consumed making it
         decoder = Decoder(trusted=trusted, allow=options[1], key=key, limits=limits)
     transport = _transport_for(stream)
     try:
         while not decoder.pending:
-            if not await transport.fill(decoder, exact=True):
+            more, started = await _fill(transport, decoder, started, exact=True)
+            if not more:
                 raise EOFError("the stream ended before a message started")
     except BaseException:
         if decoder.in_message and not decoder.failed and _parkable(stream):
-            _parked[stream] = (options, decoder)
+            _parked[stream] = (options, decoder, started)
         raise
     return next(decoder)
 
