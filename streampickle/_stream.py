@@ -370,7 +370,9 @@ async def load(
             if not more:
                 raise EOFError("the stream ended before a message started")
     except BaseException:
-        if decoder.in_message and not decoder.failed and _parkable(stream):
+        # A cancellation can land after the read that completed the message: park that one
+        # too, or its bytes, already taken from the stream, would be lost.
+        if (decoder.in_message or decoder.pending) and not decoder.failed and _parkable(stream):
             _parked[stream] = (options, decoder, started)
         raise
     return next(decoder)

@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import tempfile
+from typing import Any
 
 import anyio
 import numpy as np
@@ -416,3 +417,38 @@ async def test_a_peer_that_dies_inside_a_large_chunk() -> None:
         with pytest.raises(streampickle.IncompleteMessageError) as failure:
             await stream.receive()
     assert failure.value.received == 2 << 20  # every byte that came was counted
+
+
+@pytest.mark.parametrize("pair", [unix_anyio, tcp_anyio], ids=["unix-anyio", "tcp-anyio"])
+async def test_load_cancelled_after_the_read_that_completed_its_message_keeps_the_message(
+    pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cancellation can land after the read that took a message's last bytes from the stream
+    # (asyncio delivers task.cancel() at the await that read them). Emulated exactly: the first
+    # fill completes the message, then the cancellation arrives.
+    from streampickle import _stream
+
+    real_fill = _stream._fill
+    cancel_once = [True]
+    scope = anyio.CancelScope()
+
+    async def fill_then_cancel(*args: Any, **kwargs: Any) -> Any:
+        result = await real_fill(*args, **kwargs)
+        if cancel_once[0] and args[1].pending:
+            cancel_once[0] = False
+            scope.cancel()
+            await anyio.lowlevel.checkpoint()  # the cancellation lands here
+        return result
+
+    monkeypatch.setattr(_stream, "_fill", fill_then_cancel)
+    a, b = await pair()
+    async with a, b:
+        sending, receiving = a.transport_stream, b.transport_stream  # bare anyio streams
+        await streampickle.dump({"n": 1, "data": np.arange(10)}, sending)
+        await streampickle.dump("second", sending)
+        with scope:
+            await streampickle.load(receiving)
+        assert scope.cancelled_caught and not cancel_once[0]
+        first = await streampickle.load(receiving)
+        assert first["n"] == 1 and first["data"].tolist() == list(range(10))
+        assert await streampickle.load(receiving) == "second"
