@@ -15,6 +15,7 @@ import pytest
 
 import streampickle
 from _util import make_message
+from test_attacks import refuse  # loads and a Decoder both refuse, and the stream goes on
 from streampickle import Decoder, ForbiddenGlobalError, MalformedPickleError
 
 P5 = b"\x80\x05"
@@ -27,16 +28,6 @@ def s(text: str) -> bytes:  # SHORT_BINUNICODE
 
 def glob(module: str, name: str) -> bytes:  # STACK_GLOBAL
     return s(module) + s(name) + b"\x93"
-
-
-def refuse(pickle_bytes: bytes, chunks: list[bytes] = (), exc=MalformedPickleError, **options):  # type: ignore[assignment]
-    """Assert the message is refused with ``exc`` and that the stream stays usable after it."""
-    decoder = Decoder(**options)
-    decoder.feed(make_message(pickle_bytes, list(chunks)) + streampickle.dumps("after"))
-    with pytest.raises(exc) as info:
-        next(decoder)
-    assert next(decoder) == "after"
-    return info.value
 
 
 @pytest.fixture()
