@@ -611,3 +611,162 @@ def test_a_hundred_thousand_one_element_arrays_are_refused_on_their_side_chunk_c
     out = streampickle.loads(message, limits=Limits(max_side_chunks=10**5))
     assert len(out) == 10**5 and all(type(a) is np.ndarray and a.shape == (1,) for a in out)
     assert np.array_equal(np.concatenate(out), np.arange(10**5, dtype=np.float64))
+
+
+# =============================================================================================
+# Integrity and authentication: keyed messages tampered with
+# =============================================================================================
+
+EVERY_MAC = {
+    "hmac-sha256": streampickle.Key(KEY),
+    "blake3": streampickle.Key(KEY, mac="blake3"),
+    "poly1305": streampickle.Key(KEY, mac="poly1305"),
+}
+TAG_SIZE = 32
+
+
+def _keyed(obj: Any, key: Any = KEY) -> bytes:
+    return b"".join(bytes(c) for c in streampickle.Encoder(key=key).encode(obj))
+
+
+class LoaderCalls:
+    """Records every call of the safe loader's ``load`` (the first step that reads pickle
+    opcodes) while active."""
+
+    def __enter__(self) -> list[Any]:
+        from streampickle import _safe
+
+        self.calls: list[Any] = []
+        self._loader = _safe.Loader
+        self._real = _safe.Loader.load
+        real, calls = self._real, self.calls
+        self._loader.load = lambda self, *a: calls.append(a) or real(self, *a)  # type: ignore[method-assign]
+        return self.calls
+
+    def __exit__(self, *exc: Any) -> None:
+        self._loader.load = self._real  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("mac", list(EVERY_MAC))
+def test_a_wrong_key_fails_a_constant_time_compare_before_any_pickle_byte_and_poisons(mac: str, monkeypatch) -> None:
+    """A message signed under another secret (same MAC): refused by ``hmac.compare_digest``
+    (constant time), with nothing unpickled, and the stream can't be used again."""
+    compared: list[int] = []
+    real = __import__("hmac").compare_digest
+    monkeypatch.setattr("hmac.compare_digest", lambda a, b: compared.append(len(b)) or real(a, b))
+    forged = _keyed({"run": "os.system"}, streampickle.Key(b"the attacker's secret", mac=mac))
+    decoder = Decoder(key=EVERY_MAC[mac])
+    with LoaderCalls() as loaded:
+        with pytest.raises(AuthenticationError, match="mismatch"):
+            decoder.feed(forged)
+    assert compared and loaded == []
+    assert_poisoned(decoder, AuthenticationError)
+
+
+# About 1 KiB: header, a two-entry length table, the pickle, two side chunks and the tag.
+SWEPT = _keyed({"a": np.arange(64, dtype=np.int64), "b": np.arange(200, dtype=np.uint8), "s": "x" * 100})
+SWEPT_TABLE = struct.pack("<QQ", 512, 200)  # found in the message, not computed from a layout
+
+
+def test_every_bit_of_a_keyed_kilobyte_flipped_is_refused() -> None:
+    """All 8 bits of every byte, one at a time: never an object. From the pickle part on
+    (the side chunks and the tag included), always the tag's mismatch; in the header and length
+    table, whichever check comes first (a framing error, a limit, an end inside the message,
+    or the tag)."""
+    assert 900 <= len(SWEPT) <= 1200
+    body = SWEPT.index(SWEPT_TABLE) + len(SWEPT_TABLE)  # where the pickle part starts
+    for i in range(len(SWEPT)):
+        for bit in range(8):
+            flipped = bytearray(SWEPT)
+            flipped[i] ^= 1 << bit
+            with pytest.raises(StreamPickleError) as info:
+                streampickle.loads(bytes(flipped), key=KEY)
+            if i >= body:
+                assert type(info.value) is AuthenticationError, (i, bit, info.value)
+
+
+def _two_chunk_message(first: int, second: int, key: Any = KEY) -> list[bytes]:
+    """head (header, length table, pickle), two side chunks, tag."""
+    chunks = [bytes(c) for c in streampickle.Encoder(key=key).encode(
+        [np.full(first, 1, dtype=np.uint8), np.full(second, 2, dtype=np.uint8)])]
+    assert len(chunks) == 4 and chunks[0].count(struct.pack("<QQ", first, second)) == 1
+    return chunks
+
+
+def _with_table(head: bytes, first: int, second: int) -> bytes:
+    """The head of ``_two_chunk_message(8, 16)`` with its length table's entries replaced
+    (found in it, wherever the wire format puts the table)."""
+    return head.replace(struct.pack("<QQ", 8, 16), struct.pack("<QQ", first, second), 1)
+
+
+def test_side_chunks_moved_between_messages_reordered_or_resized_are_refused() -> None:
+    """The tag covers the header, the length table, the pickle and every chunk in order: a
+    chunk taken from another message of the same shape, two chunks of different lengths
+    swapped together with their table entries, or a length moved from one chunk to the other
+    (same total) all fail it."""
+    head, c1, c2, tag = _two_chunk_message(8, 16)
+    _, d1, _, _ = (bytes(c) for c in streampickle.Encoder(key=KEY).encode(
+        [np.full(8, 7, dtype=np.uint8), np.full(16, 2, dtype=np.uint8)]))
+    forgeries = {
+        "chunk-from-another-message": head + d1 + c2 + tag,
+        "chunks-and-lengths-swapped": _with_table(head, 16, 8) + c2 + c1 + tag,
+        "length-moved-between-chunks": _with_table(head, 16, 8) + c1 + c2 + tag,
+    }
+    for name, forged in forgeries.items():
+        with pytest.raises(AuthenticationError, match="mismatch"):
+            streampickle.loads(forged, key=KEY)
+    assert streampickle.loads(head + c1 + c2 + tag, key=KEY)[1].tolist() == [2] * 16  # the control
+
+
+def test_a_tag_one_byte_short_or_long_is_refused() -> None:
+    """The tag has no length field: one byte short, it takes the next message's first byte
+    (mismatch) or ends inside the message; one byte long, the stray byte is the next
+    message's first and is refused as framing. Unsigned messages and other MACs' tags: see
+    test_auth (``test_wrong_key_missing_key_and_unexpected_tag``, ``test_each_mac_refuses_the_others``)."""
+    encoder = streampickle.Encoder(key=KEY)
+    first, second = (b"".join(bytes(c) for c in encoder.encode(x)) for x in ("first", "second"))
+    decoder = Decoder(key=KEY)
+    with pytest.raises(AuthenticationError, match="mismatch"):
+        decoder.feed(first[:-1] + second)
+    assert_poisoned(decoder, AuthenticationError)
+    with pytest.raises(streampickle.IncompleteMessageError):
+        streampickle.loads(first[:-1], key=KEY)
+    decoder = Decoder(key=KEY)
+    with pytest.raises(streampickle.ProtocolError):
+        decoder.feed(first + b"\x00")
+    assert decoder.failed
+
+
+@pytest.mark.parametrize("mac", list(EVERY_MAC))
+def test_the_tag_is_a_fixed_32_bytes_that_a_peer_cannot_lengthen(mac: str) -> None:
+    """No handshake, and no length for a peer to inflate: the decoder holds the 32 bytes of
+    a tag and judges them at the 32nd."""
+    message = _keyed({"a": np.arange(10)}, EVERY_MAC[mac])
+    decoder = Decoder(key=EVERY_MAC[mac])
+    decoder.feed(message[:-TAG_SIZE])
+    at, exc = feed_bytewise(decoder, b"\xaa" * (1 << 20))  # type: ignore[misc]
+    assert type(exc) is AuthenticationError and at == TAG_SIZE - 1
+    assert_poisoned(decoder, AuthenticationError)
+
+
+def test_there_is_no_checksum_only_mode_every_check_is_a_mac() -> None:
+    """A CRC detects accidents, not forgeries; streampickle offers none, so nothing can be
+    mistaken for authentication: a checksum name is refused as a MAC."""
+    for name in ("crc32c", "crc32", "none"):
+        with pytest.raises(UsageError, match="mac must be"):
+            streampickle.Key(KEY, mac=name)  # type: ignore[arg-type]
+
+
+# =============================================================================================
+# Time: linear decode paths
+# =============================================================================================
+
+
+def test_16_mib_of_appends_onto_one_list_decodes_in_linear_work() -> None:
+    """A list grown by 4 million one-item ``APPENDS``: anything quadratic in the list's
+    length (rescanning it, copying it per opcode) would take about 10**13 steps and never
+    finish; linear work finishes in well under a second."""
+    count = (16 * MiB) // 4
+    pickled = P5 + b"]" + b"(K\x07e" * count + b"."
+    out = streampickle.loads(make_message(pickled))
+    assert len(out) == count and out[0] == out[-1] == 7
