@@ -69,7 +69,7 @@ def loads(
         and len(data) - _wire.HEADER_SIZE <= _MAX_PICKLE
     ):
         return _SHARED[trusted].load_inband(data[_wire.HEADER_SIZE :])
-    decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)  # checks the options
+    decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits, stream=False)  # checks the options
     try:
         view = memoryview(data).cast("B")
     except Exception:

@@ -1,7 +1,8 @@
 """The sans-IO decoder: bytes in, in any split; whole objects out, in order.
 
-Theory of operation. A message is a sequence of *parts*: the fixed header, the length table,
-the pickle, each side chunk, and the tag. The decoder is always filling exactly one part, at
+Theory of operation. A message is a sequence of *parts*: the fixed header, (with a key) the
+stream fields, the length table, (with a key) the header tag, the pickle, each side chunk, and
+the tag. The decoder is always filling exactly one part, at
 ``self._pos`` within ``self._view``; when a part fills, ``_finish_part`` checks it and moves on.
 Two ways to put bytes in, which may be mixed freely:
 
@@ -55,14 +56,18 @@ _PICKLE_GROWTH_FLOOR = 4 * 1024  # the pickle part starts this big (or smaller, 
 # message that claims a large pickle part and sends a few bytes holds no more than this
 _PICKLE_COPY_LIMIT = 1 << 20  # complete pickle parts below this are copied into bytes
 
-# Parts of a message, in order.
-_HEADER, _TABLE, _PICKLE, _CHUNK, _TAG = range(5)
-_PART_NAMES = ("header", "length table", "pickle", "side chunk", "tag")
+# Parts of a message, in order. _FIELDS and _HEADER_TAG are only in version-2 (keyed) messages.
+_HEADER, _FIELDS, _TABLE, _HEADER_TAG, _PICKLE, _CHUNK, _TAG = range(7)
+_PART_NAMES = ("header", "stream fields", "length table", "header tag", "pickle", "side chunk", "tag")
 _NO_PICKLE = np.empty(0, dtype=np.uint8)
 _NO_CHUNKS: tuple[memoryview, ...] = ()  # the side chunks of every message that has none
 _TAG_MISMATCH = (
     "tag mismatch: the message was altered in transit, or the two ends use different keys. "
     "Nothing of it was unpickled."
+)
+_HEADER_TAG_MISMATCH = (
+    "header tag mismatch: the message's header was forged or altered in transit, or the two "
+    "ends use different keys. No memory was committed to it."
 )
 _DEFAULT_LIMITS = Limits()
 
@@ -131,6 +136,16 @@ class Decoder:
     (exact global names or classes to admit in safe mode), ``key`` (verify every message's
     tag before unpickling: ``bytes`` for HMAC-SHA256 or a :class:`Key`; must match the
     encoder's), ``limits``.
+
+    ``stream`` (with a key): the messages are one direction of a stream, from one peer's
+    :class:`Encoder`. The decoder then refuses, with :class:`AuthenticationError`, a message
+    that is replayed, out of order, follows a dropped one, comes from another sender than the
+    stream's first message, or was sent by this process (reflected back), and a stream that
+    ends without the peer's authenticated end (:meth:`Encoder.encode_end`): a cut stream is
+    told from a clean end. Keyed messages of wire format version 1 (which carry no sequence
+    numbers) are read as before when the stream starts with one, and refused in a stream that
+    started with version 2. ``stream=False`` reads messages that stand alone (``loads``, and
+    ``dumps`` on the other end): each authentic message is accepted, in any order.
     """
 
     def __init__(
@@ -140,6 +155,7 @@ class Decoder:
         allow: Iterable[Any] = (),
         key: bytes | Key | None = None,
         limits: Limits | None = None,
+        stream: bool = True,
     ) -> None:
         if limits is not None and not isinstance(limits, Limits):
             raise UsageError(f"limits must be a streampickle.Limits, not {type(limits).__name__}")
@@ -157,6 +173,15 @@ class Decoder:
         self._limits = limits or _DEFAULT_LIMITS
         self._key = as_key(key)
         self._want_flags = self._key.flags if self._key is not None else 0
+        # The stream, with a key: its wire format version (pinned by its first message), its
+        # sender, the sequence number due next, and whether its authenticated end arrived.
+        self._stream = stream and self._key is not None
+        self._stream_version: int | None = None
+        self._peer: bytes | None = None
+        self._next_sequence = 0
+        self._ended = False
+        self._own_sender: bytes | None = None  # our own encoder's, where we have one (reflection)
+        self._fields_buf = bytearray(_wire.STREAM_FIELDS_SIZE)
         # complete messages awaiting unpickling: (pickle part, side-chunk buffers)
         self._ready: collections.deque[tuple[bytes | memoryview, Sequence[memoryview]]] = collections.deque()
         self._failure: StreamPickleError | None = None
@@ -224,6 +249,8 @@ class Decoder:
             nbytes = self._byte_count(nbytes)
         if nbytes == 0:
             return
+        if self._ended:
+            raise self._after_end()
         start = self._pos
         self._pos += nbytes
         self._received += nbytes
@@ -240,6 +267,13 @@ class Decoder:
         be iterated)."""
         self._check_usable()
         self._eof = True
+        if self._stream and not self._ended and not self._received and self._stream_version != _wire.VERSION:
+            raise self._fail(AuthenticationError(
+                "the stream ended without the peer's authenticated end: the connection was cut "
+                "(by an attacker, who may have dropped the last messages, or by a crash), or the "
+                "peer closed it without ending the stream (ObjectStream.send_eof and aclose end "
+                "it; Encoder.encode_end makes the end message)."
+            ))
         if self._received:
             raise self._fail(
                 IncompleteMessageError(
@@ -282,8 +316,14 @@ class Decoder:
     @property
     def in_header(self) -> bool:
         """True if part of a message has arrived and not yet all of its header (the fixed
-        header and the length table)."""
-        return self._received > 0 and self._part <= _TABLE and self._failure is None
+        header, the length table and, with a key, the stream fields and header tag)."""
+        return self._received > 0 and self._part <= _HEADER_TAG and self._failure is None
+
+    @property
+    def ended(self) -> bool:
+        """True once the peer's authenticated end of the stream arrived (keyed streams): no
+        message follows it, and the stream ended cleanly."""
+        return self._ended
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -302,6 +342,7 @@ class Decoder:
         self._expected = _wire.HEADER_SIZE
         self._mac: Any = None  # made when a header completes on the incremental path
         self._lengths: tuple[int, ...] = ()
+        self._table: memoryview | None = None
         self._chunks: list[memoryview] = []
         self._pickle = _NO_PICKLE
 
@@ -315,8 +356,12 @@ class Decoder:
         part = self._part
         if part == _HEADER:
             self._on_header()
+        elif part == _FIELDS:
+            self._on_fields()
         elif part == _TABLE:
             self._on_table()
+        elif part == _HEADER_TAG:
+            self._on_header_tag()
         elif part == _PICKLE:
             self._next_chunk()
         elif part == _CHUNK:
@@ -329,19 +374,23 @@ class Decoder:
         """Parse a fixed header and check it against the key and the limits."""
         header = self._guard(_wire.parse_header, data)
         limits = self._limits
-        if header.flags != self._want_flags:
+        if header.flags & ~_wire.FLAG_END != self._want_flags:
             raise self._fail(AuthenticationError(self._wrong_signature(header.flags)))
+        if self._stream:
+            version = self._stream_version or header.version
+            if header.version != version:
+                raise self._fail(AuthenticationError(
+                    f"a keyed message of wire format version {header.version} in a stream of "
+                    f"version {version} messages: a recorded message from an older peer is being "
+                    f"replayed, or the peer is broken"
+                ))
+            self._stream_version = version
         if header.chunk_count > limits.max_side_chunks:
             raise self._over("side chunks", header.chunk_count, "max_side_chunks", limits.max_side_chunks)
         if header.pickle_length > limits.max_pickle_size:
             raise self._over("pickle bytes", header.pickle_length, "max_pickle_size", limits.max_pickle_size)
         self._header = header
-        self._expected = (
-            _wire.HEADER_SIZE
-            + header.chunk_count * _wire.LENGTH_SIZE
-            + header.pickle_length
-            + (_wire.TAG_SIZE if header.has_mac else 0)
-        )
+        self._expected = header.size()
         self._check_total()
         return header
 
@@ -376,7 +425,13 @@ class Decoder:
         if self._key is not None:
             self._mac = self._key.new()
             self._mac.update(self._header_buf)
-        table = header.chunk_count * _wire.LENGTH_SIZE
+        if header.version == _wire.VERSION_KEYED:
+            self._enter(_FIELDS, memoryview(self._fields_buf), _wire.STREAM_FIELDS_SIZE)
+        else:
+            self._on_fields()
+
+    def _on_fields(self) -> None:
+        table = self._header.chunk_count * _wire.LENGTH_SIZE
         if table:
             self._enter(_TABLE, memoryview(bytearray(table)), table)
         else:
@@ -385,27 +440,92 @@ class Decoder:
     def _on_table(self) -> None:
         if self._header.chunk_count:
             self._accept_lengths(self._view)
-        self._enter(_PICKLE, None, self._header.pickle_length)
+            self._table = self._view
+        else:
+            self._table = None
+        if self._header.version == _wire.VERSION_KEYED:
+            self._enter(_HEADER_TAG, memoryview(bytearray(_wire.TAG_SIZE)), _wire.TAG_SIZE)
+        else:
+            self._on_header_tag()
+
+    def _on_header_tag(self) -> None:
+        header = self._header
+        if header.version == _wire.VERSION_KEYED:
+            assert self._key is not None
+            signed = bytes(self._header_buf) + bytes(self._fields_buf)
+            if self._table is not None:
+                signed += bytes(self._table)
+            if not self._key.check(signed, self._view):
+                raise self._fail(AuthenticationError(_HEADER_TAG_MISMATCH))
+            self._follow(*_wire.unpack_stream_fields(self._fields_buf))
+            if header.is_end:
+                self._end_of_stream()
+                return
+        self._table = None
+        self._enter(_PICKLE, None, header.pickle_length)
         self._cap = 0
         self._chunk_index = -1
+
+    def _follow(self, sender: bytes, sequence: int) -> None:
+        """Check an authentic header's place in the stream (a keyed stream decoder only):
+        from the stream's sender, and the next in its order."""
+        if not self._stream:
+            return
+        if sender == _wire.NO_SENDER:
+            raise self._fail(AuthenticationError(
+                "a message that stands alone (dumps, or dump with a key) arrived in a stream: "
+                "such messages can be replayed, so a stream decoder refuses them. Send with an "
+                "ObjectStream (or one Encoder kept for the stream), or read with "
+                "Decoder(stream=False)."
+            ))
+        if self._peer is None:
+            if sender == self._own_sender:
+                raise self._fail(AuthenticationError(
+                    "the message was sent by this end of the stream: it is one of ours, reflected "
+                    "back by someone who controls the channel"
+                ))
+            self._peer = sender
+        elif sender != self._peer:
+            raise self._fail(AuthenticationError(
+                f"the message comes from another sender ({sender.hex()}) than this stream's "
+                f"({self._peer.hex()}): it was recorded on another connection and spliced in"
+            ))
+        due = self._next_sequence
+        if sequence != due:
+            why = "it was replayed or reordered" if sequence < due else "messages before it were dropped, or it was reordered"
+            raise self._fail(AuthenticationError(
+                f"message number {sequence} of the stream arrived where number {due} was due: "
+                f"{why} by someone who controls the channel"
+            ))
+        self._next_sequence = due + 1
+
+    def _end_of_stream(self) -> None:
+        self._ended = True
+        self._start_message()
+
+    def _after_end(self) -> StreamPickleError:
+        return self._fail(ProtocolError(
+            "bytes follow the peer's authenticated end of the stream: the peer is broken, or "
+            "someone is injecting data"
+        ))
 
     def _take_whole(self, view: memoryview, limit: int = -1) -> memoryview:
         """Fast path: decode the whole messages at the start of ``view`` in one step each and
         return what is left. Only called at a message boundary. The common header is checked
         inline; anything unusual goes through ``_accept_header``, which raises the precise
         error, so both paths accept and refuse exactly the same bytes."""
+        if self._key is not None:
+            return self._take_keyed(view, limit)
         taken = 0
         limits = self._limits
         max_pickle = limits.max_pickle_size
         max_chunks = limits.max_side_chunks
-        key = self._key
         want_flags = self._want_flags
-        tag_size = _wire.TAG_SIZE if key is not None else 0
         unpack_header = _wire.unpack_header
         ready = self._ready
         # Runs of plain messages (no key, no side chunks) go through C when it is there: the
         # loop below, in Python, costs more than unpickling a small message.
-        take_plain = _take_plain if key is None and limit < 0 else None
+        take_plain = _take_plain if limit < 0 else None
         end = len(view)
         pos = 0  # start of the current message in view
         while end - pos >= _wire.HEADER_SIZE and taken != limit:
@@ -425,18 +545,15 @@ class Decoder:
                 if end < start:
                     break
                 lengths = _wire.unpack_lengths(view[pos + _wire.HEADER_SIZE : start])
-                total = stop - pos + sum(lengths) + tag_size  # Python ints: no wraparound
+                total = stop - pos + sum(lengths)  # Python ints: no wraparound
             else:
                 lengths = ()
-                total = stop - pos + tag_size
+                total = stop - pos
             if total > limits.max_message_size:
                 self._expected = total
                 self._check_total()  # raises
             if end - pos < total:
                 break
-            if key is not None:
-                if not key.check(view[pos : pos + total - tag_size], view[pos + total - tag_size : pos + total]):
-                    raise self._fail(AuthenticationError(_TAG_MISMATCH))
             chunks = []
             chunk_pos = stop
             for length in lengths:
@@ -445,6 +562,53 @@ class Decoder:
                 chunks.append(dest)
                 chunk_pos += length
             ready.append((view[start:stop].tobytes(), chunks))
+            pos += total
+            taken += 1
+        return view[pos:] if pos else view
+
+    def _take_keyed(self, view: memoryview, limit: int) -> memoryview:
+        """``_take_whole`` for a decoder with a key: each whole version-2 message at the start
+        of ``view`` in one step, checked in the incremental path's order (header tag, place in
+        the stream, tag). Anything else, or a message not all there, is left to the
+        incremental path, which raises the precise error."""
+        key = self._key
+        assert key is not None
+        limits = self._limits
+        ready = self._ready
+        header_size, prefix_size, tag_size = _wire.HEADER_SIZE, _wire.PREFIX_SIZE, _wire.TAG_SIZE
+        end = len(view)
+        pos = taken = 0
+        while end - pos >= prefix_size and taken != limit and not self._ended:
+            magic, version, flags, reserved, count, plen = _wire.unpack_header(view, pos)
+            if (
+                magic != _wire.MAGIC or version != _wire.VERSION_KEYED or flags != self._want_flags
+                or reserved or not 0 < plen <= limits.max_pickle_size or count > limits.max_side_chunks
+                or (self._stream and self._stream_version == _wire.VERSION)
+            ):
+                break
+            table_end = pos + prefix_size + count * _wire.LENGTH_SIZE
+            start = table_end + tag_size  # of the pickle
+            if end < start:
+                break
+            lengths = _wire.unpack_lengths(view[pos + prefix_size : table_end]) if count else ()
+            total = start - pos + plen + sum(lengths) + tag_size  # Python ints: no wraparound
+            if total > limits.max_message_size or end - pos < total:
+                break
+            if not key.check(view[pos:table_end], view[table_end:start]):
+                raise self._fail(AuthenticationError(_HEADER_TAG_MISMATCH))
+            if self._stream:
+                self._stream_version = version
+            self._follow(*_wire.unpack_stream_fields(view, pos + header_size))
+            if not key.check(view[pos : pos + total - tag_size], view[pos + total - tag_size : pos + total]):
+                raise self._fail(AuthenticationError(_TAG_MISMATCH))
+            stop = start + plen
+            chunks = []
+            for length in lengths:
+                dest = memoryview(self._destination(length, len(chunks)))
+                dest[:] = view[stop : stop + length]
+                chunks.append(dest)
+                stop += length
+            ready.append((view[start : start + plen].tobytes(), chunks))
             pos += total
             taken += 1
         return view[pos:] if pos else view

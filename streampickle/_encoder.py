@@ -31,8 +31,8 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 
 from . import _rebuild, _wire
-from ._errors import EncodeError
-from ._mac import Key, as_key
+from ._errors import EncodeError, UsageError
+from ._mac import Key, as_key, new_sender
 
 __all__ = ["Encoder", "Chunk", "dumps"]
 
@@ -282,13 +282,25 @@ _dump_small = _dump_small_c or _dump_small_py
 class Encoder:
     """Turns objects into the chunks of one message each. No I/O; reusable; not thread-safe.
 
-    ``key``: if given, every message ends with a tag over all its bytes (HMAC-SHA256 for
-    ``bytes``; a :class:`Key` names its MAC), and the peer's decoder must have the same key.
+    ``key``: if given, every message is signed (HMAC-SHA256 for ``bytes``; a :class:`Key`
+    names its MAC): a tag over its header right after it, so the receiver commits no memory
+    to a forged header, and a tag over all its bytes at its end. The peer's decoder must have
+    the same key.
+
+    ``stream`` (with a key): the encoder's messages form one direction of a stream. Each
+    carries this encoder's sender id (random, drawn once) and its sequence number from 0, so
+    that the peer's :class:`Decoder` refuses a replayed, dropped, reordered or reflected
+    message, and :meth:`encode_end` can end the stream so that a cut is told from a clean
+    end. Send the messages in the order they are encoded. ``stream=False`` makes messages
+    that stand alone, as :func:`dumps` does: any key holder's decoder with ``stream=False``
+    accepts each of them, again and in any order.
     """
 
-    def __init__(self, *, key: bytes | Key | None = None) -> None:
+    def __init__(self, *, key: bytes | Key | None = None, stream: bool = True) -> None:
         self._key = as_key(key)
         self._flags = self._key.flags if self._key is not None else 0
+        self._sender = new_sender() if self._key is not None and stream else _wire.NO_SENDER
+        self._sequence = 0
         # One pickler and output file, reused: creating them costs more than pickling a small
         # object. ``_busy`` guards against re-entry (a __reduce__ that encodes).
         self._out = _Pieces()
@@ -327,8 +339,12 @@ class Encoder:
         return chunks, self._key.new()
 
     def _encode(self, obj: Any, sign: bool) -> list[Chunk]:
-        if self._busy:
-            return Encoder(key=self._key)._encode(obj, sign)
+        if self._busy:  # a __reduce__ that encodes: a second pickler, the same stream
+            nested = Encoder(key=self._key, stream=False)
+            nested._sender, nested._sequence = self._sender, self._sequence
+            chunks = nested._encode(obj, sign)
+            self._sequence = nested._sequence
+            return chunks
         self._busy = True
         if self._key is None:
             # The commonest message, small and plain, framed in the same C call as dumps() uses.
@@ -400,12 +416,15 @@ class Encoder:
         raise EncodeError(f"could not pickle {type(obj).__name__} object: {exc}") from exc
 
     def _assemble(self, parts: list[bytes], size: int, views: list[memoryview] | None, sign: bool) -> list[Chunk]:
-        """The chunks of a message: header and length table, pickle, side chunks, tag."""
-        if views is None:
-            head = _pack_header(_wire.MAGIC, _wire.VERSION, self._flags, 0, 0, size)
+        """The chunks of a message: header and length table (and with a key, the stream fields
+        and the header tag), pickle, side chunks, tag."""
+        count = 0 if views is None else len(views)
+        if self._key is None:
+            head = _pack_header(_wire.MAGIC, _wire.VERSION, 0, 0, count, size)
+            if views is not None:
+                head += _wire.pack_lengths([v.nbytes for v in views])
         else:
-            head = _pack_header(_wire.MAGIC, _wire.VERSION, self._flags, 0, len(views), size)
-            head += _wire.pack_lengths([v.nbytes for v in views])
+            head = self._signed_head(0, count, size, views)
         if size <= _wire.COALESCE_LIMIT:  # one piece in practice: the pickler flushes at 64 KiB
             chunks: list[Chunk] = [head + (parts[0] if len(parts) == 1 else b"".join(parts))]
         else:
@@ -421,6 +440,33 @@ class Encoder:
                     mac.update(chunk)
                 chunks.append(mac.digest())
         return chunks
+
+    def _signed_head(self, flags: int, count: int, size: int, views: list[memoryview] | None) -> bytes:
+        """A version-2 message's head: fixed header, stream fields, length table, header tag.
+        Takes the next sequence number."""
+        assert self._key is not None
+        head = _pack_header(_wire.MAGIC, _wire.VERSION_KEYED, self._flags | flags, 0, count, size)
+        head += _wire.pack_stream_fields(self._sender, self._sequence)
+        if views is not None:
+            head += _wire.pack_lengths([v.nbytes for v in views])
+        if self._sender != _wire.NO_SENDER:
+            self._sequence += 1
+        return head + self._key.digest(head)
+
+    def encode_end(self) -> bytes:
+        """The authenticated end of this encoder's stream: send it last, so that the peer's
+        decoder can tell a clean end from a connection cut by an attacker or a crash (without
+        it, a keyed stream's end raises :class:`AuthenticationError`). Only for a keyed
+        stream encoder."""
+        if self._key is None or self._sender == _wire.NO_SENDER:
+            raise UsageError("encode_end() ends a keyed stream: it needs Encoder(key=..., stream=True)")
+        return self._signed_head(_wire.FLAG_END, 0, 0, None)
+
+    def _unsend(self) -> None:
+        """Take back the sequence number of the last message encoded: it was never sent (its
+        send was cancelled before its first byte), so the next message takes its place."""
+        if self._sender != _wire.NO_SENDER and self._sequence:
+            self._sequence -= 1
 
 
 _pack_header = _wire.HEADER_STRUCT.pack
@@ -439,7 +485,7 @@ def dumps(obj: Any, *, key: bytes | Key | None = None) -> bytes:
     :class:`Encoder` (or the stream helpers), which hand out the chunks unjoined.
     """
     if key is not None:
-        return b"".join(Encoder(key=key).encode(obj))
+        return b"".join(Encoder(key=key, stream=False).encode(obj))
     try:
         encoder = _POOL.pop()
     except IndexError:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from . import _wire
 from ._errors import UsageError
 
-__all__ = ["Key", "MacName", "as_key"]
+__all__ = ["Key", "MacName", "as_key", "new_sender"]
 
 MacName = Literal["hmac-sha256", "blake3", "poly1305"]
 
@@ -244,3 +244,14 @@ def describe_flags(flags: int) -> str:
     if flags & _wire.FLAG_BLAKE3:
         return "a blake3 tag"
     return "a poly1305 tag" if flags & _wire.FLAG_POLY1305 else "an HMAC-SHA256 tag"
+
+
+
+def new_sender() -> bytes:
+    """A fresh random 8-byte sender id for a stream encoder: never all zeros, the id of a
+    message that stands alone. 64 random bits: two encoders draw the same one about once in
+    2**32 pairs of streams that share a key."""
+    while True:
+        sender = os.urandom(8)
+        if any(sender):
+            return sender

@@ -39,7 +39,7 @@ from anyio.abc import ObjectStream as _AnyioObjectStream
 
 from ._decoder import Decoder
 from ._encoder import Encoder
-from ._errors import DeadlineExceededError, UsageError
+from ._errors import DeadlineExceededError, StreamPickleError, UsageError
 from ._limits import Limits
 from ._mac import Key
 from ._transports import AnyioTransport, AsyncioTransport, SocketTransport, fastest_transport, send_message
@@ -50,6 +50,9 @@ __all__ = ["ObjectStream", "dump", "load"]
 # calls, so a fast stream of small messages can't starve other tasks; a full yield per message
 # would cost more than the message (measured with benchmarks/run.py, small-msgs).
 _YIELD_EVERY = 64
+# How long closing a keyed stream waits for its end-of-stream message to go out: it is 68
+# bytes, so only a peer that stopped reading makes it wait.
+_END_SECONDS = 5.0
 
 
 def _checkpoint_if_cancelled() -> Callable[[], Awaitable[None]]:
@@ -119,6 +122,10 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self.transport_stream = transport_stream
         self._encoder = Encoder(key=key)
         self._decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
+        # With a key: our own messages reflected back are refused, and the stream has an end.
+        self._decoder._own_sender = self._encoder._sender
+        self._keyed = key is not None
+        self._end_sent = False
         self._transport: AnyioTransport | AsyncioTransport | SocketTransport | None = None
         self._send_lock = _FifoLock()
         self._send_broken: BaseException | None = None
@@ -160,6 +167,9 @@ class ObjectStream(_AnyioObjectStream[Any]):
         and nothing was sent. Concurrent sends are queued in order. A small message sent in a
         burst may be written, with the rest of the burst, only when this task next yields to
         the event loop (see the module docstring)."""
+        if self._keyed:
+            await self._send_keyed(item)
+            return
         chunks, mac = self._encoder.encode_unsigned(item)
         await (self._cic or self._set_cic())()
         # A small message in a burst (not the first send since this stream last yielded) is
@@ -185,16 +195,43 @@ class ObjectStream(_AnyioObjectStream[Any]):
         await self._send_lock.acquire()
         try:
             self._check_send()
-            transport = self._transport or self._t
-            transport.sent = 0
-            try:
-                await send_message(transport, chunks, mac)
-            except BaseException as exc:
-                if transport.sent or not transport.exact_send_accounting:
-                    self._send_broken = exc
-                raise
+            await self._write(chunks, mac)
         finally:
             self._send_lock.release()
+
+    async def _send_keyed(self, item: Any) -> None:
+        """``send`` with a key. Each message takes the next sequence number of the stream when
+        it is encoded, so it is encoded holding the send lock, in the order messages go out: a
+        send cancelled while it waits for its turn takes no number."""
+        await (self._cic or self._set_cic())()
+        await self._send_lock.acquire()
+        try:
+            self._check_send()
+            chunks, mac = self._encoder.encode_unsigned(item)
+            transport = self._transport or self._t
+            if not (self._quick_sends and len(chunks) == 1 and mac is None and transport.send_later(chunks[0])):
+                await self._write(chunks, mac)
+        finally:
+            self._send_lock.release()
+        self._quick_sends += 1
+        if self._quick_sends >= _YIELD_EVERY:
+            self._quick_sends = 0
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _write(self, chunks: list[Any], mac: Any) -> None:
+        """Send one message's chunks, holding the send lock. Interrupted after a byte went out
+        (or where the transport can't tell), the send direction is broken; before, the
+        message was never sent, and its sequence number (with a key) is taken back."""
+        transport = self._transport or self._t
+        transport.sent = 0
+        try:
+            await send_message(transport, chunks, mac)
+        except BaseException as exc:
+            if transport.sent or not transport.exact_send_accounting:
+                self._send_broken = exc
+            else:
+                self._encoder._unsend()
+            raise
 
     async def receive(self) -> Any:
         """The next object. Cancelling this loses nothing: the next call returns it whole."""
@@ -219,27 +256,53 @@ class ObjectStream(_AnyioObjectStream[Any]):
                     raise anyio.EndOfStream
                 self._quick_receives = 0
                 self._quick_sends = 0  # the next send, likely a reply, goes out at once
-                more, self._started = await _fill(self._t, decoder, self._started, exact=False)
-                if not more:
+                try:
+                    more, self._started = await _fill(self._t, decoder, self._started, exact=False)
+                except StreamPickleError:
+                    if decoder.failed and decoder._ready:
+                        continue  # messages completed before the failure come first; then it
+                    raise
+                if not more or decoder.ended:
                     self._eof = True
         finally:
             self._receiving = False
 
     async def send_eof(self) -> None:
-        """Close the sending direction (after queued sends); the peer's ``receive`` ends."""
+        """Close the sending direction (after queued sends); the peer's ``receive`` ends.
+        With a key, the authenticated end of the stream goes first, so that the peer can tell
+        this clean end from a cut connection."""
         await self._send_lock.acquire()
         try:
             self._check_send()
+            await self._send_end()
             await self._t.send_eof()
         finally:
             self._send_lock.release()
 
+    async def _send_end(self) -> None:
+        if self._keyed and not self._end_sent:
+            await self._write([self._encoder.encode_end()], None)
+            self._end_sent = True
+
     async def aclose(self) -> None:
         """Close the stream and its transport. Blocked calls wake with
-        ``anyio.ClosedResourceError``; closing twice is a no-op."""
+        ``anyio.ClosedResourceError``; closing twice is a no-op.
+
+        With a key, a stream whose sending direction is idle and intact sends its
+        authenticated end first (waiting at most ``_END_SECONDS`` for the peer to take it,
+        even when cancelled), so that the peer sees a clean end rather than a cut."""
         if self._closed:
             await anyio.lowlevel.checkpoint()
             return
+        if self._keyed and not self._end_sent and self._send_broken is None and not self._send_lock._locked:
+            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + _END_SECONDS):
+                await self._send_lock.acquire()
+                try:
+                    await self._send_end()
+                except Exception:  # the peer is gone or the transport closed: close anyway
+                    pass
+                finally:
+                    self._send_lock.release()
         self._closed = True
         await self._t.aclose()
 
@@ -266,8 +329,10 @@ async def dump(obj: Any, stream: Any, *, key: bytes | Key | None = None) -> None
 
     If pickling fails, :class:`EncodeError` is raised and nothing is written. If the call is
     cancelled after its first byte went out, the stream holds part of a message: close it.
+    With a key, the message stands alone (as from ``dumps``): for replay protection, use an
+    :class:`ObjectStream` on both ends.
     """
-    chunks, mac = Encoder(key=key).encode_unsigned(obj)
+    chunks, mac = Encoder(key=key, stream=False).encode_unsigned(obj)
     await anyio.lowlevel.checkpoint_if_cancelled()
     await send_message(fastest_transport(stream), chunks, mac)
 
@@ -362,13 +427,15 @@ async def load(
     if parked is not None and _same(parked[0], options):
         decoder, started = parked[1], parked[2]
     else:  # options[1], not allow: a generator given as allow was consumed making it
-        decoder = Decoder(trusted=trusted, allow=options[1], key=key, limits=limits)
+        decoder = Decoder(trusted=trusted, allow=options[1], key=key, limits=limits, stream=False)
     transport = _transport_for(stream)
     try:
         while not decoder.pending:
             more, started = await _fill(transport, decoder, started, exact=True)
             if not more:
                 raise EOFError("the stream ended before a message started")
+            if decoder.ended and not decoder.pending:
+                raise EOFError("the peer ended the stream (its authenticated end of stream)")
     except BaseException:
         # A cancellation can land after the read that completed the message: park that one
         # too, or its bytes, already taken from the stream, would be lost.

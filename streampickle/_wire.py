@@ -1,20 +1,30 @@
-"""The wire format, version 1: constants and header packing/parsing. No state, no I/O.
+"""The wire format, versions 1 and 2: constants and header packing/parsing. No state, no I/O.
 
-docs/wire-format.md is the specification; this module is its executable half. A message is::
+docs/wire-format.md is the specification; this module is its executable half. A version-1
+message (every message without a key) is::
 
     fixed header (20 bytes) | length table (8 bytes per side chunk) | pickle | side chunks | tag
+
+A version-2 message (every message with a key) authenticates its header before its body, and
+says where it stands in its stream::
+
+    fixed header (20) | sender (8) | sequence (8) | length table | header tag (32) | pickle |
+    side chunks | tag (32)
+
+or, as the authenticated end of a stream (flag bit 3), only its first 36 bytes and a header tag.
 
 All integers are unsigned little-endian. The fixed header is::
 
     offset  size  field
     0       4     magic            b"\\x93SPK"
-    4       1     version          1
+    4       1     version          1, or 2 (keyed)
     5       1     flags            bit 0: a 32-byte tag ends the message (HMAC-SHA256)
                                    bit 1: with bit 0 only: the tag is keyed BLAKE3
                                    bit 2: with bit 0 only, not bit 1: nonce + Poly1305
+                                   bit 3: version 2 only: the end of the stream
     6       2     reserved         must be 0
     8       4     side-chunk count
-    12      8     pickle length    (bytes of the pickle part; at least 1)
+    12      8     pickle length    (bytes of the pickle part; at least 1, 0 in an end)
 
 The magic's first byte is not ASCII and is neither 0x16 (TLS) nor 0x80 (a bare pickle), so a
 peer speaking HTTP, TLS or raw pickle is refused on its first byte.
@@ -28,12 +38,14 @@ from typing import NamedTuple
 from ._errors import IncompleteMessageError, ProtocolError
 
 MAGIC = b"\x93SPK"
-VERSION = 1
+VERSION = 1  # every message without a key; keyed messages from before version 2
+VERSION_KEYED = 2  # every message with a key: header tag, sender and sequence number
 
 FLAG_MAC = 0x01
 FLAG_BLAKE3 = 0x02
 FLAG_POLY1305 = 0x04
-KNOWN_FLAGS = FLAG_MAC | FLAG_BLAKE3 | FLAG_POLY1305
+FLAG_END = 0x08  # version 2: the authenticated end of a stream, no pickle, no side chunks
+_KNOWN_FLAGS = {1: FLAG_MAC | FLAG_BLAKE3 | FLAG_POLY1305, 2: FLAG_MAC | FLAG_BLAKE3 | FLAG_POLY1305 | FLAG_END}
 _MAC_KINDS = FLAG_BLAKE3 | FLAG_POLY1305
 
 _HEADER = HEADER_STRUCT = struct.Struct("<4sBBHIQ")
@@ -44,6 +56,16 @@ HEADER_SIZE = _HEADER.size  # 20
 LENGTH_SIZE = 8  # one entry of the length table
 TAG_SIZE = 32  # HMAC-SHA256, BLAKE3, or a 16-byte nonce and Poly1305
 
+# Version 2: the stream fields after the fixed header. ``sender`` is 8 random bytes an encoder
+# of a stream draws once (so each direction of each connection has its own), or zeros for a
+# message that stands alone (``dumps``); ``sequence`` counts that sender's messages from 0.
+_STREAM_FIELDS = struct.Struct("<8sQ")
+pack_stream_fields = _STREAM_FIELDS.pack
+unpack_stream_fields = _STREAM_FIELDS.unpack_from
+STREAM_FIELDS_SIZE = _STREAM_FIELDS.size  # 16
+PREFIX_SIZE = HEADER_SIZE + STREAM_FIELDS_SIZE  # 36: what a version-2 header tag starts with
+NO_SENDER = bytes(8)  # the sender of a message that stands alone
+
 # Messages whose header, table and pickle together are at most this many bytes are sent as one
 # chunk (one write); larger pickles are handed to the transport as their own chunk, unjoined.
 COALESCE_LIMIT = 64 * 1024
@@ -53,14 +75,27 @@ class Header(NamedTuple):
     flags: int
     chunk_count: int
     pickle_length: int
+    version: int = VERSION
 
     @property
     def has_mac(self) -> bool:
         return bool(self.flags & FLAG_MAC)
 
+    @property
+    def is_end(self) -> bool:
+        return bool(self.flags & FLAG_END)
 
-def pack_header(*, flags: int, chunk_count: int, pickle_length: int) -> bytes:
-    return _HEADER.pack(MAGIC, VERSION, flags, 0, chunk_count, pickle_length)
+    def size(self) -> int:
+        """The bytes of the whole message but its side chunks, whose sizes the table holds."""
+        if self.version == VERSION:
+            return HEADER_SIZE + self.chunk_count * LENGTH_SIZE + self.pickle_length + (TAG_SIZE if self.has_mac else 0)
+        if self.is_end:
+            return PREFIX_SIZE + TAG_SIZE
+        return PREFIX_SIZE + self.chunk_count * LENGTH_SIZE + TAG_SIZE + self.pickle_length + TAG_SIZE
+
+
+def pack_header(*, flags: int, chunk_count: int, pickle_length: int, version: int = VERSION) -> bytes:
+    return _HEADER.pack(MAGIC, version, flags, 0, chunk_count, pickle_length)
 
 
 def pack_lengths(lengths: list[int]) -> bytes:
@@ -102,12 +137,13 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
             ) from exc
         raise ProtocolError(f"a fixed header is {HEADER_SIZE} bytes, got {len(data)}") from exc
     check_magic_prefix(magic)
-    if version != VERSION:
+    known = _KNOWN_FLAGS.get(version)
+    if known is None:
         raise ProtocolError(
             f"the peer speaks wire format version {version}; this streampickle speaks "
-            f"version {VERSION}. Upgrade the older side."
+            f"versions {VERSION} and {VERSION_KEYED}. Upgrade the older side."
         )
-    if flags & ~KNOWN_FLAGS or reserved:
+    if flags & ~known or reserved:
         raise ProtocolError(
             f"reserved header bits are set (flags={flags:#04x}, reserved={reserved:#06x}): "
             f"the peer uses a newer wire format or the stream is corrupt."
@@ -122,6 +158,17 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
             f"the header names a MAC but carries no tag (flags={flags:#04x}): the peer is "
             f"broken or the stream is corrupt."
         )
-    if pickle_length == 0:
+    if version == VERSION_KEYED and not flags & FLAG_MAC:
+        raise ProtocolError(
+            f"a version-{VERSION_KEYED} message must carry a tag (flags={flags:#04x}): the peer "
+            f"is broken or the stream is corrupt."
+        )
+    if flags & FLAG_END:
+        if chunk_count or pickle_length:
+            raise ProtocolError(
+                f"an end-of-stream message declares {chunk_count} side chunks and "
+                f"{pickle_length} pickle bytes; it has neither"
+            )
+    elif pickle_length == 0:
         raise ProtocolError("the header declares an empty pickle part; every message has one")
-    return Header(flags, chunk_count, pickle_length)
+    return Header(flags, chunk_count, pickle_length, version)

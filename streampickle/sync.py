@@ -27,7 +27,7 @@ def dump(obj: Any, file: BinaryIO | socket.socket, *, key: bytes | Key | None = 
 
     If ``obj`` can't be pickled, :class:`EncodeError` is raised and nothing is written.
     """
-    chunks = Encoder(key=key).encode(obj)
+    chunks = Encoder(key=key, stream=False).encode(obj)
     if isinstance(file, socket.socket):
         send_chunks(file, chunks)
         return
@@ -60,7 +60,8 @@ def load(
     limits: Limits | None = None,
 ) -> Any:
     """Read exactly one message from a blocking binary file, pipe or socket and return its
-    object. Raises ``EOFError`` if the input ends cleanly before the message starts, and
+    object. Raises ``EOFError`` if the input ends cleanly before the message starts (or, with
+    a key, at a keyed stream's authenticated end), and
     :class:`IncompleteMessageError` if it ends inside it.
 
     An ``OSError`` from the file or socket (a reset connection, a timeout) propagates as it is
@@ -69,7 +70,7 @@ def load(
     of input there. A file that is not one (no ``readinto``/``read``, a text file, a
     ``read``/``readinto`` that returns something other than bytes or a count that fits, a
     closed file) or a non-blocking one raises :class:`UsageError`."""
-    decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
+    decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits, stream=False)
     readinto = _readinto_for(file)
     while not decoder.pending:
         target = decoder.get_buffer()
@@ -101,6 +102,8 @@ def load(
         if not n:  # an int now: buffer_updated took it
             decoder.feed_eof()  # raises IncompleteMessageError inside a message
             raise EOFError("the input ended before a message started")
+        if decoder.ended:
+            raise EOFError("the peer ended the stream (its authenticated end of stream)")
     return next(decoder)
 
 

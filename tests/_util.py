@@ -114,16 +114,27 @@ def decode_all(data: bytes, splitter: Callable[..., Iterator[bytes]], seed: int 
     return out
 
 
-def make_message(pickle_bytes: bytes, chunks: list[bytes] = (), key: bytes | None = None) -> bytes:  # type: ignore[assignment]
+def make_message(
+    pickle_bytes: bytes,
+    chunks: list[bytes] = (),  # type: ignore[assignment]
+    key: bytes | None = None,
+    *,
+    sender: bytes = bytes(8),
+    sequence: int = 0,
+) -> bytes:
     """Frame an arbitrary (possibly hostile) pickle as a wire-format message, independently of
-    the encoder: this is the spec of docs/wire-format.md written out by hand."""
+    the encoder: this is the spec of docs/wire-format.md written out by hand. Without a key,
+    version 1; with one (HMAC-SHA256), version 2 from ``sender`` (all zeros: a message that
+    stands alone) with sequence number ``sequence``."""
     import hashlib
     import hmac
     import struct
 
-    head = struct.pack("<4sBBHIQ", b"\x93SPK", 1, 1 if key else 0, 0, len(chunks), len(pickle_bytes))
-    head += b"".join(struct.pack("<Q", len(c)) for c in chunks)
-    body = head + pickle_bytes + b"".join(chunks)
-    if key:
-        body += hmac.new(key, body, hashlib.sha256).digest()
-    return body
+    table = b"".join(struct.pack("<Q", len(c)) for c in chunks)
+    if not key:
+        head = struct.pack("<4sBBHIQ", b"\x93SPK", 1, 0, 0, len(chunks), len(pickle_bytes))
+        return head + table + pickle_bytes + b"".join(chunks)
+    head = struct.pack("<4sBBHIQ", b"\x93SPK", 2, 1, 0, len(chunks), len(pickle_bytes))
+    head += sender + struct.pack("<Q", sequence) + table
+    body = head + hmac.new(key, head, hashlib.sha256).digest() + pickle_bytes + b"".join(chunks)
+    return body + hmac.new(key, body, hashlib.sha256).digest()

@@ -497,8 +497,9 @@ def _expected_after(message: bytes, k: int, keyed: bool) -> int:
     count = int.from_bytes(message[8:12], "little")
     if k < HEADER_SIZE:
         return HEADER_SIZE
-    if k < HEADER_SIZE + 8 * count:
-        return HEADER_SIZE + 8 * count + int.from_bytes(message[12:20], "little") + 32 * keyed
+    head = HEADER_SIZE + 16 * keyed + 8 * count  # a keyed message: version 2, stream fields
+    if k < head:  # the side chunks' lengths are not known yet
+        return head + 32 * keyed + int.from_bytes(message[12:20], "little") + 32 * keyed
     return len(message)
 
 
@@ -506,7 +507,7 @@ def _expected_after(message: bytes, k: int, keyed: bool) -> int:
 def test_every_prefix_of_a_message_needs_more_and_then_ends_incomplete(name: str) -> None:
     message = FIXTURES[name]
     keyed = name == "keyed"
-    options = {"key": KEY} if keyed else {}
+    options = {"key": KEY, "stream": False} if keyed else {}
     for k in range(1, len(message)):
         for whole in (True, False):
             decoder = Decoder(**options)
@@ -530,10 +531,12 @@ def test_every_prefix_of_a_message_needs_more_and_then_ends_incomplete(name: str
 # malloc'd and freed, never kept) and a small pickle part.
 CUT_ARRAYS = [np.full(64 * KiB, i, dtype=np.float64) for i in range(2)]
 CUT_MESSAGE = streampickle.dumps({"a": CUT_ARRAYS[0], "b": CUT_ARRAYS[1]}, key=KEY)
-_CUT_PICKLE_END = HEADER_SIZE + 16 + int.from_bytes(CUT_MESSAGE[12:20], "little")
+_CUT_PICKLE_START = HEADER_SIZE + 16 + 16 + 32  # header, stream fields, 2 lengths, header tag
+_CUT_PICKLE_END = _CUT_PICKLE_START + int.from_bytes(CUT_MESSAGE[12:20], "little")
 CUT_POINTS = {
     "after-header": HEADER_SIZE,
-    "mid-pickle": HEADER_SIZE + 16 + 10,
+    "inside-the-header-tag": _CUT_PICKLE_START - 5,
+    "mid-pickle": _CUT_PICKLE_START + 10,
     "between-pickle-and-chunks": _CUT_PICKLE_END,
     "inside-chunk-0": _CUT_PICKLE_END + 300 * KiB,
     "between-chunks": _CUT_PICKLE_END + 512 * KiB,
@@ -546,7 +549,7 @@ CUT_POINTS = {
 @pytest.mark.parametrize("cut", CUT_POINTS)
 def test_a_peer_closing_inside_any_part_is_incomplete_and_frees_what_it_sent(cut: str) -> None:
     k = CUT_POINTS[cut]
-    decoder = Decoder(key=KEY)
+    decoder = Decoder(key=KEY, stream=False)
     with traced():
         base = tracemalloc.get_traced_memory()[0]
         decoder.feed(CUT_MESSAGE[:k])
@@ -1068,13 +1071,13 @@ async def test_a_tls_ragged_eof_between_messages_follows_the_streams_policy(stan
 
 
 BIG_PICKLE_MESSAGE = streampickle.dumps({"s": "x" * (512 * KiB), "a": CUT_ARRAYS[0]}, key=KEY)
-_BIG_PICKLE_END = HEADER_SIZE + 8 + int.from_bytes(BIG_PICKLE_MESSAGE[12:20], "little")
+_BIG_PICKLE_END = HEADER_SIZE + 16 + 8 + 32 + int.from_bytes(BIG_PICKLE_MESSAGE[12:20], "little")
 
 
 @pytest.mark.parametrize("k", [_BIG_PICKLE_END - 1000, _BIG_PICKLE_END, _BIG_PICKLE_END + 100 * KiB],
                          ids=["mid-pickle", "after-pickle", "inside-chunk"])
 def test_a_peer_closing_after_a_large_pickle_part_frees_it(k: int) -> None:
-    decoder = Decoder(key=KEY)
+    decoder = Decoder(key=KEY, stream=False)
     with traced():
         base = tracemalloc.get_traced_memory()[0]
         decoder.feed(BIG_PICKLE_MESSAGE[:k])

@@ -20,12 +20,8 @@ limit), or the message *delivered* within a stated bound. They complete what
   unhashable keys, a 10 MB ``LONG4`` and 10**5
   one-element numpy arrays (one side chunk each).
 
-Where the library does not give the safe outcome yet (keyed streams have no sequence numbers
-in wire format version 1), the test states the safe outcome and is
-marked ``xfail(strict=True, raises=pytest.fail.Exception)``: it is expected to fail only
-because the refusal does not happen ("DID NOT RAISE"), and it turns into a failure the day the
-behaviour changes, or if it fails for any other reason. No test asserts timing: inputs are
-sized so that the unsafe behaviour (a recursive walk of 2**60 nodes) would never finish.
+No test asserts timing: inputs are sized so that the unsafe behaviour (a recursive walk of
+2**60 nodes) would never finish.
 """
 
 from __future__ import annotations
@@ -67,11 +63,6 @@ KEY = b"keyed peer secret"
 KiB = 1 << 10
 MiB = 1 << 20
 
-# The xfail marker for a safe outcome the library does not give yet: only a missing refusal
-# ("DID NOT RAISE") is the expected failure; any other failure is reported as one.
-NOT_YET = dict(strict=True, raises=pytest.fail.Exception)
-
-
 def memo_get(index: int) -> bytes:  # BINGET / LONG_BINGET
     return b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index)
 
@@ -108,22 +99,33 @@ def _three_keyed_messages() -> list[bytes]:
     return [b"".join(bytes(c) for c in encoder.encode(f"message {i}")) for i in range(3)]
 
 
-@pytest.mark.xfail(**NOT_YET, reason=(
-    "wire format version 1 has no sequence numbers: a keyed message replayed, a message "
-    "dropped, or two messages swapped by whoever controls the channel verify and are delivered"))
-@pytest.mark.parametrize("order", [(0, 0), (0, 2), (1, 0)], ids=["replayed", "one-dropped", "reordered"])
-def test_a_keyed_message_out_of_sequence_is_an_authentication_error(order: tuple[int, int]) -> None:
+@pytest.mark.parametrize("order", [(0, 0), (0, 2), (1, 0), (0, 1, 0)],
+                         ids=["replayed", "one-dropped", "reordered", "replayed-later"])
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "bytewise"])
+def test_a_keyed_message_out_of_sequence_is_an_authentication_error(order: tuple[int, ...], whole: bool) -> None:
     """Someone between the peers re-sends a genuine keyed message, drops one, or swaps two. The
     tags are all genuine, so only a sequence number inside the MAC input can tell; the safe
-    outcome is an AuthenticationError on the out-of-sequence message."""
+    outcome is an AuthenticationError on the first out-of-sequence message, before any of it
+    is unpickled, and a poisoned decoder."""
     messages = _three_keyed_messages()
-    first, second = (messages[i] for i in order)
     decoder = Decoder(key=KEY)
-    decoder.feed(first)
-    assert next(decoder) == f"message {order[0]}"
-    with pytest.raises(AuthenticationError):
-        decoder.feed(second)
-        next(decoder)  # its tag is genuine, yet it must not be delivered
+    for due, index in enumerate(order):
+        if index != due:
+            break
+        if whole:
+            decoder.feed(messages[index])
+        else:
+            assert feed_bytewise(decoder, messages[index]) is None
+        assert next(decoder) == f"message {index}"
+    refused = f"message number {index} of the stream arrived where number {due} was due"
+    if whole:
+        with pytest.raises(AuthenticationError, match=refused):
+            decoder.feed(messages[index])
+    else:  # refused as its header tag completes, before a byte of its pickle is taken
+        position, error = feed_bytewise(decoder, messages[index]) or (None, None)
+        assert isinstance(error, AuthenticationError) and refused in str(error)
+        assert position == HEADER_SIZE + 16 + 32 - 1
+    assert decoder.failed and decoder.pending == 0
 
 
 # =============================================================================================
@@ -379,8 +381,11 @@ def test_a_pickle_naming_the_guard_itself_is_forbidden(module: str, name: str) -
 def _keyed_dropped_alone(pickled: bytes, error: type[StreamPickleError], **options: Any) -> None:
     """A genuine keyed message (its tag right) carrying ``pickled`` is dropped alone with
     exactly ``error``: the keyed message after it decodes, fed whole and byte by byte."""
-    attack = make_message(pickled, key=KEY)  # tagged by hand, independently of the library
-    after = streampickle.dumps(AFTER_OBJ, key=KEY)
+    encoder = streampickle.Encoder(key=KEY)  # the stream the attack is the first message of
+    # tagged by hand, independently of the library
+    attack = make_message(pickled, key=KEY, sender=encoder._sender, sequence=0)
+    encoder._sequence = 1
+    after = b"".join(encoder.encode(AFTER_OBJ))
     with pytest.raises(error) as info:
         streampickle.loads(attack, key=KEY, **options)
     assert type(info.value) is error

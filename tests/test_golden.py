@@ -4,6 +4,8 @@ The listing beside each vector is the spec's worked example (docs/wire-format.md
 
 from __future__ import annotations
 
+import hmac
+
 import numpy as np
 
 import streampickle
@@ -35,20 +37,56 @@ VECTOR = bytes.fromhex(
     "948c076e646172726179949394288c033c6932945d944b0361899774945294732e"
     "000001000200"
 )
-# The same message with key=b"k": flags bit 0 set, and an HMAC-SHA256 over every byte before it.
+# Version 1 with key=b"k", as streampickle wrote it before version 2 (flags bit 0 set, an
+# HMAC-SHA256 over every byte before it appended): decoders still read it.
 TAG = bytes.fromhex("264e564cc6d82d6681bc85dd0ed1263c8d3197dd09709412d002fd4939315e8c")
+
+# Version 2, the same object with key=b"k" (HMAC-SHA256), as dumps() writes it: a message that
+# stands alone (sender all zeros, sequence number 0).
+#
+# 93 53 50 4b 02 01 00 00          magic, version 2, flags: tag, reserved
+# 01 00 00 00                      1 side chunk
+# 49 00 00 00 00 00 00 00          pickle: 73 bytes
+# 00 00 00 00 00 00 00 00          sender: none, the message stands alone
+# 00 00 00 00 00 00 00 00          sequence number 0
+# 06 00 00 00 00 00 00 00          side chunk 0: 6 bytes
+# 77 92 ... f0 ae                  header tag: HMAC-SHA256 of the 44 bytes above
+# 80 05 ... 73 2e                  the pickle, as in version 1
+# 00 00 01 00 02 00                side chunk 0
+# e2 6e ... 82 9f                  tag: HMAC-SHA256 of every byte before it
+V2_HEADER = bytes.fromhex(
+    "9353504b02010000010000004900000000000000" "0000000000000000" "0000000000000000"
+    "0600000000000000"
+)
+V2_HEADER_TAG = bytes.fromhex("77927ffd383e8704a338e39f50b2d77b9abb48a15ea29ba8aa53ad264509f0ae")
+V2_TAG = bytes.fromhex("e26e6701141760a46e5d005122452662c2bfee4c8744773fb2ee9991d72f829f")
+PICKLE_AND_CHUNK = VECTOR[28:]  # version 1's pickle part and side chunk, unchanged
+# The same object as message number 5 of a stream from sender 01 02 .. 08, and that stream's
+# end (flags 0x09, no pickle, no side chunks: the header, the stream fields and a header tag).
+STREAM_HEADER = bytes.fromhex(
+    "9353504b02010000010000004900000000000000" "0102030405060708" "0500000000000000"
+    "0600000000000000"
+)
+STREAM_HEADER_TAG = bytes.fromhex("9ab80851e10a3d67e29635119c014412232d33fe343712980dd19b7fb5d039bc")
+STREAM_TAG = bytes.fromhex("0f8e9cbd91966ec47ad44ac0e8b7caec8fa628f87c0678e09133045b3e5e289d")
+STREAM_END = bytes.fromhex(
+    "9353504b02090000000000000000000000000000" "0102030405060708" "0600000000000000"
+    "ed7f6ca7870699c5b950ca44700fbb07ee063d71b1595c6d331dc06a991bc9d9"
+)
 # With Key(b"k", mac="blake3"): flags 0x03, and keyed BLAKE3 under the key that BLAKE3's
 # derive_key mode makes from b"k" with the spec's context string.
 BLAKE3_KEY = bytes.fromhex("caaf5cd4cd2c2490d03be4e2e15ad667441324ad78fec904025aaefba4370027")
-BLAKE3_TAG = bytes.fromhex("0b1c746f80298f6f942f722afde6b7e7e90483e322a862d22b82b12a1b3d0bda")
 # With Key(b"k", mac="poly1305"): flags 0x05; r and the pad key are derived from b"k" with
-# HMAC-SHA256 and the spec's context strings; with the nonce 00 01 .. 0f the pad is S, and the
+# HMAC-SHA256 and the spec's context strings; with the nonce 00 01 .. 0f the pad is S, and a
 # tag is the nonce followed by Poly1305 under r || S.
 POLY1305_R = bytes.fromhex("39fb0fbe2530f99d94a285224d758312")
 POLY1305_PAD_KEY = bytes.fromhex("4da0d58f8830192aa1d46a88275b8a1631c5ba4b4a91e16b9412de86c29da29e")
 POLY1305_NONCE = bytes(range(16))
 POLY1305_S = bytes.fromhex("5f0ee0a4da70e5b8fb782b5947cfc18a")
-POLY1305_TAG = POLY1305_NONCE + bytes.fromhex("6df850e9064e15e4c38aafce575c0715")
+
+
+def _hmac(data: bytes) -> bytes:
+    return hmac.digest(b"k", data, "sha256")
 
 
 def obj():
@@ -65,25 +103,57 @@ def test_decoder_reads_the_golden_vector() -> None:
 
 
 def test_keyed_golden_vector() -> None:
-    keyed = VECTOR[:5] + b"\x01" + VECTOR[6:] + TAG
-    assert streampickle.dumps(obj(), key=b"k") == keyed
-    assert streampickle.loads(keyed, key=b"k")["x"].tolist() == [0, 1, 2]
+    """dumps() with a key writes version 2, every tag as the spec computes it here."""
+    assert _hmac(V2_HEADER) == V2_HEADER_TAG
+    signed = V2_HEADER + V2_HEADER_TAG + PICKLE_AND_CHUNK
+    assert _hmac(signed) == V2_TAG
+    assert streampickle.dumps(obj(), key=b"k") == signed + V2_TAG
+    assert streampickle.loads(signed + V2_TAG, key=b"k")["x"].tolist() == [0, 1, 2]
+
+
+def test_version_1_keyed_messages_are_still_read() -> None:
+    keyed = VECTOR[:5] + b"\x01" + VECTOR[6:]
+    assert _hmac(keyed) == TAG
+    assert streampickle.loads(keyed + TAG, key=b"k")["x"].tolist() == [0, 1, 2]
+    decoder = streampickle.Decoder(key=b"k")  # a stream that starts in version 1 stays in it
+    decoder.feed(keyed + TAG + keyed + TAG)
+    decoder.feed_eof()  # and has no authenticated end: its end is a plain one
+    assert [out["x"].tolist() for out in decoder] == [[0, 1, 2]] * 2
+
+
+def test_stream_golden_vectors() -> None:
+    """Message number 5 of a stream and its end, computed here; a decoder that has read
+    messages 0 to 4 of that stream takes them."""
+    assert _hmac(STREAM_HEADER) == STREAM_HEADER_TAG
+    signed = STREAM_HEADER + STREAM_HEADER_TAG + PICKLE_AND_CHUNK
+    assert _hmac(signed) == STREAM_TAG
+    assert _hmac(STREAM_END[:36]) == STREAM_END[36:]
+    encoder = streampickle.Encoder(key=b"k")
+    encoder._sender, encoder._sequence = bytes(range(1, 9)), 5
+    assert b"".join(bytes(c) for c in encoder.encode(obj())) == signed + STREAM_TAG
+    assert encoder.encode_end() == STREAM_END
+    encoder._sequence = 0
+    decoder = streampickle.Decoder(key=b"k")
+    for i in range(5):
+        decoder.feed(b"".join(bytes(c) for c in encoder.encode(i)))
+    decoder.feed(signed + STREAM_TAG + STREAM_END)
+    assert list(decoder)[-1]["x"].tolist() == [0, 1, 2] and decoder.ended
+    decoder.feed_eof()
 
 
 def test_blake3_golden_vector() -> None:
     from blake3 import blake3  # the test extra installs it: this test never skips
     # the derivation as the spec words it, computed here without streampickle
     assert blake3(b"k", derive_key_context="streampickle 2026-11-27 message tag v1").digest() == BLAKE3_KEY
-    unsigned = VECTOR[:5] + b"\x03" + VECTOR[6:]
-    assert blake3(unsigned, key=BLAKE3_KEY).digest() == BLAKE3_TAG
+    header = V2_HEADER[:5] + b"\x03" + V2_HEADER[6:]
+    signed = header + blake3(header, key=BLAKE3_KEY).digest() + PICKLE_AND_CHUNK
+    message = signed + blake3(signed, key=BLAKE3_KEY).digest()
     key = streampickle.Key(b"k", mac="blake3")
-    assert streampickle.dumps(obj(), key=key) == unsigned + BLAKE3_TAG
-    assert streampickle.loads(unsigned + BLAKE3_TAG, key=key)["x"].tolist() == [0, 1, 2]
+    assert streampickle.dumps(obj(), key=key) == message
+    assert streampickle.loads(message, key=key)["x"].tolist() == [0, 1, 2]
 
 
 def test_poly1305_golden_vector() -> None:
-    import hmac
-
     # cryptography comes with the test extra (trustme needs it too): this test never skips
     from cryptography.hazmat.primitives.poly1305 import Poly1305
 
@@ -92,13 +162,17 @@ def test_poly1305_golden_vector() -> None:
     assert hmac.digest(b"k", b"streampickle 2026-11-28 poly1305 r", "sha256")[:16] == POLY1305_R
     assert hmac.digest(b"k", b"streampickle 2026-11-28 poly1305 pad", "sha256") == POLY1305_PAD_KEY
     assert hmac.digest(POLY1305_PAD_KEY, POLY1305_NONCE, "sha256")[:16] == POLY1305_S
-    unsigned = VECTOR[:5] + b"\x05" + VECTOR[6:]
-    assert POLY1305_NONCE + Poly1305.generate_tag(POLY1305_R + POLY1305_S, unsigned) == POLY1305_TAG
+
+    def tag(data: bytes, nonce: bytes = POLY1305_NONCE) -> bytes:
+        s = hmac.digest(POLY1305_PAD_KEY, nonce, "sha256")[:16]
+        return nonce + Poly1305.generate_tag(POLY1305_R + s, data)
+
+    header = V2_HEADER[:5] + b"\x05" + V2_HEADER[6:]
+    signed = header + tag(header) + PICKLE_AND_CHUNK
     key = streampickle.Key(b"k", mac="poly1305")
-    assert streampickle.loads(unsigned + POLY1305_TAG, key=key)["x"].tolist() == [0, 1, 2]
+    assert streampickle.loads(signed + tag(signed), key=key)["x"].tolist() == [0, 1, 2]
     # the encoder's own tags (a random nonce each) check out against the independent computation
-    signed = streampickle.dumps(obj(), key=key)
-    assert signed[:-32] == unsigned
-    nonce, tag = signed[-32:-16], signed[-16:]
-    s = hmac.digest(POLY1305_PAD_KEY, nonce, "sha256")[:16]
-    assert Poly1305.generate_tag(POLY1305_R + s, unsigned) == tag
+    message = streampickle.dumps(obj(), key=key)
+    assert message[:44] == header and message[76:-32] == PICKLE_AND_CHUNK
+    assert message[44:76] == tag(header, message[44:60])
+    assert message[-32:] == tag(message[:-32], message[-32:-16])
