@@ -148,6 +148,8 @@ def test_blake3_golden_vector() -> None:
     header = V2_HEADER[:5] + b"\x03" + V2_HEADER[6:]
     signed = header + blake3(header, key=BLAKE3_KEY).digest() + PICKLE_AND_CHUNK
     message = signed + blake3(signed, key=BLAKE3_KEY).digest()
+    assert message[44:76].hex() == "93356a24ac50d6247f1ce7790b925ccfa5ba58ff3fd6da31c28bcd35efedc5db"
+    assert message[-32:].hex() == "a155c2a474d63364b93d0a5bbf03c6e61a72bfdf777ce6ef9dd09735ed6d8228"
     key = streampickle.Key(b"k", mac="blake3")
     assert streampickle.dumps(obj(), key=key) == message
     assert streampickle.loads(message, key=key)["x"].tolist() == [0, 1, 2]
@@ -169,6 +171,8 @@ def test_poly1305_golden_vector() -> None:
 
     header = V2_HEADER[:5] + b"\x05" + V2_HEADER[6:]
     signed = header + tag(header) + PICKLE_AND_CHUNK
+    assert tag(header)[16:].hex() == "185eb60df999d5618c74fea757c9d3aa"  # the spec's listing
+    assert tag(signed)[16:].hex() == "af8e9c726bc7ebec0c85c3fd378c0169"
     key = streampickle.Key(b"k", mac="poly1305")
     assert streampickle.loads(signed + tag(signed), key=key)["x"].tolist() == [0, 1, 2]
     # the encoder's own tags (a random nonce each) check out against the independent computation
