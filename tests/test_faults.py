@@ -107,8 +107,10 @@ def reset(sock: socket.socket) -> None:
 
 
 async def test_a_reset_inside_a_side_chunk_ends_that_connection_alone(transport: str) -> None:  # noqa: F811
-    """On TCP the kernel reports the reset (``BrokenResourceError`` from ``ECONNRESET``); a Unix
-    socket has no reset and just ends, inside the message (``IncompleteMessageError``)."""
+    """On TCP the kernel reports the reset (``BrokenResourceError`` from ``ECONNRESET``), or,
+    when the reset is processed before the server's first read of the connection, an end
+    inside the message (``IncompleteMessageError``); a Unix socket has no reset and always
+    ends that way. Either is logged as a lost connection."""
     async with server(transport, echo) as (address, report):
         good = await connect(address)
         await round_trip(good, "before")
@@ -117,8 +119,8 @@ async def test_a_reset_inside_a_side_chunk_ends_that_connection_alone(transport:
         bad.sendall(ARRAY_MESSAGE[:INSIDE_THE_CHUNK])
         reset(bad)
         error = await next_end(report)
-        if transport == "tcp":
-            assert isinstance(error, anyio.BrokenResourceError), repr(error)
+        if isinstance(error, anyio.BrokenResourceError):
+            assert transport == "tcp", repr(error)
             assert isinstance(error.__cause__, ConnectionResetError), repr(error.__cause__)
         else:
             assert isinstance(error, IncompleteMessageError), repr(error)
