@@ -37,6 +37,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from . import sync, testing
+    from ._budget import MemoryBudget
     from ._sockets import (
         ObjectStreamListener,
         connect_tcp,
@@ -52,6 +53,7 @@ _LAZY = {
     "sync": ("streampickle.sync", None),
     "testing": ("streampickle.testing", None),
     "ObjectStream": ("streampickle._stream", "ObjectStream"),
+    "MemoryBudget": ("streampickle._budget", "MemoryBudget"),
     "dump": ("streampickle._stream", "dump"),
     "load": ("streampickle._stream", "load"),
     "connect_tcp": ("streampickle._sockets", "connect_tcp"),
@@ -87,6 +89,7 @@ __all__ = [
     "LimitExceededError",
     "Limits",
     "MalformedPickleError",
+    "MemoryBudget",
     "ObjectStream",
     "ObjectStreamListener",
     "ProtocolError",

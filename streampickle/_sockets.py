@@ -22,6 +22,8 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import Listener, TaskGroup
 
+from ._budget import MemoryBudget, default_budget_bytes
+from ._errors import UsageError
 from ._limits import Limits
 from ._mac import Key
 from ._serve import note_accepted
@@ -30,6 +32,24 @@ from ._stream import ObjectStream
 from ._transports import grow_socket_buffers, socket_attributes
 
 __all__ = ["connect_tcp", "connect_unix", "create_tcp_listener", "create_unix_listener", "ObjectStreamListener"]
+
+
+class _PerListener:
+    """The default ``budget`` of a listener: a new :class:`MemoryBudget` of its own."""
+
+    def __repr__(self) -> str:
+        return "<a MemoryBudget of half the physical memory, per listener>"
+
+
+PER_LISTENER: Any = _PerListener()
+
+
+def _listener_budget(budget: Any) -> MemoryBudget | None:
+    if budget is PER_LISTENER:
+        return MemoryBudget(default_budget_bytes())
+    if budget is not None and not isinstance(budget, MemoryBudget):
+        raise UsageError(f"budget must be a streampickle.MemoryBudget or None, not {type(budget).__name__}")
+    return budget
 
 
 def _tune(sock: socket.socket) -> None:
@@ -58,8 +78,10 @@ async def connect_tcp(
     allow: Iterable[Any] = (),
     key: bytes | Key | None = None,
     limits: Limits | None = None,
+    budget: MemoryBudget | None = None,
 ) -> ObjectStream:
-    """Connect to a TCP server and return a zero-copy :class:`ObjectStream` over it."""
+    """Connect to a TCP server and return a zero-copy :class:`ObjectStream` over it
+    (``budget``: see :class:`MemoryBudget`; none by default)."""
     infos = await anyio.getaddrinfo(remote_host, remote_port, type=socket.SOCK_STREAM)
     last: OSError | None = None
     for family, type_, proto, _, address in infos:
@@ -73,7 +95,7 @@ async def connect_tcp(
                 raise
             last = exc
             continue
-        return ObjectStream.from_socket(sock, trusted=trusted, allow=allow, key=key, limits=limits)
+        return ObjectStream.from_socket(sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget)
     raise OSError(f"could not connect to {remote_host}:{remote_port}") from last
 
 
@@ -84,8 +106,10 @@ async def connect_unix(
     allow: Iterable[Any] = (),
     key: bytes | Key | None = None,
     limits: Limits | None = None,
+    budget: MemoryBudget | None = None,
 ) -> ObjectStream:
-    """Connect to a Unix socket and return a zero-copy :class:`ObjectStream` over it."""
+    """Connect to a Unix socket and return a zero-copy :class:`ObjectStream` over it
+    (``budget``: see :class:`MemoryBudget`; none by default)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         _tune(sock)
@@ -93,17 +117,26 @@ async def connect_unix(
     except BaseException:
         sock.close()
         raise
-    return ObjectStream.from_socket(sock, trusted=trusted, allow=allow, key=key, limits=limits)
+    return ObjectStream.from_socket(sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget)
 
 
 class ObjectStreamListener(Listener[ObjectStream]):
-    """An anyio ``Listener`` of zero-copy :class:`ObjectStream` objects; use ``serve`` or ``accept``."""
+    """An anyio ``Listener`` of zero-copy :class:`ObjectStream` objects; use ``serve`` or ``accept``.
+
+    Its connections share ``budget`` (a :class:`MemoryBudget`, or None for none): by
+    default one of its own, of half the machine's physical memory.
+    """
 
     def __init__(self, sock: socket.socket, options: dict[str, Any]) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._options = options
         self._closed = False
+
+    @property
+    def budget(self) -> MemoryBudget | None:
+        """The :class:`MemoryBudget` its connections' incomplete messages share, if any."""
+        return self._options.get("budget")
 
     async def accept(self) -> ObjectStream:
         """Wait for the next connection."""
@@ -177,16 +210,22 @@ async def create_tcp_listener(
     allow: Iterable[Any] = (),
     key: bytes | Key | None = None,
     limits: Limits | None = None,
+    budget: MemoryBudget | None = PER_LISTENER,
 ) -> ObjectStreamListener:
     """Listen on TCP (like ``anyio.create_tcp_listener``, default all interfaces, port chosen by
-    the system: read it from ``listener.extra(SocketAttribute.local_port)``)."""
+    the system: read it from ``listener.extra(SocketAttribute.local_port)``).
+
+    ``budget``: the :class:`MemoryBudget` that the connections' incomplete messages share. By
+    default a new one for this listener, of half the machine's physical memory; pass one to
+    size it or to share it with other listeners, or None for none."""
+    budget = _listener_budget(budget)
     host = local_host or ""
     family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
     sock = socket.create_server(
         (host, local_port), family=family, backlog=min(backlog, socket.SOMAXCONN), reuse_port=reuse_port
     )
     await anyio.lowlevel.checkpoint()
-    return ObjectStreamListener(sock, dict(trusted=trusted, allow=allow, key=key, limits=limits))
+    return ObjectStreamListener(sock, dict(trusted=trusted, allow=allow, key=key, limits=limits, budget=budget))
 
 
 async def create_unix_listener(
@@ -198,8 +237,11 @@ async def create_unix_listener(
     allow: Iterable[Any] = (),
     key: bytes | Key | None = None,
     limits: Limits | None = None,
+    budget: MemoryBudget | None = PER_LISTENER,
 ) -> ObjectStreamListener:
-    """Listen on a Unix socket at ``path`` (``mode``: its permission bits, e.g. ``0o600``)."""
+    """Listen on a Unix socket at ``path`` (``mode``: its permission bits, e.g. ``0o600``).
+    ``budget``: as for :func:`create_tcp_listener`."""
+    budget = _listener_budget(budget)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(os.fspath(path))
@@ -210,4 +252,4 @@ async def create_unix_listener(
         sock.close()
         raise
     await anyio.lowlevel.checkpoint()
-    return ObjectStreamListener(sock, dict(trusted=trusted, allow=allow, key=key, limits=limits))
+    return ObjectStreamListener(sock, dict(trusted=trusted, allow=allow, key=key, limits=limits, budget=budget))

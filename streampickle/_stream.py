@@ -43,6 +43,8 @@ from ._errors import DeadlineExceededError, StreamPickleError, UsageError
 from ._limits import Limits
 from ._mac import Key
 from ._transports import AnyioTransport, AsyncioTransport, SocketTransport, fastest_transport, send_message
+from ._budget import ALLOWANCE, Charge, MemoryBudget
+from ._transports import READ_AHEAD
 
 __all__ = ["ObjectStream", "dump", "load"]
 
@@ -101,7 +103,8 @@ class ObjectStream(_AnyioObjectStream[Any]):
     stapled together, ...). anyio socket streams are driven zero-copy on trio, and anyio Unix
     streams on asyncio too; :meth:`from_socket` and streampickle's own
     ``connect_*``/listeners are zero-copy on every backend. Options are the core's:
-    ``trusted``, ``allow``, ``key``, ``limits``.
+    ``trusted``, ``allow``, ``key``, ``limits``. ``budget``: a :class:`MemoryBudget` that this
+    stream's incomplete messages share with other streams (none by default).
 
     ``receive`` raises ``anyio.EndOfStream`` at a clean end between messages,
     :class:`IncompleteMessageError` if the peer stopped inside one, and
@@ -118,8 +121,10 @@ class ObjectStream(_AnyioObjectStream[Any]):
         allow: Iterable[Any] = (),
         key: bytes | Key | None = None,
         limits: Limits | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.transport_stream = transport_stream
+        self._charge = Charge(budget) if budget is not None else None
         self._encoder = Encoder(key=key)
         self._decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
         # With a key: our own messages reflected back are refused, and the stream has an end.
@@ -146,13 +151,14 @@ class ObjectStream(_AnyioObjectStream[Any]):
         allow: Iterable[Any] = (),
         key: bytes | Key | None = None,
         limits: Limits | None = None,
+        budget: MemoryBudget | None = None,
     ) -> ObjectStream:
         """Wrap a connected stream socket (TCP or Unix), which the object stream then owns:
         side chunks go from memory to the kernel and back with no userspace copy.
 
         For example one end of ``socket.socketpair()`` handed to a child process.
         """
-        stream = cls(None, trusted=trusted, allow=allow, key=key, limits=limits)
+        stream = cls(None, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget)
         stream._transport = SocketTransport(sock)
         return stream
 
@@ -257,7 +263,9 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 self._quick_receives = 0
                 self._quick_sends = 0  # the next send, likely a reply, goes out at once
                 try:
-                    more, self._started = await _fill(self._t, decoder, self._started, exact=False)
+                    more, self._started = await _fill(
+                        self._t, decoder, self._started, exact=False, charge=self._charge
+                    )
                 except StreamPickleError:
                     if decoder.failed and decoder._ready:
                         continue  # messages completed before the failure come first; then it
@@ -304,6 +312,8 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 finally:
                     self._send_lock.release()
         self._closed = True
+        if self._charge is not None:
+            self._charge.close()  # before the transport: a read waiting for budget wakes too
         await self._t.aclose()
 
     @property
@@ -343,14 +353,18 @@ async def _fill(
     started: float | None,
     *,
     exact: bool,
+    charge: Charge | None = None,
 ) -> tuple[bool, float | None]:
     """``transport.fill(decoder)`` under the deadlines of the message in progress, if one is.
 
     ``started`` is when that message's first byte arrived (None between messages); returns
     ``fill``'s result and the new ``started``. A read that passes a deadline is cancelled (it
     took no bytes), the decoder is failed, which frees what arrived and poisons it, and
-    :class:`DeadlineExceededError` is raised.
+    :class:`DeadlineExceededError` is raised. With a ``charge`` (the stream has a budget), see
+    ``_fill_charged``.
     """
+    if charge is not None:
+        return await _fill_charged(transport, decoder, started, exact, charge)
     limit, deadline = _deadline(decoder, started)
     if deadline is None:
         more = await transport.fill(decoder, exact=exact)
@@ -359,11 +373,49 @@ async def _fill(
             more = await transport.fill(decoder, exact=exact)
         if scope.cancelled_caught:
             raise _late(decoder, limit)
+    return more, _started(decoder, started)
+
+
+def _started(decoder: Decoder, started: float | None) -> float | None:
+    """When the message in progress after a read started: None between messages."""
     if not decoder.in_message:
-        return more, None
+        return None
     if started is None or decoder.pending:  # this read began the message (maybe after others)
-        return more, anyio.current_time()
-    return more, started
+        return anyio.current_time()
+    return started
+
+
+async def _fill_charged(
+    transport: AnyioTransport | AsyncioTransport | SocketTransport,
+    decoder: Decoder,
+    started: float | None,
+    exact: bool,
+    charge: Charge,
+) -> tuple[bool, float | None]:
+    """``_fill`` for a stream under a :class:`MemoryBudget`: the read first gets budget for
+    what it could bring (waiting for it, under the same deadlines, if the message is past its
+    free allowance) and is capped to what it got; afterwards, and however it ends, the charge
+    is trimmed to what the decoder still holds of an incomplete message."""
+    limit, deadline = _deadline(decoder, started)
+    try:
+        with anyio.CancelScope() if deadline is None else anyio.CancelScope(deadline=deadline) as scope:
+            want = len(decoder.get_buffer())
+            if not exact:
+                want = max(want, READ_AHEAD)
+            received = decoder.progress[0]
+            if (
+                want > ALLOWANCE - received + charge.held
+                and charge.budget._waiters
+                and type(transport) is SocketTransport
+            ):
+                await transport.wait_readable()  # budget is short: take it only for bytes that are there
+            cap = await charge.grant(received, want)
+            more = await transport.fill(decoder, exact=exact, limit=cap)
+        if scope.cancelled_caught:
+            raise _late(decoder, limit)
+    finally:
+        charge.trim(0 if decoder.failed else decoder.progress[0])
+    return more, _started(decoder, started)
 
 
 def _deadline(decoder: Decoder, started: float | None) -> tuple[str, float | None]:
@@ -409,6 +461,7 @@ async def load(
     allow: Iterable[Any] = (),
     key: bytes | Key | None = None,
     limits: Limits | None = None,
+    budget: MemoryBudget | None = None,
 ) -> Any:
     """Receive exactly one message from an anyio byte stream or ``asyncio.StreamReader``.
 
@@ -416,12 +469,14 @@ async def load(
     follows stays in the stream. ``EOFError`` at a clean end between messages;
     :class:`IncompleteMessageError` if the stream ends inside one;
     :class:`DeadlineExceededError` if a started message outlasts ``limits``' deadlines (its
-    bytes are lost, so close the stream).
+    bytes are lost, so close the stream). ``budget``: a :class:`MemoryBudget` shared with other
+    streams; this call's charge goes back when it returns or raises.
     """
     try:
         options = (trusted, tuple(allow), key, limits)
     except TypeError as exc:  # allow=5, allow=None
         raise UsageError(f"allow must be an iterable of names or classes, not {type(allow).__name__}") from exc
+    charge = Charge(budget) if budget is not None else None
     parked = _parked.pop(stream, None) if _parkable(stream) else None
     started: float | None = None
     if parked is not None and _same(parked[0], options):
@@ -431,7 +486,7 @@ async def load(
     transport = _transport_for(stream)
     try:
         while not decoder.pending:
-            more, started = await _fill(transport, decoder, started, exact=True)
+            more, started = await _fill(transport, decoder, started, exact=True, charge=charge)
             if not more:
                 raise EOFError("the stream ended before a message started")
             if decoder.ended and not decoder.pending:
@@ -442,6 +497,9 @@ async def load(
         if (decoder.in_message or decoder.pending) and not decoder.failed and _parkable(stream):
             _parked[stream] = (options, decoder, started)
         raise
+    finally:
+        if charge is not None:
+            charge.trim(0)  # a parked message is not charged until a load resumes it
     return next(decoder)
 
 

@@ -24,6 +24,7 @@ says so (``exact_send_accounting = False``).
 from __future__ import annotations
 
 import asyncio
+import mmap
 import socket
 import sys
 from typing import Any, Callable, Mapping
@@ -104,11 +105,16 @@ class AnyioTransport:
             self.sent += 1  # can't tell how much of an interrupted send reached the stream
             await send(piece)
 
-    async def fill(self, decoder: Decoder, *, exact: bool) -> bool:
-        """Feed the decoder what the stream has next; False (after ``feed_eof``) at its end."""
+    async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
+        """Feed the decoder what the stream has next; False (after ``feed_eof``) at its end.
+        ``exact``: never read past the current part; ``limit``: read at most that many bytes."""
         want = len(decoder.get_buffer())
+        if not exact:
+            want = max(want, READ_AHEAD)
+        if limit is not None and limit < want:
+            want = limit
         try:
-            data = await self.stream.receive(want if exact else max(want, READ_AHEAD))
+            data = await self.stream.receive(want)
         except anyio.EndOfStream:
             decoder.feed_eof()
             return False
@@ -145,10 +151,14 @@ class AsyncioTransport:
             self.writer.write(piece)
             await self.writer.drain()
 
-    async def fill(self, decoder: Decoder, *, exact: bool) -> bool:
+    async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
         assert self.reader is not None
         want = len(decoder.get_buffer())
-        data = await self.reader.read(want if exact else max(want, READ_AHEAD))
+        if not exact:
+            want = max(want, READ_AHEAD)
+        if limit is not None and limit < want:
+            want = limit
+        data = await self.reader.read(want)
         if not data:
             decoder.feed_eof()
             return False
@@ -296,15 +306,20 @@ class SocketTransport:
             self.sent += n
             drop_sent(views, n)
 
-    async def fill(self, decoder: Decoder, *, exact: bool) -> bool:
+    async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
         view = decoder.get_buffer()
+        if limit is not None:
+            view = view[:limit]
         direct = exact or len(view) >= DIRECT_READ
         if direct:
             target = view
         else:
             if self._scratch is None:
-                self._scratch = memoryview(bytearray(READ_AHEAD))
-            target = self._scratch
+                # An anonymous mapping, not a bytearray (which zero-fills every page): only the
+                # pages reads actually reach become memory, so a server's thousand idle
+                # connections don't hold 256 KiB each.
+                self._scratch = memoryview(mmap.mmap(-1, READ_AHEAD))
+            target = self._scratch if limit is None else self._scratch[:limit]
         while True:
             try:
                 n = self.sock.recv_into(target)
@@ -324,6 +339,10 @@ class SocketTransport:
         else:
             decoder.feed(target[:n])
         return True
+
+    async def wait_readable(self) -> None:
+        """Wait until the socket has bytes to read (or its end, or an error)."""
+        await anyio.wait_readable(self.sock)
 
     def _loop_taking_callbacks(self) -> asyncio.AbstractEventLoop | None:
         """The running asyncio loop if it takes reader and writer callbacks: the selector loop
