@@ -66,6 +66,11 @@ def _checkpoint_if_cancelled() -> Callable[[], Awaitable[None]]:
     return get_backend().checkpoint_if_cancelled
 
 
+def _cancelled() -> type[BaseException]:
+    """The running backend's cancellation exception class."""
+    return anyio.get_cancelled_exc_class()
+
+
 class _FifoLock:
     """Serializes sends in arrival order. Unlike ``anyio.Lock`` it does not yield when it is
     free: the send that follows reaches the event loop anyway whenever it has to wait."""
@@ -226,14 +231,18 @@ class ObjectStream(_AnyioObjectStream[Any]):
 
     async def _write(self, chunks: list[Any], mac: Any) -> None:
         """Send one message's chunks, holding the send lock. Interrupted after a byte went out
-        (or where the transport can't tell), the send direction is broken; before, the
-        message was never sent, and its sequence number (with a key) is taken back."""
+        (or where the transport can't tell, or by anything but a cancellation), the send
+        direction is broken; cancelled before, the message was never sent, and its sequence
+        number (with a key) is taken back."""
         transport = self._transport or self._t
         transport.sent = 0
         try:
             await send_message(transport, chunks, mac)
         except BaseException as exc:
-            if transport.sent or not transport.exact_send_accounting:
+            # Only a cancellation comes at a point where the count of bytes sent is exact (an
+            # await); anything else, a KeyboardInterrupt say, may have come between the kernel
+            # taking bytes and the count.
+            if transport.sent or not transport.exact_send_accounting or not isinstance(exc, _cancelled()):
                 self._send_broken = exc
             else:
                 self._encoder._unsend()

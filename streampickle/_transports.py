@@ -44,6 +44,10 @@ SEND_SLICE = 1 << 20
 READ_AHEAD = 256 * 1024
 # Parts at least this large are read straight into their destination on raw sockets.
 DIRECT_READ = 64 * 1024
+# Send flags: a write to a peer that is gone fails with EPIPE instead of raising SIGPIPE, which
+# kills a process that set it back to its default (Python ignores it; many tools restore it).
+# Where there is no MSG_NOSIGNAL (macOS), SO_NOSIGPIPE on the socket does the same.
+NO_SIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 # At most this many bytes of small messages wait to be written together (see send_later); a
 # send that finds this much waiting goes the ordinary way, behind it.
 COALESCE_BYTES = 64 * 1024
@@ -173,6 +177,8 @@ class SocketTransport:
 
     def __init__(self, sock: socket.socket, *, owner: Any = None) -> None:
         sock.setblocking(False)
+        if not NO_SIGNAL and hasattr(socket, "SO_NOSIGPIPE"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_NOSIGPIPE, 1)
         self.sock = sock
         self.sent = 0
         self._owner = owner  # an anyio stream whose socket this is: closed through it
@@ -228,7 +234,7 @@ class SocketTransport:
         if not later:  # closed meanwhile
             return
         try:
-            n = self.sock.sendmsg(later[:IOV_MAX])
+            n = self.sock.sendmsg(later[:IOV_MAX], (), NO_SIGNAL)
         except BlockingIOError:
             n = 0
         except OSError as exc:
@@ -285,7 +291,7 @@ class SocketTransport:
         if len(chunks) == 1:  # a small message: one send() and, usually, done
             chunk = chunks[0]
             try:
-                n = sock.send(chunk)
+                n = sock.send(chunk, NO_SIGNAL)
             except BlockingIOError:
                 n = 0
             except OSError as exc:
@@ -297,7 +303,7 @@ class SocketTransport:
         views = sendable(chunks)
         while views:
             try:
-                n = sock.sendmsg(views[:IOV_MAX])
+                n = sock.sendmsg(views[:IOV_MAX], (), NO_SIGNAL)
             except BlockingIOError:
                 await anyio.wait_writable(sock)
                 continue

@@ -18,6 +18,7 @@ from ._encoder import IOV_MAX, Chunk, Encoder, drop_sent, sendable
 from ._errors import IncompleteMessageError, UsageError
 from ._limits import Limits
 from ._mac import Key
+from ._transports import NO_SIGNAL
 
 __all__ = ["dump", "load"]
 
@@ -48,7 +49,7 @@ def send_chunks(sock: socket.socket, chunks: list[Chunk]) -> None:
     """``sendall`` for a list of buffers, with one ``sendmsg`` for as many as the kernel takes."""
     views = sendable(chunks)
     while views:
-        drop_sent(views, sock.sendmsg(views[:IOV_MAX]))
+        drop_sent(views, sock.sendmsg(views[:IOV_MAX], (), NO_SIGNAL))
 
 
 def load(

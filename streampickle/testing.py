@@ -11,45 +11,99 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Awaitable, Callable, Mapping
 
 import anyio
 import anyio.lowlevel
 import numpy as np
 from anyio.abc import ByteStream, ObjectStream
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import IncompleteMessageError
 
 __all__ = ["MemoryByteStream", "memory_stream_pair", "check_object_stream"]
 
 
+class _Pipe:
+    """One direction of a memory stream pair: the sends not yet received, in order.
+
+    A receive waits for data to be there and then takes it in the same step, with no await in
+    between; a send never hands bytes to a waiting receiver. So a receive interrupted by any
+    cancellation (anyio's, or asyncio's ``task.cancel()``) has taken nothing, and the bytes
+    stay for the next one. (anyio's memory object streams hand an item straight to a waiting
+    receiver, which a native asyncio cancellation then loses.)
+    """
+
+    def __init__(self, max_buffered_sends: int) -> None:
+        self.max = max_buffered_sends
+        self.items: collections.deque[bytes] = collections.deque()
+        self.leftover = b""  # the rest of a send that a receive took only part of
+        self.send_closed = False  # no more sends: the receiving end sees the end of stream
+        self.receive_closed = False  # nobody receives: a send is a broken pipe
+        self._changed = anyio.Event()
+
+    def changed(self) -> None:
+        """Wake every task waiting on this pipe; each looks again at what it waits for."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+
+
 class MemoryByteStream(ByteStream):
     """One end of an in-memory byte stream pair; see :func:`memory_stream_pair`."""
 
-    def __init__(self, send: MemoryObjectSendStream[bytes], receive: MemoryObjectReceiveStream[bytes]) -> None:
-        self._send = send
-        self._receive = receive
-        self._leftover = b""
+    def __init__(self, outgoing: _Pipe, incoming: _Pipe) -> None:
+        self._out = outgoing
+        self._in = incoming
+        self._closed = False
 
     async def send(self, item: bytes) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        pipe = self._out
+        while True:
+            if self._closed or pipe.send_closed:
+                raise anyio.ClosedResourceError
+            if pipe.receive_closed:
+                raise anyio.BrokenResourceError("the receiving end was closed")
+            if len(pipe.items) < pipe.max:
+                break
+            await pipe.wait()
         # bytes(): the caller may reuse its buffer as soon as send returns, like with a socket
-        await self._send.send(bytes(item))
+        pipe.items.append(bytes(item))
+        pipe.changed()
+        await anyio.lowlevel.cancel_shielded_checkpoint()  # sent: a cancellation can't undo it
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        if not self._leftover:
-            self._leftover = await self._receive.receive()
-        else:
-            await anyio.lowlevel.checkpoint()
-        data, self._leftover = self._leftover[:max_bytes], self._leftover[max_bytes:]
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        pipe = self._in
+        while not pipe.leftover and not pipe.items:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if pipe.send_closed:
+                raise anyio.EndOfStream
+            await pipe.wait()
+        if self._closed:
+            raise anyio.ClosedResourceError
+        data = pipe.leftover or pipe.items.popleft()
+        data, pipe.leftover = data[:max_bytes], data[max_bytes:]
+        pipe.changed()  # room for a waiting send
         return data
 
     async def send_eof(self) -> None:
-        await self._send.aclose()
+        self._out.send_closed = True
+        self._out.changed()
+        await anyio.lowlevel.cancel_shielded_checkpoint()
 
     async def aclose(self) -> None:
-        await self._send.aclose()
-        await self._receive.aclose()
+        """Close both directions; done even when cancelled."""
+        self._closed = True
+        self._out.send_closed = True
+        self._in.receive_closed = True
+        self._out.changed()
+        self._in.changed()
+        await anyio.lowlevel.cancel_shielded_checkpoint()
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
@@ -58,10 +112,10 @@ class MemoryByteStream(ByteStream):
 
 def memory_stream_pair(max_buffered_sends: int = 4) -> tuple[MemoryByteStream, MemoryByteStream]:
     """Two connected in-memory byte streams. Each direction buffers at most
-    ``max_buffered_sends`` sends, so a sender waits for a slow receiver like on a socket."""
-    a_send, b_receive = anyio.create_memory_object_stream[bytes](max_buffered_sends)
-    b_send, a_receive = anyio.create_memory_object_stream[bytes](max_buffered_sends)
-    return MemoryByteStream(a_send, a_receive), MemoryByteStream(b_send, b_receive)
+    ``max_buffered_sends`` sends, so a sender waits for a slow receiver like on a socket. A
+    cancelled receive takes nothing, whatever cancelled it."""
+    a_to_b, b_to_a = _Pipe(max_buffered_sends), _Pipe(max_buffered_sends)
+    return MemoryByteStream(a_to_b, b_to_a), MemoryByteStream(b_to_a, a_to_b)
 
 
 StreamMaker = Callable[[], Awaitable[tuple[ObjectStream[Any], ObjectStream[Any]]]]

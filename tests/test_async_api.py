@@ -246,10 +246,10 @@ class RecordingSocket:
     def setblocking(self, flag: bool) -> None:
         pass
 
-    def send(self, data) -> int:
+    def send(self, data, flags: int = 0) -> int:
         return self.sendmsg([memoryview(data)])
 
-    def sendmsg(self, buffers) -> int:
+    def sendmsg(self, buffers, ancdata=(), flags: int = 0) -> int:
         self.sent_buffers.extend(buffers)
         n = 0
         for b in buffers:

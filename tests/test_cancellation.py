@@ -398,10 +398,6 @@ TRANSPORTS: dict[str, Callable[[], Awaitable[Link]]] = {
     "load-asyncio-StreamReader": load_asyncio_stream_reader,
 }
 ASYNCIO_ONLY = {"load-asyncio-StreamReader"}
-#: anyio's memory object streams drop an item handed to a receiver that a native asyncio
-#: cancellation (task.cancel(), asyncio.timeout, asyncio.wait_for) reaches before it runs
-#: again; anyio's own cancel scopes don't. So memory streams get anyio's mechanisms only.
-NO_NATIVE_ASYNCIO_CANCELLATION = {"receive-memory", "load-memory"}
 
 
 def transports_for(backend: str) -> list[str]:
@@ -473,8 +469,6 @@ async def test_cancelled_receives_lose_nothing(anyio_backend: Any, transport: st
     if transport not in transports_for(backend):
         pytest.skip("an asyncio stream")
     native = NATIVE_MECHANISMS["trio" if backend == "trio" else "asyncio"]
-    if transport in NO_NATIVE_ASYNCIO_CANCELLATION and backend != "trio":
-        native = []  # see test_memory_stream_keeps_a_message_under_native_asyncio_cancellation
     quota = math.ceil(PER_BACKEND / len(transports_for(backend)))
     seed = zlib.crc32(f"{backend} {transport}".encode())
     counts = await run_case(await TRANSPORTS[transport](), ANYIO_MECHANISMS + native, quota, seed)
@@ -499,14 +493,10 @@ def test_every_backend_had_enough_interruptions(backend: str) -> None:
     assert all(by_mechanism.values()), f"a mechanism never interrupted a call: {dict(by_mechanism)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in streampickle.testing.MemoryByteStream: a chunk handed to a receive that a "
-    "native asyncio cancellation reaches before it runs again is lost (anyio's "
-    "MemoryObjectReceiveStream.receive drops it), so a message is lost",
-)
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_memory_stream_keeps_a_message_under_native_asyncio_cancellation() -> None:
+    """The bytes sent to a waiting receive that a native asyncio cancellation reaches before it
+    runs again stay for the next receive (anyio's memory object streams would drop them)."""
     a, b = memory_stream_pair()
     receiver = ObjectStream(b)
     task = asyncio.get_running_loop().create_task(receiver.receive())
