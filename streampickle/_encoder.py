@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _rebuild, _wire
 from ._errors import EncodeError, UsageError
+from ._limits import Limits
 from ._mac import Key, as_key, new_sender
 
 __all__ = ["Encoder", "Chunk", "dumps"]
@@ -294,9 +295,18 @@ class Encoder:
     end. Send the messages in the order they are encoded. ``stream=False`` makes messages
     that stand alone, as :func:`dumps` does: any key holder's decoder with ``stream=False``
     accepts each of them, again and in any order.
+
+    ``limits``: refuse, with :class:`EncodeError` and before any chunk exists, a message that
+    a decoder with these :class:`Limits` would refuse (too many bytes, side chunks or pickle
+    bytes), instead of sending it for the peer to refuse and hang up on.
     """
 
-    def __init__(self, *, key: bytes | Key | None = None, stream: bool = True) -> None:
+    def __init__(
+        self, *, key: bytes | Key | None = None, stream: bool = True, limits: Limits | None = None
+    ) -> None:
+        if limits is not None and not isinstance(limits, Limits):
+            raise UsageError(f"limits must be a streampickle.Limits, not {type(limits).__name__}")
+        self._limits = limits
         self._key = as_key(key)
         self._flags = self._key.flags if self._key is not None else 0
         self._sender = new_sender() if self._key is not None and stream else _wire.NO_SENDER
@@ -318,7 +328,10 @@ class Encoder:
         """Return the chunks of one message carrying ``obj``; their concatenation is the
         message. Raises :class:`EncodeError` (and returns nothing) if ``obj`` can't be pickled.
         """
-        return self._encode(obj, True)
+        chunks = self._encode(obj, True)
+        if self._limits is not None:
+            self._check_limits(obj, chunks, 0)
+        return chunks
 
     def encode_unsigned(self, obj: Any) -> tuple[list[Chunk], Any]:
         """For transports that MAC while they send: the chunks of a keyed message without its
@@ -331,12 +344,40 @@ class Encoder:
         while the sender hashes slice k+1. Each slice is hashed from the memory it is sent
         from, so an array mutated meanwhile makes the tag fail: never a silent difference.
         """
-        if self._key is None:
-            return self._encode(obj, False), None
         chunks = self._encode(obj, False)
+        if self._key is None:
+            if self._limits is not None:
+                self._check_limits(obj, chunks, 0)
+            return chunks, None
         if len(chunks) == 1:
-            return [chunks[0] + self._key.digest(chunks[0])], None
-        return chunks, self._key.new()
+            chunks = [chunks[0] + self._key.digest(chunks[0])]
+            mac = None
+        else:
+            mac = self._key.new()
+        if self._limits is not None:
+            self._check_limits(obj, chunks, 0 if mac is None else _wire.TAG_SIZE)
+        return chunks, mac
+
+    def _check_limits(self, obj: Any, chunks: list[Chunk], tag: int) -> None:
+        """Refuse a message over ``self._limits`` (``tag``: bytes still to come after the
+        chunks), taking back its sequence number."""
+        limits = self._limits
+        assert limits is not None
+        _, _, _, _, count, plen = _wire.unpack_header(chunks[0])
+        size = sum(memoryview(c).nbytes for c in chunks) + tag
+        for what, value, field in (
+            ("bytes in all", size, "max_message_size"),
+            ("pickle bytes", plen, "max_pickle_size"),
+            ("side chunks", count, "max_side_chunks"),
+        ):
+            limit = getattr(limits, field)
+            if value > limit:
+                self._unsend()
+                raise EncodeError(
+                    f"could not send {type(obj).__name__} object: its message has {value} "
+                    f"{what}, over Limits.{field}={limit}, so a peer with these limits would "
+                    f"refuse it. Nothing was sent; raise the limit on both ends to send it."
+                )
 
     def _encode(self, obj: Any, sign: bool) -> list[Chunk]:
         if self._busy:  # a __reduce__ that encodes: a second pickler, the same stream

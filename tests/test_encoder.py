@@ -239,3 +239,28 @@ def test_an_encoder_is_no_reference_cycle() -> None:
     finally:
         if was:
             gc.enable()
+
+
+@pytest.mark.parametrize("key", [None, b"k"], ids=["plain", "keyed"])
+@pytest.mark.parametrize(
+    "field, value, obj",
+    [
+        ("max_message_size", 1 << 16, np.ones(1 << 16, np.uint8)),
+        ("max_pickle_size", 1000, "x" * 2000),
+        ("max_side_chunks", 2, [np.ones(1), np.ones(2), np.ones(3)]),
+    ],
+)
+def test_an_encoder_with_limits_refuses_what_a_decoder_with_them_would(key, field, value, obj) -> None:
+    """Encoder(limits=...) refuses, before any chunk exists, exactly the messages a Decoder with
+    the same limits refuses; a keyed stream encoder's refused message takes no sequence number."""
+    limits = streampickle.Limits(**{field: value})
+    encoder = Encoder(key=key, limits=limits)
+    with pytest.raises(streampickle.EncodeError, match=f"Limits.{field}={value}"):
+        encoder.encode(obj)
+    with pytest.raises(streampickle.EncodeError, match=f"Limits.{field}={value}"):
+        encoder.encode_unsigned(obj)
+    with pytest.raises(streampickle.LimitExceededError):
+        streampickle.Decoder(key=key, limits=limits).feed(b"".join(bytes(c) for c in Encoder(key=key).encode(obj)))
+    decoder = streampickle.Decoder(key=key, limits=limits)
+    decoder.feed(b"".join(bytes(c) for c in encoder.encode("small")))  # number 0: none was taken
+    assert next(decoder) == "small"

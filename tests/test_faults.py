@@ -795,9 +795,6 @@ async def test_an_unpicklable_object_raises_before_any_byte_and_the_stream_goes_
         obj.close()
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "a stream's limits bound only what it receives: a message over them is sent whole and "
-    "refused by a peer with the same limits, instead of failing to encode locally"))
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_message_over_the_streams_limits_is_refused_before_any_byte() -> None:
     """Both ends configured with the same limits: the safe outcome is an EncodeError at the
