@@ -170,26 +170,26 @@ class Charge:
         self.held = 0
         self._waiter: _Waiter | None = None
 
-    async def grant(self, received: int, wanted: int) -> int | None:
-        """Cover a read of up to ``wanted`` bytes into a message of which ``received`` have
-        arrived; the most the read may take, or None for all of ``wanted``.
+    async def grant(self, received: int, wanted: int, minimum: int = 1) -> int | None:
+        """Cover a read that adds up to ``wanted`` bytes to a message holding ``received``;
+        the most it may add, or None for all of ``wanted``. ``minimum``: the least that lets
+        the read take a byte (a whole huge page, at the start of one).
 
         Free while the read stays inside the allowance (plus what is already held). Past it,
-        asks for up to ``QUANTUM`` more: while part of the allowance is left, only if the
-        budget has room now (else the read is capped to the allowance); otherwise waiting
-        until it has."""
+        asks for up to ``QUANTUM`` more: while the allowance still has ``minimum`` left, only
+        if the budget has room now (else the read is capped to the allowance); otherwise
+        waiting until it has."""
         room = ALLOWANCE - received + self.held
         if wanted <= room:
             return None
         budget = self.budget
         # Up to a quantum beyond the allowance, plus what a resumed message (a parked load)
-        # already holds uncharged; never more than the read could bring.
-        n = min(wanted - room, max(0, -room) + budget._quantum)
-        if room > 0:
-            if budget._waiters or not budget._fits(n, self):
-                return room  # don't wait while the allowance has room; don't jump the queue
-            budget._add(self, n)
-        elif budget._fits(n, self) and (not budget._waiters or budget._in_use == self.held):
+        # already holds uncharged; never more than the read could bring, never less than
+        # lets it take a byte.
+        n = max(min(wanted - room, max(0, -room) + budget._quantum), minimum - room)
+        if room >= minimum and (budget._waiters or not budget._fits(n, self)):
+            return room  # don't wait while the allowance has room; don't jump the queue
+        if budget._fits(n, self) and (not budget._waiters or budget._in_use == self.held):
             budget._add(self, n)
         else:
             await self._wait(n)

@@ -46,7 +46,7 @@ from ._errors import (
 )
 from ._limits import Limits
 from ._mac import Key, as_key, describe_flags
-from ._pool import HUGE_PAGE, POOL_MIN, buffer_pool
+from ._pool import HUGE_PAGE, POOL_MIN, buffer_pool, small_pages
 from ._safe import Loader
 
 __all__ = ["Decoder", "aligned_empty", "byte_view"]
@@ -180,6 +180,8 @@ class Decoder:
         self._peer: bytes | None = None
         self._next_sequence = 0
         self._ended = False
+        # Set by a stream under a memory budget: see _allocate_chunk.
+        self._small_first_page = False
         self._own_sender: bytes | None = None  # our own encoder's, where we have one (reflection)
         self._fields_buf = bytearray(_wire.STREAM_FIELDS_SIZE)
         # complete messages awaiting unpickling: (pickle part, side-chunk buffers)
@@ -320,6 +322,42 @@ class Decoder:
         return self._received > 0 and self._part <= _HEADER_TAG and self._failure is None
 
     @property
+    def committed(self) -> int:
+        """Bytes of memory the incomplete message holds: what arrived of it, where a side chunk
+        of at least 2 MiB counts every 2 MiB page it touched whole (such memory is aligned
+        for transparent huge pages, and the kernel commits each huge page at its first
+        byte), except its first 2 MiB under a memory budget, which has ordinary pages. What
+        a memory budget charges."""
+        return self._received + self._page_slack + (self._huge_end(self._pos) - self._pos if self._in_huge_chunk() else 0)
+
+    def commit_for(self, nbytes: int) -> int:
+        """How much :attr:`committed` grows if the next ``nbytes`` arrive into the current part."""
+        if not self._in_huge_chunk():
+            return nbytes
+        return self._huge_end(self._pos + nbytes) - self._huge_end(self._pos)
+
+    def readable_within(self, commit: int) -> int:
+        """The most bytes the current part may take while :attr:`committed` grows by at most
+        ``commit`` (0 if that doesn't reach the next whole page)."""
+        if not self._in_huge_chunk():
+            return commit
+        pos = self._pos
+        if self._small_head and pos < HUGE_PAGE:  # ordinary pages up to 2 MiB, then whole ones
+            head = HUGE_PAGE - pos
+            return commit if commit <= head else head + (commit - head) // HUGE_PAGE * HUGE_PAGE
+        end = (self._huge_end(pos) + commit) // HUGE_PAGE * HUGE_PAGE
+        return max(0, end - pos)
+
+    def _in_huge_chunk(self) -> bool:
+        return self._part == _CHUNK and self._end >= HUGE_PAGE
+
+    def _huge_end(self, nbytes: int) -> int:
+        """The memory the first ``nbytes`` of the current large side chunk commit."""
+        if self._small_head and nbytes <= HUGE_PAGE:
+            return nbytes
+        return -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+
+    @property
     def ended(self) -> bool:
         """True once the peer's authenticated end of the stream arrived (keyed streams): no
         message follows it, and the stream ended cleanly."""
@@ -343,6 +381,8 @@ class Decoder:
         self._mac: Any = None  # made when a header completes on the incremental path
         self._lengths: tuple[int, ...] = ()
         self._table: memoryview | None = None
+        self._page_slack = 0  # see ``committed``: bytes of huge pages the done side chunks touched past their end
+        self._small_head = False  # the current side chunk's first 2 MiB has ordinary pages
         self._chunks: list[memoryview] = []
         self._pickle = _NO_PICKLE
 
@@ -366,6 +406,9 @@ class Decoder:
             self._next_chunk()
         elif part == _CHUNK:
             self._chunks.append(self._view)
+            if self._end >= HUGE_PAGE:
+                self._page_slack += self._huge_end(self._end) - self._end
+            self._small_head = False
             self._next_chunk()
         else:
             self._on_tag()
@@ -664,7 +707,13 @@ class Decoder:
 
     def _allocate_chunk(self) -> None:
         size = self._end
-        self._view = memoryview(self._destination(size, self._chunk_index))
+        destination = self._destination(size, self._chunk_index)
+        if self._small_first_page and size >= HUGE_PAGE and small_pages(destination, HUGE_PAGE):
+            # Under a memory budget: the first bytes of a large side chunk (a read ahead of
+            # its header may bring them unasked) commit 4 KiB pages as they arrive, not a 2
+            # MiB page at once. After its first 2 MiB a chunk is arriving in earnest.
+            self._small_head = True
+        self._view = memoryview(destination)
         self._cap = size
 
     def _destination(self, size: int, index: int) -> np.ndarray[Any, Any]:

@@ -50,6 +50,32 @@ _MADV_FREE = getattr(mmap, "MADV_FREE", None)
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
+_MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)
+_madvise: Any = None  # libc's madvise, looked up on first use
+
+
+def small_pages(array: np.ndarray[Any, Any], nbytes: int) -> bool:
+    """Ask the kernel to back the first ``nbytes`` of ``array`` (which starts on a page
+    boundary) with ordinary pages, never a transparent huge page: memory then follows the
+    bytes written there, 4 KiB at a time, instead of 2 MiB at the first byte. Whether it could
+    (False where the platform has no such advice)."""
+    global _madvise
+    if _MADV_NOHUGEPAGE is None or nbytes <= 0:
+        return False
+    if _madvise is None:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _madvise = libc.madvise
+            _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise:
+        return False
+    return _madvise(array.__array_interface__["data"][0], nbytes, _MADV_NOHUGEPAGE) == 0
+
+
 class _Block:
     """One anonymous mapping: ``size`` usable bytes from a 2 MiB-aligned ``address``."""
 

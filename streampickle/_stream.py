@@ -111,6 +111,10 @@ class ObjectStream(_AnyioObjectStream[Any]):
     ``trusted``, ``allow``, ``key``, ``limits``. ``budget``: a :class:`MemoryBudget` that this
     stream's incomplete messages share with other streams (none by default).
 
+    ``limits`` bound both directions: a message over them is refused by ``receive``, and by
+    ``send`` (:class:`EncodeError`, before any byte), since a peer configured alike would
+    refuse it.
+
     ``receive`` raises ``anyio.EndOfStream`` at a clean end between messages,
     :class:`IncompleteMessageError` if the peer stopped inside one, and
     :class:`DeadlineExceededError` if a started message outlasts ``limits``' deadlines;
@@ -130,10 +134,11 @@ class ObjectStream(_AnyioObjectStream[Any]):
     ) -> None:
         self.transport_stream = transport_stream
         self._charge = Charge(budget) if budget is not None else None
-        self._encoder = Encoder(key=key)
+        self._encoder = Encoder(key=key, limits=limits)  # a message the peer would refuse isn't sent
         self._decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
         # With a key: our own messages reflected back are refused, and the stream has an end.
         self._decoder._own_sender = self._encoder._sender
+        self._decoder._small_first_page = budget is not None  # see Decoder.committed
         self._keyed = key is not None
         self._end_sent = False
         self._transport: AnyioTransport | AsyncioTransport | SocketTransport | None = None
@@ -411,19 +416,21 @@ async def _fill_charged(
             want = len(decoder.get_buffer())
             if not exact:
                 want = max(want, READ_AHEAD)
-            received = decoder.progress[0]
+            # in memory committed, not bytes: a huge page counts whole from its first byte
+            received = decoder.committed
+            commit = decoder.commit_for(want)
             if (
-                want > ALLOWANCE - received + charge.held
+                commit > ALLOWANCE - received + charge.held
                 and charge.budget._waiters
                 and type(transport) is SocketTransport
             ):
                 await transport.wait_readable()  # budget is short: take it only for bytes that are there
-            cap = await charge.grant(received, want)
-            more = await transport.fill(decoder, exact=exact, limit=cap)
+            cap = await charge.grant(received, commit, decoder.commit_for(1))
+            more = await transport.fill(decoder, exact=exact, limit=None if cap is None else decoder.readable_within(cap))
         if scope.cancelled_caught:
             raise _late(decoder, limit)
     finally:
-        charge.trim(0 if decoder.failed else decoder.progress[0])
+        charge.trim(0 if decoder.failed else decoder.committed)
     return more, _started(decoder, started)
 
 
@@ -492,6 +499,7 @@ async def load(
         decoder, started = parked[1], parked[2]
     else:  # options[1], not allow: a generator given as allow was consumed making it
         decoder = Decoder(trusted=trusted, allow=options[1], key=key, limits=limits, stream=False)
+    decoder._small_first_page = charge is not None  # see Decoder.committed
     transport = _transport_for(stream)
     try:
         while not decoder.pending:
