@@ -378,7 +378,11 @@ async def _fill(
     ``_fill_charged``.
     """
     if charge is not None:
-        return await _fill_charged(transport, decoder, started, exact, charge)
+        if charge.held or decoder.in_message:
+            return await _fill_charged(transport, decoder, started, exact, charge)
+        # Between messages, holding nothing: a read of at most the free allowance needs no
+        # budget and leaves nothing to charge (a burst of small messages stays this cheap).
+        return await transport.fill(decoder, exact=exact, limit=ALLOWANCE), _started(decoder, started)
     limit, deadline = _deadline(decoder, started)
     if deadline is None:
         more = await transport.fill(decoder, exact=exact)
