@@ -25,7 +25,7 @@ import anyio
 
 from ._errors import UsageError
 
-__all__ = ["MemoryBudget", "Charge", "ALLOWANCE", "QUANTUM", "MAX_QUANTUM", "default_budget_bytes"]
+__all__ = ["MemoryBudget", "Charge", "ALLOWANCE", "QUANTUM", "MAX_QUANTUM", "check_budget", "default_budget_bytes"]
 
 # Bytes of each incomplete message that cost nothing: every header (fixed part and a length
 # table of up to a thousand side chunks) and every small message fits, so a well-behaved peer
@@ -148,6 +148,13 @@ class MemoryBudget:
         waiter.event.set()
 
 
+def check_budget(budget: Any) -> MemoryBudget:
+    """``budget`` if it is a :class:`MemoryBudget`, else the caller's mistake."""
+    if not isinstance(budget, MemoryBudget):
+        raise UsageError(f"budget must be a streampickle.MemoryBudget or None, not {type(budget).__name__}")
+    return budget
+
+
 class _Waiter:
     __slots__ = ("charge", "n", "event", "closed")
 
@@ -164,9 +171,7 @@ class Charge:
     __slots__ = ("budget", "held", "_waiter", "__weakref__")
 
     def __init__(self, budget: Any) -> None:
-        if not isinstance(budget, MemoryBudget):
-            raise UsageError(f"budget must be a streampickle.MemoryBudget or None, not {type(budget).__name__}")
-        self.budget = budget
+        self.budget = check_budget(budget)
         self.held = 0
         self._waiter: _Waiter | None = None
 

@@ -597,14 +597,7 @@ class Decoder:
                 self._check_total()  # raises
             if end - pos < total:
                 break
-            chunks = []
-            chunk_pos = stop
-            for length in lengths:
-                dest = memoryview(self._destination(length, len(chunks)))
-                dest[:] = view[chunk_pos : chunk_pos + length]
-                chunks.append(dest)
-                chunk_pos += length
-            ready.append((view[start:stop].tobytes(), chunks))
+            ready.append((view[start:stop].tobytes(), self._copy_chunks(view, stop, lengths)))
             pos += total
             taken += 1
         return view[pos:] if pos else view
@@ -645,16 +638,21 @@ class Decoder:
             if not key.check(view[pos : pos + total - tag_size], view[pos + total - tag_size : pos + total]):
                 raise self._fail(AuthenticationError(_TAG_MISMATCH))
             stop = start + plen
-            chunks = []
-            for length in lengths:
-                dest = memoryview(self._destination(length, len(chunks)))
-                dest[:] = view[stop : stop + length]
-                chunks.append(dest)
-                stop += length
-            ready.append((view[start : start + plen].tobytes(), chunks))
+            ready.append((view[start:stop].tobytes(), self._copy_chunks(view, stop, lengths)))
             pos += total
             taken += 1
         return view[pos:] if pos else view
+
+    def _copy_chunks(self, view: memoryview, at: int, lengths: Sequence[int]) -> list[memoryview]:
+        """The side chunks of a whole message in ``view``, from offset ``at``, each copied
+        into a destination of its own (see ``_take_whole``)."""
+        chunks = []
+        for length in lengths:
+            dest = memoryview(self._destination(length, len(chunks)))
+            dest[:] = view[at : at + length]
+            chunks.append(dest)
+            at += length
+        return chunks
 
     def _next_chunk(self) -> None:
         if self._part == _PICKLE:

@@ -22,8 +22,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import Listener, TaskGroup
 
-from ._budget import MemoryBudget, default_budget_bytes
-from ._errors import UsageError
+from ._budget import MemoryBudget, check_budget, default_budget_bytes
 from ._limits import Limits
 from ._mac import Key
 from ._serve import note_accepted
@@ -47,9 +46,7 @@ PER_LISTENER: Any = _PerListener()
 def _listener_budget(budget: Any) -> MemoryBudget | None:
     if budget is PER_LISTENER:
         return MemoryBudget(default_budget_bytes())
-    if budget is not None and not isinstance(budget, MemoryBudget):
-        raise UsageError(f"budget must be a streampickle.MemoryBudget or None, not {type(budget).__name__}")
-    return budget
+    return None if budget is None else check_budget(budget)
 
 
 def _tune(sock: socket.socket) -> None:

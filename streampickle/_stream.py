@@ -37,14 +37,20 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import ObjectStream as _AnyioObjectStream
 
+from ._budget import ALLOWANCE, Charge, MemoryBudget
 from ._decoder import Decoder
 from ._encoder import Encoder
 from ._errors import DeadlineExceededError, StreamPickleError, UsageError
 from ._limits import Limits
 from ._mac import Key
-from ._transports import AnyioTransport, AsyncioTransport, SocketTransport, fastest_transport, send_message
-from ._budget import ALLOWANCE, Charge, MemoryBudget
-from ._transports import READ_AHEAD
+from ._transports import (
+    READ_AHEAD,
+    AnyioTransport,
+    AsyncioTransport,
+    SocketTransport,
+    fastest_transport,
+    send_message,
+)
 
 __all__ = ["ObjectStream", "dump", "load"]
 
@@ -64,11 +70,6 @@ def _checkpoint_if_cancelled() -> Callable[[], Awaitable[None]]:
     if get_backend is None:  # older anyio: the public function, slower but the same
         return anyio.lowlevel.checkpoint_if_cancelled
     return get_backend().checkpoint_if_cancelled
-
-
-def _cancelled() -> type[BaseException]:
-    """The running backend's cancellation exception class."""
-    return anyio.get_cancelled_exc_class()
 
 
 class _FifoLock:
@@ -201,6 +202,10 @@ class ObjectStream(_AnyioObjectStream[Any]):
         )
         if not taken:
             await self._send_chunks(chunks, mac)
+        await self._sent_one()
+
+    async def _sent_one(self) -> None:
+        """After a send: every ``_YIELD_EVERY`` sends, a real yield to the event loop."""
         self._quick_sends += 1
         if self._quick_sends >= _YIELD_EVERY:
             self._quick_sends = 0
@@ -229,10 +234,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 await self._write(chunks, mac)
         finally:
             self._send_lock.release()
-        self._quick_sends += 1
-        if self._quick_sends >= _YIELD_EVERY:
-            self._quick_sends = 0
-            await anyio.lowlevel.cancel_shielded_checkpoint()
+        await self._sent_one()
 
     async def _write(self, chunks: list[Any], mac: Any) -> None:
         """Send one message's chunks, holding the send lock. Interrupted after a byte went out
@@ -247,7 +249,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
             # Only a cancellation comes at a point where the count of bytes sent is exact (an
             # await); anything else, a KeyboardInterrupt say, may have come between the kernel
             # taking bytes and the count.
-            if transport.sent or not transport.exact_send_accounting or not isinstance(exc, _cancelled()):
+            if transport.sent or not transport.exact_send_accounting or not isinstance(exc, anyio.get_cancelled_exc_class()):
                 self._send_broken = exc
             else:
                 self._encoder._unsend()
