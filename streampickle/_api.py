@@ -6,6 +6,7 @@ import struct
 from typing import Any, Iterable
 
 from . import _wire
+from ._accel import speedups
 from ._decoder import Decoder, byte_view
 from ._encoder import dumps
 from ._errors import IncompleteMessageError, ProtocolError
@@ -18,10 +19,8 @@ _MAX_PICKLE = Limits().max_pickle_size
 _C_MAX_PICKLE = GC_PAUSE_BYTES - 1
 _unpack_length = struct.Struct("<Q").unpack_from
 
-try:
-    from ._speedups import loads_plain as _loads_plain
-except ImportError:  # no C extension: the inline Python checks below do the same
-    _loads_plain = None
+# Without the C extension the inline Python checks below do the same.
+_loads_plain = speedups.loads_plain if speedups else None
 
 __all__ = ["dumps", "loads"]
 

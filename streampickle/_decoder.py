@@ -36,6 +36,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import _wire
+from ._accel import speedups
 from ._errors import (
     AuthenticationError,
     IncompleteMessageError,
@@ -71,10 +72,8 @@ _HEADER_TAG_MISMATCH = (
 )
 _DEFAULT_LIMITS = Limits()
 
-try:
-    from ._speedups import take_plain as _take_plain
-except ImportError:  # built without the C extension: the Python loop does it all
-    _take_plain = None
+# Without the C extension the Python loop does it all.
+_take_plain = speedups.take_plain if speedups else None
 
 
 def byte_view(data: Any) -> memoryview:

@@ -31,6 +31,7 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 
 from . import _rebuild, _wire
+from ._accel import speedups
 from ._errors import EncodeError, UsageError
 from ._limits import Limits
 from ._mac import Key, as_key, new_sender
@@ -266,12 +267,10 @@ def _dump_small_py(pickler: pickle.Pickler, out: list[Any], buffers: list[Any], 
     return None
 
 
-try:
-    from ._speedups import dump as _dump_c
-    from ._speedups import dump_small as _dump_small_c
-    from ._speedups import frame as _frame_c
-except ImportError:  # no C extension: the same bytes, built in Python; the memo always on
-    _frame_c = _dump_c = _dump_small_c = None
+# Without the C extension: the same bytes, built in Python; the memo always on.
+_frame_c = speedups.frame if speedups else None
+_dump_c = speedups.dump if speedups else None
+_dump_small_c = speedups.dump_small if speedups else None
 
 _frame = _frame_c or _frame_py
 # Pickles obj; without the memo when no object in it can appear twice (see _speedups.unshared:

@@ -30,6 +30,7 @@ import pickle
 from typing import Any, Callable, Iterable, Sequence
 
 from . import _rebuild, _verify
+from ._accel import speedups
 from ._allow import denied_object_reason, parse_allow
 from ._errors import ForbiddenGlobalError, MalformedPickleError, StreamPickleError, UsageError
 from ._limits import Limits
@@ -326,14 +327,8 @@ def unpickling_failed(exc: Exception) -> MalformedPickleError:
     return MalformedPickleError(f"the message's pickle failed to load: {type(exc).__name__}{detail}")
 
 
-try:
-    from ._speedups import load_inband as _load_inband_c
-except ImportError:  # built without the C extension
-    _load_inband_c = None
-
-try:
-    from ._speedups import verify as _verify_c
-except ImportError:  # built without the C extension: the reference walk, slower but identical
-    _verify_c = None
+# Without the C extension: the reference walk, slower but identical.
+_load_inband_c = speedups.load_inband if speedups else None
+_verify_c = speedups.verify if speedups else None
 
 _SHARED = {False: Loader(trusted=False), True: Loader(trusted=True)}

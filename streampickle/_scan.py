@@ -8,14 +8,13 @@ refused. ``_speedups.scan`` is the C twin of ``_verify.scan_py``: same answer on
 
 from __future__ import annotations
 
+from ._accel import speedups
 from ._verify import DEFER, scan_py
 
 __all__ = ["scan", "scan_py", "scan_c", "DEFER"]
 
-try:
-    from ._speedups import scan as scan_c
-except ImportError:  # built without a C compiler: the reference scan, slower but identical
-    scan_c = None
+# Without the C extension (or with STREAMPICKLE_PURE_PYTHON=1): the reference scan.
+scan_c = speedups.scan if speedups else None
 
 #: The scan to use: the C one when it was built, the reference otherwise (they agree).
 scan = scan_c or scan_py
