@@ -180,3 +180,52 @@ def test_poly1305_golden_vector() -> None:
     assert message[:44] == header and message[76:-32] == PICKLE_AND_CHUNK
     assert message[44:76] == tag(header, message[44:60])
     assert message[-32:] == tag(message[:-32], message[-32:-16])
+
+
+# The numpy vectors of the spec's "More examples": U item sizes in characters (4 bytes each),
+# timedelta64 with the generic unit and with a multiplier, an object array's items in memory
+# (column-major) order, and scalars' in-band data.
+NUMPY_VECTORS = [
+    (np.array(["ab", "c"]), bytes.fromhex(
+        "9353504b01000000010000004200000000000000100000000000000080059537000000000000008c15737472"
+        "65616d7069636b6c652e5f72656275696c64948c076e646172726179949394288c033c5532945d944b026189"
+        "97749452942e61000000620000006300000000000000"
+    )),
+    (np.array([1, -2], dtype="<m8"), bytes.fromhex(
+        "9353504b01000000010000004200000000000000100000000000000080059537000000000000008c15737472"
+        "65616d7069636b6c652e5f72656275696c64948c076e646172726179949394288c033c6d38945d944b026189"
+        "97749452942e0100000000000000feffffffffffffff"
+    )),
+    (np.array([3], dtype="<m8[25ms]"), bytes.fromhex(
+        "9353504b0100000001000000480000000000000008000000000000008005953d000000000000008c15737472"
+        "65616d7069636b6c652e5f72656275696c64948c076e646172726179949394288c093c6d385b32356d735d94"
+        "5d944b01618997749452942e0300000000000000"
+    )),
+    (np.asfortranarray(np.array([[1, 2], [3, 4]], dtype=object)), bytes.fromhex(
+        "9353504b0100000000000000520000000000000080059547000000000000008c1573747265616d7069636b6c"
+        "652e5f72656275696c64948c0e6f626a6563745f6e646172726179949394285d94284b024b026588885d9428"
+        "4b014b034b024b0465749452942e"
+    )),
+    (np.float32(1.5), bytes.fromhex(
+        "9353504b0100000000000000400000000000000080059535000000000000008c1573747265616d7069636b6c"
+        "652e5f72656275696c64948c067363616c61729493948c033c66349443040000c03f94869452942e"
+    )),
+    (np.str_("\u00e9"), bytes.fromhex(
+        "9353504b0100000000000000400000000000000080059535000000000000008c1573747265616d7069636b6c"
+        "652e5f72656275696c64948c067363616c61729493948c033c5531944304e900000094869452942e"
+    )),
+]
+
+
+def test_numpy_golden_vectors() -> None:
+    for value, vector in NUMPY_VECTORS:
+        assert streampickle.dumps(value) == vector, value
+        back = streampickle.loads(vector)
+        assert type(back) is type(value) and back.dtype == value.dtype
+        if isinstance(value, np.ndarray):
+            assert back.shape == value.shape and back.tolist() == value.tolist()
+            assert back.flags.f_contiguous == value.flags.f_contiguous
+        else:
+            assert back == value
+    u = streampickle.loads(NUMPY_VECTORS[0][1])
+    assert u.dtype.itemsize == 8 and u.nbytes == 16  # "<U2": 2 characters of 4 bytes
