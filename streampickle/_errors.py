@@ -1,16 +1,32 @@
 """The errors streampickle raises, and whose fault each one is.
 
 Every error is a :class:`StreamPickleError`, so one ``except`` clause catches them all. The
-subclasses answer the two questions a caller has after a failure:
+classes answer the two questions a caller has after a failure, and the hierarchy is the
+answer::
 
-* whose fault was it? ``UsageError`` is ours (the local code called the API wrongly);
-  ``EncodeError`` is the object being sent; everything else is the peer's bytes.
-* can the stream still be used? A *framing* failure (``ProtocolError``,
-  ``LimitExceededError`` and its ``DeadlineExceededError``, ``AuthenticationError``, ``IncompleteMessageError``) poisons the
-  decoder: message boundaries can no longer be trusted, so every later call raises. A message
-  that arrived whole and verified but could not be unpickled (``MalformedPickleError``,
-  ``ForbiddenGlobalError``) is dropped alone; the next message decodes normally. The
-  ``poisons_stream`` class attribute says which kind an error is.
+    StreamPickleError
+    ├── UsageError               the local code called the API wrongly; nothing changed
+    ├── EncodeError              the object could not be pickled; nothing was written
+    ├── StreamBrokenError        the peer's bytes ended the stream: close it
+    │   ├── ProtocolError            not the wire format (bad magic, version, header...)
+    │   │   └── IncompleteMessageError   the input ended inside a message
+    │   ├── LimitExceededError       a declared size over Limits
+    │   │   └── DeadlineExceededError    a message slower than Limits' deadlines
+    │   └── AuthenticationError      a tag missing, wrong, replayed, reflected...
+    └── MessageDroppedError      the peer's message was dropped alone: go on reading
+        ├── MalformedPickleError     its pickle is broken or breaks the safe loader's rules
+        └── ForbiddenGlobalError     its pickle names a global that is not allowed
+
+* whose fault was it? ``UsageError`` is ours, ``EncodeError`` is the object being sent's;
+  a :class:`StreamBrokenError` or a :class:`MessageDroppedError` is the peer's bytes.
+* can the stream still be used? After a :class:`StreamBrokenError` message boundaries can no
+  longer be trusted, so the decoder (and the stream over it) is poisoned: every later call
+  raises the same error again. A :class:`MessageDroppedError` is for one message that arrived
+  whole (and verified, with a key) but could not be loaded: it was consumed and dropped, and
+  the next message decodes normally. ``except StreamBrokenError`` is therefore the clause
+  that closes a connection, ``except MessageDroppedError`` the one that skips a message.
+  ``poisons_stream`` says the same as ``isinstance(err, StreamBrokenError)``; it is read from
+  the class hierarchy, so the two can't disagree.
 
 Low-level causes (``struct.error``, ``pickle.UnpicklingError``, numpy's ``ValueError``...) are
 always chained as ``__cause__``.
@@ -19,11 +35,14 @@ always chained as ``__cause__``.
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 __all__ = [
     "StreamPickleError",
     "UsageError",
     "EncodeError",
+    "StreamBrokenError",
+    "MessageDroppedError",
     "ProtocolError",
     "MalformedPickleError",
     "LimitExceededError",
@@ -34,20 +53,38 @@ __all__ = [
 ]
 
 
+class _PoisonsStream:
+    """``poisons_stream``: whether the class is a :class:`StreamBrokenError`, read on the class
+    or on an instance. Computed, not stored, so that it can't disagree with the hierarchy."""
+
+    def __get__(self, obj: object, owner: type | None = None) -> bool:
+        return issubclass(owner if owner is not None else type(obj), StreamBrokenError)
+
+
 class StreamPickleError(Exception):
     """Base class of every error streampickle raises."""
 
-    #: True if, after this error, the decoder (and the stream under it) can't be used again.
-    poisons_stream: bool = True
+    #: True if, after this error, the decoder (and the stream under it) can't be used again:
+    #: exactly the :class:`StreamBrokenError` subclasses.
+    poisons_stream: Any = _PoisonsStream()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "poisons_stream" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} sets poisons_stream; derive it from StreamBrokenError or "
+                f"MessageDroppedError instead, which say the same"
+            )
+        broken, dropped = globals().get("StreamBrokenError"), globals().get("MessageDroppedError")
+        if broken and dropped and issubclass(cls, broken) and issubclass(cls, dropped):
+            raise TypeError(f"{cls.__name__} can't both end the stream and drop one message")
 
 
 class UsageError(StreamPickleError):
     """The local program called the API wrongly (for example ``feed`` after ``feed_eof``).
 
-    This is a bug in the calling code, not something the peer did.
+    This is a bug in the calling code, not something the peer did; the stream is as it was.
     """
-
-    poisons_stream = False
 
 
 class EncodeError(StreamPickleError, pickle.PicklingError):
@@ -58,10 +95,26 @@ class EncodeError(StreamPickleError, pickle.PicklingError):
     ``pickle.dumps`` keeps working. The original error is the ``__cause__``.
     """
 
-    poisons_stream = False
+
+class StreamBrokenError(StreamPickleError):
+    """The peer's bytes ended the stream: close the connection.
+
+    Message boundaries can no longer be trusted, so the decoder is poisoned and every later
+    call raises this error again (chained to the first). Messages that arrived whole before
+    it are still delivered first. Catch this class to know when to hang up.
+    """
 
 
-class ProtocolError(StreamPickleError):
+class MessageDroppedError(StreamPickleError):
+    """One message of the peer's was refused and dropped alone; the stream goes on.
+
+    The message arrived whole (and verified, if a key is set) and its bytes were consumed;
+    nothing it names was called. The next ``receive``/``next`` decodes the next message
+    normally. Catch this class to skip a message, or to answer in its place.
+    """
+
+
+class ProtocolError(StreamBrokenError):
     """The peer's bytes break the wire format (bad magic, unknown version, reserved bits set...).
 
     Message boundaries can no longer be found, so the stream is poisoned: close the connection.
@@ -70,17 +123,15 @@ class ProtocolError(StreamPickleError):
     """
 
 
-class MalformedPickleError(ProtocolError):
+class MalformedPickleError(MessageDroppedError):
     """A message arrived whole (and verified, if a key is set) but its pickle is broken.
 
     The message's bytes have been consumed and dropped; the stream is still usable and the next
     message decodes normally. The peer has a bug or is hostile.
     """
 
-    poisons_stream = False
 
-
-class LimitExceededError(StreamPickleError):
+class LimitExceededError(StreamBrokenError):
     """A size declared by the peer is over one of the decoder's :class:`Limits`.
 
     Raised from the header alone, before anything of that size is allocated. The message names
@@ -122,7 +173,7 @@ class IncompleteMessageError(ProtocolError):
         self.expected = expected
 
 
-class AuthenticationError(StreamPickleError):
+class AuthenticationError(StreamBrokenError):
     """The message's tag is missing, wrong, of the other MAC, or present where no key was
     configured.
 
@@ -131,7 +182,7 @@ class AuthenticationError(StreamPickleError):
     """
 
 
-class ForbiddenGlobalError(StreamPickleError):
+class ForbiddenGlobalError(MessageDroppedError):
     """The peer's pickle names a global that the safe loader does not allow.
 
     The message was dropped and nothing it names was called; the stream is still usable.
@@ -141,8 +192,6 @@ class ForbiddenGlobalError(StreamPickleError):
     peers). A name that runs code or reaches the system (``os.system``, ``builtins.getattr``)
     can never be allowed, and for those the message says why and suggests neither.
     """
-
-    poisons_stream = False
 
     def __init__(
         self, module: str, name: str, *, position: int | None = None, opcode: str | None = None
@@ -184,3 +233,4 @@ def _bounded(text: str) -> str:
     if len(text) <= _NAME_LIMIT:
         return repr(text)
     return f"{text[:_NAME_LIMIT]!r}...({len(text) - _NAME_LIMIT} more characters)"
+
