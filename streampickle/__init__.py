@@ -79,6 +79,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 __all__ = [
+    "WIRE_VERSION",
     "AuthenticationError",
     "BufferPool",
     "DeadlineExceededError",
@@ -99,7 +100,6 @@ __all__ = [
     "StreamBrokenError",
     "StreamPickleError",
     "UsageError",
-    "WIRE_VERSION",
     "buffer_pool",
     "connect_tcp",
     "connect_unix",

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _rebuild, _wire
 from ._accel import speedups
-from ._errors import EncodeError, UsageError
+from ._errors import EncodeError, UsageError, encode_error
 from ._limits import Limits
 from ._mac import Key, as_key, new_sender
 
@@ -444,7 +444,9 @@ class Encoder:
 
     def _fail(self, obj: Any, exc: BaseException) -> NoReturn:
         """After a failed dump: drop what it made (a fresh pickler keeps nothing of the
-        failed object), and raise: EncodeError for an Exception, others as they are."""
+        failed object), and raise: for an Exception, an EncodeError that is also of its type
+        (``except TypeError`` still catches what ``pickle.dumps`` raises as TypeError); others
+        as they are."""
         for b in self._buffers:
             b.release()
         self._buffers.clear()
@@ -453,7 +455,7 @@ class Encoder:
         self._busy = False
         if not isinstance(exc, Exception):
             raise exc
-        raise EncodeError(f"could not pickle {type(obj).__name__} object: {exc}") from exc
+        raise encode_error(f"could not pickle {type(obj).__name__} object: {exc}", exc) from exc
 
     def _assemble(self, parts: list[bytes], size: int, views: list[memoryview] | None, sign: bool) -> list[Chunk]:
         """The chunks of a message: header and length table (and with a key, the stream fields

@@ -28,28 +28,35 @@ answer::
   ``poisons_stream`` says the same as ``isinstance(err, StreamBrokenError)``; it is read from
   the class hierarchy, so the two can't disagree.
 
+An :class:`EncodeError` is also an instance of what ``pickle.dumps(obj, protocol=5)`` would
+have raised (``TypeError``, ``pickle.PicklingError``, ``RuntimeError``, ``RecursionError``...),
+so code written for pickle keeps its ``except`` clauses; see :func:`encode_error`.
+
 Low-level causes (``struct.error``, ``pickle.UnpicklingError``, numpy's ``ValueError``...) are
 always chained as ``__cause__``.
 """
 
 from __future__ import annotations
 
+import functools
 import pickle
+import types
 from typing import Any
 
 __all__ = [
-    "StreamPickleError",
-    "UsageError",
+    "AuthenticationError",
+    "DeadlineExceededError",
     "EncodeError",
-    "StreamBrokenError",
+    "ForbiddenGlobalError",
+    "IncompleteMessageError",
+    "LimitExceededError",
+    "MalformedPickleError",
     "MessageDroppedError",
     "ProtocolError",
-    "MalformedPickleError",
-    "LimitExceededError",
-    "DeadlineExceededError",
-    "IncompleteMessageError",
-    "AuthenticationError",
-    "ForbiddenGlobalError",
+    "StreamBrokenError",
+    "StreamPickleError",
+    "UsageError",
+    "encode_error",
 ]
 
 
@@ -91,7 +98,9 @@ class EncodeError(StreamPickleError, pickle.PicklingError):
     """The object could not be encoded; nothing was written and the stream is still usable.
 
     Raised before the first byte of the message exists, so a failed ``dump`` never leaves half a
-    message on the wire. It is also a :class:`pickle.PicklingError`, so code written for
+    message on the wire. It is also a :class:`pickle.PicklingError`, and when pickling raised
+    something else (``TypeError`` for a ``staticmethod``, ``RuntimeError`` for a dict changed
+    while pickled, ``RecursionError``...), an instance of that type as well: code written for
     ``pickle.dumps`` keeps working. The original error is the ``__cause__``.
     """
 
@@ -234,3 +243,63 @@ def _bounded(text: str) -> str:
         return repr(text)
     return f"{text[:_NAME_LIMIT]!r}...({len(text) - _NAME_LIMIT} more characters)"
 
+
+def encode_error(message: str, cause: Exception) -> EncodeError:
+    """The :class:`EncodeError` to raise (``from cause``) when pickling raised ``cause``.
+
+    Its class is an :class:`EncodeError` and also ``type(cause)``: what ``pickle.dumps`` would
+    have raised is still caught by the same ``except`` clause (``TypeError``, ``RuntimeError``,
+    ``RecursionError``, a user's own error class...). Its ``args`` are ``(message,)`` and
+    ``str`` is the message; the original, with its own attributes, is the ``__cause__``. When
+    no such class can be made (a type that refuses subclasses, a base order that clashes with
+    EncodeError's, a constructor that needs other arguments), it is a plain EncodeError.
+    """
+    return _encode_error(type(cause), message)
+
+
+def _encode_error(kind: type[BaseException], message: str) -> EncodeError:
+    combined = _combined(kind)
+    if combined is not EncodeError:
+        try:
+            # The cause's own __init__ takes its own arguments; only its __new__ (which
+            # allocates the C layout of OSError, AttributeError...) is needed.
+            exc = combined.__new__(combined, message)
+            BaseException.__init__(exc, message)
+        except Exception:  # noqa: BLE001 - a __new__ that wants other arguments: plain EncodeError
+            pass
+        else:
+            return exc
+    return EncodeError(message)
+
+
+@functools.lru_cache(maxsize=256)  # bounded: a program may make exception types at run time
+def _combined(kind: type[BaseException]) -> type[EncodeError]:
+    """The class that is both EncodeError and ``kind`` (EncodeError itself if it already is a
+    ``kind``, or if no such class can be made). One per type, so that they compare equal."""
+    if issubclass(kind, EncodeError):
+        return kind
+    if issubclass(EncodeError, kind):  # Exception, pickle.PicklingError
+        return EncodeError
+
+    def body(ns: dict[str, Any]) -> None:
+        ns.update(
+            __module__=__name__,
+            __doc__=f"An EncodeError that is also a {kind.__qualname__}: see encode_error.",
+            _kind=kind,
+            # the message as given: not KeyError's quoting, nor a __str__ that reads
+            # attributes only the cause's own __init__ sets
+            __str__=BaseException.__str__,
+            __repr__=BaseException.__repr__,
+            __reduce__=_reduce_combined,
+        )
+
+    try:
+        return types.new_class(f"EncodeError[{kind.__qualname__}]", (EncodeError, kind), exec_body=body)
+    except Exception:  # noqa: BLE001 - a clashing base order or layout, or a type that refuses subclasses
+        return EncodeError
+
+
+def _reduce_combined(self: Any) -> tuple[Any, ...]:
+    """Pickles a combined EncodeError as the call that makes it again (its class has no name
+    to be found by), with the original type by reference."""
+    return _encode_error, (self._kind, str(self)), self.__dict__ or None

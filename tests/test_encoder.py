@@ -264,3 +264,159 @@ def test_an_encoder_with_limits_refuses_what_a_decoder_with_them_would(key, fiel
     decoder = streampickle.Decoder(key=key, limits=limits)
     decoder.feed(b"".join(bytes(c) for c in encoder.encode("small")))  # number 0: none was taken
     assert next(decoder) == "small"
+
+
+# -- what pickle.dumps raises, still raised as that type ---------------------------------------
+
+
+class CodeError(Exception):
+    """An application's own error, with an ``__init__`` of its own and an attribute."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"failed with code {code}")
+        self.code = code
+
+
+class Raises:
+    """Its ``__reduce__`` raises what it was given."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self):
+        raise self.exc
+
+
+class GrowsItsDict:
+    """Adds a key to the dict being pickled, as pickletester's ``Bad`` does."""
+
+    def __init__(self, owner: dict) -> None:
+        self.owner = owner
+
+    def __reduce__(self):
+        self.owner[len(self.owner)] = None
+        return int, ()
+
+
+def _dict_growing_while_pickled() -> dict:
+    owner: dict = {}
+    owner["a"] = GrowsItsDict(owner)
+    owner["b"] = 1
+    return owner
+
+
+def _too_deep() -> list:
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    return deep
+
+
+UNPICKLABLE = {
+    "staticmethod": lambda: staticmethod(len),  # TypeError
+    "lock": threading.Lock,  # TypeError
+    "generator": lambda: (x for x in ()),  # TypeError
+    "lambda": lambda: (lambda: 0),  # pickle.PicklingError
+    "runtime-error": lambda: Raises(RuntimeError("boom")),
+    "dict-changed-size": _dict_growing_while_pickled,  # RuntimeError from the pickler itself
+    "too-deep": _too_deep,  # RecursionError
+    "attribute-error": lambda: Raises(AttributeError("no such attribute")),
+    "key-error": lambda: Raises(KeyError("k")),
+    "file-not-found": lambda: Raises(FileNotFoundError(2, "gone", "/nowhere")),
+    "own-error-class": lambda: Raises(CodeError(7)),
+}
+
+
+def _what_pickle_raises(obj: object) -> Exception:
+    try:
+        pickle.dumps(obj, protocol=5)
+    except Exception as exc:  # noqa: BLE001 - the exception is the result
+        return exc
+    raise AssertionError("pickle.dumps accepted it")
+
+
+@pytest.mark.parametrize("make", UNPICKLABLE.values(), ids=UNPICKLABLE)
+@pytest.mark.parametrize("how", ["dumps", "encode", "encode-keyed"])
+def test_an_encode_error_is_also_what_pickle_raises(make, how) -> None:
+    """``except TypeError`` (or RuntimeError, RecursionError, the application's own class...)
+    around pickle.dumps keeps working around streampickle, and ``except EncodeError`` catches
+    every encoding failure; the message names the object and the original is the cause."""
+    expected = _what_pickle_raises(make())
+    encode = {
+        "dumps": streampickle.dumps,
+        "encode": Encoder().encode,
+        "encode-keyed": Encoder(key=b"k").encode,
+    }[how]
+    with pytest.raises(type(expected)) as info:
+        encode(make())
+    err = info.value
+    assert isinstance(err, EncodeError) and isinstance(err, pickle.PicklingError)
+    assert type(err.__cause__) is type(expected)
+    assert err.args == (str(err),) and str(err).startswith("could not pickle ")
+    assert str(expected)[:40] in str(err)
+
+
+def test_an_encode_error_keeps_the_original_for_its_attributes() -> None:
+    with pytest.raises(CodeError) as info:
+        streampickle.dumps(Raises(CodeError(7)))
+    assert info.value.__cause__.code == 7 and str(info.value) == "could not pickle Raises object: failed with code 7"
+    with pytest.raises(OSError) as os_info:  # OSError's own C layout
+        streampickle.dumps(Raises(FileNotFoundError(2, "gone")))
+    assert isinstance(os_info.value, FileNotFoundError) and os_info.value.__cause__.errno == 2
+
+
+def test_one_class_per_original_type() -> None:
+    first = _encode_error_of(staticmethod(len))
+    second = _encode_error_of(threading.Lock())
+    assert type(first) is type(second) and type(first).__name__ == "EncodeError[TypeError]"
+    assert repr(first) == f"EncodeError[TypeError]({str(first)!r})"
+    # a PicklingError needs no new class: EncodeError is one
+    assert type(_encode_error_of(Raises(pickle.PicklingError("no")))) is EncodeError
+
+
+def test_an_encode_error_pickles_and_copies() -> None:
+    import copy
+
+    err = _encode_error_of(staticmethod(len))
+    for again in (pickle.loads(pickle.dumps(err, protocol=5)), copy.copy(err)):
+        assert type(again) is type(err) and str(again) == str(err)
+        assert isinstance(again, TypeError) and isinstance(again, EncodeError)
+
+
+class Final(Exception):
+    """An exception type that refuses subclasses."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        raise TypeError("Final can't be subclassed")
+
+
+class PicklingFirst(pickle.PicklingError, streampickle.StreamPickleError):
+    """Bases in the order EncodeError's clash with: no class can derive from both."""
+
+
+class NeedsTwo(Exception):
+    def __new__(cls, first: str, second: str) -> NeedsTwo:
+        return super().__new__(cls, first, second)
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [Final("no"), PicklingFirst("clash"), NeedsTwo("a", "b"), ExceptionGroup("several", [ValueError("v")])],
+    ids=["refuses-subclasses", "clashing-bases", "other-constructor", "exception-group"],
+)
+def test_a_type_that_cant_be_combined_gives_a_plain_encode_error(cause) -> None:
+    with pytest.raises(EncodeError) as info:
+        streampickle.dumps(Raises(cause))
+    assert type(info.value) is EncodeError and info.value.__cause__ is cause
+    assert str(info.value) == f"could not pickle Raises object: {cause}"
+
+
+def test_a_base_exception_is_not_wrapped() -> None:
+    with pytest.raises(KeyboardInterrupt):
+        streampickle.dumps(Raises(KeyboardInterrupt()))
+
+
+def _encode_error_of(obj: object) -> EncodeError:
+    with pytest.raises(EncodeError) as info:
+        streampickle.dumps(obj)
+    return info.value
