@@ -25,10 +25,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal, NoReturn, Protocol, Self, TypeAlias
 
 from . import _wire
 from ._errors import UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from blake3 import blake3 as Blake3
+    from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+    # What the MACs hash and compare: the buffers the encoder and decoder hold.
+    BytesLike: TypeAlias = bytes | bytearray | memoryview
 
 __all__ = ["Key", "MacName", "as_key", "new_sender"]
 
@@ -44,6 +53,20 @@ POLY1305_R_CONTEXT = b"streampickle 2026-11-28 poly1305 r"
 POLY1305_PAD_CONTEXT = b"streampickle 2026-11-28 poly1305 pad"
 NONCE_SIZE = 16  # a poly1305 tag is nonce || Poly1305 output
 _MASK128 = (1 << 128) - 1
+
+
+class Mac(Protocol):
+    """One message's MAC state, from :meth:`Key.new`: fed piece by piece, then finished."""
+
+    def update(self, data: BytesLike, /) -> object: ...
+
+    def digest(self) -> bytes: ...
+
+
+class _Template(Mac, Protocol):
+    """A keyed hash that copies itself, so that keying is paid once: HMAC or BLAKE3."""
+
+    def copy(self) -> Self: ...
 
 
 class Key:
@@ -62,10 +85,10 @@ class Key:
     _mac: MacName
     _flags: int
     _blake3_key: bytes | None
-    _template: Any
-    _poly1305: tuple[Any, bytes, Any] | None  # (Poly1305 class, r || 0^16, pad PRF template)
+    _template: _Template | None
+    _poly1305: tuple[type[Poly1305], bytes, hmac.HMAC] | None  # (class, r || 0^16, pad PRF template)
 
-    def __init__(self, secret: bytes, *, mac: MacName = "hmac-sha256") -> None:
+    def __init__(self, secret: bytes | bytearray | memoryview, *, mac: MacName = "hmac-sha256") -> None:
         if not isinstance(secret, (bytes, bytearray, memoryview)):
             raise UsageError(f"key must be bytes, not {type(secret).__name__}")
         secret = bytes(secret)
@@ -97,7 +120,7 @@ class Key:
         else:
             raise UsageError(f"mac must be 'hmac-sha256', 'blake3' or 'poly1305', not {mac!r}")
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Key is immutable")
 
     @property
@@ -110,35 +133,36 @@ class Key:
         """The header flag bits a message signed with this key carries."""
         return self._flags
 
-    def digest(self, data: Any) -> bytes:
+    def digest(self, data: BytesLike) -> bytes:
         """The tag over ``data`` (a bytes-like object), in one call. (For poly1305 it is
         different each time: each tag starts with a fresh random nonce.)"""
         if self._blake3_key is not None:
+            assert self._template is not None  # made with the BLAKE3 key, in __init__
             h = self._template.copy()
             h.update(data)
             return h.digest()
         if self._poly1305 is not None:
-            h = self.new()
-            h.update(data)
-            return h.digest()
+            mac = self.new()
+            mac.update(data)
+            return mac.digest()
         return hmac.digest(self._secret, data, "sha256")
 
-    def check(self, data: Any, tag: Any) -> bool:
+    def check(self, data: BytesLike, tag: BytesLike) -> bool:
         """Whether ``tag`` is this key's tag over ``data``, compared in constant time."""
         if self._poly1305 is not None:
-            h = self.new()
+            h = _Poly1305Mac(*self._poly1305)
             h.update(data)
             return h.verify(tag)
         return hmac.compare_digest(self.digest(data), tag)
 
-    def verify(self, mac: Any, tag: Any) -> bool:
+    def verify(self, mac: Mac, tag: BytesLike) -> bool:
         """Whether ``tag`` is the tag of the bytes fed to ``mac`` (from :meth:`new`),
         compared in constant time. Ends ``mac``."""
-        if self._poly1305 is not None:
+        if isinstance(mac, _Poly1305Mac):  # what new() makes when self._poly1305 is set
             return mac.verify(tag)
         return hmac.compare_digest(mac.digest(), tag)
 
-    def new(self) -> Any:
+    def new(self) -> Mac:
         """A fresh hashing object (``update(data)``, ``digest()``) for a message sent or
         received piece by piece; on receipt, :meth:`verify` checks the tag against it."""
         if self._poly1305 is not None:
@@ -161,11 +185,11 @@ class Key:
     def __repr__(self) -> str:  # never the secret
         return f"Key(<{len(self._secret)} bytes>, mac={self._mac!r})"
 
-    def __reduce__(self) -> Any:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("a streampickle.Key is not picklable: it holds a secret")
 
 
-def _import_blake3() -> Any:
+def _import_blake3() -> type[Blake3]:
     try:
         from blake3 import blake3
     except ImportError:
@@ -176,7 +200,7 @@ def _import_blake3() -> Any:
     return blake3
 
 
-def _import_poly1305() -> Any:
+def _import_poly1305() -> type[Poly1305]:
     try:
         from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives.poly1305 import Poly1305
@@ -204,7 +228,9 @@ class _Poly1305Mac:
 
     __slots__ = ("update", "_poly", "_pad_prf")
 
-    def __init__(self, poly1305: Any, r_zero: bytes, pad_prf: Any) -> None:
+    update: Callable[[BytesLike], None]
+
+    def __init__(self, poly1305: type[Poly1305], r_zero: bytes, pad_prf: hmac.HMAC) -> None:
         self._poly = poly1305(r_zero)  # r || 16 zero bytes: the polynomial alone
         self.update = self._poly.update
         self._pad_prf = pad_prf  # HMAC-SHA256 keyed with the pad key; copied, never updated
@@ -221,7 +247,7 @@ class _Poly1305Mac:
         nonce = os.urandom(NONCE_SIZE)
         return nonce + self._tag(nonce)
 
-    def verify(self, tag: Any) -> bool:
+    def verify(self, tag: BytesLike) -> bool:
         tag = bytes(tag)
         if len(tag) != 2 * NONCE_SIZE:
             return False
