@@ -7,7 +7,7 @@ A long-running receiver gets the same sizes again and again, so the destinations
 side chunks come from a pool: when the last object that uses a destination (the array, a
 view of it, a memoryview) dies, its memory goes back to the pool, and the next chunk of that
 size class is read into it without a single page fault. Repeated 256 MiB transfers then
-ran 1.2-1.3x as fast (see docs/benchmark-results.md).
+ran 1.2-1.3x as fast (see docs/performance.md).
 
 What the pool keeps, and for how long, is bounded (``BufferPool.configure``):
 
