@@ -46,8 +46,13 @@ def bar(done: int, total: int, width: int = 32) -> str:
 
 
 async def consumer(count: int, array_bytes: int, backend: str) -> None:
+    # The socket lives in a directory of its own, removed with everything in it at the end.
+    with tempfile.TemporaryDirectory(prefix="streampickle-demo-") as tmp:
+        await consume(os.path.join(tmp, "socket"), count, array_bytes, backend)
+
+
+async def consume(path: str, count: int, array_bytes: int, backend: str) -> None:
     expected = base_array(array_bytes)
-    path = os.path.join(tempfile.mkdtemp(prefix="streampickle-demo-"), "socket")
     async with await streampickle.create_unix_listener(path) as listener:
         child = subprocess.Popen(
             [sys.executable, __file__, "--producer", path, "--count", str(count),
