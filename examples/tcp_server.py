@@ -29,17 +29,15 @@ async def handle(stream: streampickle.ObjectStream) -> None:
             request = await stream.receive()
         except anyio.EndOfStream:
             return  # the client is done
-        except streampickle.StreamPickleError as exc:
-            if exc.poisons_stream:
-                # Not our wire format, a limit, or cut off mid-message: message boundaries are
-                # lost. serve() logs it with the client's address and closes this connection.
-                raise
+        except streampickle.MessageDroppedError as exc:
             # A whole message the safe loader refused (ForbiddenGlobalError) or could not
             # unpickle (MalformedPickleError) was dropped alone: answer in its place, go on.
             await stream.send({"error": type(exc).__name__})
             continue
-        # Any other exception (say, a request without "array") also ends only this connection,
-        # logged by serve() as the handler's error, with its traceback.
+        # A StreamBrokenError (not our wire format, a limit, cut off mid-message: message
+        # boundaries are lost) goes out of the handler: serve() logs it with the client's
+        # address and closes this connection. Any other exception (say, a request without
+        # "array") also ends only this connection, logged with its traceback.
         array = request["array"]
         await stream.send({"client": request["client"], "mean": float(array.mean()), "shape": array.shape})
 
