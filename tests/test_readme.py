@@ -44,6 +44,18 @@ def test_the_readme_has_python_blocks_and_every_fence_names_a_language() -> None
     assert not unnamed, f"README.md: fences without a language at lines {unnamed}"
 
 
+def test_quick_start_holds_two_commands_and_ci_runs_the_second_verbatim() -> None:
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = next(_FENCE.finditer(section))
+    commands = block.group(2).strip().splitlines()
+    assert len(commands) == 2, commands
+    with open(os.path.join(os.path.dirname(README), ".ci", "run"), encoding="utf-8") as f:
+        ci = [line.strip() for line in f]
+    assert commands[1] in ci
+
+
 def test_python_blocks_are_found() -> None:
     text = "x\n```python\nprint(1)\n```\n```console\n$ ls\n```\n```python\nraise SystemExit(3)\n```\n"
     assert python_blocks(text) == [(3, "print(1)\n"), (9, "raise SystemExit(3)\n")]
