@@ -89,13 +89,18 @@ def _reduce_ndarray(arr: np.ndarray[Any, Any]) -> Any:
 
 def _reduce_generic(value: np.generic) -> Any:
     descr = _rebuild.descr_of(value.dtype)
-    if descr is None:
-        return NotImplemented
-    return _rebuild.scalar, (descr, value.tobytes())
+    if descr is not None:
+        return _rebuild.scalar, (descr, value.tobytes())
+    descr = _rebuild.empty_descr_of(value.dtype)
+    if descr is not None:  # np.str_(""), np.bytes_(b""), np.void(b""): no bytes, whatever
+        return _rebuild.scalar, (descr, b"")  # tobytes() says (np.str_("") gives four)
+    return NotImplemented
 
 
 def _reduce_dtype(dt: np.dtype[Any]) -> Any:
     descr = _rebuild.descr_of(dt)
+    if descr is None:
+        descr = _rebuild.empty_descr_of(dt)  # np.dtype("U0"), the dtype of np.str_("")
     if descr is None:
         return NotImplemented
     return _rebuild.dtype, (descr,)

@@ -52,7 +52,7 @@ from ._errors import MalformedPickleError
 from ._kinds import BOOL, BUFFER, BYTES, DICT, FLOAT, INT, LIST, NONE, STR, TZINFO
 
 __all__ = [
-    "Rebuilder", "NAMES", "descr_of", "dtype_of", "nbytes",
+    "Rebuilder", "NAMES", "descr_of", "empty_descr_of", "dtype_of", "nbytes",
     "ndarray", "object_ndarray", "scalar", "dtype",
     "complex_", "fraction", "decimal", "slice_", "range_", "ellipsis", "not_implemented",
     "ordered_dict", "deque", "counter", "uuid",
@@ -77,6 +77,16 @@ MAX_DESCR_NODES = 4096
 _SIMPLE_DESCR = re.compile(r"[<>|][biufcmMSUV][0-9]{1,10}(\[(?:[1-9][0-9]{0,9})?[a-zA-Z\u03bc]{1,3}\])?")
 # The largest code point a str can hold; numpy's U arrays store UCS-4 and don't check.
 _MAX_CODE_POINT = 0x10FFFF
+# numpy's empty str_, bytes_ and void scalars have a flexible dtype of no size, and only they
+# (an array made with one gets itemsize 1). Such a dtype travels as that scalar or as a dtype
+# object, never as an array's or a field's dtype: an array of itemsize 0 would be any length in
+# no bytes. Each maps to the scalar's type and its one value.
+_EMPTY_FLEXIBLE: dict[str, tuple[type, Any]] = {
+    "|S0": (np.bytes_, b""),
+    "<U0": (np.str_, ""),
+    ">U0": (np.str_, ""),
+    "|V0": (np.void, b""),
+}
 
 #: Signed 64-bit bounds of the ints in a slice or range, of shape entries and of a deque's
 #: maxlen: what every platform's Py_ssize_t-sized fields hold.
@@ -205,6 +215,13 @@ def descr_of(dt: np.dtype[Any]) -> str | list[Any] | None:
     if dt.itemsize > offset:
         out.append(["", dt.itemsize - offset])
     return out
+
+
+def empty_descr_of(dt: np.dtype[Any]) -> str | None:
+    """The wire descriptor of an empty flexible dtype (``np.str_("").dtype``...), else None."""
+    if dt.str in _EMPTY_FLEXIBLE and dt.fields is None and not dt.metadata:
+        return dt.str
+    return None
 
 
 def dtype_of(descr: Any) -> np.dtype[Any]:
@@ -375,6 +392,11 @@ def _object_ndarray(shape: Any, fortran: Any, writeable: Any, items: Any) -> np.
 
 def _scalar(descr: Any, data: Any) -> Any:
     """A numpy scalar from exactly ``itemsize`` bytes."""
+    if type(descr) is str and descr in _EMPTY_FLEXIBLE:
+        if type(data) is not bytes or data:
+            raise _bad(f"a {descr} scalar needs 0 bytes, not {_brief(data)}")
+        kind, value = _EMPTY_FLEXIBLE[descr]
+        return kind(value)
     dt, has_text = _build_dtype(descr, 0, [MAX_DESCR_NODES])
     if type(data) is not bytes or len(data) != dt.itemsize:
         raise _bad(f"a {dt.str} scalar needs {dt.itemsize} bytes, not {_brief(data)}")
@@ -385,6 +407,8 @@ def _scalar(descr: Any, data: Any) -> Any:
 
 
 def _dtype(descr: Any) -> np.dtype[Any]:
+    if type(descr) is str and descr in _EMPTY_FLEXIBLE:  # a dtype object, not an array's
+        return np.dtype(descr)
     return dtype_of(descr)  # one argument only: the budget is not the peer's to set
 
 

@@ -611,3 +611,52 @@ def test_files_and_paths_in_the_zone_directory_that_are_not_zones_are_refused(ke
     assert key not in R._zones
 
 
+
+
+# -- numpy's empty flexible scalars ---------------------------------------------------------
+
+FLEXIBLE_SCALARS = {
+    "str-empty": np.str_(""),
+    "bytes-empty": np.bytes_(b""),
+    "void-empty": np.void(b""),
+    "str": np.str_("h\u00e9llo \U0001f600"),
+    "bytes": np.bytes_(b"a\0b"),
+    "void": np.void(b"\0ab"),
+}
+
+
+@pytest.mark.parametrize("value", FLEXIBLE_SCALARS.values(), ids=FLEXIBLE_SCALARS)
+def test_flexible_scalars_round_trip_in_safe_mode(value: np.generic) -> None:
+    """``np.str_("")`` and its kin have a dtype of item size 0; they travel by the ``scalar``
+    reconstructor like any other scalar, not by numpy's pickling, which safe mode refuses."""
+    data = streampickle.dumps(value)
+    assert b"numpy" not in data  # no numpy global: only streampickle's reconstructors
+    for trusted in (False, True):
+        out = streampickle.loads(data, trusted=trusted)
+        assert type(out) is type(value) and out.dtype == value.dtype and out.tobytes() == value.tobytes()
+        assert out == value
+
+
+@pytest.mark.parametrize("descr", ["|S0", "<U0", "|V0"])
+def test_empty_flexible_dtypes_round_trip_in_safe_mode(descr: str) -> None:
+    value = np.dtype(descr)
+    assert streampickle.loads(streampickle.dumps(value)) == value
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        (R.scalar, ("<U0", b"\0\0\0\0")),  # what np.str_("").tobytes() gives: not the wire's
+        (R.scalar, ("|S0", b"x")),
+        (R.scalar, ("|V0", bytearray())),
+        (R.ndarray, ("|S0", [10**9], False, b"")),  # any length in no bytes
+        (R.ndarray, ("<U0", [3], False, b"")),
+        (R.ndarray, ([["a", "|S0", []]], [1], False, b"")),  # nor as a field
+        (R.dtype, ([["a", "<U0", []]],)),
+        (R.scalar, ("<U00", b"")),  # not canonical
+    ],
+    ids=lambda call: f"{call[0]._name}{call[1][:1]}",
+)
+def test_item_size_zero_is_refused_outside_a_scalar_or_dtype(call: tuple[R.Rebuilder, tuple[Any, ...]]) -> None:
+    rebuilder, args = call
+    refuses(rebuilder, *args)
