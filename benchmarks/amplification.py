@@ -49,8 +49,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -587,6 +588,7 @@ def encode_fails(size: int) -> Case:
 
 def array_f8(size: int) -> Case:
     import numpy as np
+
     import streampickle
 
     return Case(streampickle.dumps(np.arange(max(1, size // 8), dtype="<f8")))
@@ -594,6 +596,7 @@ def array_f8(size: int) -> Case:
 
 def array_text(size: int) -> Case:
     import numpy as np
+
     import streampickle
 
     return Case(streampickle.dumps(np.array(["héllo wörld"] * max(1, size // 44), dtype="<U11")))
@@ -601,6 +604,7 @@ def array_text(size: int) -> Case:
 
 def array_object(size: int) -> Case:
     import numpy as np
+
     import streampickle
 
     items = np.empty(max(1, size // 3), dtype=object)
@@ -611,13 +615,15 @@ def array_object(size: int) -> Case:
 ATTACKS: list[Attack] = [
     # A. framing and declared lengths
     Attack("claim-2**63", "framing", "pickle length 2**63 in the header", claim_2_63, fixed=True),
-    Attack("claim-2**31-then-3", "framing", "pickle length 2**31-1, then 3 bytes and EOF", claim_2_31_then_3, fixed=True),
+    Attack("claim-2**31-then-3", "framing", "pickle length 2**31-1, then 3 bytes and EOF",
+           claim_2_31_then_3, fixed=True),
     Attack("chunks-2**32-1", "framing", "side-chunk count 2**32-1", chunk_count_2_32, fixed=True),
     Attack("chunk-lengths-wrap", "framing", "two side-chunk lengths of 2**63", chunk_lengths_wrap, fixed=True),
     # B. truncation
     Attack("cut-in-half", "truncation", "a message cut in half, then EOF", cut_in_half),
     # C. out-of-band buffer accounting
-    Attack("zero-length-chunks", "buffers", "up to 65,536 zero-length side chunks, one NEXT_BUFFER each", zero_length_chunks),
+    Attack("zero-length-chunks", "buffers", "up to 65,536 zero-length side chunks, one NEXT_BUFFER each",
+           zero_length_chunks),
     Attack("extra-next-buffer", "buffers", "3 NEXT_BUFFERs, 2 side chunks", extra_next_buffer, fixed=True),
     # D. malformed opcodes
     Attack("bad-opcode-after-walk", "opcodes", "0xff after a pickle the full verifier walks", bad_opcode_after_walk),
@@ -643,29 +649,40 @@ ATTACKS: list[Attack] = [
     Attack("int-keys-k*P", "exhaustion", "dict keys k*(2**61-1), all hash 0", int_keys_colliding),
     Attack("tuple-keys-crafted", "exhaustion", "2-tuples of ints solved to one tuple hash", tuple_keys_colliding),
     Attack("float-keys", "exhaustion", "floats m*2**(61j), ~34 per hash", float_keys_colliding),
-    Attack("fraction-keys", "exhaustion", "max_opaque_keys Fraction keys with one hash", opaque_keys(fraction_key, rebuilder("fraction") + MEMO_POP)),
-    Attack("uuid-keys", "exhaustion", "max_opaque_keys UUID keys with one hash", opaque_keys(uuid_key, rebuilder("uuid") + MEMO_POP)),
+    Attack("fraction-keys", "exhaustion", "max_opaque_keys Fraction keys with one hash",
+           opaque_keys(fraction_key, rebuilder("fraction") + MEMO_POP)),
+    Attack("uuid-keys", "exhaustion", "max_opaque_keys UUID keys with one hash",
+           opaque_keys(uuid_key, rebuilder("uuid") + MEMO_POP)),
     Attack("numpy-complex-keys", "exhaustion", "max_opaque_keys numpy complex128 scalar keys with one hash",
            opaque_keys(complex_key, rebuilder("scalar") + MEMO_POP + s("<c16") + MEMO_POP)),
-    Attack("bigint-in-tuple-keys", "exhaustion", "set items (X, k), X a memoized int of half the size", bigint_in_tuple_keys),
+    Attack("bigint-in-tuple-keys", "exhaustion", "set items (X, k), X a memoized int of half the size",
+           bigint_in_tuple_keys),
     Attack("deque-walk", "exhaustion", "memoized list to deque, at the work budget", walk_at_budget("deque")),
     Attack("counter-walk", "exhaustion", "memoized dict to counter, at the work budget", walk_at_budget("counter")),
-    Attack("ordered-dict-walk", "exhaustion", "memoized dict to ordered_dict, at the work budget", walk_at_budget("ordered_dict")),
-    Attack("object-ndarray-walk", "exhaustion", "memoized list to object_ndarray, at the work budget", walk_at_budget("object_ndarray")),
+    Attack("ordered-dict-walk", "exhaustion", "memoized dict to ordered_dict, at the work budget",
+           walk_at_budget("ordered_dict")),
+    Attack("object-ndarray-walk", "exhaustion", "memoized list to object_ndarray, at the work budget",
+           walk_at_budget("object_ndarray")),
     Attack("counter-walk-3000x", "exhaustion", "10,000-item dict to counter 3,000 times", walk_over_budget, fixed=True),
-    Attack("dtype-shared-descr", "exhaustion", "dtype() of a memoized 7-level descriptor sharing one sub-list per level, repeated", dtype_shared),
+    Attack("dtype-shared-descr", "exhaustion",
+           "dtype() of a memoized 7-level descriptor sharing one sub-list per level, repeated", dtype_shared),
     Attack("dtype-shared-descr-20x", "exhaustion", "the same, 20 calls", dtype_shared_20, fixed=True),
-    Attack("ndarray-U-recheck", "exhaustion", "U-dtype ndarray over one memoized literal of half the size, repeated", ndarray_text_check),
-    Attack("scalar-S-copies", "exhaustion", "scalar('|S<n>') of one memoized literal, repeated (copies <= 1 GiB)", scalar_copies),
+    Attack("ndarray-U-recheck", "exhaustion", "U-dtype ndarray over one memoized literal of half the size, repeated",
+           ndarray_text_check),
+    Attack("scalar-S-copies", "exhaustion", "scalar('|S<n>') of one memoized literal, repeated (copies <= 1 GiB)",
+           scalar_copies),
     Attack("fraction-gcd", "exhaustion", "fraction() of two memoized 16,383-bit ints, repeated", fraction_memo),
     Attack("decimal-digits", "exhaustion", "decimal() of a memoized 4,300-digit str, repeated", decimal_memo),
     Attack("zoneinfo-all", "exhaustion", "zoneinfo() of every installed zone (first use)", zoneinfo_all, fixed=True),
     Attack("long4", "exhaustion", "one LONG4 int of the whole size", long4),
     Attack("long-str", "exhaustion", "one BINUNICODE str of the whole size", long_string),
     Attack("long-bytes", "exhaustion", "one BINBYTES of the whole size", long_bytes),
-    Attack("tuple1-chain-full", "exhaustion", "a global, then NONE and TUPLE1 per byte (full verifier)", tuple1_chain_full),
-    Attack("empty-tuples-full", "exhaustion", "a global, then EMPTY_TUPLE per byte in one TUPLE (full verifier)", empty_tuples_full),
-    Attack("empty-lists-full", "exhaustion", "a global, then EMPTY_LIST per byte in one list (full verifier)", empty_lists_full),
+    Attack("tuple1-chain-full", "exhaustion", "a global, then NONE and TUPLE1 per byte (full verifier)",
+           tuple1_chain_full),
+    Attack("empty-tuples-full", "exhaustion", "a global, then EMPTY_TUPLE per byte in one TUPLE (full verifier)",
+           empty_tuples_full),
+    Attack("empty-lists-full", "exhaustion", "a global, then EMPTY_LIST per byte in one list (full verifier)",
+           empty_lists_full),
     Attack("legit-tuples", "reference", "a plain list of (int, float, str) tuples", legit_tuples),
     Attack("legit-1M-tuples", "reference", "1,000,000 (int, float, str) tuples", legit_tuples, sizes=[10**7]),
     # G. integrity
@@ -718,7 +735,7 @@ def child(spec_path: str) -> None:
         else:
             result = _decode_in_pieces(data, key, spec["no_eof"])
         outcome = "waiting" if result is _WAITING else "accepted"
-    except Exception as exc:  # any error is an outcome to report
+    except Exception as exc:  # noqa: BLE001 - any error is an outcome to report
         outcome = f"{type(exc).__name__}: {str(exc)[:160]}"
     cpu = time.process_time() - start
     rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
@@ -816,14 +833,21 @@ def _num(value: float | None, digits: int = 2, capped: bool = False) -> str:
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 10**6 else f"{nbytes / 1e3:.1f} KB" if nbytes >= 1000 else f"{nbytes} B"
+    return (
+        f"{nbytes / 1e6:.2f} MB"
+        if nbytes >= 10**6
+        else f"{nbytes / 1e3:.1f} KB"
+        if nbytes >= 1000
+        else f"{nbytes} B"
+    )
 
 
 def format_detail(row: dict[str, Any]) -> str:
     return (f"  {row['attack']:<22} {_size(row['bytes']):>9} {row['entry']:<7} "
             f"cpu {_num(row['cpu_s'], 3, row['capped'])} s  {_num(row['us_per_byte'], 2, row['capped'])} us/B  "
             f"trace {_num(row['trace_bytes_per_byte'], 1)} B/B  rss {_num(row['rss_bytes_per_byte'], 1)} B/B  "
-            f"{'' if row['cpu_ok'] in (True, None) else 'CPU-OVER '}{'' if row['mem_ok'] in (True, None) else 'MEM-OVER '}"
+            f"{'' if row['cpu_ok'] in (True, None) else 'CPU-OVER '}"
+            f"{'' if row['mem_ok'] in (True, None) else 'MEM-OVER '}"
             f"{row['outcome'][:90]}")
 
 
@@ -857,10 +881,13 @@ def summary(attacks: list[Attack]) -> list[str]:
         cpu_text = _num(cpu, 2, bool(cpu_row and cpu_row["capped"]))
         if cpu_row is not None and cpu_row["us_per_byte"] is not None and len(rows) > 1:
             cpu_text += f" ({_size(cpu_row['bytes'])})"
-        trace_text = _num(trace, 1) + (f" ({_size(trace_row['bytes'])})" if trace_row is not None and len(rows) > 1 else "")
+        trace_text = _num(trace, 1) + (
+            f" ({_size(trace_row['bytes'])})" if trace_row is not None and len(rows) > 1 else ""
+        )
         lines.append(
-            f"| {attack.section} | {attack.name}: {attack.what.replace('|', chr(92) + '|')} | {sizes} | {'; '.join(outcomes)} | {cpu_text} "
-            f"| {trace_text} | {_num(rss, 1)} | {_mark([r['cpu_ok'] for r in rows])} | {_mark([r['mem_ok'] for r in rows])} |"
+            f"| {attack.section} | {attack.name}: {attack.what.replace('|', chr(92) + '|')} | {sizes} "
+            f"| {'; '.join(outcomes)} | {cpu_text} | {trace_text} | {_num(rss, 1)} "
+            f"| {_mark([r['cpu_ok'] for r in rows])} | {_mark([r['mem_ok'] for r in rows])} |"
         )
     return lines
 
@@ -909,7 +936,9 @@ def machine() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(), "numpy": np.__version__,
             "streampickle": streampickle.__version__, "commit": commit, "platform": platform.platform()}
 

@@ -117,7 +117,8 @@ def run(workload_names: list[str], transports: list[str], contenders: list[str],
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown. Speed ratios: >1 is faster than the reference, measured in the same run;
     ``transfers`` is how many timed transfers the median is over (rounds x repeats)."""
-    lines = ["| workload | transport | contender | transfers | median s (min-max) | rate | x limit-socket | x pickle5-oob-sync | sender +RSS MiB | receiver +RSS MiB |",
+    lines = ["| workload | transport | contender | transfers | median s (min-max) | rate | x limit-socket "
+             "| x pickle5-oob-sync | sender +RSS MiB | receiver +RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rate = f"{r['msgs_per_s']:,.0f} msg/s" if r["messages"] > 1 else f"{r['gb_per_s']:.2f} GB/s"
@@ -201,7 +202,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
     groups = sorted({(r["workload"], r["transport"]) for r in rows}, key=lambda g: (WORKLOADS.index(g[0]), g[1]))
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.2 * len(groups)), squeeze=False)
-    for ax, (workload, transport) in zip(axes[:, 0], groups):
+    for ax, (workload, transport) in zip(axes[:, 0], groups, strict=True):
         sel = [r for r in rows if r["workload"] == workload and r["transport"] == transport]
         in_band = workload in IN_BAND
         if in_band:

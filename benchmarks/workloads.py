@@ -5,7 +5,8 @@ what it received, outside the timed region."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,7 @@ def checker(expected: list[Any]) -> Callable[[list[Any]], None]:
 
     def check(received: list[Any]) -> None:
         assert len(received) == len(expected), f"{len(received)} messages, expected {len(expected)}"
-        for got, want in zip(received, expected):
+        for got, want in zip(received, expected, strict=True):
             _same(got, want)
 
     return check
@@ -77,7 +78,7 @@ def _same(got: Any, want: Any) -> None:
     elif isinstance(want, (list, tuple)):
         # list and tuple compare alike: dask's msgpack turns lists into tuples
         assert isinstance(got, (list, tuple)) and len(got) == len(want)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             _same(g, w)
     else:
         assert got == want

@@ -31,19 +31,37 @@ import pickle
 import random
 import struct
 import uuid
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
 import streampickle
 from streampickle._kinds import (
-    ANY, BOOL, BUFFER, BYTEARRAY, BYTES, DICT, FLOAT, FROZENSET, GLOBAL, INSTANCE, INT, LIST, NONE,
-    OPAQUE, SET, STR, TUPLE, TZINFO, VALUE,
+    ANY,
+    BOOL,
+    BUFFER,
+    BYTEARRAY,
+    BYTES,
+    DICT,
+    FLOAT,
+    FROZENSET,
+    GLOBAL,
+    INSTANCE,
+    INT,
+    LIST,
+    NONE,
+    OPAQUE,
+    SET,
+    STR,
+    TUPLE,
+    TZINFO,
+    VALUE,
 )
 
 from . import wire
 
-__all__ = ["Case", "Source", "source", "generate_case", "generate_pickle", "real_message", "mutate_message", "seeds"]
+__all__ = ["Case", "Source", "generate_case", "generate_pickle", "mutate_message", "real_message", "seeds", "source"]
 
 
 class Case(NamedTuple):
@@ -184,7 +202,7 @@ _OTHER_ARGS: dict[str, tuple[int, ...]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _globals() -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
     """(declared argument kinds of each reconstructor, the other allowed names), read from the
     library now rather than written down here, so that new reconstructors are fuzzed too."""
@@ -635,7 +653,7 @@ class _Builder:
         self.make_call(depth)
         return TZINFO
 
-    _MAKERS: dict[int, Callable[[_Builder, int], int]] = {
+    _MAKERS: ClassVar[dict[int, Callable[[_Builder, int], int]]] = {
         NONE: make_none, BOOL: make_bool, INT: make_int, FLOAT: make_float, STR: make_str,
         BYTES: make_bytes, BYTEARRAY: make_bytearray, BUFFER: make_buffer, TUPLE: make_tuple,
         LIST: make_list, DICT: make_dict, SET: make_set, FROZENSET: make_frozenset,
@@ -741,7 +759,17 @@ def generate_pickle(src: Source, big: bool = False) -> tuple[bytes, list[bytes]]
 def frame(src: Source, ops: Sequence[bytes]) -> bytes:
     """Join opcodes, laying FRAMEs over them: none, well formed, or wrong in one of the ways
     a FRAME can be wrong (straddling an opcode, past the end, nested, cut off)."""
-    style = src.weighted([(4, "none"), (4, "one"), (3, "several"), (2, "straddle"), (1, "past"), (1, "nested"), (1, "cut")])
+    style = src.weighted(
+        [
+            (4, "none"),
+            (4, "one"),
+            (3, "several"),
+            (2, "straddle"),
+            (1, "past"),
+            (1, "nested"),
+            (1, "cut"),
+        ]
+    )
     if style == "none" or len(ops) < 2:
         return b"".join(ops)
     head, body = ops[0], list(ops[1:])
@@ -781,7 +809,9 @@ def wrap(src: Source, pickle_bytes: bytes, chunks: Sequence[bytes]) -> bytes:
     if lie == "count":
         return wire.pack_message(pickle_bytes, chunks, count=len(chunks) + src.pick((1, -1, 2**32 - 1)) & 0xFFFFFFFF)
     if lie == "plen":
-        return wire.pack_message(pickle_bytes, chunks, pickle_length=max(0, len(pickle_bytes) + src.pick((1, -1, -2, 8))))
+        return wire.pack_message(
+            pickle_bytes, chunks, pickle_length=max(0, len(pickle_bytes) + src.pick((1, -1, -2, 8)))
+        )
     if lie == "length" and chunks:
         lengths = [len(c) for c in chunks]
         lengths[src.int(0, len(lengths) - 1)] += src.pick((1, -1))
@@ -809,7 +839,8 @@ def real_object(src: Source, depth: int = 0) -> Any:
     kind = src.int(0, 9 if leaf else 14)
     if kind == 0:
         return src.pick((
-            None, True, False, 0, -1, 2**70, 1.5, float("nan"), 1 + 2j, "h\u00e9", b"\x00\xff", bytearray(b"ba"), Ellipsis,
+            None, True, False, 0, -1, 2**70, 1.5, float("nan"), 1 + 2j, "h\u00e9", b"\x00\xff", bytearray(b"ba"),
+            Ellipsis,
         ))
     if kind == 1:
         return _real_array(src)
@@ -827,8 +858,9 @@ def real_object(src: Source, depth: int = 0) -> Any:
         return collections.Counter(src.pick(("hello", "", "ab")))
     if kind == 7:
         return src.pick((
-            datetime.datetime(2026, 11, 27, 15, 0, tzinfo=datetime.timezone.utc), datetime.date(2000, 1, 1),
-            datetime.timedelta(seconds=3), datetime.time(1, 2), decimal.Decimal("1.25"), range(3, 9, 2), slice(1, None, 2),
+            datetime.datetime(2026, 11, 27, 15, 0, tzinfo=datetime.UTC), datetime.date(2000, 1, 1),
+            datetime.timedelta(seconds=3), datetime.time(1, 2), decimal.Decimal("1.25"), range(3, 9, 2),
+            slice(1, None, 2),
         ))
     if kind == 8:
         return np.array([1, "two", None, [3]], dtype=object)
@@ -934,7 +966,11 @@ def _mutate_ops(src: Source, ops: list[bytes], chunks: list[bytes]) -> list[byte
     elif what == 8:  # one side chunk more or less, or a different size
         if chunks and src.chance(0.5):
             k = src.int(0, len(chunks) - 1)
-            chunks[k] = chunks[k][: src.int(0, len(chunks[k]))] if src.chance(0.5) else chunks[k] + bytes(src.pick((1, 8)))
+            chunks[k] = (
+                chunks[k][: src.int(0, len(chunks[k]))]
+                if src.chance(0.5)
+                else chunks[k] + bytes(src.pick((1, 8)))
+            )
         elif src.chance(0.5):
             ops.insert(i, pickle.NEXT_BUFFER)
             chunks.append(bytes(src.pick(_LENGTHS)))

@@ -17,19 +17,22 @@ import os
 import select
 import signal
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from . import targets, wire
 from .grammar import Case
 
-__all__ = ["run_isolated", "minimize", "save"]
+__all__ = ["minimize", "run_isolated", "save"]
 
 T = TypeVar("T")
 _EXACT = {"exception", "differential", "contract", "state"}  # classes whose signature must match too
 
 
-def run_isolated(target: str, case: Case, cls: str, *, timeout: float, slack: float = targets.SLACK) -> list[tuple[str, str]]:
+def run_isolated(
+    target: str, case: Case, cls: str, *, timeout: float, slack: float = targets.SLACK
+) -> list[tuple[str, str]]:
     """(class, signature) of each finding ``case`` shows, run in a forked child: a crash is
     ``crash``, a child still running after ``timeout`` seconds is ``slow`` (a hang). The
     measurement suits ``cls``: tracemalloc for memory, CPU time for slow, neither otherwise."""
@@ -109,7 +112,7 @@ def minimize(
         return None
     # one message of the stream alone, or fewer messages
     messages, tail = wire.parse_stream(case.data)
-    if len(messages) > 1 or messages and tail:
+    if len(messages) > 1 or (messages and tail):
         parts = [case.data[m.start : m.end] for m in messages] + ([tail] if tail else [])
         kept = ddmin(parts, lambda ps: bool(ps) and test(Case(b"".join(ps), case.cuts)), deadline)
         case = Case(b"".join(kept), case.cuts)

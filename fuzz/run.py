@@ -78,7 +78,17 @@ class Slot:
         return _HEAD.unpack_from(self._map, 0)
 
     def _write(self, running: int, started: int) -> None:
-        _HEAD.pack_into(self._map, 0, running, started, self._target, self._cuts, self._size, *self.counts, self.findings)
+        _HEAD.pack_into(
+            self._map,
+            0,
+            running,
+            started,
+            self._target,
+            self._cuts,
+            self._size,
+            *self.counts,
+            self.findings,
+        )
 
     def begin(self, target: int, data: bytes, cuts: tuple[int, ...]) -> None:
         data, cuts = data[:_MAX_DATA], cuts[:_MAX_CUTS]
@@ -168,7 +178,15 @@ class _Executor:
         if self.seen[key] > 2:  # a few inputs per kind are plenty: the supervisor keeps one
             return
         self.slot.findings += 1
-        path = _write_finding(self.out, finding.cls, finding.target, finding.signature, finding.detail, case.data, case.cuts)
+        path = _write_finding(
+            self.out,
+            finding.cls,
+            finding.target,
+            finding.signature,
+            finding.detail,
+            case.data,
+            case.cuts,
+        )
         print(f"finding: {finding.signature}: {finding.detail[:300]} ({path.name})", file=sys.stderr, flush=True)
 
 
@@ -316,13 +334,29 @@ def _supervise(args: argparse.Namespace) -> int:
                 rc = -9 if hung else 0
                 if hung and current is not None:
                     target, data, cuts = current
-                    _write_finding(own, "slow", target, "slow:hang", f"no answer after {args.timeout} s (wall)", data, cuts)
+                    _write_finding(
+                        own,
+                        "slow",
+                        target,
+                        "slow:hang",
+                        f"no answer after {args.timeout} s (wall)",
+                        data,
+                        cuts,
+                    )
                     print(f"finding: slow:hang: {target} ran over {args.timeout} s", file=sys.stderr, flush=True)
             elif rc not in (0, EXIT_RESTART) and current is not None:
                 target, data, cuts = current
                 tail = job.log_tail()
                 cls = _crash_class(tail)
-                _write_finding(own, cls, target, f"{cls}:exit {rc}", f"worker exited with {rc}: {tail[-600:]}", data, cuts)
+                _write_finding(
+                    own,
+                    cls,
+                    target,
+                    f"{cls}:exit {rc}",
+                    f"worker exited with {rc}: {tail[-600:]}",
+                    data,
+                    cuts,
+                )
                 print(f"finding: {cls}: {target}: worker exited with {rc}", file=sys.stderr, flush=True)
             elif rc not in (0, EXIT_RESTART):
                 job.failures += 1
@@ -354,7 +388,7 @@ def _keep_findings(args: argparse.Namespace, work: Path) -> list[tuple[str, str,
         if key not in best and meta_path.name not in {p.name for p in best.values()}:  # one input, one finding
             best[key] = meta_path
     out = []
-    for key, meta_path in sorted(best.items()):
+    for _key, meta_path in sorted(best.items()):
         meta = json.loads(meta_path.read_text())
         cmd = [
             sys.executable, "-m", "fuzz.run", "--minimize", str(meta_path), "--seconds", str(args.minimize_seconds),
@@ -384,14 +418,17 @@ def _summary(
     args: argparse.Namespace, jobs: int, seed: int, elapsed: float, counts: list[int], saved: list[tuple[str, str, str]]
 ) -> str:
     runs = ", ".join(
-        f"{name} {n} inputs ({n / elapsed:.0f}/s)" for name, n in zip(TARGET_NAMES, counts) if args.target in ("all", name)
+        f"{name} {n} inputs ({n / elapsed:.0f}/s)"
+        for name, n in zip(TARGET_NAMES, counts, strict=True)
+        if args.target in ("all", name)
     )
     kept = [f"{sig} ({target}) {where}" for sig, target, where in saved if where.startswith(_SAVED)]
     dropped = len(saved) - len(kept)
     found = f"findings: {len(kept)}" + (": " + "; ".join(kept) if kept else "")
     if dropped:
         found += f" ({dropped} more not reproducible outside the fuzzing process)"
-    return f"fuzz: {args.engine} engine, {elapsed:.0f} s, {jobs} job{'s' if jobs > 1 else ''}, seed {seed}: {runs}; {found}"
+    jobs_text = f"{jobs} job{'s' if jobs > 1 else ''}"
+    return f"fuzz: {args.engine} engine, {elapsed:.0f} s, {jobs_text}, seed {seed}: {runs}; {found}"
 
 
 def _minimize_one(args: argparse.Namespace) -> None:

@@ -31,10 +31,12 @@ from __future__ import annotations
 import gc
 import importlib
 import inspect
+import itertools
 import resource
 import time
 import tracemalloc
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,7 +46,7 @@ from streampickle import StreamPickleError, _scan
 from . import wire
 from .grammar import Case
 
-__all__ = ["TARGETS", "Finding", "Mismatch", "check", "classify", "time_budget", "memory_budget", "verify_twins"]
+__all__ = ["TARGETS", "Finding", "Mismatch", "check", "classify", "memory_budget", "time_budget", "verify_twins"]
 
 SLACK = 5.0
 _MiB = 1 << 20
@@ -83,7 +85,7 @@ def run_loads(case: Case) -> None:
 
 def _pieces(data: bytes, cuts: tuple[int, ...]) -> list[bytes]:
     bounds = [0, *(c for c in cuts if 0 < c < len(data)), len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def _outcome(obj: Any) -> tuple[str, str]:
@@ -121,7 +123,8 @@ def _drain(decoder: streampickle.Decoder, out: list[tuple[str, str]]) -> None:
                 return
             if exc.poisons_stream:
                 raise ContractBroken(
-                    f"message error {type(exc).__name__}", f"{exc} (from one message, but it says it poisons the stream)"
+                    f"message error {type(exc).__name__}",
+                    f"{exc} (from one message, but it says it poisons the stream)",
                 ) from exc
             out.append(("error", type(exc).__name__))
             continue
@@ -140,7 +143,9 @@ def decode(data: bytes, cuts: tuple[int, ...] = ()) -> list[tuple[str, str]]:
         except StreamPickleError as exc:
             _drain(decoder, out)
             if not exc.poisons_stream or not decoder.failed:
-                raise ContractBroken(f"feed error {type(exc).__name__}", f"{exc} (but the decoder is still usable)") from exc
+                raise ContractBroken(
+                    f"feed error {type(exc).__name__}", f"{exc} (but the decoder is still usable)"
+                ) from exc
             out.append(_failed(exc))
             return out
         _drain(decoder, out)
@@ -163,7 +168,7 @@ def run_decoder(case: Case) -> None:
             raise Mismatch("whole/cut", f"fed whole: {whole}; cut at {list(case.cuts)[:20]}: {split}")
     one_message = len(whole) == 2 and whole[1] == ("end", "")
     no_message = len(whole) == 1 and whole[0][0] == "failed"
-    if (one_message or no_message and case.data) and whole[0] != ALLOCATION_REFUSED:
+    if (one_message or (no_message and case.data)) and whole[0] != ALLOCATION_REFUSED:
         try:
             alone = _outcome(streampickle.loads(case.data))
         except StreamPickleError as exc:

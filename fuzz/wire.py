@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import pickletools
 import struct
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from streampickle import _wire
 
-__all__ = ["Message", "tokenize", "pack_message", "parse_stream", "declared_chunk_bytes", "strip_frames"]
+__all__ = ["Message", "declared_chunk_bytes", "pack_message", "parse_stream", "strip_frames", "tokenize"]
 
 HEADER = _wire.HEADER_STRUCT
 HEADER_SIZE = HEADER.size
@@ -122,7 +123,7 @@ class Message(NamedTuple):
     @property
     def complete(self) -> bool:
         return len(self.lengths) == self.count and len(self.pickle) == self.pickle_length and (
-            len(self.chunks) == self.count and all(len(c) == n for c, n in zip(self.chunks, self.lengths))
+            len(self.chunks) == self.count and all(len(c) == n for c, n in zip(self.chunks, self.lengths, strict=True))
         )
 
 
