@@ -47,12 +47,13 @@ from __future__ import annotations
 
 import pickle
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import _kinds as K
 from ._errors import MalformedPickleError
 
-__all__ = ["verify", "scan_py", "Global", "DEFER", "MAX_OPEN_MARKS", "MAX_EQUAL_HASHES"]
+__all__ = ["DEFER", "MAX_EQUAL_HASHES", "MAX_OPEN_MARKS", "Global", "scan_py", "verify"]
 
 #: Plain mode's answer for a pickle it can't judge alone: run the full verifier.
 DEFER = 1
@@ -82,11 +83,20 @@ _XXPRIME_5 = 2870177450012600261
 
 
 def _op(name: str) -> int:
-    return getattr(pickle, name)[0]
+    code: bytes = getattr(pickle, name)
+    return code[0]
 
 
-_NAMES = {code[0]: name for name, code in vars(pickle).items() if name.isupper() and type(code) is bytes and len(code) == 1}
-_FORBIDDEN = {_op(n) for n in ("INT", "LONG", "FLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "PUT", "BINPUT", "LONG_BINPUT", "GET", "LIST", "DICT", "DUP")}
+_NAMES = {
+    code[0]: name
+    for name, code in vars(pickle).items()
+    if name.isupper() and type(code) is bytes and len(code) == 1
+}
+_FORBIDDEN = {_op(n) for n in (
+    "INT", "LONG", "FLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "GLOBAL", "INST", "OBJ",
+    "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "PUT", "BINPUT", "LONG_BINPUT", "GET", "LIST", "DICT",
+    "DUP",
+)}
 _unpack_float = struct.Struct(">d").unpack_from
 
 
@@ -130,7 +140,7 @@ class _V:
 
     __slots__ = ("kind", "info", "hkind", "hval", "cost", "depth", "size")
 
-    def __init__(self, kind: int, info: Any = None, hkind: Any = _UNHASHABLE, hval: int = 0,
+    def __init__(self, kind: int, info: Any = None, hkind: str | None = _UNHASHABLE, hval: int = 0,
                  cost: int = 1, depth: int = 0) -> None:
         self.kind = kind
         self.info = info  # STR: (start, end) in data; GLOBAL: Global; INSTANCE: Global; TUPLE: items
@@ -194,7 +204,7 @@ def _settle(root: _V) -> None:
 
 def _settle_one(value: _V) -> None:
     items: list[_V] = value.info
-    hkind: Any = "computed"
+    hkind: str | None = "computed"
     acc = _XXPRIME_5
     cost = 1
     depth = 0
@@ -255,14 +265,26 @@ def refusal(refused: Refused) -> MalformedPickleError:
 _NONE_OP, _NEWTRUE, _NEWFALSE = _op("NONE"), _op("NEWTRUE"), _op("NEWFALSE")
 _BININT, _BININT1, _BININT2, _LONG1, _LONG4 = (_op(n) for n in ("BININT", "BININT1", "BININT2", "LONG1", "LONG4"))
 _BINFLOAT = _op("BINFLOAT")
-_SHORT_BINBYTES, _BINBYTES, _BINBYTES8, _BYTEARRAY8 = (_op(n) for n in ("SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"))
+_SHORT_BINBYTES, _BINBYTES, _BINBYTES8, _BYTEARRAY8 = (
+    _op(n) for n in ("SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8")
+)
 _SHORT_BINUNICODE, _BINUNICODE, _BINUNICODE8 = (_op(n) for n in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"))
-_EMPTY_TUPLE, _EMPTY_LIST, _EMPTY_DICT, _EMPTY_SET = (_op(n) for n in ("EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"))
+_EMPTY_TUPLE, _EMPTY_LIST, _EMPTY_DICT, _EMPTY_SET = (
+    _op(n) for n in ("EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET")
+)
 _TUPLE1, _TUPLE2, _TUPLE3, _TUPLE = (_op(n) for n in ("TUPLE1", "TUPLE2", "TUPLE3", "TUPLE"))
-_APPEND, _APPENDS, _SETITEM, _SETITEMS, _ADDITEMS, _FROZENSET = (_op(n) for n in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "FROZENSET"))
-_STACK_GLOBAL, _REDUCE, _NEWOBJ, _NEWOBJ_EX, _BUILD = (_op(n) for n in ("STACK_GLOBAL", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"))
-_MARK, _POP, _POP_MARK, _MEMOIZE, _BINGET, _LONG_BINGET = (_op(n) for n in ("MARK", "POP", "POP_MARK", "MEMOIZE", "BINGET", "LONG_BINGET"))
-_NEXT_BUFFER, _READONLY_BUFFER, _FRAME, _STOP, _PROTO = (_op(n) for n in ("NEXT_BUFFER", "READONLY_BUFFER", "FRAME", "STOP", "PROTO"))
+_APPEND, _APPENDS, _SETITEM, _SETITEMS, _ADDITEMS, _FROZENSET = (
+    _op(n) for n in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "FROZENSET")
+)
+_STACK_GLOBAL, _REDUCE, _NEWOBJ, _NEWOBJ_EX, _BUILD = (
+    _op(n) for n in ("STACK_GLOBAL", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD")
+)
+_MARK, _POP, _POP_MARK, _MEMOIZE, _BINGET, _LONG_BINGET = (
+    _op(n) for n in ("MARK", "POP", "POP_MARK", "MEMOIZE", "BINGET", "LONG_BINGET")
+)
+_NEXT_BUFFER, _READONLY_BUFFER, _FRAME, _STOP, _PROTO = (
+    _op(n) for n in ("NEXT_BUFFER", "READONLY_BUFFER", "FRAME", "STOP", "PROTO")
+)
 
 # Literal opcodes: (width of a length prefix, or 0 for a fixed size; fixed size).
 _LENGTHS = {
@@ -275,7 +297,7 @@ _POPS = {_APPEND: 2, _SETITEM: 3, _STACK_GLOBAL: 2, _REDUCE: 2,
 _TYPED = {_STACK_GLOBAL, _REDUCE, _NEWOBJ, _NEWOBJ_EX, _BUILD}
 
 
-def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: int, full: int,
+def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Resolver | None, max_opaque: int, full: int,
           calls: list[int] | None = None) -> int:
     end = len(data)
     if end < 3 or data[0] != _PROTO or data[1] != 5:
@@ -333,7 +355,8 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
         elif op == _TUPLE1 or op == _TUPLE2 or op == _TUPLE3:  # 1 byte each: kept cheap
             n = op - _TUPLE1 + 1
             if len(stack) - (marks[-1] if marks else 0) < n:
-                raise Refused(start, f"{_NAMES[op]} needs {n} items, the stack has {len(stack) - (marks[-1] if marks else 0)}")
+                have = len(stack) - (marks[-1] if marks else 0)
+                raise Refused(start, f"{_NAMES[op]} needs {n} items, the stack has {have}")
             items = stack[-n:]
             del stack[-n:]
             stack.append(_tuple_value(items, start, op))
@@ -368,7 +391,8 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
         elif op in pops:
             n = pops[op]
             if len(stack) - (marks[-1] if marks else 0) < n:
-                raise Refused(start, f"{_NAMES[op]} needs {n} items, the stack has {len(stack) - (marks[-1] if marks else 0)}")
+                have = len(stack) - (marks[-1] if marks else 0)
+                raise Refused(start, f"{_NAMES[op]} needs {n} items, the stack has {have}")
             if op == _APPEND:
                 _into(stack[-2], K.LIST, "list_like", start, op, full)
                 stack[-2].size += 1
@@ -384,14 +408,15 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
                         raise _Defer
                     raise Refused(start, f"READONLY_BUFFER on a {K.name_of(stack[-1].kind)}, not an out-of-band buffer")
             else:  # STACK_GLOBAL, REDUCE, NEWOBJ, NEWOBJ_EX, BUILD
-                if not full:
+                if resolver is None:  # plain mode
                     raise _Defer
-                result, budget = _typed(op, stack[-n:], start, data, resolver, budget, calls)  # type: ignore[arg-type]
+                result, budget = _typed(op, stack[-n:], start, data, resolver, budget, calls)
                 del stack[-n:]
                 stack.append(result)
                 if op == _STACK_GLOBAL:
                     globals_ += 1
-        elif op == _TUPLE or op == _FROZENSET or op == _APPENDS or op == _SETITEMS or op == _ADDITEMS or op == _POP_MARK:
+        elif (op == _TUPLE or op == _FROZENSET or op == _APPENDS or op == _SETITEMS or op == _ADDITEMS
+              or op == _POP_MARK):
             if not marks:
                 raise Refused(start, f"{_NAMES[op]} without a MARK")
             base = marks.pop()
@@ -461,7 +486,8 @@ def _walk(data: Any, chunk_count: int, resolver: Resolver | None, max_opaque: in
     else:
         raise Refused(end, "the pickle part ends without STOP")
     if buffers != chunk_count:
-        raise Refused(end, f"the pickle takes {buffers} out-of-band buffers but the header declares {chunk_count} side chunks")
+        raise Refused(end, f"the pickle takes {buffers} out-of-band buffers but the header declares "
+                           f"{chunk_count} side chunks")
     if collisions:
         _check_collisions(collisions, end)
     return globals_
@@ -479,7 +505,7 @@ def _into(target: _V, kind: int, like: str | None, pos: int, op: int, full: int)
 
 
 def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opaque: int,
-         max_opaque: int, collisions: list[tuple[int, int]]) -> tuple[int, int]:
+         max_opaque: int, collisions: _Collisions) -> tuple[int, int]:
     """Charge ``item`` as a key of ``container``; return the budget and opaque count left."""
     if item.hkind is _LAZY:
         _settle(item)
@@ -502,14 +528,15 @@ def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opa
     if kind is _WEAK:
         opaque += 1
         if opaque > max_opaque:
-            raise Refused(pos, f"{_NAMES[op]}: more than Limits.max_opaque_keys={max_opaque} keys whose hash the verifier can't check (raise the limit for peers you trust with the CPU)")
+            raise Refused(pos, f"{_NAMES[op]}: more than Limits.max_opaque_keys={max_opaque} keys whose hash "
+                               "the verifier can't check (raise the limit for peers you trust with the CPU)")
     else:
         collisions.append((id(container), item.hval))
         collisions.alive.append(container)  # so that no id is reused while the walk runs
     return budget, opaque
 
 
-class _Collisions(list):  # type: ignore[type-arg]
+class _Collisions(list[tuple[int, int]]):
     """The (container id, hash) records, and the containers they name, kept alive."""
 
     def __init__(self) -> None:
@@ -524,18 +551,20 @@ def _check_collisions(collisions: list[tuple[int, int]], end: int) -> None:
         if collisions[i] == collisions[i - 1]:
             run += 1
             if run > MAX_EQUAL_HASHES:
-                raise Refused(end, f"more than {MAX_EQUAL_HASHES} keys with the same hash in one container: a hash flood")
+                raise Refused(end, f"more than {MAX_EQUAL_HASHES} keys with the same hash in one container: "
+                                   "a hash flood")
         else:
             run = 1
 
 
-def _typed(op: int, args: list[_V], pos: int, data: Any, resolver: Resolver, budget: int,
+def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryview, resolver: Resolver, budget: int,
            calls: list[int] | None) -> tuple[_V, int]:
     """The result of a STACK_GLOBAL, REDUCE, NEWOBJ, NEWOBJ_EX or BUILD on ``args``, if allowed."""
     if op == _STACK_GLOBAL:
         module, name = args
         if module.kind != K.STR or name.kind != K.STR:
-            raise Refused(pos, f"STACK_GLOBAL needs two str literals, not {K.name_of(module.kind)} and {K.name_of(name.kind)}")
+            raise Refused(pos, f"STACK_GLOBAL needs two str literals, not {K.name_of(module.kind)} and "
+                               f"{K.name_of(name.kind)}")
         try:
             module_name = bytes(data[module.info[0] : module.info[1]]).decode("utf-8", "surrogatepass")
             qualname = bytes(data[name.info[0] : name.info[1]]).decode("utf-8", "surrogatepass")
@@ -555,13 +584,15 @@ def _typed(op: int, args: list[_V], pos: int, data: Any, resolver: Resolver, bud
             declared = rebuilder.args
             if len(items) != len(declared):
                 raise Refused(pos, f"REDUCE: {target.name} takes {len(declared)} arguments, not {len(items)}")
-            for i, (item, allowed) in enumerate(zip(items, declared)):
+            for i, (item, allowed) in enumerate(zip(items, declared, strict=True)):
                 if not item.kind & allowed:
-                    raise Refused(pos, f"REDUCE: argument {i} of {target.name} must be a {K.name_of(allowed)}, not a {K.name_of(item.kind)}")
+                    raise Refused(pos, f"REDUCE: argument {i} of {target.name} must be a {K.name_of(allowed)}, "
+                                       f"not a {K.name_of(item.kind)}")
                 budget -= item.size
             budget -= 1
             if budget < 0:
-                raise Refused(pos, f"REDUCE: {target.name} would walk containers out of proportion to the pickle's size")
+                raise Refused(pos, f"REDUCE: {target.name} would walk containers out of proportion to the "
+                                   "pickle's size")
             if calls is not None:  # where each reconstructor call is, to name it in a later error
                 calls.append(pos)
             result = _V(rebuilder.result, None, _WEAK)
@@ -578,11 +609,11 @@ def _typed(op: int, args: list[_V], pos: int, data: Any, resolver: Resolver, bud
         return _V(K.INSTANCE if target.is_class else K.OPAQUE, target, _WEAK), budget
     if op == _NEWOBJ or op == _NEWOBJ_EX:
         cls, arguments = args[0], args[1]
-        name = _NAMES[op]
+        op_name = _NAMES[op]
         if cls.kind != K.GLOBAL or not cls.info.is_class or cls.info.rebuilder is not None:
-            raise Refused(pos, f"{name} instantiates a {K.name_of(cls.kind)}: only a class the user allowed")
+            raise Refused(pos, f"{op_name} instantiates a {K.name_of(cls.kind)}: only a class the user allowed")
         if arguments.kind != K.TUPLE:
-            raise Refused(pos, f"{name} with a {K.name_of(arguments.kind)} as arguments, not a tuple")
+            raise Refused(pos, f"{op_name} with a {K.name_of(arguments.kind)} as arguments, not a tuple")
         if op == _NEWOBJ_EX and args[2].kind != K.DICT:
             raise Refused(pos, f"NEWOBJ_EX with a {K.name_of(args[2].kind)} as keyword arguments, not a dict")
         return _V(K.INSTANCE, cls.info, _WEAK), budget
