@@ -34,11 +34,15 @@ import mmap
 import os
 import time
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-__all__ = ["BufferPool", "buffer_pool", "POOL_MIN"]
+if TYPE_CHECKING:
+    from _ctypes import CFuncPtr
+
+__all__ = ["POOL_MIN", "BufferPool", "buffer_pool"]
 
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and on arm64 with 4 KiB pages
 # Chunks smaller than this come from np.empty: malloc already recycles small blocks, and the
@@ -51,7 +55,7 @@ _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 _MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)
-_madvise: Any = None  # libc's madvise, looked up on first use
+_madvise: CFuncPtr | Literal[False] | None = None  # libc's madvise, looked up on first use
 
 
 def small_pages(array: np.ndarray[Any, Any], nbytes: int) -> bool:
@@ -73,7 +77,8 @@ def small_pages(array: np.ndarray[Any, Any], nbytes: int) -> bool:
             _madvise = False
     if not _madvise:
         return False
-    return _madvise(array.__array_interface__["data"][0], nbytes, _MADV_NOHUGEPAGE) == 0
+    status: int = _madvise(array.__array_interface__["data"][0], nbytes, _MADV_NOHUGEPAGE)
+    return status == 0
 
 
 class _Block:

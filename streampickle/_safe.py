@@ -27,7 +27,8 @@ import gc
 import importlib
 import io
 import pickle
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from . import _rebuild, _verify
 from ._accel import speedups
@@ -36,7 +37,7 @@ from ._errors import ForbiddenGlobalError, MalformedPickleError, StreamPickleErr
 from ._limits import Limits
 from ._scan import scan as _scan
 
-__all__ = ["Loader", "DEFAULT_ALLOWED"]
+__all__ = ["DEFAULT_ALLOWED", "Loader"]
 
 #: Globals the safe loader resolves without being asked: streampickle's reconstructors only.
 DEFAULT_ALLOWED: frozenset[str] = frozenset(_rebuild.NAMES)
@@ -120,8 +121,9 @@ class Loader:
         # full name -> object, or None until first use (imported then)
         self._allowed: dict[str, Any] = parse_allow(allow)
         self._globals: dict[str, _verify.Global] = {}
-        self._unpickler: type[pickle.Unpickler] = (
-            pickle.Unpickler if trusted else type("SafeUnpickler", (_SafeUnpickler,), {"_loader": self})
+        # The restricted unpickler, bound to this loader; a trusted loader never uses one.
+        self._unpickler: type[_SafeUnpickler] | None = (
+            None if trusted else type("SafeUnpickler", (_SafeUnpickler,), {"_loader": self})
         )
 
     @classmethod
@@ -249,7 +251,8 @@ class Loader:
             raise _verify.refusal(_verify.Refused(*verified))
         return verified
 
-    def _located(self, exc: MalformedPickleError, data: bytes | memoryview, buffers: Any, call: int) -> MalformedPickleError:
+    def _located(self, exc: MalformedPickleError, data: bytes | memoryview, buffers: Any,
+                 call: int) -> MalformedPickleError:
         """``exc`` from the ``call``-th reconstructor call, with the offset of its ``REDUCE``."""
         offsets: list[int] = []
         try:
@@ -262,6 +265,7 @@ class Loader:
 
     def _restricted_loads(self, data: bytes | memoryview, buffers: Any, chunk_bytes: int) -> Any:
         file = io.BytesIO(data)
+        assert self._unpickler is not None  # only an untrusted loader unpickles with restrictions
         unpickler = self._unpickler(file, buffers=buffers, budget=call_budget(len(data), chunk_bytes))
         try:
             obj = unpickler.load() if len(data) < GC_PAUSE_BYTES else _gc_paused(unpickler.load)
