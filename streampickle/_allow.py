@@ -85,16 +85,17 @@ entry is judged by its name alone; the loader should also judge what the name re
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 __all__ = [
-    "parse_allow",
-    "denied_reason",
-    "denied_object_reason",
+    "ALLOWABLE_IN_DENIED",
     "DENIED",
     "DENIED_IN_PACKAGE",
-    "ALLOWABLE_IN_DENIED",
+    "denied_object_reason",
+    "denied_reason",
+    "parse_allow",
 ]
 
 # Why each family is denied; each reads after the name it is about ("os runs processes...").

@@ -25,7 +25,7 @@ import anyio
 
 from ._errors import UsageError
 
-__all__ = ["MemoryBudget", "Charge", "ALLOWANCE", "QUANTUM", "MAX_QUANTUM", "check_budget", "default_budget_bytes"]
+__all__ = ["ALLOWANCE", "MAX_QUANTUM", "QUANTUM", "Charge", "MemoryBudget", "check_budget", "default_budget_bytes"]
 
 # Bytes of each incomplete message that cost nothing: every header (fixed part and a length
 # table of up to a thousand side chunks) and every small message fits, so a well-behaved peer
@@ -66,8 +66,8 @@ class MemoryBudget:
       small messages never wait, so a client of small messages is served even while others
       hold the whole budget.
     * Beyond that, a read takes budget first (1/256 of it at a time, at least 1 MiB and at
-      most 64 MiB) and is capped to what it got. If there is none, the stream is not read until there is: backpressure, not an
-      error. The peer's sends block on TCP flow control meanwhile.
+      most 64 MiB) and is capped to what it got. If there is none, the stream is not read until
+      there is: backpressure, not an error. The peer's sends block on TCP flow control meanwhile.
     * A stream's charge goes back when its message completes, when its decoder fails, when
       ``load`` returns or raises, and when the stream is closed; what a read was granted but
       didn't use goes back after the read. A read cancelled while it waits takes nothing.

@@ -15,9 +15,28 @@ Python type of every argument at call time: the two checks guard each other.
 from __future__ import annotations
 
 __all__ = [
-    "NONE", "BOOL", "INT", "FLOAT", "STR", "BYTES", "BYTEARRAY", "BUFFER", "TUPLE", "LIST",
-    "DICT", "SET", "FROZENSET", "GLOBAL", "VALUE", "TZINFO", "INSTANCE", "OPAQUE", "SCALARS",
-    "CONTAINERS", "ANY", "name_of",
+    "ANY",
+    "BOOL",
+    "BUFFER",
+    "BYTEARRAY",
+    "BYTES",
+    "CONTAINERS",
+    "DICT",
+    "FLOAT",
+    "FROZENSET",
+    "GLOBAL",
+    "INSTANCE",
+    "INT",
+    "LIST",
+    "NONE",
+    "OPAQUE",
+    "SCALARS",
+    "SET",
+    "STR",
+    "TUPLE",
+    "TZINFO",
+    "VALUE",
+    "name_of",
 ]
 
 NONE = 1 << 0  # None

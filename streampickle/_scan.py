@@ -11,7 +11,7 @@ from __future__ import annotations
 from ._accel import speedups
 from ._verify import DEFER, scan_py
 
-__all__ = ["scan", "scan_py", "scan_c", "DEFER"]
+__all__ = ["DEFER", "scan", "scan_c", "scan_py"]
 
 # Without the C extension (or with STREAMPICKLE_PURE_PYTHON=1): the reference scan.
 scan_c = speedups.scan if speedups else None
