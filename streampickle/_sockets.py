@@ -2,8 +2,8 @@
 
 anyio's own socket streams on asyncio hand their socket to an asyncio transport, which copies
 whatever the kernel does not take at once; these helpers make plain non-blocking sockets and
-drive them with ``anyio.wait_readable``/``wait_writable`` on any backend (asyncio, uvloop, trio),
-so array memory goes to and from the kernel without a userspace copy.
+drive them with ``wait_readable``/``wait_writable`` (``_anyio_compat``) on any backend
+(asyncio, uvloop, trio), so array memory goes to and from the kernel without a userspace copy.
 
 Unix socket buffers are raised to 4 MiB where the system allows: with the default ~200 KiB a
 multi-GiB transfer spends its time in wakeups (measured with benchmarks/run.py). TCP sockets
@@ -22,6 +22,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import Listener, TaskGroup
 
+from ._anyio_compat import notify_closing, wait_readable, wait_writable
 from ._budget import MemoryBudget, check_budget, default_budget_bytes
 from ._limits import Limits
 from ._mac import Key
@@ -61,7 +62,7 @@ async def _connect(sock: socket.socket, address: Any) -> None:
     try:
         sock.connect(address)
     except (BlockingIOError, InterruptedError):
-        await anyio.wait_writable(sock)
+        await wait_writable(sock)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, f"connect to {address!r}: {os.strerror(err)}")
@@ -143,7 +144,7 @@ class ObjectStreamListener(Listener[ObjectStream]):
             try:
                 conn, address = self._sock.accept()
             except BlockingIOError:
-                await anyio.wait_readable(self._sock)
+                await wait_readable(self._sock)
                 continue
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
@@ -188,7 +189,7 @@ class ObjectStreamListener(Listener[ObjectStream]):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            anyio.notify_closing(self._sock)
+            notify_closing(self._sock)
             self._sock.close()
         await anyio.lowlevel.checkpoint()
 

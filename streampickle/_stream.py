@@ -37,6 +37,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import ObjectStream as _AnyioObjectStream
 
+from ._anyio_compat import checkpoint_if_cancelled
 from ._budget import ALLOWANCE, Charge, MemoryBudget
 from ._decoder import Decoder
 from ._encoder import Encoder
@@ -45,9 +46,8 @@ from ._limits import Limits
 from ._mac import Key
 from ._transports import (
     READ_AHEAD,
-    AnyioTransport,
-    AsyncioTransport,
     SocketTransport,
+    Transport,
     fastest_transport,
     send_message,
 )
@@ -61,15 +61,6 @@ _YIELD_EVERY = 64
 # How long closing a keyed stream waits for its end-of-stream message to go out: it is 68
 # bytes, so only a peer that stopped reading makes it wait.
 _END_SECONDS = 5.0
-
-
-def _checkpoint_if_cancelled() -> Callable[[], Awaitable[None]]:
-    """The running backend's ``checkpoint_if_cancelled``, looked up once. anyio's module-level
-    function finds the backend anew on every call, which costs as much as a small message."""
-    get_backend = getattr(anyio.lowlevel, "get_async_backend", None)
-    if get_backend is None:  # older anyio: the public function, slower but the same
-        return anyio.lowlevel.checkpoint_if_cancelled
-    return get_backend().checkpoint_if_cancelled
 
 
 class _FifoLock:
@@ -101,14 +92,21 @@ class _FifoLock:
         else:
             self._locked = False
 
+    def locked(self) -> bool:
+        """Whether a send holds the lock (or it is being handed to the next one)."""
+        return self._locked
+
 
 class ObjectStream(_AnyioObjectStream[Any]):
     """An anyio object stream carrying Python objects over a bidirectional byte stream.
 
     ``transport_stream`` is any anyio ``ByteStream`` (TCP, Unix, TLS, a process's pipes
-    stapled together, ...). anyio socket streams are driven zero-copy on trio, and anyio Unix
-    streams on asyncio too; :meth:`from_socket` and streampickle's own
-    ``connect_*``/listeners are zero-copy on every backend. Options are the core's:
+    stapled together, ...) or an asyncio ``(StreamReader, StreamWriter)`` pair, as
+    ``asyncio.open_connection`` returns it; it stays available as the ``transport_stream``
+    attribute. anyio socket streams are driven
+    zero-copy on trio, and anyio Unix streams on asyncio too; :meth:`from_socket` and
+    streampickle's own ``connect_*``/listeners are zero-copy on every backend. Options are
+    the core's:
     ``trusted``, ``allow``, ``key``, ``limits``. ``budget``: a :class:`MemoryBudget` that this
     stream's incomplete messages share with other streams (none by default).
 
@@ -142,7 +140,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._decoder._small_first_page = budget is not None  # see Decoder.committed
         self._keyed = key is not None
         self._end_sent = False
-        self._transport: AnyioTransport | AsyncioTransport | SocketTransport | None = None
+        self._transport: Transport | None = None
         self._send_lock = _FifoLock()
         self._send_broken: BaseException | None = None
         self._receiving = False
@@ -151,7 +149,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._closed = False
         self._quick_receives = 0
         self._quick_sends = 0
-        self._cic: Callable[[], Awaitable[None]] | None = None  # see _checkpoint_if_cancelled
+        self._cic: Callable[[], Awaitable[None]] | None = None  # see checkpoint_if_cancelled
 
     @classmethod
     def from_socket(
@@ -174,7 +172,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         return stream
 
     @property
-    def _t(self) -> AnyioTransport | AsyncioTransport | SocketTransport:
+    def _t(self) -> Transport:
         if self._transport is None:
             self._transport = _transport_for(self.transport_stream)
         return self._transport
@@ -195,7 +193,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
             self._quick_sends
             and len(chunks) == 1
             and mac is None
-            and not self._send_lock._locked
+            and not self._send_lock.locked()
             and self._send_broken is None
             and not self._closed
             and (self._transport or self._t).send_later(chunks[0])
@@ -242,14 +240,15 @@ class ObjectStream(_AnyioObjectStream[Any]):
         direction is broken; cancelled before, the message was never sent, and its sequence
         number (with a key) is taken back."""
         transport = self._transport or self._t
-        transport.sent = 0
+        before = transport.sent
         try:
             await send_message(transport, chunks, mac)
         except BaseException as exc:
             # Only a cancellation comes at a point where the count of bytes sent is exact (an
             # await); anything else, a KeyboardInterrupt say, may have come between the kernel
             # taking bytes and the count.
-            if transport.sent or not transport.exact_send_accounting or not isinstance(exc, anyio.get_cancelled_exc_class()):
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+            if transport.sent != before or not transport.exact_send_accounting or not cancelled:
                 self._send_broken = exc
             else:
                 self._encoder._unsend()
@@ -260,7 +259,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         if self._receiving:
             raise anyio.BusyResourceError("receiving from")
         decoder = self._decoder
-        if decoder._ready and not self._closed:  # already decoded: the small-message path
+        if decoder.pending and not self._closed:  # already decoded: the small-message path
             self._quick_receives += 1
             if self._quick_receives < _YIELD_EVERY:
                 await (self._cic or self._set_cic())()
@@ -270,7 +269,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
             while True:
                 if self._closed:
                     raise anyio.ClosedResourceError
-                if decoder._ready:
+                if decoder.pending:
                     self._quick_receives = 0
                     await anyio.lowlevel.checkpoint()  # a real yield now and then
                     return next(decoder)
@@ -283,7 +282,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
                         self._t, decoder, self._started, exact=False, charge=self._charge
                     )
                 except StreamPickleError:
-                    if decoder.failed and decoder._ready:
+                    if decoder.failed and decoder.pending > 0:
                         continue  # messages completed before the failure come first; then it
                     raise
                 if not more or decoder.ended:
@@ -318,7 +317,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         if self._closed:
             await anyio.lowlevel.checkpoint()
             return
-        if self._keyed and not self._end_sent and self._send_broken is None and not self._send_lock._locked:
+        if self._keyed and not self._end_sent and self._send_broken is None and not self._send_lock.locked():
             with anyio.CancelScope(shield=True, deadline=anyio.current_time() + _END_SECONDS):
                 await self._send_lock.acquire()
                 try:
@@ -337,7 +336,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         return self._t.extra_attributes
 
     def _set_cic(self) -> Callable[[], Awaitable[None]]:
-        self._cic = _checkpoint_if_cancelled()
+        self._cic = checkpoint_if_cancelled()
         return self._cic
 
     def _check_send(self) -> None:
@@ -364,7 +363,7 @@ async def dump(obj: Any, stream: Any, *, key: bytes | Key | None = None) -> None
 
 
 async def _fill(
-    transport: AnyioTransport | AsyncioTransport | SocketTransport,
+    transport: Transport,
     decoder: Decoder,
     started: float | None,
     *,
@@ -406,7 +405,7 @@ def _started(decoder: Decoder, started: float | None) -> float | None:
 
 
 async def _fill_charged(
-    transport: AnyioTransport | AsyncioTransport | SocketTransport,
+    transport: Transport,
     decoder: Decoder,
     started: float | None,
     exact: bool,
@@ -428,7 +427,6 @@ async def _fill_charged(
             if (
                 commit > ALLOWANCE - received + charge.held
                 and charge.budget._waiters
-                and type(transport) is SocketTransport
             ):
                 await transport.wait_readable()  # budget is short: take it only for bytes that are there
             cap = await charge.grant(received, commit, decoder.commit_for(1))
@@ -526,7 +524,7 @@ async def load(
     return next(decoder)
 
 
-def _transport_for(stream: Any) -> AnyioTransport | AsyncioTransport | SocketTransport:
+def _transport_for(stream: Any) -> Transport:
     """``fastest_transport``, with a stream of the wrong type refused as the caller's mistake."""
     try:
         return fastest_transport(stream)

@@ -1,12 +1,12 @@
 """Byte transports under the async adapters: they only move bytes between a channel and the
-sans-IO core. Three kinds:
+sans-IO core. Each implements the contract in ``_transport_api.Transport``. Three kinds:
 
 * ``AnyioTransport``: any anyio ``ByteStream`` (or a send-only/receive-only one). Each received
   byte is copied once (from the transport's ``bytes`` into its decoder destination); large
   chunks are sent in slices so that no transport ever buffers a second copy of one.
 * ``AsyncioTransport``: an ``asyncio.StreamReader`` / ``StreamWriter``; same policy.
 * ``SocketTransport``: a raw non-blocking socket that streampickle owns, driven with
-  ``anyio.wait_readable``/``wait_writable`` (on asyncio, a part read straight into its
+  ``wait_readable``/``wait_writable`` (``_anyio_compat``; on asyncio, a part read straight into its
   destination is filled from one reader callback instead). Side chunks go from the caller's
   memory to the kernel with ``sendmsg`` and from the kernel into their final destination with
   ``recv_into``: no userspace copy either way. This is the fast path, taken for streampickle's
@@ -15,8 +15,8 @@ sans-IO core. Three kinds:
   which copies data the kernel did not take at once. On asyncio and uvloop it also coalesces the small
   messages of a burst of sends into one write (``send_later``).
 
-Every transport counts the bytes of the current message it has handed to the kernel or
-channel (``sent``), so the object stream can tell a send cancelled before its first byte (the
+Every transport counts the bytes it has handed to the kernel or channel (``sent``), so the
+object stream can tell a send cancelled before its first byte (the
 stream stays usable) from one cancelled later (the stream is broken). Where it can't know, it
 says so (``exact_send_accounting = False``).
 """
@@ -30,12 +30,16 @@ import sys
 from typing import Any, Callable, Mapping
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import ByteReceiveStream, ByteSendStream, SocketAttribute, SocketStream
 
+from ._anyio_compat import is_asyncio_unix_stream, notify_closing, wait_readable, wait_writable
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, drop_sent, sendable
+from ._errors import UsageError
+from ._transport_api import Transport
 
-__all__ = ["AnyioTransport", "AsyncioTransport", "SocketTransport", "SEND_SLICE", "READ_AHEAD"]
+__all__ = ["Transport", "AnyioTransport", "AsyncioTransport", "SocketTransport", "SEND_SLICE", "READ_AHEAD"]
 
 # Largest piece handed to a copying transport in one call. asyncio's transports copy what the
 # kernel did not take at once into their own buffer; a 1 MiB slice bounds that copy.
@@ -68,7 +72,7 @@ def grow_socket_buffers(sock: socket.socket) -> None:
             pass
 
 
-async def send_message(transport: Any, chunks: list[Chunk], mac: Any) -> None:
+async def send_message(transport: Transport, chunks: list[Chunk], mac: Any) -> None:
     """Send one message's chunks; with ``mac`` (see ``Encoder.encode_unsigned``), hash each
     slice just before it goes out and send the tag last."""
     if mac is None:
@@ -93,17 +97,21 @@ def _slices(chunks: list[Chunk], size: int = SEND_SLICE) -> list[memoryview | by
 
 
 class AnyioTransport:
+    """An anyio byte stream (or a send-only or receive-only one), through its public API."""
+
     exact_send_accounting = False
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.sent = 0
+        self._closed = False
 
     def send_later(self, chunk: Chunk) -> bool:
         """Never: anyio's streams do their own buffering (see ``SocketTransport.send_later``)."""
         return False
 
     async def send_chunks(self, chunks: list[Chunk]) -> None:
+        self._check_open()
         send = self.stream.send
         for piece in _slices(chunks):
             self.sent += 1  # can't tell how much of an interrupted send reached the stream
@@ -112,62 +120,141 @@ class AnyioTransport:
     async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
         """Feed the decoder what the stream has next; False (after ``feed_eof``) at its end.
         ``exact``: never read past the current part; ``limit``: read at most that many bytes."""
-        want = len(decoder.get_buffer())
-        if not exact:
-            want = max(want, READ_AHEAD)
-        if limit is not None and limit < want:
-            want = limit
+        self._check_open()
         try:
-            data = await self.stream.receive(want)
+            data = await self.stream.receive(_want(decoder, exact, limit))
         except anyio.EndOfStream:
             decoder.feed_eof()
             return False
         decoder.feed(data)
         return True
 
+    async def wait_readable(self) -> None:
+        """Returns at once: an anyio stream can't say whether a receive would wait."""
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+
     async def send_eof(self) -> None:
+        self._check_open()
         await self.stream.send_eof()
 
     async def aclose(self) -> None:
+        self._closed = True
         await self.stream.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return self.stream.extra_attributes
+        attributes: Mapping[Any, Callable[[], Any]] = self.stream.extra_attributes
+        return attributes
 
 
 class AsyncioTransport:
+    """An ``asyncio.StreamReader`` and ``StreamWriter`` (either may be None: ``load`` gets a
+    reader alone, ``dump`` a writer alone), through their public API. Errors of the asyncio
+    transport underneath (``ConnectionResetError``, ...) become ``anyio.BrokenResourceError``."""
+
     exact_send_accounting = False
 
     def __init__(self, reader: asyncio.StreamReader | None, writer: asyncio.StreamWriter | None) -> None:
         self.reader = reader
         self.writer = writer
         self.sent = 0
+        self._closed = False
 
     def send_later(self, chunk: Chunk) -> bool:
         """Never: a ``StreamWriter`` does its own buffering (see ``SocketTransport.send_later``)."""
         return False
 
     async def send_chunks(self, chunks: list[Chunk]) -> None:
-        assert self.writer is not None
-        for piece in _slices(chunks):
-            self.sent += 1
-            self.writer.write(piece)
-            await self.writer.drain()
+        writer = self._writer()
+        try:
+            for piece in _slices(chunks):
+                self.sent += 1
+                writer.write(piece)
+                await writer.drain()
+        except OSError as exc:
+            raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
 
     async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
-        assert self.reader is not None
-        want = len(decoder.get_buffer())
-        if not exact:
-            want = max(want, READ_AHEAD)
-        if limit is not None and limit < want:
-            want = limit
-        data = await self.reader.read(want)
+        reader = self._reader()
+        try:
+            data = await reader.read(_want(decoder, exact, limit))
+        except OSError as exc:
+            raise anyio.BrokenResourceError(f"receiving failed: {exc}") from exc
+        if self._closed:  # closed while waiting: the reader saw the end of our own transport
+            raise anyio.ClosedResourceError
         if not data:
             decoder.feed_eof()
             return False
         decoder.feed(data)
         return True
+
+    async def wait_readable(self) -> None:
+        """Returns at once: a ``StreamReader`` can't say whether a read would wait."""
+        self._reader()
+        await anyio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        """``write_eof`` where the transport has one (TCP, Unix sockets, pipes); elsewhere (TLS)
+        nothing: the peer sees the end when the stream is closed."""
+        writer = self._writer()
+        if writer.can_write_eof():
+            try:
+                writer.write_eof()
+            except OSError as exc:
+                raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
+        await anyio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        """Close the writer's transport (which is the reader's too) and wait until it is
+        closed. A ``StreamReader`` alone has no transport to close: it is only marked closed."""
+        if self._closed:
+            await anyio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        writer = self.writer
+        if writer is None:
+            await anyio.lowlevel.checkpoint()
+            return
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass  # the connection was lost before the close: closed all the same
+
+    def _reader(self) -> asyncio.StreamReader:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self.reader is None:
+            raise UsageError("this asyncio stream has no StreamReader to receive from")
+        return self.reader
+
+    def _writer(self) -> asyncio.StreamWriter:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self.writer is None:
+            raise UsageError("this asyncio stream has no StreamWriter to send with")
+        return self.writer
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        """The socket's attributes, where the writer's transport has a socket."""
+        sock = self.writer.get_extra_info("socket") if self.writer is not None else None
+        return socket_attributes(sock) if sock is not None else {}
+
+
+def _want(decoder: Decoder, exact: bool, limit: int | None) -> int:
+    """How many bytes a copying transport asks its channel for."""
+    want = len(decoder.get_buffer())
+    if not exact:
+        want = max(want, READ_AHEAD)
+    if limit is not None and limit < want:
+        want = limit
+    return want
 
 
 class SocketTransport:
@@ -181,6 +268,7 @@ class SocketTransport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_NOSIGPIPE, 1)
         self.sock = sock
         self.sent = 0
+        self._closed = False
         self._owner = owner  # an anyio stream whose socket this is: closed through it
         # Read-ahead space, made on first use: dump() and load(), which build a transport per
         # call, never read ahead.
@@ -217,7 +305,7 @@ class SocketTransport:
             if self._later_size >= COALESCE_BYTES:
                 return False
         else:
-            if self._later_error is not None:
+            if self._later_error is not None or self._closed:
                 return False
             loop = self._loop_taking_callbacks()
             if loop is None:
@@ -285,6 +373,7 @@ class SocketTransport:
             raise anyio.BrokenResourceError(f"sending failed: {self._later_error}") from self._later_error
 
     async def send_chunks(self, chunks: list[Chunk]) -> None:
+        self._check_open()
         if self._later or self._later_error is not None:
             await self._written_later()  # the messages ahead of this one go first
         sock = self.sock
@@ -305,7 +394,7 @@ class SocketTransport:
             try:
                 n = sock.sendmsg(views[:IOV_MAX], (), NO_SIGNAL)
             except BlockingIOError:
-                await anyio.wait_writable(sock)
+                await wait_writable(sock)
                 continue
             except OSError as exc:
                 raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
@@ -313,6 +402,7 @@ class SocketTransport:
             drop_sent(views, n)
 
     async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
+        self._check_open()
         view = decoder.get_buffer()
         if limit is not None:
             view = view[:limit]
@@ -334,7 +424,7 @@ class SocketTransport:
                 loop = self._loop_taking_callbacks() if direct else None
                 if loop is not None:
                     return await self._fill_from_reader(loop, decoder, target)
-                await anyio.wait_readable(self.sock)
+                await wait_readable(self.sock)
             except OSError as exc:
                 raise anyio.BrokenResourceError(f"receiving failed: {exc}") from exc
         if n == 0:
@@ -348,7 +438,8 @@ class SocketTransport:
 
     async def wait_readable(self) -> None:
         """Wait until the socket has bytes to read (or its end, or an error)."""
-        await anyio.wait_readable(self.sock)
+        self._check_open()
+        await wait_readable(self.sock)
 
     def _loop_taking_callbacks(self) -> asyncio.AbstractEventLoop | None:
         """The running asyncio loop if it takes reader and writer callbacks: the selector loop
@@ -429,17 +520,23 @@ class SocketTransport:
                 done.set_exception(anyio.ClosedResourceError())
 
     async def send_eof(self) -> None:
+        self._check_open()
         if self._later:
             await self._written_later()
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
+            pass  # the peer is gone already: its reads have ended
+        await anyio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         """Wake every blocked call with ``ClosedResourceError``, write the messages that
         ``send_later`` took (waiting for the peer to make room, if it must: cancel the close to
-        drop them), and close."""
+        drop them), and close. Closing again does nothing."""
+        if self._closed:
+            await anyio.lowlevel.checkpoint()
+            return
+        self._closed = True
         self._wake_later_waiters(closed=True)  # sends waiting behind them never started
         self._wake_reader()
         try:
@@ -451,22 +548,27 @@ class SocketTransport:
             self._drop_later(closed=True)
             await self._close()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+
     async def _close(self) -> None:
         if self._owner is not None:
             # Wake our own waiters first: anyio's asyncio Unix stream only wakes its own.
             if self.sock.fileno() >= 0:
-                anyio.notify_closing(self.sock)
+                notify_closing(self.sock)
             await self._owner.aclose()
             return
         if self.sock.fileno() >= 0:
-            anyio.notify_closing(self.sock)
+            notify_closing(self.sock)
             self.sock.close()
         await anyio.lowlevel.checkpoint()
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         if self._owner is not None:
-            return self._owner.extra_attributes
+            attributes: Mapping[Any, Callable[[], Any]] = self._owner.extra_attributes
+            return attributes
         return socket_attributes(self.sock)
 
 
@@ -491,8 +593,14 @@ def socket_attributes(sock: socket.socket) -> dict[Any, Callable[[], Any]]:
     return attrs
 
 
-def transport_for(stream: Any) -> AnyioTransport | AsyncioTransport:
-    """The copying transport for a stream given to ``dump``/``load``."""
+def transport_for(stream: Any) -> Transport:
+    """The copying transport for a stream: an anyio byte stream, an asyncio ``StreamReader``
+    or ``StreamWriter`` (``load``/``dump``), or both as a ``(reader, writer)`` pair, as
+    ``asyncio.open_connection`` returns them (an ``ObjectStream``)."""
+    if isinstance(stream, tuple) and len(stream) == 2:
+        reader, writer = stream
+        if isinstance(reader, asyncio.StreamReader) and isinstance(writer, asyncio.StreamWriter):
+            return AsyncioTransport(reader, writer)
     if isinstance(stream, asyncio.StreamWriter):
         return AsyncioTransport(None, stream)
     if isinstance(stream, asyncio.StreamReader):
@@ -500,7 +608,8 @@ def transport_for(stream: Any) -> AnyioTransport | AsyncioTransport:
     if isinstance(stream, (ByteSendStream, ByteReceiveStream)) or hasattr(stream, "receive") or hasattr(stream, "send"):
         return AnyioTransport(stream)
     raise TypeError(
-        f"expected an anyio byte stream or an asyncio StreamReader/StreamWriter, not {type(stream).__name__}"
+        "expected an anyio byte stream, an asyncio StreamReader or StreamWriter, or a "
+        f"(StreamReader, StreamWriter) pair, not {type(stream).__name__}"
     )
 
 
@@ -515,31 +624,16 @@ def _running_trio() -> bool:
     return True
 
 
-def _raw_asyncio_unix_stream(stream: Any) -> bool:
-    """Whether ``stream`` is anyio's asyncio ``UNIXSocketStream``, which drives its raw socket
-    itself (``add_reader`` per wait, no asyncio transport), so nothing else reads from it.
-
-    Checked by exact class and by the raw-socket method it waits with: an anyio release that
-    put a transport under Unix streams would fail the check and get the copying path.
-    """
-    cls = type(stream)
-    return (
-        cls.__name__ == "UNIXSocketStream"
-        and cls.__module__ == "anyio._backends._asyncio"
-        and hasattr(cls, "_wait_until_readable")
-    )
-
-
-def fastest_transport(stream: Any) -> AnyioTransport | AsyncioTransport | SocketTransport:
+def fastest_transport(stream: Any) -> Transport:
     """The zero-copy socket path where nothing else reads the socket, else a copying one.
 
     * On trio, an anyio socket stream's raw socket is an ordinary non-blocking socket that
       streampickle may drive itself.
-    * On asyncio, anyio's Unix streams are the same (see ``_raw_asyncio_unix_stream``). Their
+    * On asyncio, anyio's Unix streams are the same (see ``_anyio_compat.is_asyncio_unix_stream``). Their
       own wait is also racy: a receive cancelled while the socket turns readable makes the
       loop's reader call ``set_result`` on the cancelled future (``InvalidStateError`` in the
       loop's exception handler; seen on uvloop). Driving the socket with
-      ``anyio.wait_readable``, which tolerates that, avoids the race.
+      ``_anyio_compat.wait_readable``, which tolerates that, avoids the race.
     * anyio's asyncio TCP streams belong to an asyncio transport, whose own reader would race
       ours, so they are used through their public API.
 
@@ -547,7 +641,7 @@ def fastest_transport(stream: Any) -> AnyioTransport | AsyncioTransport | Socket
     the same buffer sizes as streampickle's own Unix sockets (``grow_socket_buffers``); TCP
     sockets keep the kernel's buffer autotuning, as streampickle's own do.
     """
-    if isinstance(stream, SocketStream) and (_running_trio() or _raw_asyncio_unix_stream(stream)):
+    if isinstance(stream, SocketStream) and (_running_trio() or is_asyncio_unix_stream(stream)):
         sock = stream.extra(SocketAttribute.raw_socket)
         if sock.family == socket.AF_UNIX:
             grow_socket_buffers(sock)

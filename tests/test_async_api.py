@@ -237,6 +237,8 @@ async def test_cancelled_receives_on_anyio_unix_stream_leave_the_loop_clean(anyi
 class RecordingSocket:
     """A socket stand-in that records the memory handed to sendmsg and recv_into."""
 
+    family = socket.AF_INET
+
     def __init__(self, incoming: bytes = b"") -> None:
         self.sent_buffers: list[memoryview] = []
         self.recv_targets: list[memoryview] = []
@@ -452,3 +454,65 @@ async def test_load_cancelled_after_the_read_that_completed_its_message_keeps_th
         first = await streampickle.load(receiving)
         assert first["n"] == 1 and first["data"].tolist() == list(range(10))
         assert await streampickle.load(receiving) == "second"
+
+
+async def _asyncio_object_streams() -> tuple[ObjectStream, ObjectStream, asyncio.Server]:
+    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        asyncio.get_running_loop().create_future()
+    )
+    server = await asyncio.start_server(lambda r, w: accepted.set_result((r, w)), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = ObjectStream(await asyncio.open_connection("127.0.0.1", port))
+    return client, ObjectStream(await accepted), server
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")])
+async def test_object_stream_over_asyncio_streams() -> None:
+    client, peer, server = await _asyncio_object_streams()
+    try:
+        big = np.arange(1_000_000, dtype=np.float64)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.send, {"big": big})
+            got = await peer.receive()
+        assert np.array_equal(got["big"], big)
+        await peer.send("reply")
+        assert await client.receive() == "reply"
+        assert client.extra(SocketAttribute.remote_port) == server.sockets[0].getsockname()[1]
+        # send_eof: the peer's receive ends, and it can still answer
+        await client.send_eof()
+        with pytest.raises(anyio.EndOfStream):
+            await peer.receive()
+        await peer.send("after eof")
+        assert await client.receive() == "after eof"
+        # aclose: closes the connection (the peer sees the end), twice is fine, use after raises
+        await peer.aclose()
+        await peer.aclose()
+        with pytest.raises(anyio.EndOfStream):
+            await client.receive()
+        with pytest.raises(anyio.ClosedResourceError):
+            await peer.send("closed")
+        assert peer.transport_stream[1].is_closing()
+    finally:
+        await client.aclose()
+        server.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncio_stream_aclose_wakes_a_blocked_receive() -> None:
+    client, peer, server = await _asyncio_object_streams()
+    woke: list[BaseException] = []
+
+    async def receiving() -> None:
+        try:
+            await client.receive()
+        except BaseException as exc:  # noqa: BLE001 - we record what woke it
+            woke.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receiving)
+            await anyio.wait_all_tasks_blocked()
+            await client.aclose()
+    await peer.aclose()
+    server.close()
+    assert len(woke) == 1 and isinstance(woke[0], anyio.ClosedResourceError), woke

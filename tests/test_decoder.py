@@ -14,6 +14,7 @@ import pytest
 from _util import assert_same
 
 import streampickle
+from streampickle._accel import speedups
 from streampickle import (
     Decoder,
     IncompleteMessageError,
@@ -276,6 +277,9 @@ def _decode_all(data: bytes, splits: list[int], limits: Limits | None) -> list[t
     return out
 
 
+@pytest.mark.skipif(
+    speedups is None, reason="the C extension is not in use (not built, or STREAMPICKLE_PURE_PYTHON=1): no C twin"
+)
 @pytest.mark.parametrize("seed", range(40))
 def test_the_c_paths_for_plain_messages_decode_as_the_python_ones(seed: int, monkeypatch) -> None:
     """A run of plain messages (no key, no side chunks) is split off in C (take_plain) and

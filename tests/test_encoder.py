@@ -10,6 +10,11 @@ import pytest
 
 import streampickle
 from streampickle import EncodeError, Encoder
+from streampickle._accel import speedups
+
+needs_c = pytest.mark.skipif(
+    speedups is None, reason="the C extension is not in use (not built, or STREAMPICKLE_PURE_PYTHON=1): no C twin"
+)
 
 
 def test_side_chunks_are_views_of_the_original_memory() -> None:
@@ -138,11 +143,12 @@ def _fresh(text: str) -> str:
     return "".join(list(text))  # a new str object, referenced only by the caller
 
 
+@needs_c
 def test_the_memo_is_skipped_only_where_no_object_can_appear_twice() -> None:
     """``unshared`` decides when the pickler may run without its memo (for a large graph the
     memo is most of pickling's cost): never where an object could appear twice or in a
     cycle, or where anything but plain data sits in the graph."""
-    from streampickle._speedups import unshared
+    unshared = speedups.unshared
 
     shared_list = [1]
     shared_str = _fresh("shared")
@@ -177,6 +183,7 @@ def test_the_memo_is_skipped_only_where_no_object_can_appear_twice() -> None:
         assert not unshared(obj), name
 
 
+@needs_c  # without it the memo is always on: the same objects, more slowly
 def test_unshared_graphs_are_pickled_without_memo_and_the_pickler_is_reset() -> None:
     import pickletools
 
@@ -192,8 +199,9 @@ def test_unshared_graphs_are_pickled_without_memo_and_the_pickler_is_reset() -> 
     assert out[0] is out[1]
 
 
+@needs_c
 def test_a_failed_memo_less_dump_leaves_the_pickler_in_normal_mode() -> None:
-    from streampickle._speedups import dump
+    dump = speedups.dump
 
     class FailingPickler:
         fast = False
@@ -209,6 +217,7 @@ def test_a_failed_memo_less_dump_leaves_the_pickler_in_normal_mode() -> None:
     assert FailingPickler.seen_fast is True and pickler.fast is False
 
 
+@needs_c
 def test_dump_small_in_c_matches_python() -> None:
     from streampickle import _encoder
 

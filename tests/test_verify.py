@@ -156,7 +156,8 @@ def test_nan_in_a_tuple_key_is_not_given_a_hash_the_object_will_not_have() -> No
     from streampickle import _scan
 
     data = pickle.dumps({(float("nan"), 1): 1}, protocol=5)
-    assert _scan.scan_c(data, 0) == _scan.scan_py(data, 0) == 0  # salted: admitted as plain data
+    assert _scan.scan_py(data, 0) == 0  # salted: admitted as plain data
+    assert _scan.scan_c is None or _scan.scan_c(data, 0) == 0  # and alike by the C twin, if in use
     (key,) = streampickle.loads(make(data))
     assert key[1] == 1
 

@@ -1,0 +1,81 @@
+"""The contract between the async adapters (``ObjectStream``, ``dump``, ``load``) and the byte
+transports under them (``_transports``): what each method does, how it may be cancelled,
+what it raises, and what is left after ``aclose``. Each transport implements all of it; mypy
+checks the signatures and ``tests/test_transport_contract.py`` the behaviour, over every
+transport and backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol
+
+from ._decoder import Decoder
+from ._encoder import Chunk
+
+__all__ = ["Transport"]
+
+
+class Transport(Protocol):
+    """Moves bytes between one channel and the sans-IO core; one object per channel.
+
+    Bytes in. ``fill(decoder, exact=, limit=)`` reads once from the channel into ``decoder``
+    (``feed``, or ``get_buffer``/``buffer_updated``) and returns True, or, at the channel's
+    end, calls ``decoder.feed_eof()`` and returns False. ``exact``: read nothing past the
+    current part of the current message (``decoder.get_buffer()``), so that what follows stays
+    in the channel for whoever reads next (``load``); otherwise the transport may read ahead
+    (``ObjectStream``), and a small message costs one read or less. ``limit``: read at most
+    that many bytes (a memory budget's grant). ``wait_readable()`` returns once a read would
+    find bytes, the end, or an error, where the transport can tell; one that can't returns at
+    once.
+
+    Bytes out. ``send_chunks(chunks)`` hands the chunks to the channel in order and returns
+    once the channel has them all (it does not wait for the peer). ``send_later(chunk)`` may
+    take one small whole message to write after the caller's next yield to the event loop,
+    together with others (True), or decline (False: send it with ``send_chunks``); what it
+    took counts as sent and goes out before anything sent later, and ``aclose`` writes it
+    first. ``send_eof()`` writes what ``send_later`` took and closes the sending direction: the
+    peer's reads end; receiving goes on.
+
+    ``sent`` grows as sends hand bytes to the channel; it never goes down. With
+    ``exact_send_accounting`` it counts bytes the kernel took, so a send cancelled with
+    ``sent`` unchanged put nothing on the wire and the stream is intact; without it, ``sent``
+    grows as soon as a piece may have been handed over, and an unchanged count still means
+    nothing was.
+
+    Cancellation. A cancelled ``fill`` loses nothing: the bytes it took from the channel are
+    in the decoder, and the rest are still in the channel. A cancelled ``send_chunks`` handed
+    over the bytes ``sent`` says and no more (see above). A cancelled ``aclose`` still closes
+    the channel, dropping what ``send_later`` took if it had to wait for the peer to write it.
+
+    Close. ``aclose()`` wakes every task blocked in the transport with
+    ``anyio.ClosedResourceError`` and closes the channel; closing again does nothing. After
+    it, ``fill``, ``wait_readable``, ``send_chunks`` and ``send_eof`` raise
+    ``anyio.ClosedResourceError`` and ``send_later`` returns False.
+
+    Errors. A channel that failed (reset, broken pipe, the peer gone) raises
+    ``anyio.BrokenResourceError`` from the ``OSError`` or the channel's own error; ``fill``
+    also raises what the decoder raises about the bytes (``StreamPickleError``). A transport
+    made for one direction (``dump``'s ``StreamWriter``) raises :class:`UsageError` when used
+    for the other.
+
+    ``extra_attributes``: anyio typed attributes of the channel (``SocketAttribute`` for a
+    socket; empty where there is none), available before and after close.
+    """
+
+    exact_send_accounting: bool
+    sent: int
+
+    async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool: ...
+
+    async def wait_readable(self) -> None: ...
+
+    def send_later(self, chunk: Chunk) -> bool: ...
+
+    async def send_chunks(self, chunks: list[Chunk]) -> None: ...
+
+    async def send_eof(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]: ...
