@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 import anyio
@@ -81,7 +82,7 @@ async def connect_tcp(
     """Connect to a TCP server and return a zero-copy :class:`ObjectStream` over it
     (``budget``: see :class:`MemoryBudget`; none by default)."""
     infos = await anyio.getaddrinfo(remote_host, remote_port, type=socket.SOCK_STREAM)
-    last: OSError | None = None
+    errors: list[tuple[Any, OSError]] = []
     for family, type_, proto, _, address in infos:
         sock = socket.socket(family, type_, proto)
         try:
@@ -91,10 +92,25 @@ async def connect_tcp(
             sock.close()
             if not isinstance(exc, OSError):
                 raise
-            last = exc
+            errors.append((address, exc))
             continue
         return ObjectStream.from_socket(sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget)
-    raise OSError(f"could not connect to {remote_host}:{remote_port}") from last
+    raise _connect_error(remote_host, remote_port, errors)
+
+
+def _connect_error(host: str, port: int, errors: list[tuple[Any, OSError]]) -> OSError:
+    """The error of a failed ``connect_tcp``: the last address's, as the same ``OSError``
+    subclass with the same errno (``ConnectionRefusedError``, ...), naming the host and port
+    and what each address tried said; the last error is its cause."""
+    if not errors:
+        return OSError(f"could not connect to {host}:{port}: it has no address")
+    tried = "; ".join(f"{address[0]}: {exc.strerror or exc}" for address, exc in errors)
+    last = errors[-1][1]
+    message = f"could not connect to {host}:{port} ({tried})"
+    # OSError(errno, text) makes the errno's subclass, as the failed connect itself did
+    error = OSError(last.errno, message) if last.errno is not None else OSError(message)
+    error.__cause__ = last
+    return error
 
 
 async def connect_unix(
@@ -238,11 +254,21 @@ async def create_unix_listener(
     budget: MemoryBudget | None = PER_LISTENER,
 ) -> ObjectStreamListener:
     """Listen on a Unix socket at ``path`` (``mode``: its permission bits, e.g. ``0o600``).
-    ``budget``: as for :func:`create_tcp_listener`."""
+    ``budget``: as for :func:`create_tcp_listener`.
+
+    A socket file at ``path`` that no server listens on any more (left by one that crashed) is
+    replaced; a live server's socket, or a file that is not a socket, is left alone and
+    ``OSError`` (``errno.EADDRINUSE``) names the path."""
     budget = _listener_budget(budget)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(os.fspath(path))
+        try:
+            sock.bind(os.fspath(path))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            _remove_stale_socket(os.fspath(path), exc)
+            sock.bind(os.fspath(path))
         if mode is not None:
             os.chmod(path, mode)
         sock.listen(min(backlog, socket.SOMAXCONN))
@@ -251,3 +277,38 @@ async def create_unix_listener(
         raise
     await anyio.lowlevel.checkpoint()
     return ObjectStreamListener(sock, dict(trusted=trusted, allow=allow, key=key, limits=limits, budget=budget))
+
+
+def _remove_stale_socket(path: str, in_use: OSError) -> None:
+    """Remove the socket file at ``path`` if no server listens on it: the one a server left
+    behind when it crashed (a closed listener doesn't remove its file either). A connection
+    refused means nobody listens; a live server's socket, or a path that is not a socket at
+    all, is left alone, and ``EADDRINUSE`` names the path.
+
+    The probe is a non-blocking connect, so a live server whose backlog is full (the connect
+    would wait) counts as live too; a live server accepts the probe as a connection that ends
+    at once, without a byte."""
+    if path.startswith("\0"):  # Linux's abstract namespace: no file, and the name is taken
+        raise in_use
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return  # gone meanwhile: bind again
+    if not is_socket:
+        raise OSError(errno.EADDRINUSE, f"{path} exists and is not a socket: not removing it") from in_use
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: its server is gone
+        return
+    except FileNotFoundError:
+        return
+    except BlockingIOError:
+        pass  # live, with its backlog full
+    finally:
+        probe.close()
+    raise OSError(
+        errno.EADDRINUSE, f"a server is listening on {path}: close it, or listen on another path"
+    ) from in_use

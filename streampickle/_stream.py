@@ -49,6 +49,7 @@ from ._transports import (
     SocketTransport,
     Transport,
     fastest_transport,
+    grow_socket_buffers,
     send_message,
 )
 
@@ -103,7 +104,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
     ``transport_stream`` is any anyio ``ByteStream`` (TCP, Unix, TLS, a process's pipes
     stapled together, ...) or an asyncio ``(StreamReader, StreamWriter)`` pair, as
     ``asyncio.open_connection`` returns it; it stays available as the ``transport_stream``
-    attribute. anyio socket streams are driven
+    attribute (for :meth:`from_socket`, the socket). anyio socket streams are driven
     zero-copy on trio, and anyio Unix streams on asyncio too; :meth:`from_socket` and
     streampickle's own ``connect_*``/listeners are zero-copy on every backend. Options are
     the core's:
@@ -165,9 +166,13 @@ class ObjectStream(_AnyioObjectStream[Any]):
         """Wrap a connected stream socket (TCP or Unix), which the object stream then owns:
         side chunks go from memory to the kernel and back with no userspace copy.
 
-        For example one end of ``socket.socketpair()`` handed to a child process.
+        For example one end of ``socket.socketpair()`` handed to a child process. A Unix socket
+        gets the buffer sizes of streampickle's own (``connect_unix``): with ``socketpair``'s
+        default ~200 KiB, a large array costs many more event-loop wake-ups.
         """
-        stream = cls(None, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget)
+        if sock.family == socket.AF_UNIX:
+            grow_socket_buffers(sock)
+        stream = cls(sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget)
         stream._transport = SocketTransport(sock)
         return stream
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import struct
@@ -516,3 +517,90 @@ async def test_asyncio_stream_aclose_wakes_a_blocked_receive() -> None:
     await peer.aclose()
     server.close()
     assert len(woke) == 1 and isinstance(woke[0], anyio.ClosedResourceError), woke
+
+
+async def test_unix_listener_replaces_a_stale_socket_file() -> None:
+    path = os.path.join(tempfile.mkdtemp(), "sock")
+    crashed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    crashed.bind(path)
+    crashed.listen()
+    crashed.close()  # what a crash leaves: the file, and nobody listening
+    assert await anyio.Path(path).exists()
+    async with await streampickle.create_unix_listener(path) as listener:
+        client = await streampickle.connect_unix(path)
+        server = await listener.accept()
+        async with client, server:
+            await client.send("through the new listener")
+            assert await server.receive() == "through the new listener"
+
+
+async def test_unix_listener_leaves_a_live_servers_socket_alone() -> None:
+    path = os.path.join(tempfile.mkdtemp(), "sock")
+    async with await streampickle.create_unix_listener(path) as live:
+        with pytest.raises(OSError) as info:
+            await streampickle.create_unix_listener(path)
+        assert info.value.errno == errno.EADDRINUSE and path in str(info.value)
+        async with await live.accept() as probe:  # how the second listener found it alive
+            with pytest.raises(anyio.EndOfStream):
+                await probe.receive()
+        client = await streampickle.connect_unix(path)  # the live server still has its socket
+        server = await live.accept()
+        async with client, server:
+            await client.send("still here")
+            assert await server.receive() == "still here"
+
+
+async def test_unix_listener_leaves_a_file_that_is_not_a_socket_alone() -> None:
+    path = os.path.join(tempfile.mkdtemp(), "sock")
+    await anyio.Path(path).write_text("precious")
+    with pytest.raises(OSError) as info:
+        await streampickle.create_unix_listener(path)
+    assert info.value.errno == errno.EADDRINUSE and path in str(info.value)
+    assert await anyio.Path(path).read_text() == "precious"
+
+
+async def test_connect_tcp_error_names_the_address() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError) as info:  # still the errno's class
+        await streampickle.connect_tcp("127.0.0.1", port)
+    assert info.value.errno == errno.ECONNREFUSED
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
+async def test_from_socket_grows_a_socketpairs_buffers_and_keeps_the_socket() -> None:
+    a, b = socket.socketpair()
+    default = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    want = grown_sndbuf()
+    assert default < want, "this system's default Unix buffers are already as large"
+    stream = ObjectStream.from_socket(a)
+    async with stream:
+        assert stream.transport_stream is a
+        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= want
+    b.close()
+
+
+class CountingSocket(socket.socket):
+    """A real socket that counts the reads made on it."""
+
+    reads = 0
+
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+        self.reads += 1
+        return super().recv_into(*args, **kwargs)
+
+
+async def test_a_burst_of_small_messages_costs_one_read() -> None:
+    a, b = socket.socketpair()
+    counting = CountingSocket(b.family, b.type, b.proto, fileno=b.detach())
+    sender, receiver = ObjectStream.from_socket(a), ObjectStream.from_socket(counting)
+    async with sender, receiver:
+        for i in range(200):
+            await sender.send({"i": i, "name": "x"})
+        await sender.send_eof()  # written: all of it is in the receiver's socket buffer now
+        for i in range(200):
+            assert (await receiver.receive())["i"] == i
+        # they were all in the kernel: one read-ahead took them (the decoder's header and
+        # pickle parts are never read separately)
+        assert counting.reads == 1, counting.reads
