@@ -29,14 +29,21 @@ import os
 import socket
 import struct
 import weakref
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import anyio
-from anyio.abc import Listener, SocketAttribute, TaskGroup
+from anyio.abc import SocketAttribute, TaskGroup
 
 from ._errors import EncodeError, IncompleteMessageError, StreamPickleError, UsageError
 
 __all__ = ["serve"]
+
+
+class Accepting(Protocol):
+    """A listener with ``accept()``, as streampickle's own have (anyio's ``Listener`` only
+    promises ``serve``)."""
+
+    async def accept(self) -> Any: ...
 
 logger = logging.getLogger("streampickle")
 
@@ -59,7 +66,7 @@ ACCEPT_RETRY_DELAY = 0.1
 
 
 async def serve(
-    listener: Listener[Any],
+    listener: Accepting,
     handler: Callable[[Any], Awaitable[Any]],
     task_group: TaskGroup | None,
     max_connections: int | None,
@@ -107,7 +114,7 @@ async def _run_isolated(stream: Any, handler: Callable[[Any], Awaitable[Any]]) -
         _log_failure(peer, exc)
 
 
-async def _accept(listener: Listener[Any]) -> Any:
+async def _accept(listener: Accepting) -> Any:
     """``listener.accept()``, waiting out ``ACCEPT_CAPACITY_ERRNOS``.
 
     streampickle's listeners raise them as ``OSError``; anyio's listeners on trio (and its
