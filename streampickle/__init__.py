@@ -7,6 +7,12 @@ you allow more (``allow=``, ``trusted=True``); ``key=`` authenticates every byte
 
 The core is sans-IO (:class:`Encoder`, :class:`Decoder`); ``dumps``/``loads`` handle one
 message in memory; :mod:`streampickle.sync` reads and writes blocking files and sockets.
+
+Loaded on first use, so that importing streampickle starts no I/O machinery (they are in
+``__all__`` and ``dir()`` all the same): :class:`ObjectStream`, :func:`dump` and :func:`load`
+(async streams), :func:`connect_tcp`, :func:`connect_unix`, :func:`create_tcp_listener`,
+:func:`create_unix_listener` and :class:`ObjectStreamListener` (sockets),
+:class:`MemoryBudget`, and the modules :mod:`streampickle.sync` and :mod:`streampickle.testing`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from ._mac import Key
 from ._pool import BufferPool, buffer_pool
 from ._wire import VERSION as WIRE_VERSION
 
+# The one version source: pyproject.toml reads it from here when the package is built.
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
@@ -77,6 +84,11 @@ def __getattr__(name: str) -> Any:
     value = module if attr is None else getattr(module, attr)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    # the lazily loaded names too, before their first use (help() lists __all__)
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "WIRE_VERSION",

@@ -1,8 +1,11 @@
 """The benchmark suite, once, in its tiny configuration, so that it cannot rot.
 
-Timings here mean nothing (tiny sizes, one round); what is tested is that every installed
-contender runs as two processes, moves its workload several times over one connection,
-reconstructs every object, and passes verification."""
+Timings here mean nothing (tiny sizes, one round, a machine that may be busy); what is tested
+is that each workload runs for the reference contenders and streampickle on both backends, as
+two processes over one TCP connection, reconstructs every object, passes verification, and
+renders the tables. Kept small (4 workloads x 4 contenders, TCP only) so that it takes well
+under a minute even with the cores shared; ``python benchmarks/run.py --quick`` runs them all.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +14,35 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKLOADS = ("big-array", "many-arrays", "small-msgs", "object-graph")
+CONTENDERS = ("limit-socket", "pickle5-oob-sync", "streampickle-asyncio", "streampickle-trio")
+
+# One budget, nested: each sender process may take MEASURE_S, the whole run RUN_S, and pytest
+# kills the test only after that (its own timeout would hide the run's stderr).
+MEASURE_S, RUN_S = 120, 240
 
 
+@pytest.mark.heavy
+@pytest.mark.timeout(RUN_S + 60)
 def test_benchmark_suite_runs_in_its_quick_configuration(tmp_path) -> None:
     out = tmp_path / "rows.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--json", str(out),
+         "--workloads", ",".join(WORKLOADS), "--transports", "tcp", "--contenders", ",".join(CONTENDERS),
+         "--timeout", str(MEASURE_S)],
+        capture_output=True, text=True, timeout=RUN_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     seen = {(r["workload"], r["transport"], r["contender"]) for r in rows}
-    for workload in ("big-array", "many-arrays", "small-msgs", "object-graph"):
-        for transport in ("tcp", "unix"):
-            for contender in ("limit-socket", "pickle5-oob-sync", "streampickle-asyncio", "streampickle-trio"):
-                assert (workload, transport, contender) in seen
+    assert seen == {(w, "tcp", c) for w in WORKLOADS for c in CONTENDERS}
     assert all(r["median_s"] > 0 and r["vs_limit"] > 0 for r in rows)
-    # Tiny transfers never use up the time budget: every contender moved its workload the
-    # full number of times (peers.TRANSFERS) over one connection, each behind the start barrier.
-    counts = {tuple(r["transfers"]) for r in rows}
-    assert len(counts) == 1 and counts.pop()[0] > 1, counts
+    # Each contender moved its workload at least once over its one connection, and every
+    # transfer has its sample. (How many times depends on the machine's speed: not checked.)
+    assert all(r["transfers"] and min(r["transfers"]) >= 1 for r in rows)
     assert all(len(r["samples_s"]) == sum(r["transfers"]) for r in rows)
     assert "| workload |" in proc.stdout
     assert "| target |" in proc.stdout  # the targets, checked against the same rows

@@ -463,6 +463,7 @@ async def run_case(link: Link, mechanisms: list[Mechanism], quota: int, seed: in
     return counts
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("transport", list(TRANSPORTS))
 async def test_cancelled_receives_lose_nothing(anyio_backend: Any, transport: str) -> None:
     backend = backend_name(anyio_backend)
@@ -478,6 +479,7 @@ async def test_cancelled_receives_lose_nothing(anyio_backend: Any, transport: st
     print(f"\n{backend} {transport}: " + ", ".join(f"{m} {dict(c)}" for m, c in counts.items()))
 
 
+@pytest.mark.heavy  # sums up the battery above
 @pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
 def test_every_backend_had_enough_interruptions(backend: str) -> None:
     missing = [t for t in transports_for(backend) if t not in RESULTS[backend]]

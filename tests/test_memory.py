@@ -13,6 +13,8 @@ import tempfile
 
 import pytest
 
+pytestmark = pytest.mark.heavy  # ten 1 GiB transfers between processes
+
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_memory_peer.py")
 SIZE = 1 << 30
 MiB = 1 << 20

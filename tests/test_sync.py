@@ -151,6 +151,7 @@ def test_os_pipe_file_objects() -> None:
     assert out[-1] == 499_999
 
 
+@pytest.mark.heavy
 def test_a_side_chunk_over_4_gib_round_trips() -> None:
     """No 32-bit length anywhere: one 4 GiB + 16 byte array over a real socket. The sender's
     array is np.zeros (untouched zero pages cost no memory) with three marked bytes."""
