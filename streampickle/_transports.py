@@ -164,6 +164,7 @@ class AsyncioTransport:
         self.writer = writer
         self.sent = 0
         self._closed = False
+        self._sending = False  # a send_chunks is under way
 
     def send_later(self, chunk: Chunk) -> bool:
         """Never: a ``StreamWriter`` does its own buffering (see ``SocketTransport.send_later``)."""
@@ -171,13 +172,20 @@ class AsyncioTransport:
 
     async def send_chunks(self, chunks: list[Chunk]) -> None:
         writer = self._writer()
+        self._sending = True
         try:
             for piece in _slices(chunks):
                 self.sent += 1
                 writer.write(piece)
                 await writer.drain()
+                if self._closed:  # closed while waiting: the rest was dropped
+                    raise anyio.ClosedResourceError
         except OSError as exc:
+            if self._closed:
+                raise anyio.ClosedResourceError from exc
             raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
+        finally:
+            self._sending = False
 
     async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
         reader = self._reader()
@@ -211,7 +219,10 @@ class AsyncioTransport:
 
     async def aclose(self) -> None:
         """Close the writer's transport (which is the reader's too) and wait until it is
-        closed. A ``StreamReader`` alone has no transport to close: it is only marked closed."""
+        closed: until the peer has taken what earlier sends left in the transport's buffer.
+        Cancelled, or with a send under way (its message can't be completed, so the rest is
+        of no use to the peer), it aborts instead, dropping that buffer. A ``StreamReader``
+        alone has no transport to close: it is only marked closed."""
         if self._closed:
             await anyio.lowlevel.checkpoint()
             return
@@ -220,11 +231,17 @@ class AsyncioTransport:
         if writer is None:
             await anyio.lowlevel.checkpoint()
             return
-        writer.close()
+        if self._sending:
+            writer.transport.abort()
+        else:
+            writer.close()
         try:
             await writer.wait_closed()
         except OSError:
             pass  # the connection was lost before the close: closed all the same
+        except BaseException:
+            writer.transport.abort()
+            raise
 
     def _reader(self) -> asyncio.StreamReader:
         if self._closed:
