@@ -48,11 +48,24 @@ FLAG_END = 0x08  # version 2: the authenticated end of a stream, no pickle, no s
 _KNOWN_FLAGS = {1: FLAG_MAC | FLAG_BLAKE3 | FLAG_POLY1305, 2: FLAG_MAC | FLAG_BLAKE3 | FLAG_POLY1305 | FLAG_END}
 _MAC_KINDS = FLAG_BLAKE3 | FLAG_POLY1305
 
-_HEADER = HEADER_STRUCT = struct.Struct("<4sBBHIQ")
+# The fixed header, field by field. Every offset below is derived from these formats, and every
+# reader and writer of headers takes them from here: the decoder and the encoder through
+# ``parse_header`` and ``pack_header``, and the C extension, which reads HEADER_SIZE,
+# FLAGS_OFFSET, PICKLE_LENGTH_OFFSET and PLAIN_PREFIX (MAGIC and VERSION in it) from this
+# module when it is imported.
+_UP_TO_FLAGS = "<4sB"  # magic, version
+_UP_TO_PICKLE_LENGTH = _UP_TO_FLAGS + "BHI"  # flags, reserved, side-chunk count
+_HEADER = HEADER_STRUCT = struct.Struct(_UP_TO_PICKLE_LENGTH + "Q")  # pickle length
 #: For fast paths that check the common case inline: (magic, version, flags, reserved,
 #: chunk count, pickle length) = unpack_header(buffer, offset=0).
 unpack_header = _HEADER.unpack_from
 HEADER_SIZE = _HEADER.size  # 20
+FLAGS_OFFSET = struct.calcsize(_UP_TO_FLAGS)  # 5
+PICKLE_LENGTH_OFFSET = struct.calcsize(_UP_TO_PICKLE_LENGTH)  # 12
+#: The header of every *plain* message (version 1, no flags, no reserved bits, no side chunks:
+#: what ``dumps`` makes of a small object) up to its pickle length. A fast path that finds these
+#: bytes at a message's start only has the pickle length left to read and check.
+PLAIN_PREFIX = _HEADER.pack(MAGIC, VERSION, 0, 0, 0, 0)[:PICKLE_LENGTH_OFFSET]
 LENGTH_SIZE = 8  # one entry of the length table
 TAG_SIZE = 32  # HMAC-SHA256, BLAKE3, or a 16-byte nonce and Poly1305
 
@@ -85,6 +98,17 @@ class Header(NamedTuple):
     def is_end(self) -> bool:
         return bool(self.flags & FLAG_END)
 
+    @property
+    def table_offset(self) -> int:
+        """Where the length table starts, from the message's first byte."""
+        return HEADER_SIZE if self.version == VERSION else PREFIX_SIZE
+
+    @property
+    def pickle_offset(self) -> int:
+        """Where the pickle part starts, from the message's first byte."""
+        table_end = self.table_offset + self.chunk_count * LENGTH_SIZE
+        return table_end if self.version == VERSION else table_end + TAG_SIZE
+
     def size(self) -> int:
         """The bytes of the whole message but its side chunks, whose sizes the table holds."""
         if self.version == VERSION:
@@ -94,7 +118,9 @@ class Header(NamedTuple):
         return PREFIX_SIZE + self.chunk_count * LENGTH_SIZE + TAG_SIZE + self.pickle_length + TAG_SIZE
 
 
-def pack_header(*, flags: int, chunk_count: int, pickle_length: int, version: int = VERSION) -> bytes:
+def pack_header(flags: int, chunk_count: int, pickle_length: int, version: int = VERSION) -> bytes:
+    """A fixed header; its fields are checked only as far as ``struct`` does (a header the
+    decoder refuses can be packed, for tests)."""
     return _HEADER.pack(MAGIC, version, flags, 0, chunk_count, pickle_length)
 
 
