@@ -252,7 +252,7 @@ class _Pieces(list[Any]):
 
 def _frame_py(pickled: bytes, flags: int) -> bytes:
     """A message without side chunks: header + pickle (a tag, if any, is appended later)."""
-    return _pack_header(_wire.MAGIC, _wire.VERSION, flags, 0, 0, len(pickled)) + pickled
+    return _wire.pack_header(flags, 0, len(pickled)) + pickled
 
 
 def _dump_py(pickler: pickle.Pickler, obj: Any) -> None:
@@ -362,17 +362,33 @@ class Encoder:
             self._check_limits(obj, chunks, 0 if mac is None else _wire.TAG_SIZE)
         return chunks, mac
 
+    def _encode_joined(self, obj: Any) -> bytes:
+        """``b"".join(self.encode(obj))`` for an encoder without a key or limits that nothing
+        else uses meanwhile (``dumps``' pool: no ``_busy`` guard needed). The commonest
+        message, small and plain, is made in one C call: ``dumps`` of a small object is half
+        Python glue and half pickling, and each line shows in the total."""
+        try:
+            framed = _dump_small(self._pickler, self._out, self._buffers, obj, _MEMO_CHECK_BYTES)
+        except BaseException as exc:
+            self._fail(obj, exc)
+        if framed is not None:
+            return framed
+        parts, size, views = self._finish(obj)
+        if views is None and len(parts) == 1:
+            return _frame(parts[0], 0)  # header and pickle in one allocation
+        return b"".join(self._assemble(parts, size, views, True))
+
     def _check_limits(self, obj: Any, chunks: list[Chunk], tag: int) -> None:
         """Refuse a message over ``self._limits`` (``tag``: bytes still to come after the
         chunks), taking back its sequence number."""
         limits = self._limits
         assert limits is not None
-        _, _, _, _, count, plen = _wire.unpack_header(chunks[0])
+        header = _wire.parse_header(memoryview(chunks[0])[: _wire.HEADER_SIZE])
         size = sum(memoryview(c).nbytes for c in chunks) + tag
         for what, value, field in (
             ("bytes in all", size, "max_message_size"),
-            ("pickle bytes", plen, "max_pickle_size"),
-            ("side chunks", count, "max_side_chunks"),
+            ("pickle bytes", header.pickle_length, "max_pickle_size"),
+            ("side chunks", header.chunk_count, "max_side_chunks"),
         ):
             limit = getattr(limits, field)
             if value > limit:
@@ -467,7 +483,7 @@ class Encoder:
         and the header tag), pickle, side chunks, tag."""
         count = 0 if views is None else len(views)
         if self._key is None:
-            head = _pack_header(_wire.MAGIC, _wire.VERSION, 0, 0, count, size)
+            head = _wire.pack_header(0, count, size)
             if views is not None:
                 head += _wire.pack_lengths([v.nbytes for v in views])
         else:
@@ -492,7 +508,7 @@ class Encoder:
         """A version-2 message's head: fixed header, stream fields, length table, header tag.
         Takes the next sequence number."""
         assert self._key is not None
-        head = _pack_header(_wire.MAGIC, _wire.VERSION_KEYED, self._flags | flags, 0, count, size)
+        head = _wire.pack_header(self._flags | flags, count, size, _wire.VERSION_KEYED)
         head += _wire.pack_stream_fields(self._sender, self._sequence)
         if views is not None:
             head += _wire.pack_lengths([v.nbytes for v in views])
@@ -516,9 +532,6 @@ class Encoder:
             self._sequence -= 1
 
 
-_pack_header = _wire.HEADER_STRUCT.pack
-
-
 # dumps() without a key reuses encoders (making one costs more than pickling a small object).
 # list.pop and list.append are atomic, so concurrent threads each take their own; a __reduce__
 # that calls dumps re-entrantly finds the pool empty and makes one.
@@ -526,7 +539,8 @@ _POOL: list[Encoder] = []
 
 
 def dumps(obj: Any, *, key: bytes | Key | None = None) -> bytes:
-    """Encode ``obj`` as exactly one message, joined into one ``bytes``.
+    """Encode ``obj`` as exactly one message, joined into one ``bytes``: what
+    ``Encoder(key=key, stream=False).encode(obj)`` returns, joined.
 
     Joining copies every out-of-band buffer once; to send large arrays without that copy, use
     :class:`Encoder` (or the stream helpers), which hand out the chunks unjoined.
@@ -538,17 +552,6 @@ def dumps(obj: Any, *, key: bytes | Key | None = None) -> bytes:
     except IndexError:
         encoder = Encoder()
     try:
-        # The commonest message, a small plain one, in one call: this function is half Python
-        # glue and half pickling, and each line shows in the total.
-        try:
-            framed = _dump_small(encoder._pickler, encoder._out, encoder._buffers, obj, _MEMO_CHECK_BYTES)
-        except BaseException as exc:
-            encoder._fail(obj, exc)
-        if framed is not None:
-            return framed
-        parts, size, views = encoder._finish(obj)
-        if views is None and len(parts) == 1:
-            return _frame(parts[0], 0)  # header and pickle in one allocation
-        return b"".join(encoder._assemble(parts, size, views, True))
+        return encoder._encode_joined(obj)
     finally:
         _POOL.append(encoder)
