@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 __all__ = ["PURE_PYTHON_REQUESTED", "speedups"]
 
@@ -33,5 +34,10 @@ def _load() -> ModuleType | None:
     return _speedups
 
 
-#: The C extension, or None: then every caller uses its Python twin.
-speedups: ModuleType | None = _load()
+if TYPE_CHECKING:
+    # To a type checker, ``speedups`` is the extension as its stub (_speedups.pyi) types it,
+    # so that ``speedups.scan(...)`` is checked; every use guards it with ``if speedups``.
+    from . import _speedups as speedups
+else:
+    #: The C extension, or None: then every caller uses its Python twin.
+    speedups = _load()

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import collections
 import operator
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,22 +47,30 @@ from ._errors import (
     UsageError,
 )
 from ._limits import Limits
-from ._mac import Key, as_key, describe_flags
+from ._mac import Key, describe_flags
+from ._options import DEFAULT_LIMITS, Options, options_for
 from ._pool import HUGE_PAGE, POOL_MIN, buffer_pool, small_pages
-from ._safe import Loader
+from ._safe import GC_PAUSE_BYTES, unpickling_failed
 
-__all__ = ["Decoder", "aligned_empty", "byte_view"]
+__all__ = ["PICKLE_COPY_LIMIT", "Decoder", "aligned_empty", "byte_view"]
 
 ALIGNMENT = 64  # cache line, and enough for every SIMD load numpy does
 _PICKLE_GROWTH_FLOOR = 4 * 1024  # the pickle part starts this big (or smaller, if it is): a
 # message that claims a large pickle part and sends a few bytes holds no more than this
-_PICKLE_COPY_LIMIT = 1 << 20  # complete pickle parts below this are copied into bytes
+#: Pickle parts below this size are unpickled from a ``bytes`` copy, larger ones from a view of
+#: the memory they arrived in. Why this size: it is where the loader starts pausing the GC
+#: (``_safe.GC_PAUSE_BYTES``), and below it the loader takes a ``bytes`` pickle in one C call
+#: (scan and ``pickle.loads``), which is worth a copy of up to 1 MiB; from it up, that path is
+#: not taken anyway, a view works as well, and it saves copying all of the pickle. The C path
+#: of ``load_one`` (``_speedups.load_plain``, which copies) takes only pickles below it.
+PICKLE_COPY_LIMIT = GC_PAUSE_BYTES
 
 # Parts of a message, in order. _FIELDS and _HEADER_TAG are only in version-2 (keyed) messages.
 _HEADER, _FIELDS, _TABLE, _HEADER_TAG, _PICKLE, _CHUNK, _TAG = range(7)
 _PART_NAMES = ("header", "stream fields", "length table", "header tag", "pickle", "side chunk", "tag")
 _NO_PICKLE = np.empty(0, dtype=np.uint8)
 _NO_CHUNKS: tuple[memoryview, ...] = ()  # the side chunks of every message that has none
+_UNALLOCATED = memoryview(bytearray())  # the view of a part whose memory is not allocated yet
 _TAG_MISMATCH = (
     "tag mismatch: the message was altered in transit, or the two ends use different keys. "
     "Nothing of it was unpickled."
@@ -70,10 +79,13 @@ _HEADER_TAG_MISMATCH = (
     "header tag mismatch: the message's header was forged or altered in transit, or the two "
     "ends use different keys. No memory was committed to it."
 )
-_DEFAULT_LIMITS = Limits()
-
-# Without the C extension the Python loop does it all.
+# The C twins of the whole-message paths below, for plain messages (see ``_speedups.plain_at``);
+# without the C extension the Python paths do it all.
 _take_plain = speedups.take_plain if speedups else None
+_load_plain = speedups.load_plain if speedups else None
+# What load_one's C path takes: pickles it may copy (see PICKLE_COPY_LIMIT), default limits.
+_PLAIN_MAX_PICKLE = min(PICKLE_COPY_LIMIT - 1, DEFAULT_LIMITS.max_pickle_size)
+_PLAIN_MAX_MESSAGE = DEFAULT_LIMITS.max_message_size
 
 
 def byte_view(data: Any) -> memoryview:
@@ -134,7 +146,7 @@ class Decoder:
     Options: ``trusted`` (load any global, like ``pickle``; only for trusted peers), ``allow``
     (exact global names or classes to admit in safe mode), ``key`` (verify every message's
     tag before unpickling: ``bytes`` for HMAC-SHA256 or a :class:`Key`; must match the
-    encoder's), ``limits``.
+    encoder's), ``limits``; or all four made once as ``options=`` (an ``_options.Options``).
 
     ``stream`` (with a key): the messages are one direction of a stream, from one peer's
     :class:`Encoder`. The decoder then refuses, with :class:`AuthenticationError`, a message
@@ -155,22 +167,18 @@ class Decoder:
         key: bytes | Key | None = None,
         limits: Limits | None = None,
         stream: bool = True,
+        options: Options | None = None,
     ) -> None:
-        if limits is not None and not isinstance(limits, Limits):
-            raise UsageError(f"limits must be a streampickle.Limits, not {type(limits).__name__}")
-        max_opaque_keys = (limits or _DEFAULT_LIMITS).max_opaque_keys
-        if type(allow) is tuple and not allow and max_opaque_keys == _DEFAULT_LIMITS.max_opaque_keys:
-            # not ``allow == ()``: a numpy array can't say
-            self._loader = Loader.shared(trusted)
-        else:
-            try:
-                self._loader = Loader(trusted=trusted, allow=allow, max_opaque_keys=max_opaque_keys)
-            except TypeError as exc:  # allow=5, allow=None: not iterable
-                raise UsageError(
-                    f"allow must be an iterable of names or classes, not {type(allow).__name__}"
-                ) from exc
-        self._limits = limits or _DEFAULT_LIMITS
-        self._key = as_key(key)
+        if options is None:
+            options = options_for(trusted, allow, key, limits)
+        elif not isinstance(options, Options):
+            raise UsageError(f"options must be an Options, not {type(options).__name__}")
+        elif not (trusted is False and type(allow) is tuple and not allow and key is None and limits is None):
+            raise UsageError("pass options= or the option keywords (trusted, allow, key, limits), not both")
+        self.options = options
+        self._loader = options.loader
+        self._limits = options.limits
+        self._key = options.key
         self._want_flags = self._key.flags if self._key is not None else 0
         # The stream, with a key: its wire format version (pinned by its first message), its
         # sender, the sequence number due next, and whether its authenticated end arrived.
@@ -191,6 +199,26 @@ class Decoder:
         self._start_message()
 
     # -- public API -------------------------------------------------------------------------
+
+    @staticmethod
+    def load_one(data: Any, options: Options) -> Any:
+        """``data`` (any bytes-like object) as exactly one whole message: its object, or the
+        error ``Decoder(options=options, stream=False)`` raises fed ``data`` and its end.
+        Missing bytes raise :class:`IncompleteMessageError`; bytes after the message raise
+        :class:`ProtocolError`. What :func:`streampickle.loads` does.
+
+        The commonest call, a plain message with default options, is decoded in one C call
+        when the extension is built (making a decoder costs more than unpickling a small
+        object); the C function leaves everything else to the decoder, which decides."""
+        if options.plain and _load_plain is not None:
+            try:
+                obj = _load_plain(data, options.trusted, _PLAIN_MAX_PICKLE, _PLAIN_MAX_MESSAGE)
+            except Exception as exc:
+                raise unpickling_failed(exc) from exc
+            if obj is not NotImplemented:
+                return obj
+        return Decoder(options=options, stream=False)._load_whole(data)
+
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Take the next bytes of the stream: any size, any split, several messages at once.
@@ -235,7 +263,7 @@ class Decoder:
         self._check_usable()
         if self._part == _PICKLE:
             self._grow_pickle(sizehint)
-        elif self._part == _CHUNK and self._view is None:
+        elif self._part == _CHUNK and self._view is _UNALLOCATED:
             self._allocate_chunk()
         return self._view[self._pos : self._cap]
 
@@ -368,11 +396,37 @@ class Decoder:
         parts seen so far declare, and grows as the header and length table arrive."""
         return self._received, self._expected
 
+    def _load_whole(self, data: Any) -> Any:
+        """``load_one`` on a fresh decoder: fed ``data`` up to the end of its first message."""
+        try:
+            view = memoryview(data).cast("B")
+        except Exception:
+            view = byte_view(data)  # copies, or raises UsageError for what isn't bytes-like
+        total = len(view)
+        view = self._take_whole(view, limit=1)
+        while view and not self._ready:
+            target = self.get_buffer(len(view))  # never extends past the first message
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
+        if view:
+            raise ProtocolError(
+                f"{len(view)} bytes follow the message (at offset {total - len(view)}); loads() "
+                f"takes exactly one message: use a Decoder to read several"
+            )
+        self.feed_eof()
+        if not self._ready:
+            raise IncompleteMessageError(
+                "loads() was given no bytes", received=0, expected=_wire.HEADER_SIZE
+            )
+        return next(self)
+
     # -- message state ------------------------------------------------------------------------
 
     def _start_message(self) -> None:
         self._part = _HEADER
-        self._view: memoryview | None = memoryview(self._header_buf)
+        self._view = memoryview(self._header_buf)
         self._pos = 0
         self._end = self._cap = _wire.HEADER_SIZE
         self._received = 0
@@ -385,7 +439,7 @@ class Decoder:
         self._chunks: list[memoryview] = []
         self._pickle = _NO_PICKLE
 
-    def _enter(self, part: int, view: memoryview | None, size: int) -> None:
+    def _enter(self, part: int, view: memoryview, size: int) -> None:
         self._part = part
         self._view = view
         self._pos = 0
@@ -413,8 +467,17 @@ class Decoder:
             self._on_tag()
 
     def _accept_header(self, data: Any) -> _wire.Header:
-        """Parse a fixed header and check it against the key and the limits."""
-        header = self._guard(_wire.parse_header, data)
+        """Parse a fixed header and check it against the key, the stream and the limits; the
+        incremental path's step, which ``_whole_message_at`` takes too."""
+        header = self._check_header(self._guard(_wire.parse_header, data))
+        self._header = header
+        self._expected = header.size()
+        self._check_total()
+        return header
+
+    def _check_header(self, header: _wire.Header) -> _wire.Header:
+        """Refuse (for good) a parsed header that this decoder's key, stream or limits don't
+        admit; pin a keyed stream's wire format version to its first message's."""
         limits = self._limits
         if header.flags & ~_wire.FLAG_END != self._want_flags:
             raise self._fail(AuthenticationError(self._wrong_signature(header.flags)))
@@ -431,10 +494,32 @@ class Decoder:
             raise self._over("side chunks", header.chunk_count, "max_side_chunks", limits.max_side_chunks)
         if header.pickle_length > limits.max_pickle_size:
             raise self._over("pickle bytes", header.pickle_length, "max_pickle_size", limits.max_pickle_size)
-        self._header = header
-        self._expected = header.size()
-        self._check_total()
         return header
+
+    def _whole_message_at(self, view: memoryview, pos: int) -> tuple[_wire.Header, tuple[int, ...], int] | None:
+        """The one answer to "is there a whole message at ``view[pos:]``, and what does its
+        header say": its header, its side chunks' lengths and its size in bytes, or None while
+        its fixed header, length table or body are not all there (the incremental path then
+        takes the bytes). The header and sizes are checked as the incremental path checks
+        them, in its order, with the same errors; tags are the caller's to check."""
+        end = len(view)
+        if end - pos < _wire.HEADER_SIZE:
+            return None
+        header = self._check_header(self._guard(_wire.parse_header, view[pos : pos + _wire.HEADER_SIZE]))
+        size = header.size()
+        self._check_size(size)
+        lengths: tuple[int, ...] = ()
+        if header.chunk_count:
+            table = pos + header.table_offset
+            table_end = table + header.chunk_count * _wire.LENGTH_SIZE
+            if end < table_end:
+                return None
+            lengths = _wire.unpack_lengths(view[table:table_end])
+            size += sum(lengths)  # Python ints: no wraparound, whatever the peer claims
+            self._check_size(size)
+        if end - pos < size:
+            return None
+        return header, lengths, size
 
     def _wrong_signature(self, flags: int) -> str:
         """Why a message with header flags ``flags`` is refused here, and what to do."""
@@ -504,7 +589,7 @@ class Decoder:
                 self._end_of_stream()
                 return
         self._table = None
-        self._enter(_PICKLE, None, header.pickle_length)
+        self._enter(_PICKLE, _UNALLOCATED, header.pickle_length)
         self._cap = 0
         self._chunk_index = -1
 
@@ -552,102 +637,49 @@ class Decoder:
         ))
 
     def _take_whole(self, view: memoryview, limit: int = -1) -> memoryview:
-        """Fast path: decode the whole messages at the start of ``view`` in one step each and
-        return what is left. Only called at a message boundary. The common header is checked
-        inline; anything unusual goes through ``_accept_header``, which raises the precise
-        error, so both paths accept and refuse exactly the same bytes."""
-        if self._key is not None:
-            return self._take_keyed(view, limit)
-        taken = 0
-        limits = self._limits
-        max_pickle = limits.max_pickle_size
-        max_chunks = limits.max_side_chunks
-        want_flags = self._want_flags
-        unpack_header = _wire.unpack_header
-        ready = self._ready
-        # Runs of plain messages (no key, no side chunks) go through C when it is there: the
-        # loop below, in Python, costs more than unpickling a small message.
-        take_plain = _take_plain if limit < 0 else None
-        end = len(view)
-        pos = 0  # start of the current message in view
-        while end - pos >= _wire.HEADER_SIZE and taken != limit:
-            if take_plain is not None:
-                pos = take_plain(view, pos, max_pickle, limits.max_message_size, ready.append, _NO_CHUNKS)
-                if end - pos < _wire.HEADER_SIZE:
-                    break
-            magic, version, flags, reserved, count, plen = unpack_header(view, pos)
-            if (
-                magic != _wire.MAGIC or version != _wire.VERSION or flags != want_flags or reserved
-                or not 0 < plen <= max_pickle or count > max_chunks
-            ):
-                self._accept_header(view[pos : pos + _wire.HEADER_SIZE])  # raises the precise error
-            start = pos + _wire.HEADER_SIZE + count * _wire.LENGTH_SIZE
-            stop = start + plen  # end of the pickle
-            if count:
-                if end < start:
-                    break
-                lengths = _wire.unpack_lengths(view[pos + _wire.HEADER_SIZE : start])
-                total = stop - pos + sum(lengths)  # Python ints: no wraparound
-            else:
-                lengths = ()
-                total = stop - pos
-            if total > limits.max_message_size:
-                self._expected = total
-                self._check_total()  # raises
-            if end - pos < total:
-                break
-            ready.append((view[start:stop].tobytes(), self._copy_chunks(view, stop, lengths)))
-            pos += total
-            taken += 1
-        return view[pos:] if pos else view
-
-    def _take_keyed(self, view: memoryview, limit: int) -> memoryview:
-        """``_take_whole`` for a decoder with a key: each whole version-2 message at the start
-        of ``view`` in one step, checked in the incremental path's order (header tag, place in
-        the stream, tag). Anything else, or a message not all there, is left to the
-        incremental path, which raises the precise error."""
+        """Fast path: decode the whole messages at the start of ``view`` (at most ``limit``,
+        if not negative) in one step each and return what is left. Only called at a message
+        boundary. ``_whole_message_at`` decides what is a whole message and checks it as the
+        incremental path does, so both paths accept and refuse exactly the same bytes; with a
+        key, only version-2 messages that are not the stream's end are taken here, checked
+        in the incremental path's order (header tag, place in the stream, tag)."""
         key = self._key
-        assert key is not None
         limits = self._limits
         ready = self._ready
-        header_size, prefix_size, tag_size = _wire.HEADER_SIZE, _wire.PREFIX_SIZE, _wire.TAG_SIZE
-        end = len(view)
+        # Runs of plain messages go through C when it is there (see _speedups.plain_at): the
+        # loop below, in Python, costs more than unpickling a small message.
+        take_plain = _take_plain if limit < 0 and key is None else None
         pos = taken = 0
-        while end - pos >= prefix_size and taken != limit and not self._ended:
-            magic, version, flags, reserved, count, plen = _wire.unpack_header(view, pos)
-            if (
-                magic != _wire.MAGIC or version != _wire.VERSION_KEYED or flags != self._want_flags
-                or reserved or not 0 < plen <= limits.max_pickle_size or count > limits.max_side_chunks
-                or (self._stream and self._stream_version == _wire.VERSION)
-            ):
+        while taken != limit and not self._ended:
+            if take_plain is not None:
+                pos = take_plain(view, pos, limits.max_pickle_size, limits.max_message_size, ready.append, _NO_CHUNKS)
+            found = self._whole_message_at(view, pos)
+            if found is None:
                 break
-            table_end = pos + prefix_size + count * _wire.LENGTH_SIZE
-            start = table_end + tag_size  # of the pickle
-            if end < start:
-                break
-            lengths = _wire.unpack_lengths(view[pos + prefix_size : table_end]) if count else ()
-            total = start - pos + plen + sum(lengths) + tag_size  # Python ints: no wraparound
-            if total > limits.max_message_size or end - pos < total:
-                break
-            if not key.check(view[pos:table_end], view[table_end:start]):
-                raise self._fail(AuthenticationError(_HEADER_TAG_MISMATCH))
-            if self._stream:
-                self._stream_version = version
-            self._follow(*_wire.unpack_stream_fields(view, pos + header_size))
-            if not key.check(view[pos : pos + total - tag_size], view[pos + total - tag_size : pos + total]):
-                raise self._fail(AuthenticationError(_TAG_MISMATCH))
-            stop = start + plen
-            ready.append((view[start:stop].tobytes(), self._copy_chunks(view, stop, lengths)))
-            pos += total
+            header, lengths, size = found
+            start = pos + header.pickle_offset
+            if key is not None:
+                if header.version != _wire.VERSION_KEYED or header.is_end:
+                    break  # the incremental path takes these
+                if not key.check(view[pos : start - _wire.TAG_SIZE], view[start - _wire.TAG_SIZE : start]):
+                    raise self._fail(AuthenticationError(_HEADER_TAG_MISMATCH))
+                self._follow(*_wire.unpack_stream_fields(view, pos + _wire.HEADER_SIZE))
+                tag = pos + size - _wire.TAG_SIZE
+                if not key.check(view[pos:tag], view[tag : pos + size]):
+                    raise self._fail(AuthenticationError(_TAG_MISMATCH))
+            stop = start + header.pickle_length
+            chunks = self._copy_chunks(view, stop, lengths) if lengths else _NO_CHUNKS
+            ready.append((view[start:stop].tobytes(), chunks))
+            pos += size
             taken += 1
         return view[pos:] if pos else view
 
     def _copy_chunks(self, view: memoryview, at: int, lengths: Sequence[int]) -> list[memoryview]:
         """The side chunks of a whole message in ``view``, from offset ``at``, each copied
         into a destination of its own (see ``_take_whole``)."""
-        chunks = []
+        chunks: list[memoryview] = []
         for length in lengths:
-            dest = memoryview(self._destination(length, len(chunks)))
+            dest = self._destination(length, len(chunks)).data
             dest[:] = view[at : at + length]
             chunks.append(dest)
             at += length
@@ -659,7 +691,7 @@ class Decoder:
             # the buffer it arrived in (exactly its size: growth stops at the part's end),
             # which saves a copy of all of it.
             pickled = self._pickle
-            self._pickle_bytes = pickled.tobytes() if pickled.nbytes < _PICKLE_COPY_LIMIT else memoryview(pickled)
+            self._pickle_bytes = pickled.tobytes() if pickled.nbytes < PICKLE_COPY_LIMIT else pickled.data
             self._pickle = _NO_PICKLE
         while True:
             self._chunk_index += 1
@@ -670,10 +702,10 @@ class Decoder:
                     self._complete()
                 return
             size = self._lengths[self._chunk_index]
-            self._enter(_CHUNK, None, size)
+            self._enter(_CHUNK, _UNALLOCATED, size)
             if size:
                 return
-            self._chunks.append(memoryview(aligned_empty(0)))  # zero-length: nothing to wait for
+            self._chunks.append(aligned_empty(0).data)  # zero-length: nothing to wait for
 
     def _on_tag(self) -> None:
         assert self._mac is not None and self._key is not None
@@ -699,7 +731,7 @@ class Decoder:
         if self._pos:
             grown[: self._pos] = self._pickle[: self._pos]
         self._pickle = grown
-        self._view = memoryview(grown)
+        self._view = grown.data
         self._cap = new_cap
 
     def _allocate_chunk(self) -> None:
@@ -710,7 +742,7 @@ class Decoder:
             # its header may bring them unasked) commit 4 KiB pages as they arrive, not a 2
             # MiB page at once. After its first 2 MiB a chunk is arriving in earnest.
             self._small_head = True
-        self._view = memoryview(destination)
+        self._view = destination.data
         self._cap = size
 
     def _destination(self, size: int, index: int) -> np.ndarray[Any, Any]:
@@ -725,16 +757,21 @@ class Decoder:
     # -- failure ------------------------------------------------------------------------------
 
     def _check_total(self) -> None:
+        self._check_size(self._expected)
+
+    def _check_size(self, size: int) -> None:
         limit = self._limits.max_message_size
-        if self._expected > limit:
-            raise self._over("bytes in all", self._expected, "max_message_size", limit)
+        if size > limit:
+            raise self._over("bytes in all", size, "max_message_size", limit)
 
     def _over(self, what: str, value: int, field: str, limit: int) -> LimitExceededError:
-        return self._fail(LimitExceededError(
+        exc = LimitExceededError(
             f"the peer's message declares {value} {what}, over Limits.{field}={limit}. If "
             f"the peer is legitimately sending that much, raise it with "
             f"limits=Limits({field}=...)."
-        ))
+        )
+        self._fail(exc)
+        return exc
 
     def _guard(self, check: Any, *args: Any) -> Any:
         try:
@@ -744,7 +781,7 @@ class Decoder:
 
     def _fail(self, exc: StreamPickleError) -> StreamPickleError:
         self._failure = exc
-        self._view = None
+        self._view = _UNALLOCATED
         self._chunks = []
         self._pickle = _NO_PICKLE  # what arrived of the message is freed, not kept for the error
         self._pickle_bytes = b""

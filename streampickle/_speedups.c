@@ -1,6 +1,7 @@
 /* streampickle's speed paths in C: the pickle pre-scan of streampickle/_scan.py, the
- * framing of plain messages for dumps() and loads() (see frame() and loads_plain() below), and
- * the decoder's path for runs of plain messages (take_plain() and load_inband()).
+ * framing of plain messages for dumps() and loads() (see frame() and load_plain() below), and
+ * the decoder's path for runs of plain messages (take_plain() and load_inband()). The header
+ * layout comes from streampickle._wire, read once at import (read_layout()).
  *
  * Why C: the scan walks every opcode of a peer's pickle before the C unpickler runs; in Python
  * that costs more than unpickling itself (1.3 s for a 25 MB pickle of a million tuples, 7 us
@@ -1252,25 +1253,32 @@ static PyObject *verify(PyObject *self, PyObject *args) {
     return result;
 }
 
-/* The first 12 bytes of a version-1 message without flags, reserved bits or side chunks. */
-static const unsigned char plain_prefix[12] = {0x93, 'S', 'P', 'K', 1, 0, 0, 0, 0, 0, 0, 0};
-#define HEADER_SIZE 20
+/* The layout of the fixed header, read from streampickle._wire (the one place that knows it)
+ * when this module is imported: see read_layout(). No offset or constant of the wire format
+ * is written down in this file. */
+static Py_ssize_t header_size;           /* _wire.HEADER_SIZE */
+static Py_ssize_t flags_offset;          /* _wire.FLAGS_OFFSET */
+static Py_ssize_t pickle_length_offset;  /* _wire.PICKLE_LENGTH_OFFSET; the field runs to the
+                                          * end of the header, 8 bytes (checked at import) */
+static unsigned char *plain_prefix;      /* _wire.PLAIN_PREFIX, pickle_length_offset bytes */
 
-/* Pickles up to this size are copied into a bytes object for pickle.loads; larger ones are
- * lent as a memoryview. A memoryview costs about 200 ns to make and free (it and its managed
- * buffer are two garbage-collected objects), which is the cost of copying some 16 KiB. */
-#define COPY_LIMIT (16 * 1024)
+/* plain_at(buf, pos, end, max_pickle, max_message) -> the pickle length P of the plain message
+ * (_wire.PLAIN_PREFIX, then 1 <= P <= max_pickle, header and pickle at most max_message) that
+ * lies whole in buf[pos:end], or 0 for anything else: another kind of message, a bad or
+ * over-limit header, or not all of it there yet. 0 is never a refusal: the caller leaves such
+ * bytes to the Python path (Decoder.whole_message_at), which decides, and raises the precise
+ * error. The one C answer to "is there a whole plain message here", for take_plain and
+ * load_plain alike. */
+static uint64_t plain_at(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end,
+                         unsigned long long max_pickle, unsigned long long max_message) {
+    if (end - pos < header_size || memcmp(buf + pos, plain_prefix, (size_t)pickle_length_offset) != 0) return 0;
+    const uint64_t plen = le(buf + pos + pickle_length_offset, 8);
+    if (plen == 0 || plen > max_pickle || max_message < (uint64_t)header_size
+        || plen > max_message - (uint64_t)header_size || plen > (uint64_t)(end - pos - header_size))
+        return 0;
+    return plen;
+}
 
-/* loads_plain(data, trusted, allow, key, limits, max_pickle) -> the object, or NotImplemented.
- *
- * The commonest streampickle.loads() call in one C call: default options (trusted exactly
- * True or False, allow the empty tuple, key and limits None) and a bytes object holding
- * exactly one version-1 message with no tag and no side chunks, whose pickle (safe mode)
- * passes the scan and names no global. Anything else returns NotImplemented and the Python
- * path takes over (and raises its precise error): this function never refuses a message
- * itself. An error from pickle.loads propagates for the caller to wrap, as on the Python path.
- * The options are checked here rather than in Python because there they cost as much as
- * the rest of this function. */
 static PyObject *pickle_loads = NULL;
 
 /* Whether a message's pickle part (len >= 1 bytes at buf) can go straight to pickle.loads: in
@@ -1285,35 +1293,57 @@ static int plain_pickle(const unsigned char *buf, Py_ssize_t len, int trusted) {
     return plain; /* refused, or the full verifier's to judge: 0, for the Python path */
 }
 
-static PyObject *loads_plain(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError,
-                        "loads_plain(data, trusted, allow, key, limits, max_pickle) takes 6 arguments");
+/* load_plain(data, trusted, max_pickle, max_message) -> the object, or NotImplemented.
+ *
+ * Decoder.load_one (what streampickle.loads() does) for its commonest call in one C call:
+ * default options, and a buffer holding exactly one plain message (see plain_at) whose
+ * pickle, in safe mode, passes the scan and names no global. Anything else returns
+ * NotImplemented and the Python path takes over (and raises its precise error): this function
+ * never refuses a message itself. An error from pickle.loads propagates for the caller to
+ * wrap, as on the Python path. The pickle is copied into a bytes object (pickle.loads reads
+ * those fastest); the caller keeps max_pickle below the size from which the Python path
+ * unpickles with the GC paused and lends the pickle instead (_decoder.PICKLE_COPY_LIMIT). */
+static PyObject *load_plain(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "load_plain(data, trusted, max_pickle, max_message) takes 4 arguments");
         return NULL;
     }
-    PyObject *data = args[0], *allow = args[2];
-    if ((args[1] != Py_True && args[1] != Py_False) || args[3] != Py_None || args[4] != Py_None
-        || !PyTuple_CheckExact(allow) || PyTuple_GET_SIZE(allow) != 0)
-        Py_RETURN_NOTIMPLEMENTED;
     const int trusted = args[1] == Py_True;
-    unsigned long long max_pickle = PyLong_AsUnsignedLongLong(args[5]);
+    const unsigned long long max_pickle = PyLong_AsUnsignedLongLong(args[2]);
     if (max_pickle == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    if (!PyBytes_CheckExact(data)) Py_RETURN_NOTIMPLEMENTED;
-    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(data);
-    const Py_ssize_t len = PyBytes_GET_SIZE(data);
-    if (len <= HEADER_SIZE || memcmp(buf, plain_prefix, sizeof plain_prefix) != 0) Py_RETURN_NOTIMPLEMENTED;
-    const uint64_t plen = le(buf + 12, 8);
-    if (plen == 0 || plen > max_pickle || plen != (uint64_t)(len - HEADER_SIZE)) Py_RETURN_NOTIMPLEMENTED;
-    const int plain = plain_pickle(buf + HEADER_SIZE, len - HEADER_SIZE, trusted);
-    if (plain < 0) return NULL;
-    if (!plain) Py_RETURN_NOTIMPLEMENTED;
-    PyObject *pickled = plen <= COPY_LIMIT
-        ? PyBytes_FromStringAndSize((const char *)buf + HEADER_SIZE, len - HEADER_SIZE)
-        : PyMemoryView_FromMemory((char *)buf + HEADER_SIZE, len - HEADER_SIZE, PyBUF_READ);
-    if (pickled == NULL) return NULL;
-    PyObject *obj = PyObject_CallOneArg(pickle_loads, pickled);
-    Py_DECREF(pickled);
-    return obj; /* an unpickling error propagates: the caller wraps it, as its Python path does */
+    const unsigned long long max_message = PyLong_AsUnsignedLongLong(args[3]);
+    if (max_message == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    PyObject *data = args[0];
+    const unsigned char *buf;
+    Py_ssize_t len;
+    Py_buffer view = {0};
+    if (PyBytes_CheckExact(data)) {
+        buf = (const unsigned char *)PyBytes_AS_STRING(data);
+        len = PyBytes_GET_SIZE(data);
+    } else {
+        if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear(); /* not bytes-like, or not contiguous: the Python path says which */
+            Py_RETURN_NOTIMPLEMENTED;
+        }
+        buf = (const unsigned char *)view.buf;
+        len = view.len;
+    }
+    PyObject *obj = Py_NotImplemented, *pickled = NULL;
+    const uint64_t plen = plain_at(buf, 0, len, max_pickle, max_message);
+    if (plen == 0 || plen != (uint64_t)(len - header_size)) goto done; /* not one whole plain message */
+    const int plain = plain_pickle(buf + header_size, (Py_ssize_t)plen, trusted);
+    if (plain < 0) { obj = NULL; goto done; }
+    if (!plain) goto done;
+    pickled = PyBytes_FromStringAndSize((const char *)buf + header_size, (Py_ssize_t)plen);
+    /* an unpickling error propagates: the caller wraps it, as its Python path does */
+    obj = pickled == NULL ? NULL : PyObject_CallOneArg(pickle_loads, pickled);
+    Py_XDECREF(pickled);
+    if (view.obj != NULL) PyBuffer_Release(&view);
+    return obj;
+done:
+    if (view.obj != NULL) PyBuffer_Release(&view);
+    Py_XINCREF(obj);
+    return obj;
 }
 
 /* load_inband(pickled, trusted) -> the object, or NotImplemented.
@@ -1321,9 +1351,10 @@ static PyObject *loads_plain(PyObject *self, PyObject *const *args, Py_ssize_t n
  * Loader.load_inband in one C call, for a message without side chunks whose pickle part is a
  * bytes object: pickle.loads(pickled) if plain_pickle() says it may, else NotImplemented, and
  * the Python path takes over (with the restricted unpickler, or to raise its precise error).
- * An error from pickle.loads propagates for the caller to wrap. */
+ * An error from pickle.loads propagates for the caller to wrap. trusted is a Loader's, which
+ * checked it: true is Py_True, anything else false. */
 static PyObject *load_inband(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyBytes_CheckExact(args[0]) || (args[1] != Py_True && args[1] != Py_False)) {
+    if (nargs != 2 || !PyBytes_CheckExact(args[0])) {
         PyErr_SetString(PyExc_TypeError, "load_inband(pickled: bytes, trusted: bool)");
         return NULL;
     }
@@ -1337,14 +1368,13 @@ static PyObject *load_inband(PyObject *self, PyObject *const *args, Py_ssize_t n
 
 /* take_plain(data, pos, max_pickle, max_message, append, no_chunks) -> the new position.
  *
- * The decoder's whole-message fast path (Decoder._take_whole) for its commonest message in C:
- * starting at offset pos of the buffer data, for each complete version-1 message without flags,
- * reserved bits or side chunks whose pickle length is at least 1, at most max_pickle, and whose
- * total length is at most max_message, call append((pickle as bytes, no_chunks)) and move on.
- * Stop at the first message that is incomplete or anything else, and return its offset: the
- * Python loop takes it from there (and raises the precise error if it is bad), so this function
- * never refuses a message itself. The caller uses it only when the decoder has no key.
- * Same as the Python loop of _take_whole on these messages; the tests hold the two together.
+ * The decoder's whole-message fast path (Decoder.take_whole) for its commonest message in C:
+ * starting at offset pos of the buffer data, for each whole plain message (see plain_at) call
+ * append((pickle as bytes, no_chunks)) and move on. Stop at the first message that plain_at
+ * leaves to Python and return its offset: the Python loop takes it from there (and raises the
+ * precise error if it is bad), so this function never refuses a message itself. The caller
+ * uses it only when the decoder has no key. Same as the Python loop on these messages; the
+ * tests hold the two together.
  *
  * Why: a stream of small messages arrives many to a read, and the Python loop spent 2.5 us on
  * each (more than unpickling it). */
@@ -1370,12 +1400,9 @@ static PyObject *take_plain(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_ValueError, "pos is outside data");
         return NULL;
     }
-    while (end - pos >= HEADER_SIZE && memcmp(buf + pos, plain_prefix, sizeof plain_prefix) == 0) {
-        const uint64_t plen = le(buf + pos + 12, 8);
-        if (plen == 0 || plen > max_pickle || max_message < HEADER_SIZE || plen > max_message - HEADER_SIZE
-            || plen > (uint64_t)(end - pos - HEADER_SIZE))
-            break; /* bad, over a limit, or incomplete: the Python loop decides */
-        PyObject *pickled = PyBytes_FromStringAndSize((const char *)buf + pos + HEADER_SIZE, (Py_ssize_t)plen);
+    uint64_t plen;
+    while ((plen = plain_at(buf, pos, end, max_pickle, max_message)) != 0) {
+        PyObject *pickled = PyBytes_FromStringAndSize((const char *)buf + pos + header_size, (Py_ssize_t)plen);
         if (pickled == NULL) goto error;
         PyObject *entry = PyTuple_Pack(2, pickled, no_chunks);
         Py_DECREF(pickled);
@@ -1384,7 +1411,7 @@ static PyObject *take_plain(PyObject *self, PyObject *const *args, Py_ssize_t na
         Py_DECREF(entry);
         if (result == NULL) goto error;
         Py_DECREF(result);
-        pos += HEADER_SIZE + (Py_ssize_t)plen;
+        pos += header_size + (Py_ssize_t)plen;
     }
     PyBuffer_Release(&view);
     return PyLong_FromSsize_t(pos);
@@ -1395,18 +1422,18 @@ error:
 
 /* frame(pickled, flags) -> bytes: the header of a message without side chunks, followed by
  * the pickle, in one allocation (a MAC tag, if flags asks for one, is the caller's to append).
- * The same bytes as HEADER_STRUCT.pack(MAGIC, 1, flags, 0, 0, len(pickled)) + pickled, for
- * a third of the cost: dumps() of a small object is mostly this kind of glue. frame_bytes
- * does the work for frame() and dump_small(). */
+ * The same bytes as _wire.pack_header(flags, 0, len(pickled)) + pickled, for a third of the
+ * cost: dumps() of a small object is mostly this kind of glue. frame_bytes does the work for
+ * frame() and dump_small(). */
 static PyObject *frame_bytes(PyObject *pickled, long flags) {
     const Py_ssize_t n = PyBytes_GET_SIZE(pickled);
-    PyObject *message = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + n);
+    PyObject *message = PyBytes_FromStringAndSize(NULL, header_size + n);
     if (message == NULL) return NULL;
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(message);
-    memcpy(out, plain_prefix, sizeof plain_prefix);
-    out[5] = (unsigned char)flags;
-    for (int i = 0; i < 8; i++) out[12 + i] = (unsigned char)((uint64_t)n >> (8 * i));
-    memcpy(out + HEADER_SIZE, PyBytes_AS_STRING(pickled), n);
+    memcpy(out, plain_prefix, (size_t)pickle_length_offset);
+    out[flags_offset] = (unsigned char)flags;
+    for (int i = 0; i < 8; i++) out[pickle_length_offset + i] = (unsigned char)((uint64_t)n >> (8 * i));
+    memcpy(out + header_size, PyBytes_AS_STRING(pickled), n);
     return message;
 }
 
@@ -1489,8 +1516,11 @@ static PyObject *unshared(PyObject *self, PyObject *obj) {
  * pickler left in normal mode after. */
 static PyObject *str_dump = NULL, *str_fast = NULL, *str_clear_memo = NULL;
 
-static PyObject *dump_impl(PyObject *pickler, PyObject *obj) {
+/* *used_fast (if not NULL) says whether the dump ran without the memo, which it then left as
+ * it was: the C pickler memoizes nothing in fast mode. */
+static PyObject *dump_impl(PyObject *pickler, PyObject *obj, int *used_fast) {
     const int fast = skip_memo(obj);
+    if (used_fast != NULL) *used_fast = fast;
     if (fast && PyObject_SetAttr(pickler, str_fast, Py_True) < 0) return NULL;
     PyObject *result = PyObject_CallMethodOneArg(pickler, str_dump, obj);
     if (fast) {
@@ -1511,7 +1541,7 @@ static PyObject *dump(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "dump(pickler, obj) takes 2 arguments");
         return NULL;
     }
-    return dump_impl(args[0], args[1]);
+    return dump_impl(args[0], args[1], NULL);
 }
 
 /* dump_small(pickler, out, buffers, obj, limit) -> the framed message, or None.
@@ -1530,7 +1560,8 @@ static PyObject *dump_small(PyObject *self, PyObject *const *args, Py_ssize_t na
     PyObject *pickler = args[0], *out = args[1], *buffers = args[2];
     const Py_ssize_t limit = PyLong_AsSsize_t(args[4]);
     if (limit == -1 && PyErr_Occurred()) return NULL;
-    PyObject *result = dump_impl(pickler, args[3]);
+    int fast;
+    PyObject *result = dump_impl(pickler, args[3], &fast);
     if (result == NULL) return NULL;
     Py_DECREF(result);
     if (PyList_GET_SIZE(out) != 1 || PyList_GET_SIZE(buffers) != 0) Py_RETURN_NONE;
@@ -1539,9 +1570,11 @@ static PyObject *dump_small(PyObject *self, PyObject *const *args, Py_ssize_t na
     PyObject *message = frame_bytes(pickled, 0);
     if (message == NULL) return NULL;
     if (PyList_SetSlice(out, 0, 1, NULL) < 0) goto error;
-    result = PyObject_CallMethodNoArgs(pickler, str_clear_memo);
-    if (result == NULL) goto error;
-    Py_DECREF(result);
+    if (!fast) { /* a dump in fast mode left the memo empty, as the last message's reset did */
+        result = PyObject_CallMethodNoArgs(pickler, str_clear_memo);
+        if (result == NULL) goto error;
+        Py_DECREF(result);
+    }
     return message;
 error:
     Py_DECREF(message);
@@ -1555,9 +1588,9 @@ static PyMethodDef methods[] = {
     {"verify", verify, METH_VARARGS,
      "verify(data, chunk_count, resolver, max_opaque_keys) -> the number of STACK_GLOBAL opcodes,\n"
      "or (position, reason) if refused: the verifier's full mode (_verify.verify)."},
-    {"loads_plain", (PyCFunction)(void (*)(void))loads_plain, METH_FASTCALL,
-     "loads_plain(data, trusted, allow, key, limits, max_pickle) -> object, or NotImplemented\n"
-     "to take the Python path."},
+    {"load_plain", (PyCFunction)(void (*)(void))load_plain, METH_FASTCALL,
+     "load_plain(data, trusted, max_pickle, max_message) -> the object of the one plain message\n"
+     "that is all of data, or NotImplemented to take the Python path."},
     {"load_inband", (PyCFunction)(void (*)(void))load_inband, METH_FASTCALL,
      "load_inband(pickled, trusted) -> pickle.loads(pickled) if it is plain, else NotImplemented."},
     {"take_plain", (PyCFunction)(void (*)(void))take_plain, METH_FASTCALL,
@@ -1579,8 +1612,50 @@ static struct PyModuleDef module = {
     "Speed paths in C: the pre-scan of a peer's pickle (a port of _scan.py), and the framing and decoding of plain messages.", -1, methods,
 };
 
+/* Read the header layout from streampickle._wire into the statics above. 0, or -1 with an
+ * ImportError set if it is not one this file can read (then the package runs on its Python
+ * twins: _accel treats this module as not built). */
+static Py_ssize_t layout_int(PyObject *wire, const char *name) {
+    PyObject *value = PyObject_GetAttrString(wire, name);
+    if (value == NULL) return -1;
+    const Py_ssize_t n = PyLong_AsSsize_t(value);
+    Py_DECREF(value);
+    return n;
+}
+
+static int read_layout(void) {
+    PyObject *wire = PyImport_ImportModule("streampickle._wire");
+    if (wire == NULL) return -1;
+    header_size = layout_int(wire, "HEADER_SIZE");
+    flags_offset = layout_int(wire, "FLAGS_OFFSET");
+    pickle_length_offset = layout_int(wire, "PICKLE_LENGTH_OFFSET");
+    PyObject *prefix = PyErr_Occurred() ? NULL : PyObject_GetAttrString(wire, "PLAIN_PREFIX");
+    Py_DECREF(wire);
+    if (prefix == NULL) return -1;
+    int ok = PyBytes_Check(prefix) && PyBytes_GET_SIZE(prefix) == pickle_length_offset
+        && header_size - pickle_length_offset == 8 && 0 <= flags_offset && flags_offset < pickle_length_offset;
+    if (ok) {
+        plain_prefix = PyMem_Malloc((size_t)pickle_length_offset);
+        if (plain_prefix == NULL) {
+            Py_DECREF(prefix);
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(plain_prefix, PyBytes_AS_STRING(prefix), (size_t)pickle_length_offset);
+    }
+    Py_DECREF(prefix);
+    if (!ok) {
+        PyErr_SetString(PyExc_ImportError,
+                        "streampickle._wire's header layout is not one _speedups can read "
+                        "(a pickle length of 8 bytes ending the header, after PLAIN_PREFIX)");
+        return -1;
+    }
+    return 0;
+}
+
 PyMODINIT_FUNC PyInit__speedups(void) {
     init_ops();
+    if (read_layout() < 0) return NULL;
     PyObject *pickle_module = PyImport_ImportModule("_pickle");
     if (pickle_module == NULL) return NULL;
     pickle_loads = PyObject_GetAttrString(pickle_module, "loads");

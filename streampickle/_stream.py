@@ -44,6 +44,7 @@ from ._encoder import Encoder
 from ._errors import DeadlineExceededError, StreamPickleError, UsageError
 from ._limits import Limits
 from ._mac import Key
+from ._options import Options, options_for
 from ._transports import (
     READ_AHEAD,
     SocketTransport,
@@ -134,8 +135,9 @@ class ObjectStream(_AnyioObjectStream[Any]):
     ) -> None:
         self.transport_stream = transport_stream
         self._charge = Charge(budget) if budget is not None else None
-        self._encoder = Encoder(key=key, limits=limits)  # a message the peer would refuse isn't sent
-        self._decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits)
+        options = options_for(trusted, allow, key, limits)  # checked once, for both directions
+        self._encoder = Encoder(key=options.key, limits=limits)  # a message the peer would refuse isn't sent
+        self._decoder = Decoder(options=options)
         # With a key: our own messages reflected back are refused, and the stream has an end.
         self._decoder._own_sender = self._encoder._sender
         self._decoder._small_first_page = budget is not None  # see Decoder.committed
@@ -474,7 +476,7 @@ def _late(decoder: Decoder, limit: str) -> DeadlineExceededError:
 
 # Decoders of messages whose load() was interrupted, parked until the next load() on the
 # same stream, with when their message started, so that cancelling a load loses nothing.
-_parked: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], Decoder, float | None]] = (
+_parked: weakref.WeakKeyDictionary[Any, tuple[Options, Decoder, float | None]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -497,17 +499,14 @@ async def load(
     bytes are lost, so close the stream). ``budget``: a :class:`MemoryBudget` shared with other
     streams; this call's charge goes back when it returns or raises.
     """
-    try:
-        options = (trusted, tuple(allow), key, limits)
-    except TypeError as exc:  # allow=5, allow=None
-        raise UsageError(f"allow must be an iterable of names or classes, not {type(allow).__name__}") from exc
+    options = options_for(trusted, allow, key, limits)  # a generator given as allow is read here, once
     charge = Charge(budget) if budget is not None else None
     parked = _parked.pop(stream, None) if _parkable(stream) else None
     started: float | None = None
     if parked is not None and _same(parked[0], options):
         decoder, started = parked[1], parked[2]
-    else:  # options[1], not allow: a generator given as allow was consumed making it
-        decoder = Decoder(trusted=trusted, allow=options[1], key=key, limits=limits, stream=False)
+    else:
+        decoder = Decoder(options=options, stream=False)
     decoder._small_first_page = charge is not None  # see Decoder.committed
     transport = _transport_for(stream)
     try:
@@ -547,7 +546,7 @@ def _parkable(obj: Any) -> bool:
     return True
 
 
-def _same(parked: tuple[Any, ...], options: tuple[Any, ...]) -> bool:
+def _same(parked: Options, options: Options) -> bool:
     """Whether a parked decoder's options are ``options``. Options whose ``==`` raises (a
     numpy array as key) are not the same: the new decoder then judges them."""
     try:

@@ -56,9 +56,6 @@ _MAC_KINDS = FLAG_BLAKE3 | FLAG_POLY1305
 _UP_TO_FLAGS = "<4sB"  # magic, version
 _UP_TO_PICKLE_LENGTH = _UP_TO_FLAGS + "BHI"  # flags, reserved, side-chunk count
 _HEADER = HEADER_STRUCT = struct.Struct(_UP_TO_PICKLE_LENGTH + "Q")  # pickle length
-#: For fast paths that check the common case inline: (magic, version, flags, reserved,
-#: chunk count, pickle length) = unpack_header(buffer, offset=0).
-unpack_header = _HEADER.unpack_from
 HEADER_SIZE = _HEADER.size  # 20
 FLAGS_OFFSET = struct.calcsize(_UP_TO_FLAGS)  # 5
 PICKLE_LENGTH_OFFSET = struct.calcsize(_UP_TO_PICKLE_LENGTH)  # 12

@@ -158,18 +158,16 @@ _NO_C = "the C extension is not in use (not built, or STREAMPICKLE_PURE_PYTHON=1
 )
 def test_loads_fast_paths_agree(c_fast_path: bool, monkeypatch) -> None:
     """loads() takes one small in-band message through a C fast path when the extension is
-    built and through inline Python otherwise; both must give the same objects and errors."""
-    from streampickle import _api
-
-    from streampickle import _encoder
+    built and through the decoder otherwise; both must give the same objects and errors."""
+    from streampickle import _decoder, _encoder
 
     if not c_fast_path:
-        monkeypatch.setattr(_api, "_loads_plain", None)
+        monkeypatch.setattr(_decoder, "_load_plain", None)
         monkeypatch.setattr(_encoder, "_frame", _encoder._frame_py)
         monkeypatch.setattr(_encoder, "_dump", _encoder._dump_py)
         monkeypatch.setattr(_encoder, "_dump_small", _encoder._dump_small_py)
     else:
-        assert _api._loads_plain is not None and _encoder._frame is _encoder._frame_c
+        assert _decoder._load_plain is not None and _encoder._frame is _encoder._frame_c
         assert _encoder._dump is _encoder._dump_c and _encoder._dump_small is _encoder._dump_small_c
     for obj in SAMPLES.values():
         for trusted in (False, True):

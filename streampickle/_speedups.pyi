@@ -1,0 +1,59 @@
+"""Types of the C extension ``_speedups.c``: every function it exports, and its constants.
+
+Import it only through ``streampickle._accel``, whose ``speedups`` is this module or ``None``.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+# The verifier's bounds, for the test that holds them to _verify's.
+MAX_OPEN_MARKS: int
+MAX_KEY_DEPTH: int
+MAX_TUPLE_DEPTH: int
+WORK_PER_BYTE: int
+WORK_BASE: int
+MAX_EQUAL_HASHES: int
+#: The kind names of _kinds, to their bits.
+KINDS: dict[str, int]
+
+def scan(data: bytes | bytearray | memoryview, chunk_count: int, /) -> int | tuple[int, str]:
+    """0 (plain, admitted), 1 (defer to the full verifier), or (position, reason) if refused."""
+
+def verify(
+    data: bytes | bytearray | memoryview,
+    chunk_count: int,
+    resolver: Callable[[str, str, int], Any],
+    max_opaque_keys: int,
+    /,
+) -> int | tuple[int, str]:
+    """The number of STACK_GLOBAL opcodes, or (position, reason) if refused."""
+
+def load_plain(data: object, trusted: bool, max_pickle: int, max_message: int, /) -> Any:
+    """The object of the one plain message that is all of ``data``, or NotImplemented."""
+
+def load_inband(pickled: bytes, trusted: bool, /) -> Any:
+    """``pickle.loads(pickled)`` if it is plain, else NotImplemented."""
+
+def take_plain(
+    data: bytes | bytearray | memoryview,
+    pos: int,
+    max_pickle: int,
+    max_message: int,
+    append: Callable[[tuple[bytes, Any]], object],
+    no_chunks: Any,
+    /,
+) -> int:
+    """The offset of the first message from ``pos`` that isn't a whole plain one; each
+    whole plain one before it appended as (pickle, no_chunks)."""
+
+def frame(pickled: bytes, flags: int, /) -> bytes:
+    """Header + pickled: a message without side chunks."""
+
+def unshared(obj: object, /) -> bool:
+    """Whether ``obj`` pickles to the same objects without the pickler's memo."""
+
+def dump(pickler: Any, obj: object, /) -> None:
+    """``pickler.dump(obj)``, without the memo if ``unshared(obj)``."""
+
+def dump_small(pickler: Any, out: list[Any], buffers: list[Any], obj: object, limit: int, /) -> bytes | None:
+    """A small plain message, or None (the caller finishes from ``out`` and ``buffers``)."""
