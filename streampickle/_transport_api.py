@@ -12,7 +12,12 @@ from typing import Any, Callable, Mapping, Protocol
 from ._decoder import Decoder
 from ._encoder import Chunk
 
-__all__ = ["Transport"]
+__all__ = ["READ_AHEAD", "Transport"]
+
+# How far ``fill`` may read ahead of the current part when it is not ``exact``: a burst of
+# small messages costs one read, and a server's idle connections hold little (see
+# ``SocketTransport``'s scratch memory).
+READ_AHEAD = 256 * 1024
 
 
 class Transport(Protocol):

@@ -1,75 +1,61 @@
 """Byte transports under the async adapters: they only move bytes between a channel and the
-sans-IO core. Each implements the contract in ``_transport_api.Transport``. Three kinds:
+sans-IO core, each keeping the contract of ``_transport_api.Transport``. Three kinds:
 
-* ``AnyioTransport``: any anyio ``ByteStream`` (or a send-only/receive-only one). Each received
-  byte is copied once (from the transport's ``bytes`` into its decoder destination); large
-  chunks are sent in slices so that no transport ever buffers a second copy of one.
-* ``AsyncioTransport``: an ``asyncio.StreamReader`` / ``StreamWriter``; same policy.
-* ``SocketTransport``: a raw non-blocking socket that streampickle owns, driven with
-  ``wait_readable``/``wait_writable`` (``_anyio_compat``; on asyncio, a part read straight into its
-  destination is filled from one reader callback instead). Side chunks go from the caller's
-  memory to the kernel with ``sendmsg`` and from the kernel into their final destination with
-  ``recv_into``: no userspace copy either way. This is the fast path, taken for streampickle's
-  own sockets and for anyio socket streams whose socket nothing else reads (all of them on
-  trio, the Unix ones on asyncio). anyio's asyncio TCP streams belong to an asyncio transport,
-  which copies data the kernel did not take at once. On asyncio and uvloop it also coalesces the small
-  messages of a burst of sends into one write (``send_later``).
+* ``AnyioTransport`` (``_stream_transports``): any anyio ``ByteStream`` (or a send-only or
+  receive-only one), through its public API; each received byte is copied once, and large
+  chunks are sent in slices so that no channel ever buffers a second copy of one.
+* ``AsyncioTransport`` (``_stream_transports``): an ``asyncio.StreamReader`` /
+  ``StreamWriter``; same policy.
+* ``SocketTransport`` (``_socket_transport``): a raw non-blocking socket that streampickle
+  drives itself, zero-copy both ways. This is the fast path, taken for streampickle's own
+  sockets and for anyio socket streams whose socket nothing else reads (all of them on trio,
+  the Unix ones on asyncio). anyio's asyncio TCP streams belong to an asyncio transport, which
+  copies data the kernel did not take at once.
 
-Every transport counts the bytes it has handed to the kernel or channel (``sent``), so the
-object stream can tell a send cancelled before its first byte (the
-stream stays usable) from one cancelled later (the stream is broken). Where it can't know, it
-says so (``exact_send_accounting = False``).
+This module picks one for a stream (``transport_for``, ``fastest_transport``) and sends a
+message's chunks through it (``send_message``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import mmap
 import socket
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any
 
-import anyio
-import anyio.lowlevel
 from anyio.abc import ByteReceiveStream, ByteSendStream, SocketAttribute, SocketStream
 
-from ._anyio_compat import is_asyncio_unix_stream, notify_closing, wait_readable, wait_writable
-from ._decoder import Decoder
-from ._encoder import IOV_MAX, Chunk, drop_sent, sendable
-from ._errors import UsageError
-from ._transport_api import Transport
+from ._anyio_compat import is_asyncio_unix_stream
+from ._encoder import Chunk
+from ._socket_transport import (
+    COALESCE_BYTES,
+    DIRECT_READ,
+    NO_SIGNAL,
+    SOCKET_BUFFER,
+    SocketTransport,
+    grow_socket_buffers,
+    socket_attributes,
+)
+from ._stream_transports import SEND_SLICE, AnyioTransport, AsyncioTransport, slices
+from ._transport_api import READ_AHEAD, Transport
 
-__all__ = ["Transport", "AnyioTransport", "AsyncioTransport", "SocketTransport", "SEND_SLICE", "READ_AHEAD"]
-
-# Largest piece handed to a copying transport in one call. asyncio's transports copy what the
-# kernel did not take at once into their own buffer; a 1 MiB slice bounds that copy.
-SEND_SLICE = 1 << 20
-# How much a transport may read ahead of the current part when streampickle owns the stream.
-READ_AHEAD = 256 * 1024
-# Parts at least this large are read straight into their destination on raw sockets.
-DIRECT_READ = 64 * 1024
-# Send flags: a write to a peer that is gone fails with EPIPE instead of raising SIGPIPE, which
-# kills a process that set it back to its default (Python ignores it; many tools restore it).
-# Where there is no MSG_NOSIGNAL (macOS), SO_NOSIGPIPE on the socket does the same.
-NO_SIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
-# At most this many bytes of small messages wait to be written together (see send_later); a
-# send that finds this much waiting goes the ordinary way, behind it.
-COALESCE_BYTES = 64 * 1024
-# Unix socket buffers streampickle asks for (the kernel caps them at net.core.wmem_max and
-# rmem_max). Larger ones mean fewer event-loop wake-ups per array: 4 MiB instead of the default
-# ~200 KiB made big arrays move 2.5x as fast here. TCP sockets are left to the kernel's
-# autotuning, which did better than any fixed size (see _sockets).
-SOCKET_BUFFER = 4 << 20
-
-
-def grow_socket_buffers(sock: socket.socket) -> None:
-    """Ask for ``SOCKET_BUFFER``-sized send and receive buffers, never shrinking them."""
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            if sock.getsockopt(socket.SOL_SOCKET, option) < SOCKET_BUFFER:
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        except OSError:
-            pass
+__all__ = [
+    "COALESCE_BYTES",
+    "DIRECT_READ",
+    "NO_SIGNAL",
+    "READ_AHEAD",
+    "SEND_SLICE",
+    "SOCKET_BUFFER",
+    "AnyioTransport",
+    "AsyncioTransport",
+    "SocketTransport",
+    "Transport",
+    "fastest_transport",
+    "grow_socket_buffers",
+    "send_message",
+    "socket_attributes",
+    "transport_for",
+]
 
 
 async def send_message(transport: Transport, chunks: list[Chunk], mac: Any) -> None:
@@ -78,536 +64,10 @@ async def send_message(transport: Transport, chunks: list[Chunk], mac: Any) -> N
     if mac is None:
         await transport.send_chunks(chunks)
         return
-    for piece in _slices(chunks):
+    for piece in slices(chunks):
         mac.update(piece)
         await transport.send_chunks([piece])
     await transport.send_chunks([mac.digest()])
-
-
-def _slices(chunks: list[Chunk], size: int = SEND_SLICE) -> list[memoryview | bytes]:
-    out: list[memoryview | bytes] = []
-    for chunk in chunks:
-        if len(chunk) <= size:
-            if len(chunk):
-                out.append(chunk)
-            continue
-        view = memoryview(chunk).cast("B")
-        out.extend(view[i : i + size] for i in range(0, len(view), size))
-    return out
-
-
-class AnyioTransport:
-    """An anyio byte stream (or a send-only or receive-only one), through its public API."""
-
-    exact_send_accounting = False
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.sent = 0
-        self._closed = False
-
-    def send_later(self, chunk: Chunk) -> bool:
-        """Never: anyio's streams do their own buffering (see ``SocketTransport.send_later``)."""
-        return False
-
-    async def send_chunks(self, chunks: list[Chunk]) -> None:
-        self._check_open()
-        send = self.stream.send
-        for piece in _slices(chunks):
-            self.sent += 1  # can't tell how much of an interrupted send reached the stream
-            await send(piece)
-
-    async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
-        """Feed the decoder what the stream has next; False (after ``feed_eof``) at its end.
-        ``exact``: never read past the current part; ``limit``: read at most that many bytes."""
-        self._check_open()
-        try:
-            data = await self.stream.receive(_want(decoder, exact, limit))
-        except anyio.EndOfStream:
-            decoder.feed_eof()
-            return False
-        decoder.feed(data)
-        return True
-
-    async def wait_readable(self) -> None:
-        """Returns at once: an anyio stream can't say whether a receive would wait."""
-        self._check_open()
-        await anyio.lowlevel.checkpoint()
-
-    async def send_eof(self) -> None:
-        self._check_open()
-        await self.stream.send_eof()
-
-    async def aclose(self) -> None:
-        self._closed = True
-        await self.stream.aclose()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise anyio.ClosedResourceError
-
-    @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        attributes: Mapping[Any, Callable[[], Any]] = self.stream.extra_attributes
-        return attributes
-
-
-class AsyncioTransport:
-    """An ``asyncio.StreamReader`` and ``StreamWriter`` (either may be None: ``load`` gets a
-    reader alone, ``dump`` a writer alone), through their public API. Errors of the asyncio
-    transport underneath (``ConnectionResetError``, ...) become ``anyio.BrokenResourceError``."""
-
-    exact_send_accounting = False
-
-    def __init__(self, reader: asyncio.StreamReader | None, writer: asyncio.StreamWriter | None) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.sent = 0
-        self._closed = False
-        self._sending = False  # a send_chunks is under way
-
-    def send_later(self, chunk: Chunk) -> bool:
-        """Never: a ``StreamWriter`` does its own buffering (see ``SocketTransport.send_later``)."""
-        return False
-
-    async def send_chunks(self, chunks: list[Chunk]) -> None:
-        writer = self._writer()
-        self._sending = True
-        try:
-            for piece in _slices(chunks):
-                self.sent += 1
-                writer.write(piece)
-                await writer.drain()
-                if self._closed:  # closed while waiting: the rest was dropped
-                    raise anyio.ClosedResourceError
-        except OSError as exc:
-            if self._closed:
-                raise anyio.ClosedResourceError from exc
-            raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
-        finally:
-            self._sending = False
-
-    async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
-        reader = self._reader()
-        try:
-            data = await reader.read(_want(decoder, exact, limit))
-        except OSError as exc:
-            raise anyio.BrokenResourceError(f"receiving failed: {exc}") from exc
-        if self._closed:  # closed while waiting: the reader saw the end of our own transport
-            raise anyio.ClosedResourceError
-        if not data:
-            decoder.feed_eof()
-            return False
-        decoder.feed(data)
-        return True
-
-    async def wait_readable(self) -> None:
-        """Returns at once: a ``StreamReader`` can't say whether a read would wait."""
-        self._reader()
-        await anyio.lowlevel.checkpoint()
-
-    async def send_eof(self) -> None:
-        """``write_eof`` where the transport has one (TCP, Unix sockets, pipes); elsewhere (TLS)
-        nothing: the peer sees the end when the stream is closed."""
-        writer = self._writer()
-        if writer.can_write_eof():
-            try:
-                writer.write_eof()
-            except OSError as exc:
-                raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
-        await anyio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        """Close the writer's transport (which is the reader's too) and wait until it is
-        closed: until the peer has taken what earlier sends left in the transport's buffer.
-        Cancelled, or with a send under way (its message can't be completed, so the rest is
-        of no use to the peer), it aborts instead, dropping that buffer. A ``StreamReader``
-        alone has no transport to close: it is only marked closed."""
-        if self._closed:
-            await anyio.lowlevel.checkpoint()
-            return
-        self._closed = True
-        writer = self.writer
-        if writer is None:
-            await anyio.lowlevel.checkpoint()
-            return
-        if self._sending:
-            writer.transport.abort()
-        else:
-            writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass  # the connection was lost before the close: closed all the same
-        except BaseException:
-            writer.transport.abort()
-            raise
-
-    def _reader(self) -> asyncio.StreamReader:
-        if self._closed:
-            raise anyio.ClosedResourceError
-        if self.reader is None:
-            raise UsageError("this asyncio stream has no StreamReader to receive from")
-        return self.reader
-
-    def _writer(self) -> asyncio.StreamWriter:
-        if self._closed:
-            raise anyio.ClosedResourceError
-        if self.writer is None:
-            raise UsageError("this asyncio stream has no StreamWriter to send with")
-        return self.writer
-
-    @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        """The socket's attributes, where the writer's transport has a socket."""
-        sock = self.writer.get_extra_info("socket") if self.writer is not None else None
-        return socket_attributes(sock) if sock is not None else {}
-
-
-def _want(decoder: Decoder, exact: bool, limit: int | None) -> int:
-    """How many bytes a copying transport asks its channel for."""
-    want = len(decoder.get_buffer())
-    if not exact:
-        want = max(want, READ_AHEAD)
-    if limit is not None and limit < want:
-        want = limit
-    return want
-
-
-class SocketTransport:
-    """A connected stream socket that streampickle drives itself, zero-copy both ways."""
-
-    exact_send_accounting = True
-
-    def __init__(self, sock: socket.socket, *, owner: Any = None) -> None:
-        sock.setblocking(False)
-        if not NO_SIGNAL and hasattr(socket, "SO_NOSIGPIPE"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_NOSIGPIPE, 1)
-        self.sock = sock
-        self.sent = 0
-        self._closed = False
-        self._owner = owner  # an anyio stream whose socket this is: closed through it
-        # Read-ahead space, made on first use: dump() and load(), which build a transport per
-        # call, never read ahead.
-        self._scratch: memoryview | None = None
-        # Whether the running loop takes reader and writer callbacks (asyncio, uvloop; not
-        # trio), known after the first use, and the reader registered for the current wait.
-        self._loop_callbacks: bool | None = None
-        self._reader: tuple[asyncio.AbstractEventLoop, int, asyncio.Future[bool]] | None = None
-        # Small messages that send_later took and the kernel doesn't have yet, in order; the
-        # loop whose writer callback is writing them (set while the kernel has no room); tasks
-        # waiting for them to be written; and the error that writing them ended with.
-        self._later: list[Chunk] = []
-        self._later_size = 0
-        self._later_writer: asyncio.AbstractEventLoop | None = None
-        self._later_waiters: list[asyncio.Future[None]] = []
-        self._later_error: OSError | None = None
-
-    def send_later(self, chunk: Chunk) -> bool:
-        """Take one small whole message to write together with the others that the sending
-        task sends before it next yields to the event loop, in one system call, as soon as it
-        does. False (nothing taken) where the message must go the ordinary way: on a loop
-        without callbacks (trio), behind ``COALESCE_BYTES`` already waiting, or after such a
-        write failed.
-
-        Why: a burst of small messages costs one ``send()`` each, and the system call is most
-        of a small message's cost on both ends (it also wakes the receiver each time). uvloop
-        coalesces its transports' writes per loop iteration the same way.
-
-        The message counts as sent: it goes out before any later one, and closing the stream
-        writes it first (``aclose``). If writing it fails, the next send raises.
-        """
-        later = self._later
-        if later:  # a write is already scheduled, or waiting for room in the kernel
-            if self._later_size >= COALESCE_BYTES:
-                return False
-        else:
-            if self._later_error is not None or self._closed:
-                return False
-            loop = self._loop_taking_callbacks()
-            if loop is None:
-                return False
-            loop.call_soon(self._write_later, loop)
-        later.append(chunk)
-        self._later_size += len(chunk)
-        return True
-
-    def _write_later(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Loop callback: write what ``send_later`` took, as far as the kernel takes it, and the
-        rest each time the socket is writable again."""
-        later = self._later
-        if not later:  # closed meanwhile
-            return
-        try:
-            n = self.sock.sendmsg(later[:IOV_MAX], (), NO_SIGNAL)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self._later_error = exc
-            self._drop_later(closed=False)
-            return
-        self._later_size -= n
-        drop_sent(later, n)
-        if not later:
-            self._drop_later(closed=False)
-        elif self._later_writer is None:
-            loop.add_writer(self.sock.fileno(), self._write_later, loop)
-            self._later_writer = loop
-
-    def _drop_later(self, *, closed: bool) -> None:
-        """Forget what ``send_later`` took (all of it is written, or it never will be) and
-        wake the tasks waiting for it (see ``_wake_later_waiters``)."""
-        self._later.clear()
-        self._later_size = 0
-        if self._later_writer is not None:
-            self._later_writer.remove_writer(self.sock.fileno())
-            self._later_writer = None
-        self._wake_later_waiters(closed=closed)
-
-    def _wake_later_waiters(self, *, closed: bool) -> None:
-        """Wake the tasks waiting in ``_written_later``: with ``ClosedResourceError`` if the
-        stream is closing, else to look again."""
-        waiters, self._later_waiters = self._later_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                if closed:
-                    waiter.set_exception(anyio.ClosedResourceError())
-                else:
-                    waiter.set_result(None)
-
-    async def _written_later(self) -> None:
-        """Wait until every message ``send_later`` took is written; ``BrokenResourceError`` if
-        that failed. Cancelling the wait loses nothing: the loop callback goes on writing."""
-        while self._later:
-            waiter = asyncio.get_running_loop().create_future()
-            self._later_waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._later_waiters:
-                    self._later_waiters.remove(waiter)
-        if self._later_error is not None:
-            raise anyio.BrokenResourceError(f"sending failed: {self._later_error}") from self._later_error
-
-    async def send_chunks(self, chunks: list[Chunk]) -> None:
-        self._check_open()
-        if self._later or self._later_error is not None:
-            await self._written_later()  # the messages ahead of this one go first
-        sock = self.sock
-        if len(chunks) == 1:  # a small message: one send() and, usually, done
-            chunk = chunks[0]
-            try:
-                n = sock.send(chunk, NO_SIGNAL)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
-            self.sent += n
-            if n == len(chunk):
-                return
-            chunks = [memoryview(chunk)[n:]]
-        views = sendable(chunks)
-        while views:
-            try:
-                n = sock.sendmsg(views[:IOV_MAX], (), NO_SIGNAL)
-            except BlockingIOError:
-                await wait_writable(sock)
-                continue
-            except OSError as exc:
-                raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
-            self.sent += n
-            drop_sent(views, n)
-
-    async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
-        self._check_open()
-        view = decoder.get_buffer()
-        if limit is not None:
-            view = view[:limit]
-        direct = exact or len(view) >= DIRECT_READ
-        if direct:
-            target = view
-        else:
-            if self._scratch is None:
-                # An anonymous mapping, not a bytearray (which zero-fills every page): only the
-                # pages reads actually reach become memory, so a server's thousand idle
-                # connections don't hold 256 KiB each.
-                self._scratch = memoryview(mmap.mmap(-1, READ_AHEAD))
-            target = self._scratch if limit is None else self._scratch[:limit]
-        while True:
-            try:
-                n = self.sock.recv_into(target)
-                break
-            except BlockingIOError:
-                loop = self._loop_taking_callbacks() if direct else None
-                if loop is not None:
-                    return await self._fill_from_reader(loop, decoder, target)
-                await wait_readable(self.sock)
-            except OSError as exc:
-                raise anyio.BrokenResourceError(f"receiving failed: {exc}") from exc
-        if n == 0:
-            decoder.feed_eof()
-            return False
-        if direct:
-            decoder.buffer_updated(n)
-        else:
-            decoder.feed(target[:n])
-        return True
-
-    async def wait_readable(self) -> None:
-        """Wait until the socket has bytes to read (or its end, or an error)."""
-        self._check_open()
-        await wait_readable(self.sock)
-
-    def _loop_taking_callbacks(self) -> asyncio.AbstractEventLoop | None:
-        """The running asyncio loop if it takes reader and writer callbacks: the selector loop
-        and uvloop do; trio and the Windows proactor loop don't."""
-        if self._loop_callbacks is False:
-            return None
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # trio
-            self._loop_callbacks = False
-            return None
-        if self._loop_callbacks is None:
-            self._loop_callbacks = type(loop).add_reader is not asyncio.AbstractEventLoop.add_reader
-        return loop if self._loop_callbacks else None
-
-    async def _fill_from_reader(self, loop: asyncio.AbstractEventLoop, decoder: Decoder, target: memoryview) -> bool:
-        """Fill ``target`` (the rest of the current part) from a reader callback on the loop.
-
-        One registration serves the whole part: the callback reads what each wake-up brings
-        straight into the destination and hands it to the decoder at once, and the waiting
-        task runs again only when the part is complete. A wait per read, as
-        ``anyio.wait_readable`` does it, costs a reader registration, a removal and a task
-        switch each time; a 512 MiB array over TCP takes about 450 of them. The decoder
-        counts every byte as it lands, so a cancelled fill loses nothing.
-        """
-        sock = self.sock
-        fd = sock.fileno()
-        done: asyncio.Future[bool] = loop.create_future()
-        pos = 0
-
-        def on_readable() -> None:
-            nonlocal pos
-            if done.done():  # cancelled; the waiter removes the reader when it runs
-                return
-            try:
-                n = sock.recv_into(target[pos:])
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._drop_reader()
-                done.set_exception(anyio.BrokenResourceError(f"receiving failed: {exc}"))
-                return
-            try:
-                if n:
-                    pos += n
-                    decoder.buffer_updated(n)
-                if n == 0 or pos == len(target):
-                    self._drop_reader()
-                    done.set_result(n != 0)
-            except Exception as exc:
-                self._drop_reader()
-                done.set_exception(exc)
-
-        loop.add_reader(fd, on_readable)
-        self._reader = (loop, fd, done)
-        try:
-            more = await done
-        finally:
-            if self._reader is not None and self._reader[2] is done:
-                self._drop_reader()
-        if not more:
-            decoder.feed_eof()
-        return more
-
-    def _drop_reader(self) -> None:
-        if self._reader is not None:
-            loop, fd, _ = self._reader
-            self._reader = None
-            loop.remove_reader(fd)
-
-    def _wake_reader(self) -> None:
-        """Fail a fill waiting on a reader callback with ``ClosedResourceError`` (the stream
-        is being closed), as ``anyio.notify_closing`` does for anyio's own waits."""
-        if self._reader is not None:
-            done = self._reader[2]
-            self._drop_reader()
-            if not done.done():
-                done.set_exception(anyio.ClosedResourceError())
-
-    async def send_eof(self) -> None:
-        self._check_open()
-        if self._later:
-            await self._written_later()
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the peer is gone already: its reads have ended
-        await anyio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        """Wake every blocked call with ``ClosedResourceError``, write the messages that
-        ``send_later`` took (waiting for the peer to make room, if it must: cancel the close to
-        drop them), and close. Closing again does nothing."""
-        if self._closed:
-            await anyio.lowlevel.checkpoint()
-            return
-        self._closed = True
-        self._wake_later_waiters(closed=True)  # sends waiting behind them never started
-        self._wake_reader()
-        try:
-            if self._later:
-                await self._written_later()
-        except anyio.BrokenResourceError:
-            pass  # the peer is gone: nothing left to write to
-        finally:
-            self._drop_later(closed=True)
-            await self._close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise anyio.ClosedResourceError
-
-    async def _close(self) -> None:
-        if self._owner is not None:
-            # Wake our own waiters first: anyio's asyncio Unix stream only wakes its own.
-            if self.sock.fileno() >= 0:
-                notify_closing(self.sock)
-            await self._owner.aclose()
-            return
-        if self.sock.fileno() >= 0:
-            notify_closing(self.sock)
-            self.sock.close()
-        await anyio.lowlevel.checkpoint()
-
-    @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        if self._owner is not None:
-            attributes: Mapping[Any, Callable[[], Any]] = self._owner.extra_attributes
-            return attributes
-        return socket_attributes(self.sock)
-
-
-def socket_attributes(sock: socket.socket) -> dict[Any, Callable[[], Any]]:
-    """anyio's ``SocketAttribute``s of a socket (the remote ones only if it is connected)."""
-    attrs: dict[Any, Callable[[], Any]] = {
-        SocketAttribute.raw_socket: lambda: sock,
-        SocketAttribute.family: lambda: sock.family,
-        SocketAttribute.local_address: lambda: sock.getsockname(),
-    }
-    try:
-        sock.getpeername()
-    except OSError:
-        connected = False
-    else:
-        connected = True
-        attrs[SocketAttribute.remote_address] = lambda: sock.getpeername()
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        attrs[SocketAttribute.local_port] = lambda: sock.getsockname()[1]
-        if connected:
-            attrs[SocketAttribute.remote_port] = lambda: sock.getpeername()[1]
-    return attrs
 
 
 def transport_for(stream: Any) -> Transport:
