@@ -50,7 +50,8 @@ class Transport(Protocol):
     Cancellation. A cancelled ``fill`` loses nothing: the bytes it took from the channel are
     in the decoder, and the rest are still in the channel. A cancelled ``send_chunks`` handed
     over the bytes ``sent`` says and no more (see above). A cancelled ``aclose`` still closes
-    the channel, dropping what ``send_later`` took if it had to wait for the peer to write it.
+    the channel, dropping what it was waiting for the peer to take (what ``send_later`` took;
+    what an asyncio transport still buffers).
 
     Close. ``aclose()`` wakes every task blocked in the transport with
     ``anyio.ClosedResourceError`` and closes the channel; closing again does nothing. After
@@ -59,12 +60,14 @@ class Transport(Protocol):
 
     Errors. A channel that failed (reset, broken pipe, the peer gone) raises
     ``anyio.BrokenResourceError`` from the ``OSError`` or the channel's own error; ``fill``
-    also raises what the decoder raises about the bytes (``StreamPickleError``). A transport
-    made for one direction (``dump``'s ``StreamWriter``) raises :class:`UsageError` when used
-    for the other.
+    also raises what the decoder raises about the bytes (``StreamPickleError``). An asyncio
+    transport made for one direction (``dump``'s ``StreamWriter``) raises :class:`UsageError`
+    when used for the other.
 
     ``extra_attributes``: anyio typed attributes of the channel (``SocketAttribute`` for a
-    socket; empty where there is none), available before and after close.
+    socket; none for a channel without one, such as a memory stream). The mapping stays
+    available after close, though reading an attribute of a closed socket may raise
+    ``OSError``.
     """
 
     exact_send_accounting: bool
