@@ -247,7 +247,7 @@ class Loader:
                 verified = _gc_paused(lambda: walk(data, chunk_count, self.resolve, self.max_opaque_keys))
         except _verify.Refused as refused:
             raise _verify.refusal(refused) from None
-        if type(verified) is tuple:
+        if isinstance(verified, tuple):
             raise _verify.refusal(_verify.Refused(*verified))
         return verified
 
