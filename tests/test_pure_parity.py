@@ -8,8 +8,9 @@ dtypes and memory orders, nested containers, shared and cyclic graphs, objects t
 pickled, with and without a key, through ``dumps`` and a reused ``Encoder``; and, to decode,
 the messages of that corpus, the fuzzers' seeds, the grammar's inputs for a fixed seed, the
 malformed pickles of the scan tests, and corruptions and truncations of all of them, through
-``loads`` (safe, and trusted for the corpus's own messages) and a ``Decoder`` fed whole and in pieces. Every outcome (the
-bytes, the objects, or the error's class and message) must be the same.
+``loads`` (safe, and trusted for the corpus's own messages) and a ``Decoder`` fed whole and
+in pieces. Every outcome (the bytes, the objects, or the error's class and message) must be
+the same.
 
 One difference is by design: with the C extension, a graph of plain data in which no object
 can appear twice is pickled without the pickler's memo (``speedups.unshared``), while the
@@ -39,6 +40,10 @@ from _util import assert_same
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 KEY = b"parity key"
+# Two interpreters each encode and decode the whole corpus (seconds; a minute on a busy
+# machine): each may take CHILD_S, and pytest's own timeout is above both.
+CHILD_S = 240
+pytestmark = pytest.mark.timeout(2 * CHILD_S + 60)
 _HEADER = struct.Struct("<4sBBHIQ")
 
 
@@ -247,7 +252,7 @@ def _run(tmp_path: Path, inputs: Path, pure: bool) -> dict[str, Any]:
         f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]; "
         "import test_pure_parity; test_pure_parity.child(sys.argv[1], sys.argv[2])"
     )
-    subprocess.run([sys.executable, "-c", code, str(inputs), str(out)], env=env, check=True, timeout=600)
+    subprocess.run([sys.executable, "-c", code, str(inputs), str(out)], env=env, check=True, timeout=CHILD_S)
     with open(out, "rb") as f:
         return pickle.load(f)
 
