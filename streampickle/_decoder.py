@@ -79,7 +79,7 @@ _HEADER_TAG_MISMATCH = (
     "header tag mismatch: the message's header was forged or altered in transit, or the two "
     "ends use different keys. No memory was committed to it."
 )
-# The C twins of the whole-message paths below, for plain messages (see ``_speedups.plain_at``);
+# The C twins of the whole-message paths below, for plain messages (plain_at in _speedups.c);
 # without the C extension the Python paths do it all.
 _take_plain = speedups.take_plain if speedups else None
 _load_plain = speedups.load_plain if speedups else None
@@ -218,7 +218,6 @@ class Decoder:
             if obj is not NotImplemented:
                 return obj
         return Decoder(options=options, stream=False)._load_whole(data)
-
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Take the next bytes of the stream: any size, any split, several messages at once.
@@ -505,9 +504,15 @@ class Decoder:
         end = len(view)
         if end - pos < _wire.HEADER_SIZE:
             return None
-        header = self._check_header(self._guard(_wire.parse_header, view[pos : pos + _wire.HEADER_SIZE]))
+        try:
+            header = _wire.parse_header(view[pos : pos + _wire.HEADER_SIZE])
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+        self._check_header(header)
         size = header.size()
-        self._check_size(size)
+        max_size = self._limits.max_message_size
+        if size > max_size:
+            self._check_size(size)  # raises
         lengths: tuple[int, ...] = ()
         if header.chunk_count:
             table = pos + header.table_offset
@@ -516,7 +521,8 @@ class Decoder:
                 return None
             lengths = _wire.unpack_lengths(view[table:table_end])
             size += sum(lengths)  # Python ints: no wraparound, whatever the peer claims
-            self._check_size(size)
+            if size > max_size:
+                self._check_size(size)  # raises
         if end - pos < size:
             return None
         return header, lengths, size
@@ -646,7 +652,7 @@ class Decoder:
         key = self._key
         limits = self._limits
         ready = self._ready
-        # Runs of plain messages go through C when it is there (see _speedups.plain_at): the
+        # Runs of plain messages go through C when it is there (plain_at in _speedups.c): the
         # loop below, in Python, costs more than unpickling a small message.
         take_plain = _take_plain if limit < 0 and key is None else None
         pos = taken = 0

@@ -159,6 +159,15 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
                 expected=HEADER_SIZE,
             ) from exc
         raise ProtocolError(f"a fixed header is {HEADER_SIZE} bytes, got {len(data)}") from exc
+    if magic == MAGIC and not reserved and pickle_length and (version, flags) in _MESSAGE_KINDS:
+        return Header(flags, chunk_count, pickle_length, version)  # every message's header, at once
+    return _checked_header(magic, version, flags, reserved, chunk_count, pickle_length)
+
+
+def _checked_header(
+    magic: bytes, version: int, flags: int, reserved: int, chunk_count: int, pickle_length: int
+) -> Header:
+    """``parse_header``'s rules, one by one, each refusal with its own reason."""
     check_magic_prefix(magic)
     known = _KNOWN_FLAGS.get(version)
     if known is None:
@@ -195,3 +204,16 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     elif pickle_length == 0:
         raise ProtocolError("the header declares an empty pickle part; every message has one")
     return Header(flags, chunk_count, pickle_length, version)
+
+
+def _admitted(version: int, flags: int) -> bool:
+    try:
+        _checked_header(MAGIC, version, flags, 0, 0, 1)
+    except ProtocolError:
+        return False
+    return True
+
+
+#: The (version, flags) pairs of every header ``_checked_header`` admits with a pickle part: a
+#: header with one of them, the magic, no reserved bits and a pickle length is admitted at once.
+_MESSAGE_KINDS = frozenset((v, f) for v in _KNOWN_FLAGS for f in range(256) if _admitted(v, f))
