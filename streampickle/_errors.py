@@ -38,7 +38,6 @@ always chained as ``__cause__``.
 
 from __future__ import annotations
 
-import functools
 import pickle
 import types
 from typing import Any
@@ -272,10 +271,24 @@ def _encode_error(kind: type[BaseException], message: str) -> EncodeError:
     return EncodeError(message)
 
 
-@functools.lru_cache(maxsize=256)  # bounded: a program may make exception types at run time
+#: The combined classes made so far, by original type; at most _COMBINED_MAX of them, since a
+#: program may make exception types at run time (beyond that each error makes its own).
+_COMBINED: dict[type[BaseException], type[EncodeError]] = {}
+_COMBINED_MAX = 256
+
+
 def _combined(kind: type[BaseException]) -> type[EncodeError]:
     """The class that is both EncodeError and ``kind`` (EncodeError itself if it already is a
-    ``kind``, or if no such class can be made). One per type, so that they compare equal."""
+    ``kind``, or if no such class can be made): one per type, so that they compare equal."""
+    combined = _COMBINED.get(kind)
+    if combined is None:
+        combined = _make_combined(kind)
+        if len(_COMBINED) < _COMBINED_MAX:
+            _COMBINED[kind] = combined
+    return combined
+
+
+def _make_combined(kind: type[BaseException]) -> type[EncodeError]:
     if issubclass(kind, EncodeError):
         return kind
     if issubclass(EncodeError, kind):  # Exception, pickle.PicklingError
