@@ -62,7 +62,7 @@ _PICKLE_GROWTH_FLOOR = 4 * 1024  # the pickle part starts this big (or smaller, 
 #: (``_safe.GC_PAUSE_BYTES``), and below it the loader takes a ``bytes`` pickle in one C call
 #: (scan and ``pickle.loads``), which is worth a copy of up to 1 MiB; from it up, that path is
 #: not taken anyway, a view works as well, and it saves copying all of the pickle. The C path
-#: of ``load_one`` (``_speedups.load_plain``, which copies) takes only pickles below it.
+#: of ``Decoder.loads`` (``_speedups.load_plain``, which copies) takes only pickles below it.
 PICKLE_COPY_LIMIT = GC_PAUSE_BYTES
 
 # Parts of a message, in order. _FIELDS and _HEADER_TAG are only in version-2 (keyed) messages.
@@ -83,7 +83,7 @@ _HEADER_TAG_MISMATCH = (
 # without the C extension the Python paths do it all.
 _take_plain = speedups.take_plain if speedups else None
 _load_plain = speedups.load_plain if speedups else None
-# What load_one's C path takes: pickles it may copy (see PICKLE_COPY_LIMIT), default limits.
+# What Decoder.loads' C path takes: pickles it may copy (see PICKLE_COPY_LIMIT), default limits.
 _PLAIN_MAX_PICKLE = min(PICKLE_COPY_LIMIT - 1, DEFAULT_LIMITS.max_pickle_size)
 _PLAIN_MAX_MESSAGE = DEFAULT_LIMITS.max_message_size
 
@@ -171,10 +171,8 @@ class Decoder:
     ) -> None:
         if options is None:
             options = options_for(trusted, allow, key, limits)
-        elif not isinstance(options, Options):
-            raise UsageError(f"options must be an Options, not {type(options).__name__}")
-        elif not (trusted is False and type(allow) is tuple and not allow and key is None and limits is None):
-            raise UsageError("pass options= or the option keywords (trusted, allow, key, limits), not both")
+        else:
+            _given_options(options, trusted, allow, key, limits)
         self.options = options
         self._loader = options.loader
         self._limits = options.limits
@@ -201,15 +199,32 @@ class Decoder:
     # -- public API -------------------------------------------------------------------------
 
     @staticmethod
-    def load_one(data: Any, options: Options) -> Any:
-        """``data`` (any bytes-like object) as exactly one whole message: its object, or the
-        error ``Decoder(options=options, stream=False)`` raises fed ``data`` and its end.
-        Missing bytes raise :class:`IncompleteMessageError`; bytes after the message raise
-        :class:`ProtocolError`. What :func:`streampickle.loads` does.
+    def loads(
+        data: bytes | bytearray | memoryview,
+        *,
+        trusted: bool = False,
+        allow: Iterable[Any] = (),
+        key: bytes | Key | None = None,
+        limits: Limits | None = None,
+        options: Options | None = None,
+    ) -> Any:
+        """Decode exactly one whole message. Missing bytes raise :class:`IncompleteMessageError`,
+        bytes after the message raise :class:`ProtocolError`. This is :func:`streampickle.loads`.
 
-        The commonest call, a plain message with default options, is decoded in one C call
-        when the extension is built (making a decoder costs more than unpickling a small
-        object); the C function leaves everything else to the decoder, which decides."""
+        ``data`` is any bytes-like object, read as ``bytes(memoryview(data))`` would read it: a
+        memoryview of another item format or several dimensions, or a numpy array, is taken as
+        its raw bytes, and a non-contiguous one is copied once first. Anything that isn't
+        bytes-like (``str``, ``None``...), or a bad option, raises :class:`UsageError`. So every
+        call returns an object or raises a :class:`StreamPickleError`.
+
+        The same objects and errors as ``Decoder(..., stream=False)`` fed ``data`` and its end,
+        then ``next()``. The commonest call, a plain message with default options, is decoded
+        in one C call when the extension is built (making a decoder costs more than unpickling
+        a small object); the C function leaves everything else to the decoder, which decides."""
+        if options is None:
+            options = options_for(trusted, allow, key, limits)
+        else:
+            _given_options(options, trusted, allow, key, limits)
         if options.plain and _load_plain is not None:
             try:
                 obj = _load_plain(data, options.trusted, _PLAIN_MAX_PICKLE, _PLAIN_MAX_MESSAGE)
@@ -396,7 +411,7 @@ class Decoder:
         return self._received, self._expected
 
     def _load_whole(self, data: Any) -> Any:
-        """``load_one`` on a fresh decoder: fed ``data`` up to the end of its first message."""
+        """``loads`` on a fresh decoder: fed ``data`` up to the end of its first message."""
         try:
             view = memoryview(data).cast("B")
         except Exception:
@@ -817,6 +832,14 @@ class Decoder:
             raise self._sticky()
         if self._eof:
             raise UsageError("the decoder was told the input ended (feed_eof); it takes no more")
+
+
+def _given_options(options: Any, trusted: Any, allow: Any, key: Any, limits: Any) -> None:
+    """Refuse ``options=`` that is no :class:`Options`, or that comes with option keywords."""
+    if not isinstance(options, Options):
+        raise UsageError(f"options must be an Options, not {type(options).__name__}")
+    if not (trusted is False and type(allow) is tuple and not allow and key is None and limits is None):
+        raise UsageError("pass options= or the option keywords (trusted, allow, key, limits), not both")
 
 
 def _index(value: Any, where: str) -> int:
