@@ -38,7 +38,7 @@ from streampickle import (
     UsageError,
     sync,
 )
-from streampickle import _api, _decoder, _wire
+from streampickle import _decoder, _wire
 from streampickle.testing import memory_stream_pair
 
 KEY = b"k" * 32
@@ -139,7 +139,7 @@ BAD_OPTIONS = {
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with the C fast paths (when built) and without them: both must agree."""
     if request.param == "python":
-        monkeypatch.setattr(_api, "_loads_plain", None)
+        monkeypatch.setattr(_decoder, "_load_plain", None)
         monkeypatch.setattr(_decoder, "_take_plain", None)
     return request.param
 
