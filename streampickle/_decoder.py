@@ -493,21 +493,22 @@ class Decoder:
         """Refuse (for good) a parsed header that this decoder's key, stream or limits don't
         admit; pin a keyed stream's wire format version to its first message's."""
         limits = self._limits
-        if header.flags & ~_wire.FLAG_END != self._want_flags:
-            raise self._fail(AuthenticationError(self._wrong_signature(header.flags)))
+        flags, chunk_count, pickle_length, version = header
+        if flags & ~_wire.FLAG_END != self._want_flags:
+            raise self._fail(AuthenticationError(self._wrong_signature(flags)))
         if self._stream:
-            version = self._stream_version or header.version
-            if header.version != version:
+            pinned = self._stream_version or version
+            if version != pinned:
                 raise self._fail(AuthenticationError(
-                    f"a keyed message of wire format version {header.version} in a stream of "
-                    f"version {version} messages: a recorded message from an older peer is being "
+                    f"a keyed message of wire format version {version} in a stream of "
+                    f"version {pinned} messages: a recorded message from an older peer is being "
                     f"replayed, or the peer is broken"
                 ))
-            self._stream_version = version
-        if header.chunk_count > limits.max_side_chunks:
-            raise self._over("side chunks", header.chunk_count, "max_side_chunks", limits.max_side_chunks)
-        if header.pickle_length > limits.max_pickle_size:
-            raise self._over("pickle bytes", header.pickle_length, "max_pickle_size", limits.max_pickle_size)
+            self._stream_version = pinned
+        if chunk_count > limits.max_side_chunks:
+            raise self._over("side chunks", chunk_count, "max_side_chunks", limits.max_side_chunks)
+        if pickle_length > limits.max_pickle_size:
+            raise self._over("pickle bytes", pickle_length, "max_pickle_size", limits.max_pickle_size)
         return header
 
     def _whole_message_at(self, view: memoryview, pos: int) -> tuple[_wire.Header, tuple[int, ...], int] | None:
@@ -680,7 +681,7 @@ class Decoder:
             header, lengths, size = found
             start = pos + header.pickle_offset
             if key is not None:
-                if header.version != _wire.VERSION_KEYED or header.is_end:
+                if header.version != _wire.VERSION_KEYED or header.flags & _wire.FLAG_END:
                     break  # the incremental path takes these
                 if not key.check(view[pos : start - _wire.TAG_SIZE], view[start - _wire.TAG_SIZE : start]):
                     raise self._fail(AuthenticationError(_HEADER_TAG_MISMATCH))

@@ -109,6 +109,12 @@ _NO_ALLOW: tuple[Any, ...] = ()
 _TRUSTED = Options(trusted=True)
 
 
+#: The key and Options of the last call with only a key (``bytes`` or a :class:`Key`, both
+#: immutable): a server that calls ``loads(data, key=SECRET)`` per message prepares its key
+#: once, not per call (a Key costs a microsecond to make, BLAKE3's key derivation more).
+_last_keyed: tuple[object, Options] = (None, _DEFAULT)
+
+
 def options_for(
     trusted: bool = False,
     allow: Iterable[Any] = (),
@@ -116,10 +122,21 @@ def options_for(
     limits: Limits | None = None,
 ) -> Options:
     """The :class:`Options` for these keywords: a cached instance for the defaults (with
-    ``trusted`` exactly ``True`` or ``False``), else a new one, validated."""
-    if allow is _NO_ALLOW and key is None and limits is None:  # () is one object in CPython
-        if trusted is False:
-            return _DEFAULT
-        if trusted is True:
-            return _TRUSTED
+    ``trusted`` exactly ``True`` or ``False``) and for the last key given alone (the same
+    object), else a new one, validated."""
+    global _last_keyed
+    if allow is _NO_ALLOW and limits is None:  # () is one object in CPython
+        if key is None:
+            if trusted is False:
+                return _DEFAULT
+            if trusted is True:
+                return _TRUSTED
+        elif trusted is False:
+            last_key, options = _last_keyed
+            if key is last_key:
+                return options
+            options = Options(key=key)
+            if type(key) is bytes or type(key) is Key:
+                _last_keyed = (key, options)
+            return options
     return Options(trusted=trusted, allow=allow, key=key, limits=limits)

@@ -115,6 +115,9 @@ class Header(NamedTuple):
         return PREFIX_SIZE + self.chunk_count * LENGTH_SIZE + TAG_SIZE + self.pickle_length + TAG_SIZE
 
 
+_new_header = tuple.__new__
+
+
 def pack_header(flags: int, chunk_count: int, pickle_length: int, version: int = VERSION) -> bytes:
     """A fixed header; its fields are checked only as far as ``struct`` does (a header the
     decoder refuses can be packed, for tests)."""
@@ -160,7 +163,8 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
             ) from exc
         raise ProtocolError(f"a fixed header is {HEADER_SIZE} bytes, got {len(data)}") from exc
     if magic == MAGIC and not reserved and pickle_length and (version, flags) in _MESSAGE_KINDS:
-        return Header(flags, chunk_count, pickle_length, version)  # every message's header, at once
+        # every message's header, at once (tuple.__new__: a NamedTuple's own __new__ is Python)
+        return _new_header(Header, (flags, chunk_count, pickle_length, version))
     return _checked_header(magic, version, flags, reserved, chunk_count, pickle_length)
 
 

@@ -178,6 +178,17 @@ def test_default_options_are_cached_and_immutable() -> None:
     assert Options(limits=Limits()).plain and not Options(limits=Limits(max_pickle_size=10)).plain
 
 
+def test_the_last_key_given_alone_is_prepared_once_unless_it_can_change() -> None:
+    key = b"a key object used for every call"
+    assert options_for(key=key) is options_for(key=key)
+    assert options_for(key=key).key == streampickle.Key(key)
+    mutable = bytearray(key)  # may change between calls: prepared each time
+    first = options_for(key=mutable)
+    mutable[0] ^= 1
+    assert options_for(key=mutable).key != first.key
+    assert options_for(trusted=True, key=key) is not options_for(trusted=True, key=key)
+
+
 @pytest.mark.parametrize(
     "options",
     [{"trusted": 1}, {"trusted": None}, {"allow": 5}, {"allow": "decimal.Decimal"}, {"key": 5}, {"key": "secret"},
