@@ -549,6 +549,9 @@ def test_a_thousand_stalled_peers_hold_the_server_to_its_budget(server_backend: 
         if server.poll() is None:
             server.kill()
             server.wait()
+        for pipe in (server.stdin, server.stdout):  # an unclosed one warns (ResourceWarning)
+            if pipe is not None:
+                pipe.close()
     # the budget is full and every peer had its allowance read: the most the server holds
     assert full["in_use"] <= SERVER_BUDGET and full["waiting"] > 0
     assert full["rss_growth"] < SERVER_BUDGET + SLACK, full

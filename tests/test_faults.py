@@ -83,10 +83,11 @@ async def server(transport: str, handler: Callable[[ObjectStream], Any]) -> Asyn
     report_send, report_receive = anyio.create_memory_object_stream[Any](100)
     listener = await listen(transport)
     address = address_of(listener)
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, reporting(handler, report_send))
-        yield address, report_receive
-        tg.cancel_scope.cancel()
+    with report_send, report_receive:  # closed after: an unclosed one warns (ResourceWarning)
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, reporting(handler, report_send))
+            yield address, report_receive
+            tg.cancel_scope.cancel()
 
 
 async def next_end(report: Any) -> BaseException | None:

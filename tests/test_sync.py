@@ -96,17 +96,18 @@ CHILD = textwrap.dedent(
 
 
 def test_pipe_to_a_real_child_process() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
-    rng = np.random.default_rng(1)
-    for size in (0, 1, 1000, 3_000_000):
-        obj = {"a": rng.random(size), "meta": {"size": size}}
-        sync.dump(obj, proc.stdin)
-        reply = sync.load(proc.stdout)
-        assert reply["sum"] == pytest.approx(obj["a"].sum())
-        assert_same(obj, reply["obj"])
-    proc.stdin.close()
-    assert proc.wait(timeout=30) == 0
+    # as a context manager: its pipes are closed at the end (an unclosed one warns)
+    with subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        rng = np.random.default_rng(1)
+        for size in (0, 1, 1000, 3_000_000):
+            obj = {"a": rng.random(size), "meta": {"size": size}}
+            sync.dump(obj, proc.stdin)
+            reply = sync.load(proc.stdout)
+            assert reply["sum"] == pytest.approx(obj["a"].sum())
+            assert_same(obj, reply["obj"])
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
 
 
 def test_socket_to_a_real_child_process() -> None:
