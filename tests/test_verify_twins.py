@@ -272,6 +272,7 @@ def test_the_kind_bits_are_kinds() -> None:
     assert _speedups.MAX_EQUAL_HASHES == _verify.MAX_EQUAL_HASHES
 
 
+@pytest.mark.timeout(600)  # ~40 s on an idle core, and several times that on a busy one
 def test_the_collected_pickles_agree() -> None:
     payloads = collected_payloads()
     assert len(payloads) > 100
