@@ -45,6 +45,8 @@ def run_pair(transport: str, backend: str) -> dict[str, dict]:
         assert receiver.wait(timeout=60) == 0
     finally:
         receiver.kill()
+        receiver.wait()
+        receiver.stdout.close()  # an unclosed pipe warns (ResourceWarning)
     return {"send": json.loads(sent.stdout.splitlines()[-1]), "recv": received}
 
 
