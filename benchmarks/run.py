@@ -37,6 +37,11 @@ TRANSPORTS = ["tcp", "unix"]
 NEEDS = {"dask-comm": "distributed", "zmq-zerocopy": "zmq", "streampickle-uvloop": "uvloop",
          "streampickle-asyncio-blake3": "blake3", "streampickle-asyncio-poly1305": "cryptography"}
 TCP_ONLY = {"dask-comm"}
+#: ``--baseline DIR``: a contender named ``NAME@baseline`` runs NAME with streampickle imported
+#: from the checkout in DIR (built in place), interleaved with the others: before and after a
+#: change, measured in one run on one machine state.
+BASELINE = "@baseline"
+BASELINE_DIRS: list[str] = []
 
 
 def available(contenders: list[str]) -> list[str]:
@@ -54,8 +59,10 @@ def available(contenders: list[str]) -> list[str]:
 def measure(contender: str, transport: str, workload: str, scale: float, timeout: float) -> dict[str, Any]:
     """One measurement: a fresh receiver and sender process; the seconds of each transfer."""
     peer = [sys.executable, os.path.join(HERE, "peers.py")]
+    contender, marked, _ = contender.partition(BASELINE)  # "NAME@baseline": the other checkout's
+    library = BASELINE_DIRS[0] if marked else os.path.dirname(HERE)
     args = [contender, transport, workload, str(scale)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([library, os.environ.get("PYTHONPATH", "")]))
     receiver = subprocess.Popen([*peer, "recv", *args], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert receiver.stdout is not None
@@ -217,6 +224,20 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def against_baseline(rows: list[dict[str, Any]]) -> str:
+    """Each ``NAME@baseline`` contender's median time over NAME's: above 1, this checkout is
+    faster."""
+    out = ["| workload | transport | contender | baseline time / this time |", "|---|---|---|---|"]
+    mine = {(r["workload"], r["transport"], r["contender"]): r["median_s"] for r in rows}
+    for r in rows:
+        name, marked, _ = r["contender"].partition(BASELINE)
+        if marked:
+            this = mine.get((r["workload"], r["transport"], name))
+            if this:
+                out.append(f"| {r['workload']} | {r['transport']} | {name} | {r['median_s'] / this:.3f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -229,6 +250,9 @@ def main() -> None:
     parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--from-json", help="re-render the table (and --plot) from saved rows")
+    parser.add_argument("--baseline", help="another checkout: its streampickle runs beside this one")
+    parser.add_argument("--baseline-contenders", default="streampickle-asyncio,streampickle-uvloop,streampickle-trio",
+                        help="the contenders measured again with the --baseline checkout")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
@@ -249,11 +273,17 @@ def main() -> None:
     contenders = available(args.contenders.split(","))
     if "limit-socket" not in contenders:
         contenders.insert(0, "limit-socket")
+    if args.baseline:
+        BASELINE_DIRS.append(os.path.abspath(args.baseline))
+        contenders += [c + BASELINE for c in args.baseline_contenders.split(",") if c in contenders]
     started = time.perf_counter()
     rows = run(args.workloads.split(","), args.transports.split(","), contenders, args.rounds, args.scale, args.timeout)
     print(table(rows))
     print()
     print(targets(rows))
+    if args.baseline:
+        print()
+        print(against_baseline(rows))
     print(f"\n{args.rounds} rounds, scale {args.scale}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
