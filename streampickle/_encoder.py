@@ -24,10 +24,9 @@ import datetime
 import decimal
 import fractions
 import pickle
-import sys
 import uuid
 import zoneinfo
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, TypeVar
 
 import numpy as np
 
@@ -42,6 +41,8 @@ __all__ = ["Encoder", "Chunk", "dumps"]
 #: What ``Encoder.encode`` returns a list of: bytes for what it built, memoryviews of the
 #: caller's memory for out-of-band buffers.
 Chunk = bytes | memoryview
+# What drop_sent trims: a list of views for sendmsg, or of chunks as they came.
+_Piece = TypeVar("_Piece", memoryview, Chunk)
 
 #: Most buffers one ``sendmsg`` takes on Linux (IOV_MAX).
 IOV_MAX = 1024
@@ -52,7 +53,7 @@ def sendable(chunks: list[Chunk]) -> list[memoryview]:
     return [memoryview(c).cast("B") for c in chunks if len(c)]
 
 
-def drop_sent(views: list[memoryview], sent: int) -> None:
+def drop_sent(views: list[_Piece], sent: int) -> None:
     """Remove the first ``sent`` bytes from ``views`` (in place) after a partial ``sendmsg``."""
     while sent:
         first = views[0]
@@ -85,7 +86,10 @@ def _reduce_ndarray(arr: np.ndarray[Any, Any]) -> Any:
     # Export the memory as flat bytes: the buffer protocol has no format for datetime64 and
     # some other dtypes, and the receiver rebuilds dtype and shape from the descriptor anyway.
     flat = arr.ravel(order="K").view(np.uint8)  # a view, since arr is contiguous
-    return _rebuild.ndarray, (descr, list(arr.shape), fortran, pickle.PickleBuffer(flat))
+    # ignore: numpy's stubs declare ndarray.__buffer__ for Python 3.12+ only; it has the buffer
+    # protocol on every version.
+    buffer = pickle.PickleBuffer(flat)  # type: ignore[arg-type]
+    return _rebuild.ndarray, (descr, list(arr.shape), fortran, buffer)
 
 
 def _reduce_generic(value: np.generic) -> Any:
@@ -162,7 +166,9 @@ def _reduce_timedelta(td: datetime.timedelta) -> Any:
 
 
 def _reduce_timezone(tz: datetime.timezone) -> Any:
-    args = tz.__getinitargs__()  # (offset,) or (offset, name): None for the default name
+    # (offset,) or (offset, name): None for the default name. No public API tells a default
+    # name from a given one; typeshed omits the method (ignore), both datetime modules have it.
+    args = tz.__getinitargs__()  # type: ignore[attr-defined]
     offset = args[0]
     return _rebuild.timezone, (
         (offset.days * 86_400 + offset.seconds) * 1_000_000 + offset.microseconds,
@@ -256,100 +262,8 @@ def _frame_py(pickled: bytes, flags: int) -> bytes:
     return _wire.pack_header(flags, 0, len(pickled)) + pickled
 
 
-#: How deep ``unshared`` walks; a graph nested deeper is left to the memo (as in C).
-_UNSHARED_MAX_DEPTH = 200
-_NEVER_MEMOIZED = frozenset({bool, int, float})
-
-
-def _unshared_py(obj: Any) -> bool:
-    """The Python twin of C ``unshared`` (see ``_speedups.c``): whether pickling ``obj``
-    without the memo gives back the same objects. True when the graph holds only exact None,
-    bool, int, float, str, bytes, list, tuple and dict objects, and each str, bytes or
-    container in it but the root has one reference (from its parent), so it appears once;
-    strings and bytes of at most one ASCII character are exempt. The same answer as C on every
-    input, so that both configurations write the same bytes."""
-    kind = type(obj)
-    if kind is list or kind is dict or kind is tuple:
-        return _unshared_walk(obj, 0)
-    return obj is None or kind in _NEVER_MEMOIZED or kind is str or kind is bytes
-
-
-def _unshared_walk(container: Any, depth: int) -> bool:
-    """Whether every item of ``container`` (a list, tuple or dict ``depth`` levels below the
-    root) passes the test for a non-root object, each read in its own loop shape."""
-    if depth >= _UNSHARED_MAX_DEPTH:
-        return False
-    depth += 1
-    if type(container) is dict:
-        for key in container:
-            if not _unshared_item(key, depth, _KEY_REFS):
-                return False
-            value = container[key]
-            if not _unshared_item(value, depth, _VALUE_REFS):
-                return False
-        return True
-    for item in container:
-        if not _unshared_item(item, depth, _ITEM_REFS):
-            return False
-    return True
-
-
-def _unshared_item(item: Any, depth: int, walk_refs: int) -> bool:
-    """C ``unshared_impl`` for a non-root ``item``; ``walk_refs``: the references the walk
-    holds on it while it reads the count (its loop's local, this call's argument)."""
-    kind = type(item)
-    if item is None or kind in _NEVER_MEMOIZED:
-        return True
-    if kind is str:
-        return (
-            sys.getrefcount(item) - walk_refs == 1
-            or len(item) == 0
-            or (len(item) == 1 and item.isascii())
-        )
-    if kind is bytes:
-        return sys.getrefcount(item) - walk_refs == 1 or len(item) <= 1
-    if kind is tuple and not item:
-        return True  # written as EMPTY_TUPLE, never memoized
-    if kind is list or kind is tuple or kind is dict:
-        return sys.getrefcount(item) - walk_refs == 1 and _unshared_walk(item, depth)
-    return False
-
-
-def _walk_refs() -> tuple[int, int, int]:
-    """The references the walk's three loop shapes hold on an item whose container holds the
-    only other one: measured, not assumed, so that the twin stays right on an interpreter that
-    counts locals differently."""
-    seen = []
-
-    def count(item: Any, depth: int, walk_refs: int) -> bool:
-        seen.append(sys.getrefcount(item))
-        return True
-
-    for item in [[]]:
-        count(item, 0, 0)
-    mapping = {("fresh", object()): [[]][0]}
-    for key in mapping:
-        count(key, 0, 0)
-        value = mapping[key]
-        count(value, 0, 0)
-    item_refs, key_refs, value_refs = (n - 1 for n in seen)
-    return item_refs, key_refs, value_refs
-
-
-_ITEM_REFS, _KEY_REFS, _VALUE_REFS = _walk_refs()
-
-
 def _dump_py(pickler: pickle.Pickler, obj: Any) -> None:
-    """``pickler.dump(obj)``, without the memo when :func:`_unshared_py` says it can: the same
-    bytes as the C ``dump``."""
-    if _unshared_py(obj):
-        pickler.fast = True
-        try:
-            pickler.dump(obj)
-        finally:
-            pickler.fast = False
-    else:
-        pickler.dump(obj)
+    pickler.dump(obj)
 
 
 def _dump_small_py(pickler: pickle.Pickler, out: list[Any], buffers: list[Any], obj: Any, limit: int) -> bytes | None:
@@ -447,7 +361,7 @@ class Encoder:
                 self._check_limits(obj, chunks, 0)
             return chunks, None
         if len(chunks) == 1:
-            chunks = [chunks[0] + self._key.digest(chunks[0])]
+            chunks = [b"".join((chunks[0], self._key.digest(chunks[0])))]
             mac = None
         else:
             mac = self._key.new()
@@ -582,19 +496,21 @@ class Encoder:
         else:
             head = self._signed_head(0, count, size, views)
         if size <= _wire.COALESCE_LIMIT:  # one piece in practice: the pickler flushes at 64 KiB
-            chunks: list[Chunk] = [head + (parts[0] if len(parts) == 1 else b"".join(parts))]
+            whole = head + (parts[0] if len(parts) == 1 else b"".join(parts))
+            if views is None:  # the whole message in one chunk
+                if self._key is not None and sign:
+                    whole += self._key.digest(whole)
+                return [whole]
+            chunks: list[Chunk] = [whole]
         else:
             chunks = [head, *parts]
         if views is not None:
             chunks.extend(views)
         if self._key is not None and sign:
-            if len(chunks) == 1:
-                chunks[0] += self._key.digest(chunks[0])
-            else:
-                mac = self._key.new()
-                for chunk in chunks:
-                    mac.update(chunk)
-                chunks.append(mac.digest())
+            mac = self._key.new()
+            for chunk in chunks:
+                mac.update(chunk)
+            chunks.append(mac.digest())
         return chunks
 
     def _signed_head(self, flags: int, count: int, size: int, views: list[memoryview] | None) -> bytes:

@@ -121,6 +121,12 @@ class Rebuilder:
 
     __slots__ = ("_name", "_func", "args", "result", "cost")
 
+    _name: str
+    _func: Callable[..., Any]
+    args: tuple[int, ...]
+    result: int
+    cost: Callable[..., int]
+
     def __init__(self, name: str, func: Callable[..., Any], args: tuple[int, ...], result: int = _kinds.VALUE,
                  cost: Callable[..., int] | None = None) -> None:
         object.__setattr__(self, "_name", name)
@@ -369,9 +375,10 @@ def _check_code_points(arr: np.ndarray[Any, Any]) -> None:
 
 def _holds_text(dt: np.dtype[Any]) -> bool:
     """Whether ``dt`` has a U field at any depth (bounded by ``MAX_DESCR_NODES``)."""
-    if dt.names is None:
+    fields = dt.fields  # None exactly when names is
+    if dt.names is None or fields is None:
         return dt.kind == "U"
-    return any(_holds_text(dt.fields[name][0].base) for name in dt.names)
+    return any(_holds_text(fields[name][0].base) for name in dt.names)
 
 
 def _object_ndarray(shape: Any, fortran: Any, writeable: Any, items: Any) -> np.ndarray[Any, Any]:

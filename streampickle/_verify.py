@@ -48,10 +48,13 @@ from __future__ import annotations
 import pickle
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _kinds as K
 from ._errors import MalformedPickleError
+
+if TYPE_CHECKING:
+    from ._rebuild import Rebuilder
 
 __all__ = ["DEFER", "MAX_EQUAL_HASHES", "MAX_OPEN_MARKS", "Global", "scan_py", "verify"]
 
@@ -113,12 +116,12 @@ class Global:
 
     __slots__ = ("module", "qualname", "name", "rebuilder", "is_class", "dict_like", "list_like", "attribute_of")
 
-    def __init__(self, module: str, qualname: str, *, rebuilder: Any = None, is_class: bool = False,
+    def __init__(self, module: str, qualname: str, *, rebuilder: Rebuilder | None = None, is_class: bool = False,
                  dict_like: bool = False, list_like: bool = False, attribute_of: bool = False) -> None:
         self.module = module
         self.qualname = qualname
         self.name = f"{module}.{qualname}"
-        self.rebuilder = rebuilder  # a _rebuild.Rebuilder, or None for a user-allowed name
+        self.rebuilder = rebuilder  # None for a user-allowed name
         self.is_class = is_class
         self.dict_like = dict_like  # an allowed dict subclass: SETITEMS may fill its instances
         self.list_like = list_like
