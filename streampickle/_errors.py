@@ -113,12 +113,14 @@ class StreamBrokenError(StreamPickleError):
     """
 
 
-class MessageDroppedError(StreamPickleError):
+class MessageDroppedError(StreamPickleError, pickle.UnpicklingError):
     """One message of the peer's was refused and dropped alone; the stream goes on.
 
     The message arrived whole (and verified, if a key is set) and its bytes were consumed;
     nothing it names was called. The next ``receive``/``next`` decodes the next message
-    normally. Catch this class to skip a message, or to answer in its place.
+    normally. Catch this class to skip a message, or to answer in its place. It is also a
+    :class:`pickle.UnpicklingError`, what ``pickle.loads`` raises for a pickle it refuses, so
+    code written for pickle keeps its ``except`` clauses.
     """
 
 

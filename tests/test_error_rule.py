@@ -348,3 +348,14 @@ def test_an_encode_error_is_neither_family_and_leaves_the_stream_usable() -> Non
     assert not isinstance(info.value, (StreamBrokenError, MessageDroppedError))
     assert info.value.poisons_stream is False
     assert streampickle.loads(b"".join(encoder.encode(fractions.Fraction(1, 3)))) == fractions.Fraction(1, 3)
+
+
+@pytest.mark.parametrize("case", sorted(DROPPED))
+def test_a_dropped_message_is_what_pickle_loads_would_raise(case: str) -> None:
+    """Code written for ``pickle.loads`` (``except pickle.UnpicklingError``) keeps working;
+    a stream-ending error is not one, since the next call can't go on."""
+    make, expected = DROPPED[case]
+    with pytest.raises(pickle.UnpicklingError) as info:
+        streampickle.loads(make())
+    assert type(info.value) is expected
+    assert not issubclass(StreamBrokenError, pickle.UnpicklingError)
