@@ -24,6 +24,7 @@ import datetime
 import decimal
 import fractions
 import pickle
+import sys
 import uuid
 import zoneinfo
 from typing import Any, Callable, NoReturn, TypeVar
@@ -262,8 +263,100 @@ def _frame_py(pickled: bytes, flags: int) -> bytes:
     return _wire.pack_header(flags, 0, len(pickled)) + pickled
 
 
+#: How deep ``unshared`` walks; a graph nested deeper is left to the memo (as in C).
+_UNSHARED_MAX_DEPTH = 200
+_NEVER_MEMOIZED = frozenset({bool, int, float})
+
+
+def _unshared_py(obj: Any) -> bool:
+    """The Python twin of C ``unshared`` (see ``_speedups.c``): whether pickling ``obj``
+    without the memo gives back the same objects. True when the graph holds only exact None,
+    bool, int, float, str, bytes, list, tuple and dict objects, and each str, bytes or
+    container in it but the root has one reference (from its parent), so it appears once;
+    strings and bytes of at most one ASCII character are exempt. The same answer as C on every
+    input, so that both configurations write the same bytes."""
+    kind = type(obj)
+    if kind is list or kind is dict or kind is tuple:
+        return _unshared_walk(obj, 0)
+    return obj is None or kind in _NEVER_MEMOIZED or kind is str or kind is bytes
+
+
+def _unshared_walk(container: Any, depth: int) -> bool:
+    """Whether every item of ``container`` (a list, tuple or dict ``depth`` levels below the
+    root) passes the test for a non-root object, each read in its own loop shape."""
+    if depth >= _UNSHARED_MAX_DEPTH:
+        return False
+    depth += 1
+    if type(container) is dict:
+        for key in container:
+            if not _unshared_item(key, depth, _KEY_REFS):
+                return False
+            value = container[key]
+            if not _unshared_item(value, depth, _VALUE_REFS):
+                return False
+        return True
+    for item in container:
+        if not _unshared_item(item, depth, _ITEM_REFS):
+            return False
+    return True
+
+
+def _unshared_item(item: Any, depth: int, walk_refs: int) -> bool:
+    """C ``unshared_impl`` for a non-root ``item``; ``walk_refs``: the references the walk
+    holds on it while it reads the count (its loop's local, this call's argument)."""
+    kind = type(item)
+    if item is None or kind in _NEVER_MEMOIZED:
+        return True
+    if kind is str:
+        return (
+            sys.getrefcount(item) - walk_refs == 1
+            or len(item) == 0
+            or (len(item) == 1 and item.isascii())
+        )
+    if kind is bytes:
+        return sys.getrefcount(item) - walk_refs == 1 or len(item) <= 1
+    if kind is tuple and not item:
+        return True  # written as EMPTY_TUPLE, never memoized
+    if kind is list or kind is tuple or kind is dict:
+        return sys.getrefcount(item) - walk_refs == 1 and _unshared_walk(item, depth)
+    return False
+
+
+def _walk_refs() -> tuple[int, int, int]:
+    """The references the walk's three loop shapes hold on an item whose container holds the
+    only other one: measured, not assumed, so that the twin stays right on an interpreter that
+    counts locals differently."""
+    seen = []
+
+    def count(item: Any, depth: int, walk_refs: int) -> bool:
+        seen.append(sys.getrefcount(item))
+        return True
+
+    for item in [[]]:
+        count(item, 0, 0)
+    mapping = {("fresh", object()): [[]][0]}
+    for key in mapping:
+        count(key, 0, 0)
+        value = mapping[key]
+        count(value, 0, 0)
+    item_refs, key_refs, value_refs = (n - 1 for n in seen)
+    return item_refs, key_refs, value_refs
+
+
+_ITEM_REFS, _KEY_REFS, _VALUE_REFS = _walk_refs()
+
+
 def _dump_py(pickler: pickle.Pickler, obj: Any) -> None:
-    pickler.dump(obj)
+    """``pickler.dump(obj)``, without the memo when :func:`_unshared_py` says it can: the same
+    bytes as the C ``dump``."""
+    if _unshared_py(obj):
+        pickler.fast = True
+        try:
+            pickler.dump(obj)
+        finally:
+            pickler.fast = False
+    else:
+        pickler.dump(obj)
 
 
 def _dump_small_py(pickler: pickle.Pickler, out: list[Any], buffers: list[Any], obj: Any, limit: int) -> bytes | None:
