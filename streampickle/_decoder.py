@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 import operator
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,6 +51,9 @@ from ._mac import Key, describe_flags
 from ._options import DEFAULT_LIMITS, Options, options_for
 from ._pool import HUGE_PAGE, POOL_MIN, buffer_pool, small_pages
 from ._safe import GC_PAUSE_BYTES, unpickling_failed
+
+if TYPE_CHECKING:
+    from ._encoder import Encoder
 
 __all__ = ["PICKLE_COPY_LIMIT", "READ_AHEAD", "Decoder", "aligned_empty", "byte_view"]
 
@@ -189,8 +192,10 @@ class Decoder:
         self._peer: bytes | None = None
         self._next_sequence = 0
         self._ended = False
-        # Set by a stream under a memory budget: see _allocate_chunk.
-        self._small_first_page = False
+        #: Set by a stream under a :class:`MemoryBudget`: a side chunk's first huge page is
+        #: held back to small pages, so that what a budget counts is what the peer's bytes
+        #: commit (see ``committed``).
+        self.budgeted = False
         self._own_sender: bytes | None = None  # our own encoder's, where we have one (reflection)
         self._fields_buf = bytearray(_wire.STREAM_FIELDS_SIZE)
         # complete messages awaiting unpickling: (pickle part, side-chunk buffers)
@@ -794,7 +799,7 @@ class Decoder:
     def _allocate_chunk(self) -> None:
         size = self._end
         destination = self._destination(size, self._chunk_index)
-        if self._small_first_page and size >= HUGE_PAGE and small_pages(destination, HUGE_PAGE):
+        if self.budgeted and size >= HUGE_PAGE and small_pages(destination, HUGE_PAGE):
             # Under a memory budget: the first bytes of a large side chunk (a read ahead of
             # its header may bring them unasked) commit 4 KiB pages as they arrive, not a 2
             # MiB page at once. After its first 2 MiB a chunk is arriving in earnest.
@@ -835,6 +840,20 @@ class Decoder:
             return check(*args)
         except ProtocolError as exc:
             raise self._fail(exc) from None
+
+    def pair_with(self, encoder: Encoder) -> None:
+        """This decoder reads the direction opposite to ``encoder``'s on one keyed stream:
+        a message with the encoder's sender id is ours reflected back by an attacker, and is
+        refused with :class:`AuthenticationError`."""
+        self._own_sender = encoder.sender
+
+    def fail(self, exc: StreamPickleError) -> None:
+        """End the stream with ``exc``, found outside the bytes (a deadline a transport keeps):
+        what arrived of the current message is freed and every later call raises ``exc``
+        again, as for a framing error the decoder found itself. A decoder that failed before
+        keeps its first error."""
+        if self._failure is None:
+            self._fail(exc)
 
     def _fail(self, exc: StreamPickleError) -> StreamPickleError:
         self._failure = exc

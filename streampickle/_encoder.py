@@ -332,9 +332,10 @@ def _walk_refs() -> tuple[int, int, int]:
         seen.append(sys.getrefcount(item))
         return True
 
-    for item in [[]]:
+    probe: list[list[Any]] = [[]]
+    for item in probe:
         count(item, 0, 0)
-    mapping = {("fresh", object()): [[]][0]}
+    mapping: dict[tuple[str, object], list[Any]] = {("fresh", object()): [[]][0]}
     for key in mapping:
         count(key, 0, 0)
         value = mapping[key]
@@ -372,7 +373,7 @@ def _dump_small_py(pickler: pickle.Pickler, out: list[Any], buffers: list[Any], 
     return None
 
 
-# Without the C extension: the same bytes, built in Python; the memo always on.
+# Without the C extension: the same bytes, built in Python (see _unshared_py).
 _frame_c = speedups.frame if speedups else None
 _dump_c = speedups.dump if speedups else None
 _dump_small_c = speedups.dump_small if speedups else None
@@ -492,7 +493,7 @@ class Encoder:
         ):
             limit = getattr(limits, field)
             if value > limit:
-                self._unsend()
+                self.unsend()
                 raise EncodeError(
                     f"could not send {type(obj).__name__} object: its message has {value} "
                     f"{what}, over Limits.{field}={limit}, so a peer with these limits would "
@@ -627,9 +628,18 @@ class Encoder:
             raise UsageError("encode_end() ends a keyed stream: it needs Encoder(key=..., stream=True)")
         return self._signed_head(_wire.FLAG_END, 0, 0, None)
 
-    def _unsend(self) -> None:
-        """Take back the sequence number of the last message encoded: it was never sent (its
-        send was cancelled before its first byte), so the next message takes its place."""
+    @property
+    def sender(self) -> bytes:
+        """This encoder's 8-byte sender id: random for a keyed stream encoder, all zeros for
+        messages that stand alone. A :class:`Decoder` given it (``pair_with``) refuses this
+        encoder's messages reflected back."""
+        return self._sender
+
+    def unsend(self) -> None:
+        """Take back the sequence number of the last message encoded, which was never sent
+        (its send was cancelled before its first byte), so the next message takes its place.
+        Only for a message no byte of which reached the peer: otherwise the peer sees two
+        messages with one number and ends the stream."""
         if self._sender != _wire.NO_SENDER and self._sequence:
             self._sequence -= 1
 

@@ -139,8 +139,8 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._encoder = Encoder(key=options.key, limits=limits)  # a message the peer would refuse isn't sent
         self._decoder = Decoder(options=options)
         # With a key: our own messages reflected back are refused, and the stream has an end.
-        self._decoder._own_sender = self._encoder._sender
-        self._decoder._small_first_page = budget is not None  # see Decoder.committed
+        self._decoder.pair_with(self._encoder)
+        self._decoder.budgeted = budget is not None
         self._keyed = key is not None
         self._end_sent = False
         self._transport: Transport | None = None
@@ -258,7 +258,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
             if transport.sent != before or not transport.exact_send_accounting or not cancelled:
                 self._send_broken = exc
             else:
-                self._encoder._unsend()
+                self._encoder.unsend()
             raise
 
     async def receive(self) -> Any:
@@ -433,7 +433,7 @@ async def _fill_charged(
             commit = decoder.commit_for(want)
             if (
                 commit > ALLOWANCE - received + charge.held
-                and charge.budget._waiters
+                and charge.budget.waiting
             ):
                 await transport.wait_readable()  # budget is short: take it only for bytes that are there
             cap = await charge.grant(received, commit, decoder.commit_for(1))
@@ -449,7 +449,7 @@ def _deadline(decoder: Decoder, started: float | None) -> tuple[str, float | Non
     """The limit that ends first for the message in progress, and when (None: no deadline)."""
     if started is None or not decoder.in_message:
         return "", None
-    limits = decoder._limits
+    limits = decoder.options.limits
     limit, deadline = "", None
     if decoder.in_header and limits.max_header_seconds is not None:
         limit, deadline = "max_header_seconds", started + limits.max_header_seconds
@@ -461,7 +461,7 @@ def _deadline(decoder: Decoder, started: float | None) -> tuple[str, float | Non
 
 
 def _late(decoder: Decoder, limit: str) -> DeadlineExceededError:
-    seconds = getattr(decoder._limits, limit)
+    seconds = getattr(decoder.options.limits, limit)
     received, expected = decoder.progress
     part = "header" if limit == "max_header_seconds" else "message"
     exc = DeadlineExceededError(
@@ -471,7 +471,8 @@ def _late(decoder: Decoder, limit: str) -> DeadlineExceededError:
         f"this; if the link is just slow, raise it with limits=Limits({limit}=...).",
         limit=limit, seconds=seconds, received=received, expected=expected,
     )
-    return decoder._fail(exc)  # type: ignore[return-value]
+    decoder.fail(exc)
+    return exc
 
 
 # Decoders of messages whose load() was interrupted, parked until the next load() on the
@@ -507,7 +508,7 @@ async def load(
         decoder, started = parked[1], parked[2]
     else:
         decoder = Decoder(options=options, stream=False)
-    decoder._small_first_page = charge is not None  # see Decoder.committed
+    decoder.budgeted = charge is not None
     transport = _transport_for(stream)
     try:
         while not decoder.pending:
