@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import anyio.lowlevel

@@ -265,7 +265,7 @@ class Decoder:
         else:
             try:
                 view = memoryview(data).cast("B")
-            except Exception:
+            except Exception:  # noqa: BLE001 - whatever memoryview refuses, byte_view judges
                 view = byte_view(data)  # copies, or raises UsageError
         while view:
             if self._pos == 0 and self._part == _HEADER and self._failure is None and not self._eof:
@@ -409,7 +409,8 @@ class Decoder:
         for transparent huge pages, and the kernel commits each huge page at its first
         byte), except its first 2 MiB under a memory budget, which has ordinary pages. What
         a memory budget charges."""
-        return self._received + self._page_slack + (self._huge_end(self._pos) - self._pos if self._in_huge_chunk() else 0)
+        huge = self._huge_end(self._pos) - self._pos if self._in_huge_chunk() else 0
+        return self._received + self._page_slack + huge
 
     def commit_for(self, nbytes: int) -> int:
         """How much :attr:`committed` grows if the next ``nbytes`` arrive into the current part."""
@@ -454,7 +455,7 @@ class Decoder:
         """``loads`` on a fresh decoder: fed ``data`` up to the end of its first message."""
         try:
             view = memoryview(data).cast("B")
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever memoryview refuses, byte_view judges
             view = byte_view(data)  # copies, or raises UsageError for what isn't bytes-like
         total = len(view)
         view = self._take_whole(view, limit=1)
@@ -681,7 +682,10 @@ class Decoder:
             ))
         due = self._next_sequence
         if sequence != due:
-            why = "it was replayed or reordered" if sequence < due else "messages before it were dropped, or it was reordered"
+            why = (
+                "it was replayed or reordered" if sequence < due
+                else "messages before it were dropped, or it was reordered"
+            )
             raise self._fail(AuthenticationError(
                 f"message number {sequence} of the stream arrived where number {due} was due: "
                 f"{why} by someone who controls the channel"

@@ -43,7 +43,8 @@ import re
 import sys
 import uuid as _uuid
 import zoneinfo as _zoneinfo
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -52,13 +53,12 @@ from ._errors import MalformedPickleError
 from ._kinds import BOOL, BUFFER, BYTES, DICT, FLOAT, INT, LIST, NONE, STR, TZINFO
 
 __all__ = [
-    "Rebuilder", "NAMES", "descr_of", "empty_descr_of", "dtype_of", "nbytes",
-    "ndarray", "object_ndarray", "scalar", "dtype",
-    "complex_", "fraction", "decimal", "slice_", "range_", "ellipsis", "not_implemented",
-    "ordered_dict", "deque", "counter", "uuid",
-    "date", "time", "datetime", "timedelta", "timezone", "zoneinfo",
-    "INT64_MIN", "INT64_MAX", "FRACTION_MAX_BITS", "DECIMAL_MAX_DIGITS", "DECIMAL_MAX_EXPONENT",
-    "MAX_DESCR_NODES", "WORK_UNIT_NS", "SCANNED_BYTES_PER_UNIT",
+    "DECIMAL_MAX_DIGITS", "DECIMAL_MAX_EXPONENT", "FRACTION_MAX_BITS", "INT64_MAX", "INT64_MIN",
+    "MAX_DESCR_NODES", "NAMES", "SCANNED_BYTES_PER_UNIT", "WORK_UNIT_NS", "Rebuilder", "complex_",
+    "counter", "date", "datetime", "decimal", "deque", "descr_of", "dtype", "dtype_of", "ellipsis",
+    "empty_descr_of", "fraction", "nbytes", "ndarray", "not_implemented", "object_ndarray",
+    "ordered_dict", "range_", "scalar", "slice_", "time", "timedelta", "timezone", "uuid",
+    "zoneinfo",
 ]
 
 # numpy's own limit on dimensions (NPY_MAXDIMS is 32 before numpy 2, 64 since).
@@ -259,7 +259,10 @@ def _build_dtype(descr: Any, depth: int, budget: list[int]) -> tuple[np.dtype[An
     has_text = False
     for field in descr:
         if type(field) is not list or len(field) not in (2, 3) or type(field[0]) is not str:
-            raise _bad(f"a structured dtype field must be [name, descriptor, shape] or ['', padding], not {_brief(field)}")
+            raise _bad(
+                "a structured dtype field must be [name, descriptor, shape] or ['', padding], "
+                f"not {_brief(field)}"
+            )
         if len(field) == 2:
             budget[0] -= 1
             if field[0] != "" or budget[0] < 0:
@@ -344,7 +347,10 @@ def _byte_buffer(buffer: Any) -> memoryview:
         return memoryview(buffer)
     if kind is np.ndarray:
         if buffer.dtype != np.uint8 or buffer.ndim != 1 or not buffer.flags.c_contiguous:
-            raise _bad(f"an array's data must be a 1-D contiguous uint8 buffer, not a {buffer.ndim}-D {buffer.dtype.str} array")
+            raise _bad(
+                "an array's data must be a 1-D contiguous uint8 buffer, "
+                f"not a {buffer.ndim}-D {buffer.dtype.str} array"
+            )
         return memoryview(buffer)
     if kind is memoryview or kind is pickle.PickleBuffer:
         view = memoryview(buffer)

@@ -29,7 +29,8 @@ import os
 import socket
 import struct
 import weakref
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import SocketAttribute, TaskGroup
@@ -107,10 +108,10 @@ async def _run_isolated(stream: Any, handler: Callable[[Any], Awaitable[Any]]) -
         async with stream:
             try:
                 await handler(stream)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - logged: one handler can't stop the server
                 # logged before the close, which may wait to write replies the handler queued
                 _log_failure(peer, exc)
-    except Exception as exc:  # closing failed; the socket is closed anyway
+    except Exception as exc:  # noqa: BLE001 - logged: closing failed; the socket is closed anyway
         _log_failure(peer, exc)
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import mmap
 import socket
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -294,7 +295,7 @@ class SocketTransport:
                 if n == 0 or pos == len(target):
                     self._drop_reader()
                     done.set_result(n != 0)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting task, which raises it
                 self._drop_reader()
                 done.set_exception(exc)
 

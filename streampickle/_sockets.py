@@ -17,7 +17,8 @@ import errno
 import os
 import socket
 import stat
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -32,7 +33,7 @@ from ._serve import serve as _serve
 from ._stream import ObjectStream
 from ._transports import grow_socket_buffers, socket_attributes
 
-__all__ = ["connect_tcp", "connect_unix", "create_tcp_listener", "create_unix_listener", "ObjectStreamListener"]
+__all__ = ["ObjectStreamListener", "connect_tcp", "connect_unix", "create_tcp_listener", "create_unix_listener"]
 
 
 class _PerListener:
@@ -66,7 +67,7 @@ async def _connect(sock: socket.socket, address: Any) -> None:
         await wait_writable(sock)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            raise OSError(err, f"connect to {address!r}: {os.strerror(err)}")
+            raise OSError(err, f"connect to {address!r}: {os.strerror(err)}") from None
 
 
 async def connect_tcp(

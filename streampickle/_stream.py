@@ -31,7 +31,8 @@ from __future__ import annotations
 import collections
 import socket
 import weakref
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -329,7 +330,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 await self._send_lock.acquire()
                 try:
                     await self._send_end()
-                except Exception:  # the peer is gone or the transport closed: close anyway
+                except Exception:  # noqa: BLE001 - the peer is gone or the transport closed: close anyway
                     pass
                 finally:
                     self._send_lock.release()
@@ -437,7 +438,8 @@ async def _fill_charged(
             ):
                 await transport.wait_readable()  # budget is short: take it only for bytes that are there
             cap = await charge.grant(received, commit, decoder.commit_for(1))
-            more = await transport.fill(decoder, exact=exact, limit=None if cap is None else decoder.readable_within(cap))
+            within = None if cap is None else decoder.readable_within(cap)
+            more = await transport.fill(decoder, exact=exact, limit=within)
         if scope.cancelled_caught:
             raise _late(decoder, limit)
     finally:
@@ -542,7 +544,7 @@ def _parkable(obj: Any) -> bool:
     try:
         weakref.ref(obj)
         hash(obj)
-    except Exception:  # TypeError: no weak references, or unhashable; or a __hash__ that fails
+    except Exception:  # noqa: BLE001 - TypeError: no weak references, or unhashable; or a failing __hash__
         return False
     return True
 
@@ -552,5 +554,5 @@ def _same(parked: Options, options: Options) -> bool:
     numpy array as key) are not the same: the new decoder then judges them."""
     try:
         return bool(parked == options)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever a key's == raises, the new decoder judges it
         return False

@@ -10,7 +10,8 @@ of a whole array. Neither can tell how much of an interrupted send reached the p
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import anyio
 import anyio.lowlevel

@@ -7,7 +7,8 @@ transport and backend.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from ._decoder import Decoder
 from ._encoder import Chunk

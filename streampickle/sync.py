@@ -11,7 +11,8 @@ memory goes to the kernel without a userspace copy.
 from __future__ import annotations
 
 import socket
-from typing import Any, BinaryIO, Iterable
+from collections.abc import Iterable
+from typing import Any, BinaryIO
 
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, Encoder, drop_sent, sendable
@@ -156,5 +157,5 @@ def _describe(value: Any) -> str:
         return repr(value)
     try:
         return f"a {_name(value)} of length {len(value)}"
-    except Exception:
+    except Exception:  # noqa: BLE001 - a description must not fail, whatever len() raises
         return f"a {_name(value)}"

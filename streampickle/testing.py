@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import collections
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -21,7 +22,7 @@ from anyio.abc import ByteStream, ObjectStream
 
 from ._errors import IncompleteMessageError
 
-__all__ = ["MemoryByteStream", "memory_stream_pair", "check_object_stream"]
+__all__ = ["MemoryByteStream", "check_object_stream", "memory_stream_pair"]
 
 
 class _Pipe:
@@ -131,7 +132,7 @@ def _same(a: Any, b: Any) -> None:
             _same(a[k], b[k])
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             _same(x, y)
     else:
         assert a == b, (a, b)
@@ -156,17 +157,16 @@ async def _round_trips(make: StreamMaker) -> None:
 
 async def _ordering(make: StreamMaker) -> None:
     a, b = await make()
-    async with a, b:
-        async with anyio.create_task_group() as tg:
+    async with a, b, anyio.create_task_group() as tg:
 
-            async def producer() -> None:
-                for i in range(500):
-                    await a.send({"i": i, "a": np.full(i % 7, i)})
-
-            tg.start_soon(producer)
+        async def producer() -> None:
             for i in range(500):
-                got = await b.receive()
-                assert got["i"] == i and (got["a"] == i).all() and len(got["a"]) == i % 7
+                await a.send({"i": i, "a": np.full(i % 7, i)})
+
+        tg.start_soon(producer)
+        for i in range(500):
+            got = await b.receive()
+            assert got["i"] == i and (got["a"] == i).all() and len(got["a"]) == i % 7
 
 
 async def _expect_end(stream: ObjectStream[Any], *ends: type[BaseException]) -> None:
