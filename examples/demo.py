@@ -54,7 +54,7 @@ async def consumer(count: int, array_bytes: int, backend: str) -> None:
 async def consume(path: str, count: int, array_bytes: int, backend: str) -> None:
     expected = base_array(array_bytes)
     async with await streampickle.create_unix_listener(path) as listener:
-        child = subprocess.Popen(
+        child = subprocess.Popen(  # noqa: ASYNC220 - only starts the producer the accept waits for
             [sys.executable, __file__, "--producer", path, "--count", str(count),
              "--array-bytes", str(array_bytes), "--backend", backend]
         )
