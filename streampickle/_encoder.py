@@ -27,7 +27,8 @@ import pickle
 import sys
 import uuid
 import zoneinfo
-from typing import Any, Callable, NoReturn, TypeVar
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from ._errors import EncodeError, UsageError, encode_error
 from ._limits import Limits
 from ._mac import Key, as_key, new_sender
 
-__all__ = ["Encoder", "Chunk", "dumps"]
+__all__ = ["Chunk", "Encoder", "dumps"]
 
 #: What ``Encoder.encode`` returns a list of: bytes for what it built, memoryviews of the
 #: caller's memory for out-of-band buffers.
@@ -295,7 +296,7 @@ def _unshared_walk(container: Any, depth: int) -> bool:
             if not _unshared_item(value, depth, _VALUE_REFS):
                 return False
         return True
-    for item in container:
+    for item in container:  # noqa: SIM110 - the loop _walk_refs measures; all() would be another
         if not _unshared_item(item, depth, _ITEM_REFS):
             return False
     return True
@@ -470,7 +471,7 @@ class Encoder:
         Python glue and half pickling, and each line shows in the total."""
         try:
             framed = _dump_small(self._pickler, self._out, self._buffers, obj, _MEMO_CHECK_BYTES)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - _fail resets the encoder and re-raises
             self._fail(obj, exc)
         if framed is not None:
             return framed
@@ -512,7 +513,7 @@ class Encoder:
             # The commonest message, small and plain, framed in the same C call as dumps() uses.
             try:
                 framed = _dump_small(self._pickler, self._out, self._buffers, obj, _MEMO_CHECK_BYTES)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - _fail resets the encoder and re-raises
                 self._fail(obj, exc)
             if framed is not None:
                 self._busy = False
@@ -530,7 +531,7 @@ class Encoder:
         for the next object, whatever happens."""
         try:
             _dump(self._pickler, obj)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - _fail resets the encoder and re-raises
             self._fail(obj, exc)
         return self._finish(obj)
 
@@ -541,7 +542,7 @@ class Encoder:
         if buffers:
             try:
                 views = [b.raw() for b in buffers]  # a non-contiguous PickleBuffer raises
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - _fail resets the encoder and re-raises
                 self._fail(obj, exc)
             buffers.clear()
         out = self._out
