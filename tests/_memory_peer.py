@@ -124,7 +124,9 @@ async def send_main() -> None:
         if transport == "tls":
             from anyio.streams.tls import TLSStream
 
-            raw = await TLSStream.wrap(raw, hostname="localhost", ssl_context=tls_context(False), standard_compatible=False)
+            raw = await TLSStream.wrap(
+                raw, hostname="localhost", ssl_context=tls_context(False), standard_compatible=False
+            )
         stream = streampickle.ObjectStream(raw)
     async with stream:
         before = peak_mib()

@@ -8,7 +8,8 @@ import shutil
 import socket
 import ssl
 import tempfile
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 from anyio.abc import SocketAttribute

@@ -9,7 +9,8 @@ import decimal
 import fractions
 import random
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ def assert_same(a: Any, b: Any, path: str = "obj") -> None:
         assert a.shape == b.shape, f"{path}: shape {a.shape} != {b.shape}"
         assert a.flags.writeable == b.flags.writeable, f"{path}: writeable differs"
         if a.dtype.hasobject:
-            for i, (x, y) in enumerate(zip(a.ravel(), b.ravel())):
+            for i, (x, y) in enumerate(zip(a.ravel(), b.ravel(), strict=True)):
                 assert_same(x, y, f"{path}[{i}]")
         else:
             assert a.tobytes() == b.tobytes(), f"{path}: values differ"
@@ -35,7 +36,7 @@ def assert_same(a: Any, b: Any, path: str = "obj") -> None:
             assert_same(a[k], b[k], f"{path}[{k!r}]")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), f"{path}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{path}[{i}]")
     elif isinstance(a, (float, complex)) and a != a:
         assert repr(a) == repr(b), f"{path}: {a!r} != {b!r}"  # NaN-aware
@@ -55,7 +56,7 @@ def sample_objects() -> dict[str, Any]:
         "scalars": [True, False, 0, -1, 2**70, 1.5, float("nan"), 1 + 2j, "héllo", b"\x00\xff", bytearray(b"ba")],
         "containers": ({1, 2}, frozenset({3}), (), [[]], {"k": (1, [2])}),
         "values": [
-            datetime.datetime(2026, 11, 27, 15, 0, tzinfo=datetime.timezone.utc),
+            datetime.datetime(2026, 11, 27, 15, 0, tzinfo=datetime.UTC),
             datetime.date(2000, 1, 1),
             datetime.timedelta(seconds=3),
             decimal.Decimal("1.25"),

@@ -263,7 +263,7 @@ def test_the_globals_real_value_pickles_use_stay_allowable() -> None:
     values = [
         np.arange(3), np.float64(1.5), np.dtype("f8"), np.random.default_rng(1),
         np.random.RandomState(1), np.ma.masked_array([1, 2], mask=[0, 1]),
-        datetime.datetime(2024, 1, 2, tzinfo=datetime.timezone.utc), datetime.timedelta(3),
+        datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC), datetime.timedelta(3),
         decimal.Decimal("1.5"), fractions.Fraction(1, 3), collections.OrderedDict(a=1),
         collections.deque([1]), collections.Counter("ab"), collections.defaultdict(int),
         Pair(1, 2), Colour.RED, Point(1, 2), types.SimpleNamespace(a=1), array.array("d", [1.0]),

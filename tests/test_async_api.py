@@ -11,6 +11,7 @@ import tempfile
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 import pytest
 from anyio.abc import SocketAttribute
@@ -89,7 +90,7 @@ async def test_asyncio_stream_reader_and_writer() -> None:
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await streampickle.dump({"a": np.arange(5)}, writer)
     await streampickle.dump(np.zeros(3_000_000), writer)
     writer.close()
@@ -148,15 +149,14 @@ async def test_fast_mac_keyed_stream_over_a_real_socket(mac: str) -> None:
         async with await streampickle.create_unix_listener(path, key=receiver_key) as listener:
             a = await streampickle.connect_unix(path, key=key)
             b = await listener.accept()
-        async with a, b:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(a.send, {"arr": arr})
-                if receiver_key is key:
-                    assert np.array_equal((await b.receive())["arr"], arr)
-                else:
-                    with pytest.raises(streampickle.AuthenticationError, match=mac):
-                        await b.receive()
-                    tg.cancel_scope.cancel()
+        async with a, b, anyio.create_task_group() as tg:
+            tg.start_soon(a.send, {"arr": arr})
+            if receiver_key is key:
+                assert np.array_equal((await b.receive())["arr"], arr)
+            else:
+                with pytest.raises(streampickle.AuthenticationError, match=mac):
+                    await b.receive()
+                tg.cancel_scope.cancel()
 
 
 async def test_typed_attributes_are_forwarded() -> None:
@@ -215,21 +215,20 @@ async def test_cancelled_receives_on_anyio_unix_stream_leave_the_loop_clean(anyi
     if anyio_backend != "trio":
         asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
     a, b = await unix_anyio()
-    async with a, b:
-        async with anyio.create_task_group() as tg:
+    async with a, b, anyio.create_task_group() as tg:
 
-            async def producer() -> None:
-                for i in range(10_000):
-                    await a.send(i)
-                    await anyio.sleep(0)  # let the receiver wait, often
+        async def producer() -> None:
+            for i in range(10_000):
+                await a.send(i)
+                await anyio.lowlevel.checkpoint()  # let the receiver wait, often
 
-            tg.start_soon(producer)
-            got: list[int] = []
-            cancelled = 0
-            while len(got) < 10_000:
-                with anyio.move_on_after(0.00001) as scope:
-                    got.append(await b.receive())
-                cancelled += scope.cancelled_caught
+        tg.start_soon(producer)
+        got: list[int] = []
+        cancelled = 0
+        while len(got) < 10_000:
+            with anyio.move_on_after(0.00001) as scope:
+                got.append(await b.receive())
+            cancelled += scope.cancelled_caught
     assert got == list(range(10_000))
     assert cancelled >= 100, "too few receives were cancelled to exercise the race"
     assert not errors, errors[:3]

@@ -18,7 +18,6 @@ import pickle
 import struct
 import subprocess
 import sys
-import uuid
 import zoneinfo
 from typing import Any
 
@@ -27,9 +26,16 @@ import pytest
 
 import streampickle
 from _util import make_message
-from streampickle import Decoder, ForbiddenGlobalError, MalformedPickleError, StreamPickleError, UsageError
+from streampickle import (
+    Decoder,
+    ForbiddenGlobalError,
+    MalformedPickleError,
+    StreamPickleError,
+    UsageError,
+    _scan,
+    _verify,
+)
 from streampickle import _rebuild as R
-from streampickle import _scan, _verify
 
 P5 = b"\x80\x05"
 HASH_MODULUS = (1 << 61) - 1
@@ -257,7 +263,10 @@ def test_readonly_buffer_on_anything_but_a_buffer_is_refused() -> None:
 def test_mutating_the_bytearray_behind_a_loaded_array_is_impossible() -> None:
     # the same side chunk viewed twice, once as text: both views come from the one buffer the
     # decoder made for this message, never from memory the caller still holds
-    payload = P5 + rb("ndarray") + b"(" + s("<U1") + b"]K\x01a\x89\x97\x94tR" + rb("ndarray") + b"(" + s("<u4") + b"]K\x01a\x89h\x00tR\x86."
+    payload = (
+        P5 + rb("ndarray") + b"(" + s("<U1") + b"]K\x01a\x89\x97\x94tR"
+        + rb("ndarray") + b"(" + s("<u4") + b"]K\x01a\x89h\x00tR\x86."
+    )
     chunk = bytearray(struct.pack("<I", 0x41))
     text, units = load(payload, [bytes(chunk)])
     chunk[0] = 0xFF
@@ -426,8 +435,11 @@ def test_tz_aware_datetime_with_zoneinfo_loads_by_default_without_getattr() -> N
     assert streampickle.loads(data) == value
     assert streampickle.loads(data).tzinfo is zoneinfo.ZoneInfo("Europe/Paris")
     # the stdlib way of pickling a ZoneInfo (a classmethod through getattr) needs a name
-    refuse(P5 + glob("builtins", "getattr") + glob("zoneinfo", "ZoneInfo") + s("_unpickle") + b"\x86R" + s("UTC") + b"K\x01\x86R.",
-           exc=ForbiddenGlobalError)
+    refuse(
+        P5 + glob("builtins", "getattr") + glob("zoneinfo", "ZoneInfo") + s("_unpickle") + b"\x86R"
+        + s("UTC") + b"K\x01\x86R.",
+        exc=ForbiddenGlobalError,
+    )
 
 
 def classmethod_pickle(attr: str, args: bytes = b")") -> bytes:
@@ -455,11 +467,12 @@ def test_getattr_chains_need_every_link_allowed(canary) -> None:
         payload = P5 + glob("builtins", "getattr") + inner + s(attr) + b"\x86R."
         refuse(payload, exc=ForbiddenGlobalError, allow=allow)
     # getattr of a reconstructor's attribute, or of getattr itself
-    refuse(P5 + glob("builtins", "getattr") + rb("ndarray") + s("_func") + b"\x86R.", exc=ForbiddenGlobalError, allow=allow)
-    refuse(P5 + glob("builtins", "getattr") + glob("builtins", "getattr") + s("x") + b"\x86R.", exc=ForbiddenGlobalError, allow=allow)
+    getattr_ = P5 + glob("builtins", "getattr")
+    refuse(getattr_ + rb("ndarray") + s("_func") + b"\x86R.", exc=ForbiddenGlobalError, allow=allow)
+    refuse(getattr_ + glob("builtins", "getattr") + s("x") + b"\x86R.", exc=ForbiddenGlobalError, allow=allow)
     # getattr with anything but (global, str literal)
     refuse(P5 + glob("builtins", "getattr") + glob("test_attacks", "Point") + b"C\x06origin\x86R.", allow=allow)
-    refuse(P5 + glob("builtins", "getattr") + glob("test_attacks", "Point") + s("origin") + s("x") + b"\x87R.", allow=allow)
+    refuse(getattr_ + glob("test_attacks", "Point") + s("origin") + s("x") + b"\x87R.", allow=allow)
 
 
 def test_getattr_as_a_reduce_callable_result_is_not_callable_on_values() -> None:
@@ -482,7 +495,12 @@ def test_stack_global_names_from_memo_through_a_frame_are_the_names_verified(can
 
 
 def test_stack_global_on_a_non_literal_is_refused() -> None:
-    for module, name in ((rb("ellipsis") + b")R", s("x")), (b"C\x02os", b"C\x06system"), (b"N", s("x")), (s("os") + s("system") + b"\x86", s("x"))):
+    for module, name in (
+        (rb("ellipsis") + b")R", s("x")),
+        (b"C\x02os", b"C\x06system"),
+        (b"N", s("x")),
+        (s("os") + s("system") + b"\x86", s("x")),
+    ):
         err = refuse(P5 + module + name + b"\x93.")
         assert "STACK_GLOBAL needs two str literals" in str(err)
 
@@ -512,7 +530,10 @@ def test_frame_games_are_refused(payload: bytes) -> None:
 
 
 def test_empty_and_adjacent_frames_are_fine() -> None:
-    payload = P5 + b"\x95" + struct.pack("<Q", 0) + b"\x95" + struct.pack("<Q", 1) + b"N" + b"\x95" + struct.pack("<Q", 1) + b"."
+    payload = (
+        P5 + b"\x95" + struct.pack("<Q", 0) + b"\x95" + struct.pack("<Q", 1) + b"N"
+        + b"\x95" + struct.pack("<Q", 1) + b"."
+    )
     assert load(payload) is None
     twins_agree(payload)
 
@@ -589,14 +610,20 @@ def test_reduce_arity_and_kinds_are_checked_before_the_call() -> None:
 def test_build_state_cannot_change_an_instance_into_a_dict_subclass() -> None:
     # BUILD with slot state setting __class__ to an allowed dict subclass, then SETITEMS:
     # the verifier still sees an instance of Point, not a dict
-    payload = P5 + glob("test_attacks", "Point") + b")\x81N}" + s("__class__") + glob("test_attacks", "PointDict") + b"s\x86b"
+    payload = (
+        P5 + glob("test_attacks", "Point") + b")\x81N}" + s("__class__") + glob("test_attacks", "PointDict")
+        + b"s\x86b"
+    )
     payload += b"(" + s("k") + b"Nu."
     err = refuse(payload, allow=[Point, PointDict])
     assert "SETITEMS into a instance of an allowed class" in str(err)
 
 
 def test_build_cannot_set_class_to_a_non_allowed_type(canary) -> None:
-    payload = P5 + glob("test_attacks", "Point") + b")\x81N}" + s("__class__") + glob("subprocess", "Popen") + b"s\x86b."
+    payload = (
+        P5 + glob("test_attacks", "Point") + b")\x81N}" + s("__class__") + glob("subprocess", "Popen")
+        + b"s\x86b."
+    )
     refuse(payload, exc=ForbiddenGlobalError, allow=[Point])
 
 
@@ -717,7 +744,8 @@ def test_instances_with_a_constant_hash_beyond_max_opaque_keys_are_refused() -> 
     body += b"".join(b"h\x00" + binint(i) + b"\x85RN" for i in range(1100))
     err = refuse(P5 + body + b"u.", allow=[ConstantHash])
     assert "max_opaque_keys" in str(err)
-    small = glob("test_attacks", "ConstantHash") + b"\x940}(" + b"".join(b"h\x00" + binint(i) + b"\x85RN" for i in range(10)) + b"u."
+    items = b"".join(b"h\x00" + binint(i) + b"\x85RN" for i in range(10))
+    small = glob("test_attacks", "ConstantHash") + b"\x940}(" + items + b"u."
     assert len(load(P5 + small, allow=[ConstantHash])) == 10
 
 
@@ -899,14 +927,20 @@ def _legit_workloads() -> dict[str, Any]:
     record = np.dtype([(f"f{i}", "<f8" if i % 2 else "<i4") for i in range(12)])
     nested = np.dtype([("a", [("b", [("c", "<f8", (4,))])])])
     return {
-        "a Counter of 20,000 bigram tuples": collections.Counter({(f"w{rng.randrange(5000)}", f"w{i}"): i for i in range(20_000)}),
+        "a Counter of 20,000 bigram tuples": collections.Counter(
+            {(f"w{rng.randrange(5000)}", f"w{i}"): i for i in range(20_000)}
+        ),
         "an OrderedDict of 10,000 items": collections.OrderedDict((i, str(i)) for i in range(10_000)),
         "2,000 arrays of one 12-field dtype": [np.zeros(3, dtype=record) for _ in range(2000)],
         "2,000 scalars of that dtype": list(np.zeros(2000, dtype=record)),
         "1,000 arrays of a 3-level nested dtype": [np.zeros(2, dtype=nested) for _ in range(1000)],
-        "300 Fractions of 4,096-bit parts": [fractions.Fraction(rng.getrandbits(4096), rng.getrandbits(4096) | 1) for _ in range(300)],
+        "300 Fractions of 4,096-bit parts": [
+            fractions.Fraction(rng.getrandbits(4096), rng.getrandbits(4096) | 1) for _ in range(300)
+        ],
         "200 Decimals of 3,900 digits": [decimal.Decimal(str(rng.getrandbits(13_000))) for _ in range(200)],
-        "300 datetimes in 3 zones": [dt.datetime(2020, 1, 1, tzinfo=zoneinfo.ZoneInfo(z)) for z in ("Europe/Paris", "UTC", "Asia/Tokyo") * 100],
+        "300 datetimes in 3 zones": [
+            dt.datetime(2020, 1, 1, tzinfo=zoneinfo.ZoneInfo(z)) for z in ("Europe/Paris", "UTC", "Asia/Tokyo") * 100
+        ],
         "1,000 numpy bytes scalars of 1 KB": [np.bytes_(b"x" * 1000) for _ in range(1000)],
         "100 text arrays": [np.array(["abc"] * 1000) for _ in range(100)],
     }
@@ -918,7 +952,7 @@ def test_real_data_heavy_in_reconstructor_work_loads_within_the_budget(name: str
     back = streampickle.loads(streampickle.dumps(obj))
     assert type(back) is type(obj) and len(back) == len(obj)
     if isinstance(obj, list) and isinstance(obj[0], (np.ndarray, np.generic)):
-        assert all(a.dtype == b.dtype and a.tobytes() == b.tobytes() for a, b in zip(obj, back))
+        assert all(a.dtype == b.dtype and a.tobytes() == b.tobytes() for a, b in zip(obj, back, strict=True))
     else:
         assert back == obj
 
@@ -1008,7 +1042,9 @@ def test_no_code_runs(canary, make) -> None:
 
 
 def test_dotted_allow_names_reaching_dunders_are_usage_errors() -> None:
-    for name in ("test_attacks.Point.__init__.__globals__", "test_attacks.Point.__class__", "test_attacks.__builtins__"):
+    for name in (
+        "test_attacks.Point.__init__.__globals__", "test_attacks.Point.__class__", "test_attacks.__builtins__"
+    ):
         with pytest.raises(UsageError):
             Decoder(allow=[name])
 

@@ -25,7 +25,8 @@ import pickle
 import socket
 import struct
 import tracemalloc
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import numpy as np
@@ -44,8 +45,8 @@ from streampickle import (
     ObjectStream,
     ProtocolError,
     StreamPickleError,
+    _wire,
 )
-from streampickle import _wire
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -723,8 +724,8 @@ def test_decoded_arrays_of_every_dtype_start_64_byte_aligned(how: str) -> None:
 
 @pytest.mark.parametrize(
     "pickled",
-    [b"\x80\x06N.", b"\x80\xffN.", b"\x80\x04N.", b"\x80\x02N.", b"N.", b"(t.", P5 + b"N0\x80\x05N.", P5 + b"\x80\x05N.",
-     P5 + b"N\x80\x05."],
+    [b"\x80\x06N.", b"\x80\xffN.", b"\x80\x04N.", b"\x80\x02N.", b"N.", b"(t.", P5 + b"N0\x80\x05N.",
+     P5 + b"\x80\x05N.", P5 + b"N\x80\x05."],
     ids=["proto6", "proto255", "proto4", "proto2", "missing", "missing-tuple", "later", "duplicate", "before-stop"],
 )
 def test_proto_other_than_5_or_anywhere_but_first_drops_the_message(pickled: bytes) -> None:
@@ -925,7 +926,7 @@ def test_decoded_arrays_do_not_alias_the_memory_the_input_arrived_in() -> None:
             out.extend(decoder)
             receive_buffer[:] = b"\xff" * len(receive_buffer)  # the transport reuses it
         assert [o["i"] for o in out] == [0, 1, 2]
-        for o, a in zip(out, arrays):
+        for o, a in zip(out, arrays, strict=True):
             assert o["a"].tobytes() == a.tobytes() and o["b"].tobytes() == a[::2].tobytes()
 
 

@@ -12,8 +12,9 @@ limit), or the message *delivered* within a stated bound. They complete what
 * code execution: the builtins that run code or open files, the alternative process, import,
   code, native-code, file and nested-loader primitives published bypasses use, the copyreg
   extension registry (``EXT1/2/4``), persistent ids, the guard's own modules, ``BUILD`` on
-  allowed globals and on allowed instances, mutation opcodes on containers of the wrong type, and all of these again from a peer that
-  holds the key (a MAC proves origin, not benign content);
+  allowed globals and on allowed instances, mutation opcodes on containers of the wrong type,
+  and all of these again from a peer that holds the key (a MAC proves origin, not benign
+  content);
 * resource exhaustion: callables that allocate from a size argument, a memo DAG with 2**60
   paths (decoded without ever walking the result), a megabyte of empty containers (within
   the documented memory bound of 512 bytes per message byte), a million ``MARK``s,
@@ -661,9 +662,8 @@ def test_a_wrong_key_fails_a_constant_time_compare_before_any_pickle_byte_and_po
     monkeypatch.setattr("hmac.compare_digest", lambda a, b: compared.append(len(b)) or real(a, b))
     forged = _keyed({"run": "os.system"}, streampickle.Key(b"the attacker's secret", mac=mac))
     decoder = Decoder(key=EVERY_MAC[mac])
-    with LoaderCalls() as loaded:
-        with pytest.raises(AuthenticationError, match="mismatch"):
-            decoder.feed(forged)
+    with LoaderCalls() as loaded, pytest.raises(AuthenticationError, match="mismatch"):
+        decoder.feed(forged)
     assert compared and loaded == []
     assert_poisoned(decoder, AuthenticationError)
 
@@ -717,7 +717,7 @@ def test_side_chunks_moved_between_messages_reordered_or_resized_are_refused() -
         "chunks-and-lengths-swapped": _with_table(head, 16, 8) + c2 + c1 + tag,
         "length-moved-between-chunks": _with_table(head, 16, 8) + c1 + c2 + tag,
     }
-    for name, forged in forgeries.items():
+    for forged in forgeries.values():
         with pytest.raises(AuthenticationError, match="mismatch"):
             streampickle.loads(forged, key=KEY)
     assert streampickle.loads(head + c1 + c2 + tag, key=KEY)[1].tolist() == [2] * 16  # the control

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import math
 import os
 import random
 import socket
 import tempfile
 import zlib
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -85,7 +87,7 @@ def pieces(data: bytes, rng: random.Random) -> list[memoryview]:
             at = rng.randrange(1, len(data))
             cuts.update((at, at + rng.choice((0, 1))))
     bounds = sorted({0, len(data)} | {c for c in cuts if 0 < c < len(data)})
-    return [view[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [view[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 async def send_numbered(write: Callable[[memoryview], Awaitable[None]], stop: list[bool], seed: int) -> int:
@@ -244,7 +246,9 @@ class Link:
         self.end = end  # what the call raises at the end of the stream
 
 
-def _socket_writer(sock: socket.socket) -> tuple[Callable[[memoryview], Awaitable[None]], Callable[[], Awaitable[None]]]:
+def _socket_writer(
+    sock: socket.socket,
+) -> tuple[Callable[[memoryview], Awaitable[None]], Callable[[], Awaitable[None]]]:
     sock.setblocking(False)
 
     async def write(piece: memoryview) -> None:
@@ -410,7 +414,9 @@ def transports_for(backend: str) -> list[str]:
 RESULTS: dict[str, dict[str, dict[str, collections.Counter[str]]]] = collections.defaultdict(dict)
 
 
-async def run_case(link: Link, mechanisms: list[Mechanism], quota: int, seed: int) -> dict[str, collections.Counter[str]]:
+async def run_case(
+    link: Link, mechanisms: list[Mechanism], quota: int, seed: int
+) -> dict[str, collections.Counter[str]]:
     """Receive under random cancellations until ``quota`` calls were interrupted, then drain
     to the end of the stream; check every message arrived once, in order, intact."""
     rng = random.Random(seed)

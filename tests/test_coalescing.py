@@ -9,6 +9,7 @@ import socket
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from streampickle import IncompleteMessageError, ObjectStream
@@ -79,7 +80,7 @@ async def test_the_first_send_after_a_wait_goes_out_at_once(anyio_backend: Any) 
             await a.send("and more")
             if coalesces(anyio_backend):
                 assert sock.writes == before + 1  # taken, not yet written
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             assert sock.writes == before + 2
         assert [await b.receive() for _ in range(3)] == ["hello", "pong", "and more"]
 
@@ -161,5 +162,5 @@ async def test_a_failed_burst_write_surfaces_at_the_next_send(anyio_backend: Any
     with pytest.raises(anyio.BrokenResourceError):
         for i in range(1, 5):
             await a.send(i)  # a taken message's write fails later; the next send says so
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
     await a.aclose()  # closing doesn't raise it again

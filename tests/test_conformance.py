@@ -84,9 +84,11 @@ async def _third_party_reason(binding: str, check: str, anyio_backend: Any) -> s
             blocked, sent = await _bare_tcp_blocks_a_sender_nobody_reads()
             if not blocked:
                 return f"anyio's TCP stream on uvloop, bare, sent {sent} MiB with nobody reading: no backpressure"
-    if check == "close_wakes_blocked_send" and binding == "process-pipes" and on_asyncio:
-        if not await _bare_pipe_close_wakes_a_blocked_send():
-            return "anyio's process stdin on asyncio, bare, does not wake a blocked send when closed"
+    if (
+        check == "close_wakes_blocked_send" and binding == "process-pipes" and on_asyncio
+        and not await _bare_pipe_close_wakes_a_blocked_send()
+    ):
+        return "anyio's process stdin on asyncio, bare, does not wake a blocked send when closed"
     return None
 
 

@@ -93,12 +93,12 @@ class _Provider:
     def __init__(self, data: bytes) -> None:
         self._data = data
 
-    def ConsumeIntInRange(self, lo: int, hi: int) -> int:  # noqa: N802 - atheris's name
+    def ConsumeIntInRange(self, lo: int, hi: int) -> int:
         width = ((hi - lo).bit_length() + 7) // 8
         raw, self._data = self._data[:width], self._data[width:]
         return lo + int.from_bytes(raw, "little") % (hi - lo + 1)
 
-    def ConsumeBytes(self, n: int) -> bytes:  # noqa: N802
+    def ConsumeBytes(self, n: int) -> bytes:
         raw, self._data = self._data[:n], self._data[n:]
         return raw
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import logging
 import socket
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import numpy as np
@@ -189,7 +190,7 @@ async def test_slowloris_peers_are_closed_while_a_good_client_is_served(
                 async with anyio.create_task_group() as peers:
                     for _ in range(SLOW_PEERS):
                         peers.start_soon(slowloris)
-                    while started < SLOW_PEERS:
+                    while started < SLOW_PEERS:  # noqa: ASYNC110 - a count the slow peers bump
                         await anyio.sleep(0.01)
                     await round_trip(client, "during")  # every slow peer has a message started
                 assert closed == SLOW_PEERS

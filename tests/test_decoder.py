@@ -11,10 +11,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from _util import assert_same
-
 import streampickle
-from streampickle._accel import speedups
+from _util import assert_same
 from streampickle import (
     Decoder,
     IncompleteMessageError,
@@ -23,6 +21,7 @@ from streampickle import (
     MalformedPickleError,
     ProtocolError,
 )
+from streampickle._accel import speedups
 
 
 def header(*, magic=b"\x93SPK", version=1, flags=0, reserved=0, chunks=0, plen=3) -> bytes:
@@ -187,7 +186,7 @@ def test_decoded_arrays_are_aligned_and_own_fresh_memory() -> None:
     arrays = [np.zeros(17, dtype=dt) for dt in dtypes]
     data = bytearray(streampickle.dumps(arrays))
     out = streampickle.loads(data)
-    for a, b in zip(arrays, out):
+    for a, b in zip(arrays, out, strict=True):
         assert b.dtype == a.dtype and b.flags.aligned and b.flags.writeable
         assert b.ctypes.data % 64 == 0
     data[:] = b"\xff" * len(data)  # the input buffer is reused: decoded arrays don't change
@@ -201,7 +200,7 @@ def test_large_arrays_start_on_a_huge_page_boundary() -> None:
     out = streampickle.loads(streampickle.dumps(arrays))
     assert [a.ctypes.data % (2 << 20) for a in out[:2]] == [0, 0]
     assert out[2].ctypes.data % 64 == 0
-    assert all(np.array_equal(a, b) for a, b in zip(arrays, out))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, out, strict=True))
 
 
 def test_usage_errors() -> None:
@@ -324,7 +323,7 @@ def test_the_c_paths_for_plain_messages_decode_as_the_python_ones(seed: int, mon
     monkeypatch.setattr(_safe, "_load_inband_c", None)
     in_python = _decode_all(stream, splits, limits)
     assert len(with_c) == len(in_python)
-    for (kind_c, value_c), (kind_py, value_py) in zip(with_c, in_python):
+    for (kind_c, value_c), (kind_py, value_py) in zip(with_c, in_python, strict=True):
         assert kind_c == kind_py
         if kind_c == "object":
             assert_same(value_py, value_c)

@@ -23,7 +23,7 @@ def test_side_chunks_are_views_of_the_original_memory() -> None:
     chunks = Encoder().encode({"arrays": arrays, "raw": pickle.PickleBuffer(raw)})
     oob = [c for c in chunks if isinstance(c, memoryview)]
     assert len(oob) == 3
-    for arr, chunk in zip(arrays, oob):
+    for arr, chunk in zip(arrays, oob[:2], strict=True):
         assert np.shares_memory(np.frombuffer(chunk, np.uint8), arr)
     assert np.shares_memory(np.frombuffer(oob[2], np.uint8), np.frombuffer(raw, np.uint8))
 

@@ -27,8 +27,9 @@ import tempfile
 import textwrap
 import threading
 import tracemalloc
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -39,9 +40,23 @@ from anyio.streams.tls import TLSListener, TLSStream
 
 import streampickle
 from _pairs import _tls_contexts, tcp_anyio, tcp_owned, unix_owned
-from streampickle import AuthenticationError, IncompleteMessageError, Key, ObjectStream, StreamPickleError
+from streampickle import (
+    AuthenticationError,
+    IncompleteMessageError,
+    Key,
+    ObjectStream,
+    StreamPickleError,
+)
 from streampickle.testing import memory_stream_pair
-from test_serve import address_of, closed_by_server, connect, listen, raw_peer, round_trip, transport  # noqa: F401
+from test_serve import (  # noqa: F401
+    address_of,
+    closed_by_server,
+    connect,
+    listen,
+    raw_peer,
+    round_trip,
+    transport,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -696,7 +711,9 @@ async def keyed_pair(pair: str, key: Key) -> tuple[ObjectStream, ObjectStream]:
 
 
 @pytest.mark.parametrize("pair", list(BLOCKING_PAIRS))
-async def test_an_array_changed_while_it_is_sent_is_never_accepted_unlike_its_mac(pair: str, anyio_backend: Any) -> None:
+async def test_an_array_changed_while_it_is_sent_is_never_accepted_unlike_its_mac(
+    pair: str, anyio_backend: Any
+) -> None:
     """The sender blocks inside a keyed 32 MiB array (the peer isn't reading yet), and the
     array is then overwritten. Whatever went out, the receiver accepts only bytes that are
     exactly what the MAC hashed: on the zero-copy path the rest of the slice being sent

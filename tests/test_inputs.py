@@ -15,7 +15,8 @@ import io
 import ipaddress
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 import hypothesis.extra.numpy as hnp
@@ -36,9 +37,10 @@ from streampickle import (
     ProtocolError,
     StreamPickleError,
     UsageError,
+    _decoder,
+    _wire,
     sync,
 )
-from streampickle import _decoder, _wire
 from streampickle.testing import memory_stream_pair
 
 KEY = b"k" * 32
@@ -190,7 +192,8 @@ def test_feed_reads_any_bytes_like_object_by_its_bytes(make: Callable[[], Any], 
 def test_bytes_like_of_bad_bytes_is_a_protocol_error() -> None:
     """Accepted as bytes means judged as bytes: an int array is not a message."""
     _raises_exactly(ProtocolError, lambda: streampickle.loads(np.arange(10, dtype=np.int32)))
-    _raises_exactly(ProtocolError, lambda: streampickle.loads(memoryview(b"GET / HTTP/1.1\r\nX: y\r\n\r\n").cast("B", (4, 6))))
+    http_2d = memoryview(b"GET / HTTP/1.1\r\nX: y\r\n\r\n").cast("B", (4, 6))
+    _raises_exactly(ProtocolError, lambda: streampickle.loads(http_2d))
 
 
 def test_the_decoder_keeps_no_hold_on_the_callers_bytearray() -> None:
@@ -378,7 +381,7 @@ def test_loads_of_anything_returns_or_raises_a_library_error(data: Any) -> None:
     outcome = _loads_or_library_error(data)
     try:
         as_bytes = bytes(memoryview(data))
-    except Exception:  # not bytes-like: the caller's mistake
+    except Exception:  # noqa: BLE001 - not bytes-like, whatever the error: the caller's mistake
         assert outcome == ("error", UsageError)
         return
     # bytes-like: judged by its bytes, exactly as flat bytes are
@@ -420,19 +423,18 @@ def test_sync_load_from_a_pipe_cut_inside_the_header() -> None:
 def test_sync_load_from_an_empty_file_is_eof(tmp_path) -> None:
     path = tmp_path / "empty"
     path.write_bytes(b"")
-    with open(path, "rb") as f:
-        with pytest.raises(EOFError):
-            sync.load(f)
+    with open(path, "rb") as f, pytest.raises(EOFError):
+        sync.load(f)
 
 
 def test_sync_load_from_a_text_file_or_a_closed_one_is_a_usage_error(tmp_path) -> None:
     path = tmp_path / "msg"
     path.write_bytes(PLAIN)
-    with open(path, "r", encoding="latin-1") as f:
+    with open(path, encoding="latin-1") as f:
         exc = _raises_exactly(UsageError, lambda: sync.load(f))
     assert exc.__cause__ is not None
-    f = open(path, "rb")
-    f.close()
+    with open(path, "rb") as f:
+        pass  # a closed file
     exc = _raises_exactly(UsageError, lambda: sync.load(f))
     assert isinstance(exc.__cause__, ValueError)
 

@@ -42,7 +42,7 @@ async def receive_all(stream: ObjectStream) -> tuple[list[Any], BaseException | 
     try:
         async for obj in stream:
             got.append(obj)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the error is the outcome
         return got, exc
     return got, None
 
@@ -135,7 +135,8 @@ async def test_a_cut_keyed_stream_is_not_a_clean_end() -> None:
     encoder = Encoder(key=KEY)
     recorded = [wire(encoder, i) for i in range(4)] + [encoder.encode_end()]
     got, error = await attack(recorded[:2])
-    assert got == [0, 1] and isinstance(error, AuthenticationError) and "without the peer's authenticated end" in str(error)
+    assert got == [0, 1] and isinstance(error, AuthenticationError)
+    assert "without the peer's authenticated end" in str(error)
     got, error = await attack(recorded)
     assert got == [0, 1, 2, 3] and error is None
 
@@ -228,19 +229,18 @@ async def test_sends_queued_behind_a_cancelled_one_keep_their_order() -> None:
     a, b = socket.socketpair()
     sender, receiver = ObjectStream.from_socket(a, key=KEY), ObjectStream.from_socket(b, key=KEY)
     big = np.ones(16 << 20, dtype=np.uint8)  # more than the socket holds: the first send waits
-    async with sender, receiver:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sender.send, big)
-            await anyio.wait_all_tasks_blocked()
-            doomed = anyio.CancelScope()
-            tg.start_soon(_send_in, doomed, sender, "cancelled")
-            await anyio.wait_all_tasks_blocked()
-            tg.start_soon(sender.send, "last")
-            await anyio.wait_all_tasks_blocked()
-            doomed.cancel()
-            first = await receiver.receive()
-            assert np.array_equal(first, big)
-            assert await receiver.receive() == "last"
+    async with sender, receiver, anyio.create_task_group() as tg:
+        tg.start_soon(sender.send, big)
+        await anyio.wait_all_tasks_blocked()
+        doomed = anyio.CancelScope()
+        tg.start_soon(_send_in, doomed, sender, "cancelled")
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(sender.send, "last")
+        await anyio.wait_all_tasks_blocked()
+        doomed.cancel()
+        first = await receiver.receive()
+        assert np.array_equal(first, big)
+        assert await receiver.receive() == "last"
 
 
 async def _send_in(scope: anyio.CancelScope, stream: ObjectStream, obj: Any) -> None:

@@ -158,7 +158,7 @@ def test_threads_taking_and_dropping_at_once_never_share_memory():
                 time.sleep(0)
                 assert (a[::4096] == tag).all()  # nobody else wrote into it
                 del a
-        except BaseException as exc:  # reported below
+        except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]

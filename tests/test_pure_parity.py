@@ -19,6 +19,7 @@ those pickles are byte for byte the same; the corpus holds such graphs, and othe
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import random
@@ -30,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -143,7 +143,7 @@ def _decoder_outcomes(data: bytes, cuts: list[int], **options: Any) -> list[Any]
             if got[0] == "error" and decoder.failed:
                 return
 
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         try:
             decoder.feed(data[a:b])
         except Exception as exc:  # noqa: BLE001
@@ -167,20 +167,22 @@ def child(inputs_path: str, out_path: str) -> None:
     for name, obj in objects().items():
         unshared = speedups.unshared if speedups else streampickle._encoder._unshared_py
         results[f"unshared {name}"] = unshared(obj)
-        results[f"dumps {name}"] = _encode(lambda: streampickle.dumps(obj))
-        results[f"dumps key {name}"] = _encode(lambda: streampickle.dumps(obj, key=KEY))
+        results[f"dumps {name}"] = _encode(lambda obj=obj: streampickle.dumps(obj))
+        results[f"dumps key {name}"] = _encode(lambda obj=obj: streampickle.dumps(obj, key=KEY))
         for label, options in (("encoder", {}), ("encoder key", {"key": KEY, "stream": False})):
             encoder = streampickle.Encoder(**options)  # type: ignore[arg-type]
             results[f"{label} {name}"] = _encode(
-                lambda: b"".join(bytes(c) for _ in range(2) for c in encoder.encode(obj))
+                lambda e=encoder, obj=obj: b"".join(bytes(c) for _ in range(2) for c in e.encode(obj))
             )
     with open(inputs_path, "rb") as f:
         inputs: list[tuple[str, bytes, dict[str, Any]]] = pickle.load(f)
     for name, data, options in inputs:
-        results[f"loads {name}"] = _decoded(lambda: streampickle.loads(data, **options))
+        results[f"loads {name}"] = _decoded(lambda data=data, options=options: streampickle.loads(data, **options))
         if "message " in name and not name.startswith(("mutated", "truncated")):
             # trusted mode runs whatever a pickle names: only on the corpus's own messages
-            results[f"loads trusted {name}"] = _decoded(lambda: streampickle.loads(data, trusted=True, **options))
+            results[f"loads trusted {name}"] = _decoded(
+                lambda data=data, options=options: streampickle.loads(data, trusted=True, **options)
+            )
         rng = random.Random(len(data))
         cuts = sorted({rng.randrange(1, len(data)) for _ in range(4)}) if len(data) > 1 else []
         if len(data) <= 256:

@@ -104,7 +104,9 @@ def test_complex_round_trip(value: complex) -> None:
     assert math.copysign(1, out.imag) == math.copysign(1, value.imag)
 
 
-@pytest.mark.parametrize("value", [slice(None, None, None), slice(1, None, -2), slice(None, 5), slice(-(2**63), 2**63 - 1, 0)])
+@pytest.mark.parametrize(
+    "value", [slice(None, None, None), slice(1, None, -2), slice(None, 5), slice(-(2**63), 2**63 - 1, 0)]
+)
 def test_slice_round_trip(value: slice) -> None:
     out = round_trip(value)
     assert (out.start, out.stop, out.step) == (value.start, value.stop, value.step)
@@ -129,7 +131,13 @@ def test_ordered_dict_keeps_its_order() -> None:
     assert list(out.items()) == [("a", [2]), (3, None), ("b", 1)]
 
 
-@pytest.mark.parametrize("value", [collections.deque([1, "x", None], maxlen=5), collections.deque(), collections.deque([1, 2, 3], maxlen=2), collections.deque(maxlen=0)])
+@pytest.mark.parametrize(
+    "value",
+    [
+        collections.deque([1, "x", None], maxlen=5), collections.deque(), collections.deque([1, 2, 3], maxlen=2),
+        collections.deque(maxlen=0),
+    ],
+)
 def test_deque_round_trip(value: collections.deque[Any]) -> None:
     out = round_trip(value)
     assert list(out) == list(value) and out.maxlen == value.maxlen
@@ -157,7 +165,9 @@ def test_decimal_round_trip(text: str) -> None:
     assert out.as_tuple() == value.as_tuple() and str(out) == str(value)
 
 
-@pytest.mark.parametrize("value", [fractions.Fraction(-3, 7), fractions.Fraction(0), fractions.Fraction(2**16384 - 1, 3**5000)])
+@pytest.mark.parametrize(
+    "value", [fractions.Fraction(-3, 7), fractions.Fraction(0), fractions.Fraction(2**16384 - 1, 3**5000)]
+)
 def test_fraction_round_trip(value: fractions.Fraction) -> None:
     assert round_trip(value) == value
 
@@ -185,7 +195,7 @@ def test_time_round_trip(value: dt.time) -> None:
 
 @pytest.mark.parametrize("value", [
     dt.datetime.min, dt.datetime.max, dt.datetime(2026, 11, 27, 15, 0, 0, 1),
-    dt.datetime(2026, 11, 27, 15, 0, tzinfo=dt.timezone.utc),
+    dt.datetime(2026, 11, 27, 15, 0, tzinfo=dt.UTC),
     dt.datetime(2026, 1, 31, 23, 59, 59, 999999, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30), "IST")),
     dt.datetime(2021, 10, 31, 2, 30, tzinfo=PARIS),
     dt.datetime(2021, 10, 31, 2, 30, tzinfo=PARIS, fold=1),  # the second 02:30 that night
@@ -204,13 +214,16 @@ def test_zoneinfo_datetimes_share_the_cached_zone() -> None:
     assert round_trip(PARIS) is PARIS
 
 
-@pytest.mark.parametrize("value", [dt.timedelta(-1), dt.timedelta(microseconds=-1), dt.timedelta.max, dt.timedelta.min, dt.timedelta(3, 4, 5)])
+@pytest.mark.parametrize(
+    "value",
+    [dt.timedelta(-1), dt.timedelta(microseconds=-1), dt.timedelta.max, dt.timedelta.min, dt.timedelta(3, 4, 5)],
+)
 def test_timedelta_round_trip(value: dt.timedelta) -> None:
     assert round_trip(value) == value
 
 
 @pytest.mark.parametrize("value", [
-    dt.timezone.utc, dt.timezone(dt.timedelta(0), "UTC"), dt.timezone(dt.timedelta(hours=5, minutes=30), "IST"),
+    dt.UTC, dt.timezone(dt.timedelta(0), "UTC"), dt.timezone(dt.timedelta(hours=5, minutes=30), "IST"),
     dt.timezone(dt.timedelta(days=1, microseconds=-1)), dt.timezone(-dt.timedelta(days=1, microseconds=-1), "far west"),
 ])
 def test_timezone_round_trip(value: dt.timezone) -> None:
@@ -220,7 +233,7 @@ def test_timezone_round_trip(value: dt.timezone) -> None:
 
 
 def test_utc_stays_the_singleton() -> None:
-    assert round_trip(dt.timezone.utc) is dt.timezone.utc
+    assert round_trip(dt.UTC) is dt.UTC
 
 
 class _Weekday(enum.IntEnum):
@@ -523,7 +536,7 @@ def test_descriptor_sharing_one_sub_list_is_refused_quickly() -> None:
 def test_the_node_budget_counts_every_use() -> None:
     flat = [[f"f{i}", "|i1", []] for i in range(R.MAX_DESCR_NODES - 1)]  # the list + its fields
     assert R.dtype(flat).itemsize == R.MAX_DESCR_NODES - 1
-    refuses(R.dtype, flat + [["x", "|i1", []]])
+    refuses(R.dtype, [*flat, ["x", "|i1", []]])
     shared = [[f"f{i}", "|i1", []] for i in range(40)]
     two_levels = [[f"g{i}", shared, []] for i in range(40)]  # 1 + 40 * 41 nodes: fits
     assert R.dtype(two_levels).itemsize == 1600

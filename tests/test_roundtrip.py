@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import streampickle
-from streampickle._accel import speedups
 from _util import SPLITTERS, assert_same, decode_all, sample_objects
+from streampickle._accel import speedups
 
 SAMPLES = sample_objects()
 
@@ -32,7 +32,7 @@ def test_many_messages_in_one_stream_in_order(split: str) -> None:
     data = b"".join(streampickle.dumps(o) for o in objs)
     out = decode_all(data, SPLITTERS[split], seed=1)
     assert len(out) == len(objs)
-    for a, b in zip(objs, out):
+    for a, b in zip(objs, out, strict=True):
         assert_same(a, b)
 
 
@@ -154,7 +154,9 @@ _NO_C = "the C extension is not in use (not built, or STREAMPICKLE_PURE_PYTHON=1
 
 
 @pytest.mark.parametrize(
-    "c_fast_path", [pytest.param(True, marks=pytest.mark.skipif(speedups is None, reason=_NO_C)), False], ids=["c", "python"]
+    "c_fast_path",
+    [pytest.param(True, marks=pytest.mark.skipif(speedups is None, reason=_NO_C)), False],
+    ids=["c", "python"],
 )
 def test_loads_fast_paths_agree(c_fast_path: bool, monkeypatch) -> None:
     """loads() takes one small in-band message through a C fast path when the extension is

@@ -17,8 +17,9 @@ import socket
 import sys
 import tempfile
 import textwrap
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -253,25 +254,24 @@ async def test_the_recommended_handler_answers_refused_messages_and_goes_on(
 ) -> None:
     listener = await listen(transport)
     address = address_of(listener)
-    async with serving(listener, tolerant):
-        async with await connect(address) as good:
-            await round_trip(good, 1)
-            bad = raw_peer(address)
-            async with ObjectStream.from_socket(bad) as bad_stream:
-                with anyio.fail_after(GUARD):
-                    bad.sendall(MALFORMED_23_BYTES)
-                    assert await bad_stream.receive() == {"error": "MalformedPickleError"}
-                    bad.sendall(OS_SYSTEM)
-                    assert await bad_stream.receive() == {"error": "ForbiddenGlobalError"}
-                    await bad_stream.send("still here")  # the stream kept going after both
-                    assert await bad_stream.receive() == ("echo", "still here")
-                    await round_trip(good, 2)
-                    bad.sendall(HTTP_REQUEST)  # this one poisons the stream: serve() closes it
-                    record = await logs.wait_for(lambda r: "ProtocolError" in r.getMessage())
-                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-                        await bad_stream.receive()
-            assert record.levelno == logging.WARNING
-            await round_trip(good, 3)
+    async with serving(listener, tolerant), await connect(address) as good:
+        await round_trip(good, 1)
+        bad = raw_peer(address)
+        async with ObjectStream.from_socket(bad) as bad_stream:
+            with anyio.fail_after(GUARD):
+                bad.sendall(MALFORMED_23_BYTES)
+                assert await bad_stream.receive() == {"error": "MalformedPickleError"}
+                bad.sendall(OS_SYSTEM)
+                assert await bad_stream.receive() == {"error": "ForbiddenGlobalError"}
+                await bad_stream.send("still here")  # the stream kept going after both
+                assert await bad_stream.receive() == ("echo", "still here")
+                await round_trip(good, 2)
+                bad.sendall(HTTP_REQUEST)  # this one poisons the stream: serve() closes it
+                record = await logs.wait_for(lambda r: "ProtocolError" in r.getMessage())
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await bad_stream.receive()
+        assert record.levelno == logging.WARNING
+        await round_trip(good, 3)
 
 
 async def test_a_failing_connection_does_not_cancel_a_given_task_group(logs: LogWatch) -> None:
@@ -324,10 +324,9 @@ async def test_a_base_exception_from_a_handler_ends_serve(caplog: Any) -> None:
         raise Stop
 
     listener = await listen("tcp")
-    async with listener:
-        async with await connect(address_of(listener)):
-            with anyio.fail_after(GUARD), pytest.raises(BaseExceptionGroup) as info:
-                await listener.serve(stops)
+    async with listener, await connect(address_of(listener)):
+        with anyio.fail_after(GUARD), pytest.raises(BaseExceptionGroup) as info:
+            await listener.serve(stops)
     assert info.group_contains(Stop)
     assert not [r for r in caplog.records if r.name == "streampickle"]
 
@@ -440,9 +439,8 @@ async def test_accept_out_of_resources_is_waited_out(
 ) -> None:
     monkeypatch.setattr(streampickle._serve, "ACCEPT_RETRY_DELAY", 0.001)
     listener = FailingListener(bound_socket("tcp"), [os_error(code, wrapped) for _ in range(3)])
-    async with serving(listener, echo):
-        async with await connect(address_of(listener)) as client:
-            await round_trip(client, "served after the failures")
+    async with serving(listener, echo), await connect(address_of(listener)) as client:
+        await round_trip(client, "served after the failures")
     assert listener.failures == []
     records = [(r.levelno, r.getMessage()) for r in caplog.records]
     name = errno.errorcode[code]
@@ -542,7 +540,7 @@ async def test_a_server_out_of_descriptors_recovers(server_backend: str) -> None
     finally:
         process.kill()
         await process.aclose()
-    assert [line for line in seen if b"EMFILE" in line][0].startswith(b"ERROR streampickle accept failed")
+    assert next(line for line in seen if b"EMFILE" in line).startswith(b"ERROR streampickle accept failed")
 
 
 # -- the example ---------------------------------------------------------------------------------

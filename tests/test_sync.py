@@ -20,7 +20,7 @@ from streampickle import sync
 
 def test_socketpair_many_messages_each_load_gets_its_own() -> None:
     a, b = socket.socketpair()
-    objs = list(sample_objects().values()) + [np.random.default_rng(0).random((512, 1024))]
+    objs = [*sample_objects().values(), np.random.default_rng(0).random((512, 1024))]
     with a, b:
         sender = threading.Thread(target=lambda: [sync.dump(o, a) for o in objs])
         sender.start()
@@ -58,7 +58,7 @@ def test_files_raw_and_buffered(tmp_path) -> None:
     with open(path, "wb") as f:
         for o in objs:
             sync.dump(o, f)
-    for opener in (lambda: open(path, "rb"), lambda: open(path, "rb", buffering=0)):
+    for opener in (lambda: open(path, "rb"), lambda: open(path, "rb", buffering=0)):  # noqa: SIM115 - opened by the with
         with opener() as f:
             for o in objs:
                 assert_same(o, sync.load(f))

@@ -8,7 +8,8 @@ import contextlib
 import os
 import socket
 import tempfile
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import anyio
 import numpy as np

@@ -10,14 +10,14 @@ import datetime
 import decimal
 import fractions
 import inspect
-import pickle
 import random
 import struct
 import sys
 import uuid
 import zoneinfo
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,7 +33,6 @@ if str(ROOT) not in sys.path:  # the fuzz package lives beside tests/
     sys.path.insert(0, str(ROOT))
 
 from fuzz import grammar, wire  # noqa: E402
-
 from streampickle._accel import speedups as _speedups  # noqa: E402
 
 if _speedups is None:
@@ -87,7 +86,7 @@ def _call(func: Callable[[], Any]) -> Any:
         return func()
     except _verify.Refused as refused:
         return refused.pos, refused.reason
-    except Exception as exc:  # the resolver's errors, and what the reference lets out
+    except Exception as exc:  # noqa: BLE001 - the resolver's errors, and what the reference lets out
         return type(exc).__name__, str(exc)
 
 
@@ -156,7 +155,7 @@ def real_objects() -> list[Any]:
         np.arange(12, dtype=np.int64).reshape(3, 4), np.ones(5, dtype=np.float32), np.zeros(4, dtype=np.complex128),
         np.array([True, False]), np.arange(6, dtype=">u2"), np.asfortranarray(np.ones((2, 3))), structured,
         np.array(["a", "bc"]), np.datetime64("2020-01-01"), np.float64(2.5),
-        datetime.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc),
+        datetime.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=datetime.UTC),
         datetime.datetime(2026, 1, 2, tzinfo=datetime.timezone(datetime.timedelta(hours=-5), "EST")),
         datetime.datetime(2026, 1, 2, tzinfo=zoneinfo.ZoneInfo("Europe/Paris")), datetime.date(2000, 1, 1),
         datetime.time(1, 2, 3), datetime.timedelta(days=1, seconds=2),
@@ -201,7 +200,9 @@ def collected_payloads() -> list[tuple[bytes, int]]:
     try:
         for module in modules:
             for name, func in vars(module).items():
-                if not name.startswith("test_") or not callable(func) or name == "test_safe_default_does_not_import_anything_new":
+                if not name.startswith("test_") or not callable(func):
+                    continue
+                if name == "test_safe_default_does_not_import_anything_new":
                     continue
                 if hasattr(func, "hypothesis"):
                     continue
@@ -224,7 +225,8 @@ def _arguments(func: Callable[..., Any]) -> list[tuple[Any, ...]]:
     marks = getattr(func, "pytestmark", [])
     for mark in marks:
         if mark.name == "parametrize":
-            names = [n.strip() for n in mark.args[0].split(",")] if isinstance(mark.args[0], str) else list(mark.args[0])
+            first = mark.args[0]
+            names = [n.strip() for n in first.split(",")] if isinstance(first, str) else list(first)
             if names == params:
                 return [tuple(v) if len(names) > 1 else (v,) for v in mark.args[1]]
     if params == ["canary"]:
@@ -391,7 +393,9 @@ def test_the_work_budget_is_spent_alike() -> None:
     payload = P5 + _s("streampickle._rebuild") + _s("deque") + b"\x93\x94" + b"0" + items + b"0" + b"h\x00" + b"0"
     assert both(payload + call * 10 + b"N.") == 1
     refused = both(payload + call * 3000 + b"N.")
-    assert refused[1] == "REDUCE: streampickle._rebuild.deque would walk containers out of proportion to the pickle's size"
+    assert refused[1] == (
+        "REDUCE: streampickle._rebuild.deque would walk containers out of proportion to the pickle's size"
+    )
 
 
 def test_equal_hashes_are_counted_alike() -> None:
@@ -420,7 +424,9 @@ def test_equal_hashes_are_counted_alike() -> None:
     assert both(keys(tuples + ints))[1] == flood[1]
     assert both(keys(tuples + ints[:4])) == 0
     for value in (-(2**63), 2**63 - 1, -p, p, -p - 1, -(2**64) + 1, -1 - p * (2**40)):
-        assert both(keys([_long(value)] + [_long(value + k * p * (1 if value > 0 else -1)) for k in range(1, 9)]))[1] == flood[1]
+        sign = 1 if value > 0 else -1
+        colliding = [_long(value), *(_long(value + k * p * sign) for k in range(1, 9))]
+        assert both(keys(colliding))[1] == flood[1]
     # equal hashes in different containers are no flood
     half = b"}(" + b"".join(_long(k * p + 5) + b"N" for k in range(1, 6)) + b"u"
     assert both(P5 + half + half + b"\x86.") == 0
@@ -429,11 +435,16 @@ def test_equal_hashes_are_counted_alike() -> None:
 def test_opaque_keys_are_counted_alike() -> None:
     data = _pickle_part(streampickle.dumps({uuid.UUID(int=i): i for i in range(10)}))[0][0]
     assert both(data, max_opaque=10) == 1
-    assert both(data, max_opaque=9)[1].endswith("more than Limits.max_opaque_keys=9 keys whose hash the verifier can't check (raise the limit for peers you trust with the CPU)")
+    assert both(data, max_opaque=9)[1].endswith(
+        "more than Limits.max_opaque_keys=9 keys whose hash the verifier can't check "
+        "(raise the limit for peers you trust with the CPU)"
+    )
     frozen = P5 + b"}((N\x91N(K\x01\x91Nu."  # two frozenset keys
     assert both(frozen, max_opaque=2) == 0
     assert both(frozen, max_opaque=1)[1].startswith("SETITEMS: more than Limits.max_opaque_keys=1 keys")
-    assert both(frozen, max_opaque=-(2**70))[1].startswith("SETITEMS: more than Limits.max_opaque_keys=-1180591620717411303424")
+    assert both(frozen, max_opaque=-(2**70))[1].startswith(
+        "SETITEMS: more than Limits.max_opaque_keys=-1180591620717411303424"
+    )
     assert both(frozen, max_opaque=2**70) == 0
     assert both(frozen, max_opaque=True)[1].startswith("SETITEMS: more than Limits.max_opaque_keys=True")
 
