@@ -71,7 +71,12 @@ def load(
     it raises :class:`IncompleteMessageError`, with the ``OSError`` as its cause, like an end
     of input there. A file that is not one (no ``readinto``/``read``, a text file, a
     ``read``/``readinto`` that returns something other than bytes or a count that fits, a
-    closed file) or a non-blocking one raises :class:`UsageError`."""
+    closed file) or a non-blocking one raises :class:`UsageError`.
+
+    Each call starts afresh and keeps nothing: after a :class:`StreamBrokenError` the file's
+    position inside the broken message is unknown, so close it rather than calling ``load``
+    again (a :class:`MessageDroppedError` consumed its whole message: the next call reads the
+    next one)."""
     decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits, stream=False)
     readinto = _readinto_for(file)
     while not decoder.pending:
