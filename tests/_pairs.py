@@ -66,17 +66,25 @@ async def _anyio_accept(listener: Any, connect: Callable[[], Awaitable[Any]]) ->
         return client, server
 
 
+async def anyio_socket_pair(family: str) -> tuple[Any, Any]:
+    """``(client, server)``: the two ends of one anyio socket stream, ``"tcp"`` over loopback
+    or ``"unix"``."""
+    if family == "tcp":
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(SocketAttribute.local_port)
+        return await _anyio_accept(listener, lambda: anyio.connect_tcp("127.0.0.1", port))
+    path = os.path.join(tempfile.mkdtemp(), "sock")
+    listener = await anyio.create_unix_listener(path)
+    return await _anyio_accept(listener, lambda: anyio.connect_unix(path))
+
+
 async def tcp_anyio() -> Pair:
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(SocketAttribute.local_port)
-    client, server = await _anyio_accept(listener, lambda: anyio.connect_tcp("127.0.0.1", port))
+    client, server = await anyio_socket_pair("tcp")
     return ObjectStream(client), ObjectStream(server)
 
 
 async def unix_anyio() -> Pair:
-    path = os.path.join(tempfile.mkdtemp(), "sock")
-    listener = await anyio.create_unix_listener(path)
-    client, server = await _anyio_accept(listener, lambda: anyio.connect_unix(path))
+    client, server = await anyio_socket_pair("unix")
     return ObjectStream(client), ObjectStream(server)
 
 

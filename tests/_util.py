@@ -9,7 +9,7 @@ import decimal
 import fractions
 import random
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -139,3 +139,24 @@ def make_message(
     head += sender + struct.pack("<Q", sequence) + table
     body = head + hmac.new(key, head, hashlib.sha256).digest() + pickle_bytes + b"".join(chunks)
     return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+async def what_woke(blocked: Callable[[], Awaitable[Any]], close: Callable[[], Awaitable[Any]]) -> list[BaseException]:
+    """Run ``blocked()`` until every task waits, then ``close()``; return what ``blocked``
+    raised (an empty list if it returned). The guard fails a close that wakes nothing."""
+    import anyio
+
+    woke: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            await blocked()
+        except BaseException as exc:  # noqa: BLE001 - we record what woke it
+            woke.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await anyio.wait_all_tasks_blocked()
+            await close()
+    return woke

@@ -18,6 +18,7 @@ from anyio.abc import SocketAttribute
 
 import streampickle
 from _pairs import tcp_anyio, tcp_owned, tls, unix_anyio, unix_owned
+from _util import what_woke
 from streampickle import ObjectStream
 from streampickle._transports import SOCKET_BUFFER, AnyioTransport, SocketTransport
 from streampickle.testing import _close_while_blocked, memory_stream_pair
@@ -500,19 +501,7 @@ async def test_object_stream_over_asyncio_streams() -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_asyncio_stream_aclose_wakes_a_blocked_receive() -> None:
     client, peer, server = await _asyncio_object_streams()
-    woke: list[BaseException] = []
-
-    async def receiving() -> None:
-        try:
-            await client.receive()
-        except BaseException as exc:  # noqa: BLE001 - we record what woke it
-            woke.append(exc)
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(receiving)
-            await anyio.wait_all_tasks_blocked()
-            await client.aclose()
+    woke = await what_woke(client.receive, client.aclose)
     await peer.aclose()
     server.close()
     assert len(woke) == 1 and isinstance(woke[0], anyio.ClosedResourceError), woke

@@ -36,7 +36,7 @@ import pytest
 from anyio.abc import SocketAttribute
 
 import streampickle
-from _pairs import _anyio_accept
+from _pairs import anyio_socket_pair
 from _util import assert_same
 from streampickle import ObjectStream, _stream
 from streampickle.testing import memory_stream_pair
@@ -276,16 +276,6 @@ def _loading(stream: Any, write: Any, send_eof: Any, close: Any) -> Link:
     return Link(lambda: streampickle.load(stream), write, send_eof, close, lambda: stream in _stream._parked, EOFError)
 
 
-async def _anyio_stream_pair(family: str) -> tuple[Any, Any]:
-    if family == "tcp":
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-        port = listener.extra(SocketAttribute.local_port)
-        return await _anyio_accept(listener, lambda: anyio.connect_tcp("127.0.0.1", port))
-    path = os.path.join(tempfile.mkdtemp(), "sock")
-    listener = await anyio.create_unix_listener(path)
-    return await _anyio_accept(listener, lambda: anyio.connect_unix(path))
-
-
 def _anyio_sender(stream: Any) -> tuple[Any, Any, Any]:
     async def write(piece: memoryview) -> None:
         await stream.send(bytes(piece))
@@ -299,12 +289,12 @@ async def receive_memory() -> Link:
 
 
 async def receive_tcp_anyio() -> Link:
-    a, b = await _anyio_stream_pair("tcp")
+    a, b = await anyio_socket_pair("tcp")
     return _receiving(ObjectStream(b), *_anyio_sender(a))
 
 
 async def receive_unix_anyio() -> Link:
-    a, b = await _anyio_stream_pair("unix")
+    a, b = await anyio_socket_pair("unix")
     return _receiving(ObjectStream(b), *_anyio_sender(a))
 
 
@@ -346,7 +336,7 @@ async def load_memory() -> Link:
 
 
 async def _load_anyio(family: str) -> Link:
-    a, b = await _anyio_stream_pair(family)
+    a, b = await anyio_socket_pair(family)
     write, send_eof, close_a = _anyio_sender(a)
 
     async def close() -> None:

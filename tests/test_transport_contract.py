@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,7 +14,8 @@ import numpy as np
 import pytest
 from anyio.abc import SocketAttribute
 
-from _pairs import _anyio_accept
+from _pairs import anyio_socket_pair
+from _util import what_woke
 from streampickle import Decoder, Encoder
 from streampickle._transports import (
     AnyioTransport,
@@ -32,35 +31,25 @@ pytestmark = pytest.mark.anyio
 Pair = tuple[Transport, Transport]
 
 
-async def _anyio_sockets(kind: str) -> tuple[Any, Any]:
-    if kind == "tcp":
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-        port = listener.extra(SocketAttribute.local_port)
-        return await _anyio_accept(listener, lambda: anyio.connect_tcp("127.0.0.1", port))
-    path = os.path.join(tempfile.mkdtemp(), "sock")
-    listener = await anyio.create_unix_listener(path)
-    return await _anyio_accept(listener, lambda: anyio.connect_unix(path))
-
-
 async def anyio_tcp() -> Pair:
-    a, b = await _anyio_sockets("tcp")
+    a, b = await anyio_socket_pair("tcp")
     return AnyioTransport(a), AnyioTransport(b)
 
 
 async def anyio_unix() -> Pair:
-    a, b = await _anyio_sockets("unix")
+    a, b = await anyio_socket_pair("unix")
     return AnyioTransport(a), AnyioTransport(b)
 
 
 async def fastest_tcp() -> Pair:
     """What ``ObjectStream`` picks for anyio TCP: the raw socket on trio, else anyio's API."""
-    a, b = await _anyio_sockets("tcp")
+    a, b = await anyio_socket_pair("tcp")
     return fastest_transport(a), fastest_transport(b)
 
 
 async def fastest_unix() -> Pair:
     """What ``ObjectStream`` picks for anyio Unix streams: the raw socket, owned by the stream."""
-    a, b = await _anyio_sockets("unix")
+    a, b = await anyio_socket_pair("unix")
     return fastest_transport(a), fastest_transport(b)
 
 
@@ -202,19 +191,7 @@ async def test_aclose_is_idempotent_and_use_after_it_raises_closed(binding: str)
 
 async def test_aclose_wakes_a_blocked_fill(binding: str) -> None:
     async with pair(binding) as (a, _):
-        woke: list[BaseException] = []
-
-        async def blocked() -> None:
-            try:
-                await a.fill(Decoder(), exact=False)
-            except BaseException as exc:  # noqa: BLE001 - we record what woke it
-                woke.append(exc)
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(blocked)
-                await anyio.wait_all_tasks_blocked()
-                await a.aclose()
+        woke = await what_woke(lambda: a.fill(Decoder(), exact=False), a.aclose)
         assert len(woke) == 1 and isinstance(woke[0], anyio.ClosedResourceError), woke
 
 
