@@ -7,6 +7,8 @@ you allow more (``allow=``, ``trusted=True``); ``key=`` authenticates every byte
 
 The core is sans-IO (:class:`Encoder`, :class:`Decoder`); ``dumps``/``loads`` handle one
 message in memory; :mod:`streampickle.sync` reads and writes blocking files and sockets.
+:func:`shared_empty` and :func:`shared_copy` make arrays in shared memory, which a
+``shared_memory=True`` Unix socket hands to a process on the same host without copying them.
 
 Loaded on first use, so that importing streampickle starts no I/O machinery (they are in
 ``__all__`` and ``dir()`` all the same): :class:`ObjectStream`, :func:`dump` and :func:`load`
@@ -39,6 +41,7 @@ from ._errors import (
 from ._limits import Limits
 from ._mac import Key
 from ._pool import BufferPool, buffer_pool
+from ._shm import shared_copy, shared_empty
 from ._wire import VERSION as WIRE_VERSION
 
 # The one version source: pyproject.toml reads it from here when the package is built.
@@ -121,6 +124,8 @@ __all__ = [
     "dumps",
     "load",
     "loads",
+    "shared_copy",
+    "shared_empty",
     "sync",
     "testing",
 ]

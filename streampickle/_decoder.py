@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import collections
 import operator
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _wire
+from . import _shm, _wire
 from ._accel import speedups
 from ._errors import (
     AuthenticationError,
@@ -73,8 +74,8 @@ _PICKLE_GROWTH_FLOOR = 4 * 1024  # the pickle part starts this big (or smaller, 
 PICKLE_COPY_LIMIT = GC_PAUSE_BYTES
 
 # Parts of a message, in order. _FIELDS and _HEADER_TAG are only in version-2 (keyed) messages.
-_HEADER, _FIELDS, _TABLE, _HEADER_TAG, _PICKLE, _CHUNK, _TAG = range(7)
-_PART_NAMES = ("header", "stream fields", "length table", "header tag", "pickle", "side chunk", "tag")
+_HEADER, _FIELDS, _TABLE, _SHARED, _HEADER_TAG, _PICKLE, _CHUNK, _TAG = range(8)
+_PART_NAMES = ("header", "stream fields", "length table", "shared table", "header tag", "pickle", "side chunk", "tag")
 _NO_PICKLE = np.empty(0, dtype=np.uint8)
 _NO_CHUNKS: tuple[memoryview, ...] = ()  # the side chunks of every message that has none
 _UNALLOCATED = memoryview(bytearray())  # the view of a part whose memory is not allocated yet
@@ -164,6 +165,12 @@ class Decoder:
     numbers) are read as before when the stream starts with one, and refused in a stream that
     started with version 2. ``stream=False`` reads messages that stand alone (``loads``, and
     ``dumps`` on the other end): each authentic message is accepted, in any order.
+
+    ``shared_memory``: accept side chunks handed over as shared memory (an
+    ``Encoder(shared_memory=True)`` on the same host, over a Unix socket): the transport hands
+    the descriptors that arrive with the bytes to :meth:`feed_descriptors`, and the decoder
+    maps each announced range after checking the file (see :func:`shared_empty`). Without it,
+    such a message is refused with :class:`ProtocolError`.
     """
 
     def __init__(
@@ -175,6 +182,7 @@ class Decoder:
         limits: Limits | None = None,
         stream: bool = True,
         options: Options | None = None,
+        shared_memory: bool = False,
     ) -> None:
         if options is None:
             options = options_for(trusted, allow, key, limits)
@@ -207,6 +215,11 @@ class Decoder:
         # handed to feed() by buffer_updated (made on first use, then reused).
         self._staging: bytearray | None = None
         self._staged = False
+        # Shared memory: whether this end opted in, the descriptors that arrived and no message
+        # has claimed yet (in order), and what closes them if the decoder is dropped holding some.
+        self._shared_memory = bool(shared_memory)
+        self._fds: list[int] = []
+        self._fds_guard: weakref.finalize[Any, Any] | None = None
         self._start_message()
 
     # -- public API -------------------------------------------------------------------------
@@ -275,8 +288,65 @@ class Decoder:
             target = self.get_buffer(len(view))
             n = min(len(target), len(view))
             target[:n] = view[:n]
-            self.buffer_updated(n)
+            self._updated(n)
             view = view[n:]
+        if self._fds:
+            self._check_claimed()
+
+    def feed_descriptors(self, fds: Iterable[int]) -> None:
+        """Take the descriptors that arrived with the bytes about to be fed (``SCM_RIGHTS`` on
+        a Unix socket): call it before feeding those bytes. The decoder owns them from here:
+        a message's shared table claims them in order, and each is closed once its ranges are
+        mapped, or when the decoder fails or :meth:`close_descriptors` is called.
+
+        A message's descriptors travel with its first byte, so descriptors still unclaimed at
+        a message boundary, once the bytes they came with are fed, were sent for nothing:
+        :class:`ProtocolError`. So is any descriptor given to a decoder made without
+        ``shared_memory=True``, and more than ``Limits.max_descriptors`` waiting at once is a
+        :class:`LimitExceededError`; in each case every descriptor is closed first."""
+        fds = list(fds)
+        if not fds:
+            return
+        if self._failure is not None or not self._shared_memory:
+            _shm.close_all(fds)
+            if self._failure is not None:
+                raise self._sticky()
+            raise self._fail(ProtocolError(
+                f"{len(fds)} descriptors arrived on a connection that did not opt in to shared "
+                f"memory: pass shared_memory=True on both ends"
+            ))
+        if self._fds_guard is None:
+            self._fds_guard = weakref.finalize(self, _shm.close_all, self._fds)
+        self._fds.extend(fds)
+        limit = self._limits.max_descriptors
+        if len(self._fds) > limit:
+            count = len(self._fds)
+            raise self._over_fds(count, limit)
+
+    def close_descriptors(self) -> None:
+        """Close the descriptors that arrived and no message has claimed yet (when the
+        connection closes: they can't be claimed any more)."""
+        fds, self._fds[:] = self._fds[:], []
+        _shm.close_all(fds)
+
+    def _over_fds(self, count: int, limit: int) -> LimitExceededError:
+        exc = LimitExceededError(
+            f"the peer sent {count} descriptors at once, over Limits.max_descriptors={limit}. If "
+            f"the peer legitimately sends arrays in that many shared-memory files in one message, "
+            f"raise it with limits=Limits(max_descriptors=...)."
+        )
+        self._fail(exc)
+        return exc
+
+    def _check_claimed(self) -> None:
+        """Refuse descriptors still waiting at a message boundary: they came with bytes that
+        are all fed, and the messages there did not claim them."""
+        if self._part == _HEADER and self._pos == 0 and self._failure is None:
+            count = len(self._fds)
+            raise self._fail(ProtocolError(
+                f"the peer sent {count} descriptors that no message claimed: the peer is "
+                f"broken or hostile"
+            ))
 
     def get_buffer(self, sizehint: int = -1, *, read_ahead: bool = False) -> memoryview:
         """Writable memory where the next incoming bytes belong; at least one byte long.
@@ -327,6 +397,12 @@ class Decoder:
             self._staged = False
             self.feed(staging[:nbytes])
             return
+        self._updated(nbytes)
+        if self._fds:
+            self._check_claimed()
+
+    def _updated(self, nbytes: int) -> None:
+        """``buffer_updated`` for the last ``get_buffer`` view that was not staging memory."""
         # One identity test on the hot path: a float or a str must not reach the state below.
         if type(nbytes) is not int or nbytes < 0 or self._pos + nbytes > self._cap:
             nbytes = self._byte_count(nbytes)
@@ -350,6 +426,8 @@ class Decoder:
         be iterated)."""
         self._check_usable()
         self._eof = True
+        if self._fds:
+            self.close_descriptors()
         if self._stream and not self._ended and not self._received and self._stream_version != _wire.VERSION:
             raise self._fail(AuthenticationError(
                 "the stream ended without the peer's authenticated end: the connection was cut "
@@ -492,6 +570,7 @@ class Decoder:
         self._page_slack = 0  # see ``committed``: bytes of huge pages the done side chunks touched past their end
         self._small_head = False  # the current side chunk's first 2 MiB has ordinary pages
         self._chunks: list[memoryview] = []
+        self._shared: dict[int, memoryview] | None = None  # mapped side chunks, by index
         self._pickle = _NO_PICKLE
 
     def _enter(self, part: int, view: memoryview, size: int) -> None:
@@ -508,6 +587,8 @@ class Decoder:
             self._on_fields()
         elif part == _TABLE:
             self._on_table()
+        elif part == _SHARED:
+            self._on_shared()
         elif part == _HEADER_TAG:
             self._on_header_tag()
         elif part == _PICKLE:
@@ -535,8 +616,18 @@ class Decoder:
         admit; pin a keyed stream's wire format version to its first message's."""
         limits = self._limits
         flags, chunk_count, pickle_length, version = header
-        if flags & ~_wire.FLAG_END != self._want_flags:
+        if flags & ~(_wire.FLAG_END | _wire.FLAG_SHARED) != self._want_flags:
             raise self._fail(AuthenticationError(self._wrong_signature(flags)))
+        if flags & _wire.FLAG_SHARED and not (self._shared_memory and _shm.AVAILABLE):
+            raise self._fail(ProtocolError(
+                "the peer hands arrays over as shared memory (descriptors beside the bytes), "
+                "which this end did not opt in to: pass shared_memory=True on both ends "
+                "(connect_unix, create_unix_listener, ObjectStream.from_socket, sync.dump and "
+                "sync.load), or have the peer send ordinary arrays"
+                if _shm.AVAILABLE else
+                "the peer hands arrays over as shared memory, which this platform can't map "
+                "(no sealed memfd): have the peer send ordinary arrays"
+            ))
         if self._stream:
             pinned = self._stream_version or version
             if version != pinned:
@@ -566,6 +657,8 @@ class Decoder:
         except ProtocolError as exc:
             raise self._fail(exc) from None
         self._check_header(header)
+        if header.flags & _wire.FLAG_SHARED:
+            return None  # the incremental path takes messages with descriptors
         size = header.size()
         max_size = self._limits.max_message_size
         if size > max_size:
@@ -633,6 +726,39 @@ class Decoder:
             self._table = self._view
         else:
             self._table = None
+        if self._header.flags & _wire.FLAG_SHARED:
+            size = _wire.shared_table_size(self._header.chunk_count)
+            self._enter(_SHARED, memoryview(bytearray(size)), size)
+            return
+        self._after_tables()
+
+    def _on_shared(self) -> None:
+        """The shared table is in: claim the message's descriptors, check each and map the
+        ranges its side chunks announce, then close them (the mappings don't need them)."""
+        lengths = self._lengths
+        count, entries = self._guard(_wire.unpack_shared_table, self._view, lengths)
+        if count > self._limits.max_descriptors:
+            raise self._over_fds(count, self._limits.max_descriptors)
+        if count > len(self._fds):
+            raise self._fail(ProtocolError(
+                f"the message's side chunks lie in {count} shared-memory files, but "
+                f"{len(self._fds)} descriptors arrived with it: the peer is broken or hostile, "
+                f"or something between us dropped them (is this a Unix socket end to end?)"
+            ))
+        fds = self._fds[:count]
+        del self._fds[:count]
+        shared: dict[int, memoryview] = {}
+        try:
+            for i, (index, offset) in enumerate(entries):
+                if index != _wire.INLINE:
+                    shared[i] = self._guard(_shm.map_received, fds[index], offset, lengths[i])
+        finally:
+            _shm.close_all(fds)
+        self._shared = shared
+        self._expected -= sum(lengths[i] for i in shared)  # they don't travel in the stream
+        self._after_tables()
+
+    def _after_tables(self) -> None:
         if self._header.version == _wire.VERSION_KEYED:
             self._enter(_HEADER_TAG, memoryview(bytearray(_wire.TAG_SIZE)), _wire.TAG_SIZE)
         else:
@@ -767,6 +893,10 @@ class Decoder:
                 else:
                     self._complete()
                 return
+            shared = self._shared
+            if shared is not None and self._chunk_index in shared:
+                self._chunks.append(shared.pop(self._chunk_index))  # mapped: nothing to wait for
+                continue
             size = self._lengths[self._chunk_index]
             self._enter(_CHUNK, _UNALLOCATED, size)
             if size:
@@ -863,6 +993,9 @@ class Decoder:
         self._failure = exc
         self._view = _UNALLOCATED
         self._chunks = []
+        self._shared = None
+        if self._fds:
+            self.close_descriptors()
         self._pickle = _NO_PICKLE  # what arrived of the message is freed, not kept for the error
         self._pickle_bytes = b""
         return exc

@@ -32,11 +32,12 @@ from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
-from . import _rebuild, _wire
+from . import _rebuild, _shm, _wire
 from ._accel import speedups
 from ._errors import EncodeError, UsageError, encode_error
 from ._limits import Limits
 from ._mac import Key, as_key, new_sender
+from ._shm import SharedChunks
 
 __all__ = ["Chunk", "Encoder", "dumps"]
 
@@ -405,13 +406,33 @@ class Encoder:
     ``limits``: refuse, with :class:`EncodeError` and before any chunk exists, a message that
     a decoder with these :class:`Limits` would refuse (too many bytes, side chunks or pickle
     bytes), instead of sending it for the peer to refuse and hang up on.
+
+    ``shared_memory``: a side chunk whose memory lies in a shared-memory file of this process
+    (:func:`shared_empty`, :func:`shared_copy`) travels as a reference to the file, not as
+    bytes; such a message comes back as a :class:`~streampickle._shm.SharedChunks` list whose
+    ``descriptors`` go with its first byte (``SCM_RIGHTS`` on a Unix socket). For a peer on
+    the same host whose decoder has ``shared_memory=True`` too. Not with a key: memory the
+    sender can still write can't be authenticated (:class:`UsageError`).
     """
 
     def __init__(
-        self, *, key: bytes | Key | None = None, stream: bool = True, limits: Limits | None = None
+        self,
+        *,
+        key: bytes | Key | None = None,
+        stream: bool = True,
+        limits: Limits | None = None,
+        shared_memory: bool = False,
     ) -> None:
         if limits is not None and not isinstance(limits, Limits):
             raise UsageError(f"limits must be a streampickle.Limits, not {type(limits).__name__}")
+        if shared_memory and key is not None:
+            raise UsageError(
+                "shared_memory=True can't go with a key: a MAC authenticates bytes, and the "
+                "sender can still write an array it handed over as shared memory. Use one or "
+                "the other (a Unix socket's peer is on this host: check who it is with "
+                "SO_PEERCRED, or restrict the socket file's mode)."
+            )
+        self._shared_memory = bool(shared_memory) and _shm.AVAILABLE
         self._limits = limits
         self._key = as_key(key)
         self._flags = self._key.flags if self._key is not None else 0
@@ -487,6 +508,8 @@ class Encoder:
         assert limits is not None
         header = _wire.parse_header(memoryview(chunks[0])[: _wire.HEADER_SIZE])
         size = sum(memoryview(c).nbytes for c in chunks) + tag
+        if type(chunks) is SharedChunks:
+            size += chunks.shared_bytes
         for what, value, field in (
             ("bytes in all", size, "max_message_size"),
             ("pickle bytes", header.pickle_length, "max_pickle_size"),
@@ -585,6 +608,10 @@ class Encoder:
         and the header tag), pickle, side chunks, tag."""
         count = 0 if views is None else len(views)
         if self._key is None:
+            if views is not None and self._shared_memory:
+                found = self._shared_references(views)
+                if found is not None:
+                    return self._assemble_shared(parts, size, views, *found)
             head = _wire.pack_header(0, count, size)
             if views is not None:
                 head += _wire.pack_lengths([v.nbytes for v in views])
@@ -606,6 +633,68 @@ class Encoder:
             for chunk in chunks:
                 mac.update(chunk)
             chunks.append(mac.digest())
+        return chunks
+
+    @staticmethod
+    def _shared_references(views: list[memoryview]) -> tuple[list[tuple[int, int]], list[int], list[Any]] | None:
+        """Where each side chunk lies, if any lies in this process's shared files: each one's
+        (descriptor index or ``INLINE``, offset), the descriptors in index order (one per
+        file, however many chunks lie in it), and the mappings to keep alive until they are
+        sent. None if every chunk goes inline. Past ``MAX_DESCRIPTORS`` files, chunks in a
+        further file go inline."""
+        indices: dict[int, int] = {}
+        entries: list[tuple[int, int]] = []
+        owners: list[Any] = []
+        for view in views:
+            found = _shm.find(view)
+            if found is None:
+                entries.append((_wire.INLINE, 0))
+                continue
+            fd, offset, mapping = found
+            index = indices.get(fd)
+            if index is None:
+                if len(indices) == _shm.MAX_DESCRIPTORS:
+                    entries.append((_wire.INLINE, 0))
+                    continue
+                index = indices[fd] = len(indices)
+            entries.append((index, offset))
+            owners.append(mapping)
+        if not indices:
+            return None
+        return entries, list(indices), owners
+
+    def _assemble_shared(
+        self,
+        parts: list[bytes],
+        size: int,
+        views: list[memoryview],
+        entries: list[tuple[int, int]],
+        fds: list[int],
+        owners: list[Any],
+    ) -> SharedChunks:
+        """The chunks of a message some of whose side chunks are references to shared files:
+        header, length table (every chunk's length), shared table, pickle, and only the inline
+        chunks' bytes."""
+        head = b"".join((
+            _wire.pack_header(_wire.FLAG_SHARED, len(views), size),
+            _wire.pack_lengths([v.nbytes for v in views]),
+            _wire.pack_shared_table(len(fds), entries),
+        ))
+        chunks = SharedChunks()
+        if size <= _wire.COALESCE_LIMIT:
+            chunks.append(head + (parts[0] if len(parts) == 1 else b"".join(parts)))
+        else:
+            chunks.append(head)
+            chunks.extend(parts)
+        shared_bytes = 0
+        for view, (index, _) in zip(views, entries, strict=True):
+            if index == _wire.INLINE:
+                chunks.append(view)
+            else:
+                shared_bytes += view.nbytes
+        chunks.descriptors = tuple(fds)
+        chunks.shared_bytes = shared_bytes
+        chunks._owners = tuple(owners)
         return chunks
 
     def _signed_head(self, flags: int, count: int, size: int, views: list[memoryview] | None) -> bytes:

@@ -49,6 +49,12 @@ class Limits:
     #: millions of tiny allocations; a dict of thousands of arrays still fits.
     max_side_chunks: int = 65_536
 
+    #: Descriptors (shared-memory files, on a ``shared_memory=True`` Unix socket) that one
+    #: message may hand over, or that may wait unclaimed at once. Default 253, Linux's cap on
+    #: the descriptors one ``sendmsg`` carries (``SCM_MAX_FD``): each is closed as soon as its
+    #: ranges are mapped, so what this bounds is the descriptors a peer makes us hold at a time.
+    max_descriptors: int = 253
+
     #: Dict keys and set items, in one message, whose hash the verifier can't compute: values a
     #: reconstructor built (UUIDs, Fractions, numpy scalars...) and instances of allowed
     #: classes. Keys whose hashes collide cost time quadratic in their number, and these are

@@ -13,6 +13,12 @@ says where it stands in its stream::
 
 or, as the authenticated end of a stream (flag bit 3), only its first 36 bytes and a header tag.
 
+A version-1 message with flag bit 4 hands some side chunks over as shared memory (descriptors that
+travel beside the bytes, on a Unix socket); a shared table follows the length table, and only the
+other side chunks' bytes follow the pickle::
+
+    fixed header (20) | length table | shared table (8 + 16 per side chunk) | pickle | inline side chunks
+
 All integers are unsigned little-endian. The fixed header is::
 
     offset  size  field
@@ -22,6 +28,7 @@ All integers are unsigned little-endian. The fixed header is::
                                    bit 1: with bit 0 only: the tag is keyed BLAKE3
                                    bit 2: with bit 0 only, not bit 1: nonce + Poly1305
                                    bit 3: version 2 only: the end of the stream
+                                   bit 4: version 1 only, no tag: shared-memory side chunks
     6       2     reserved         must be 0
     8       4     side-chunk count
     12      8     pickle length    (bytes of the pickle part; at least 1, 0 in an end)
@@ -45,7 +52,11 @@ FLAG_MAC = 0x01
 FLAG_BLAKE3 = 0x02
 FLAG_POLY1305 = 0x04
 FLAG_END = 0x08  # version 2: the authenticated end of a stream, no pickle, no side chunks
-_KNOWN_FLAGS = {1: FLAG_MAC | FLAG_BLAKE3 | FLAG_POLY1305, 2: FLAG_MAC | FLAG_BLAKE3 | FLAG_POLY1305 | FLAG_END}
+FLAG_SHARED = 0x10  # version 1, no tag: a shared table follows the length table
+_KNOWN_FLAGS = {
+    1: FLAG_MAC | FLAG_BLAKE3 | FLAG_POLY1305 | FLAG_SHARED,
+    2: FLAG_MAC | FLAG_BLAKE3 | FLAG_POLY1305 | FLAG_END,
+}
 _MAC_KINDS = FLAG_BLAKE3 | FLAG_POLY1305
 
 # The fixed header, field by field. Every offset below is derived from these formats, and every
@@ -76,6 +87,64 @@ STREAM_FIELDS_SIZE = _STREAM_FIELDS.size  # 16
 PREFIX_SIZE = HEADER_SIZE + STREAM_FIELDS_SIZE  # 36: what a version-2 header tag starts with
 NO_SENDER = bytes(8)  # the sender of a message that stands alone
 
+# The shared table (flag bit 4): how many descriptors travel with the message and a reserved
+# word, then one entry per side chunk: the index of the descriptor its bytes lie in (INLINE: its
+# bytes follow the pickle, as without the flag), a reserved word, and its offset in that file.
+# Its length is the length table's.
+_SHARED_HEAD = struct.Struct("<II")
+_SHARED_ENTRY = struct.Struct("<IIQ")
+SHARED_HEAD_SIZE = _SHARED_HEAD.size  # 8
+SHARED_ENTRY_SIZE = _SHARED_ENTRY.size  # 16
+INLINE = 0xFFFFFFFF
+
+
+def shared_table_size(chunk_count: int) -> int:
+    return SHARED_HEAD_SIZE + chunk_count * SHARED_ENTRY_SIZE
+
+
+def pack_shared_table(descriptor_count: int, entries: list[tuple[int, int]]) -> bytes:
+    """A shared table: ``entries`` holds each side chunk's (descriptor index or ``INLINE``,
+    offset)."""
+    out = [_SHARED_HEAD.pack(descriptor_count, 0)]
+    out.extend(_SHARED_ENTRY.pack(index, 0, offset) for index, offset in entries)
+    return b"".join(out)
+
+
+def unpack_shared_table(
+    table: bytes | bytearray | memoryview, lengths: tuple[int, ...]
+) -> tuple[int, list[tuple[int, int]]]:
+    """Parse and check a shared table against the side chunks' ``lengths``: the descriptor
+    count, and each side chunk's (descriptor index or ``INLINE``, offset). Every index is below
+    the count, every descriptor holds at least one chunk, reserved words are 0, and no range
+    ends past 2**64: else :class:`ProtocolError`."""
+    count, reserved = _SHARED_HEAD.unpack_from(table)
+    if reserved:
+        raise ProtocolError(
+            f"the shared table's reserved word is {reserved:#x}, not 0: the peer uses a newer wire format"
+        )
+    entries = []
+    used = set()
+    for i, length in enumerate(lengths):
+        index, reserved, offset = _SHARED_ENTRY.unpack_from(table, SHARED_HEAD_SIZE + i * SHARED_ENTRY_SIZE)
+        if reserved:
+            raise ProtocolError(f"side chunk {i}'s shared-table entry has reserved bits set ({reserved:#x})")
+        if index != INLINE:
+            if index >= count:
+                raise ProtocolError(
+                    f"side chunk {i} lies in descriptor {index}, but the message carries {count}"
+                )
+            if offset + length > 1 << 63:
+                raise ProtocolError(f"side chunk {i} claims {length} bytes at offset {offset}: past any file's end")
+            used.add(index)
+        entries.append((index, offset))
+    if len(used) != count:
+        raise ProtocolError(
+            f"the message carries {count} descriptors but its side chunks lie in {len(used)} of "
+            f"them: the peer is broken or hostile"
+        )
+    return count, entries
+
+
 # Messages whose header, table and pickle together are at most this many bytes are sent as one
 # chunk (one write); larger pickles are handed to the transport as their own chunk, unjoined.
 COALESCE_LIMIT = 64 * 1024
@@ -96,6 +165,10 @@ class Header(NamedTuple):
         return bool(self.flags & FLAG_END)
 
     @property
+    def is_shared(self) -> bool:
+        return bool(self.flags & FLAG_SHARED)
+
+    @property
     def table_offset(self) -> int:
         """Where the length table starts, from the message's first byte."""
         return HEADER_SIZE if self.version == VERSION else PREFIX_SIZE
@@ -104,12 +177,14 @@ class Header(NamedTuple):
     def pickle_offset(self) -> int:
         """Where the pickle part starts, from the message's first byte."""
         table_end = self.table_offset + self.chunk_count * LENGTH_SIZE
-        return table_end if self.version == VERSION else table_end + TAG_SIZE
+        if self.version == VERSION:
+            return table_end + shared_table_size(self.chunk_count) if self.flags & FLAG_SHARED else table_end
+        return table_end + TAG_SIZE
 
     def size(self) -> int:
         """The bytes of the whole message but its side chunks, whose sizes the table holds."""
         if self.version == VERSION:
-            return HEADER_SIZE + self.chunk_count * LENGTH_SIZE + self.pickle_length + (TAG_SIZE if self.has_mac else 0)
+            return self.pickle_offset + self.pickle_length + (TAG_SIZE if self.has_mac else 0)
         if self.is_end:
             return PREFIX_SIZE + TAG_SIZE
         return PREFIX_SIZE + self.chunk_count * LENGTH_SIZE + TAG_SIZE + self.pickle_length + TAG_SIZE
@@ -193,6 +268,12 @@ def _checked_header(
         raise ProtocolError(
             f"the header names a MAC but carries no tag (flags={flags:#04x}): the peer is "
             f"broken or the stream is corrupt."
+        )
+    if flags & FLAG_SHARED and (flags & FLAG_MAC or not chunk_count):
+        raise ProtocolError(
+            f"a message with shared-memory side chunks carries no tag and at least one side "
+            f"chunk (flags={flags:#04x}, {chunk_count} side chunks): the peer is broken or the "
+            f"stream is corrupt."
         )
     if version == VERSION_KEYED and not flags & FLAG_MAC:
         raise ProtocolError(

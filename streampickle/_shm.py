@@ -1,0 +1,321 @@
+"""Shared memory between processes on one host: arrays whose memory is an anonymous, sealed
+shared-memory file (a Linux ``memfd``), handed to the peer as a descriptor instead of bytes.
+
+The sending half: :func:`shared_empty` and :func:`shared_copy` make ordinary numpy arrays over
+such a file, and remember which address range belongs to which file (``find``), so that an
+:class:`Encoder` made with ``shared_memory=True`` can send a side chunk lying in one as a
+reference (descriptor, offset, length). The receiving half: ``map_received`` checks that a
+descriptor a peer sent is what the reference needs (a shared-memory file sealed against
+shrinking and growing, as large as announced) and maps exactly the announced range.
+
+Mappings are made with the C library's ``mmap`` through ctypes, not Python's ``mmap`` module,
+which keeps a duplicate of the descriptor open for as long as the mapping lives: a peer that
+sends thousands of arrays would then hold thousands of our descriptors. Here a received
+descriptor is closed as soon as its ranges are mapped, and a mapping is unmapped when the last
+array or view over it is freed. Only the files this process made keep a descriptor open (one
+per :func:`shared_empty` call, for as long as its memory lives), so that they can be sent.
+
+Nothing has a name: there is nothing to clean up after a crash, unlike POSIX named shared
+memory (``multiprocessing.shared_memory``), whose segments outlive a process that dies.
+"""
+
+from __future__ import annotations
+
+import _thread
+import bisect
+import functools
+import mmap
+import os
+import stat
+import sys
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._errors import ProtocolError, UsageError
+
+__all__ = [
+    "AVAILABLE",
+    "MAX_DESCRIPTORS",
+    "SharedChunks",
+    "close_all",
+    "descriptors_of",
+    "find",
+    "map_received",
+    "shared_copy",
+    "shared_empty",
+]
+
+# What transports need to pass descriptors over a socket lives in _fdpass, which imports
+# socket (the core doesn't): these names are forwarded to it on first use.
+_FDPASS_NAMES = frozenset({"ANCILLARY_SPACE", "RECEIVE_FLAGS", "ancillary", "received_descriptors"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FDPASS_NAMES:
+        from . import _fdpass
+
+        return getattr(_fdpass, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+#: Whether this platform has anonymous, sealable shared-memory files (Linux: ``memfd_create``
+#: and file seals). Elsewhere (macOS, Windows) :func:`shared_empty` raises :class:`UsageError`
+#: and ``shared_memory=True`` connections send every array through the socket, as without it.
+AVAILABLE = (
+    sys.platform.startswith("linux")
+    and hasattr(os, "memfd_create")
+    and fcntl is not None
+    and hasattr(fcntl, "F_ADD_SEALS")
+)
+
+#: At most this many descriptors travel with one message: Linux's limit for one ``sendmsg``
+#: (``SCM_MAX_FD``). A message whose shared chunks lie in more files sends the rest as bytes.
+MAX_DESCRIPTORS = 253
+
+_PAGE = mmap.PAGESIZE
+_F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1; not in Python's fcntl
+if AVAILABLE:
+    _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+    _WRITE_SEALS = fcntl.F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE
+
+
+@functools.cache
+def _libc() -> tuple[Any, Any, Any]:
+    """The C library's mmap and munmap, and ctypes' c_char, loaded on first use (ctypes
+    takes longer to import than the rest of streampickle's core)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    return libc.mmap, libc.munmap, ctypes
+
+
+class SharedChunks(list[Any]):
+    """The chunks of a message that carries descriptors (``Encoder(shared_memory=True)``): a
+    list like any other message's, plus ``descriptors``, the descriptors to send with its first
+    byte (``SCM_RIGHTS``). They belong to the arrays' shared files, which this list keeps
+    alive: send the message before dropping it, and don't close them."""
+
+    __slots__ = ("_owners", "descriptors", "shared_bytes")
+
+    descriptors: tuple[int, ...]
+    shared_bytes: int  # the bytes the references stand for
+    _owners: tuple[Any, ...]
+
+
+def descriptors_of(chunks: Sequence[Any]) -> tuple[int, ...]:
+    """The descriptors to send with a message's first byte: none for most messages."""
+    return chunks.descriptors if type(chunks) is SharedChunks else ()
+
+
+def close_all(fds: Sequence[int]) -> None:
+    """Close every descriptor in ``fds``, whatever closing each one says."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# -- mappings ----------------------------------------------------------------------------------
+
+
+def _unmap(address: int, size: int, fd: int) -> None:
+    _libc()[1](address, size)
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _map(fd: int, offset: int, size: int) -> tuple[Any, int]:
+    """Map ``size`` bytes of ``fd`` from ``offset`` (a multiple of the page size), shared and
+    writable: a ctypes array over the mapping (the buffer that arrays and views hold) and its
+    address. OSError if the kernel refuses."""
+    map_, _, ctypes = _libc()
+    address = map_(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, offset)
+    if address is None or address == ctypes.c_void_p(-1).value:  # MAP_FAILED
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap: {os.strerror(err)}")
+    return (ctypes.c_char * size).from_address(address), address
+
+
+class _Registry:
+    """The address ranges of this process's own shared files, to find the file a buffer lies
+    in. An entry lives as long as its mapping: the finalizer that unmaps it removes it first."""
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()  # not threading: the core starts no I/O machinery
+        self._starts: list[int] = []
+        self._entries: list[tuple[int, int, int, weakref.ref[Any]]] = []  # start, end, fd, mapping
+
+    def add(self, start: int, end: int, fd: int, mapping: Any) -> None:
+        with self._lock:
+            i = bisect.bisect(self._starts, start)
+            self._starts.insert(i, start)
+            self._entries.insert(i, (start, end, fd, weakref.ref(mapping)))
+
+    def remove(self, start: int) -> None:
+        with self._lock:
+            i = bisect.bisect_left(self._starts, start)
+            if i < len(self._starts) and self._starts[i] == start:
+                del self._starts[i]
+                del self._entries[i]
+
+    def find(self, address: int, length: int) -> tuple[int, int, Any] | None:
+        with self._lock:
+            i = bisect.bisect(self._starts, address) - 1
+            if i < 0:
+                return None
+            start, end, fd, ref = self._entries[i]
+        mapping = ref()
+        if mapping is None or address + length > end:
+            return None
+        return fd, address - start, mapping
+
+
+_REGISTRY = _Registry()
+
+
+def _release(address: int, size: int, fd: int) -> None:
+    _REGISTRY.remove(address)
+    _unmap(address, size, fd)
+
+
+def _check_available() -> None:
+    if not AVAILABLE:
+        raise UsageError(
+            f"shared-memory arrays need anonymous sealed shared-memory files (memfd, Linux); "
+            f"{sys.platform} has none. Use ordinary arrays: a shared_memory=True connection "
+            f"sends them through the socket."
+        )
+
+
+def shared_empty(shape: int | Sequence[int], dtype: Any = float, order: str = "C") -> np.ndarray[Any, Any]:
+    """An ordinary, writable numpy array whose memory is an anonymous shared-memory file: sent
+    on a ``shared_memory=True`` connection to a process on the same host, it travels as a
+    descriptor, in about the same time at any size, and the receiver's array is the same
+    memory as this one (see "Shared memory" in the README for who sees which writes).
+
+    Like ``numpy.empty`` in its arguments; its contents start as zeros, and its pages become
+    memory as they are first written. The memory is 64-byte aligned (page-aligned, in fact)
+    and is freed when the last array, view or received array over it, in any process, is
+    freed: it has no name, so there is nothing to clean up after a crash. Each call holds one
+    descriptor open while its memory lives. Object dtypes are refused (pointers mean nothing
+    in another process). Raises :class:`UsageError` where the platform has no such files
+    (see ``AVAILABLE``)."""
+    _check_available()
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise UsageError(f"shared_empty: not a dtype: {dtype!r}") from exc
+    if dt.hasobject:
+        raise UsageError(f"shared_empty: {dt} holds Python objects, which can't live in shared memory")
+    if order not in ("C", "F"):
+        raise UsageError(f"shared_empty: order must be 'C' or 'F', not {order!r}")
+    dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    try:
+        count = 1
+        for n in dims:
+            n = int(n)
+            if n < 0:
+                raise ValueError
+            count *= n
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"shared_empty: shape must be non-negative ints, not {shape!r}") from exc
+    nbytes = count * dt.itemsize
+    size = max(_PAGE, -(-nbytes // _PAGE) * _PAGE)  # a whole number of pages, at least one
+    fd = os.memfd_create("streampickle", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        # Sealed against shrinking and growing, so no process holding it can make another's
+        # mapping fault (SIGBUS); F_SEAL_SEAL, so that no one can add a seal against writing.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
+        buffer, address = _map(fd, 0, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    _REGISTRY.add(address, address + size, fd, buffer)
+    weakref.finalize(buffer, _release, address, size, fd)
+    return np.ndarray(dims, dtype=dt, buffer=buffer, order="F" if order == "F" else "C")
+
+
+def shared_copy(array: Any) -> np.ndarray[Any, Any]:
+    """A copy of ``array`` (anything ``numpy.asarray`` takes) in shared memory: see
+    :func:`shared_empty`. A Fortran-ordered array stays Fortran-ordered."""
+    source = np.asarray(array)
+    order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
+    out = shared_empty(source.shape, source.dtype, order)
+    out[...] = source
+    return out
+
+
+def find(view: memoryview) -> tuple[int, int, Any] | None:
+    """Where a contiguous buffer lies if it is in one of this process's shared files: the
+    file's descriptor, the buffer's offset in it, and the mapping (to keep alive until the
+    descriptor is sent). None for any other memory."""
+    if not AVAILABLE or not view.nbytes:
+        return None
+    address = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]  # readonly views too
+    return _REGISTRY.find(address, view.nbytes)
+
+
+def map_received(fd: int, offset: int, length: int) -> memoryview:
+    """Map ``length`` bytes at ``offset`` of a descriptor a peer sent, writable and shared,
+    after checking that it is a shared-memory file sealed against shrinking and growing (so
+    the mapping can't fault later), not sealed against writing, and at least ``offset +
+    length`` bytes long. Maps only the pages holding that range; the caller closes ``fd``
+    (the mapping doesn't need it). :class:`ProtocolError` for anything else."""
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        raise ProtocolError(f"a descriptor the peer sent can't be examined: {exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise ProtocolError(
+            f"a descriptor the peer sent is not a shared-memory file (mode {info.st_mode:#o}): "
+            f"the peer is broken or hostile"
+        )
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        raise ProtocolError(
+            f"a descriptor the peer sent is not a sealable shared-memory file ({exc}): the peer "
+            f"is broken or hostile"
+        ) from exc
+    if seals & _SEALS != _SEALS:
+        raise ProtocolError(
+            f"a shared-memory file the peer sent is not sealed against shrinking and growing "
+            f"(seals {seals:#x}); it could shrink under our mapping and crash this process, so "
+            f"it is refused"
+        )
+    if seals & _WRITE_SEALS:
+        raise ProtocolError(
+            f"a shared-memory file the peer sent is sealed against writing (seals {seals:#x}); "
+            f"arrays received are writable, so it is refused"
+        )
+    if offset + length > info.st_size:
+        raise ProtocolError(
+            f"the peer announced {length} bytes at offset {offset} of a shared-memory file of "
+            f"{info.st_size} bytes"
+        )
+    if not length:
+        return memoryview(bytearray())
+    start = offset - offset % _PAGE
+    size = offset + length - start
+    try:
+        buffer, address = _map(fd, start, size)
+    except OSError as exc:
+        raise ProtocolError(f"a shared-memory file the peer sent can't be mapped: {exc}") from exc
+    weakref.finalize(buffer, _unmap, address, size, -1)
+    return memoryview(buffer).cast("B")[offset - start : offset - start + length]
