@@ -1,0 +1,409 @@
+"""Shared memory in the sans-IO core: shared_empty/shared_copy, the encoder's references, and
+the decoder's checks of every descriptor a peer hands it, with real memfds, pipes and files.
+
+The transports that carry the descriptors over Unix sockets between processes are tested in
+test_shared_transport.py; here a test plays the socket: it hands the decoder descriptors with
+``feed_descriptors`` and the bytes with ``feed``, as a transport does after ``recvmsg``.
+Every refusal is checked to leave no descriptor open and the decoder failed for good.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import streampickle
+from streampickle import (
+    Decoder,
+    Encoder,
+    LimitExceededError,
+    Limits,
+    ProtocolError,
+    UsageError,
+    _shm,
+    _wire,
+)
+
+pytestmark = pytest.mark.skipif(not _shm.AVAILABLE, reason="needs memfd and file seals (Linux)")
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+def open_fds() -> int:
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def no_leak() -> Iterator[None]:
+    """The test leaves exactly as many descriptors open as it found."""
+    before = open_fds()
+    yield
+    assert open_fds() == before
+
+
+def wire_of(chunks: list[Any]) -> bytes:
+    return b"".join(bytes(memoryview(c).cast("B")) for c in chunks)
+
+
+def send(obj: Any, decoder: Decoder | None = None) -> Any:
+    """Encode ``obj`` with shared memory and decode it as a peer would: the descriptors are
+    duplicated (as the kernel does when they cross a socket) and handed over first."""
+    chunks = Encoder(shared_memory=True).encode(obj)
+    decoder = decoder or Decoder(shared_memory=True)
+    decoder.feed_descriptors([os.dup(fd) for fd in _shm.descriptors_of(chunks)])
+    decoder.feed(wire_of(chunks))
+    return next(decoder)
+
+
+def in_shared_memory(array: np.ndarray[Any, Any]) -> bool:
+    return _shm.find(memoryview(array.ravel(order="K")).cast("B")) is not None
+
+
+def address_of(buffer: Any) -> int:
+    return int(np.frombuffer(buffer, dtype=np.uint8).__array_interface__["data"][0])
+
+
+def mapping_of(address: int) -> str | None:
+    """The line of /proc/self/maps whose range holds ``address``, if any."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if start <= address < end:
+                return line
+    return None
+
+
+def memfd(size: int, seals: int = SEALS) -> int:
+    fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def shared_message(lengths: list[int], entries: list[tuple[int, int]], count: int) -> bytes:
+    """A hand-made message with a shared table: one side chunk per entry, all shared unless
+    their index is INLINE (whose bytes, zeros, follow the pickle)."""
+    pickle_part = _pickle_of_buffers(len(lengths))
+    inline = b"".join(bytes(n) for n, (i, _) in zip(lengths, entries, strict=True) if i == _wire.INLINE)
+    return (
+        _wire.pack_header(_wire.FLAG_SHARED, len(lengths), len(pickle_part))
+        + _wire.pack_lengths(lengths)
+        + _wire.pack_shared_table(count, entries)
+        + pickle_part
+        + inline
+    )
+
+
+def _pickle_of_buffers(n: int) -> bytes:
+    """A pickle of a list of ``n`` out-of-band buffers (NEXT_BUFFER each)."""
+    import pickle
+
+    buffers = [pickle.PickleBuffer(bytearray(1)) for _ in range(n)]
+    return pickle.dumps(buffers, protocol=5, buffer_callback=lambda b: False)
+
+
+# -- shared_empty and shared_copy -------------------------------------------------------------
+
+
+def test_shared_empty_is_an_ordinary_aligned_writable_zeroed_array() -> None:
+    a = streampickle.shared_empty((3, 5), dtype=np.int32)
+    assert type(a) is np.ndarray and a.shape == (3, 5) and a.dtype == np.int32
+    assert a.flags.writeable and a.flags.c_contiguous
+    assert a.ctypes.data % 64 == 0
+    assert not a.any()
+    f = streampickle.shared_empty([4, 2], order="F")
+    assert f.flags.f_contiguous and f.dtype == np.float64
+    assert streampickle.shared_empty(0).size == 0
+    assert streampickle.shared_empty(7).shape == (7,)
+
+
+def test_shared_empty_refuses_what_cannot_live_in_shared_memory() -> None:
+    with pytest.raises(UsageError, match="Python objects"):
+        streampickle.shared_empty(3, dtype=object)
+    with pytest.raises(UsageError, match="shape"):
+        streampickle.shared_empty((2, -1))
+    with pytest.raises(UsageError, match="order"):
+        streampickle.shared_empty(3, order="K")
+    with pytest.raises(UsageError, match="dtype"):
+        streampickle.shared_empty(3, dtype="not a dtype")
+
+
+def test_shared_copy_copies_values_dtype_and_order() -> None:
+    source = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    copy = streampickle.shared_copy(source)
+    assert np.array_equal(copy, source) and copy.dtype == source.dtype and copy.flags.f_contiguous
+    assert in_shared_memory(copy)
+    assert streampickle.shared_copy([1, 2, 3]).tolist() == [1, 2, 3]
+
+
+def test_the_senders_file_is_sealed_against_shrinking_growing_and_new_seals() -> None:
+    a = streampickle.shared_empty(1000)
+    fd, _, _ = _shm.find(memoryview(a).cast("B"))  # type: ignore[misc]
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    assert seals & SEALS == SEALS and seals & fcntl.F_SEAL_SEAL
+    with pytest.raises(PermissionError):
+        os.ftruncate(fd, PAGE // 2)
+    with pytest.raises(PermissionError):
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+
+
+def test_memory_and_descriptor_are_freed_with_the_last_array(no_leak: None) -> None:
+    a = streampickle.shared_empty(1 << 20, dtype=np.uint8)
+    view = a[100:200]
+    address = address_of(a)
+    del a
+    gc.collect()
+    assert in_shared_memory(view)  # the view keeps it
+    assert mapping_of(address) is not None
+    del view
+    gc.collect()
+    assert mapping_of(address) is None
+
+
+def test_ordinary_memory_is_not_shared() -> None:
+    assert _shm.find(memoryview(np.arange(10.0)).cast("B")) is None
+    assert _shm.find(memoryview(bytearray(100))) is None
+    assert _shm.find(memoryview(b"")) is None
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+def test_a_shared_array_arrives_as_the_same_memory(no_leak: None) -> None:
+    a = streampickle.shared_empty((100, 10), dtype=np.int64)
+    a[:] = np.arange(1000).reshape(100, 10)
+    got = send({"a": a, "tail": a[90:], "plain": np.arange(4.0), "n": 1})
+    assert np.array_equal(got["a"], a) and np.array_equal(got["tail"], a[90:])
+    assert got["plain"].tolist() == [0.0, 1.0, 2.0, 3.0] and got["n"] == 1
+    assert got["a"].flags.writeable and type(got["a"]) is np.ndarray
+    got["a"][0, 0] = -1  # the receiver's writes are the sender's...
+    assert a[0, 0] == -1
+    a[99, 9] = -2  # ...and the other way round
+    assert got["a"][99, 9] == -2 and got["tail"][9, 9] == -2
+    del got
+    gc.collect()
+
+
+def test_the_message_carries_references_not_bytes_one_descriptor_per_file() -> None:
+    a = streampickle.shared_empty(1 << 20, dtype=np.uint8)  # 1 MiB
+    b = streampickle.shared_empty(10)
+    chunks = Encoder(shared_memory=True).encode([a[: 1 << 19], a[1 << 19 :], b, np.zeros(3)])
+    assert type(chunks) is _shm.SharedChunks
+    assert len(chunks.descriptors) == 2  # the two halves of a share one
+    assert len(wire_of(chunks)) < 1024  # only the ordinary array's 24 bytes travel
+    assert chunks.shared_bytes == (1 << 20) + 80
+
+
+def test_ordinary_messages_are_unchanged_on_a_shared_memory_encoder() -> None:
+    for obj in (1, "x" * 100_000, {"a": np.arange(100_000)}):
+        shared = Encoder(shared_memory=True).encode(obj)
+        assert type(shared) is list and _shm.descriptors_of(shared) == ()
+        assert wire_of(shared) == wire_of(Encoder().encode(obj))
+
+
+def test_past_max_descriptors_files_the_rest_go_inline(no_leak: None) -> None:
+    arrays = [streampickle.shared_empty(4, dtype=np.int32) + 0 for _ in range(3)]  # ordinary copies
+    shared = [streampickle.shared_copy(np.full(4, i, dtype=np.int32)) for i in range(_shm.MAX_DESCRIPTORS + 3)]
+    chunks = Encoder(shared_memory=True).encode(shared + arrays)
+    assert len(chunks.descriptors) == _shm.MAX_DESCRIPTORS
+    got = send(shared + arrays)
+    assert [int(x[0]) for x in got[: len(shared)]] == list(range(len(shared)))
+    del got, chunks
+    gc.collect()
+
+
+def test_a_readonly_view_arrives_readonly() -> None:
+    a = streampickle.shared_empty(8)
+    view = a[:]
+    view.flags.writeable = False
+    got = send(view)
+    assert not got.flags.writeable and np.array_equal(got, a)
+
+
+def test_shared_memory_and_a_key_do_not_mix() -> None:
+    with pytest.raises(UsageError, match="key"):
+        Encoder(shared_memory=True, key=b"secret")
+
+
+def test_without_memfd_arrays_are_refused_and_encoders_send_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = streampickle.shared_empty(4)
+    monkeypatch.setattr(_shm, "AVAILABLE", False)
+    with pytest.raises(UsageError, match="memfd"):
+        streampickle.shared_empty(4)
+    chunks = Encoder(shared_memory=True).encode(a)
+    assert _shm.descriptors_of(chunks) == ()
+    assert np.array_equal(streampickle.loads(wire_of(chunks)), a)
+
+
+# -- what a receiver refuses ------------------------------------------------------------------
+
+
+def test_a_decoder_that_did_not_opt_in_refuses_and_names_the_option(no_leak: None) -> None:
+    a = streampickle.shared_empty(10)
+    message = wire_of(Encoder(shared_memory=True).encode(a))
+    with pytest.raises(ProtocolError, match="shared_memory=True"):
+        streampickle.loads(message)
+    decoder = Decoder()
+    with pytest.raises(ProtocolError, match="did not opt in"):
+        decoder.feed_descriptors([memfd(PAGE)])
+    assert decoder.failed
+
+
+def refuse(
+    message: bytes, fds: list[int], error: type[Exception] = ProtocolError, match: str | None = None, **kw: Any
+) -> Decoder:
+    decoder = Decoder(shared_memory=True, **kw)
+    with pytest.raises(error, match=match):
+        decoder.feed_descriptors(fds)
+        decoder.feed(message)
+    assert decoder.failed
+    return decoder
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: _read_end_of_a_pipe(), "not a shared-memory file"),
+        (lambda: _unlinked_file(), "not a sealable"),
+        (lambda: memfd(PAGE, seals=0), "not sealed against shrinking"),
+        (lambda: memfd(PAGE, seals=fcntl.F_SEAL_SHRINK), "not sealed against shrinking"),
+        (lambda: memfd(10, SEALS), "of 10 bytes"),
+        (lambda: memfd(PAGE, SEALS | fcntl.F_SEAL_WRITE), "sealed against writing"),
+    ],
+    ids=["pipe", "regular-file", "unsealed", "shrink-only", "too-small", "write-sealed"],
+)
+def test_each_descriptor_is_checked_before_it_is_mapped(no_leak: None, make: Any, match: str) -> None:
+    refuse(shared_message([100], [(0, 0)], 1), [make()], match=match)
+
+
+def _read_end_of_a_pipe() -> int:
+    read, write = os.pipe()
+    os.close(write)
+    return read
+
+
+def _unlinked_file() -> int:
+    fd, path = tempfile.mkstemp()
+    os.unlink(path)
+    os.ftruncate(fd, PAGE)
+    return fd
+
+
+def test_a_range_past_the_files_end_is_refused(no_leak: None) -> None:
+    refuse(shared_message([PAGE], [(0, 1)], 1), [memfd(PAGE)], match="offset 1")
+    refuse(shared_message([8], [(0, 2**64 - 4)], 1), [memfd(PAGE)], match="past any file's end")
+
+
+@pytest.mark.parametrize(
+    "entries, count, match",
+    [
+        ([(1, 0)], 1, "lies in descriptor 1"),
+        ([(0, 0)], 2, "lie in 1 of"),
+        ([(0, 0)], 0, "lies in descriptor 0"),
+    ],
+)
+def test_the_shared_table_must_be_consistent(
+    no_leak: None, entries: list[tuple[int, int]], count: int, match: str
+) -> None:
+    refuse(shared_message([8], entries, count), [memfd(PAGE), memfd(PAGE)], match=match)
+
+
+def test_reserved_words_of_the_shared_table_are_refused(no_leak: None) -> None:
+    message = bytearray(shared_message([8], [(0, 0)], 1))
+    table = _wire.HEADER_SIZE + _wire.LENGTH_SIZE
+    struct.pack_into("<I", message, table + 4, 1)
+    refuse(bytes(message), [memfd(PAGE)], match="reserved")
+    message = bytearray(shared_message([8], [(0, 0)], 1))
+    struct.pack_into("<I", message, table + _wire.SHARED_HEAD_SIZE + 4, 1)
+    refuse(bytes(message), [memfd(PAGE)], match="reserved")
+
+
+def test_fewer_descriptors_than_the_message_needs(no_leak: None) -> None:
+    refuse(shared_message([8, 8], [(0, 0), (1, 0)], 2), [memfd(PAGE)], match="2 shared-memory files, but 1")
+
+
+def test_descriptors_no_message_claims_are_refused_and_closed(no_leak: None) -> None:
+    refuse(streampickle.dumps(1), [memfd(PAGE)], match="no message claimed")
+    refuse(shared_message([8], [(0, 0)], 1), [memfd(PAGE), memfd(PAGE)], match="no message claimed")
+
+
+def test_a_peer_cannot_make_us_hold_many_descriptors(no_leak: None) -> None:
+    limits = Limits(max_descriptors=4)
+    decoder = refuse(b"", [memfd(PAGE) for _ in range(5)], LimitExceededError, "max_descriptors=4", limits=limits)
+    with pytest.raises(LimitExceededError):
+        decoder.feed_descriptors([memfd(PAGE)])  # closed too: the decoder failed
+
+
+def test_the_message_size_limit_counts_shared_bytes(no_leak: None) -> None:
+    fd = memfd(1 << 30)  # sparse: costs nothing
+    limits = Limits(max_message_size=1 << 29)
+    refuse(shared_message([1 << 30], [(0, 0)], 1), [fd], LimitExceededError, "max_message_size", limits=limits)
+
+
+def test_shared_flag_with_a_tag_or_without_side_chunks_is_refused() -> None:
+    for flags, count in ((_wire.FLAG_SHARED | _wire.FLAG_MAC, 1), (_wire.FLAG_SHARED, 0)):
+        with pytest.raises(ProtocolError, match="shared-memory side chunks"):
+            _wire.parse_header(_wire.pack_header(flags, count, 5))
+
+
+def test_a_keyed_decoder_refuses_shared_messages(no_leak: None) -> None:
+    refuse(shared_message([8], [(0, 0)], 1), [memfd(PAGE)], streampickle.AuthenticationError, "key", key=b"k")
+
+
+def test_only_the_announced_pages_are_mapped(no_leak: None) -> None:
+    """A peer announcing 8 bytes of a 1 GiB file gets one page of our address space."""
+    fd = memfd(1 << 30)
+    decoder = Decoder(shared_memory=True)
+    decoder.feed_descriptors([fd])
+    decoder.feed(shared_message([8], [(0, (1 << 29) + 3)], 1))
+    (buffer,) = next(decoder)
+    line = mapping_of(address_of(buffer))
+    assert line is not None and "memfd:test" in line
+    start, end = (int(x, 16) for x in line.split()[0].split("-"))
+    assert end - start == PAGE
+    del buffer
+    gc.collect()
+
+
+def test_a_decoder_dropped_holding_descriptors_closes_them(no_leak: None) -> None:
+    decoder = Decoder(shared_memory=True)
+    decoder.feed_descriptors([memfd(PAGE)])
+    decoder.feed(shared_message([8], [(0, 0)], 1)[:5])  # inside the header: still unclaimed
+    del decoder
+
+
+def test_close_descriptors_and_eof_close_what_waits(no_leak: None) -> None:
+    decoder = Decoder(shared_memory=True)
+    decoder.feed_descriptors([memfd(PAGE)])
+    decoder.close_descriptors()
+    decoder = Decoder(shared_memory=True)
+    decoder.feed_descriptors([memfd(PAGE)])
+    decoder.feed(shared_message([8], [(0, 0)], 1)[:5])
+    with pytest.raises(streampickle.IncompleteMessageError):
+        decoder.feed_eof()
+
+
+@pytest.mark.parametrize("split", [1, 7, 29, 100])
+def test_any_split_of_the_bytes(no_leak: None, split: int) -> None:
+    a = streampickle.shared_copy(np.arange(50, dtype=np.int16))
+    chunks = Encoder(shared_memory=True).encode((a, np.ones(3), a[::2].copy()))
+    data = wire_of(chunks)
+    decoder = Decoder(shared_memory=True)
+    decoder.feed_descriptors([os.dup(fd) for fd in chunks.descriptors])
+    for i in range(0, len(data), split):
+        decoder.feed(data[i : i + split])
+    got = next(decoder)
+    assert np.array_equal(got[0], a) and got[1].tolist() == [1.0, 1.0, 1.0] and np.array_equal(got[2], a[::2])
+    del got
+    gc.collect()
