@@ -8,7 +8,9 @@ connection up to ``TRANSFERS`` times (see ``Transfers``). Each transfer starts a
 receiver tells the sender to go, and times from then until every message of the workload is
 reconstructed as a Python object; then (untimed) it verifies them and lets them go. Both sides
 report the rise of their peak RSS (VmHWM): the sender's over the whole measurement, the
-receiver's the largest over one transfer.
+receiver's the largest over one transfer. Over a Unix socket the receiver also reads both
+processes' PSS (``pss_mib``) around each transfer: what the transfer added to the physical memory
+of each, with shared pages split between the processes that map them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,44 @@ def hwm_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def pss_mib(pid: int | str = "self") -> float | None:
+    """A process's proportional set size: its resident memory, with each page shared with
+    other processes counted as its share (1/n for n processes mapping it). RSS counts a
+    shared page whole in every process that maps it, so two processes sharing an array both
+    show it in full; their PSS adds up to it once. None where /proc has no smaps_rollup
+    (not Linux, Linux before 4.14) or the process is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def peer_pid(sock: socket.socket) -> int | None:
+    """The process at the other end of a Unix socket (``SO_PEERCRED``); None over TCP."""
+    if sock.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid
+
+
+def in_shared_file(array: np.ndarray[Any, Any]) -> bool:
+    """Whether an array's memory is a mapping of a shared-memory file (``/proc/self/maps``
+    names those ``/memfd:...``): a received array that the sender handed over as shared memory."""
+    address = array.ctypes.data
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return len(fields) > 5 and fields[5].startswith("/memfd:")
+    return False
 
 
 def warm_bytes(workload: str, scale: float) -> int:
@@ -241,7 +281,7 @@ GO, STOP = b"g", b"s"
 
 
 class Transfers:
-    """The receiver's record of one measurement: each transfer's seconds and RSS rise.
+    """The receiver's record of one measurement: each transfer's seconds and memory.
 
     The receiver's loop, in every contender::
 
@@ -254,12 +294,20 @@ class Transfers:
     ``prepare`` comes before GO so that the sender starts no earlier than the clock. The peak
     RSS is reset before each transfer and read after it, before verification: the comparison's
     temporaries and the previous transfer's objects are not counted.
+
+    Given the sender's process id (``peer``, known over a Unix socket), ``prepare`` and
+    ``stop`` also read both processes' PSS, outside the timed region; the report keeps the
+    transfer that added the most to their sum: physical memory the transfer added, counted
+    once however many processes map it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peer: int | None = None) -> None:
         self.seconds: list[float] = []
         self.rss_mib = 0.0
+        self.peer = peer
+        self.pss: tuple[float, float] | None = None  # the receiver's and the sender's PSS change
         self._base = 0.0
+        self._pss_base: tuple[float | None, float | None] = (None, None)
         self._start = 0.0
 
     def more(self) -> bool:
@@ -267,6 +315,8 @@ class Transfers:
 
     def prepare(self) -> None:
         self._base = ready()
+        if self.peer is not None:
+            self._pss_base = (pss_mib(), pss_mib(self.peer))
 
     def start(self) -> None:
         self._start = time.perf_counter()
@@ -274,9 +324,17 @@ class Transfers:
     def stop(self) -> None:
         self.seconds.append(time.perf_counter() - self._start)
         self.rss_mib = max(self.rss_mib, hwm_mib() - self._base)
+        own, other = self._pss_base
+        if self.peer is not None and own is not None and other is not None:
+            now_own, now_other = pss_mib(), pss_mib(self.peer)
+            if now_own is not None and now_other is not None:
+                change = (now_own - own, now_other - other)
+                if self.pss is None or sum(change) > sum(self.pss):
+                    self.pss = change
 
     def report(self) -> None:
-        emit(seconds=self.seconds, rss_mib=self.rss_mib, verified=True)
+        pss = {"recv_pss_mib": self.pss[0], "send_pss_mib": self.pss[1]} if self.pss else {}
+        emit(seconds=self.seconds, rss_mib=self.rss_mib, verified=True, **pss)
 
 
 def send_transfers(wait_go: Callable[[], bool], send: Callable[[], None]) -> None:
@@ -287,9 +345,10 @@ def send_transfers(wait_go: Callable[[], bool], send: Callable[[], None]) -> Non
     emit(rss_mib=hwm_mib() - before)
 
 
-def receive_transfers(go: Callable[[bytes], Any], receive: Callable[[], Any], check: Callable[[Any], None]) -> None:
+def receive_transfers(go: Callable[[bytes], Any], receive: Callable[[], Any], check: Callable[[Any], None],
+                      peer: int | None = None) -> None:
     """The receiver's loop (blocking contenders); see ``Transfers``."""
-    t = Transfers()
+    t = Transfers(peer)
     while t.more():
         t.prepare()
         go(GO)
@@ -314,9 +373,10 @@ def run_blocking(role: str, transport: str, messages: list[Any], address: str | 
         conn, _ = lsock.accept()
         if limit:
             _big_buffers(conn)
-            receive_transfers(conn.sendall, lambda: limit_recv(conn, total), limit_check(messages))
+            receive_transfers(conn.sendall, lambda: limit_recv(conn, total), limit_check(messages), peer_pid(conn))
         else:
-            receive_transfers(conn.sendall, lambda: recv(conn, len(messages)), workloads.checker(messages))
+            receive_transfers(conn.sendall, lambda: recv(conn, len(messages)), workloads.checker(messages),
+                              peer_pid(conn))
     else:
         payload = limit_prepare(messages) if limit else messages
         sock = connect_blocking(transport, address or "")
@@ -379,9 +439,9 @@ def run_zmq(role: str, transport: str, messages: list[Any], address: str | None)
 
 
 async def receive_transfers_async(go: Callable[[bytes], Any], receive: Callable[[], Any],
-                                  check: Callable[[Any], None]) -> None:
+                                  check: Callable[[Any], None], peer: int | None = None) -> None:
     """``receive_transfers`` for the async contenders: ``go`` and ``receive`` are awaited."""
-    t = Transfers()
+    t = Transfers(peer)
     while t.more():
         t.prepare()
         await go(GO)
@@ -481,24 +541,59 @@ def run_anyio_naive(role: str, transport: str, messages: list[Any], address: str
 
 
 def run_streampickle(role: str, transport: str, messages: list[Any], address: str | None,
-                     backend: str, uvloop: bool, own_sockets: bool, key: bytes | None) -> None:
+                     backend: str, uvloop: bool, own_sockets: bool, key: bytes | None,
+                     shared: str | None = None) -> None:
+    """streampickle's contenders. ``shared`` opts both ends in to ``shared_memory=True`` (Unix
+    sockets, own sockets only) and says what the sender sends and the receiver times:
+
+    * ``"ordinary"``: the workload's ordinary arrays, which still go through the socket;
+    * ``"shared"``: the arrays copied into ``shared_copy`` memory before the clock starts
+      (allocating and filling them is the producer's work, not the transfer's): the
+      transfer is the hand-off of descriptors and the receiver's mapping;
+    * ``"read"``: the same, and the receiver reads every byte of every array (a checksum,
+      checked afterwards) before the clock stops;
+    * ``"pool"``: ordinary arrays, each copied into its shared buffer (allocated and faulted
+      in once, before the first transfer) inside the timed region, then sent: what a
+      producer that recycles shared buffers gets for arrays it did not make in them.
+    """
     import anyio
     from anyio.abc import SocketAttribute
 
     import streampickle
 
-    async def receive_all(stream: Any) -> None:
-        async def receive() -> list[Any]:
-            return [await stream.receive() for _ in messages]
+    # Passed only when opted in: a --baseline checkout from before shared memory takes no such argument.
+    opt_in: dict[str, Any] = {"shared_memory": True} if shared else {}
+    check = workloads.checker(messages)
+    expected_sums = workloads.checksums(messages) if shared == "read" and role == "recv" else None
 
-        await receive_transfers_async(stream.send, receive, workloads.checker(messages))
+    async def receive_all(stream: Any) -> None:
+        raw = stream.extra(SocketAttribute.raw_socket, None)
+        peer = peer_pid(raw) if raw is not None else None
+
+        async def receive() -> Any:
+            got = [await stream.receive() for _ in messages]
+            if expected_sums is not None:
+                return got, workloads.checksums(got)  # the full read, inside the timed region
+            return got
+
+        def check_all(result: Any) -> None:
+            got = result
+            if expected_sums is not None:
+                got, sums = result
+                assert sums == expected_sums, "the arrays read inside the timed region held other bytes"
+            if shared:  # how they came matters too: mapped from the sender's files, or as bytes
+                mapped = [in_shared_file(a) for a in workloads.arrays(got)]
+                assert all(mapped) if shared != "ordinary" else not any(mapped), f"{shared}: mapped {mapped}"
+            check(got)
+
+        await receive_transfers_async(stream.send, receive, check_all, peer)
 
     async def main() -> None:
         if role == "recv":
             if own_sockets:
                 if transport == "unix":
                     path = new_address("unix")
-                    listener = await streampickle.create_unix_listener(path, key=key)
+                    listener = await streampickle.create_unix_listener(path, key=key, **opt_in)
                     emit(address=path)
                 else:
                     listener = await streampickle.create_tcp_listener(local_host="127.0.0.1", key=key)
@@ -522,9 +617,16 @@ def run_streampickle(role: str, transport: str, messages: list[Any], address: st
             async with raw_listener, anyio.create_task_group() as tg:
                 tg.start_soon(raw_listener.serve, handler)
         else:
+            # Shared arrays are made before connecting: the receiver starts its clock as soon
+            # as it has accepted, and making them is the producer's work, not the transfer's.
+            payload: list[Any] = messages
+            if shared in ("shared", "read"):
+                payload = workloads.shared(messages)
+            elif shared == "pool":
+                payload = list(zip(messages, workloads.shared(messages), strict=True))
             if own_sockets:
                 if transport == "unix":
-                    stream = await streampickle.connect_unix(address or "", key=key)
+                    stream = await streampickle.connect_unix(address or "", key=key, **opt_in)
                 else:
                     host, port = (address or "").rsplit(":", 1)
                     stream = await streampickle.connect_tcp(host, int(port), key=key)
@@ -536,7 +638,15 @@ def run_streampickle(role: str, transport: str, messages: list[Any], address: st
                     raw = await anyio.connect_tcp(host, int(port))
                 stream = streampickle.ObjectStream(raw, key=key)
             async with stream:
-                await send_transfers_async(stream.receive, stream.send, messages)
+                if shared == "pool":
+                    async def send_pooled(pair: tuple[Any, Any]) -> None:
+                        ordinary, pooled = pair
+                        workloads.refill(pooled, ordinary)
+                        await stream.send(pooled)
+
+                    await send_transfers_async(stream.receive, send_pooled, payload)
+                else:
+                    await send_transfers_async(stream.receive, stream.send, payload)
 
     options = {"use_uvloop": True} if uvloop else {}
     anyio.run(main, backend=backend, backend_options=options)
@@ -561,6 +671,15 @@ CONTENDERS: dict[str, Callable[..., None]] = {
         r, t, m, a, "asyncio", False, True, mac_key("blake3")),
     "streampickle-asyncio-poly1305": lambda r, t, m, a, total: run_streampickle(
         r, t, m, a, "asyncio", False, True, mac_key("poly1305")),
+    # Same host, shared memory (Unix sockets; see run_streampickle for what each one times)
+    "streampickle-asyncio-shm": lambda r, t, m, a, total: run_streampickle(
+        r, t, m, a, "asyncio", False, True, None, "shared"),
+    "streampickle-asyncio-shm-read": lambda r, t, m, a, total: run_streampickle(
+        r, t, m, a, "asyncio", False, True, None, "read"),
+    "streampickle-asyncio-shm-ordinary": lambda r, t, m, a, total: run_streampickle(
+        r, t, m, a, "asyncio", False, True, None, "ordinary"),
+    "streampickle-asyncio-shm-pool": lambda r, t, m, a, total: run_streampickle(
+        r, t, m, a, "asyncio", False, True, None, "pool"),
 }
 
 

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,6 +38,10 @@ TRANSPORTS = ["tcp", "unix"]
 NEEDS = {"dask-comm": "distributed", "zmq-zerocopy": "zmq", "streampickle-uvloop": "uvloop",
          "streampickle-asyncio-blake3": "blake3", "streampickle-asyncio-poly1305": "cryptography"}
 TCP_ONLY = {"dask-comm"}
+#: The same-host contenders: shared memory over Unix sockets (see peers.run_streampickle).
+SHARED = ["streampickle-asyncio-shm", "streampickle-asyncio-shm-read", "streampickle-asyncio-shm-ordinary",
+          "streampickle-asyncio-shm-pool"]
+UNIX_ONLY = set(SHARED)
 #: ``--baseline DIR``: a contender named ``NAME@baseline`` runs NAME with streampickle imported
 #: from the checkout in DIR (built in place), interleaved with the others: before and after a
 #: change, measured in one run on one machine state.
@@ -52,8 +57,17 @@ def available(contenders: list[str]) -> list[str]:
             print(f"skipping {name}: the {module!r} package is not installed "
                   f"(pip install -e '.[bench]')", file=sys.stderr)
             continue
+        if name in SHARED and not shared_memory_available():
+            print(f"skipping {name}: this platform has no sealable shared-memory files (memfd)", file=sys.stderr)
+            continue
         out.append(name)
     return out
+
+
+def shared_memory_available() -> bool:
+    from streampickle import _shm
+
+    return _shm.AVAILABLE
 
 
 def measure(contender: str, transport: str, workload: str, scale: float, timeout: float) -> dict[str, Any]:
@@ -80,7 +94,8 @@ def measure(contender: str, transport: str, workload: str, scale: float, timeout
     finally:
         receiver.kill()
     return {"seconds": result["seconds"], "recv_rss_mib": result["rss_mib"],
-            "send_rss_mib": json.loads(sender.stdout.splitlines()[-1])["rss_mib"]}
+            "send_rss_mib": json.loads(sender.stdout.splitlines()[-1])["rss_mib"],
+            "recv_pss_mib": result.get("recv_pss_mib"), "send_pss_mib": result.get("send_pss_mib")}
 
 
 def transfers(measurements: list[dict[str, Any]]) -> list[float]:
@@ -95,7 +110,8 @@ def run(workload_names: list[str], transports: list[str], contenders: list[str],
         payload = workloads.payload_bytes(workload, scale)
         count = len(workloads.build(workload, scale))
         for transport in transports:
-            names = [c for c in contenders if not (transport != "tcp" and c in TCP_ONLY)]
+            names = [c for c in contenders if not (transport != "tcp" and c in TCP_ONLY)
+                     and not (transport != "unix" and c in UNIX_ONLY)]
             samples: dict[str, list[dict[str, Any]]] = {c: [] for c in names}
             for r in range(rounds):
                 for contender in names:  # interleaved: A B C A B C ...
@@ -116,24 +132,43 @@ def run(workload_names: list[str], transports: list[str], contenders: list[str],
                     "vs_p5": p5 / med if p5 else None,
                     "send_rss_mib": max(s["send_rss_mib"] for s in samples[contender]),
                     "recv_rss_mib": max(s["recv_rss_mib"] for s in samples[contender]),
+                    **pss(samples[contender]),
                     "payload_bytes": payload, "messages": count, "rounds": rounds,
                 })
     return rows
 
 
+def pss(measurements: list[dict[str, Any]]) -> dict[str, float]:
+    """The PSS changes of the measurement whose transfer added the most physical memory (the
+    sum of both ends' changes); none if the receiver could not read them (TCP)."""
+    known = [m for m in measurements if m.get("recv_pss_mib") is not None and m.get("send_pss_mib") is not None]
+    if not known:
+        return {}
+    worst = max(known, key=lambda m: m["recv_pss_mib"] + m["send_pss_mib"])
+    return {"recv_pss_mib": worst["recv_pss_mib"], "send_pss_mib": worst["send_pss_mib"]}
+
+
+def _pss_cells(r: dict[str, Any]) -> str:
+    if r.get("recv_pss_mib") is None:
+        return "- | -"
+    return f"{r['recv_pss_mib']:+.0f} / {r['send_pss_mib']:+.0f} | {r['recv_pss_mib'] + r['send_pss_mib']:+.0f}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown. Speed ratios: >1 is faster than the reference, measured in the same run;
-    ``transfers`` is how many timed transfers the median is over (rounds x repeats)."""
+    ``transfers`` is how many timed transfers the median is over (rounds x repeats). PSS
+    (Unix sockets only): the change of each end's PSS over the transfer that added the most,
+    receiver / sender, and their sum: the physical memory the transfer added."""
     lines = ["| workload | transport | contender | transfers | median s (min-max) | rate | x limit-socket "
-             "| x pickle5-oob-sync | sender +RSS MiB | receiver +RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| x pickle5-oob-sync | sender +RSS MiB | receiver +RSS MiB | PSS MiB recv / send | PSS MiB both |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rate = f"{r['msgs_per_s']:,.0f} msg/s" if r["messages"] > 1 else f"{r['gb_per_s']:.2f} GB/s"
         vs_p5 = f"{r['vs_p5']:.2f}" if r.get("vs_p5") else "-"
         lines.append(
             f"| {r['workload']} | {r['transport']} | {r['contender']} | {len(r['samples_s'])} | {r['median_s']:.4f} "
             f"({r['min_s']:.4f}-{r['max_s']:.4f}) | {rate} | {r['vs_limit']:.2f} | {vs_p5} | "
-            f"{r['send_rss_mib']:.0f} | {r['recv_rss_mib']:.0f} |"
+            f"{r['send_rss_mib']:.0f} | {r['recv_rss_mib']:.0f} | {_pss_cells(r)} |"
         )
     return "\n".join(lines)
 
@@ -193,7 +228,43 @@ def targets(rows: list[dict[str, Any]]) -> str:
                 ratio = plain["median_s"] / keyed["median_s"]
                 check(f"big-array with a key ({mac}): speed / unkeyed", transport, name, ratio, ">= 0.5",
                       ratio >= 0.5)
+    shared_targets(by, check, lines)
     return "\n".join(lines)
+
+
+def shared_targets(by: dict[tuple[str, str, str], dict[str, Any]], check: Callable[..., None],
+                   lines: list[str]) -> None:
+    """The same-host targets (shared memory over a Unix socket), added to ``targets``' lines.
+    The recycled pool has no goal: its line says what it reached."""
+    for workload in ("big-array", "many-arrays"):
+        shm = by.get((workload, "unix", "streampickle-asyncio-shm"))
+        if shm is not None:
+            goal = 100.0 if workload == "big-array" else 50.0
+            check(f"{workload}, shared: speed / limit-socket", "unix", shm["contender"], shm["vs_limit"],
+                  f">= {goal:g}", shm["vs_limit"] >= goal)
+        read = by.get((workload, "unix", "streampickle-asyncio-shm-read"))
+        if read is not None:
+            what = f"{workload}, shared, receiver reads it all: speed / limit-socket"
+            if workload == "big-array":
+                check(what, "unix", read["contender"], read["vs_limit"], ">= 3", read["vs_limit"] >= 3)
+            else:
+                lines.append(f"| {what} | unix | {read['contender']} | {read['vs_limit']:.3f} | - | - |")
+        ordinary = by.get((workload, "unix", "streampickle-asyncio-shm-ordinary"))
+        plain = by.get((workload, "unix", "streampickle-asyncio"))
+        if ordinary is not None and plain is not None:
+            ratio = plain["median_s"] / ordinary["median_s"]
+            check(f"{workload}, ordinary arrays, opted in: speed / not opted in", "unix", ordinary["contender"],
+                  ratio, ">= 1.0", ratio >= 1.0)
+        pool = by.get((workload, "unix", "streampickle-asyncio-shm-pool"))
+        if pool is not None:
+            lines.append(f"| {workload}, ordinary arrays via a recycled shared buffer: speed / limit-socket | unix "
+                         f"| {pool['contender']} | {pool['vs_limit']:.3f} | - | - |")
+        for name in ("streampickle-asyncio-shm", "streampickle-asyncio-shm-read", "streampickle-asyncio-shm-pool"):
+            r = by.get((workload, "unix", name))
+            if r is not None and r.get("recv_pss_mib") is not None:
+                added = r["recv_pss_mib"] + r["send_pss_mib"]
+                check(f"{workload}, shared: physical memory added (PSS, both ends), MiB", "unix", name, added,
+                      "<= 32", added <= 32)
 
 
 # Workloads whose data is mostly in-band: limit-socket only moves their pre-pickled bytes, so
