@@ -46,3 +46,29 @@ def test_benchmark_suite_runs_in_its_quick_configuration(tmp_path) -> None:
     assert all(len(r["samples_s"]) == sum(r["transfers"]) for r in rows)
     assert "| workload |" in proc.stdout
     assert "| target |" in proc.stdout  # the targets, checked against the same rows
+
+
+SHARED = ("limit-socket", "streampickle-asyncio", "streampickle-asyncio-shm", "streampickle-asyncio-shm-read",
+          "streampickle-asyncio-shm-ordinary", "streampickle-asyncio-shm-pool")
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(RUN_S + 60)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="shared memory needs memfd (Linux)")
+def test_the_shared_memory_rows_run_in_the_quick_configuration(tmp_path) -> None:
+    """The same-host rows over a Unix socket. Each receiver checks, besides the data, how its
+    arrays came (mapped from the sender's shared-memory files, or as bytes for the ordinary
+    row) and reads both ends' PSS, which every row here must report."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--json", str(out),
+         "--workloads", "big-array,many-arrays", "--transports", "unix", "--contenders", ",".join(SHARED),
+         "--timeout", str(MEASURE_S)],
+        capture_output=True, text=True, timeout=RUN_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {(r["workload"], r["contender"]) for r in rows} == {
+        (w, c) for w in ("big-array", "many-arrays") for c in SHARED}
+    assert all(r["transport"] == "unix" and r["recv_pss_mib"] is not None for r in rows)
+    assert "| big-array, shared: speed / limit-socket |" in proc.stdout
