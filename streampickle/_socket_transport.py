@@ -8,6 +8,14 @@ destination with ``recv_into``: no userspace copy either way. Small parts are re
 scratch memory and fed to the decoder, so a burst of small messages costs one read. On asyncio
 and uvloop the small messages of a burst of sends are written together (``send_later``). It
 counts exactly the bytes the kernel took (``exact_send_accounting = True``).
+
+With ``shared_memory=True`` (a Unix socket whose both ends opted in, see ``_shm``) descriptors
+travel beside the bytes. Every read is a ``recvmsg_into`` with room for a message's worth of
+descriptors: a plain ``recv_into`` would make the kernel close any that came. What a read
+brings is handed to the decoder before its bytes (``Decoder.feed_descriptors``), in the same
+synchronous step, so a cancelled fill still loses nothing. A message's descriptors go with the
+first ``sendmsg`` that sends any of its bytes, which is where the receiver finds them. Without
+``shared_memory`` none of this runs: reads and sends are the plain ones.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import SocketAttribute
 
+from . import _shm
 from ._anyio_compat import notify_closing, wait_readable, wait_writable
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, drop_sent, sendable
@@ -68,7 +77,7 @@ class SocketTransport:
 
     exact_send_accounting = True
 
-    def __init__(self, sock: socket.socket, *, owner: Any = None) -> None:
+    def __init__(self, sock: socket.socket, *, owner: Any = None, shared_memory: bool = False) -> None:
         sock.setblocking(False)
         if not NO_SIGNAL and hasattr(socket, "SO_NOSIGPIPE"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_NOSIGPIPE, 1)
@@ -76,6 +85,9 @@ class SocketTransport:
         self.sent = 0
         self._closed = False
         self._owner = owner  # an anyio stream whose socket this is: closed through it
+        # Descriptors travel with the bytes (see the module docstring); the caller checked
+        # that this is a Unix socket and that the decoder fed takes descriptors.
+        self._shared = shared_memory
         # Read-ahead space, made on first use: dump() and load(), which build a transport per
         # call, never read ahead.
         self._scratch: memoryview | None = None
@@ -182,6 +194,11 @@ class SocketTransport:
         self._check_open()
         if self._later or self._later_error is not None:
             await self._written_later()  # the messages ahead of this one go first
+        if self._shared:
+            fds = _shm.descriptors_of(chunks)
+            if fds:
+                await self._send_sharing(chunks, fds)
+                return
         sock = self.sock
         if len(chunks) == 1:  # a small message: one send() and, usually, done
             chunk = chunks[0]
@@ -207,6 +224,40 @@ class SocketTransport:
             self.sent += n
             drop_sent(views, n)
 
+    async def _send_sharing(self, chunks: list[Chunk], fds: tuple[int, ...]) -> None:
+        """``send_chunks`` for a message carrying descriptors: they go with the first
+        ``sendmsg`` that sends any of its bytes, since the receiver takes a message's
+        descriptors from the read that brings its first byte. A ``sendmsg`` that raises
+        ``BlockingIOError`` sent nothing, descriptors included, so the next try carries them
+        again."""
+        sock = self.sock
+        views = sendable(chunks)
+        ancillary = _shm.ancillary(fds)
+        while views:
+            try:
+                n = sock.sendmsg(views[:IOV_MAX], ancillary, NO_SIGNAL)
+            except BlockingIOError:
+                await wait_writable(sock)
+                continue
+            except OSError as exc:
+                raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
+            if n:
+                ancillary = []
+            self.sent += n
+            drop_sent(views, n)
+
+    def _receive_sharing(self, target: memoryview, decoder: Decoder) -> int:
+        """``recv_into`` for a socket that carries descriptors: the descriptors that came with
+        the bytes go to the decoder, which owns them from then on, before the bytes do (the
+        caller feeds those). ``ProtocolError`` for more than a message may carry, after closing
+        them."""
+        n, ancdata, msg_flags, _ = self.sock.recvmsg_into([target], _shm.ANCILLARY_SPACE, _shm.RECEIVE_FLAGS)
+        if ancdata or msg_flags:
+            fds = _shm.received_descriptors(ancdata, msg_flags)
+            if fds:
+                decoder.feed_descriptors(fds)
+        return n
+
     async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
         self._check_open()
         view = decoder.get_buffer()
@@ -224,7 +275,7 @@ class SocketTransport:
             target = self._scratch if limit is None else self._scratch[:limit]
         while True:
             try:
-                n = self.sock.recv_into(target)
+                n = self._receive_sharing(target, decoder) if self._shared else self.sock.recv_into(target)
                 break
             except BlockingIOError:
                 loop = self._loop_taking_callbacks() if direct else None
@@ -273,6 +324,7 @@ class SocketTransport:
         """
         sock = self.sock
         fd = sock.fileno()
+        shared = self._shared
         done: asyncio.Future[bool] = loop.create_future()
         pos = 0
 
@@ -281,12 +333,19 @@ class SocketTransport:
             if done.done():  # cancelled; the waiter removes the reader when it runs
                 return
             try:
-                n = sock.recv_into(target[pos:])
+                if shared:
+                    n = self._receive_sharing(target[pos:], decoder)
+                else:
+                    n = sock.recv_into(target[pos:])
             except BlockingIOError:
                 return
             except OSError as exc:
                 self._drop_reader()
                 done.set_exception(anyio.BrokenResourceError(f"receiving failed: {exc}"))
+                return
+            except Exception as exc:  # noqa: BLE001 - the decoder refused descriptors: handed to the waiting task
+                self._drop_reader()
+                done.set_exception(exc)
                 return
             try:
                 if n:

@@ -30,7 +30,7 @@ from ._limits import Limits
 from ._mac import Key
 from ._serve import note_accepted
 from ._serve import serve as _serve
-from ._stream import ObjectStream
+from ._stream import ObjectStream, check_shared_memory
 from ._transports import grow_socket_buffers, socket_attributes
 
 __all__ = ["ObjectStreamListener", "connect_tcp", "connect_unix", "create_tcp_listener", "create_unix_listener"]
@@ -122,17 +122,24 @@ async def connect_unix(
     key: bytes | Key | None = None,
     limits: Limits | None = None,
     budget: MemoryBudget | None = None,
+    shared_memory: bool = False,
 ) -> ObjectStream:
     """Connect to a Unix socket and return a zero-copy :class:`ObjectStream` over it
-    (``budget``: see :class:`MemoryBudget`; none by default)."""
+    (``budget``: see :class:`MemoryBudget`; none by default). ``shared_memory``: arrays made
+    with :func:`shared_empty` travel as shared memory, not bytes; the listener must opt in
+    too (see :class:`ObjectStream`)."""
+    if shared_memory:
+        check_shared_memory(key)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         _tune(sock)
         await _connect(sock, os.fspath(path))
+        return ObjectStream.from_socket(
+            sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory
+        )
     except BaseException:
         sock.close()
         raise
-    return ObjectStream.from_socket(sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget)
 
 
 class ObjectStreamListener(Listener[ObjectStream]):
@@ -253,13 +260,18 @@ async def create_unix_listener(
     key: bytes | Key | None = None,
     limits: Limits | None = None,
     budget: MemoryBudget | None = PER_LISTENER,
+    shared_memory: bool = False,
 ) -> ObjectStreamListener:
     """Listen on a Unix socket at ``path`` (``mode``: its permission bits, e.g. ``0o600``).
-    ``budget``: as for :func:`create_tcp_listener`.
+    ``budget``: as for :func:`create_tcp_listener`. ``shared_memory``: every connection
+    accepted hands arrays made with :func:`shared_empty` over as shared memory, and takes
+    them so (the clients must opt in too; see :class:`ObjectStream`).
 
     A socket file at ``path`` that no server listens on any more (left by one that crashed) is
     replaced; a live server's socket, or a file that is not a socket, is left alone and
     ``OSError`` (``errno.EADDRINUSE``) names the path."""
+    if shared_memory:
+        check_shared_memory(key)
     budget = _listener_budget(budget)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -277,7 +289,10 @@ async def create_unix_listener(
         sock.close()
         raise
     await anyio.lowlevel.checkpoint()
-    return ObjectStreamListener(sock, dict(trusted=trusted, allow=allow, key=key, limits=limits, budget=budget))
+    options = dict(trusted=trusted, allow=allow, key=key, limits=limits, budget=budget)
+    if shared_memory:
+        options["shared_memory"] = True
+    return ObjectStreamListener(sock, options)
 
 
 def _remove_stale_socket(path: str, in_use: OSError) -> None:

@@ -23,7 +23,12 @@ Both are thin: the encoder makes the chunks, the decoder finds the messages, and
 * *A burst of small messages is one write* where the transport can (``send_later``: asyncio
   and uvloop on streampickle's sockets). The first send since the stream last yielded goes out
   at once, so a reply isn't held back; the rest of the burst is taken, counts as sent, and is
-  written when the task next yields. Closing writes it first.
+  written when the task next yields. Closing writes it first. A message carrying descriptors
+  (``shared_memory``) is never taken: its descriptors must go with its first byte.
+* *Shared memory* (``shared_memory=True``, Unix sockets on both ends): arrays made with
+  ``shared_empty`` travel as descriptors (see ``_shm``); the transport hands what arrives to
+  the decoder, which owns it until a message claims it, and closing the stream closes what no
+  message claimed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import ObjectStream as _AnyioObjectStream
 
+from . import _shm
 from ._anyio_compat import checkpoint_if_cancelled
 from ._budget import ALLOWANCE, Charge, MemoryBudget
 from ._decoder import Decoder
@@ -52,7 +58,9 @@ from ._transports import (
     Transport,
     fastest_transport,
     grow_socket_buffers,
+    not_unix,
     send_message,
+    shared_transport,
 )
 
 __all__ = ["ObjectStream", "dump", "load"]
@@ -117,6 +125,13 @@ class ObjectStream(_AnyioObjectStream[Any]):
     ``send`` (:class:`EncodeError`, before any byte), since a peer configured alike would
     refuse it.
 
+    ``shared_memory``: hand arrays made with :func:`shared_empty` to the peer as shared memory
+    (a descriptor beside the bytes) instead of sending their bytes, and accept them from it.
+    Both ends must opt in, and the channel must be a Unix socket on one host: an anyio Unix
+    socket stream here, or a socket given to :meth:`from_socket`; anything else is a
+    :class:`UsageError`, and so is a ``key`` with it (a key's tag can't cover memory that
+    doesn't travel in the message). Ordinary arrays still go through the socket.
+
     ``receive`` raises ``anyio.EndOfStream`` at a clean end between messages,
     :class:`IncompleteMessageError` if the peer stopped inside one, and
     :class:`DeadlineExceededError` if a started message outlasts ``limits``' deadlines;
@@ -133,18 +148,24 @@ class ObjectStream(_AnyioObjectStream[Any]):
         key: bytes | Key | None = None,
         limits: Limits | None = None,
         budget: MemoryBudget | None = None,
+        shared_memory: bool = False,
     ) -> None:
         self.transport_stream = transport_stream
-        self._charge = Charge(budget) if budget is not None else None
         options = options_for(trusted, allow, key, limits)  # checked once, for both directions
-        self._encoder = Encoder(key=options.key, limits=limits)  # a message the peer would refuse isn't sent
-        self._decoder = Decoder(options=options)
+        self._transport: Transport | None = None
+        if shared_memory:
+            check_shared_memory(key)
+            self._transport = shared_transport(transport_stream)
+        self._shared_memory = bool(shared_memory)
+        self._charge = Charge(budget) if budget is not None else None
+        # a message the peer would refuse isn't sent
+        self._encoder = Encoder(key=options.key, limits=limits, shared_memory=self._shared_memory)
+        self._decoder = Decoder(options=options, shared_memory=self._shared_memory)
         # With a key: our own messages reflected back are refused, and the stream has an end.
         self._decoder.pair_with(self._encoder)
         self._decoder.budgeted = budget is not None
         self._keyed = key is not None
         self._end_sent = False
-        self._transport: Transport | None = None
         self._send_lock = _FifoLock()
         self._send_broken: BaseException | None = None
         self._receiving = False
@@ -165,6 +186,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         key: bytes | Key | None = None,
         limits: Limits | None = None,
         budget: MemoryBudget | None = None,
+        shared_memory: bool = False,
     ) -> ObjectStream:
         """Wrap a connected stream socket (TCP or Unix), which the object stream then owns:
         side chunks go from memory to the kernel and back with no userspace copy.
@@ -172,11 +194,17 @@ class ObjectStream(_AnyioObjectStream[Any]):
         For example one end of ``socket.socketpair()`` handed to a child process. A Unix socket
         gets the buffer sizes of streampickle's own (``connect_unix``): with ``socketpair``'s
         default ~200 KiB, a large array costs many more event-loop wake-ups.
+        ``shared_memory``: see the class; a Unix socket only.
         """
         if sock.family == socket.AF_UNIX:
             grow_socket_buffers(sock)
-        stream = cls(sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget)
-        stream._transport = SocketTransport(sock)
+        elif shared_memory:
+            raise not_unix(sock)
+        stream = cls(
+            sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory
+        )
+        if stream._transport is None:
+            stream._transport = SocketTransport(sock)
         return stream
 
     @property
@@ -196,11 +224,13 @@ class ObjectStream(_AnyioObjectStream[Any]):
         chunks, mac = self._encoder.encode_unsigned(item)
         await (self._cic or self._set_cic())()
         # A small message in a burst (not the first send since this stream last yielded) is
-        # written with the rest of the burst where the transport can (SocketTransport.send_later).
+        # written with the rest of the burst where the transport can (SocketTransport.send_later);
+        # never one carrying descriptors, which must go with its first byte.
         taken = (
             self._quick_sends
             and len(chunks) == 1
             and mac is None
+            and not (self._shared_memory and _shm.descriptors_of(chunks))
             and not self._send_lock.locked()
             and self._send_broken is None
             and not self._closed
@@ -337,7 +367,11 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._closed = True
         if self._charge is not None:
             self._charge.close()  # before the transport: a read waiting for budget wakes too
-        await self._t.aclose()
+        try:
+            await self._t.aclose()
+        finally:
+            if self._shared_memory:
+                self._decoder.close_descriptors()  # no message can claim them any more
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
@@ -355,6 +389,17 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 "an earlier send was interrupted after part of its message was written, so "
                 "the peer can't find the next message boundary: close this stream"
             ) from self._send_broken
+
+
+def check_shared_memory(key: Any) -> None:
+    """Refuse ``shared_memory=True`` with a ``key``, before any connection is made."""
+    if key is not None:
+        raise UsageError(
+            "shared_memory=True can't be combined with key=: a shared array's memory does not "
+            "travel in the message, so the key's tag can't cover it, and either process can "
+            "change it after the tag is checked. Use a key without shared memory, or shared "
+            "memory between processes that trust each other without a key."
+        )
 
 
 async def dump(obj: Any, stream: Any, *, key: bytes | Key | None = None) -> None:

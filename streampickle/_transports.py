@@ -12,8 +12,9 @@ sans-IO core, each keeping the contract of ``_transport_api.Transport``. Three k
   the Unix ones on asyncio). anyio's asyncio TCP streams belong to an asyncio transport, which
   copies data the kernel did not take at once.
 
-This module picks one for a stream (``transport_for``, ``fastest_transport``) and sends a
-message's chunks through it (``send_message``).
+This module picks one for a stream (``transport_for``, ``fastest_transport``, and
+``shared_transport`` for a stream whose descriptors must not be dropped) and sends a message's
+chunks through it (``send_message``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from anyio.abc import ByteReceiveStream, ByteSendStream, SocketAttribute, Socket
 
 from ._anyio_compat import is_asyncio_unix_stream
 from ._encoder import Chunk
+from ._errors import UsageError
 from ._socket_transport import (
     COALESCE_BYTES,
     DIRECT_READ,
@@ -52,7 +54,9 @@ __all__ = [
     "Transport",
     "fastest_transport",
     "grow_socket_buffers",
+    "not_unix",
     "send_message",
+    "shared_transport",
     "socket_attributes",
     "transport_for",
 ]
@@ -124,3 +128,37 @@ def fastest_transport(stream: Any) -> Transport:
             grow_socket_buffers(sock)
         return SocketTransport(sock, owner=stream)
     return transport_for(stream)
+
+
+def not_unix(sock: Any) -> UsageError:
+    """The error for ``shared_memory=True`` on a socket that is not a Unix socket."""
+    family = getattr(sock, "family", None)
+    name = getattr(family, "name", family)
+    return UsageError(
+        f"shared_memory=True needs a Unix socket (AF_UNIX) between processes on one host: "
+        f"descriptors can't be passed over a {name} socket. Leave shared_memory off here; "
+        f"arrays then travel as bytes."
+    )
+
+
+def shared_transport(stream: Any) -> SocketTransport:
+    """The transport of a ``shared_memory=True`` ``ObjectStream``: a Unix socket that streampickle
+    drives itself (``from_socket``'s, or the raw socket under an anyio Unix socket stream
+    that ``fastest_transport`` would drive), reading with room for descriptors. UsageError
+    for anything else: a copying transport would drop them."""
+    if isinstance(stream, socket.socket):
+        if stream.family != socket.AF_UNIX:
+            raise not_unix(stream)
+        return SocketTransport(stream, shared_memory=True)
+    if isinstance(stream, SocketStream):
+        sock = stream.extra(SocketAttribute.raw_socket)
+        if sock.family != socket.AF_UNIX:
+            raise not_unix(sock)
+        if _running_trio() or is_asyncio_unix_stream(stream):
+            grow_socket_buffers(sock)
+            return SocketTransport(sock, owner=stream, shared_memory=True)
+    raise UsageError(
+        f"shared_memory=True needs a Unix socket that streampickle reads itself: an anyio Unix "
+        f"socket stream, ObjectStream.from_socket, connect_unix or create_unix_listener; not a "
+        f"{type(stream).__name__}, whose reads would drop the descriptors"
+    )

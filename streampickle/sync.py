@@ -6,6 +6,12 @@ calls on one file or socket each get their message, and whatever follows is left
 caller. Side chunks are read straight into their final memory with ``recv_into``/``readinto``.
 ``dump`` hands the encoder's chunks to ``sendmsg`` (sockets) or ``write`` unjoined: the array
 memory goes to the kernel without a userspace copy.
+
+With ``shared_memory=True`` on both ends (Unix sockets only), arrays made with
+``shared_empty`` travel as descriptors beside the bytes: ``dump`` sends a message's
+descriptors with its first byte, and ``load`` reads with ``recvmsg_into`` (a plain read would
+make the kernel close them) and hands them to its decoder, which closes any left over before
+``load`` returns or raises.
 """
 
 from __future__ import annotations
@@ -14,22 +20,31 @@ import socket
 from collections.abc import Iterable
 from typing import Any, BinaryIO
 
+from . import _shm
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, Encoder, drop_sent, sendable
 from ._errors import IncompleteMessageError, UsageError
 from ._limits import Limits
 from ._mac import Key
-from ._transports import NO_SIGNAL
+from ._stream import check_shared_memory
+from ._transports import NO_SIGNAL, not_unix
 
 __all__ = ["dump", "load"]
 
 
-def dump(obj: Any, file: BinaryIO | socket.socket, *, key: bytes | Key | None = None) -> None:
+def dump(
+    obj: Any, file: BinaryIO | socket.socket, *, key: bytes | Key | None = None, shared_memory: bool = False
+) -> None:
     """Write one message carrying ``obj`` to a blocking binary file, pipe or socket.
 
     If ``obj`` can't be pickled, :class:`EncodeError` is raised and nothing is written.
+    ``shared_memory``: on a Unix socket only (:class:`UsageError` elsewhere, and with a
+    ``key``), arrays made with :func:`shared_empty` go as shared memory instead of bytes; the
+    reader's ``load`` must pass it too.
     """
-    chunks = Encoder(key=key, stream=False).encode(obj)
+    if shared_memory:
+        _shared_socket(file, key)
+    chunks = Encoder(key=key, stream=False, shared_memory=shared_memory).encode(obj)
     if isinstance(file, socket.socket):
         send_chunks(file, chunks)
         return
@@ -47,10 +62,34 @@ def dump(obj: Any, file: BinaryIO | socket.socket, *, key: bytes | Key | None = 
 
 
 def send_chunks(sock: socket.socket, chunks: list[Chunk]) -> None:
-    """``sendall`` for a list of buffers, with one ``sendmsg`` for as many as the kernel takes."""
+    """``sendall`` for a list of buffers, with one ``sendmsg`` for as many as the kernel takes.
+    A message's descriptors (``shared_memory``) go with the first call that sends a byte."""
     views = sendable(chunks)
+    fds = _shm.descriptors_of(chunks)
+    if fds:
+        ancillary = _shm.ancillary(fds)
+        while views:
+            n = sock.sendmsg(views[:IOV_MAX], ancillary, NO_SIGNAL)
+            if n:
+                ancillary = []
+            drop_sent(views, n)
+        return
     while views:
         drop_sent(views, sock.sendmsg(views[:IOV_MAX], (), NO_SIGNAL))
+
+
+def _shared_socket(file: Any, key: Any) -> socket.socket:
+    """``file``, the Unix socket that ``shared_memory=True`` needs; UsageError with a key or
+    for anything else."""
+    check_shared_memory(key)
+    if not isinstance(file, socket.socket):
+        raise UsageError(
+            f"shared_memory=True needs a Unix socket (descriptors travel beside its bytes), not "
+            f"a {_name(file)}"
+        )
+    if file.family != socket.AF_UNIX:
+        raise not_unix(file)
+    return file
 
 
 def load(
@@ -60,6 +99,7 @@ def load(
     allow: Iterable[Any] = (),
     key: bytes | Key | None = None,
     limits: Limits | None = None,
+    shared_memory: bool = False,
 ) -> Any:
     """Read exactly one message from a blocking binary file, pipe or socket and return its
     object. Raises ``EOFError`` if the input ends cleanly before the message starts (or, with
@@ -76,9 +116,40 @@ def load(
     Each call starts afresh and keeps nothing: after a :class:`StreamBrokenError` the file's
     position inside the broken message is unknown, so close it rather than calling ``load``
     again (a :class:`MessageDroppedError` consumed its whole message: the next call reads the
-    next one)."""
+    next one).
+
+    ``shared_memory``: on a Unix socket only (:class:`UsageError` elsewhere, and with a
+    ``key``), take arrays the writer's ``dump(..., shared_memory=True)`` handed over as shared
+    memory; without it such a message is refused (:class:`ProtocolError`). Descriptors that
+    no message claimed are closed before ``load`` returns or raises."""
+    if shared_memory:
+        sock = _shared_socket(file, key)
+        decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits, stream=False, shared_memory=True)
+        try:
+            return _load(sock, decoder, _receiver_for(sock, decoder))
+        finally:
+            decoder.close_descriptors()
     decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits, stream=False)
-    readinto = _readinto_for(file)
+    return _load(file, decoder, _readinto_for(file))
+
+
+def _receiver_for(sock: socket.socket, decoder: Decoder) -> Any:
+    """A ``readinto`` for a socket that carries descriptors: ``recvmsg_into``, handing what
+    arrived to the decoder before the caller feeds the bytes (see the module docstring)."""
+
+    def receive(target: memoryview) -> int:
+        n, ancdata, msg_flags, _ = sock.recvmsg_into([target], _shm.ANCILLARY_SPACE, _shm.RECEIVE_FLAGS)
+        if ancdata or msg_flags:
+            fds = _shm.received_descriptors(ancdata, msg_flags)
+            if fds:
+                decoder.feed_descriptors(fds)
+        return n
+
+    return receive
+
+
+def _load(file: Any, decoder: Decoder, readinto: Any) -> Any:
+    """``load``'s loop: read into the decoder's buffer until a message is complete."""
     while not decoder.pending:
         target = decoder.get_buffer()
         try:

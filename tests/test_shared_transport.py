@@ -1,0 +1,636 @@
+"""Shared-memory hand-off through real sockets: arrays made with ``shared_empty`` travel between
+processes as descriptors (SCM_RIGHTS) beside a few bytes, over ``connect_unix`` /
+``create_unix_listener``, ``ObjectStream.from_socket`` and ``sync``, on asyncio, uvloop and
+trio.
+
+What is checked: a child process gets a 64 MiB array intact, for a few hundred bytes on the
+wire, as ordinary writable numpy memory shared with the sender (each side sees the other's
+writes); views of one buffer share a descriptor; ordinary arrays still take the socket path; a
+receiver that did not opt in refuses such a message; a hostile sender's descriptors (unclaimed,
+of the wrong kind, too many) are refused and none is left open; cancellation loses nothing on
+receive and breaks only the send side on send; and where the platform has no sealed memfd
+(``AVAILABLE`` false) ``shared_empty`` says so while the stream still carries ordinary arrays.
+
+Descriptor leaks are counted in ``/proc/self/fd`` after a garbage collection: a received
+descriptor is closed once its range is mapped (or refused), so the count goes back to where it
+was.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import fcntl
+import gc
+import mmap
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import streampickle
+from _pairs import anyio_socket_pair
+from _util import assert_same, sample_objects
+from streampickle import ObjectStream, ProtocolError, UsageError, _shm, sync
+from streampickle._decoder import Decoder
+from streampickle._encoder import Encoder
+
+pytestmark = pytest.mark.skipif(not _shm.AVAILABLE, reason="no sealed memfd on this platform")
+
+PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shm_peer.py")
+PAGE = mmap.PAGESIZE
+
+
+def open_fds() -> int:
+    """How many descriptors this process has open, after freeing what is garbage."""
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
+
+
+def backend_name(anyio_backend: Any) -> str:
+    if isinstance(anyio_backend, tuple):
+        return "uvloop" if anyio_backend[1].get("use_uvloop") else anyio_backend[0]
+    return str(anyio_backend)
+
+
+def run_on(backend: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``anyio.run`` on a backend named as ``backend_name`` names it."""
+    if backend == "uvloop":
+        return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": True})
+    return anyio.run(fn, *args, backend=backend)
+
+
+def wire(chunks: list[Any]) -> bytes:
+    """A message's bytes, joined."""
+    return b"".join(chunks)
+
+
+def sealed_memfd(size: int, seals: int = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) -> int:
+    fd = os.memfd_create("test", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def shared_pair() -> tuple[ObjectStream, ObjectStream]:
+    a, b = socket.socketpair()
+    return ObjectStream.from_socket(a, shared_memory=True), ObjectStream.from_socket(b, shared_memory=True)
+
+
+# --- a child process receives ----------------------------------------------------------------
+
+N = (64 << 20) // 8  # a 64 MiB int64 array
+PLAIN = 1 << 18  # a 2 MiB ordinary one
+
+
+@contextlib.asynccontextmanager
+async def child_stream(channel: str, backend: str, tmp_path: Any) -> AsyncIterator[tuple[ObjectStream, Any]]:
+    """A shared-memory stream to a child running _shm_peer.py, and the child's process."""
+    if channel == "unix":
+        path = str(tmp_path / "sock")
+        async with await streampickle.create_unix_listener(path, shared_memory=True) as listener:
+            proc = await anyio.open_process(
+                [sys.executable, PEER, "unix", backend, path], stdin=None, stdout=None, stderr=None
+            )
+            try:
+                stream = await listener.accept()
+            except BaseException:
+                proc.kill()
+                await proc.aclose()
+                raise
+    else:
+        mine, theirs = socket.socketpair()
+        with theirs:
+            proc = await anyio.open_process(
+                [sys.executable, PEER, "fd", backend, str(theirs.fileno())],
+                stdin=None, stdout=None, stderr=None, pass_fds=[theirs.fileno()],
+            )
+        stream = ObjectStream.from_socket(mine, shared_memory=True)
+    try:
+        async with stream:
+            yield stream, proc
+        assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("channel", ["unix", "fd"])
+async def test_a_child_process_maps_a_64_mib_array_and_sees_the_writes(
+    anyio_backend: Any, channel: str, tmp_path: Any
+) -> None:
+    shared = streampickle.shared_empty(N, np.int64)
+    shared[:] = np.arange(N)
+    plain = np.arange(PLAIN) * 3
+    async with child_stream(channel, backend_name(anyio_backend), tmp_path) as (stream, _):
+        transport = stream._t
+        before = transport.sent
+        await stream.send(shared)
+        shared_bytes = transport.sent - before
+        before = transport.sent
+        await stream.send(plain)
+        plain_bytes = transport.sent - before
+        found = await stream.receive()
+        assert found == {
+            "intact": True,
+            "plain_intact": True,
+            "type": "ndarray",
+            "writeable": True,
+            "page_offset": shared.ctypes.data % PAGE,
+        }
+        shared[0] = -1  # after the send: the child sees it
+        await stream.send("look")
+        assert await stream.receive() == -1
+        assert shared[1] == -2  # the child's write, after it received the array
+        await stream.send("end")
+    assert shared_bytes < 4096, shared_bytes  # a descriptor and a few numbers, not 64 MiB
+    assert plain_bytes > plain.nbytes  # an ordinary array goes through the socket
+
+
+class CountingSocket(socket.socket):
+    """A socket that counts the bytes its ``sendmsg`` calls sent."""
+
+    sent = 0
+
+    def sendmsg(self, *args: Any) -> int:
+        n = super().sendmsg(*args)
+        self.sent += n
+        return n
+
+
+def test_a_child_process_maps_a_64_mib_array_with_sync() -> None:
+    shared = streampickle.shared_empty(N, np.int64)
+    shared[:] = np.arange(N)
+    plain = np.arange(PLAIN) * 3
+    first, theirs = socket.socketpair()
+    sock = CountingSocket(fileno=first.detach())
+    with sock, theirs:
+        proc = subprocess.Popen([sys.executable, PEER, "sync", "-", str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        theirs.close()
+        try:
+            sync.dump(shared, sock, shared_memory=True)
+            shared_bytes = sock.sent
+            sync.dump(plain, sock, shared_memory=True)
+            plain_bytes = sock.sent - shared_bytes
+            found = sync.load(sock, shared_memory=True)
+            assert found["intact"] and found["plain_intact"] and found["writeable"]
+            assert found["type"] == "ndarray" and found["page_offset"] == shared.ctypes.data % PAGE
+            shared[0] = -1
+            sync.dump("look", sock, shared_memory=True)
+            assert sync.load(sock, shared_memory=True) == -1
+            assert shared[1] == -2
+            sync.dump("end", sock, shared_memory=True)
+            assert proc.wait() == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert shared_bytes < 4096, shared_bytes
+    assert plain_bytes > plain.nbytes
+
+
+# --- what travels, and how --------------------------------------------------------------------
+
+
+def test_views_of_one_buffer_share_one_descriptor() -> None:
+    base = streampickle.shared_empty(1 << 16, np.float64)
+    other = streampickle.shared_empty(100, np.int32)
+    views = [base[:1000], base[1000:], base.reshape(256, 256)[10], other, base]
+    chunks = Encoder(shared_memory=True).encode(views)
+    fds = _shm.descriptors_of(chunks)
+    assert sorted(fds) == sorted({_shm.find(memoryview(base))[0], _shm.find(memoryview(other))[0]})
+    assert len(wire(chunks)) < 4096
+
+
+@pytest.mark.anyio
+async def test_views_arrive_as_views_of_the_same_memory(anyio_backend: Any) -> None:
+    base = streampickle.shared_empty((64, 1024), np.float64)
+    base[...] = np.arange(base.size).reshape(base.shape)
+    a, b = shared_pair()
+    async with a, b:
+        await a.send([base[:10], base[10:], base[20], base])
+        head, tail, row, whole = await b.receive()
+        assert_same([head, tail, row, whole], [base[:10], base[10:], base[20], base])
+        tail[0, 0] = -5.0  # one received view's write: the sender's array and the other views see it
+        assert base[10, 0] == -5.0 and whole[10, 0] == -5.0
+        base[20, 3] = -7.0
+        assert row[3] == -7.0 and whole[20, 3] == -7.0
+
+
+@pytest.mark.anyio
+async def test_a_dict_of_64_separate_shared_arrays_arrives_intact(anyio_backend: Any) -> None:
+    arrays = {f"a{i}": streampickle.shared_empty(1000 + i, np.int64) for i in range(64)}
+    for i, arr in enumerate(arrays.values()):
+        arr[:] = np.arange(len(arr)) * i
+    assert len(_shm.descriptors_of(Encoder(shared_memory=True).encode(arrays))) == 64
+    a, b = shared_pair()
+    baseline = open_fds()
+    async with a, b:
+        await a.send(arrays)
+        got = await b.receive()
+        assert_same(got, arrays)
+        assert open_fds() == baseline  # each received descriptor closed once mapped
+        await a.send(arrays)  # again, on the same connection
+        assert_same(await b.receive(), arrays)
+
+
+@pytest.mark.anyio
+async def test_ordinary_objects_on_a_shared_memory_connection_arrive_intact(anyio_backend: Any) -> None:
+    objects = sample_objects()
+    big = np.arange(3 << 20, dtype=np.uint8)  # larger than a read-ahead: read straight into place
+    a, b = shared_pair()
+    async with a, b:
+        for obj in objects.values():
+            await a.send(obj)
+            assert_same(await b.receive(), obj)
+        mixed = {"big": big, "shared": streampickle.shared_copy(big)}
+        for obj in (big, mixed):
+            before = a._t.sent
+            await a.send(obj)
+            # the ordinary array's bytes went through the socket, the shared one's didn't
+            assert big.nbytes < a._t.sent - before < big.nbytes + 4096
+            assert_same(await b.receive(), obj)
+
+
+@pytest.mark.anyio
+async def test_an_anyio_unix_stream_carries_shared_arrays(anyio_backend: Any) -> None:
+    client, server = await anyio_socket_pair("unix")
+    a = ObjectStream(client, shared_memory=True)
+    b = ObjectStream(server, shared_memory=True)
+    shared = streampickle.shared_copy(np.arange(1 << 16))
+    async with a, b:
+        before = a._t.sent
+        await a.send(shared)
+        assert a._t.sent - before < 4096
+        got = await b.receive()
+        got[5] = -1
+        assert shared[5] == -1
+
+
+@pytest.mark.anyio
+async def test_shared_memory_needs_a_unix_socket_and_no_key(anyio_backend: Any, tmp_path: Any) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, pytest.raises(UsageError, match="Unix socket"):
+        ObjectStream.from_socket(tcp, shared_memory=True)
+    client, server = await anyio_socket_pair("tcp")
+    async with client, server:
+        with pytest.raises(UsageError, match="Unix socket"):
+            ObjectStream(client, shared_memory=True)
+    a, b = streampickle.testing.memory_stream_pair()
+    async with a, b:
+        with pytest.raises(UsageError, match="Unix socket"):
+            ObjectStream(a, shared_memory=True)
+    x, y = socket.socketpair()
+    with x, y, pytest.raises(UsageError, match="key"):
+        ObjectStream.from_socket(x, key=b"k" * 32, shared_memory=True)
+    path = str(tmp_path / "sock")
+    with pytest.raises(UsageError, match="key"):
+        await streampickle.create_unix_listener(path, key=b"k" * 32, shared_memory=True)
+    with pytest.raises(UsageError, match="key"):
+        await streampickle.connect_unix(path, key=b"k" * 32, shared_memory=True)
+    assert not (tmp_path / "sock").exists()  # refused before anything was made
+
+
+def test_sync_shared_memory_needs_a_unix_socket_and_no_key(tmp_path: Any) -> None:
+    with open(tmp_path / "f", "w+b") as f:
+        with pytest.raises(UsageError, match="Unix socket"):
+            sync.dump(1, f, shared_memory=True)
+        with pytest.raises(UsageError, match="Unix socket"):
+            sync.load(f, shared_memory=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        with pytest.raises(UsageError, match="Unix socket"):
+            sync.dump(1, tcp, shared_memory=True)
+        with pytest.raises(UsageError, match="Unix socket"):
+            sync.load(tcp, shared_memory=True)
+    x, y = socket.socketpair()
+    with x, y:
+        with pytest.raises(UsageError, match="key"):
+            sync.dump(1, x, key=b"k" * 32, shared_memory=True)
+        with pytest.raises(UsageError, match="key"):
+            sync.load(y, key=b"k" * 32, shared_memory=True)
+
+
+# --- a receiver that did not opt in -----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_receiver_that_did_not_opt_in_refuses_and_holds_no_descriptor(anyio_backend: Any) -> None:
+    shared = streampickle.shared_copy(np.arange(1 << 16))
+    x, y = socket.socketpair()
+    sender = ObjectStream.from_socket(x, shared_memory=True)
+    receiver = ObjectStream.from_socket(y)
+    baseline = open_fds()
+    async with sender, receiver:
+        await sender.send(shared)
+        with pytest.raises(ProtocolError, match="shared_memory"):
+            await receiver.receive()
+        assert open_fds() == baseline
+
+
+def test_a_sync_receiver_that_did_not_opt_in_refuses_and_holds_no_descriptor() -> None:
+    shared = streampickle.shared_copy(np.arange(1 << 16))
+    x, y = socket.socketpair()
+    with x, y:
+        baseline = open_fds()
+        sync.dump(shared, x, shared_memory=True)
+        with pytest.raises(ProtocolError, match="shared_memory"):
+            sync.load(y)
+        assert open_fds() == baseline
+
+
+# --- a hostile sender -------------------------------------------------------------------------
+
+RECEIVERS = ["sync", "asyncio", "uvloop", "trio"]
+
+
+def receive_from(receiver: str, sock: socket.socket, count: int = 1) -> list[Any]:
+    """``count`` messages from ``sock`` with shared memory on, by ``sync.load`` or an
+    ObjectStream on an event loop; the socket is closed afterwards, whatever happens."""
+    if receiver == "sync":
+        with sock:
+            return [sync.load(sock, shared_memory=True) for _ in range(count)]
+
+    async def receive() -> list[Any]:
+        async with ObjectStream.from_socket(sock, shared_memory=True) as stream:
+            return [await stream.receive() for _ in range(count)]
+
+    return run_on(receiver, receive)
+
+
+def shared_message(pages: int = 4) -> tuple[bytes, int, Any]:
+    """A message carrying one shared array of ``pages`` pages: its bytes, the descriptor it
+    claims (to substitute) and the array (to keep alive)."""
+    arr = streampickle.shared_empty(pages * PAGE, np.uint8)
+    chunks = Encoder(shared_memory=True).encode(arr)
+    (fd,) = _shm.descriptors_of(chunks)
+    return wire(chunks), fd, arr
+
+
+def refused_without_leak(receiver: str, data: bytes, fds: list[int], match: str | None = None) -> None:
+    """Send ``data`` with ``fds`` on a fresh socket pair: the receiver refuses it with a
+    ProtocolError and has no descriptor left open once both ends are closed."""
+    baseline = open_fds()
+    x, y = socket.socketpair()
+    with x:
+        socket.send_fds(x, [data], fds)
+        with pytest.raises(ProtocolError, match=match):
+            # An ObjectStream returns a message that completed before its decoder failed
+            # first, then raises: a message's descriptors are unclaimed only once it is whole.
+            receive_from(receiver, y, count=2)
+    assert open_fds() == baseline
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_descriptors_with_a_message_that_claims_none_are_refused(receiver: str) -> None:
+    memfd = sealed_memfd(PAGE)
+    try:
+        refused_without_leak(receiver, Encoder().encode({"a": 1})[0], [memfd, memfd], match="claimed")
+    finally:
+        os.close(memfd)
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+@pytest.mark.parametrize("kind", ["pipe", "regular file", "unsealed memfd", "too small", "write-sealed", "none"])
+def test_a_descriptor_of_the_wrong_kind_is_refused(receiver: str, kind: str, tmp_path: Any) -> None:
+    data, _, arr = shared_message(pages=4)
+    mine: list[int] = []
+    if kind == "pipe":
+        r, w = os.pipe()
+        mine += [r, w]
+        fds = [r]
+    elif kind == "regular file":
+        fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+        os.ftruncate(fd, 4 * PAGE)
+        mine = fds = [fd]
+    elif kind == "unsealed memfd":
+        mine = fds = [sealed_memfd(4 * PAGE, seals=0)]
+    elif kind == "too small":
+        mine = fds = [sealed_memfd(PAGE)]
+    elif kind == "write-sealed":
+        mine = fds = [sealed_memfd(4 * PAGE, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)]
+    else:
+        fds = []  # the message claims a descriptor that never came
+    try:
+        refused_without_leak(receiver, data, fds)
+    finally:
+        _shm.close_all(mine)
+    del arr
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_more_descriptors_than_the_ancillary_space_holds_are_refused(
+    receiver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_shm, "ANCILLARY_SPACE", socket.CMSG_SPACE(4 * array.array("i").itemsize))
+    data, fd, arr = shared_message()
+    extra = [os.dup(fd) for _ in range(_shm.MAX_DESCRIPTORS - 1)]
+    try:
+        refused_without_leak(receiver, data, [fd, *extra], match="descriptors")
+    finally:
+        _shm.close_all(extra)
+    del arr
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_received_descriptors_are_close_on_exec(receiver: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    flags: list[int] = []
+    feed = Decoder.feed_descriptors
+
+    def spy(self: Decoder, fds: Any) -> None:
+        fds = list(fds)
+        flags.extend(fcntl.fcntl(fd, fcntl.F_GETFD) for fd in fds)
+        feed(self, fds)
+
+    monkeypatch.setattr(Decoder, "feed_descriptors", spy)
+    data, fd, arr = shared_message()
+    arr[:] = 7
+    inheritable = os.dup(fd)
+    os.set_inheritable(inheritable, True)  # the sender's copy is not close-on-exec
+    x, y = socket.socketpair()
+    try:
+        with x:
+            socket.send_fds(x, [data], [inheritable])
+            (got,) = receive_from(receiver, y)
+    finally:
+        os.close(inheritable)
+    assert got.tobytes() == arr.tobytes()
+    assert flags and all(f & fcntl.FD_CLOEXEC for f in flags), flags
+
+
+@pytest.mark.anyio
+async def test_descriptors_arriving_inside_a_message_are_refused(anyio_backend: Any) -> None:
+    """Descriptors that come with a later byte of an ordinary message (here, read by a reader
+    callback on asyncio and uvloop, straight into the side chunk) are claimed by no message."""
+    # small enough for a socket's default send buffer (~200 KiB): our sends don't block
+    data = wire(Encoder().encode(np.arange(192 << 10, dtype=np.uint8)))
+    memfd = sealed_memfd(PAGE)
+    x, y = socket.socketpair()
+    receiver = ObjectStream.from_socket(y, shared_memory=True)
+    baseline = open_fds()
+    outcome: list[Any] = []
+
+    async def receive() -> None:
+        try:
+            while True:
+                outcome.append(await receiver.receive())
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion below
+            outcome.append(exc)
+
+    try:
+        async with receiver, anyio.create_task_group() as tg:
+            x.sendall(data[: len(data) // 2])
+            tg.start_soon(receive)
+            await anyio.wait_all_tasks_blocked()  # waiting inside the side chunk
+            socket.send_fds(x, [data[len(data) // 2 :]], [memfd])
+    finally:
+        x.close()
+        os.close(memfd)
+    assert isinstance(outcome[-1], ProtocolError), outcome
+    assert "claimed" in str(outcome[-1])
+    assert open_fds() == baseline - 3  # the receiver's socket, ours and the memfd are closed
+
+
+# --- cancellation -----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_receive_loses_nothing(anyio_backend: Any) -> None:
+    shared = streampickle.shared_copy(np.arange(1 << 16))
+    plain = np.arange(1 << 14)  # 128 KiB: read straight into place, and our sends don't block
+    obj = {"shared": shared, "plain": plain}
+    chunks = Encoder(shared_memory=True).encode(obj)
+    data, fds = wire(chunks), _shm.descriptors_of(chunks)
+    x, y = socket.socketpair()
+    receiver = ObjectStream.from_socket(y, shared_memory=True)
+    baseline = open_fds()
+    with x:
+        async with receiver:
+            # cut inside the header, inside the first chunk, inside the ordinary side chunk
+            for cut in (3, len(wire(chunks[:1])) - 2, len(data) - 1000):
+                x.sendmsg([data[:cut]], _shm.ancillary(fds))
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(receiver.receive)
+                        await anyio.wait_all_tasks_blocked()
+                        scope.cancel()
+                assert scope.cancelled_caught
+                x.sendall(data[cut:])
+                got = await receiver.receive()
+                assert_same(got, obj)
+                got["shared"][0] = -cut
+                assert shared[0] == -cut  # the same memory, not a copy
+                del got
+                assert open_fds() == baseline
+
+
+def fill_send_buffer(sock: socket.socket) -> int:
+    """Write junk to a non-blocking socket until the kernel takes no more, not a byte:
+    how many bytes it took."""
+    total = 0
+    for size in (1 << 16, 1 << 12, 1 << 8, 1):
+        while True:
+            try:
+                total += sock.send(b"\0" * size)
+            except BlockingIOError:
+                break
+    return total
+
+
+def drain(sock: socket.socket, nbytes: int) -> None:
+    """Read and drop ``nbytes`` that are already in a socket's receive queue."""
+    buffer = bytearray(1 << 16)
+    while nbytes:
+        nbytes -= sock.recv_into(buffer, min(nbytes, len(buffer)))
+
+
+@pytest.mark.anyio
+async def test_a_send_cancelled_before_its_first_byte_leaves_the_stream_intact(anyio_backend: Any) -> None:
+    """A message with descriptors whose first ``sendmsg`` finds no room sent nothing, its
+    descriptors included: cancelled there, the stream is intact, and the next message's
+    descriptors go with that message's first byte."""
+    shared = streampickle.shared_copy(np.arange(1 << 16))
+    x, y = socket.socketpair()
+    sender = ObjectStream.from_socket(x, shared_memory=True)
+    receiver = ObjectStream.from_socket(y, shared_memory=True)
+    async with sender, receiver:
+        junk = fill_send_buffer(x)  # read off y below, before the receiver reads anything
+        before = sender._t.sent
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sender.send, {"first": shared})
+            await anyio.wait_all_tasks_blocked()  # the send waits for room, nothing sent
+            tg.cancel_scope.cancel()
+        assert sender._t.sent == before
+        drain(y, junk)
+        await sender.send({"second": shared})
+        got = await receiver.receive()
+        assert list(got) == ["second"]
+        got["second"][1] = -1
+        assert shared[1] == -1
+
+
+@pytest.mark.anyio
+async def test_a_send_that_waits_for_room_sends_its_descriptors_when_it_goes(anyio_backend: Any) -> None:
+    shared = streampickle.shared_copy(np.arange(1 << 16))
+    x, y = socket.socketpair()
+    sender = ObjectStream.from_socket(x, shared_memory=True)
+    receiver = ObjectStream.from_socket(y, shared_memory=True)
+    async with sender, receiver:
+        junk = fill_send_buffer(x)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sender.send, {"first": shared})
+            await anyio.wait_all_tasks_blocked()  # its first sendmsg found no room
+            drain(y, junk)  # room: the send goes on, and takes its descriptors along
+        got = await receiver.receive()
+        got["first"][1] = -1
+        assert shared[1] == -1
+
+
+@pytest.mark.anyio
+async def test_a_send_cancelled_midway_breaks_only_the_send_side(anyio_backend: Any) -> None:
+    shared = streampickle.shared_copy(np.arange(1 << 16))
+    big = np.ones(64 << 20, dtype=np.uint8)  # more than the socket buffers hold
+    a, b = shared_pair()
+    async with a, b:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.send, {"shared": shared, "big": big})
+                await anyio.wait_all_tasks_blocked()  # the kernel took part; nobody reads
+                scope.cancel()
+        assert scope.cancelled_caught
+        with pytest.raises(anyio.BrokenResourceError):
+            await a.send(1)
+        await b.send(shared)  # the other direction is intact
+        got = await a.receive()
+        got[2] = -1
+        assert shared[2] == -1
+
+
+# --- no sealed memfd on this platform ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_without_memfd_shared_empty_says_so_and_arrays_still_travel(
+    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made_before = streampickle.shared_copy(np.arange(1000))
+    monkeypatch.setattr(_shm, "AVAILABLE", False)
+    with pytest.raises(UsageError, match="memfd"):
+        streampickle.shared_empty(10)
+    with pytest.raises(UsageError, match="memfd"):
+        streampickle.shared_copy(np.arange(3))
+    a, b = shared_pair()
+    async with a, b:
+        plain = np.arange(1 << 16)
+        await a.send({"plain": plain, "made before": made_before})
+        got = await b.receive()
+        assert_same(got, {"plain": plain, "made before": made_before})
+        got["made before"][0] = -1  # it went as bytes: a copy
+        assert made_before[0] == 0
