@@ -12,7 +12,8 @@ alike; a contender's figure is the median over all its transfers, and every figu
 reported as a ratio to limit-socket measured in the same run. Received data is
 verified outside the timed region. After the table comes issue 4's targets, each checked
 against the rows of the same run (``targets``). Contenders whose package is missing (dask-comm needs
-`distributed`, zmq-zerocopy needs `pyzmq`) are skipped with a message.
+`distributed`, zmq-zerocopy needs `pyzmq`) are skipped with a message, and so are the
+same-host rows (``SHARED``: shared memory, Unix sockets only) where the platform has no memfd.
 """
 
 from __future__ import annotations
