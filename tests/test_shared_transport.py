@@ -156,6 +156,27 @@ async def test_a_child_process_maps_a_64_mib_array_and_sees_the_writes(
     assert plain_bytes > plain.nbytes  # an ordinary array goes through the socket
 
 
+@pytest.mark.anyio
+async def test_a_listener_under_a_small_budget_takes_shared_arrays(anyio_backend: Any, tmp_path: Any) -> None:
+    """A listener's connections share a MemoryBudget; a shared array's memory is not the
+    receiver's to budget (it arrives mapped, not in bytes), so 8 MiB passes a 1 MiB budget."""
+    path = str(tmp_path / "sock")
+    budget = streampickle.MemoryBudget(1 << 20)
+    big = streampickle.shared_empty(8 << 20, np.uint8)
+    big[:] = 3
+    small = np.arange(1000)
+    async with await streampickle.create_unix_listener(path, shared_memory=True, budget=budget) as listener:
+        client = await streampickle.connect_unix(path, shared_memory=True)
+        server = await listener.accept()
+    async with client, server:
+        for _ in range(3):
+            await client.send({"big": big, "small": small})
+            got = await server.receive()
+            assert_same(got, {"big": big, "small": small})
+        got["big"][0] = 5
+        assert big[0] == 5
+
+
 class CountingSocket(socket.socket):
     """A socket that counts the bytes its ``sendmsg`` calls sent."""
 
@@ -346,6 +367,20 @@ def test_a_sync_receiver_that_did_not_opt_in_refuses_and_holds_no_descriptor() -
         assert open_fds() == baseline
 
 
+def test_a_sync_load_that_fails_inside_a_message_closes_its_descriptors() -> None:
+    chunks = Encoder(shared_memory=True).encode(streampickle.shared_copy(np.arange(1 << 16)))
+    data, fds = wire(chunks), _shm.descriptors_of(chunks)
+    x, y = socket.socketpair()
+    with x, y:
+        baseline = open_fds()
+        x.sendmsg([data[:3]], _shm.ancillary(fds))
+        y.settimeout(0.05)  # ends the wait for the rest; nothing is asserted about time
+        with pytest.raises(streampickle.IncompleteMessageError) as caught:
+            sync.load(y, shared_memory=True)
+        assert isinstance(caught.value.__cause__, TimeoutError)
+        assert open_fds() == baseline  # while the error (and its traceback) lives
+
+
 # --- a hostile sender -------------------------------------------------------------------------
 
 RECEIVERS = ["sync", "asyncio", "uvloop", "trio"]
@@ -490,6 +525,7 @@ async def test_descriptors_arriving_inside_a_message_are_refused(anyio_backend: 
             tg.start_soon(receive)
             await anyio.wait_all_tasks_blocked()  # waiting inside the side chunk
             socket.send_fds(x, [data[len(data) // 2 :]], [memfd])
+            x.shutdown(socket.SHUT_WR)  # a receiver that took the message ends here
     finally:
         x.close()
         os.close(memfd)
@@ -529,6 +565,27 @@ async def test_a_cancelled_receive_loses_nothing(anyio_backend: Any) -> None:
                 assert shared[0] == -cut  # the same memory, not a copy
                 del got
                 assert open_fds() == baseline
+
+
+@pytest.mark.anyio
+async def test_closing_a_stream_closes_the_descriptors_no_message_claimed(anyio_backend: Any) -> None:
+    """A message's descriptors arrive with its first byte; if the stream closes before the
+    message is whole, closing it closes them."""
+    chunks = Encoder(shared_memory=True).encode(streampickle.shared_copy(np.arange(1 << 16)))
+    data, fds = wire(chunks), _shm.descriptors_of(chunks)
+    x, y = socket.socketpair()
+    receiver = ObjectStream.from_socket(y, shared_memory=True)
+    baseline = open_fds()
+    with x:
+        x.sendmsg([data[:3]], _shm.ancillary(fds))
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receiver.receive)
+                await anyio.wait_all_tasks_blocked()  # the descriptors are in the decoder
+                scope.cancel()
+        assert open_fds() == baseline + 1
+        await receiver.aclose()
+        assert open_fds() == baseline - 1  # the receiver's socket and the descriptor
 
 
 def fill_send_buffer(sock: socket.socket) -> int:
