@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _kinds
+from . import _kinds, _shm
 from ._errors import MalformedPickleError
 from ._kinds import BOOL, BUFFER, BYTES, DICT, FLOAT, INT, LIST, NONE, STR, TZINFO
 
@@ -330,6 +330,10 @@ def _ndarray(descr: Any, shape: Any, fortran: Any, buffer: Any) -> np.ndarray[An
         )
     flat = np.frombuffer(view, dtype=dt)
     if has_text:
+        if _shm.is_mapped(view):
+            # Shared memory (a peer's file): the peer can rewrite it after the check, so the
+            # array checked is a private copy.
+            flat = flat.copy()
         _check_code_points(flat)
     return flat.reshape(shape, order="F" if fortran else "C")
 

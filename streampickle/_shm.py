@@ -43,6 +43,7 @@ __all__ = [
     "close_all",
     "descriptors_of",
     "find",
+    "is_mapped",
     "map_received",
     "shared_copy",
     "shared_empty",
@@ -269,6 +270,15 @@ def find(view: memoryview) -> tuple[int, int, Any] | None:
         return None
     address = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]  # readonly views too
     return _REGISTRY.find(address, view.nbytes)
+
+
+def is_mapped(view: memoryview) -> bool:
+    """Whether ``view`` lies in a mapping made here (a shared file of this process's or a
+    peer's), whose contents another process may change at any time. False before the first
+    mapping (when ctypes is not loaded yet)."""
+    if not _libc.cache_info().currsize:
+        return False
+    return isinstance(view.obj, _libc()[2].Array)
 
 
 def map_received(fd: int, offset: int, length: int) -> memoryview:

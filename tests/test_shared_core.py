@@ -407,3 +407,21 @@ def test_any_split_of_the_bytes(no_leak: None, split: int) -> None:
     assert np.array_equal(got[0], a) and got[1].tolist() == [1.0, 1.0, 1.0] and np.array_equal(got[2], a[::2])
     del got
     gc.collect()
+
+
+def test_text_arrays_in_shared_memory_are_checked_on_a_private_copy(no_leak: None) -> None:
+    """numpy doesn't check UCS-4 data, so the decoder does; the peer could rewrite shared
+    memory after that check, so a U array arrives as a checked copy, not shared."""
+    a = streampickle.shared_copy(np.array(["ab", "cd"]))
+    got = send(a)
+    assert got.tolist() == ["ab", "cd"] and got.flags.writeable
+    a[0] = "zz"
+    assert got[0] == "ab"  # a copy: the sender's later writes don't reach it
+    bad = streampickle.shared_copy(np.array(["ab"]))
+    bad.view(np.uint32)[0] = 0x110000
+    with pytest.raises(streampickle.MalformedPickleError, match="U\\+10FFFF"):
+        send(bad)
+    numbers = streampickle.shared_copy(np.arange(3))
+    assert not send(numbers).flags.owndata  # everything else is the shared memory itself
+    del got
+    gc.collect()
