@@ -320,23 +320,13 @@ class Decoder:
         self._fds.extend(fds)
         limit = self._limits.max_descriptors
         if len(self._fds) > limit:
-            count = len(self._fds)
-            raise self._over_fds(count, limit)
+            raise self._over("descriptors waiting at once", len(self._fds), "max_descriptors", limit)
 
     def close_descriptors(self) -> None:
         """Close the descriptors that arrived and no message has claimed yet (when the
         connection closes: they can't be claimed any more)."""
         fds, self._fds[:] = self._fds[:], []
         _shm.close_all(fds)
-
-    def _over_fds(self, count: int, limit: int) -> LimitExceededError:
-        exc = LimitExceededError(
-            f"the peer sent {count} descriptors at once, over Limits.max_descriptors={limit}. If "
-            f"the peer legitimately sends arrays in that many shared-memory files in one message, "
-            f"raise it with limits=Limits(max_descriptors=...)."
-        )
-        self._fail(exc)
-        return exc
 
     def _check_claimed(self) -> None:
         """Refuse descriptors still waiting at a message boundary: they came with bytes that
@@ -738,7 +728,7 @@ class Decoder:
         lengths = self._lengths
         count, entries = self._guard(_wire.unpack_shared_table, self._view, lengths)
         if count > self._limits.max_descriptors:
-            raise self._over_fds(count, self._limits.max_descriptors)
+            raise self._over("descriptors", count, "max_descriptors", self._limits.max_descriptors)
         if count > len(self._fds):
             raise self._fail(ProtocolError(
                 f"the message's side chunks lie in {count} shared-memory files, but "

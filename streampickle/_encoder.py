@@ -425,13 +425,8 @@ class Encoder:
     ) -> None:
         if limits is not None and not isinstance(limits, Limits):
             raise UsageError(f"limits must be a streampickle.Limits, not {type(limits).__name__}")
-        if shared_memory and key is not None:
-            raise UsageError(
-                "shared_memory=True can't go with a key: a MAC authenticates bytes, and the "
-                "sender can still write an array it handed over as shared memory. Use one or "
-                "the other (a Unix socket's peer is on this host: check who it is with "
-                "SO_PEERCRED, or restrict the socket file's mode)."
-            )
+        if shared_memory:
+            _shm.check_no_key(key)
         self._shared_memory = bool(shared_memory) and _shm.AVAILABLE
         self._limits = limits
         self._key = as_key(key)

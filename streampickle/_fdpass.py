@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import array
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._errors import ProtocolError
 from ._shm import MAX_DESCRIPTORS, close_all
 
-__all__ = ["ANCILLARY_SPACE", "RECEIVE_FLAGS", "ancillary", "received_descriptors"]
+__all__ = ["ANCILLARY_SPACE", "RECEIVE_FLAGS", "ancillary", "receive_into", "received_descriptors"]
 
 #: Ancillary space for one receive: room for ``MAX_DESCRIPTORS``; a peer that sends more has
 #: its message truncated by the kernel (``MSG_CTRUNC``), which is refused.
@@ -53,3 +53,16 @@ def received_descriptors(ancdata: list[tuple[int, int, bytes]], msg_flags: int) 
             f"streampickle only takes descriptors (SCM_RIGHTS)"
         )
     return fds
+
+
+def receive_into(sock: socket.socket, target: memoryview, feed_descriptors: Callable[[list[int]], None]) -> int:
+    """``sock.recv_into(target)`` for a socket that carries descriptors: a ``recvmsg_into``
+    with room for them (a plain read would make the kernel close them), whose descriptors go
+    to ``feed_descriptors`` (the decoder's, which owns them from then on) before the caller
+    feeds the bytes that came with them."""
+    n, ancdata, msg_flags, _ = sock.recvmsg_into([target], ANCILLARY_SPACE, RECEIVE_FLAGS)
+    if ancdata or msg_flags:
+        fds = received_descriptors(ancdata, msg_flags)
+        if fds:
+            feed_descriptors(fds)
+    return n

@@ -40,6 +40,7 @@ __all__ = [
     "AVAILABLE",
     "MAX_DESCRIPTORS",
     "SharedChunks",
+    "check_no_key",
     "close_all",
     "descriptors_of",
     "find",
@@ -48,18 +49,7 @@ __all__ = [
     "shared_copy",
     "shared_empty",
 ]
-
-# What transports need to pass descriptors over a socket lives in _fdpass, which imports
-# socket (the core doesn't): these names are forwarded to it on first use.
-_FDPASS_NAMES = frozenset({"ANCILLARY_SPACE", "RECEIVE_FLAGS", "ancillary", "received_descriptors"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FDPASS_NAMES:
-        from . import _fdpass
-
-        return getattr(_fdpass, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Passing the descriptors over a socket is _fdpass's (it imports socket; the core doesn't).
 
 try:
     import fcntl
@@ -112,6 +102,20 @@ class SharedChunks(list[Any]):
     descriptors: tuple[int, ...]
     shared_bytes: int  # the bytes the references stand for
     _owners: tuple[Any, ...]
+
+
+def check_no_key(key: object) -> None:
+    """Refuse ``shared_memory=True`` with a ``key`` (:class:`UsageError`): the encoder's rule,
+    which the adapters also check before they open a connection."""
+    if key is not None:
+        raise UsageError(
+            "shared_memory=True can't be combined with key=: a shared array's memory does not "
+            "travel in the message, so the key's tag can't cover it, and either process can "
+            "change it after the tag is checked. Use a key without shared memory, or shared "
+            "memory between processes that trust each other without a key (a Unix socket's "
+            "peer is on this host: check who it is with SO_PEERCRED, or restrict the socket "
+            "file's mode)."
+        )
 
 
 def descriptors_of(chunks: Sequence[Any]) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import SocketAttribute
 
-from . import _shm
+from . import _fdpass, _shm
 from ._anyio_compat import notify_closing, wait_readable, wait_writable
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, drop_sent, sendable
@@ -232,7 +232,7 @@ class SocketTransport:
         again."""
         sock = self.sock
         views = sendable(chunks)
-        ancillary = _shm.ancillary(fds)
+        ancillary = _fdpass.ancillary(fds)
         while views:
             try:
                 n = sock.sendmsg(views[:IOV_MAX], ancillary, NO_SIGNAL)
@@ -251,12 +251,7 @@ class SocketTransport:
         the bytes go to the decoder, which owns them from then on, before the bytes do (the
         caller feeds those). ``ProtocolError`` for more than a message may carry, after closing
         them."""
-        n, ancdata, msg_flags, _ = self.sock.recvmsg_into([target], _shm.ANCILLARY_SPACE, _shm.RECEIVE_FLAGS)
-        if ancdata or msg_flags:
-            fds = _shm.received_descriptors(ancdata, msg_flags)
-            if fds:
-                decoder.feed_descriptors(fds)
-        return n
+        return _fdpass.receive_into(self.sock, target, decoder.feed_descriptors)
 
     async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
         self._check_open()

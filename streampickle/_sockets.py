@@ -30,7 +30,8 @@ from ._limits import Limits
 from ._mac import Key
 from ._serve import note_accepted
 from ._serve import serve as _serve
-from ._stream import ObjectStream, check_shared_memory
+from ._shm import check_no_key
+from ._stream import ObjectStream
 from ._transports import grow_socket_buffers, socket_attributes
 
 __all__ = ["ObjectStreamListener", "connect_tcp", "connect_unix", "create_tcp_listener", "create_unix_listener"]
@@ -129,7 +130,7 @@ async def connect_unix(
     with :func:`shared_empty` travel as shared memory, not bytes; the listener must opt in
     too (see :class:`ObjectStream`)."""
     if shared_memory:
-        check_shared_memory(key)
+        check_no_key(key)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         _tune(sock)
@@ -271,7 +272,7 @@ async def create_unix_listener(
     replaced; a live server's socket, or a file that is not a socket, is left alone and
     ``OSError`` (``errno.EADDRINUSE``) names the path."""
     if shared_memory:
-        check_shared_memory(key)
+        check_no_key(key)
     budget = _listener_budget(budget)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -289,9 +290,7 @@ async def create_unix_listener(
         sock.close()
         raise
     await anyio.lowlevel.checkpoint()
-    options = dict(trusted=trusted, allow=allow, key=key, limits=limits, budget=budget)
-    if shared_memory:
-        options["shared_memory"] = True
+    options = dict(trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory)
     return ObjectStreamListener(sock, options)
 
 

@@ -58,7 +58,6 @@ from ._transports import (
     Transport,
     fastest_transport,
     grow_socket_buffers,
-    not_unix,
     send_message,
     shared_transport,
 )
@@ -154,7 +153,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         options = options_for(trusted, allow, key, limits)  # checked once, for both directions
         self._transport: Transport | None = None
         if shared_memory:
-            check_shared_memory(key)
+            _shm.check_no_key(key)
             self._transport = shared_transport(transport_stream)
         self._shared_memory = bool(shared_memory)
         self._charge = Charge(budget) if budget is not None else None
@@ -198,8 +197,6 @@ class ObjectStream(_AnyioObjectStream[Any]):
         """
         if sock.family == socket.AF_UNIX:
             grow_socket_buffers(sock)
-        elif shared_memory:
-            raise not_unix(sock)
         stream = cls(
             sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory
         )
@@ -389,17 +386,6 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 "an earlier send was interrupted after part of its message was written, so "
                 "the peer can't find the next message boundary: close this stream"
             ) from self._send_broken
-
-
-def check_shared_memory(key: Any) -> None:
-    """Refuse ``shared_memory=True`` with a ``key``, before any connection is made."""
-    if key is not None:
-        raise UsageError(
-            "shared_memory=True can't be combined with key=: a shared array's memory does not "
-            "travel in the message, so the key's tag can't cover it, and either process can "
-            "change it after the tag is checked. Use a key without shared memory, or shared "
-            "memory between processes that trust each other without a key."
-        )
 
 
 async def dump(obj: Any, stream: Any, *, key: bytes | Key | None = None) -> None:

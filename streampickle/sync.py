@@ -16,17 +16,17 @@ make the kernel close them) and hands them to its decoder, which closes any left
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Iterable
 from typing import Any, BinaryIO
 
-from . import _shm
+from . import _fdpass, _shm
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, Encoder, drop_sent, sendable
 from ._errors import IncompleteMessageError, UsageError
 from ._limits import Limits
 from ._mac import Key
-from ._stream import check_shared_memory
 from ._transports import NO_SIGNAL, not_unix
 
 __all__ = ["dump", "load"]
@@ -67,7 +67,7 @@ def send_chunks(sock: socket.socket, chunks: list[Chunk]) -> None:
     views = sendable(chunks)
     fds = _shm.descriptors_of(chunks)
     if fds:
-        ancillary = _shm.ancillary(fds)
+        ancillary = _fdpass.ancillary(fds)
         while views:
             n = sock.sendmsg(views[:IOV_MAX], ancillary, NO_SIGNAL)
             if n:
@@ -81,7 +81,7 @@ def send_chunks(sock: socket.socket, chunks: list[Chunk]) -> None:
 def _shared_socket(file: Any, key: Any) -> socket.socket:
     """``file``, the Unix socket that ``shared_memory=True`` needs; UsageError with a key or
     for anything else."""
-    check_shared_memory(key)
+    _shm.check_no_key(key)
     if not isinstance(file, socket.socket):
         raise UsageError(
             f"shared_memory=True needs a Unix socket (descriptors travel beside its bytes), not "
@@ -126,26 +126,12 @@ def load(
         sock = _shared_socket(file, key)
         decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits, stream=False, shared_memory=True)
         try:
-            return _load(sock, decoder, _receiver_for(sock, decoder))
+            receive = functools.partial(_fdpass.receive_into, sock, feed_descriptors=decoder.feed_descriptors)
+            return _load(sock, decoder, receive)
         finally:
             decoder.close_descriptors()
     decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits, stream=False)
     return _load(file, decoder, _readinto_for(file))
-
-
-def _receiver_for(sock: socket.socket, decoder: Decoder) -> Any:
-    """A ``readinto`` for a socket that carries descriptors: ``recvmsg_into``, handing what
-    arrived to the decoder before the caller feeds the bytes (see the module docstring)."""
-
-    def receive(target: memoryview) -> int:
-        n, ancdata, msg_flags, _ = sock.recvmsg_into([target], _shm.ANCILLARY_SPACE, _shm.RECEIVE_FLAGS)
-        if ancdata or msg_flags:
-            fds = _shm.received_descriptors(ancdata, msg_flags)
-            if fds:
-                decoder.feed_descriptors(fds)
-        return n
-
-    return receive
 
 
 def _load(file: Any, decoder: Decoder, readinto: Any) -> Any:

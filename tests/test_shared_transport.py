@@ -37,7 +37,7 @@ import pytest
 import streampickle
 from _pairs import anyio_socket_pair
 from _util import assert_same, sample_objects
-from streampickle import ObjectStream, ProtocolError, UsageError, _shm, sync
+from streampickle import ObjectStream, ProtocolError, UsageError, _fdpass, _shm, sync
 from streampickle._decoder import Decoder
 from streampickle._encoder import Encoder
 
@@ -373,7 +373,7 @@ def test_a_sync_load_that_fails_inside_a_message_closes_its_descriptors() -> Non
     x, y = socket.socketpair()
     with x, y:
         baseline = open_fds()
-        x.sendmsg([data[:3]], _shm.ancillary(fds))
+        x.sendmsg([data[:3]], _fdpass.ancillary(fds))
         y.settimeout(0.05)  # ends the wait for the rest; nothing is asserted about time
         with pytest.raises(streampickle.IncompleteMessageError) as caught:
             sync.load(y, shared_memory=True)
@@ -464,7 +464,7 @@ def test_a_descriptor_of_the_wrong_kind_is_refused(receiver: str, kind: str, tmp
 def test_more_descriptors_than_the_ancillary_space_holds_are_refused(
     receiver: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_shm, "ANCILLARY_SPACE", socket.CMSG_SPACE(4 * array.array("i").itemsize))
+    monkeypatch.setattr(_fdpass, "ANCILLARY_SPACE", socket.CMSG_SPACE(4 * array.array("i").itemsize))
     data, fd, arr = shared_message()
     extra = [os.dup(fd) for _ in range(_shm.MAX_DESCRIPTORS - 1)]
     try:
@@ -551,7 +551,7 @@ async def test_a_cancelled_receive_loses_nothing(anyio_backend: Any) -> None:
         async with receiver:
             # cut inside the header, inside the first chunk, inside the ordinary side chunk
             for cut in (3, len(wire(chunks[:1])) - 2, len(data) - 1000):
-                x.sendmsg([data[:cut]], _shm.ancillary(fds))
+                x.sendmsg([data[:cut]], _fdpass.ancillary(fds))
                 with anyio.CancelScope() as scope:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(receiver.receive)
@@ -577,7 +577,7 @@ async def test_closing_a_stream_closes_the_descriptors_no_message_claimed(anyio_
     receiver = ObjectStream.from_socket(y, shared_memory=True)
     baseline = open_fds()
     with x:
-        x.sendmsg([data[:3]], _shm.ancillary(fds))
+        x.sendmsg([data[:3]], _fdpass.ancillary(fds))
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(receiver.receive)
