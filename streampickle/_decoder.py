@@ -723,8 +723,9 @@ class Decoder:
         self._after_tables()
 
     def _on_shared(self) -> None:
-        """The shared table is in: claim the message's descriptors, check each and map the
-        ranges its side chunks announce, then close them (the mappings don't need them)."""
+        """The shared table is in: claim the message's descriptors, check each once and map the
+        ranges its side chunks announce (ranges on adjacent pages of one file in one mapping),
+        then close them (the mappings don't need them)."""
         lengths = self._lengths
         count, entries = self._guard(_wire.unpack_shared_table, self._view, lengths)
         if count > self._limits.max_descriptors:
@@ -737,11 +738,15 @@ class Decoder:
             ))
         fds = self._fds[:count]
         del self._fds[:count]
+        chunks_in: list[list[int]] = [[] for _ in fds]  # each file's side chunks
+        for i, (index, _) in enumerate(entries):
+            if index != _wire.INLINE:
+                chunks_in[index].append(i)
         shared: dict[int, memoryview] = {}
         try:
-            for i, (index, offset) in enumerate(entries):
-                if index != _wire.INLINE:
-                    shared[i] = self._guard(_shm.map_received, fds[index], offset, lengths[i])
+            for fd, indices in zip(fds, chunks_in, strict=True):
+                ranges = [(entries[i][1], lengths[i]) for i in indices]
+                shared.update(zip(indices, self._guard(_shm.map_received, fd, ranges), strict=True))
         finally:
             _shm.close_all(fds)
         self._shared = shared

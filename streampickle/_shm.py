@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ._accel import speedups
 from ._errors import ProtocolError, UsageError
 
 __all__ = [
@@ -77,10 +78,15 @@ if AVAILABLE:
     _WRITE_SEALS = fcntl.F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE
 
 
+#: Files at least this large ask for huge pages (``MADV_HUGEPAGE``): see :func:`shared_empty`.
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+
+
 @functools.cache
-def _libc() -> tuple[Any, Any, Any]:
-    """The C library's mmap and munmap, and ctypes' c_char, loaded on first use (ctypes
-    takes longer to import than the rest of streampickle's core)."""
+def _libc() -> tuple[Any, Any, Any, Any]:
+    """The C library's mmap, munmap and madvise, and the ctypes module, loaded on first use
+    (ctypes takes longer to import than the rest of streampickle's core)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -88,7 +94,9 @@ def _libc() -> tuple[Any, Any, Any]:
     libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
     libc.munmap.restype = ctypes.c_int
     libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    return libc.mmap, libc.munmap, ctypes
+    libc.madvise.restype = ctypes.c_int
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.mmap, libc.munmap, libc.madvise, ctypes
 
 
 class SharedChunks(list[Any]):
@@ -148,7 +156,7 @@ def _map(fd: int, offset: int, size: int) -> tuple[Any, int]:
     """Map ``size`` bytes of ``fd`` from ``offset`` (a multiple of the page size), shared and
     writable: a ctypes array over the mapping (the buffer that arrays and views hold) and its
     address. OSError if the kernel refuses."""
-    map_, _, ctypes = _libc()
+    map_, _, _, ctypes = _libc()
     address = map_(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, offset)
     if address is None or address == ctypes.c_void_p(-1).value:  # MAP_FAILED
         err = ctypes.get_errno()
@@ -214,10 +222,15 @@ def shared_empty(shape: int | Sequence[int], dtype: Any = float, order: str = "C
     memory as this one (see "Shared memory" in the README for who sees which writes).
 
     Like ``numpy.empty`` in its arguments; its contents start as zeros, and its pages become
-    memory as they are first written. The memory is 64-byte aligned (page-aligned, in fact)
-    and is freed when the last array, view or received array over it, in any process, is
-    freed: it has no name, so there is nothing to clean up after a crash. Each call holds one
-    descriptor open while its memory lives. Object dtypes are refused (pointers mean nothing
+    memory as they are first written. Arrays of 2 MiB or more ask for huge pages, which the
+    host grants where its ``/sys/kernel/mm/transparent_hugepage/shmem_enabled`` allows them
+    (``advise`` or more; many distributions ship ``never``): filling such an array and a
+    receiver's first read of it are then faster (see "Same host" in docs/performance.md).
+
+    The memory is 64-byte aligned (page-aligned, in fact) and is freed when the last array,
+    view or received array over it, in any process, is freed: it has no name, so there is
+    nothing to clean up after a crash. Each call holds one descriptor open while its memory
+    lives. Object dtypes are refused (pointers mean nothing
     in another process). Raises :class:`UsageError` where the platform has no such files
     (see ``AVAILABLE``)."""
     _check_available()
@@ -240,7 +253,7 @@ def shared_empty(shape: int | Sequence[int], dtype: Any = float, order: str = "C
     except (TypeError, ValueError) as exc:
         raise UsageError(f"shared_empty: shape must be non-negative ints, not {shape!r}") from exc
     nbytes = count * dt.itemsize
-    size = max(_PAGE, -(-nbytes // _PAGE) * _PAGE)  # a whole number of pages, at least one
+    size = max(_PAGE, _page_end(nbytes))  # a whole number of pages, at least one
     fd = os.memfd_create("streampickle", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
@@ -251,6 +264,12 @@ def shared_empty(shape: int | Sequence[int], dtype: Any = float, order: str = "C
     except BaseException:
         os.close(fd)
         raise
+    if size >= _HUGE_PAGE:
+        # Huge pages where the host allows them for shared memory (its transparent_hugepage
+        # shmem_enabled is "advise", "within_size" or "always"): this process's writes fault
+        # 2 MiB at a time, and a receiver's first read of the array maps 512 times fewer
+        # page-table entries. Elsewhere nothing changes; failing is harmless.
+        _libc()[2](address, size, _MADV_HUGEPAGE)
     _REGISTRY.add(address, address + size, fd, buffer)
     weakref.finalize(buffer, _release, address, size, fd)
     return np.ndarray(dims, dtype=dt, buffer=buffer, order="F" if order == "F" else "C")
@@ -272,8 +291,15 @@ def find(view: memoryview) -> tuple[int, int, Any] | None:
     descriptor is sent). None for any other memory."""
     if not AVAILABLE or not view.nbytes:
         return None
-    address = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]  # readonly views too
-    return _REGISTRY.find(address, view.nbytes)
+    return _REGISTRY.find(_address(view), view.nbytes)
+
+
+def _address_py(view: memoryview) -> int:
+    """The Python twin of C ``address``: where a contiguous buffer starts (readonly ones too)."""
+    return int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])
+
+
+_address = speedups.address if speedups else _address_py
 
 
 def is_mapped(view: memoryview) -> bool:
@@ -282,15 +308,14 @@ def is_mapped(view: memoryview) -> bool:
     mapping (when ctypes is not loaded yet)."""
     if not _libc.cache_info().currsize:
         return False
-    return isinstance(view.obj, _libc()[2].Array)
+    return isinstance(view.obj, _libc()[3].Array)
 
 
-def map_received(fd: int, offset: int, length: int) -> memoryview:
-    """Map ``length`` bytes at ``offset`` of a descriptor a peer sent, writable and shared,
-    after checking that it is a shared-memory file sealed against shrinking and growing (so
-    the mapping can't fault later), not sealed against writing, and at least ``offset +
-    length`` bytes long. Maps only the pages holding that range; the caller closes ``fd``
-    (the mapping doesn't need it). :class:`ProtocolError` for anything else."""
+def _check_received(fd: int, furthest: tuple[int, int]) -> None:
+    """Check a descriptor a peer sent before anything of it is mapped: a shared-memory file
+    sealed against shrinking and growing (so a mapping can't fault later), not sealed against
+    writing (arrays received are writable), and holding ``furthest``, the announced range
+    (offset, length) that ends last."""
     try:
         info = os.fstat(fd)
     except OSError as exc:
@@ -318,18 +343,52 @@ def map_received(fd: int, offset: int, length: int) -> memoryview:
             f"a shared-memory file the peer sent is sealed against writing (seals {seals:#x}); "
             f"arrays received are writable, so it is refused"
         )
+    offset, length = furthest
     if offset + length > info.st_size:
         raise ProtocolError(
             f"the peer announced {length} bytes at offset {offset} of a shared-memory file of "
             f"{info.st_size} bytes"
         )
-    if not length:
-        return memoryview(bytearray())
-    start = offset - offset % _PAGE
-    size = offset + length - start
-    try:
-        buffer, address = _map(fd, start, size)
-    except OSError as exc:
-        raise ProtocolError(f"a shared-memory file the peer sent can't be mapped: {exc}") from exc
-    weakref.finalize(buffer, _unmap, address, size, -1)
-    return memoryview(buffer).cast("B")[offset - start : offset - start + length]
+
+
+def map_received(fd: int, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
+    """Map the ``(offset, length)`` ranges of a descriptor a peer sent, writable and shared,
+    after checking the file once (see ``_check_received``): one view per range, in order.
+    :class:`ProtocolError` for a file that fails a check or can't be mapped.
+
+    Only the pages holding an announced range are mapped, never one more. Ranges whose pages
+    touch or overlap (the arrays of one buffer, sent together) share one mapping, so a
+    message of many arrays in one file costs one ``mmap``, not one per array. The caller
+    closes ``fd``: the mappings don't need it."""
+    _check_received(fd, max(ranges, key=sum, default=(0, 0)))
+    views: list[memoryview | None] = [None] * len(ranges)
+    order = sorted((i for i, (_, length) in enumerate(ranges) if length), key=lambda i: ranges[i][0])
+    k = 0
+    while k < len(order):
+        # A run: the next ranges by offset whose first page is inside the run or right after it.
+        offset, length = ranges[order[k]]
+        start = offset - offset % _PAGE
+        stop = _page_end(offset + length)
+        run = k + 1
+        while run < len(order):
+            offset, length = ranges[order[run]]
+            if offset - offset % _PAGE > stop:  # a page no range announced lies between
+                break
+            stop = max(stop, _page_end(offset + length))
+            run += 1
+        try:
+            buffer, address = _map(fd, start, stop - start)
+        except OSError as exc:
+            raise ProtocolError(f"a shared-memory file the peer sent can't be mapped: {exc}") from exc
+        weakref.finalize(buffer, _unmap, address, stop - start, -1)
+        whole = memoryview(buffer).cast("B")
+        for i in order[k:run]:
+            offset, length = ranges[i]
+            views[i] = whole[offset - start : offset - start + length]
+        k = run
+    return [memoryview(bytearray()) if view is None else view for view in views]  # empty: writable too
+
+
+def _page_end(end: int) -> int:
+    """``end`` rounded up to a whole page."""
+    return -(-end // _PAGE) * _PAGE

@@ -1581,6 +1581,16 @@ error:
     return NULL;
 }
 
+/* address(buffer): where a contiguous buffer's first byte lies in memory (the shared-memory
+ * encoder looks it up among this process's shared files). Readonly buffers too. */
+static PyObject *address(PyObject *self, PyObject *obj) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *result = PyLong_FromVoidPtr(view.buf);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(data, chunk_count) -> 0 (plain, admitted), 1 (defer to the full verifier), or\n"
@@ -1604,6 +1614,8 @@ static PyMethodDef methods[] = {
      "dump(pickler, obj) -> pickler.dump(obj), without the memo if unshared(obj)."},
     {"dump_small", (PyCFunction)(void (*)(void))dump_small, METH_FASTCALL,
      "dump_small(pickler, out, buffers, obj, limit) -> a small plain message, or None."},
+    {"address", address, METH_O,
+     "address(buffer) -> the address of a contiguous buffer's first byte."},
     {NULL, NULL, 0, NULL},
 };
 

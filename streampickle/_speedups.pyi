@@ -57,3 +57,6 @@ def dump(pickler: Any, obj: object, /) -> None:
 
 def dump_small(pickler: Any, out: list[Any], buffers: list[Any], obj: object, limit: int, /) -> bytes | None:
     """A small plain message, or None (the caller finishes from ``out`` and ``buffers``)."""
+
+def address(buffer: Any, /) -> int:
+    """The address of a contiguous buffer's first byte."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import gc
 import os
+import pickle
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -425,3 +426,72 @@ def test_text_arrays_in_shared_memory_are_checked_on_a_private_copy(no_leak: Non
     assert not send(numbers).flags.owndata  # everything else is the shared memory itself
     del got
     gc.collect()
+
+
+def test_ranges_on_adjacent_pages_of_one_file_share_one_mapping(no_leak: None) -> None:
+    """Arrays of one buffer sent together cost one mapping, still exactly the announced
+    pages; a page between two ranges that no chunk announced is not mapped."""
+    fd = memfd(16 * PAGE)
+    os.pwrite(fd, bytes(range(256)) * (16 * PAGE // 256), 0)
+    # Out of order, overlapping, adjacent, then a gap of one page before the last range.
+    entries = [(0, PAGE + 8), (0, 8), (0, 3 * PAGE), (0, PAGE), (0, 10 * PAGE)]
+    lengths = [PAGE, 2 * PAGE - 8, 16, PAGE, 8]
+    decoder = Decoder(shared_memory=True)
+    decoder.feed_descriptors([fd])
+    decoder.feed(shared_message(lengths, entries, 1))
+    buffers = next(decoder)
+    expected = bytes(range(256)) * (16 * PAGE // 256)
+    for buffer, (_, offset), length in zip(buffers, entries, lengths, strict=True):
+        assert bytes(buffer) == expected[offset : offset + length]
+    lines = [mapping_of(address_of(buffer)) for buffer in buffers]
+    assert all(line is not None and "memfd:test" in line for line in lines)
+    spans = {tuple(int(x, 16) for x in line.split()[0].split("-")) for line in lines if line}
+    assert sorted(end - start for start, end in spans) == [PAGE, 4 * PAGE]  # pages 0-3, then page 10
+    assert len({lines[0], lines[1], lines[2], lines[3]}) == 1
+    buffers[1][PAGE] = 99  # one mapping: the overlapping range sees the write
+    assert buffers[0][0] == 99 and buffers[0].readonly is False
+    del buffers, buffer
+    gc.collect()
+
+
+def test_the_address_twins_agree() -> None:
+    """C ``address`` and its Python twin find the same first byte, readonly buffers too."""
+    from streampickle._accel import speedups
+
+    if not speedups:
+        pytest.skip("the C extension is not loaded (pure-Python run): its twin is the one in use")
+    array = np.arange(100.0)
+    buffers = [
+        memoryview(array).cast("B"),
+        memoryview(array).cast("B")[24:80],
+        memoryview(pickle.PickleBuffer(array)).cast("B").toreadonly(),
+        memoryview(b"bytes are readonly"),
+        memoryview(bytearray(10))[3:],
+    ]
+    for view in buffers:
+        assert speedups.address(view) == _shm._address_py(view)
+    assert _shm._address_py(buffers[1]) - _shm._address_py(buffers[0]) == 24
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping (/proc/self/smaps) whose range holds ``address``."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):
+                start, end = (int(x, 16) for x in first.split("-"))
+                inside = start <= address < end
+            elif inside and first == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"), reason="no transparent huge pages here")
+def test_large_shared_arrays_ask_for_huge_pages() -> None:
+    """Arrays of 2 MiB or more ask for huge pages (granted where the host's shmem setting
+    allows them); smaller ones don't, so they never take a 2 MiB page for a few bytes."""
+    large = streampickle.shared_empty(2 << 20, np.uint8)
+    small = streampickle.shared_empty((2 << 20) - 4096, np.uint8)
+    assert "hg" in vm_flags(address_of(large))
+    assert "hg" not in vm_flags(address_of(small))
