@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import array
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ._errors import ProtocolError
 from ._shm import MAX_DESCRIPTORS, close_all
+
+if TYPE_CHECKING:
+    from ._decoder import Decoder
 
 __all__ = ["ANCILLARY_SPACE", "RECEIVE_FLAGS", "ancillary", "receive_into", "received_descriptors"]
 
@@ -55,14 +59,22 @@ def received_descriptors(ancdata: list[tuple[int, int, bytes]], msg_flags: int) 
     return fds
 
 
-def receive_into(sock: socket.socket, target: memoryview, feed_descriptors: Callable[[list[int]], None]) -> int:
-    """``sock.recv_into(target)`` for a socket that carries descriptors: a ``recvmsg_into``
-    with room for them (a plain read would make the kernel close them), whose descriptors go
-    to ``feed_descriptors`` (the decoder's, which owns them from then on) before the caller
-    feeds the bytes that came with them."""
+def receive_into(sock: socket.socket, target: memoryview, decoder: Decoder, *, bounded: bool) -> int:
+    """``sock.recv_into(target)`` for a socket that carries descriptors, feeding ``decoder``
+    the descriptors that came (it owns them from then on) before the caller feeds the bytes.
+
+    A message's descriptors travel with its first byte, so only a read that can return a
+    message's first byte needs room for them: a ``recvmsg_into``, since a plain read would
+    make the kernel close them. ``bounded`` says that ``target`` is the decoder's own buffer
+    (``get_buffer()``, which never reaches past the current part): inside a message such a
+    read can't reach the next one, and is a plain ``recv_into``, which costs less per call
+    on a large array's many reads. Descriptors a peer attaches to a later byte of a message
+    are then closed by the kernel and never reach this process."""
+    if bounded and decoder.in_message:
+        return sock.recv_into(target)
     n, ancdata, msg_flags, _ = sock.recvmsg_into([target], ANCILLARY_SPACE, RECEIVE_FLAGS)
     if ancdata or msg_flags:
         fds = received_descriptors(ancdata, msg_flags)
         if fds:
-            feed_descriptors(fds)
+            decoder.feed_descriptors(fds)
     return n

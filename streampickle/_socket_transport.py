@@ -10,10 +10,11 @@ and uvloop the small messages of a burst of sends are written together (``send_l
 counts exactly the bytes the kernel took (``exact_send_accounting = True``).
 
 With ``shared_memory=True`` (a Unix socket whose both ends opted in, see ``_shm``) descriptors
-travel beside the bytes. Every read is a ``recvmsg_into`` with room for a message's worth of
-descriptors: a plain ``recv_into`` would make the kernel close any that came. What a read
-brings is handed to the decoder before its bytes (``Decoder.feed_descriptors``), in the same
-synchronous step, so a cancelled fill still loses nothing. A message's descriptors go with the
+travel beside the bytes. Every read that can return a message's first byte is a
+``recvmsg_into`` with room for a message's worth of descriptors: a plain ``recv_into`` would
+make the kernel close any that came (reads inside a message are plain: ``_fdpass.receive_into``).
+What a read brings is handed to the decoder before its bytes (``Decoder.feed_descriptors``), in
+the same synchronous step, so a cancelled fill still loses nothing. A message's descriptors go with the
 first ``sendmsg`` that sends any of its bytes, which is where the receiver finds them. Without
 ``shared_memory`` none of this runs: reads and sends are the plain ones.
 """
@@ -246,12 +247,6 @@ class SocketTransport:
             self.sent += n
             drop_sent(views, n)
 
-    def _receive_sharing(self, target: memoryview, decoder: Decoder) -> int:
-        """``recv_into`` for a socket that carries descriptors: the descriptors that came with
-        the bytes go to the decoder, which owns them from then on, before the bytes do (the
-        caller feeds those). ``ProtocolError`` for more than a message may carry, after closing
-        them."""
-        return _fdpass.receive_into(self.sock, target, decoder.feed_descriptors)
 
     async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
         self._check_open()
@@ -270,7 +265,10 @@ class SocketTransport:
             target = self._scratch if limit is None else self._scratch[:limit]
         while True:
             try:
-                n = self._receive_sharing(target, decoder) if self._shared else self.sock.recv_into(target)
+                if self._shared:
+                    n = _fdpass.receive_into(self.sock, target, decoder, bounded=direct)
+                else:
+                    n = self.sock.recv_into(target)
                 break
             except BlockingIOError:
                 loop = self._loop_taking_callbacks() if direct else None
@@ -329,7 +327,7 @@ class SocketTransport:
                 return
             try:
                 if shared:
-                    n = self._receive_sharing(target[pos:], decoder)
+                    n = _fdpass.receive_into(sock, target[pos:], decoder, bounded=True)
                 else:
                     n = sock.recv_into(target[pos:])
             except BlockingIOError:

@@ -126,7 +126,7 @@ def load(
         sock = _shared_socket(file, key)
         decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits, stream=False, shared_memory=True)
         try:
-            receive = functools.partial(_fdpass.receive_into, sock, feed_descriptors=decoder.feed_descriptors)
+            receive = functools.partial(_fdpass.receive_into, sock, decoder=decoder, bounded=True)
             return _load(sock, decoder, receive)
         finally:
             decoder.close_descriptors()
