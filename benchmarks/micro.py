@@ -1,4 +1,4 @@
-"""In-process costs of the core against pickle, as ratios (issue 4's one-process targets).
+"""In-process costs of the core against pickle, as ratios.
 
     python benchmarks/micro.py
 

@@ -550,8 +550,10 @@ def run_streampickle(role: str, transport: str, messages: list[Any], address: st
     * ``"shared"``: the arrays copied into ``shared_copy`` memory before the clock starts
       (allocating and filling them is the producer's work, not the transfer's): the
       transfer is the hand-off of descriptors and the receiver's mapping;
-    * ``"read"``: the same, and the receiver reads every byte of every array (a checksum,
-      checked afterwards) before the clock stops;
+    * ``"packed"``: the same, but each message's arrays are views of one shared buffer
+      (``workloads.packed``): one descriptor and one mapping per message;
+    * ``"read"``: as ``"shared"``, and the receiver reads every byte of every array (a
+      checksum, checked afterwards) before the clock stops;
     * ``"pool"``: ordinary arrays, each copied into its shared buffer (allocated and faulted
       in once, before the first transfer) inside the timed region, then sent: what a
       producer that recycles shared buffers gets for arrays it did not make in them.
@@ -622,6 +624,8 @@ def run_streampickle(role: str, transport: str, messages: list[Any], address: st
             payload: list[Any] = messages
             if shared in ("shared", "read"):
                 payload = workloads.shared(messages)
+            elif shared == "packed":
+                payload = workloads.packed(messages)
             elif shared == "pool":
                 payload = list(zip(messages, workloads.shared(messages), strict=True))
             if own_sockets:
@@ -674,6 +678,8 @@ CONTENDERS: dict[str, Callable[..., None]] = {
     # Same host, shared memory (Unix sockets; see run_streampickle for what each one times)
     "streampickle-asyncio-shm": lambda r, t, m, a, total: run_streampickle(
         r, t, m, a, "asyncio", False, True, None, "shared"),
+    "streampickle-asyncio-shm-packed": lambda r, t, m, a, total: run_streampickle(
+        r, t, m, a, "asyncio", False, True, None, "packed"),
     "streampickle-asyncio-shm-read": lambda r, t, m, a, total: run_streampickle(
         r, t, m, a, "asyncio", False, True, None, "read"),
     "streampickle-asyncio-shm-ordinary": lambda r, t, m, a, total: run_streampickle(
