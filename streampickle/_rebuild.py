@@ -290,8 +290,26 @@ def _build_dtype(descr: Any, depth: int, budget: list[int]) -> tuple[np.dtype[An
     return dt, has_text
 
 
+# The plain descriptors already checked, and their dtypes: a stream's arrays use a handful,
+# and checking one costs a regular expression and a dtype. Bounded, so that a peer naming many
+# different ones can't grow it; past the bound they are checked every time.
+_PLAIN_DTYPES: dict[str, np.dtype[Any]] = {}
+_PLAIN_DTYPES_MAX = 256
+
+
 def _plain_dtype(descr: str) -> np.dtype[Any]:
-    """A non-structured dtype from its canonical ``dtype.str``."""
+    """A non-structured dtype from its canonical ``dtype.str`` (a str: the caller checks)."""
+    dt = _PLAIN_DTYPES.get(descr)
+    if dt is not None:
+        return dt
+    dt = _check_plain_dtype(descr)
+    if len(_PLAIN_DTYPES) < _PLAIN_DTYPES_MAX:
+        _PLAIN_DTYPES[descr] = dt
+    return dt
+
+
+def _check_plain_dtype(descr: str) -> np.dtype[Any]:
+    """``_plain_dtype`` uncached: check the descriptor and build its dtype."""
     if not _SIMPLE_DESCR.fullmatch(descr):
         raise _bad(f"dtype descriptor {_brief(descr)} is not a plain dtype string")
     try:
@@ -317,7 +335,11 @@ def _shape(shape: Any) -> tuple[int, ...]:
 
 def _ndarray(descr: Any, shape: Any, fortran: Any, buffer: Any) -> np.ndarray[Any, Any]:
     """An array viewing ``buffer`` (one side chunk); its size must match the buffer exactly."""
-    dt, has_text = _build_dtype(descr, 0, [MAX_DESCR_NODES])
+    if type(descr) is str:  # the common case, which _build_dtype would take at one node's cost
+        dt = _plain_dtype(descr)
+        has_text = dt.kind == "U"
+    else:
+        dt, has_text = _build_dtype(descr, 0, [MAX_DESCR_NODES])
     shape = _shape(shape)
     if type(fortran) is not bool:
         raise _bad("the array order flag must be a bool")
