@@ -12,7 +12,8 @@ message in memory; :mod:`streampickle.sync` reads and writes blocking files and 
 
 Loaded on first use, so that importing streampickle starts no I/O machinery (they are in
 ``__all__`` and ``dir()`` all the same): :class:`ObjectStream`, :func:`dump` and :func:`load`
-(async streams), :func:`connect_tcp`, :func:`connect_unix`, :func:`create_tcp_listener`,
+(async streams), :func:`iter_load` (the objects of a file, asynchronously),
+:func:`connect_tcp`, :func:`connect_unix`, :func:`create_tcp_listener`,
 :func:`create_unix_listener` and :class:`ObjectStreamListener` (sockets),
 :class:`MemoryBudget`, and the modules :mod:`streampickle.sync` and :mod:`streampickle.testing`.
 """
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from . import sync, testing
     from ._budget import MemoryBudget
+    from ._files import iter_load
     from ._sockets import (
         ObjectStreamListener,
         connect_tcp,
@@ -68,6 +70,7 @@ _LAZY = {
     "MemoryBudget": ("streampickle._budget", "MemoryBudget"),
     "dump": ("streampickle._stream", "dump"),
     "load": ("streampickle._stream", "load"),
+    "iter_load": ("streampickle._files", "iter_load"),
     "connect_tcp": ("streampickle._sockets", "connect_tcp"),
     "connect_unix": ("streampickle._sockets", "connect_unix"),
     "create_tcp_listener": ("streampickle._sockets", "create_tcp_listener"),
@@ -122,6 +125,7 @@ __all__ = [
     "create_unix_listener",
     "dump",
     "dumps",
+    "iter_load",
     "load",
     "loads",
     "shared_copy",

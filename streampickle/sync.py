@@ -17,19 +17,22 @@ make the kernel close them) and hands them to its decoder, which closes any left
 from __future__ import annotations
 
 import functools
+import io
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
 from . import _fdpass, _shm
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, Encoder, drop_sent, sendable
-from ._errors import IncompleteMessageError, UsageError
+from ._errors import IncompleteMessageError, StreamPickleError, UsageError
+from ._files import FileReader
 from ._limits import Limits
 from ._mac import Key
+from ._options import options_for
 from ._transports import NO_SIGNAL, not_unix
 
-__all__ = ["dump", "load"]
+__all__ = ["dump", "iter_load", "load"]
 
 
 def dump(
@@ -169,6 +172,84 @@ def _load(file: Any, decoder: Decoder, readinto: Any) -> Any:
         if decoder.ended:
             raise EOFError("the peer ended the stream (its authenticated end of stream)")
     return next(decoder)
+
+
+def iter_load(
+    file: BinaryIO | socket.socket,
+    *,
+    trusted: bool = False,
+    allow: Iterable[Any] = (),
+    key: bytes | Key | None = None,
+    limits: Limits | None = None,
+) -> Iterator[Any]:
+    """Iterate over the objects of every message in a blocking binary file (or pipe, or
+    socket), in order: ``for obj in sync.iter_load(f): ...`` reads back a file written by
+    repeated :func:`dump` calls.
+
+    The iteration ends at the end of the input between two messages (an empty file yields
+    nothing), or at a keyed stream's authenticated end. An end inside a message raises
+    :class:`IncompleteMessageError`, after the objects of the complete messages before it;
+    so does an ``OSError`` inside a message (one between messages propagates as it is).
+    Options are :func:`load`'s, and safe by default: a message with a global that isn't
+    allowed raises :class:`ForbiddenGlobalError` at its place in the order, which ends the
+    iteration. Broken bytes raise the decoder's error (:class:`ProtocolError`, ...).
+
+    One decoder reads the whole file, with a bounded read-ahead between messages (a run of
+    small messages costs one read) and each array read straight into its final memory; the
+    file is never read whole. So the iterator owns the file while it runs: after a ``break``
+    (or an error) the file's position is not at a message boundary. It closes nothing.
+
+    ``key``: each message's tag is checked before it is unpickled. The messages of
+    ``dump(obj, f, key=k)`` stand alone, and are read as such: as with repeated :func:`load`
+    calls, their order and number are not authenticated (a message dropped, repeated or
+    moved, or the file cut between messages, goes unnoticed). For that, write the file with
+    one ``Encoder(key=k)`` and end it with its ``encode_end()``, whose end then ends the
+    iteration.
+
+    Options and the file are checked by this call, before iterating (:class:`UsageError`).
+    """
+    options = options_for(trusted, allow, key, limits)
+    given: Any = file  # typed binary, but a text file is a common mistake
+    if isinstance(given, io.TextIOBase):
+        raise UsageError(
+            f"streampickle.sync.iter_load reads a file opened in binary mode (\"rb\"), not a {_name(file)}"
+        )
+    reader = FileReader(options)
+    readinto = getattr(file, "readinto1", None)  # one read: a pipe doesn't wait to fill the buffer
+    if readinto is None or isinstance(file, socket.socket):
+        readinto = _readinto_for(file)
+    return _iter_load(file, reader, readinto)
+
+
+def _iter_load(file: Any, reader: FileReader, readinto: Any) -> Iterator[Any]:
+    """``iter_load``'s loop: read, hand the count to the reader, yield what it completed."""
+    more = True
+    while more:
+        target = reader.buffer()
+        try:
+            n = readinto(target)
+        except BlockingIOError as exc:
+            raise _non_blocking(file) from exc
+        except OSError as exc:
+            failure = reader.read_failed(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        except (TypeError, ValueError) as exc:  # a closed file, or no callable readinto
+            raise UsageError(f"reading from the {_name(file)} failed: {exc!r}") from exc
+        try:
+            more = reader.took(n)
+        except UsageError as exc:
+            if n is None:
+                raise _non_blocking(file) from exc
+            raise UsageError(
+                f"{_name(file)}.readinto() returned {_describe(n)} for a buffer of {len(target)} "
+                f"bytes; it must return how many bytes it wrote there"
+            ) from exc
+        except StreamPickleError:
+            yield from reader.objects()  # the messages completed before the broken one first
+            raise
+        yield from reader.objects()
 
 
 def _readinto_for(file: Any) -> Any:

@@ -1,0 +1,206 @@
+"""Files of objects: every message of a file, in order, read with one decoder.
+
+A file written by repeated ``sync.dump`` calls (an append-only log) is a stream of messages
+with nothing between them, so reading it back is the decoder's ordinary job: one
+:class:`Decoder` for the whole file, fed with ``get_buffer(read_ahead=True)`` /
+``buffer_updated``. Between messages a read takes up to ``READ_AHEAD`` bytes at once (a run
+of small messages costs one read, and the C fast path decodes them); inside a message the
+decoder hands out the message's own memory, so a side chunk (an array's bytes) is read
+straight into its final, aligned place. Memory is bounded by one message and one read-ahead
+buffer, never the file.
+
+*Keys.* ``sync.dump(obj, f, key=k)`` writes messages that stand alone (no sender, no sequence
+number, as ``dumps``), so the decoder reads with ``stream=False``: every message's tag is
+checked before it is unpickled, but, as with repeated ``sync.load`` calls, their order and
+number are not authenticated (a message dropped, repeated or moved in the file, or the file
+cut at a message boundary, goes unnoticed). A keyed stream's authenticated end
+(``Encoder.encode_end``) ends the iteration like the end of the file.
+
+This module holds the reader both adapters share (:class:`FileReader`) and the async
+iterator, :func:`iter_load`; ``streampickle.sync.iter_load`` is the blocking one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from anyio.streams.file import FileReadStream, FileStreamAttribute
+
+from ._decoder import Decoder
+from ._errors import IncompleteMessageError, StreamPickleError, UsageError
+from ._limits import Limits
+from ._mac import Key
+from ._options import Options, options_for
+from ._stream import _fill, _transport_for
+
+__all__ = ["FileReader", "iter_load"]
+
+
+class FileReader:
+    """The sans-IO half of reading a file of objects: one decoder for all of its messages.
+
+    The caller's loop reads into :meth:`buffer`, reports the count with :meth:`took` (which
+    says whether to read again) and takes the completed objects from :meth:`objects`, before
+    it reads again and also when :meth:`took` raised (messages completed before a broken one
+    come first)."""
+
+    __slots__ = ("decoder",)
+
+    def __init__(self, options: Options) -> None:
+        self.decoder = Decoder(options=options, stream=False)
+
+    def buffer(self) -> memoryview:
+        """Where the next bytes go: read-ahead memory between messages, else the current
+        part's own memory (a side chunk's final place)."""
+        return self.decoder.get_buffer(read_ahead=True)
+
+    def took(self, nbytes: int) -> bool:
+        """``nbytes`` were read into the last :meth:`buffer`; 0 is the end of the file. False
+        when there is nothing more to read: the file ended between messages, or at a keyed
+        stream's authenticated end. Raises :class:`IncompleteMessageError` for an end inside
+        a message, and the decoder's errors for broken bytes."""
+        decoder = self.decoder
+        decoder.buffer_updated(nbytes)  # UsageError for a count that is not an int in the buffer
+        if not nbytes:
+            decoder.feed_eof()  # raises inside a message
+            return False
+        return not decoder.ended
+
+    def read_failed(self, exc: OSError) -> BaseException:
+        """What to raise for a read that failed: the ``OSError`` itself between messages
+        (nothing was lost), :class:`IncompleteMessageError` inside one."""
+        decoder = self.decoder
+        if not decoder.in_message:
+            return exc
+        received, expected = decoder.progress
+        return IncompleteMessageError(
+            f"reading failed inside a message ({exc}): {received} of {expected} bytes had "
+            f"arrived, and the rest can't be read from this file any more.",
+            received=received,
+            expected=expected,
+        )
+
+    def objects(self) -> Iterator[Any]:
+        """The objects of the messages completed so far, in order. A message that fails to
+        unpickle (a global that isn't allowed, say) raises here."""
+        decoder = self.decoder
+        while decoder.pending:
+            yield next(decoder)
+
+
+def iter_load(
+    source: Any,
+    *,
+    trusted: bool = False,
+    allow: Iterable[Any] = (),
+    key: bytes | Key | None = None,
+    limits: Limits | None = None,
+) -> AsyncIterator[Any]:
+    """Iterate asynchronously over the objects of a file of messages, in order:
+    ``async for obj in streampickle.iter_load(f): ...``.
+
+    ``source`` is an ``anyio.AsyncFile`` opened for binary reading (``anyio.open_file(path,
+    "rb")``), an ``anyio.streams.file.FileReadStream``, or any other anyio byte receive
+    stream (or an ``asyncio.StreamReader``). The files are read in anyio's worker threads
+    straight into the decoder's memory (an array's bytes into the array, with no copy); other
+    streams through their ``receive``, which copies each byte once, and under ``limits``'
+    deadlines, as :func:`load` is.
+
+    Iteration ends at the end of the input between two messages (an empty file yields
+    nothing), or at a keyed stream's authenticated end; an end inside a message raises
+    :class:`IncompleteMessageError` after the objects of the complete messages before it.
+    Options are :func:`load`'s, and safe by default: a message with a global that isn't
+    allowed raises :class:`ForbiddenGlobalError` at its place in the order. With a ``key``,
+    each message's tag is checked, but not their order (see ``streampickle.sync.iter_load``).
+
+    The iterator owns the source while it runs: it reads ahead, so after a ``break`` (or an
+    error) the position in the source is not at a message boundary. Close the iterator
+    (``contextlib.aclosing``) and the source when done; the iterator closes neither.
+    Options and the source's type are checked by this call, before iterating.
+    """
+    options = options_for(trusted, allow, key, limits)
+    reader = FileReader(options)
+    readinto = _file_readinto(source)
+    if readinto is not None:
+        return _iterate_file(reader, readinto)
+    transport = _transport_for(source)  # UsageError for what isn't a byte stream
+
+    async def fill(started: float | None) -> tuple[bool, float | None]:
+        return await _fill(transport, reader.decoder, started, exact=False)
+
+    return _iterate_stream(reader, fill)
+
+
+def _file_readinto(source: Any) -> Callable[[memoryview], Awaitable[int]] | None:
+    """A file's ``readinto1`` (one read of the file, what is there; a pipe doesn't wait to
+    fill the buffer) or ``readinto``, run in a worker thread, for an ``AsyncFile`` or a
+    ``FileReadStream``; None for anything else."""
+    if isinstance(source, anyio.AsyncFile):
+        file = source.wrapped
+        if isinstance(file, (str, bytes)) or not hasattr(file, "readinto"):
+            raise UsageError(f"streampickle.iter_load reads a binary file; this AsyncFile wraps a {_name(file)}")
+        limiter = source.limiter
+    elif isinstance(source, FileReadStream):  # exactly: a wrapper may hold bytes it read ahead
+        file = source.extra(FileStreamAttribute.file)
+        limiter = None
+    else:
+        return None
+    if hasattr(file, "encoding"):  # a text file has readinto only through its binary buffer
+        raise UsageError(
+            f"streampickle.iter_load reads a file opened in binary mode (\"rb\"), not a {_name(file)}"
+        )
+    read = getattr(file, "readinto1", None) or getattr(file, "readinto")  # noqa: B009 - IO[bytes] doesn't declare it
+
+    async def readinto(target: memoryview) -> int:
+        n: int = await anyio.to_thread.run_sync(read, target, limiter=limiter)
+        return n
+
+    return readinto
+
+
+async def _iterate_file(reader: FileReader, readinto: Callable[[memoryview], Awaitable[int]]) -> AsyncIterator[Any]:
+    more = True
+    while more:
+        target = reader.buffer()
+        try:
+            n = await readinto(target)
+        except BlockingIOError as exc:
+            raise UsageError("streampickle.iter_load needs a blocking file; this one had no data ready") from exc
+        except OSError as exc:
+            failure = reader.read_failed(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        except (TypeError, ValueError) as exc:  # a closed file
+            raise UsageError(f"reading the file failed: {exc!r}") from exc
+        try:
+            more = reader.took(n)
+        except StreamPickleError:
+            for obj in reader.objects():
+                yield obj
+            raise
+        for obj in reader.objects():
+            yield obj
+
+
+async def _iterate_stream(
+    reader: FileReader, fill: Callable[[float | None], Awaitable[tuple[bool, float | None]]]
+) -> AsyncIterator[Any]:
+    more, started = True, None
+    while more:
+        try:
+            more, started = await fill(started)
+        except StreamPickleError:
+            for obj in reader.objects():
+                yield obj
+            raise
+        more = more and not reader.decoder.ended
+        for obj in reader.objects():
+            yield obj
+
+
+def _name(obj: Any) -> str:
+    return type(obj).__name__
