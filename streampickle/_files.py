@@ -140,15 +140,13 @@ def _file_readinto(source: Any) -> Callable[[memoryview], Awaitable[int]] | None
     ``FileReadStream``; None for anything else."""
     if isinstance(source, anyio.AsyncFile):
         file = source.wrapped
-        if isinstance(file, (str, bytes)) or not hasattr(file, "readinto"):
-            raise UsageError(f"streampickle.iter_load reads a binary file; this AsyncFile wraps a {_name(file)}")
         limiter = source.limiter
     elif isinstance(source, FileReadStream):  # exactly: a wrapper may hold bytes it read ahead
         file = source.extra(FileStreamAttribute.file)
         limiter = None
     else:
         return None
-    if hasattr(file, "encoding"):  # a text file has readinto only through its binary buffer
+    if hasattr(file, "encoding") or not hasattr(file, "readinto"):  # a text file, or no file at all
         raise UsageError(
             f"streampickle.iter_load reads a file opened in binary mode (\"rb\"), not a {_name(file)}"
         )

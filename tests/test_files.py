@@ -184,6 +184,16 @@ def test_keyed_file_of_dump_calls(tmp_path: Path) -> None:
     assert got == [] and isinstance(exc, streampickle.StreamPickleError)
 
 
+def test_keyed_file_messages_stand_alone(tmp_path: Path) -> None:
+    """The chosen semantics: each message of ``dump(..., key=)`` is authenticated alone, as
+    repeated ``sync.load`` calls read it, so moving whole messages in the file is not seen."""
+    first, second = (streampickle.dumps(obj, key=KEY) for obj in ("first", "second"))
+    path = tmp_path / "moved.spk"
+    path.write_bytes(second + first + second)
+    with open(path, "rb") as f:
+        assert list(sync.iter_load(f, key=KEY)) == ["second", "first", "second"]
+
+
 def test_keyed_file_with_an_altered_message(tmp_path: Path) -> None:
     path = _write(tmp_path / "altered.spk", [b"a" * 1000, b"b" * 1000], key=KEY)
     data = bytearray(path.read_bytes())
