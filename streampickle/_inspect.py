@@ -40,9 +40,12 @@ from ._safe import Loader
 
 __all__ = [
     "GlobalUse",
+    "InspectError",
     "MessageRecord",
     "PickleInfo",
     "PickleRecord",
+    "Summary",
+    "analyze_pickle",
     "inspect_messages",
     "inspect_pickles",
     "render_text",
@@ -239,10 +242,10 @@ class GlobalUse:
 
 @dataclass
 class PickleInfo:
-    """What the walk of one pickle found: its size and protocol, the globals it names, its
-    ``NEXT_BUFFER`` count, the bytes after its ``STOP``, what is wrong with it (``error``), the
-    safe loader's verdict (``verdict``: None if it would accept it, ``"not checked"``-style
-    text otherwise) and, for ``--dis``, its first opcodes."""
+    """What the walk of one pickle found: its size in bytes (to its ``STOP``) and protocol, the
+    globals it names, its opcode and ``NEXT_BUFFER`` counts, what breaks the format's rules
+    (``error``), the safe loader's refusal of the whole pickle (``verdict``: None if it would
+    accept it; only for a message's pickle part) and, for ``--dis``, its first opcodes."""
 
     size: int = 0
     protocol: int | None = None
@@ -585,6 +588,7 @@ class MessageRecord:
     header_tag_ok: bool | None = None
     tag_ok: bool | None = None
     tag_note: str | None = None
+    stream_note: str | None = None
     descriptor_count: int | None = None
     shared: list[tuple[int, int]] = field(default_factory=list)
     pickle: PickleInfo | None = None
@@ -635,139 +639,167 @@ def inspect_messages(
     loader = Loader(allow=allow) if allow else Loader.shared(False)
     keys = _Keys(key) if key is not None else None
     source = _Source(file)
+    due: dict[str, int] = {}  # each stream sender's next sequence number
     index = 0
     while True:
-        offset = source.offset
-        record = MessageRecord(index, offset)
+        record = MessageRecord(index, source.offset)
+        reader = _MessageReader(source, record, limits, keys)
         try:
-            if not _read_message(source, record, limits, loader, keys, dis_limit):
+            header = reader.header()
+            if header is None:
                 return
+            inline = reader.tables(header)
+            if inline is not None:
+                reader.body(header, inline, loader, dis_limit)
         except InspectError as exc:
             record.error = str(exc)
             record.fatal = True
-        record.size = source.offset - offset
+        record.size = source.offset - record.offset
+        _follow(record, due)
         yield record
         if record.fatal:
             return
         index += 1
 
 
-def _read_message(source: _Source, record: MessageRecord, limits: Limits, loader: Loader,
-                  keys: _Keys | None, dis_limit: int) -> bool:
-    """Fill ``record`` from the message at the source's offset; False at a clean end."""
-    start = record.offset
-    part = "fixed header"
-
-    def need(n: int) -> bytes:
-        try:
-            return source.read_exact(n)
-        except _Truncated as exc:
-            raise InspectError(
-                start, f"truncated: the input ends inside the message's {part} ({exc.got} of its "
-                f"{exc.wanted} bytes, {source.offset - start} bytes into the message)"
-            ) from None
-
-    head = source.read(_wire.HEADER_SIZE)
-    if not head:
-        return False
-    try:
-        _wire.check_magic_prefix(head)
-        if len(head) < _wire.HEADER_SIZE:
-            raise _Truncated(len(head), _wire.HEADER_SIZE)
-        header = _wire.parse_header(head)
-    except _Truncated as exc:
-        raise InspectError(
-            start, f"truncated: the input ends inside a fixed header ({exc.got} of its {exc.wanted} bytes)"
-        ) from None
-    except ProtocolError as exc:
-        raise InspectError(start, str(exc)) from None
-    flags, count, plen, version = header
-    record.version, record.flags, record.chunk_count, record.pickle_length = version, flags, count, plen
-    record.end_of_stream = header.is_end
-    _check_limit(start, "side chunks", count, "max_side_chunks", limits.max_side_chunks)
-    _check_limit(start, "pickle bytes", plen, "max_pickle_size", limits.max_pickle_size)
-    _check_limit(start, "bytes in all", header.size(), "max_message_size", limits.max_message_size)
-    mac: Any = None
-    key: Key | None = None
-    if keys is not None and not header.has_mac:
-        record.tag_ok = False  # a decoder with the key refuses it: the tag could have been stripped
-        record.tag_note = "the message carries no tag, and a decoder with this key refuses it"
-    if header.has_mac:
-        record.mac = _mac_name(flags)
-        if keys is None:
-            record.tag_note = "not checked (no --key-file)"
-        else:
-            found = keys.get(record.mac)
-            if isinstance(found, str):
-                record.tag_note = found
-            else:
-                key, mac = found, found.new()
-                mac.update(head)
-    signed = head
-    if version == _wire.VERSION_KEYED:
-        part = "stream fields"
-        fields = need(_wire.STREAM_FIELDS_SIZE)
-        sender, sequence = _wire.unpack_stream_fields(fields)
-        record.sender, record.sequence = sender.hex(), sequence
-        signed += fields
-    part = "length table"
-    table = need(count * _wire.LENGTH_SIZE)
-    lengths = _wire.unpack_lengths(table) if count else ()
-    record.chunk_lengths = lengths
-    signed += table
-    _check_limit(start, "bytes in all", header.size() + sum(lengths), "max_message_size", limits.max_message_size)
-    inline = list(lengths)
-    if header.is_shared:
-        part = "shared table"
-        shared = need(_wire.shared_table_size(count))
-        try:
-            descriptors, entries = _wire.unpack_shared_table(shared, lengths)
-        except ProtocolError as exc:
-            raise InspectError(start, str(exc)) from None
-        record.descriptor_count, record.shared = descriptors, entries
-        _check_limit(start, "descriptors", descriptors, "max_descriptors", limits.max_descriptors)
-        inline = [n for n, (index, _) in zip(lengths, entries, strict=True) if index == _wire.INLINE]
-    if version == _wire.VERSION_KEYED:
-        part = "header tag"
-        header_tag = need(_wire.TAG_SIZE)
-        if key is not None:
-            record.header_tag_ok = key.check(signed, header_tag)
-            mac.update(signed[_wire.HEADER_SIZE:])
-            mac.update(header_tag)
-        if header.is_end:
-            return True
-    elif mac is not None:
-        mac.update(signed[_wire.HEADER_SIZE:])
-    part = "pickle part"
-    data = need(plen)
-    if mac is not None:
-        mac.update(data)
-    record.pickle = analyze_pickle(data, chunk_count=count, loader=loader, dis_limit=dis_limit)
-    for i, length in enumerate(inline):
-        part = f"side chunk {i}" if not header.is_shared else "inline side chunks"
-        try:
-            source.skip(length, mac)
-        except _Truncated as exc:
-            raise InspectError(
-                start, f"truncated: the input ends inside the message's {part} ({exc.got} of its "
-                f"{exc.wanted} bytes)"
-            ) from None
-    if header.has_mac:
-        part = "tag"
-        tag = need(_wire.TAG_SIZE)
-        if key is not None:
-            record.tag_ok = key.verify(mac, tag)
-    if record.pickle.error is not None:
-        record.error = f"at offset {start}: malformed message: {record.pickle.error}"
-    return True
-
-
-def _check_limit(offset: int, what: str, value: int, limit_name: str, limit: int) -> None:
-    if value > limit:
-        raise InspectError(
-            offset, f"the message declares {value} {what}, over Limits.{limit_name}={limit} "
-            f"(raise it with --{limit_name.replace('_', '-')} if the sender legitimately sends that much)"
+def _follow(record: MessageRecord, due: dict[str, int]) -> None:
+    """Note a keyed stream message out of its sender's order (a stream decoder refuses it: a
+    message dropped, replayed or reordered) or after its sender's end. A note, not an error:
+    a capture may hold several streams, or start in the middle of one."""
+    sender = record.sender
+    if sender is None or record.sequence is None or sender == _wire.NO_SENDER.hex():
+        return
+    expected = due.get(sender)
+    if expected is not None and expected < 0:
+        record.stream_note = "after this sender's end of stream: a stream decoder refuses it"
+    elif expected is not None and record.sequence != expected:
+        record.stream_note = (
+            f"sequence {record.sequence} where {expected} was due: a stream decoder refuses it "
+            f"(messages dropped, replayed or reordered)"
         )
+    if expected is not None or len(due) < 1024:  # senders are the input's to choose: bounded
+        due[sender] = -1 if record.end_of_stream else max(expected or 0, record.sequence + 1)
+
+
+class _MessageReader:
+    """Reads one message into its record, part by part, feeding the MAC when a key is given.
+    Each step raises :class:`InspectError` for what breaks the framing."""
+
+    def __init__(self, source: _Source, record: MessageRecord, limits: Limits, keys: _Keys | None) -> None:
+        self.source = source
+        self.record = record
+        self.limits = limits
+        self.keys = keys
+        self.key: Key | None = None
+        self.mac: Any = None
+        self.signed = b""  # what the header tag covers: header, stream fields, length table
+
+    def need(self, part: str, n: int) -> bytes:
+        try:
+            return self.source.read_exact(n)
+        except _Truncated as exc:
+            raise self.truncated(part, exc) from None
+
+    def truncated(self, part: str, exc: _Truncated) -> InspectError:
+        return InspectError(
+            self.record.offset, f"truncated: the input ends inside the message's {part} ({exc.got} of its "
+            f"{exc.wanted} bytes, {self.source.offset - self.record.offset} bytes into the message)"
+        )
+
+    def check(self, what: str, value: int, limit_name: str) -> None:
+        limit = getattr(self.limits, limit_name)
+        if value > limit:
+            raise InspectError(
+                self.record.offset, f"the message declares {value} {what}, over Limits.{limit_name}={limit} "
+                f"(raise it with --{limit_name.replace('_', '-')} if the sender legitimately sends that much)"
+            )
+
+    def header(self) -> _wire.Header | None:
+        """The fixed header, parsed and checked against the limits; None at a clean end."""
+        record = self.record
+        head = self.source.read(_wire.HEADER_SIZE)
+        if not head:
+            return None
+        try:
+            _wire.check_magic_prefix(head)
+            if len(head) < _wire.HEADER_SIZE:
+                raise self.truncated("fixed header", _Truncated(len(head), _wire.HEADER_SIZE))
+            header = _wire.parse_header(head)
+        except ProtocolError as exc:
+            raise InspectError(record.offset, str(exc)) from None
+        flags, count, plen, version = header
+        record.version, record.flags, record.chunk_count, record.pickle_length = version, flags, count, plen
+        record.end_of_stream = header.is_end
+        self.check("side chunks", count, "max_side_chunks")
+        self.check("pickle bytes", plen, "max_pickle_size")
+        self.check("bytes in all", header.size(), "max_message_size")
+        self.signed = head
+        if not header.has_mac:
+            if self.keys is not None:
+                record.tag_ok = False  # a decoder with the key refuses it: a tag could have been stripped
+                record.tag_note = "the message carries no tag, and a decoder with this key refuses it"
+            return header
+        record.mac = _mac_name(flags)
+        found = self.keys.get(record.mac) if self.keys is not None else "not checked (no --key-file)"
+        if isinstance(found, str):
+            record.tag_note = found
+        else:
+            self.key, self.mac = found, found.new()
+        return header
+
+    def tables(self, header: _wire.Header) -> list[int] | None:
+        """Stream fields, length table, shared table and header tag, as the version has them:
+        the lengths of the side chunks whose bytes follow the pickle (None for an end)."""
+        record, count = self.record, header.chunk_count
+        if header.version == _wire.VERSION_KEYED:
+            fields = self.need("stream fields", _wire.STREAM_FIELDS_SIZE)
+            sender, sequence = _wire.unpack_stream_fields(fields)
+            record.sender, record.sequence = sender.hex(), sequence
+            self.signed += fields
+        table = self.need("length table", count * _wire.LENGTH_SIZE)
+        lengths = _wire.unpack_lengths(table) if count else ()
+        record.chunk_lengths = lengths
+        self.signed += table
+        self.check("bytes in all", header.size() + sum(lengths), "max_message_size")
+        if self.mac is not None:
+            self.mac.update(self.signed)
+        inline = list(lengths)
+        if header.is_shared:
+            shared = self.need("shared table", _wire.shared_table_size(count))
+            try:
+                descriptors, entries = _wire.unpack_shared_table(shared, lengths)
+            except ProtocolError as exc:
+                raise InspectError(record.offset, str(exc)) from None
+            record.descriptor_count, record.shared = descriptors, entries
+            self.check("descriptors", descriptors, "max_descriptors")
+            inline = [n for n, (index, _) in zip(lengths, entries, strict=True) if index == _wire.INLINE]
+        if header.version == _wire.VERSION_KEYED:
+            header_tag = self.need("header tag", _wire.TAG_SIZE)
+            if self.key is not None:
+                record.header_tag_ok = self.key.check(self.signed, header_tag)
+                self.mac.update(header_tag)
+            if header.is_end:
+                return None
+        return inline
+
+    def body(self, header: _wire.Header, inline: list[int], loader: Loader, dis_limit: int) -> None:
+        """The pickle part (walked), the side chunks (read past) and the tag (checked)."""
+        record, mac = self.record, self.mac
+        data = self.need("pickle part", header.pickle_length)
+        if mac is not None:
+            mac.update(data)
+        record.pickle = analyze_pickle(data, chunk_count=header.chunk_count, loader=loader, dis_limit=dis_limit)
+        for i, length in enumerate(inline):
+            try:
+                self.source.skip(length, mac)
+            except _Truncated as exc:
+                raise self.truncated("inline side chunks" if header.is_shared else f"side chunk {i}", exc) from None
+        if header.has_mac:
+            tag = self.need("tag", _wire.TAG_SIZE)
+            if self.key is not None:
+                record.tag_ok = self.key.verify(mac, tag)
+        if record.pickle.error is not None:
+            record.error = f"at offset {record.offset}: malformed message: {record.pickle.error}"
 
 
 # -- standard pickles ----------------------------------------------------------------------------
@@ -880,7 +912,7 @@ def render_text(record: MessageRecord | PickleRecord) -> list[str]:
     ]
     if r.sender is not None:
         lines.append(f"  stream: sender {r.sender}{' (stands alone)' if r.sender == '00' * 8 else ''}, "
-                     f"sequence {r.sequence}")
+                     f"sequence {r.sequence}" + (f"; NOTE: {r.stream_note}" if r.stream_note else ""))
     if not r.end_of_stream:
         shown = ", ".join(map(str, r.chunk_lengths[:16])) + (", ..." if r.chunk_count > 16 else "")
         lines.append(f"  pickle part: {r.pickle_length} bytes; side chunks: {r.chunk_count}"
@@ -945,7 +977,7 @@ def to_json(record: MessageRecord | PickleRecord) -> dict[str, Any]:
         "index": r.index, "offset": r.offset, "size": r.size, "ok": r.ok, "error": r.error,
         "version": r.version, "flags": r.flags, "chunk_count": r.chunk_count, "pickle_length": r.pickle_length,
         "chunk_lengths": list(r.chunk_lengths), "end_of_stream": r.end_of_stream,
-        "sender": r.sender, "sequence": r.sequence,
+        "sender": r.sender, "sequence": r.sequence, "stream_note": r.stream_note,
         "tag": None if r.mac is None and r.tag_note is None else {
             "mac": r.mac, "header_tag_ok": r.header_tag_ok, "tag_ok": r.tag_ok, "note": r.tag_note,
         },

@@ -483,3 +483,19 @@ def test_allow_on_the_command_line_judges_as_that_loader_would(tmp_path: Path) -
     assert refused.returncode == allowed.returncode == 0
     assert "global uuid.SafeUUID" in refused.stdout and "REFUSED" in refused.stdout
     assert "admitted (allowed by allow=)" in allowed.stdout and "safe loader: accepts" in allowed.stdout
+
+
+def test_a_stream_message_out_of_order_is_noted() -> None:
+    encoder = Encoder(key=b"k")
+    first, second, third = (wire(encoder.encode(i)) for i in range(3))
+    end = encoder.encode_end()
+    records = list(inspect_messages(io.BytesIO(first + third + second + end + first), key=b"k"))
+    assert [r.sequence for r in records] == [0, 2, 1, 3, 0]
+    notes = [r.stream_note for r in records]
+    assert notes[0] is None and notes[3] is None
+    assert notes[1] is not None and "sequence 2 where 1 was due" in notes[1]
+    assert notes[2] is not None and "sequence 1 where 3 was due" in notes[2]
+    assert notes[4] is not None and "after this sender's end" in notes[4]
+    assert all(r.ok for r in records)  # each one authentic; the order is the stream decoder's business
+    alone = streampickle.dumps(1, key=b"k")
+    assert [r.stream_note for r in inspect_messages(io.BytesIO(alone * 3))] == [None] * 3
