@@ -430,6 +430,8 @@ class _Walk:
                 self.memo[len(self.memo) if name == "MEMOIZE" else arg] = None if top is _MARK else top
         elif name in _GET_OPS:
             self._push(self.memo.get(arg))
+        elif name == "POP" and self.stack and self.stack[-1] is _MARK and not self.lost:
+            self.stack.pop()  # as the unpickler does: POP on an empty frame drops the MARK
         elif name == "DUP":
             self._push(self.stack[-1] if self.stack and not self.lost else None)
         elif name == "STACK_GLOBAL":

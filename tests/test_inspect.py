@@ -499,3 +499,10 @@ def test_a_stream_message_out_of_order_is_noted() -> None:
     assert all(r.ok for r in records)  # each one authentic; the order is the stream decoder's business
     alone = streampickle.dumps(1, key=b"k")
     assert [r.stream_note for r in inspect_messages(io.BytesIO(alone * 3))] == [None] * 3
+
+
+def test_pop_on_an_empty_frame_drops_the_mark_as_the_unpickler_does() -> None:
+    data = b"\x80\x05(0\x8c\x0bcollections\x8c\x0bOrderedDict\x93."
+    assert pickle.loads(data) is __import__("collections").OrderedDict  # our own bytes: a check of the premise
+    info = analyze_pickle(data)
+    assert [g.full_name for g in info.globals] == ["collections.OrderedDict"] and info.error is None
