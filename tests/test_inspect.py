@@ -506,3 +506,15 @@ def test_pop_on_an_empty_frame_drops_the_mark_as_the_unpickler_does() -> None:
     assert pickle.loads(data) is __import__("collections").OrderedDict  # our own bytes: a check of the premise
     info = analyze_pickle(data)
     assert [g.full_name for g in info.globals] == ["collections.OrderedDict"] and info.error is None
+
+
+def test_a_version_1_keyed_message_of_the_spec_verifies() -> None:
+    """The spec's worked example as written before version 2: flag bit 0 and a tag at the end."""
+    body = bytearray(streampickle.dumps({"x": np.arange(3, dtype="<i2")}))
+    body[5] = _wire.FLAG_MAC
+    tag = bytes.fromhex("264e564cc6d82d6681bc85dd0ed1263c8d3197dd09709412d002fd4939315e8c")
+    (record,) = inspect_messages(io.BytesIO(bytes(body) + tag), key=b"k")
+    assert (record.version, record.mac, record.tag_ok, record.header_tag_ok) == (1, "hmac-sha256", True, None)
+    assert record.size == 107 + 32 and record.ok
+    (forged,) = inspect_messages(io.BytesIO(bytes(body) + bytes(32)), key=b"k")
+    assert forged.tag_ok is False and not forged.ok
