@@ -921,7 +921,8 @@ def render_text(record: MessageRecord | PickleRecord) -> list[str]:
                      + (f" ({shown})" if r.chunk_count else ""))
     if r.descriptor_count is not None:
         lines.append(
-            f"  shared table: {r.descriptor_count} descriptors (they travel beside the bytes, not in this file)"
+            f"  shared table: {r.descriptor_count} descriptor{'' if r.descriptor_count == 1 else 's'} (they travel "
+            f"beside the bytes, not in this file; only a shared_memory=True decoder takes such a message)"
         )
         for i, (index, offset) in enumerate(r.shared[:16]):
             where = "inline" if index == _wire.INLINE else f"descriptor {index}, offset {offset}"

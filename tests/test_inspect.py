@@ -203,7 +203,7 @@ def test_shared_memory_messages_show_their_shared_table(tmp_path: Path) -> None:
     doc = json.loads(result.stdout)
     table = doc["messages"][0]["shared"]
     assert table["descriptors"] == 1 and None in table["chunks"]
-    assert "shared table: 1 descriptors" in run_cli("inspect", str(path)).stdout
+    assert "shared table: 1 descriptor (" in run_cli("inspect", str(path)).stdout
 
 
 def corrupt_cases() -> list[tuple[str, bytes, int, str]]:
