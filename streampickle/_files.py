@@ -14,7 +14,9 @@ number, as ``dumps``), so the decoder reads with ``stream=False``: every message
 checked before it is unpickled, but, as with repeated ``sync.load`` calls, their order and
 number are not authenticated (a message dropped, repeated or moved in the file, or the file
 cut at a message boundary, goes unnoticed). A keyed stream's authenticated end
-(``Encoder.encode_end``) ends the iteration like the end of the file.
+(``Encoder.encode_end``) ends the iteration like the end of the file, but the sequence numbers
+of a file written by one keyed ``Encoder`` are not checked (a ``Decoder(key=k)`` fed the file
+does that).
 
 This module holds the reader both adapters share (:class:`FileReader`) and the async
 iterator, :func:`iter_load`; ``streampickle.sync.iter_load`` is the blocking one.

@@ -202,9 +202,9 @@ def iter_load(
     ``key``: each message's tag is checked before it is unpickled. The messages of
     ``dump(obj, f, key=k)`` stand alone, and are read as such: as with repeated :func:`load`
     calls, their order and number are not authenticated (a message dropped, repeated or
-    moved, or the file cut between messages, goes unnoticed). For that, write the file with
-    one ``Encoder(key=k)`` and end it with its ``encode_end()``, whose end then ends the
-    iteration.
+    moved, or the file cut between messages, goes unnoticed). A file written by one keyed
+    ``Encoder`` ends at its ``encode_end()``, but its sequence numbers are not checked here
+    either: to check them, feed the file to a ``Decoder(key=k)``, which reads it as a stream.
 
     Options and the file are checked by this call, before iterating (:class:`UsageError`).
     """
