@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 import operator
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -154,7 +154,11 @@ class Decoder:
     Options: ``trusted`` (load any global, like ``pickle``; only for trusted peers), ``allow``
     (exact global names or classes to admit in safe mode), ``key`` (verify every message's
     tag before unpickling: ``bytes`` for HMAC-SHA256 or a :class:`Key`; must match the
-    encoder's), ``limits``; or all four made once as ``options=`` (an ``_options.Options``).
+    encoder's), ``limits``, ``persistent_load`` (a callable that turns a persistent id, from the
+    peer's ``Encoder(persistent_id=...)``, into an object, as ``pickle.Unpickler`` takes it;
+    without it a pickle holding a persistent id is refused; the safe verifier still judges
+    everything else in the pickle); or all five made once as ``options=`` (an
+    ``_options.Options``).
 
     ``stream`` (with a key): the messages are one direction of a stream, from one peer's
     :class:`Encoder`. The decoder then refuses, with :class:`AuthenticationError`, a message
@@ -183,11 +187,12 @@ class Decoder:
         stream: bool = True,
         options: Options | None = None,
         shared_memory: bool = False,
+        persistent_load: Callable[[Any], Any] | None = None,
     ) -> None:
         if options is None:
-            options = options_for(trusted, allow, key, limits)
+            options = options_for(trusted, allow, key, limits, persistent_load)
         else:
-            _given_options(options, trusted, allow, key, limits)
+            _given_options(options, trusted, allow, key, limits, persistent_load)
         self.options = options
         self._loader = options.loader
         self._limits = options.limits
@@ -233,6 +238,7 @@ class Decoder:
         key: bytes | Key | None = None,
         limits: Limits | None = None,
         options: Options | None = None,
+        persistent_load: Callable[[Any], Any] | None = None,
     ) -> Any:
         """Decode exactly one whole message. Missing bytes raise :class:`IncompleteMessageError`,
         bytes after the message raise :class:`ProtocolError`. This is :func:`streampickle.loads`.
@@ -248,9 +254,9 @@ class Decoder:
         in one C call when the extension is built (making a decoder costs more than unpickling
         a small object); the C function leaves everything else to the decoder, which decides."""
         if options is None:
-            options = options_for(trusted, allow, key, limits)
+            options = options_for(trusted, allow, key, limits, persistent_load)
         else:
-            _given_options(options, trusted, allow, key, limits)
+            _given_options(options, trusted, allow, key, limits, persistent_load)
         if options.plain and _load_plain is not None:
             try:
                 obj = _load_plain(data, options.trusted, _PLAIN_MAX_PICKLE, _PLAIN_MAX_MESSAGE)
@@ -1021,12 +1027,15 @@ class Decoder:
             raise UsageError("the decoder was told the input ended (feed_eof); it takes no more")
 
 
-def _given_options(options: Any, trusted: Any, allow: Any, key: Any, limits: Any) -> None:
+def _given_options(options: Any, trusted: Any, allow: Any, key: Any, limits: Any, persistent_load: Any = None) -> None:
     """Refuse ``options=`` that is no :class:`Options`, or that comes with option keywords."""
     if not isinstance(options, Options):
         raise UsageError(f"options must be an Options, not {type(options).__name__}")
-    if not (trusted is False and type(allow) is tuple and not allow and key is None and limits is None):
-        raise UsageError("pass options= or the option keywords (trusted, allow, key, limits), not both")
+    if not (trusted is False and type(allow) is tuple and not allow and key is None and limits is None
+            and persistent_load is None):
+        raise UsageError(
+            "pass options= or the option keywords (trusted, allow, key, limits, persistent_load), not both"
+        )
 
 
 def _index(value: Any, where: str) -> int:

@@ -20,6 +20,7 @@ pickle 6x as fast. The objects that come back are the same; the pickle has no ME
 from __future__ import annotations
 
 import collections
+import copyreg
 import datetime
 import decimal
 import fractions
@@ -27,8 +28,8 @@ import pickle
 import sys
 import uuid
 import zoneinfo
-from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any, NoReturn, TypeVar, cast
 
 import numpy as np
 
@@ -227,6 +228,18 @@ _EXACT: dict[type, Callable[[Any], Any]] = {
 }
 
 
+def _reduce_known(obj: Any) -> Any:
+    """The library's reduction of ``obj`` to a safe reconstructor call, or NotImplemented."""
+    reduce = _EXACT.get(type(obj))
+    if reduce is not None:
+        return reduce(obj)
+    if isinstance(obj, np.generic):
+        return _reduce_generic(obj)
+    if isinstance(obj, np.dtype):
+        return _reduce_dtype(obj)
+    return NotImplemented
+
+
 class _Pickler(pickle.Pickler):
     """The C pickler, with numpy and the standard library's value types reduced to
     streampickle's safe reconstructors. ``reducer_override`` only runs for objects the C fast
@@ -242,6 +255,56 @@ class _Pickler(pickle.Pickler):
         if isinstance(obj, np.dtype):
             return _reduce_dtype(obj)
         return NotImplemented
+
+
+def _check_hooks(pickler_class: Any, dispatch_table: Any, persistent_id: Any) -> None:
+    """Refuse hooks of the wrong type, as the caller's mistake (:class:`UsageError`)."""
+    if pickler_class is not None and not (
+        isinstance(pickler_class, type) and issubclass(pickler_class, pickle.Pickler)
+    ):
+        raise UsageError(f"pickler_class must be a subclass of pickle.Pickler, not {pickler_class!r}")
+    if dispatch_table is not None and not isinstance(dispatch_table, Mapping):
+        raise UsageError(f"dispatch_table must be a mapping of type to reducer, not {type(dispatch_table).__name__}")
+    if persistent_id is not None and not callable(persistent_id):
+        raise UsageError(f"persistent_id must be a callable, not {type(persistent_id).__name__}")
+
+
+def _hooked_pickler(
+    pickler_class: type[pickle.Pickler] | None,
+    dispatch_table: Mapping[type, Callable[[Any], Any]] | None,
+) -> type[pickle.Pickler]:
+    """A subclass of ``pickler_class`` (default ``pickle.Pickler``) whose ``reducer_override``
+    asks, in this order: the class's own ``reducer_override``; then, for a type in
+    ``dispatch_table``, nobody (the pickler then uses that table); then the library's reducers.
+    What none of them takes goes on as ``pickle`` does: the class's ``dispatch_table`` (with
+    ``dispatch_table`` in front of it), ``copyreg``, ``__reduce_ex__``.
+
+    Why this order: the user's hooks are the more specific choice, so they win for the types
+    they name; the library's reducers still run before the class's own table and ``copyreg``
+    (which pickle ``complex`` by ``builtins.complex``, a global a safe peer refuses), so that
+    numpy arrays stay zero-copy side chunks and safe loading keeps working."""
+    base: type[pickle.Pickler] = pickle.Pickler if pickler_class is None else pickler_class
+    own = getattr(base, "reducer_override", None)
+    table: Mapping[type, Callable[[Any], Any]] = dispatch_table if dispatch_table is not None else {}
+
+    def reducer_override(self: pickle.Pickler, obj: Any) -> Any:
+        if own is not None:
+            reduced = own(self, obj)
+            if reduced is not NotImplemented:
+                return reduced
+        if type(obj) in table:
+            return NotImplemented
+        return _reduce_known(obj)
+
+    namespace: dict[str, Any] = {"reducer_override": reducer_override, "__module__": __name__}
+    if dispatch_table is not None:  # read live, as pickle reads a dispatch_table: later entries count
+        inherited = getattr(base, "dispatch_table", None)  # on pickle.Pickler itself: a slot, not a table
+        behind = inherited if isinstance(inherited, Mapping) else copyreg.dispatch_table
+        # A view of the class's table, not a copy: reducers registered there later still count.
+        namespace["dispatch_table"] = collections.ChainMap(
+            cast("MutableMapping[Any, Any]", table), cast("MutableMapping[Any, Any]", behind)
+        )  # ChainMap only reads them
+    return type(f"Hooked{base.__name__}", (base,), namespace)
 
 
 #: Pickles up to this size can't have grown the memo table past _PICKLER_MAX_BYTES.
@@ -413,6 +476,18 @@ class Encoder:
     ``descriptors`` go with its first byte (``SCM_RIGHTS`` on a Unix socket). For a peer on
     the same host whose decoder has ``shared_memory=True`` too. Not with a key: memory the
     sender can still write can't be authenticated (:class:`UsageError`).
+
+    Pickle's hooks, as ``pickle.Pickler`` has them: ``pickler_class``, a subclass of
+    ``pickle.Pickler`` to pickle with (``cloudpickle.Pickler``, say); ``dispatch_table``, a
+    mapping of type to reducer; ``persistent_id``, a callable that returns an object's
+    persistent id, or None to pickle it. Out-of-band buffers still travel as side chunks. For
+    each object, the first to take it wins: the class's ``reducer_override``, then
+    ``dispatch_table``, then streampickle's own reducers (numpy arrays, scalars and dtypes, and
+    the standard library's value types that a safe peer rebuilds), then the class's own
+    ``dispatch_table``, ``copyreg`` and ``__reduce_ex__``. What the hooks make loads safely only
+    if it names no global outside the peer's allowlist (or the peer is ``trusted``); a peer
+    decodes persistent ids with ``Decoder(persistent_load=...)``. With any hook set, every
+    message takes the general pickling path (no memo-less fast path).
     """
 
     def __init__(
@@ -422,11 +497,20 @@ class Encoder:
         stream: bool = True,
         limits: Limits | None = None,
         shared_memory: bool = False,
+        pickler_class: type[pickle.Pickler] | None = None,
+        dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
+        persistent_id: Callable[[Any], Any] | None = None,
     ) -> None:
         if limits is not None and not isinstance(limits, Limits):
             raise UsageError(f"limits must be a streampickle.Limits, not {type(limits).__name__}")
         if shared_memory:
             _shm.check_no_key(key)
+        _check_hooks(pickler_class, dispatch_table, persistent_id)
+        self._hooks = (pickler_class, dispatch_table, persistent_id)
+        self._hooked = pickler_class is not None or dispatch_table is not None or persistent_id is not None
+        self._pickler_type: type[pickle.Pickler] = (
+            _hooked_pickler(pickler_class, dispatch_table) if self._hooked else _Pickler
+        )
         self._shared_memory = bool(shared_memory) and _shm.AVAILABLE
         self._limits = limits
         self._key = as_key(key)
@@ -440,11 +524,16 @@ class Encoder:
         self._pickler = self._new_pickler()
         self._busy = False
 
-    def _new_pickler(self) -> _Pickler:
+    def _new_pickler(self) -> pickle.Pickler:
         # The callback is the list's own append, not a method of self: an encoder is then no
         # reference cycle (self -> pickler -> bound method -> self), and one made per call
         # (dumps with a key) is freed at once instead of by the cyclic GC.
-        return _Pickler(self._out, protocol=5, buffer_callback=self._buffers.append)
+        pickler = self._pickler_type(self._out, protocol=5, buffer_callback=self._buffers.append)
+        persistent_id = self._hooks[2]
+        if persistent_id is not None:
+            # ignore: typeshed declares persistent_id a method; the C pickler takes any callable
+            pickler.persistent_id = persistent_id  # type: ignore[method-assign]
+        return pickler
 
     def encode(self, obj: Any) -> list[Chunk]:
         """Return the chunks of one message carrying ``obj``; their concatenation is the
@@ -521,13 +610,15 @@ class Encoder:
 
     def _encode(self, obj: Any, sign: bool) -> list[Chunk]:
         if self._busy:  # a __reduce__ that encodes: a second pickler, the same stream
-            nested = Encoder(key=self._key, stream=False)
+            pickler_class, dispatch_table, persistent_id = self._hooks
+            nested = Encoder(key=self._key, stream=False, pickler_class=pickler_class,
+                             dispatch_table=dispatch_table, persistent_id=persistent_id)
             nested._sender, nested._sequence = self._sender, self._sequence
             chunks = nested._encode(obj, sign)
             self._sequence = nested._sequence
             return chunks
         self._busy = True
-        if self._key is None:
+        if self._key is None and not self._hooked:
             # The commonest message, small and plain, framed in the same C call as dumps() uses.
             try:
                 framed = _dump_small(self._pickler, self._out, self._buffers, obj, _MEMO_CHECK_BYTES)
@@ -548,7 +639,10 @@ class Encoder:
         and the out-of-band buffers' views (None if there are none). Leaves the encoder ready
         for the next object, whatever happens."""
         try:
-            _dump(self._pickler, obj)
+            if self._hooked:  # the hooks see every object: no memo-less fast path
+                self._pickler.dump(obj)
+            else:
+                _dump(self._pickler, obj)
         except BaseException as exc:  # noqa: BLE001 - _fail resets the encoder and re-raises
             self._fail(obj, exc)
         return self._finish(obj)
@@ -735,15 +829,25 @@ class Encoder:
 _POOL: list[Encoder] = []
 
 
-def dumps(obj: Any, *, key: bytes | Key | None = None) -> bytes:
+def dumps(
+    obj: Any,
+    *,
+    key: bytes | Key | None = None,
+    pickler_class: type[pickle.Pickler] | None = None,
+    dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
+    persistent_id: Callable[[Any], Any] | None = None,
+) -> bytes:
     """Encode ``obj`` as exactly one message, joined into one ``bytes``: what
-    ``Encoder(key=key, stream=False).encode(obj)`` returns, joined.
+    ``Encoder(key=key, stream=False, ...).encode(obj)`` returns, joined (the hooks
+    ``pickler_class``, ``dispatch_table`` and ``persistent_id``: see :class:`Encoder`).
 
     Joining copies every out-of-band buffer once; to send large arrays without that copy, use
     :class:`Encoder` (or the stream helpers), which hand out the chunks unjoined.
     """
-    if key is not None:
-        return b"".join(Encoder(key=key, stream=False).encode(obj))
+    if key is not None or pickler_class is not None or dispatch_table is not None or persistent_id is not None:
+        encoder = Encoder(key=key, stream=False, pickler_class=pickler_class, dispatch_table=dispatch_table,
+                          persistent_id=persistent_id)
+        return b"".join(encoder.encode(obj))
     try:
         encoder = _POOL.pop()
     except IndexError:

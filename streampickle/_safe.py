@@ -19,6 +19,10 @@ that run code or reach the system are refused).
 
 ``trusted=True`` skips both and behaves like ``pickle.loads`` (only the bytes-after-STOP and
 buffer-count checks remain, since they are about framing, not trust).
+
+A loader given ``persistent_load`` (the user's callable, as ``pickle.Unpickler`` takes it)
+admits ``BINPERSID``: the fast scan still refuses it, so such a pickle is judged by the full
+walk with ``persistent=True``, and unpickled with the callable set, in both modes.
 """
 
 from __future__ import annotations
@@ -94,6 +98,10 @@ class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, file: Any, *, buffers: Any = None, budget: int = 0) -> None:
         super().__init__(file, buffers=buffers)
         self.meter = _Meter(budget)
+        persistent_load = self._loader.persistent_load
+        if persistent_load is not None:
+            # ignore: typeshed declares persistent_load a method; the C unpickler takes any callable
+            self.persistent_load = persistent_load  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
         found = self._loader.resolve_object(module, name)
@@ -111,12 +119,17 @@ class Loader:
     """Unpickles one message's pickle part against its side chunks, safely unless trusted."""
 
     def __init__(self, *, trusted: bool = False, allow: Iterable[Any] = (),
-                 max_opaque_keys: int = _DEFAULT_MAX_OPAQUE_KEYS) -> None:
+                 max_opaque_keys: int = _DEFAULT_MAX_OPAQUE_KEYS,
+                 persistent_load: Callable[[Any], Any] | None = None) -> None:
         if type(trusted) is not bool:
             raise UsageError(f"trusted must be True or False, not {trusted!r}")
         if isinstance(allow, (str, bytes)):
             raise UsageError("allow must be a list of names or classes, not a single string")
+        if persistent_load is not None and not callable(persistent_load):
+            raise UsageError(f"persistent_load must be a callable, not {type(persistent_load).__name__}")
         self.trusted = trusted
+        #: The user's callable for BINPERSID (None: the opcode is refused, as pickle refuses it).
+        self.persistent_load = persistent_load
         self.max_opaque_keys = max_opaque_keys
         # full name -> object, or None until first use (imported then)
         self._allowed: dict[str, Any] = parse_allow(allow)
@@ -206,7 +219,7 @@ class Loader:
             return self.load_inband(data)
         it = iter(buffers)
         if self.trusted:
-            obj = _plain_loads(data, it)
+            obj = _plain_loads(data, it, self.persistent_load)
         else:
             obj = (self._restricted_loads(data, it, sum(map(_rebuild.nbytes, buffers)))
                    if self._verify(data, len(buffers)) else _plain_loads(data, it))
@@ -216,7 +229,8 @@ class Loader:
 
     def load_inband(self, data: bytes | memoryview) -> Any:
         """``load`` for a message without side chunks: the path every small message takes."""
-        if _load_inband_c is not None and type(data) is bytes and len(data) < GC_PAUSE_BYTES:
+        if (_load_inband_c is not None and type(data) is bytes and len(data) < GC_PAUSE_BYTES
+                and self.persistent_load is None):
             try:
                 obj = _load_inband_c(data, self.trusted)  # the fast path below, in one C call
             except Exception as exc:
@@ -224,7 +238,7 @@ class Loader:
             if obj is not NotImplemented:
                 return obj
         if self.trusted:
-            return _plain_loads(data, None)
+            return _plain_loads(data, None, self.persistent_load)
         if self._verify(data, 0):
             return self._restricted_loads(data, None, 0)
         return _plain_loads(data, None)
@@ -235,16 +249,18 @@ class Loader:
         result = _scan(data, chunk_count)
         if result == 0:
             return 0
-        if type(result) is tuple:
+        persistent = self.persistent_load is not None
+        if type(result) is tuple and not persistent:  # with persistent_load, BINPERSID is the walk's to judge
             raise _verify.refusal(_verify.Refused(*result))
         walk = _verify_c or _verify.verify  # the C twin returns its refusal, the reference raises it
         try:
             if len(data) < _VERIFY_GC_PAUSE_BYTES:
-                verified = walk(data, chunk_count, self.resolve, self.max_opaque_keys)
+                verified = walk(data, chunk_count, self.resolve, self.max_opaque_keys, persistent=persistent)
             else:
                 # The walk makes an object per opcode, all alive until it ends: collections find
                 # nothing to free and cost as much as the walk (measured: half its time).
-                verified = _gc_paused(lambda: walk(data, chunk_count, self.resolve, self.max_opaque_keys))
+                verified = _gc_paused(lambda: walk(data, chunk_count, self.resolve, self.max_opaque_keys,
+                                                   persistent=persistent))
         except _verify.Refused as refused:
             raise _verify.refusal(refused) from None
         if isinstance(verified, tuple):
@@ -256,7 +272,8 @@ class Loader:
         """``exc`` from the ``call``-th reconstructor call, with the offset of its ``REDUCE``."""
         offsets: list[int] = []
         try:
-            _verify.verify(data, -1, self.resolve, self.max_opaque_keys, offsets)
+            _verify.verify(data, -1, self.resolve, self.max_opaque_keys, offsets,
+                           persistent=self.persistent_load is not None)
         except (_verify.Refused, StreamPickleError):
             pass  # the walk stops at the buffer count, after every call was seen
         if not 0 < call <= len(offsets):
@@ -280,11 +297,18 @@ class Loader:
         return obj
 
 
-def _plain_loads(data: bytes | memoryview, buffers: Any) -> Any:
-    """``pickle.loads`` for trusted messages and for safe ones without globals. In trusted
-    mode nothing scanned the pickle: insist at least that it ends with its STOP."""
+def _plain_loads(data: bytes | memoryview, buffers: Any,
+                 persistent_load: Callable[[Any], Any] | None = None) -> Any:
+    """``pickle.loads`` for trusted messages and for safe ones without globals (with
+    ``persistent_load``, an unpickler that has it). In trusted mode nothing scanned the
+    pickle: insist at least that it ends with its STOP."""
     try:
-        if len(data) < GC_PAUSE_BYTES:
+        if persistent_load is not None:
+            unpickler = pickle.Unpickler(io.BytesIO(data), buffers=buffers)
+            # ignore: typeshed declares persistent_load a method; the C unpickler takes any callable
+            unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
+            obj = unpickler.load() if len(data) < GC_PAUSE_BYTES else _gc_paused(unpickler.load)
+        elif len(data) < GC_PAUSE_BYTES:
             obj = pickle.loads(data, buffers=buffers)
         else:
             obj = _gc_paused(lambda: pickle.loads(data, buffers=buffers))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import socket
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -80,9 +81,14 @@ async def connect_tcp(
     key: bytes | Key | None = None,
     limits: Limits | None = None,
     budget: MemoryBudget | None = None,
+    pickler_class: type[pickle.Pickler] | None = None,
+    dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
+    persistent_id: Callable[[Any], Any] | None = None,
+    persistent_load: Callable[[Any], Any] | None = None,
 ) -> ObjectStream:
     """Connect to a TCP server and return a zero-copy :class:`ObjectStream` over it
-    (``budget``: see :class:`MemoryBudget`; none by default)."""
+    (``budget``: see :class:`MemoryBudget`; none by default; pickle's hooks: see
+    :class:`ObjectStream`)."""
     infos = await anyio.getaddrinfo(remote_host, remote_port, type=socket.SOCK_STREAM)
     errors: list[tuple[Any, OSError]] = []
     for family, type_, proto, _, address in infos:
@@ -96,7 +102,11 @@ async def connect_tcp(
                 raise
             errors.append((address, exc))
             continue
-        return ObjectStream.from_socket(sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget)
+        return ObjectStream.from_socket(
+            sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget,
+            pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
+            persistent_load=persistent_load,
+        )
     raise _connect_error(remote_host, remote_port, errors)
 
 
@@ -124,11 +134,15 @@ async def connect_unix(
     limits: Limits | None = None,
     budget: MemoryBudget | None = None,
     shared_memory: bool = False,
+    pickler_class: type[pickle.Pickler] | None = None,
+    dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
+    persistent_id: Callable[[Any], Any] | None = None,
+    persistent_load: Callable[[Any], Any] | None = None,
 ) -> ObjectStream:
     """Connect to a Unix socket and return a zero-copy :class:`ObjectStream` over it
     (``budget``: see :class:`MemoryBudget`; none by default). ``shared_memory``: arrays made
     with :func:`shared_empty` travel as shared memory, not bytes; the listener must opt in
-    too (see :class:`ObjectStream`)."""
+    too (see :class:`ObjectStream`). Pickle's hooks: see :class:`ObjectStream`."""
     if shared_memory:
         check_no_key(key)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -136,7 +150,9 @@ async def connect_unix(
         _tune(sock)
         await _connect(sock, os.fspath(path))
         return ObjectStream.from_socket(
-            sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory
+            sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory,
+            pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
+            persistent_load=persistent_load,
         )
     except BaseException:
         sock.close()
@@ -234,13 +250,18 @@ async def create_tcp_listener(
     key: bytes | Key | None = None,
     limits: Limits | None = None,
     budget: MemoryBudget | None = PER_LISTENER,
+    pickler_class: type[pickle.Pickler] | None = None,
+    dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
+    persistent_id: Callable[[Any], Any] | None = None,
+    persistent_load: Callable[[Any], Any] | None = None,
 ) -> ObjectStreamListener:
     """Listen on TCP (like ``anyio.create_tcp_listener``, default all interfaces, port chosen by
     the system: read it from ``listener.extra(SocketAttribute.local_port)``).
 
     ``budget``: the :class:`MemoryBudget` that the connections' incomplete messages share. By
     default a new one for this listener, of half the machine's physical memory; pass one to
-    size it or to share it with other listeners, or None for none."""
+    size it or to share it with other listeners, or None for none. Pickle's hooks: every
+    connection accepted gets them (see :class:`ObjectStream`)."""
     budget = _listener_budget(budget)
     host = local_host or ""
     family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
@@ -248,7 +269,12 @@ async def create_tcp_listener(
         (host, local_port), family=family, backlog=min(backlog, socket.SOMAXCONN), reuse_port=reuse_port
     )
     await anyio.lowlevel.checkpoint()
-    return ObjectStreamListener(sock, dict(trusted=trusted, allow=allow, key=key, limits=limits, budget=budget))
+    options = dict(
+        trusted=trusted, allow=allow, key=key, limits=limits, budget=budget,
+        pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
+        persistent_load=persistent_load,
+    )
+    return ObjectStreamListener(sock, options)
 
 
 async def create_unix_listener(
@@ -262,11 +288,16 @@ async def create_unix_listener(
     limits: Limits | None = None,
     budget: MemoryBudget | None = PER_LISTENER,
     shared_memory: bool = False,
+    pickler_class: type[pickle.Pickler] | None = None,
+    dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
+    persistent_id: Callable[[Any], Any] | None = None,
+    persistent_load: Callable[[Any], Any] | None = None,
 ) -> ObjectStreamListener:
     """Listen on a Unix socket at ``path`` (``mode``: its permission bits, e.g. ``0o600``).
     ``budget``: as for :func:`create_tcp_listener`. ``shared_memory``: every connection
     accepted hands arrays made with :func:`shared_empty` over as shared memory, and takes
-    them so (the clients must opt in too; see :class:`ObjectStream`).
+    them so (the clients must opt in too; see :class:`ObjectStream`). Pickle's hooks: every
+    connection accepted gets them (see :class:`ObjectStream`).
 
     A socket file at ``path`` that no server listens on any more (left by one that crashed) is
     replaced; a live server's socket, or a file that is not a socket, is left alone and
@@ -290,7 +321,11 @@ async def create_unix_listener(
         sock.close()
         raise
     await anyio.lowlevel.checkpoint()
-    options = dict(trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory)
+    options = dict(
+        trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory,
+        pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
+        persistent_load=persistent_load,
+    )
     return ObjectStreamListener(sock, options)
 
 

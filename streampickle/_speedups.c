@@ -436,6 +436,10 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
             result = fail(start, "PROTO may only be the first opcode");
             goto done;
         case K_KNOWN_FORBIDDEN:
+            if (op == 'Q') {
+                result = fail(start, "opcode BINPERSID is not allowed: persistent ids need a decoder with persistent_load");
+                goto done;
+            }
             result = fail(start, "opcode %s is not allowed: a protocol-5 pickler never emits it", spec->name);
             goto done;
         default: {
@@ -605,6 +609,7 @@ typedef struct {
     Py_ssize_t end;
     PyObject *resolver, *max_opaque_obj, *keep;
     int64_t budget, opaque, max_opaque;
+    int persistent; /* admit BINPERSID: the decoder has a persistent_load */
     Vec stack, memo, items, boxes, globals, declared, collisions;
     Py_ssize_t *seen; /* open addressing: a Global's address -> its globals index + 1 */
     Py_ssize_t seen_cap;
@@ -991,9 +996,10 @@ static int make_tuple(Walk *w, Py_ssize_t base, Py_ssize_t pos, const char *opna
 }
 
 static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py_ssize_t chunk_count,
-                             PyObject *resolver, PyObject *max_opaque_obj) {
+                             PyObject *resolver, PyObject *max_opaque_obj, int persistent) {
     Walk w;
     memset(&w, 0, sizeof w);
+    w.persistent = persistent;
     w.data = data;
     w.end = end;
     w.resolver = resolver;
@@ -1195,6 +1201,21 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
         case K_PROTO:
             REFUSE(start, "PROTO may only be the first opcode");
         case K_KNOWN_FORBIDDEN:
+            if (op == 'Q') { /* BINPERSID: only for a decoder with persistent_load */
+                if (!w.persistent)
+                    REFUSE(start, "opcode BINPERSID is not allowed: persistent ids need a decoder with persistent_load");
+                if (w.stack.len == BASE) REFUSE(start, "BINPERSID needs 1 items, the stack has 0");
+                if (TOP[-1].cost > 1) { /* persistent_load hashes or walks the id: charged as a key's tree */
+                    w.budget -= (int64_t)TOP[-1].cost;
+                    if (w.budget < 0)
+                        REFUSE(start, "BINPERSID: the persistent ids would take work out of proportion to the "
+                               "pickle's size");
+                }
+                /* what the user's persistent_load makes of the id: opaque */
+                TOP[-1] = (Val){KD_OPAQUE, 0, 1, 0, 0, 0, H_WEAK, 1};
+                globals += 1;
+                break;
+            }
             REFUSE(start, "opcode %s is not allowed: a protocol-5 pickler never emits it", spec->name);
         default: {
             char hex[8];
@@ -1243,12 +1264,16 @@ done:
     return result;
 }
 
-static PyObject *verify(PyObject *self, PyObject *args) {
+static PyObject *verify(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"", "", "", "", "persistent", NULL};
     Py_buffer view;
     Py_ssize_t chunk_count;
     PyObject *resolver, *max_opaque_keys;
-    if (!PyArg_ParseTuple(args, "y*nOO!", &view, &chunk_count, &resolver, &PyLong_Type, &max_opaque_keys)) return NULL;
-    PyObject *result = verify_impl(view.buf, view.len, chunk_count, resolver, max_opaque_keys);
+    int persistent = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nOO!|$p", kwlist, &view, &chunk_count, &resolver,
+                                     &PyLong_Type, &max_opaque_keys, &persistent))
+        return NULL;
+    PyObject *result = verify_impl(view.buf, view.len, chunk_count, resolver, max_opaque_keys, persistent);
     PyBuffer_Release(&view);
     return result;
 }
@@ -1595,9 +1620,10 @@ static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(data, chunk_count) -> 0 (plain, admitted), 1 (defer to the full verifier), or\n"
      "(position, reason) if refused: the verifier's plain mode."},
-    {"verify", verify, METH_VARARGS,
-     "verify(data, chunk_count, resolver, max_opaque_keys) -> the number of STACK_GLOBAL opcodes,\n"
-     "or (position, reason) if refused: the verifier's full mode (_verify.verify)."},
+    {"verify", (PyCFunction)(void (*)(void))verify, METH_VARARGS | METH_KEYWORDS,
+     "verify(data, chunk_count, resolver, max_opaque_keys, *, persistent=False) -> the number of\n"
+     "STACK_GLOBAL and BINPERSID opcodes, or (position, reason) if refused: the verifier's full mode\n"
+     "(_verify.verify)."},
     {"load_plain", (PyCFunction)(void (*)(void))load_plain, METH_FASTCALL,
      "load_plain(data, trusted, max_pickle, max_message) -> the object of the one plain message\n"
      "that is all of data, or NotImplemented to take the Python path."},

@@ -25,8 +25,11 @@ def verify(
     resolver: Callable[[str, str, int], Any],
     max_opaque_keys: int,
     /,
+    *,
+    persistent: bool = False,
 ) -> int | tuple[int, str]:
-    """The number of STACK_GLOBAL opcodes, or (position, reason) if refused."""
+    """The number of STACK_GLOBAL and BINPERSID opcodes, or (position, reason) if refused;
+    ``persistent``: admit BINPERSID (the decoder has a persistent_load)."""
 
 def load_plain(data: object, trusted: bool, max_pickle: int, max_message: int, /) -> Any:
     """The object of the one plain message that is all of ``data``, or NotImplemented."""

@@ -34,6 +34,7 @@ Both are thin: the encoder makes the chunks, the decoder finds the messages, and
 from __future__ import annotations
 
 import collections
+import pickle
 import socket
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -131,6 +132,11 @@ class ObjectStream(_AnyioObjectStream[Any]):
     :class:`UsageError`, and so is a ``key`` with it (a key's tag can't cover memory that
     doesn't travel in the message). Ordinary arrays still go through the socket.
 
+    Pickle's hooks: ``pickler_class``, ``dispatch_table`` and ``persistent_id`` shape what this
+    end sends (see :class:`Encoder`), ``persistent_load`` turns the peer's persistent ids back
+    into objects (see :class:`Decoder`); the helpers that make streams (``connect_*``, the
+    listeners, :meth:`from_socket`) take the same keywords and pass them here.
+
     ``receive`` raises ``anyio.EndOfStream`` at a clean end between messages,
     :class:`IncompleteMessageError` if the peer stopped inside one, and
     :class:`DeadlineExceededError` if a started message outlasts ``limits``' deadlines;
@@ -148,9 +154,13 @@ class ObjectStream(_AnyioObjectStream[Any]):
         limits: Limits | None = None,
         budget: MemoryBudget | None = None,
         shared_memory: bool = False,
+        pickler_class: type[pickle.Pickler] | None = None,
+        dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
+        persistent_id: Callable[[Any], Any] | None = None,
+        persistent_load: Callable[[Any], Any] | None = None,
     ) -> None:
         self.transport_stream = transport_stream
-        options = options_for(trusted, allow, key, limits)  # checked once, for both directions
+        options = options_for(trusted, allow, key, limits, persistent_load)  # checked once, for both directions
         self._transport: Transport | None = None
         if shared_memory:
             _shm.check_no_key(key)
@@ -158,7 +168,10 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._shared_memory = bool(shared_memory)
         self._charge = Charge(budget) if budget is not None else None
         # a message the peer would refuse isn't sent
-        self._encoder = Encoder(key=options.key, limits=limits, shared_memory=self._shared_memory)
+        self._encoder = Encoder(
+            key=options.key, limits=limits, shared_memory=self._shared_memory,
+            pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
+        )
         self._decoder = Decoder(options=options, shared_memory=self._shared_memory)
         # With a key: our own messages reflected back are refused, and the stream has an end.
         self._decoder.pair_with(self._encoder)
@@ -186,6 +199,10 @@ class ObjectStream(_AnyioObjectStream[Any]):
         limits: Limits | None = None,
         budget: MemoryBudget | None = None,
         shared_memory: bool = False,
+        pickler_class: type[pickle.Pickler] | None = None,
+        dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
+        persistent_id: Callable[[Any], Any] | None = None,
+        persistent_load: Callable[[Any], Any] | None = None,
     ) -> ObjectStream:
         """Wrap a connected stream socket (TCP or Unix), which the object stream then owns:
         side chunks go from memory to the kernel and back with no userspace copy.
@@ -193,12 +210,14 @@ class ObjectStream(_AnyioObjectStream[Any]):
         For example one end of ``socket.socketpair()`` handed to a child process. A Unix socket
         gets the buffer sizes of streampickle's own (``connect_unix``): with ``socketpair``'s
         default ~200 KiB, a large array costs many more event-loop wake-ups.
-        ``shared_memory``: see the class; a Unix socket only.
+        ``shared_memory``: see the class; a Unix socket only. Pickle's hooks: see the class.
         """
         if sock.family == socket.AF_UNIX:
             grow_socket_buffers(sock)
         stream = cls(
-            sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory
+            sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory,
+            pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
+            persistent_load=persistent_load,
         )
         if stream._transport is None:
             stream._transport = SocketTransport(sock)
@@ -388,15 +407,26 @@ class ObjectStream(_AnyioObjectStream[Any]):
             ) from self._send_broken
 
 
-async def dump(obj: Any, stream: Any, *, key: bytes | Key | None = None) -> None:
-    """Send one message carrying ``obj`` on an anyio byte stream or ``asyncio.StreamWriter``.
+async def dump(
+    obj: Any,
+    stream: Any,
+    *,
+    key: bytes | Key | None = None,
+    pickler_class: type[pickle.Pickler] | None = None,
+    dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
+    persistent_id: Callable[[Any], Any] | None = None,
+) -> None:
+    """Send one message carrying ``obj`` on an anyio byte stream or ``asyncio.StreamWriter``
+    (pickle's hooks ``pickler_class``, ``dispatch_table``, ``persistent_id``: see :class:`Encoder`).
 
     If pickling fails, :class:`EncodeError` is raised and nothing is written. If the call is
     cancelled after its first byte went out, the stream holds part of a message: close it.
     With a key, the message stands alone (as from ``dumps``): for replay protection, use an
     :class:`ObjectStream` on both ends.
     """
-    chunks, mac = Encoder(key=key, stream=False).encode_unsigned(obj)
+    encoder = Encoder(key=key, stream=False, pickler_class=pickler_class, dispatch_table=dispatch_table,
+                      persistent_id=persistent_id)
+    chunks, mac = encoder.encode_unsigned(obj)
     await anyio.lowlevel.checkpoint_if_cancelled()
     await send_message(fastest_transport(stream), chunks, mac)
 
@@ -523,8 +553,10 @@ async def load(
     key: bytes | Key | None = None,
     limits: Limits | None = None,
     budget: MemoryBudget | None = None,
+    persistent_load: Callable[[Any], Any] | None = None,
 ) -> Any:
-    """Receive exactly one message from an anyio byte stream or ``asyncio.StreamReader``.
+    """Receive exactly one message from an anyio byte stream or ``asyncio.StreamReader``
+    (``persistent_load``: see :class:`Decoder`).
 
     Never reads a byte beyond the message, so consecutive calls each get theirs and what
     follows stays in the stream. ``EOFError`` at a clean end between messages;
@@ -533,7 +565,7 @@ async def load(
     bytes are lost, so close the stream). ``budget``: a :class:`MemoryBudget` shared with other
     streams; this call's charge goes back when it returns or raises.
     """
-    options = options_for(trusted, allow, key, limits)  # a generator given as allow is read here, once
+    options = options_for(trusted, allow, key, limits, persistent_load)  # a generator given as allow is read here, once
     charge = Charge(budget) if budget is not None else None
     parked = _parked.pop(stream, None) if _parkable(stream) else None
     started: float | None = None

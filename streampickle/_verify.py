@@ -24,6 +24,11 @@ The rules (each refusal names the opcode and its byte offset):
   list, ``ADDITEMS`` only into a set (or into an instance of an allowed ``dict``/``list``
   subclass); ``BUILD`` only on an instance of a class the user allowed;
   ``READONLY_BUFFER`` only on an out-of-band buffer.
+* **Persistent ids.** ``BINPERSID`` only when the decoder has a ``persistent_load`` (full mode
+  with ``persistent=True``): its id may be any value the pickle made (a tuple's tree is
+  charged to the work budget, as a key's is: the callable may hash it), and what the user's
+  callable returns is opaque (no container to fill, no instance to ``BUILD``). ``PERSID``, its
+  protocol-0 form, stays refused: a protocol-5 pickler never writes it.
 * **Work.** Every dict key and set item is hashable, and its hash can't be steered: ``str``
   and ``bytes`` hashes are salted per process; small ints, floats, ``None`` and bools can't
   collide much; for big ints and tuples of numbers the verifier computes the exact hash
@@ -97,7 +102,7 @@ _NAMES = {
 }
 _FORBIDDEN = {_op(n) for n in (
     "INT", "LONG", "FLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "GLOBAL", "INST", "OBJ",
-    "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "PUT", "BINPUT", "LONG_BINPUT", "GET", "LIST", "DICT",
+    "EXT1", "EXT2", "EXT4", "PERSID", "PUT", "BINPUT", "LONG_BINPUT", "GET", "LIST", "DICT",
     "DUP",
 )}
 _unpack_float = struct.Struct(">d").unpack_from
@@ -252,11 +257,13 @@ def scan_py(data: bytes | bytearray | memoryview, chunk_count: int) -> int | tup
 
 
 def verify(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Resolver,
-           max_opaque_keys: int, calls: list[int] | None = None) -> int:
-    """Full mode: return the number of ``STACK_GLOBAL`` opcodes if every rule holds, else raise
-    :class:`Refused` (or the resolver's ``ForbiddenGlobalError``). ``calls``, if given, gets the
-    offset of each reconstructor's ``REDUCE``, in the order the unpickler will make the calls."""
-    return _walk(data, chunk_count, resolver, max_opaque_keys, 1, calls)
+           max_opaque_keys: int, calls: list[int] | None = None, *, persistent: bool = False) -> int:
+    """Full mode: return the number of ``STACK_GLOBAL`` and ``BINPERSID`` opcodes (0: the plain
+    unpickler may load it) if every rule holds, else raise :class:`Refused` (or the resolver's
+    ``ForbiddenGlobalError``). ``calls``, if given, gets the offset of each reconstructor's
+    ``REDUCE``, in the order the unpickler will make the calls. ``persistent``: admit
+    ``BINPERSID`` (the decoder has a ``persistent_load``)."""
+    return _walk(data, chunk_count, resolver, max_opaque_keys, 1, calls, persistent)
 
 
 def refusal(refused: Refused) -> MalformedPickleError:
@@ -288,6 +295,9 @@ _MARK, _POP, _POP_MARK, _MEMOIZE, _BINGET, _LONG_BINGET = (
 _NEXT_BUFFER, _READONLY_BUFFER, _FRAME, _STOP, _PROTO = (
     _op(n) for n in ("NEXT_BUFFER", "READONLY_BUFFER", "FRAME", "STOP", "PROTO")
 )
+_BINPERSID = _op("BINPERSID")
+#: What persistent_load returns: the user's object, of no kind the rules can say more of.
+_PERSISTENT = _V(K.OPAQUE, None, _WEAK)
 
 # Literal opcodes: (width of a length prefix, or 0 for a fixed size; fixed size).
 _LENGTHS = {
@@ -301,7 +311,7 @@ _TYPED = {_STACK_GLOBAL, _REDUCE, _NEWOBJ, _NEWOBJ_EX, _BUILD}
 
 
 def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Resolver | None, max_opaque: int, full: int,
-          calls: list[int] | None = None) -> int:
+          calls: list[int] | None = None, persistent: bool = False) -> int:
     end = len(data)
     if end < 3 or data[0] != _PROTO or data[1] != 5:
         raise Refused(0, "a pickle must start with PROTO 5 (bytes 80 05)")
@@ -480,6 +490,22 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
             break
         elif op == _PROTO:
             raise Refused(start, "PROTO may only be the first opcode")
+        elif op == _BINPERSID:
+            if not persistent:
+                raise Refused(start, "opcode BINPERSID is not allowed: persistent ids need a decoder with "
+                                     "persistent_load")
+            if len(stack) == (marks[-1] if marks else 0):
+                raise Refused(start, "BINPERSID needs 1 items, the stack has 0")
+            pid = stack[-1]
+            if pid.hkind is _LAZY:
+                _settle(pid)
+            if pid.cost > 1:  # persistent_load hashes or walks the id (a tuple): charged as a key's tree
+                budget -= pid.cost
+                if budget < 0:
+                    raise Refused(start, "BINPERSID: the persistent ids would take work out of proportion to the "
+                                         "pickle's size")
+            stack[-1] = _PERSISTENT  # the user's persistent_load makes it from the id
+            globals_ += 1
         elif op in _FORBIDDEN:
             raise Refused(start, f"opcode {_NAMES[op]} is not allowed: a protocol-5 pickler never emits it")
         else:
