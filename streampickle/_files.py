@@ -100,6 +100,7 @@ def iter_load(
     allow: Iterable[Any] = (),
     key: bytes | Key | None = None,
     limits: Limits | None = None,
+    persistent_load: Callable[[Any], Any] | None = None,
 ) -> AsyncIterator[Any]:
     """Iterate asynchronously over the objects of a file of messages, in order:
     ``async for obj in streampickle.iter_load(f): ...``.
@@ -123,7 +124,7 @@ def iter_load(
     (``contextlib.aclosing``) and the source when done; the iterator closes neither.
     Options and the source's type are checked by this call, before iterating.
     """
-    options = options_for(trusted, allow, key, limits)
+    options = options_for(trusted, allow, key, limits, persistent_load)
     reader = FileReader(options)
     readinto = _file_readinto(source)
     if readinto is not None:

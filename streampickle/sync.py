@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import functools
 import io
+import pickle
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
 
 from . import _fdpass, _shm
@@ -36,18 +37,29 @@ __all__ = ["dump", "iter_load", "load"]
 
 
 def dump(
-    obj: Any, file: BinaryIO | socket.socket, *, key: bytes | Key | None = None, shared_memory: bool = False
+    obj: Any,
+    file: BinaryIO | socket.socket,
+    *,
+    key: bytes | Key | None = None,
+    shared_memory: bool = False,
+    pickler_class: type[pickle.Pickler] | None = None,
+    dispatch_table: Mapping[type, Any] | None = None,
+    persistent_id: Callable[[Any], Any] | None = None,
 ) -> None:
     """Write one message carrying ``obj`` to a blocking binary file, pipe or socket.
 
     If ``obj`` can't be pickled, :class:`EncodeError` is raised and nothing is written.
     ``shared_memory``: on a Unix socket only (:class:`UsageError` elsewhere, and with a
     ``key``), arrays made with :func:`shared_empty` go as shared memory instead of bytes; the
-    reader's ``load`` must pass it too.
+    reader's ``load`` must pass it too. ``pickler_class``, ``dispatch_table`` and
+    ``persistent_id`` are pickle's hooks, as :class:`Encoder` takes them.
     """
     if shared_memory:
         _shared_socket(file, key)
-    chunks = Encoder(key=key, stream=False, shared_memory=shared_memory).encode(obj)
+    chunks = Encoder(
+        key=key, stream=False, shared_memory=shared_memory,
+        pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
+    ).encode(obj)
     if isinstance(file, socket.socket):
         send_chunks(file, chunks)
         return
@@ -103,6 +115,7 @@ def load(
     key: bytes | Key | None = None,
     limits: Limits | None = None,
     shared_memory: bool = False,
+    persistent_load: Callable[[Any], Any] | None = None,
 ) -> Any:
     """Read exactly one message from a blocking binary file, pipe or socket and return its
     object. Raises ``EOFError`` if the input ends cleanly before the message starts (or, with
@@ -124,16 +137,18 @@ def load(
     ``shared_memory``: on a Unix socket only (:class:`UsageError` elsewhere, and with a
     ``key``), take arrays the writer's ``dump(..., shared_memory=True)`` handed over as shared
     memory; without it such a message is refused (:class:`ProtocolError`). Descriptors that
-    no message claimed are closed before ``load`` returns or raises."""
+    no message claimed are closed before ``load`` returns or raises. ``persistent_load``:
+    pickle's hook, as :class:`Decoder` takes it."""
+    options = options_for(trusted, allow, key, limits, persistent_load)
     if shared_memory:
         sock = _shared_socket(file, key)
-        decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits, stream=False, shared_memory=True)
+        decoder = Decoder(options=options, stream=False, shared_memory=True)
         try:
             receive = functools.partial(_fdpass.receive_into, sock, decoder=decoder, bounded=True)
             return _load(sock, decoder, receive)
         finally:
             decoder.close_descriptors()
-    decoder = Decoder(trusted=trusted, allow=allow, key=key, limits=limits, stream=False)
+    decoder = Decoder(options=options, stream=False)
     return _load(file, decoder, _readinto_for(file))
 
 
@@ -181,6 +196,7 @@ def iter_load(
     allow: Iterable[Any] = (),
     key: bytes | Key | None = None,
     limits: Limits | None = None,
+    persistent_load: Callable[[Any], Any] | None = None,
 ) -> Iterator[Any]:
     """Iterate over the objects of every message in a blocking binary file (or pipe, or
     socket), in order: ``for obj in sync.iter_load(f): ...`` reads back a file written by
@@ -208,7 +224,7 @@ def iter_load(
 
     Options and the file are checked by this call, before iterating (:class:`UsageError`).
     """
-    options = options_for(trusted, allow, key, limits)
+    options = options_for(trusted, allow, key, limits, persistent_load)
     given: Any = file  # typed binary, but a text file is a common mistake
     if isinstance(given, io.TextIOBase):
         raise UsageError(

@@ -532,3 +532,32 @@ async def test_dump_and_load_take_the_hooks() -> None:
                                 pickler_class=cloudpickle.Pickler, persistent_id=resource_id)
     function, resource = got[0]
     assert function() == float(array.sum()) * 2.0 and resource is RESOURCES["cache"]
+
+
+def test_sync_dump_load_and_iter_load_take_the_hooks(tmp_path: Any) -> None:
+    """The blocking adapters pass pickle's hooks through: a persistent id written by
+    sync.dump is looked up by sync.load and by both iter_loads."""
+    import anyio
+
+    from streampickle import sync
+
+    handle = object()
+    table = {"db": handle}
+    path = tmp_path / "log.sp"
+    with open(path, "wb") as f:
+        for n in range(3):
+            sync.dump({"conn": handle, "n": n}, f, persistent_id=lambda obj: "db" if obj is handle else None)
+    with open(path, "rb") as f:
+        first = sync.load(f, persistent_load=table.__getitem__)
+        assert first["conn"] is handle and first["n"] == 0
+    with open(path, "rb") as f, pytest.raises(streampickle.StreamPickleError, match="persistent"):
+        sync.load(f)  # safe by default: no persistent_load, no persistent ids
+    with open(path, "rb") as f:
+        assert [r["n"] for r in sync.iter_load(f, persistent_load=table.__getitem__)] == [0, 1, 2]
+
+    async def read_all() -> list[Any]:
+        async with await anyio.open_file(path, "rb") as f:
+            return [r async for r in streampickle.iter_load(f, persistent_load=table.__getitem__)]
+
+    got = anyio.run(read_all)
+    assert [r["n"] for r in got] == [0, 1, 2] and all(r["conn"] is handle for r in got)
