@@ -29,6 +29,7 @@ from ._anyio_compat import notify_closing, wait_readable, wait_writable
 from ._budget import MemoryBudget, check_budget, default_budget_bytes
 from ._limits import Limits
 from ._mac import Key
+from ._progress import ProgressCallback
 from ._serve import note_accepted
 from ._serve import serve as _serve
 from ._shm import check_no_key
@@ -85,10 +86,11 @@ async def connect_tcp(
     dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
     persistent_id: Callable[[Any], Any] | None = None,
     persistent_load: Callable[[Any], Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ObjectStream:
     """Connect to a TCP server and return a zero-copy :class:`ObjectStream` over it
-    (``budget``: see :class:`MemoryBudget`; none by default; pickle's hooks: see
-    :class:`ObjectStream`)."""
+    (``budget``: see :class:`MemoryBudget`; none by default; pickle's hooks and ``progress``:
+    see :class:`ObjectStream`)."""
     infos = await anyio.getaddrinfo(remote_host, remote_port, type=socket.SOCK_STREAM)
     errors: list[tuple[Any, OSError]] = []
     for family, type_, proto, _, address in infos:
@@ -105,7 +107,7 @@ async def connect_tcp(
         return ObjectStream.from_socket(
             sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget,
             pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
-            persistent_load=persistent_load,
+            persistent_load=persistent_load, progress=progress,
         )
     raise _connect_error(remote_host, remote_port, errors)
 
@@ -138,11 +140,12 @@ async def connect_unix(
     dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
     persistent_id: Callable[[Any], Any] | None = None,
     persistent_load: Callable[[Any], Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ObjectStream:
     """Connect to a Unix socket and return a zero-copy :class:`ObjectStream` over it
     (``budget``: see :class:`MemoryBudget`; none by default). ``shared_memory``: arrays made
     with :func:`shared_empty` travel as shared memory, not bytes; the listener must opt in
-    too (see :class:`ObjectStream`). Pickle's hooks: see :class:`ObjectStream`."""
+    too (see :class:`ObjectStream`). Pickle's hooks and ``progress``: see :class:`ObjectStream`."""
     if shared_memory:
         check_no_key(key)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -152,7 +155,7 @@ async def connect_unix(
         return ObjectStream.from_socket(
             sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory,
             pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
-            persistent_load=persistent_load,
+            persistent_load=persistent_load, progress=progress,
         )
     except BaseException:
         sock.close()
@@ -254,14 +257,16 @@ async def create_tcp_listener(
     dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
     persistent_id: Callable[[Any], Any] | None = None,
     persistent_load: Callable[[Any], Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ObjectStreamListener:
     """Listen on TCP (like ``anyio.create_tcp_listener``, default all interfaces, port chosen by
     the system: read it from ``listener.extra(SocketAttribute.local_port)``).
 
     ``budget``: the :class:`MemoryBudget` that the connections' incomplete messages share. By
     default a new one for this listener, of half the machine's physical memory; pass one to
-    size it or to share it with other listeners, or None for none. Pickle's hooks: every
-    connection accepted gets them (see :class:`ObjectStream`)."""
+    size it or to share it with other listeners, or None for none. Pickle's hooks and
+    ``progress``: every connection accepted gets them (see :class:`ObjectStream`); one
+    ``progress`` callback then hears every connection, and its events don't say which."""
     budget = _listener_budget(budget)
     host = local_host or ""
     family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
@@ -272,7 +277,7 @@ async def create_tcp_listener(
     options = dict(
         trusted=trusted, allow=allow, key=key, limits=limits, budget=budget,
         pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
-        persistent_load=persistent_load,
+        persistent_load=persistent_load, progress=progress,
     )
     return ObjectStreamListener(sock, options)
 
@@ -292,12 +297,13 @@ async def create_unix_listener(
     dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
     persistent_id: Callable[[Any], Any] | None = None,
     persistent_load: Callable[[Any], Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ObjectStreamListener:
     """Listen on a Unix socket at ``path`` (``mode``: its permission bits, e.g. ``0o600``).
     ``budget``: as for :func:`create_tcp_listener`. ``shared_memory``: every connection
     accepted hands arrays made with :func:`shared_empty` over as shared memory, and takes
-    them so (the clients must opt in too; see :class:`ObjectStream`). Pickle's hooks: every
-    connection accepted gets them (see :class:`ObjectStream`).
+    them so (the clients must opt in too; see :class:`ObjectStream`). Pickle's hooks and
+    ``progress``: every connection accepted gets them, as for :func:`create_tcp_listener`.
 
     A socket file at ``path`` that no server listens on any more (left by one that crashed) is
     replaced; a live server's socket, or a file that is not a socket, is left alone and
@@ -324,7 +330,7 @@ async def create_unix_listener(
     options = dict(
         trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory,
         pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
-        persistent_load=persistent_load,
+        persistent_load=persistent_load, progress=progress,
     )
     return ObjectStreamListener(sock, options)
 

@@ -25,6 +25,14 @@ Both are thin: the encoder makes the chunks, the decoder finds the messages, and
   at once, so a reply isn't held back; the rest of the burst is taken, counts as sent, and is
   written when the task next yields. Closing writes it first. A message carrying descriptors
   (``shared_memory``) is never taken: its descriptors must go with its first byte.
+* *Progress* (``progress=callback``, see ``_progress``): a send cuts its message into groups
+  of one reporting step and reports after each; a receive caps each read at the end of what
+  the message has declared and at the next reporting step, and reports after the read. The
+  callback runs in the sending or receiving task; what it raises comes out of ``send`` or
+  ``receive``. Receiving, the read's bytes are in the decoder by then, so nothing is lost: the
+  next ``receive`` carries on. Sending, an exception from the first event leaves the message
+  unsent, from the last one leaves it sent whole, and from one in between (a way to abort a
+  long send) breaks the send direction as a cancellation there would.
 * *Shared memory* (``shared_memory=True``, Unix sockets on both ends): arrays made with
   ``shared_empty`` travel as descriptors (see ``_shm``); the transport hands what arrives to
   the decoder, which owns it until a message claims it, and closing the stream closes what no
@@ -53,6 +61,8 @@ from ._errors import DeadlineExceededError, StreamPickleError, UsageError
 from ._limits import Limits
 from ._mac import Key
 from ._options import Options, options_for
+from ._progress import ProgressCallback, ReceiveMeter, SendMeter, groups, step_for
+from ._stream_transports import slices
 from ._transports import (
     READ_AHEAD,
     SocketTransport,
@@ -62,6 +72,7 @@ from ._transports import (
     send_message,
     shared_transport,
 )
+from ._wire import TAG_SIZE
 
 __all__ = ["ObjectStream", "dump", "load"]
 
@@ -137,6 +148,14 @@ class ObjectStream(_AnyioObjectStream[Any]):
     into objects (see :class:`Decoder`); the helpers that make streams (``connect_*``, the
     listeners, :meth:`from_socket`) take the same keywords and pass them here.
 
+    ``progress``: a function called with a :class:`Progress` (direction, bytes done, total,
+    message index) at each message's start and end and at least every 1% of it (at most
+    every 64 MiB, at least every 64 KiB) in both directions; a message of at most 64 KiB gets
+    only its last event. It runs in the sending or receiving task, and what it raises comes
+    out of ``send`` or ``receive`` (see the module docstring for what that leaves). With a
+    callback a receive reads one message at a time, never ahead into the next. Also on
+    ``connect_*``, the listeners, :meth:`from_socket`, :func:`dump` and :func:`load`.
+
     ``receive`` raises ``anyio.EndOfStream`` at a clean end between messages,
     :class:`IncompleteMessageError` if the peer stopped inside one, and
     :class:`DeadlineExceededError` if a started message outlasts ``limits``' deadlines;
@@ -158,6 +177,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
         persistent_id: Callable[[Any], Any] | None = None,
         persistent_load: Callable[[Any], Any] | None = None,
+        progress: ProgressCallback | None = None,
     ) -> None:
         self.transport_stream = transport_stream
         options = options_for(trusted, allow, key, limits, persistent_load)  # checked once, for both directions
@@ -187,6 +207,9 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._quick_receives = 0
         self._quick_sends = 0
         self._cic: Callable[[], Awaitable[None]] | None = None  # see checkpoint_if_cancelled
+        # None without a progress callback: then nothing of the progress machinery runs.
+        self._send_meter = SendMeter(progress) if progress is not None else None
+        self._receive_meter = ReceiveMeter(progress) if progress is not None else None
 
     @classmethod
     def from_socket(
@@ -203,6 +226,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
         persistent_id: Callable[[Any], Any] | None = None,
         persistent_load: Callable[[Any], Any] | None = None,
+        progress: ProgressCallback | None = None,
     ) -> ObjectStream:
         """Wrap a connected stream socket (TCP or Unix), which the object stream then owns:
         side chunks go from memory to the kernel and back with no userspace copy.
@@ -210,14 +234,15 @@ class ObjectStream(_AnyioObjectStream[Any]):
         For example one end of ``socket.socketpair()`` handed to a child process. A Unix socket
         gets the buffer sizes of streampickle's own (``connect_unix``): with ``socketpair``'s
         default ~200 KiB, a large array costs many more event-loop wake-ups.
-        ``shared_memory``: see the class; a Unix socket only. Pickle's hooks: see the class.
+        ``shared_memory``: see the class; a Unix socket only. Pickle's hooks and ``progress``:
+        see the class.
         """
         if sock.family == socket.AF_UNIX:
             grow_socket_buffers(sock)
         stream = cls(
             sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory,
             pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
-            persistent_load=persistent_load,
+            persistent_load=persistent_load, progress=progress,
         )
         if stream._transport is None:
             stream._transport = SocketTransport(sock)
@@ -242,7 +267,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         # A small message in a burst (not the first send since this stream last yielded) is
         # written with the rest of the burst where the transport can (SocketTransport.send_later);
         # never one carrying descriptors, which must go with its first byte.
-        taken = (
+        small = (
             self._quick_sends
             and len(chunks) == 1
             and mac is None
@@ -250,10 +275,21 @@ class ObjectStream(_AnyioObjectStream[Any]):
             and not self._send_lock.locked()
             and self._send_broken is None
             and not self._closed
-            and (self._transport or self._t).send_later(chunks[0])
         )
-        if not taken:
+        if not small:
             await self._send_chunks(chunks, mac)
+        elif self._send_meter is None:
+            if not (self._transport or self._t).send_later(chunks[0]):
+                await self._send_chunks(chunks, mac)
+        else:
+            # The first event before the message may be taken: if it raises, nothing is sent.
+            # Declined, the message takes the lock at once (it is free: no await between).
+            total = _message_size(chunks, None)
+            self._send_meter.begin(total)
+            if (self._transport or self._t).send_later(chunks[0]):
+                self._send_meter.end(total)
+            else:
+                await self._send_chunks(chunks, mac, begun=True)
         await self._sent_one()
 
     async def _sent_one(self) -> None:
@@ -264,11 +300,11 @@ class ObjectStream(_AnyioObjectStream[Any]):
             # the message is out: a cancellation delivered here must not look like a failed send
             await anyio.lowlevel.cancel_shielded_checkpoint()
 
-    async def _send_chunks(self, chunks: list[Any], mac: Any) -> None:
+    async def _send_chunks(self, chunks: list[Any], mac: Any, *, begun: bool = False) -> None:
         await self._send_lock.acquire()
         try:
             self._check_send()
-            await self._write(chunks, mac)
+            await self._write(chunks, mac, begun=begun)
         finally:
             self._send_lock.release()
 
@@ -282,21 +318,46 @@ class ObjectStream(_AnyioObjectStream[Any]):
             self._check_send()
             chunks, mac = self._encoder.encode_unsigned(item)
             transport = self._transport or self._t
-            if not (self._quick_sends and len(chunks) == 1 and mac is None and transport.send_later(chunks[0])):
-                await self._write(chunks, mac)
+            meter = self._send_meter
+            if meter is not None:
+                self._begin(meter, chunks, mac)
+            if self._quick_sends and len(chunks) == 1 and mac is None and transport.send_later(chunks[0]):
+                if meter is not None:
+                    meter.end(_message_size(chunks, None))
+            else:
+                await self._write(chunks, mac, begun=True)
         finally:
             self._send_lock.release()
         await self._sent_one()
 
-    async def _write(self, chunks: list[Any], mac: Any) -> None:
+    def _begin(self, meter: SendMeter, chunks: list[Any], mac: Any) -> int:
+        """Report a message's first event; if the callback raises, the message is not sent
+        and its sequence number (with a key) is taken back. Returns its size."""
+        total = _message_size(chunks, mac)
+        try:
+            meter.begin(total)
+        except BaseException:
+            self._encoder.unsend()
+            raise
+        return total
+
+    async def _write(self, chunks: list[Any], mac: Any, *, begun: bool = False, report: bool = True) -> None:
         """Send one message's chunks, holding the send lock. Interrupted after a byte went out
         (or where the transport can't tell, or by anything but a cancellation), the send
         direction is broken; cancelled before, the message was never sent, and its sequence
-        number (with a key) is taken back."""
+        number (with a key) is taken back. With a progress callback, its events go around and
+        between the writes (``begun``: the first one was reported already)."""
         transport = self._transport or self._t
+        meter = self._send_meter if report else None
+        total = 0
+        if meter is not None:
+            total = _message_size(chunks, mac) if begun else self._begin(meter, chunks, mac)
         before = transport.sent
         try:
-            await send_message(transport, chunks, mac)
+            if meter is None:
+                await send_message(transport, chunks, mac)
+            else:
+                await _send_reporting(transport, chunks, mac, meter, total)
         except BaseException as exc:
             # Only a cancellation comes at a point where the count of bytes sent is exact (an
             # await); anything else, a KeyboardInterrupt say, may have come between the kernel
@@ -307,6 +368,8 @@ class ObjectStream(_AnyioObjectStream[Any]):
             else:
                 self._encoder.unsend()
             raise
+        if meter is not None:
+            meter.end(total)  # the message is out whole: if this raises, the stream is intact
 
     async def receive(self) -> Any:
         """The next object. Cancelling this loses nothing: the next call returns it whole."""
@@ -331,9 +394,12 @@ class ObjectStream(_AnyioObjectStream[Any]):
                     raise anyio.EndOfStream
                 self._quick_receives = 0
                 self._quick_sends = 0  # the next send, likely a reply, goes out at once
+                meter = self._receive_meter
+                expected = 0 if meter is None else decoder.progress[1]
                 try:
                     more, self._started = await _fill(
-                        self._t, decoder, self._started, exact=False, charge=self._charge
+                        self._t, decoder, self._started, exact=False, charge=self._charge,
+                        cap=None if meter is None else meter.limit(decoder),
                     )
                 except StreamPickleError:
                     if decoder.failed and decoder.pending > 0:
@@ -341,6 +407,8 @@ class ObjectStream(_AnyioObjectStream[Any]):
                     raise
                 if not more or decoder.ended:
                     self._eof = True
+                if meter is not None:  # after the state above: a callback that raises loses nothing
+                    meter.after(decoder, expected, decoder.pending > 0)
         finally:
             self._receiving = False
 
@@ -358,7 +426,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
 
     async def _send_end(self) -> None:
         if self._keyed and not self._end_sent:
-            await self._write([self._encoder.encode_end()], None)
+            await self._write([self._encoder.encode_end()], None, report=False)  # no object: no progress
             self._end_sent = True
 
     async def aclose(self) -> None:
@@ -415,9 +483,11 @@ async def dump(
     pickler_class: type[pickle.Pickler] | None = None,
     dispatch_table: Mapping[type, Callable[[Any], Any]] | None = None,
     persistent_id: Callable[[Any], Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> None:
     """Send one message carrying ``obj`` on an anyio byte stream or ``asyncio.StreamWriter``
-    (pickle's hooks ``pickler_class``, ``dispatch_table``, ``persistent_id``: see :class:`Encoder`).
+    (pickle's hooks ``pickler_class``, ``dispatch_table``, ``persistent_id``: see :class:`Encoder`;
+    ``progress``: see :class:`ObjectStream`, this is message 0).
 
     If pickling fails, :class:`EncodeError` is raised and nothing is written. If the call is
     cancelled after its first byte went out, the stream holds part of a message: close it.
@@ -428,7 +498,42 @@ async def dump(
                       persistent_id=persistent_id)
     chunks, mac = encoder.encode_unsigned(obj)
     await anyio.lowlevel.checkpoint_if_cancelled()
-    await send_message(fastest_transport(stream), chunks, mac)
+    if progress is None:
+        await send_message(fastest_transport(stream), chunks, mac)
+        return
+    meter = SendMeter(progress)
+    total = _message_size(chunks, mac)
+    meter.begin(total)
+    await _send_reporting(fastest_transport(stream), chunks, mac, meter, total)
+    meter.end(total)
+
+
+def _message_size(chunks: list[Any], mac: Any) -> int:
+    """The bytes of a message on the wire: its chunks, and the tag sent after them."""
+    size = sum(c.nbytes if isinstance(c, memoryview) else len(c) for c in chunks)
+    return size + TAG_SIZE if mac is not None else size
+
+
+async def _send_reporting(transport: Transport, chunks: list[Any], mac: Any, meter: SendMeter, total: int) -> None:
+    """``send_message`` in groups of one reporting step, reporting after each but the last
+    (the caller reports the end). A message carrying descriptors goes whole: they must go
+    with its first byte, and its bytes on the wire are few."""
+    if _shm.descriptors_of(chunks):
+        await send_message(transport, chunks, mac)
+        return
+    done = 0
+    for group in groups(chunks, step_for(total)):
+        if mac is None:
+            await transport.send_chunks(group)
+        else:
+            for piece in slices(group):
+                mac.update(piece)
+                await transport.send_chunks([piece])
+        done += _message_size(group, None)
+        if done < total:
+            meter.step(done, total)
+    if mac is not None:
+        await transport.send_chunks([mac.digest()])
 
 
 async def _fill(
@@ -438,8 +543,10 @@ async def _fill(
     *,
     exact: bool,
     charge: Charge | None = None,
+    cap: int | None = None,
 ) -> tuple[bool, float | None]:
     """``transport.fill(decoder)`` under the deadlines of the message in progress, if one is.
+    ``cap``: read at most that many bytes (a progress report is due there).
 
     ``started`` is when that message's first byte arrived (None between messages); returns
     ``fill``'s result and the new ``started``. A read that passes a deadline is cancelled (it
@@ -449,16 +556,17 @@ async def _fill(
     """
     if charge is not None:
         if charge.held or decoder.in_message:
-            return await _fill_charged(transport, decoder, started, exact, charge)
+            return await _fill_charged(transport, decoder, started, exact, charge, cap)
         # Between messages, holding nothing: a read of at most the free allowance needs no
         # budget and leaves nothing to charge (a burst of small messages stays this cheap).
-        return await transport.fill(decoder, exact=exact, limit=ALLOWANCE), _started(decoder, started)
+        allowed = ALLOWANCE if cap is None else min(cap, ALLOWANCE)
+        return await transport.fill(decoder, exact=exact, limit=allowed), _started(decoder, started)
     limit, deadline = _deadline(decoder, started)
     if deadline is None:
-        more = await transport.fill(decoder, exact=exact)
+        more = await transport.fill(decoder, exact=exact, limit=cap)
     else:
         with anyio.CancelScope(deadline=deadline) as scope:
-            more = await transport.fill(decoder, exact=exact)
+            more = await transport.fill(decoder, exact=exact, limit=cap)
         if scope.cancelled_caught:
             raise _late(decoder, limit)
     return more, _started(decoder, started)
@@ -479,6 +587,7 @@ async def _fill_charged(
     started: float | None,
     exact: bool,
     charge: Charge,
+    cap: int | None = None,
 ) -> tuple[bool, float | None]:
     """``_fill`` for a stream under a :class:`MemoryBudget`: the read first gets budget for
     what it could bring (waiting for it, under the same deadlines, if the message is past its
@@ -490,6 +599,8 @@ async def _fill_charged(
             want = len(decoder.get_buffer())
             if not exact:
                 want = max(want, READ_AHEAD)
+            if cap is not None:
+                want = min(want, cap)
             # in memory committed, not bytes: a huge page counts whole from its first byte
             received = decoder.committed
             commit = decoder.commit_for(want)
@@ -498,8 +609,10 @@ async def _fill_charged(
                 and charge.budget.waiting
             ):
                 await transport.wait_readable()  # budget is short: take it only for bytes that are there
-            cap = await charge.grant(received, commit, decoder.commit_for(1))
-            within = None if cap is None else decoder.readable_within(cap)
+            grant = await charge.grant(received, commit, decoder.commit_for(1))
+            within = None if grant is None else decoder.readable_within(grant)
+            if cap is not None:
+                within = cap if within is None else min(within, cap)
             more = await transport.fill(decoder, exact=exact, limit=within)
         if scope.cancelled_caught:
             raise _late(decoder, limit)
@@ -554,9 +667,11 @@ async def load(
     limits: Limits | None = None,
     budget: MemoryBudget | None = None,
     persistent_load: Callable[[Any], Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Any:
     """Receive exactly one message from an anyio byte stream or ``asyncio.StreamReader``
-    (``persistent_load``: see :class:`Decoder`).
+    (``persistent_load``: see :class:`Decoder`; ``progress``: see :class:`ObjectStream`, this
+    is message 0; a message resumed after an interrupted ``load`` reports its first event again).
 
     Never reads a byte beyond the message, so consecutive calls each get theirs and what
     follows stays in the stream. ``EOFError`` at a clean end between messages;
@@ -575,9 +690,17 @@ async def load(
         decoder = Decoder(options=options, stream=False)
     decoder.budgeted = charge is not None
     transport = _transport_for(stream)
+    meter = ReceiveMeter(progress) if progress is not None else None
     try:
         while not decoder.pending:
-            more, started = await _fill(transport, decoder, started, exact=True, charge=charge)
+            if meter is None:
+                more, started = await _fill(transport, decoder, started, exact=True, charge=charge)
+            else:
+                expected = decoder.progress[1]
+                more, started = await _fill(
+                    transport, decoder, started, exact=True, charge=charge, cap=meter.limit(decoder)
+                )
+                meter.after(decoder, expected, decoder.pending > 0)
             if not more:
                 raise EOFError("the stream ended before a message started")
             if decoder.ended and not decoder.pending:

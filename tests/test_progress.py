@@ -1,0 +1,374 @@
+"""Byte-level progress (``progress=``): what each message reports, on every transport and
+backend, and what a callback that cancels or raises leaves behind."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from anyio.abc import SocketAttribute
+
+import streampickle
+from streampickle import IncompleteMessageError, ObjectStream
+from streampickle._progress import MAX_STEP, MIN_STEP, Progress, groups, step_for
+from streampickle.testing import memory_stream_pair
+
+pytestmark = pytest.mark.anyio
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 1 << 20
+
+
+class Recorder:
+    """A progress callback that keeps every event, and can act on the n-th one."""
+
+    def __init__(self, action: Callable[[Progress], None] | None = None, at: int = -1) -> None:
+        self.events: list[Progress] = []
+        self.action = action
+        self.at = at
+
+    def __call__(self, event: Progress) -> None:
+        self.events.append(event)
+        if len(self.events) - 1 == self.at and self.action is not None:
+            self.action(event)
+
+    def by_message(self, direction: str) -> dict[int, list[Progress]]:
+        out: dict[int, list[Progress]] = {}
+        for event in self.events:
+            assert event.direction == direction
+            out.setdefault(event.message, []).append(event)
+        return out
+
+
+def check_message(events: list[Progress], direction: str) -> int:
+    """The events of one message keep the contract: a first one at the start, then at most
+    one step apart, done growing, the last one at done == total. Returns the total."""
+    total = events[-1].total
+    assert events[-1].done == total
+    assert all(e.total == total for e in events)
+    dones = [e.done for e in events]
+    assert dones == sorted(dones) and len(set(dones)) == len(dones)
+    if total <= MIN_STEP:
+        assert len(events) == 1  # a small message: its end only
+    elif direction == "send":
+        assert dones[0] == 0
+    else:
+        assert dones[0] < MIN_STEP  # the header and length table
+    step = step_for(total)
+    assert all(b - a <= step for a, b in itertools.pairwise(dones))
+    return total
+
+
+def check(recorder: Recorder, direction: str, count: int) -> list[int]:
+    messages = recorder.by_message(direction)
+    assert sorted(messages) == list(range(count))
+    return [check_message(messages[i], direction) for i in range(count)]
+
+
+def array(nbytes: int, seed: int = 0) -> np.ndarray[Any, Any]:
+    return (np.arange(nbytes, dtype=np.uint8) + seed).astype(np.uint8)
+
+
+async def exchange(sender: ObjectStream, receiver: ObjectStream, items: list[Any]) -> list[Any]:
+    got: list[Any] = []
+
+    async def send_all() -> None:
+        for item in items:
+            await sender.send(item)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send_all)
+        for _ in items:
+            got.append(await receiver.receive())
+    return got
+
+
+# -- pairs with a recorder on each end ----------------------------------------------------------
+
+
+async def socketpair(send: Recorder, receive: Recorder) -> tuple[ObjectStream, ObjectStream]:
+    a, b = socket.socketpair()
+    return ObjectStream.from_socket(a, progress=send), ObjectStream.from_socket(b, progress=receive)
+
+
+async def memory(send: Recorder, receive: Recorder) -> tuple[ObjectStream, ObjectStream]:
+    a, b = memory_stream_pair()
+    return ObjectStream(a, progress=send), ObjectStream(b, progress=receive)
+
+
+async def tcp(send: Recorder, receive: Recorder) -> tuple[ObjectStream, ObjectStream]:
+    async with await streampickle.create_tcp_listener(local_host="127.0.0.1", progress=receive) as listener:
+        port = listener.extra(SocketAttribute.local_port)
+        client = await streampickle.connect_tcp("127.0.0.1", port, progress=send)
+        server = await listener.accept()
+    return client, server
+
+
+async def unix(send: Recorder, receive: Recorder) -> tuple[ObjectStream, ObjectStream]:
+    path = os.path.join(tempfile.mkdtemp(), "sock")
+    async with await streampickle.create_unix_listener(path, progress=receive) as listener:
+        client = await streampickle.connect_unix(path, progress=send)
+        server = await listener.accept()
+    os.unlink(path)
+    return client, server
+
+
+PAIRS = [socketpair, memory, tcp, unix]
+
+
+@pytest.fixture(params=PAIRS, ids=[p.__name__ for p in PAIRS])
+def make_pair(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+# -- the contract -------------------------------------------------------------------------------
+
+
+def test_step_is_one_percent_within_bounds() -> None:
+    assert step_for(256 * MiB) == 256 * MiB // 100
+    assert step_for(50 << 30) == MAX_STEP
+    assert step_for(1000) == MIN_STEP
+
+
+def test_groups_cut_chunks_without_copying() -> None:
+    data = bytearray(range(256)) * 10
+    chunks: list[Any] = [b"head", memoryview(data), b"", b"tail"]
+    cut = groups(chunks, 1000)
+    sizes = [sum(len(c) for c in g) for g in cut]
+    assert sizes[:-1] == [1000] * (len(sizes) - 1) and sum(sizes) == 2568
+    assert b"".join(bytes(c) for g in cut for c in g) == b"head" + bytes(data) + b"tail"
+    inner = [c for g in cut for c in g if isinstance(c, memoryview)]
+    assert all(c.obj is data for c in inner)  # views of the array's memory
+
+
+def test_progress_event_is_frozen() -> None:
+    event = Progress("send", 5, 10, 0)
+    assert event.fraction == 0.5
+    with pytest.raises(AttributeError):
+        event.done = 6  # type: ignore[misc]
+
+
+async def test_256_mib_message_both_directions() -> None:
+    send, receive = Recorder(), Recorder()
+    a, b = await socketpair(send, receive)
+    big = array(256 * MiB)
+    async with a, b:
+        (got,) = await exchange(a, b, [big])
+    assert np.array_equal(got, big)
+    (sent_total,) = check(send, "send", 1)
+    (received_total,) = check(receive, "receive", 1)
+    assert sent_total == received_total > 256 * MiB
+    # at least every 1% (2.56 MiB here, under 64 MiB): about a hundred reports each way
+    assert len(send.events) >= 100 and len(receive.events) >= 100
+
+
+async def test_every_transport(make_pair: Any) -> None:
+    send, receive = Recorder(), Recorder()
+    a, b = await make_pair(send, receive)
+    items = [array(9 * MiB, 1), {"small": 1}, array(3 * MiB, 2), b"x" * 100]
+    async with a, b:
+        got = await exchange(a, b, items)
+    assert np.array_equal(got[0], items[0]) and got[1] == items[1]
+    assert np.array_equal(got[2], items[2]) and got[3] == items[3]
+    assert check(send, "send", 4) == check(receive, "receive", 4)
+    # a small message reports once, at its end; a large one at its start too
+    assert len(receive.by_message("receive")[1]) == len(send.by_message("send")[1]) == 1
+    assert send.by_message("send")[2][0].done == 0
+
+
+async def test_burst_of_small_messages() -> None:
+    send, receive = Recorder(), Recorder()
+    a, b = await socketpair(send, receive)
+    items = list(range(200))
+    async with a, b:
+        assert await exchange(a, b, items) == items
+    sent = check(send, "send", 200)
+    assert check(receive, "receive", 200) == sent
+    assert len(send.events) == len(receive.events) == 200
+
+
+async def test_keyed_stream_counts_the_tag() -> None:
+    send, receive = Recorder(), Recorder()
+    a, b = memory_stream_pair()
+    sa = ObjectStream(a, key=b"secret", progress=send)
+    sb = ObjectStream(b, key=b"secret", progress=receive)
+    items = [array(5 * MiB), "after"]
+    async with sa, sb:
+        got = await exchange(sa, sb, items)
+    assert np.array_equal(got[0], items[0]) and got[1] == "after"
+    assert check(send, "send", 2) == check(receive, "receive", 2)
+
+
+async def test_dump_and_load() -> None:
+    send, receive = Recorder(), Recorder()
+    a, b = memory_stream_pair()
+    big = array(4 * MiB)
+    got: list[Any] = []
+
+    async def load() -> None:
+        got.append(await streampickle.load(b, progress=receive))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(load)
+        await streampickle.dump(big, a, progress=send)
+    assert np.array_equal(got[0], big)
+    assert check(send, "send", 1) == check(receive, "receive", 1)
+
+
+async def test_no_callback_no_events() -> None:
+    a, b = socket.socketpair()
+    sa, sb = ObjectStream.from_socket(a), ObjectStream.from_socket(b)
+    async with sa, sb:
+        assert sa._send_meter is None and sb._receive_meter is None
+        (got,) = await exchange(sa, sb, [array(MiB)])
+    assert len(got) == MiB
+
+
+# -- cancellation and callbacks that raise ------------------------------------------------------
+
+
+class Stop(Exception):
+    pass
+
+
+async def test_cancelled_receive_loses_nothing() -> None:
+    scope = anyio.CancelScope()
+    receive = Recorder(lambda event: scope.cancel(), at=3)
+    a, b = await socketpair(Recorder(), receive)
+    big = array(32 * MiB, 3)
+    async with a, b, anyio.create_task_group() as tg:
+        tg.start_soon(a.send, big)
+        with scope:
+            await b.receive()
+        assert scope.cancelled_caught
+        got = await b.receive()
+        tg.start_soon(a.send, "next")
+        assert await b.receive() == "next"
+    assert np.array_equal(got, big)
+    events = receive.by_message("receive")
+    check_message(events[0], "receive")
+    assert len(events) == 2
+
+
+async def test_receive_callback_raising_loses_nothing() -> None:
+    def fail(event: Progress) -> None:
+        raise Stop
+
+    receive = Recorder(fail, at=2)
+    a, b = await socketpair(Recorder(), receive)
+    big = array(16 * MiB, 4)
+    async with a, b, anyio.create_task_group() as tg:
+        tg.start_soon(a.send, big)
+        with pytest.raises(Stop):
+            await b.receive()
+        got = await b.receive()
+        tg.start_soon(a.send, "next")
+        assert await b.receive() == "next"
+    assert np.array_equal(got, big)
+    check_message(receive.by_message("receive")[0], "receive")  # no event lost or repeated
+
+
+async def test_receive_callback_raising_at_the_end() -> None:
+    receive = Recorder()
+    receive.action, receive.at = None, -1
+
+    def fail_at_end(event: Progress) -> None:
+        receive.events.append(event)
+        if event.done == event.total and event.message == 0:
+            raise Stop
+
+    a, b = memory_stream_pair()
+    sa, sb = ObjectStream(a), ObjectStream(b, progress=fail_at_end)
+    big = array(2 * MiB, 5)
+    async with sa, sb, anyio.create_task_group() as tg:
+        tg.start_soon(sa.send, big)
+        with pytest.raises(Stop):
+            await sb.receive()
+        assert np.array_equal(await sb.receive(), big)  # complete and held: returned next
+    check_message(receive.by_message("receive")[0], "receive")
+
+
+async def test_send_callback_raising_first_sends_nothing() -> None:
+    def fail(event: Progress) -> None:
+        if event.done == 0 and event.message == 0 and not fail.done:  # type: ignore[attr-defined]
+            fail.done = True  # type: ignore[attr-defined]
+            raise Stop
+
+    for key in (None, b"secret"):
+        a, b = socket.socketpair()
+        fail.done = False  # type: ignore[attr-defined]
+        sa = ObjectStream.from_socket(a, key=key, progress=fail)
+        sb = ObjectStream.from_socket(b, key=key)
+        async with sa, sb:
+            with pytest.raises(Stop):
+                await sa.send(array(MiB))  # large enough to have a first event
+            await sa.send("second")  # intact: with a key, the same sequence number is reused
+            assert await sb.receive() == "second"
+
+
+async def test_send_callback_raising_midway_breaks_sending() -> None:
+    def fail(event: Progress) -> None:
+        raise Stop
+
+    send = Recorder(fail, at=2)
+    a, b = await socketpair(send, Recorder())
+    async with a, b, anyio.create_task_group() as tg:
+        received: list[BaseException] = []
+
+        async def receive() -> None:
+            try:
+                await b.receive()
+            except IncompleteMessageError as exc:
+                received.append(exc)
+
+        tg.start_soon(receive)
+        with pytest.raises(Stop):
+            await a.send(array(16 * MiB))
+        with pytest.raises(anyio.BrokenResourceError):
+            await a.send("more")
+        await a.aclose()
+    assert len(received) == 1  # the peer sees an incomplete message, never a wrong object
+
+
+async def test_send_callback_raising_at_the_end_sent_the_message() -> None:
+    def fail(event: Progress) -> None:
+        if event.message == 0 and event.done == event.total:
+            raise Stop
+
+    a, b = memory_stream_pair()
+    sa, sb = ObjectStream(a, progress=fail), ObjectStream(b)
+    big = array(2 * MiB, 6)
+    async with sa, sb, anyio.create_task_group() as tg:
+
+        async def send() -> None:
+            with pytest.raises(Stop):
+                await sa.send(big)
+            await sa.send("next")  # intact
+
+        tg.start_soon(send)
+        assert np.array_equal(await sb.receive(), big)
+        assert await sb.receive() == "next"
+
+
+# -- the example --------------------------------------------------------------------------------
+
+
+def test_example_runs_with_a_progress_bar_on_both_ends() -> None:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "progress.py"), "--arrays", "2", "--mib", "8", "--plain"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert "send" in text and "receive" in text
+    assert text.count("100%") >= 2
