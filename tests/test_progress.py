@@ -372,3 +372,19 @@ def test_example_runs_with_a_progress_bar_on_both_ends() -> None:
     text = out.stdout + out.stderr
     assert "send" in text and "receive" in text
     assert text.count("100%") >= 2
+
+
+async def test_shared_memory_message_reports_its_wire_bytes() -> None:
+    send, receive = Recorder(), Recorder()
+    a, b = socket.socketpair(socket.AF_UNIX)
+    sa = ObjectStream.from_socket(a, shared_memory=True, progress=send)
+    sb = ObjectStream.from_socket(b, shared_memory=True, progress=receive)
+    shared = streampickle.shared_empty(8 * MiB, dtype=np.uint8)
+    shared[:] = 7
+    items = [shared, array(2 * MiB, 8)]
+    async with sa, sb:
+        got = await exchange(sa, sb, items)
+    assert np.array_equal(got[0], shared) and np.array_equal(got[1], items[1])
+    totals = check(send, "send", 2)
+    assert check(receive, "receive", 2) == totals
+    assert totals[0] < MIN_STEP  # the shared array's bytes don't travel: a few dozen do
