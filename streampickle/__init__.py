@@ -6,14 +6,16 @@ Loading is safe by default: a peer's message builds plain data and numpy arrays 
 you allow more (``allow=``, ``trusted=True``); ``key=`` authenticates every byte.
 
 The core is sans-IO (:class:`Encoder`, :class:`Decoder`); ``dumps``/``loads`` handle one
-message in memory; :mod:`streampickle.sync` reads and writes blocking files and sockets.
+message in memory; :class:`PickleDecoder` reads plain ``pickle.dump`` streams (any protocol),
+safely; :mod:`streampickle.sync` reads and writes blocking files and sockets.
 :func:`shared_empty` and :func:`shared_copy` make arrays in shared memory, which a
 ``shared_memory=True`` Unix socket hands to a process on the same host without copying them.
 
 Loaded on first use, so that importing streampickle starts no I/O machinery (they are in
 ``__all__`` and ``dir()`` all the same): :class:`ObjectStream`, :func:`dump` and :func:`load`
 (async streams), :func:`iter_load` (the objects of a file, asynchronously),
-:func:`connect_tcp`, :func:`connect_unix`, :func:`create_tcp_listener`,
+:func:`load_pickle` (one standard pickle from an async stream), :func:`connect_tcp`,
+:func:`connect_unix`, :func:`create_tcp_listener`,
 :func:`create_unix_listener` and :class:`ObjectStreamListener` (sockets),
 :class:`MemoryBudget`, and the modules :mod:`streampickle.sync` and :mod:`streampickle.testing`.
 """
@@ -41,6 +43,7 @@ from ._errors import (
 )
 from ._limits import Limits
 from ._mac import Key
+from ._pickle_stream import PickleDecoder
 from ._pool import BufferPool, buffer_pool
 from ._shm import shared_copy, shared_empty
 from ._wire import VERSION as WIRE_VERSION
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
     from . import sync, testing
     from ._budget import MemoryBudget
     from ._files import iter_load
+    from ._pickle_stream import load_pickle
     from ._sockets import (
         ObjectStreamListener,
         connect_tcp,
@@ -71,6 +75,7 @@ _LAZY = {
     "dump": ("streampickle._stream", "dump"),
     "load": ("streampickle._stream", "load"),
     "iter_load": ("streampickle._files", "iter_load"),
+    "load_pickle": ("streampickle._pickle_stream", "load_pickle"),
     "connect_tcp": ("streampickle._sockets", "connect_tcp"),
     "connect_unix": ("streampickle._sockets", "connect_unix"),
     "create_tcp_listener": ("streampickle._sockets", "create_tcp_listener"),
@@ -114,6 +119,7 @@ __all__ = [
     "MessageDroppedError",
     "ObjectStream",
     "ObjectStreamListener",
+    "PickleDecoder",
     "ProtocolError",
     "StreamBrokenError",
     "StreamPickleError",
@@ -127,6 +133,7 @@ __all__ = [
     "dumps",
     "iter_load",
     "load",
+    "load_pickle",
     "loads",
     "shared_copy",
     "shared_empty",

@@ -117,18 +117,24 @@ class Rebuilder:
     budget in proportion to the pickle's size *before* making the call, so that one memoized
     argument passed to a thousand calls can't multiply the work. It is computed from sizes
     alone (lengths, bit counts, descriptor nodes, colliding keys) and never raises.
+
+    ``build``: the call returns a :class:`Pending` value that exactly one ``BUILD`` completes
+    (numpy's ``dtype`` and ``_reconstruct``, as standard pickles call them); only the standard
+    pickle loader resolves such names.
     """
 
-    __slots__ = ("_name", "_func", "args", "result", "cost")
+    __slots__ = ("_name", "_func", "args", "result", "cost", "build")
 
     _name: str
     _func: Callable[..., Any]
     args: tuple[int, ...]
     result: int
     cost: Callable[..., int]
+    build: bool
 
     def __init__(self, name: str, func: Callable[..., Any], args: tuple[int, ...], result: int = _kinds.VALUE,
-                 cost: Callable[..., int] | None = None) -> None:
+                 cost: Callable[..., int] | None = None, build: bool = False) -> None:
+        object.__setattr__(self, "build", build)
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_func", func)
         object.__setattr__(self, "args", args)
@@ -843,4 +849,226 @@ NAMES: dict[str, Rebuilder] = {
         ellipsis, not_implemented, ordered_dict, deque, counter, uuid, date, time, datetime,
         timedelta, timezone, zoneinfo,
     )
+}
+
+
+# -- standard pickles (PickleDecoder): numpy's own reducers and protocol 0-4 spellings ----------
+#
+# ``pickle.dump`` of an ndarray writes ``numpy...._reconstruct(ndarray, (0,), b"b")`` and then
+# ``BUILD`` with (version, shape, dtype, is_fortran, rawdata); a dtype is ``numpy.dtype(descr,
+# align, copy)`` and ``BUILD`` with (3, byteorder, subarray, names, fields, elsize, alignment,
+# flags); protocol 5 writes ``numpy...._frombuffer(buffer, dtype, shape, order)``. Safe mode
+# never calls numpy's reconstructors or ``__setstate__``: these stand in for them. The calls
+# return a :class:`Pending`; the safe unpickler's ``BUILD`` hands it the state, and it builds
+# the object from checked parts (a dtype only if it pickles back to exactly that state; an
+# array through ``_ndarray``'s checks of dtype, shape, size and code points).
+
+_STATE_STR = re.compile(r"[<>|=]")
+_DTYPE_DESCR = re.compile(r"[?biufcSUVMm][0-9]{0,10}")
+_MAX_FIELDS = 4096
+
+
+class Pending:
+    """What a ``build`` reconstructor returned: inert until the one ``BUILD`` that completes it."""
+
+    __slots__ = ("_make", "_args", "result")
+
+    def __init__(self, make: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._make = make
+        self._args = args
+        self.result: Any = None
+
+    def build(self, state: Any) -> Any:
+        """Complete it with ``state`` (once); return the object made."""
+        if self.result is not None:
+            raise _bad("a BUILD on a value already built")
+        if type(state) is not tuple:
+            raise _bad(f"a BUILD state must be a tuple, not {_brief(state)}")
+        self.result = self._make(*self._args, state)
+        return self.result
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a pending value is not picklable")
+
+
+def _pending_dtype(descr: Any, align: Any, copy: Any) -> Pending:
+    if type(descr) is not str or not _DTYPE_DESCR.fullmatch(descr):
+        raise _bad(f"numpy.dtype: descriptor {_brief(descr)} is not a plain type code")
+    if align not in (False, 0) or copy not in (True, 1) or type(align) not in (bool, int):
+        raise _bad("numpy.dtype: align must be false and copy true, as numpy pickles them")
+    return Pending(_dtype_from_state, (descr,))
+
+
+def _dtype_from_state(descr: str, state: tuple[Any, ...]) -> np.dtype[Any]:
+    """The dtype numpy's pickle of ``descr`` with ``state`` means, made from checked parts, and
+    refused unless it pickles back to exactly ``descr`` and ``state``."""
+    if len(state) not in (8, 9) or state[0] != (3 if len(state) == 8 else 4) or type(state[0]) is not int:
+        raise _bad("a dtype state must be numpy's (3, ...) of 8 items or (4, ...) of 9")
+    byteorder, subarray, names, fields, elsize, alignment = state[1:7]
+    if type(byteorder) is not str or not _STATE_STR.fullmatch(byteorder):
+        raise _bad(f"a dtype state's byte order must be one of < > | =, not {_brief(byteorder)}")
+    _int_in(elsize, -1, INT64_MAX, "a dtype state's item size")
+    _int_in(alignment, -1, 64, "a dtype state's alignment")
+    try:
+        if names is not None:
+            if (type(names) is not tuple or type(fields) is not dict or not 0 < len(names) <= _MAX_FIELDS
+                    or len(fields) != len(names) or subarray is not None or descr[0] != "V"):
+                raise _bad("a structured dtype state needs names, fields and a V descriptor")
+            formats, offsets = [], []
+            for name in names:
+                field = fields.get(name) if type(name) is str else None
+                if (type(field) is not tuple or len(field) != 2 or not isinstance(field[0], np.dtype)
+                        or type(field[1]) is not int):
+                    raise _bad(f"a structured dtype's field {_brief(name)} is not (dtype, offset)")
+                formats.append(field[0])
+                offsets.append(_int_in(field[1], 0, 1 << 40, "a field offset"))
+            made = np.dtype({"names": list(names), "formats": formats, "offsets": offsets,
+                             "itemsize": _int_in(elsize, 1, 1 << 40, "an item size")},
+                            align=bool(state[7] & 0x80 if type(state[7]) is int else 0))
+        elif subarray is not None:
+            if (type(subarray) is not tuple or len(subarray) != 2 or not isinstance(subarray[0], np.dtype)
+                    or fields is not None):
+                raise _bad("a subarray dtype state needs (base dtype, shape)")
+            made = np.dtype((subarray[0], _shape(subarray[1])))
+        else:
+            if fields is not None:
+                raise _bad("a dtype state with fields but no names")
+            code = descr
+            if len(state) == 9:  # datetime64 / timedelta64: the unit is in the metadata
+                meta = state[8]
+                if (descr not in ("M8", "m8") or type(meta) is not tuple or len(meta) != 2 or meta[0] is not None
+                        or type(meta[1]) is not tuple or len(meta[1]) != 4 or type(meta[1][0]) is not bytes
+                        or type(meta[1][1]) is not int):
+                    raise _bad("a dtype state's metadata is not a datetime unit")
+                unit = meta[1][0].decode("ascii")
+                count = _int_in(meta[1][1], 1, 1 << 31, "a datetime unit count")
+                code = f"{descr}[{count if count != 1 else ''}{unit}]"
+            elif descr[0] in "SUV" and descr[1:] == "" and elsize > 0:
+                code = f"{descr}{elsize // 4 if descr == 'U' else elsize}"
+            made = np.dtype(code if byteorder in "|=" else byteorder + code)
+    except MalformedPickleError:
+        raise
+    except (TypeError, ValueError, OverflowError, UnicodeDecodeError, KeyError) as exc:
+        raise _bad(f"a dtype state numpy refuses: {str(exc)[:200]}") from exc
+    if made.hasobject:
+        raise _bad("a dtype holding Python objects: object arrays are refused in safe mode")
+    if made.__reduce__()[1:] != ((descr, False, True), state):
+        raise _bad(f"the dtype state of {descr!r} does not match the dtype it describes")
+    return made
+
+
+def _checked_array(dt: Any, shape: Any, fortran: bool, data: Any) -> np.ndarray[Any, Any]:
+    if not isinstance(dt, np.dtype):
+        raise _bad(f"an array's dtype must be a dtype, not {_brief(dt)}")
+    descr = descr_of(dt)
+    if descr is None:
+        raise _bad(f"an array of dtype {dt.str[:40]}: not one that loads safely")
+    if type(shape) is not tuple:
+        raise _bad(f"an array's shape must be a tuple, not {_brief(shape)}")
+    return _ndarray(descr, shape, fortran, data)
+
+
+def _pending_array(cls: Any, shape: Any, typecode: Any) -> Pending:
+    if cls is not ndarray_class or shape != (0,) or typecode != b"b":
+        raise _bad("numpy's _reconstruct takes (ndarray, (0,), b'b') from numpy's own pickles")
+    return Pending(_array_from_state, ())
+
+
+def _array_from_state(state: tuple[Any, ...]) -> np.ndarray[Any, Any]:
+    if len(state) != 5 or state[0] != 1 or type(state[0]) is not int:
+        raise _bad("an array state must be numpy's (1, shape, dtype, is_fortran, data)")
+    _, shape, dt, fortran, data = state
+    if type(data) is list:
+        raise _bad("an object array: arrays of Python objects are refused in safe mode")
+    if type(data) is not bytes:
+        raise _bad(f"an array's data must be bytes, not {_brief(data)}")
+    if type(fortran) is int and fortran in (0, 1):
+        fortran = bool(fortran)
+    if type(fortran) is not bool:
+        raise _bad("an array's is_fortran flag must be a bool")
+    return _checked_array(dt, shape, fortran, data).copy(order="K")  # writable, as pickle makes it
+
+
+def _frombuffer(buffer: Any, dt: Any, shape: Any, order: Any) -> np.ndarray[Any, Any]:
+    if order not in ("C", "F") or type(order) is not str:
+        raise _bad(f"an array's order must be 'C' or 'F', not {_brief(order)}")
+    if type(buffer) is pickle.PickleBuffer:
+        buffer = buffer.raw()
+    return _checked_array(dt, shape, order == "F", buffer)
+
+
+def _ndarray_class() -> Any:
+    raise _bad("numpy.ndarray is only an argument of numpy's _reconstruct")
+
+
+def _codecs_encode(text: Any, encoding: Any) -> bytes:
+    """``bytes`` as protocols 0-2 write them: ``_codecs.encode(text, "latin1")``."""
+    if type(text) is not str or encoding != "latin1" or type(encoding) is not str:
+        raise _bad("_codecs.encode is only admitted as encode(str, 'latin1'), how pickle writes bytes")
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise _bad("_codecs.encode: text beyond latin-1") from None
+
+
+def _empty_bytes() -> bytes:
+    return b""
+
+
+def _set_of(items: Any) -> set[Any]:
+    if type(items) is not list:
+        raise _bad(f"a set is made from a list, not {_brief(items)}")
+    return set(items)
+
+
+def _frozenset_of(items: Any) -> frozenset[Any]:
+    if type(items) is not list:
+        raise _bad(f"a frozenset is made from a list, not {_brief(items)}")
+    return frozenset(items)
+
+
+def _set_cost(items: Any) -> int:
+    """Units to hash ``items`` into a set: as a Counter's, more for colliding hashes."""
+    if type(items) is not list:
+        return 1
+    try:
+        return _dict_cost(dict.fromkeys(items), _COUNTER_ITEM_COST)
+    except TypeError:  # unhashable: the call itself will refuse
+        return 1 + len(items)
+
+
+def _pending_dtype_cost(descr: Any, align: Any, copy: Any) -> int:
+    return _descr_cost(descr)
+
+
+ndarray_class = Rebuilder("ndarray_class", _ndarray_class, ())
+_ARRAY_ARGS = (_kinds.GLOBAL, _kinds.TUPLE, BYTES)
+pending_array = Rebuilder("pending_array", _pending_array, _ARRAY_ARGS, build=True)
+pending_dtype = Rebuilder("pending_dtype", _pending_dtype, (STR, BOOL | INT, BOOL | INT), cost=_pending_dtype_cost,
+                          build=True)
+frombuffer = Rebuilder("frombuffer", _frombuffer, (BYTES | _kinds.BYTEARRAY | BUFFER, _kinds.VALUE, _kinds.TUPLE, STR))
+codecs_encode = Rebuilder("codecs_encode", _codecs_encode, (STR, STR), result=BYTES)
+empty_bytes = Rebuilder("empty_bytes", _empty_bytes, (), result=BYTES)
+set_ = Rebuilder("set_", _set_of, (LIST,), cost=_set_cost)
+frozenset_ = Rebuilder("frozenset_", _frozenset_of, (LIST,), cost=_set_cost)
+
+#: The names standard pickles (``pickle.dump``, any protocol) use for numpy arrays and dtypes
+#: and for bytes and sets in protocols 0-3, and what the safe standard loader makes of them.
+#: Resolved by :class:`streampickle.PickleDecoder` only, never in streampickle's own messages.
+STANDARD_NAMES: dict[str, Rebuilder] = {
+    "numpy.ndarray": ndarray_class,
+    "numpy.core.multiarray._reconstruct": pending_array,
+    "numpy._core.multiarray._reconstruct": pending_array,
+    "numpy.dtype": pending_dtype,
+    "numpy.core.numeric._frombuffer": frombuffer,
+    "numpy._core.numeric._frombuffer": frombuffer,
+    "_codecs.encode": codecs_encode,
+    "builtins.bytes": empty_bytes,
+    "__builtin__.bytes": empty_bytes,
+    "builtins.set": set_,
+    "__builtin__.set": set_,
+    "builtins.frozenset": frozenset_,
+    "__builtin__.frozenset": frozenset_,
+    "builtins.complex": complex_,
+    "__builtin__.complex": complex_,
 }

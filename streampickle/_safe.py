@@ -23,6 +23,15 @@ buffer-count checks remain, since they are about framing, not trust).
 A loader given ``persistent_load`` (the user's callable, as ``pickle.Unpickler`` takes it)
 admits ``BINPERSID``: the fast scan still refuses it, so such a pickle is judged by the full
 walk with ``persistent=True``, and unpickled with the callable set, in both modes.
+
+Standard pickles (``Loader.load_standard``, for :class:`streampickle.PickleDecoder`: any
+protocol, as ``pickle.dump`` writes them) take the same two gates: ``_verify.verify_standard``
+(the full walk, with the opcodes of protocols 0-4) and a ``find_class`` that resolves the same
+table, which adds ``_rebuild.STANDARD_NAMES`` (numpy's reducers, the protocol 0-3 spellings of
+bytes and sets) to the reconstructors. The C twins are framed-only, so a standard pickle that
+names a global is unpickled by the pure-Python unpickler, whose ``BUILD`` is replaced: it
+completes a reconstructor's ``Pending`` value with its state (numpy's ``__setstate__`` never
+runs) and otherwise builds only instances of allowed classes, as the verifier proved.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import importlib
 import io
 import pickle
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from . import _rebuild, _verify
 from ._accel import speedups
@@ -211,7 +220,45 @@ class Loader:
             raise ForbiddenGlobalError(module, f"{qualname}.{attr}")
         return self._object(full, module, f"{qualname}.{attr}", None)
 
+    def resolve_standard(self, module: str, qualname: str, pos: int) -> _verify.Global:
+        """``resolve`` for a standard pickle: numpy's reducers and the protocol 0-3 spellings
+        of bytes and sets (``_rebuild.STANDARD_NAMES``) too."""
+        rebuilder = _rebuild.STANDARD_NAMES.get(f"{module}.{qualname}")
+        if rebuilder is not None:
+            return _verify.Global(module, qualname, rebuilder=rebuilder)
+        return self.resolve(module, qualname, pos)
+
+    def resolve_standard_object(self, module: str, name: str) -> Any:
+        """``find_class`` of the standard safe unpickler, from the same table."""
+        rebuilder = _rebuild.STANDARD_NAMES.get(f"{module}.{name}")
+        return rebuilder if rebuilder is not None else self.resolve_object(module, name)
+
     # -- loading ----------------------------------------------------------------------------
+
+    def load_standard(self, data: bytes) -> Any:
+        """Unpickle one standard pickle (any protocol, no out-of-band buffers; ``data`` ends
+        with its STOP): with pickle's unpickler if trusted, else verified first."""
+        if self.trusted:
+            return _plain_loads(data, None, self.persistent_load)
+        persistent = self.persistent_load is not None
+        try:
+            verified = _gc_paused(lambda: _verify.verify_standard(data, self.resolve_standard, self.max_opaque_keys,
+                                                                  persistent=persistent))
+        except _verify.Refused as refused:
+            raise _verify.refusal(refused) from None
+        if not verified:  # plain data: no call, no BUILD, nothing to resolve
+            return _plain_loads(data, None)
+        unpickler = _StandardUnpickler(self, data, call_budget(len(data), 0))
+        try:
+            obj = _gc_paused(unpickler.load)
+        except StreamPickleError:
+            raise
+        except Exception as exc:  # UnpicklingError, TypeError from a reconstructor, ...
+            raise unpickling_failed(exc) from exc
+        if unpickler.pending:
+            raise MalformedPickleError("a numpy value was never completed by its BUILD")
+        return obj
+
 
     def load(self, data: bytes | memoryview, buffers: Sequence[Any]) -> Any:
         """Unpickle ``data`` with ``buffers`` as its out-of-band buffers, all of them used."""
@@ -295,6 +342,78 @@ class Loader:
         if file.tell() != len(data):  # the verifier guarantees this; a cheap cross-check
             raise MalformedPickleError(f"{len(data) - file.tell()} bytes follow STOP in the pickle part")
         return obj
+
+
+#: pickle's pure-Python unpickler: typeshed declares none of the dispatch methods it overrides.
+_PyUnpickler: Any = pickle._Unpickler
+
+
+class _StandardUnpickler(_PyUnpickler):  # type: ignore[misc]  # subclassing Any: see _PyUnpickler
+    """The safe unpickler of standard pickles: pickle's own Python unpickler, with
+    ``find_class`` resolving the loader's table and ``BUILD`` completing pending values."""
+
+    def __init__(self, loader: Loader, data: bytes, budget: int) -> None:
+        super().__init__(io.BytesIO(data))
+        self._loader = loader
+        self.meter = _Meter(budget)
+        self.pending = 0  # pending values made and not yet built
+        if loader.persistent_load is not None:
+            self.persistent_load = loader.persistent_load
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self._loader.resolve_standard_object(module, name)
+        if type(found) is not _rebuild.Rebuilder or found is _rebuild.ndarray_class:  # that one: a marker
+            return found
+        metered = _Metered(found, self.meter)
+        if not found.build:
+            return metered
+
+        def pending(*args: Any) -> Any:
+            made = metered(*args)
+            self.pending += 1
+            return made
+        return pending
+
+    def _build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if type(inst) is _rebuild.Pending:
+            self.stack[-1] = inst.build(state)
+            self.pending -= 1
+            return
+        self.stack.append(state)
+        _PyUnpickler.load_build(self)  # an instance of an allowed class: the verifier proved it
+
+    def _got(self) -> None:
+        top = self.stack[-1]
+        if type(top) is _rebuild.Pending:
+            if top.result is None:
+                raise MalformedPickleError("a numpy value is used before the BUILD that completes it")
+            self.stack[-1] = top.result
+
+    def _get(self) -> None:
+        _PyUnpickler.load_get(self)
+        self._got()
+
+    def _binget(self) -> None:
+        _PyUnpickler.load_binget(self)
+        self._got()
+
+    def _long_binget(self) -> None:
+        _PyUnpickler.load_long_binget(self)
+        self._got()
+
+    def _dup(self) -> None:  # a pending value has one place: the stack slot BUILD completes
+        if type(self.stack[-1]) is _rebuild.Pending:
+            raise MalformedPickleError("DUP of a numpy value before the BUILD that completes it")
+        _PyUnpickler.load_dup(self)
+
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(_PyUnpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _build
+    dispatch[pickle.GET[0]] = _get
+    dispatch[pickle.BINGET[0]] = _binget
+    dispatch[pickle.LONG_BINGET[0]] = _long_binget
+    dispatch[pickle.DUP[0]] = _dup
 
 
 def _plain_loads(data: bytes | memoryview, buffers: Any,

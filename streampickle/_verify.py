@@ -46,6 +46,19 @@ it accepts a pickle that names no global and needs no typed judgement, refuses w
 the shape rules, and returns ``DEFER`` at the first opcode that needs more. ``_speedups.scan``
 is its C twin (same results on every input; the tests fuzz them against each other). *Full*
 mode goes on from there with every rule above.
+
+*Standard* pickles (``verify_standard``: any protocol, 0 to 5, as ``pickle.dump`` writes
+them, for :class:`streampickle.PickleDecoder`) take the full mode with the opcodes of
+protocols 0-4 admitted and typed as their binary twins are: ``INT``/``LONG``/``FLOAT`` are
+numbers (``I00``/``I01`` bools), the ``STRING`` family and ``UNICODE`` are ``str`` (pickle's
+default ``encoding="ASCII"``), ``PUT``/``GET`` name memo slots, ``LIST``/``DICT`` are the
+mark forms of the empty containers filled at once, ``DUP`` copies the top, ``GLOBAL`` resolves
+through the same resolver as ``STACK_GLOBAL``, ``PERSID`` is ``BINPERSID``'s line form;
+``EXT1``/``EXT2``/``EXT4``, ``INST`` and ``OBJ`` stay refused (the first name the copyreg
+registry, the others instantiate by name; Python 3's pickler writes none of them for data).
+One narrow exception to the ``BUILD`` rule: a reconstructor declared with ``build`` (numpy's
+``dtype`` and ``_reconstruct`` as pickle writes them) returns a *pending* value that no rule
+accepts until exactly one ``BUILD`` with a tuple state turns it into a reconstructed value.
 """
 
 from __future__ import annotations
@@ -56,12 +69,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _kinds as K
-from ._errors import MalformedPickleError
+from ._errors import ForbiddenGlobalError, MalformedPickleError
 
 if TYPE_CHECKING:
     from ._rebuild import Rebuilder
 
-__all__ = ["DEFER", "MAX_EQUAL_HASHES", "MAX_OPEN_MARKS", "Global", "scan_py", "verify"]
+__all__ = ["DEFER", "MAX_EQUAL_HASHES", "MAX_OPEN_MARKS", "Global", "scan_py", "verify", "verify_standard"]
 
 #: Plain mode's answer for a pickle it can't judge alone: run the full verifier.
 DEFER = 1
@@ -266,6 +279,13 @@ def verify(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Res
     return _walk(data, chunk_count, resolver, max_opaque_keys, 1, calls, persistent)
 
 
+def verify_standard(data: bytes, resolver: Resolver, max_opaque_keys: int, calls: list[int] | None = None, *,
+                    persistent: bool = False) -> int:
+    """Full mode for a standard pickle of any protocol (0 to 5) and no out-of-band buffers:
+    the same rules, with the opcodes of protocols 0-4 typed (see the module's docstring)."""
+    return _walk(data, 0, resolver, max_opaque_keys, 1, calls, persistent, standard=True)
+
+
 def refusal(refused: Refused) -> MalformedPickleError:
     """The error for a refused pickle, naming the offset and the rule."""
     return MalformedPickleError(f"malformed pickle at byte {refused.pos}: {refused.reason}")
@@ -311,15 +331,24 @@ _TYPED = {_STACK_GLOBAL, _REDUCE, _NEWOBJ, _NEWOBJ_EX, _BUILD}
 
 
 def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Resolver | None, max_opaque: int, full: int,
-          calls: list[int] | None = None, persistent: bool = False) -> int:
+          calls: list[int] | None = None, persistent: bool = False, standard: bool = False) -> int:
     end = len(data)
-    if end < 3 or data[0] != _PROTO or data[1] != 5:
+    if standard:
+        if end and data[0] == _PROTO:
+            if end < 2 or data[1] > pickle.HIGHEST_PROTOCOL:
+                raise Refused(0, f"PROTO {data[1] if end > 1 else '(cut off)'}: protocols 0 to "
+                                 f"{pickle.HIGHEST_PROTOCOL} are known")
+            pos = 2
+        else:
+            pos = 0  # protocols 0 and 1 start with their first opcode
+    elif end < 3 or data[0] != _PROTO or data[1] != 5:
         raise Refused(0, "a pickle must start with PROTO 5 (bytes 80 05)")
-    pos = 2
+    else:
+        pos = 2
     frame_end = 0
     stack: list[_V] = []
     marks: list[int] = []  # the stack length at each open MARK
-    memo: list[_V] = []
+    memo: dict[int, _V] = {}  # slot -> value: MEMOIZE fills slot len(memo), as the unpickler does
     buffers = 0
     globals_ = 0
     budget = WORK_PER_BYTE * end + WORK_BASE
@@ -387,16 +416,17 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
         elif op == _MEMOIZE:
             if len(stack) == (marks[-1] if marks else 0):
                 raise Refused(start, "MEMOIZE on an empty stack")
-            memo.append(stack[-1])
+            memo[len(memo)] = stack[-1]
         elif op == _BINGET or op == _LONG_BINGET:
             width = 1 if op == _BINGET else 4
             if pos + width > end:
                 raise Refused(start, f"{_NAMES[op]}: argument cut off")
             index = int.from_bytes(data[pos : pos + width], "little")
             pos += width
-            if index >= len(memo):
+            got = memo.get(index)
+            if got is None:
                 raise Refused(start, f"{_NAMES[op]} {index} names a memo slot never defined")
-            stack.append(memo[index])
+            stack.append(got)
         elif op == _MARK:
             if len(marks) == MAX_OPEN_MARKS:
                 raise Refused(start, f"more than {MAX_OPEN_MARKS} MARKs open at once")
@@ -506,6 +536,11 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                                          "pickle's size")
             stack[-1] = _PERSISTENT  # the user's persistent_load makes it from the id
             globals_ += 1
+        elif standard and op in _STANDARD:
+            pos, budget, opaque = _standard_op(op, start, pos, data, end, stack, marks, memo, resolver, persistent,
+                                               budget, opaque, max_opaque, collisions)
+            if op == _GLOBAL or op == _PERSID:
+                globals_ += 1
         elif op in _FORBIDDEN:
             raise Refused(start, f"opcode {_NAMES[op]} is not allowed: a protocol-5 pickler never emits it")
         else:
@@ -591,7 +626,7 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
     """The result of a STACK_GLOBAL, REDUCE, NEWOBJ, NEWOBJ_EX or BUILD on ``args``, if allowed."""
     if op == _STACK_GLOBAL:
         module, name = args
-        if module.kind != K.STR or name.kind != K.STR:
+        if module.kind != K.STR or name.kind != K.STR or module.info is None or name.info is None:
             raise Refused(pos, f"STACK_GLOBAL needs two str literals, not {K.name_of(module.kind)} and "
                                f"{K.name_of(name.kind)}")
         try:
@@ -624,10 +659,12 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
                                    "pickle's size")
             if calls is not None:  # where each reconstructor call is, to name it in a later error
                 calls.append(pos)
+            if rebuilder.build:  # numpy's dtype and _reconstruct: a value only once BUILD gives its state
+                return _V(K.OPAQUE, (_PENDING, rebuilder), _WEAK), budget
             result = _V(rebuilder.result, None, _WEAK)
             return result, budget
         if target.attribute_of:
-            if len(items) != 2 or items[0].kind != K.GLOBAL or items[1].kind != K.STR:
+            if len(items) != 2 or items[0].kind != K.GLOBAL or items[1].kind != K.STR or items[1].info is None:
                 raise Refused(pos, "REDUCE: builtins.getattr is only admitted as getattr(allowed global, 'name')")
             owner: Global = items[0].info
             try:
@@ -648,6 +685,147 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
         return _V(K.INSTANCE, cls.info, _WEAK), budget
     # BUILD
     instance = args[0]
+    pending = instance.info
+    if instance.kind == K.OPAQUE and type(pending) is tuple and pending[0] is _PENDING:
+        state = args[1]
+        if state.kind != K.TUPLE:
+            raise Refused(pos, f"BUILD of {pending[1].name} with a {K.name_of(state.kind)} as state, not a tuple")
+        budget -= state.size + 1
+        if budget < 0:
+            raise Refused(pos, "BUILD: the states would take work out of proportion to the pickle's size")
+        instance.kind = pending[1].result  # in place: memo slots holding it see it built
+        instance.info = None
+        return instance, budget
     if instance.kind != K.INSTANCE:
         raise Refused(pos, f"BUILD on a {K.name_of(instance.kind)}: only on an instance of a class the user allowed")
     return instance, budget
+
+
+# -- protocols 0-4: the opcodes a standard pickle adds ------------------------------------------
+
+_INT, _LONG, _FLOAT, _STRING, _BINSTRING, _SHORT_BINSTRING, _UNICODE = (
+    _op(n) for n in ("INT", "LONG", "FLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE")
+)
+_PUT, _BINPUT, _LONG_BINPUT, _GET, _LIST, _DICT, _DUP, _GLOBAL, _PERSID = (
+    _op(n) for n in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "LIST", "DICT", "DUP", "GLOBAL", "PERSID")
+)
+_STANDARD = frozenset({_INT, _LONG, _FLOAT, _STRING, _BINSTRING, _SHORT_BINSTRING, _UNICODE, _PUT, _BINPUT,
+                       _LONG_BINPUT, _GET, _LIST, _DICT, _DUP, _GLOBAL, _PERSID})
+#: Marks a pending value's ``info``: (``_PENDING``, the reconstructor whose BUILD completes it).
+_PENDING = object()
+#: Digits of an INT or LONG line: CPython refuses to parse more (``sys.int_info``), and parsing
+#: decimal digits costs time quadratic in their number.
+MAX_DECIMAL_DIGITS = 4300
+
+
+def _line(data: bytes, pos: int, end: int, start: int, op: int) -> tuple[bytes, int]:
+    """The line argument at ``pos`` (without its newline), and the offset after the newline."""
+    nl = data.find(b"\n", pos, end)
+    if nl < 0:
+        raise Refused(start, f"{_NAMES[op]}: its line has no newline before the pickle ends")
+    return data[pos:nl], nl + 1
+
+
+def _decimal(line: bytes, start: int, op: int) -> int:
+    text = line[:-1] if op == _LONG and line.endswith(b"L") else line
+    digits = text[1:] if text[:1] == b"-" else text
+    if len(digits) <= MAX_DECIMAL_DIGITS and digits.isdigit():  # bytes.isdigit: ASCII digits only
+        return int(text)
+    raise Refused(start, f"{_NAMES[op]}: not a decimal integer of at most {MAX_DECIMAL_DIGITS} digits")
+
+
+def _standard_op(op: int, start: int, pos: int, data: bytes | bytearray | memoryview, end: int, stack: list[_V],
+                 marks: list[int], memo: dict[int, _V], resolver: Resolver | None, persistent: bool, budget: int,
+                 opaque: int, max_opaque: int, collisions: _Collisions) -> tuple[int, int, int]:
+    """One opcode of protocols 0-4 (``_STANDARD``): apply it to the stack; return the offset
+    after it, and the work budget and opaque-key count left."""
+    assert isinstance(data, bytes)  # verify_standard's callers pass bytes: lines are searched
+    base = marks[-1] if marks else 0
+    if op == _INT or op == _LONG:
+        line, pos = _line(data, pos, end, start, op)
+        if op == _INT and line in (b"00", b"01"):
+            stack.append(_TRUE if line == b"01" else _FALSE)
+        else:
+            value = _int_value(_decimal(line, start, op))
+            if len(line) > 18:  # hashing an int visits its digits, as for LONG1
+                value = _V(K.INT, hkind=value.hkind, hval=value.hval, cost=1 + len(line) // 18)
+            stack.append(value)
+    elif op == _FLOAT:
+        line, pos = _line(data, pos, end, start, op)
+        try:
+            number = float(line)
+        except ValueError:
+            raise Refused(start, "FLOAT: not a decimal number") from None
+        stack.append(_V(K.FLOAT, hkind=_SALTED if number != number else _FREE, hval=hash(number)))
+    elif op == _STRING or op == _UNICODE:
+        pos = _line(data, pos, end, start, op)[1]
+        stack.append(_V(K.STR, None, _SALTED))  # info None: not a name STACK_GLOBAL may read
+    elif op == _BINSTRING or op == _SHORT_BINSTRING:
+        width = 4 if op == _BINSTRING else 1
+        if pos + width > end:
+            raise Refused(start, f"{_NAMES[op]}: length prefix cut off")
+        size = int.from_bytes(data[pos : pos + width], "little", signed=True) if width == 4 else data[pos]
+        pos += width
+        if size < 0 or size > end - pos:
+            raise Refused(start, f"{_NAMES[op]} declares {size} bytes, only {end - pos} are left")
+        pos += size
+        stack.append(_V(K.STR, None, _SALTED))
+    elif op == _PUT or op == _BINPUT or op == _LONG_BINPUT:
+        if op == _PUT:
+            line, pos = _line(data, pos, end, start, op)
+            index = _decimal(line, start, op)
+        else:
+            width = 1 if op == _BINPUT else 4
+            if pos + width > end:
+                raise Refused(start, f"{_NAMES[op]}: argument cut off")
+            index = int.from_bytes(data[pos : pos + width], "little")
+            pos += width
+        if len(stack) == base:
+            raise Refused(start, f"{_NAMES[op]} on an empty stack")
+        if index < 0:
+            raise Refused(start, f"{_NAMES[op]}: a negative memo slot")
+        memo[index] = stack[-1]
+    elif op == _GET:
+        line, pos = _line(data, pos, end, start, op)
+        got = memo.get(_decimal(line, start, op))
+        if got is None:
+            raise Refused(start, "GET names a memo slot never defined")
+        stack.append(got)
+    elif op == _DUP:
+        if len(stack) == base:
+            raise Refused(start, "DUP on an empty stack")
+        stack.append(stack[-1])
+    elif op == _LIST or op == _DICT:
+        if not marks:
+            raise Refused(start, f"{_NAMES[op]} without a MARK")
+        items = stack[marks.pop():]
+        del stack[len(stack) - len(items):]
+        if op == _LIST:
+            made = _V(K.LIST, start)
+            made.size = len(items)
+        else:
+            if len(items) % 2:
+                raise Refused(start, "DICT with an odd number of items")
+            made = _V(K.DICT, start)
+            for item in items[::2]:
+                budget, opaque = _key(item, made, start, op, 1, budget, opaque, max_opaque, collisions)
+        stack.append(made)
+    elif op == _GLOBAL:
+        assert resolver is not None
+        module_line, pos = _line(data, pos, end, start, op)
+        name_line, pos = _line(data, pos, end, start, op)
+        try:
+            module, qualname = module_line.decode("utf-8"), name_line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Refused(start, "GLOBAL: a name that is not valid UTF-8") from None
+        try:
+            resolved = resolver(module, qualname, start)
+        except ForbiddenGlobalError as exc:  # the resolver names STACK_GLOBAL: say which opcode it was
+            raise ForbiddenGlobalError(exc.module, exc.name, position=start, opcode="GLOBAL") from None
+        stack.append(_V(K.GLOBAL, resolved, _WEAK))
+    else:  # PERSID
+        pos = _line(data, pos, end, start, op)[1]
+        if not persistent:
+            raise Refused(start, "opcode PERSID is not allowed: persistent ids need a decoder with persistent_load")
+        stack.append(_PERSISTENT)
+    return pos, budget, opaque

@@ -33,7 +33,7 @@ from ._mac import Key
 from ._options import options_for
 from ._transports import NO_SIGNAL, not_unix
 
-__all__ = ["dump", "iter_load", "load"]
+__all__ = ["dump", "iter_load", "load", "load_pickle"]
 
 
 def dump(
@@ -266,6 +266,49 @@ def _iter_load(file: Any, reader: FileReader, readinto: Any) -> Iterator[Any]:
             yield from reader.objects()  # the messages completed before the broken one first
             raise
         yield from reader.objects()
+
+
+def load_pickle(
+    file: BinaryIO | socket.socket,
+    *,
+    trusted: bool = False,
+    allow: Iterable[Any] = (),
+    limits: Limits | None = None,
+    persistent_load: Callable[[Any], Any] | None = None,
+) -> Any:
+    """Read exactly one standard pickle (what ``pickle.dump(obj, f, protocol=p)`` writes, any
+    ``p``) from a blocking binary file, pipe or socket, and return its object, safely unless
+    ``trusted`` (see :class:`streampickle.PickleDecoder`).
+
+    Never reads a byte beyond the pickle: each read asks for at most what the opcode walk
+    knows the pickle still needs (a frame whole; a line argument of protocols 0-1 a byte at a
+    time), so the next ``load_pickle`` (or ``pickle.load``) on the same file gets what follows.
+    ``EOFError`` if the input ends before the pickle starts, :class:`IncompleteMessageError`
+    if it ends inside it. A refused pickle (:class:`MessageDroppedError`) was read whole: the
+    next call reads the next one."""
+    from ._pickle_stream import PickleDecoder
+
+    decoder = PickleDecoder(trusted=trusted, allow=allow, limits=limits, persistent_load=persistent_load)
+    readinto = _readinto_for(file)
+    while not decoder.pending:
+        target = decoder.get_buffer()
+        try:
+            n = readinto(target)
+        except BlockingIOError as exc:
+            raise _non_blocking(file) from exc
+        except OSError as exc:
+            if not decoder.in_pickle:
+                raise
+            raise IncompleteMessageError(f"reading failed inside a pickle ({exc})", received=0, expected=0) from exc
+        except (TypeError, ValueError) as exc:  # a closed file, or no callable readinto
+            raise UsageError(f"reading from the {_name(file)} failed: {exc!r}") from exc
+        if n is None:
+            raise _non_blocking(file)
+        decoder.buffer_updated(n)
+        if not n:
+            decoder.feed_eof()  # raises IncompleteMessageError inside a pickle
+            raise EOFError("the input ended before a pickle started")
+    return next(decoder)
 
 
 def _readinto_for(file: Any) -> Any:

@@ -1,0 +1,386 @@
+"""Standard pickle streams: ``PickleDecoder``, ``load_pickle`` and ``sync.load_pickle`` read what
+``pickle.dump(obj, f, protocol=p)`` writes, for every protocol, safely by default.
+
+The producer is a real process (``pickle.dump`` to a pipe or a TCP socket); the consumer feeds
+what arrives in random splits, or reads it with the loaders, which must leave whatever follows
+a pickle in the stream."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import streampickle
+from streampickle import (
+    ForbiddenGlobalError,
+    IncompleteMessageError,
+    LimitExceededError,
+    Limits,
+    MalformedPickleError,
+    PickleDecoder,
+    ProtocolError,
+    StreamPickleError,
+)
+
+PROTOCOLS = range(pickle.HIGHEST_PROTOCOL + 1)
+
+# The objects the producer pickles, built the same way in both processes.
+CATALOG = textwrap.dedent("""
+    import numpy as np
+    def catalog():
+        return [
+            None, True, False, 0, -1, 255, 2**31, -2**70, 1.5, float("inf"), "", "héllo\\n\\u20ac",
+            b"", b"\\x00bytes\\xff", (1, "two", (3.0,)), [1, [2, [3]]], {"a": 1, 2: [3], (4, 5): None},
+            {1, 2, 3}, frozenset({"x"}), 1 + 2j, [b"shared"] * 3,
+            np.arange(12, dtype=np.float64).reshape(3, 4),
+            np.asfortranarray(np.arange(12, dtype=">i4").reshape(3, 4)),
+            np.array(3.25), np.array(["ab", "céd", ""]), np.array([b"x", b"yz"]),
+            np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8", (2,))]),
+            np.array([1, 2], dtype="datetime64[ns]"), np.array([True, False]),
+            np.zeros((0, 3), dtype=np.complex64), np.arange(5, dtype=np.uint8)[::2],
+            {"nested": {"arrays": [np.ones(4, dtype=np.float32), np.arange(3, dtype=np.int16)]}},
+        ]
+""")
+namespace: dict[str, Any] = {}
+exec(CATALOG, namespace)  # the catalog is this file's own code, also run by the producer
+catalog = namespace["catalog"]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal values of equal types, arrays compared by dtype, shape, order and contents."""
+    if isinstance(b, np.ndarray):
+        return (type(a) is np.ndarray and a.dtype == b.dtype and a.shape == b.shape
+                and a.flags.f_contiguous >= (b.flags.f_contiguous and not b.flags.c_contiguous)
+                and a.tobytes() == b.tobytes())
+    if isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(b, dict):
+        return type(a) is dict and a.keys() == b.keys() and all(same(a[k], b[k]) for k in b)
+    return type(a) is type(b) and a == b
+
+
+def produce(protocol: int, sink: str) -> bytes | subprocess.Popen[bytes]:
+    """Run a producer process that pickle.dump()s the catalog with ``protocol``, then
+    b"TRAILER". ``sink`` "pipe": return its whole output; "tcp:PORT": it connects and writes."""
+    code = CATALOG + textwrap.dedent(f"""
+        import pickle, socket, sys
+        sink = {sink!r}
+        if sink == "pipe":
+            f = sys.stdout.buffer
+        else:
+            sock = socket.create_connection(("127.0.0.1", int(sink[4:])))
+            f = sock.makefile("wb")
+        for obj in catalog():
+            pickle.dump(obj, f, protocol={protocol})
+        f.write(b"TRAILER")
+        f.flush()
+    """)
+    if sink == "pipe":
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+@pytest.fixture(scope="module")
+def streams() -> dict[int, bytes]:
+    """Each protocol's stream, as the producer process wrote it to a pipe."""
+    return {p: produce(p, "pipe") for p in PROTOCOLS}  # type: ignore[misc]
+
+
+def decode_in_splits(data: bytes, rng: random.Random, **options: Any) -> list[Any]:
+    decoder = PickleDecoder(**options)
+    out: list[Any] = []
+    i = 0
+    while i < len(data):
+        n = rng.choice((1, 1, 2, 3, 8, 50, 1000, 100_000))
+        decoder.feed(data[i : i + n])
+        i += n
+        out.extend(decoder)
+    decoder.feed_eof()
+    return out
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_producer_process_stream_in_random_splits(streams: dict[int, bytes], protocol: int) -> None:
+    data = streams[protocol]
+    assert data.endswith(b"TRAILER")
+    body = data[: -len(b"TRAILER")]
+    for seed in range(3):
+        out = decode_in_splits(body, random.Random(seed))
+        assert len(out) == len(catalog())
+        for got, want in zip(out, catalog(), strict=True):
+            assert same(got, want), (protocol, want)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_byte_at_a_time_and_trusted(streams: dict[int, bytes], protocol: int) -> None:
+    body = streams[protocol][: -len(b"TRAILER")]
+    decoder = PickleDecoder(trusted=True)
+    out = []
+    for i in range(len(body)):
+        decoder.feed(body[i : i + 1])
+        out.extend(decoder)
+    file = io.BytesIO(body)
+    expected = [pickle.load(file) for _ in catalog()]  # trusted: what pickle.load makes
+    assert len(out) == len(expected) and all(same(g, w) for g, w in zip(out, expected, strict=True))
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_get_buffer_never_reaches_into_the_next_pickle(streams: dict[int, bytes], protocol: int) -> None:
+    file = io.BytesIO(streams[protocol])
+    decoder = PickleDecoder()
+    for want in catalog():
+        while not decoder.pending:
+            target = decoder.get_buffer()
+            decoder.buffer_updated(file.readinto(target))  # fills the whole view each time
+        assert same(next(decoder), want)
+    assert file.read() == b"TRAILER"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_sync_load_pickle_from_a_producer_over_tcp(protocol: int) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        proc = produce(protocol, f"tcp:{server.getsockname()[1]}")
+        assert isinstance(proc, subprocess.Popen)
+        conn, _ = server.accept()
+        with conn:
+            for want in catalog():
+                assert same(streampickle.sync.load_pickle(conn), want)
+            rest = b""
+            while chunk := conn.recv(100):
+                rest += chunk
+        assert rest == b"TRAILER"  # nothing after each pickle was read
+        assert proc.wait(timeout=60) == 0
+
+
+def test_sync_load_pickle_on_a_pipe_and_a_buffered_file(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "wb") as w:
+        pickle.dump({"a": np.arange(3)}, w, protocol=0)
+        pickle.dump([1, 2], w, protocol=5)
+        w.write(b"rest")
+    with os.fdopen(read_end, "rb", buffering=0) as r:
+        assert same(streampickle.sync.load_pickle(r), {"a": np.arange(3)})
+        assert streampickle.sync.load_pickle(r) == [1, 2]
+        assert r.read() == b"rest"
+    path = tmp_path / "stream.pkl"
+    with path.open("wb") as f:
+        pickle.dump("one", f, protocol=2)
+    with path.open("rb") as f:
+        assert streampickle.sync.load_pickle(f) == "one"
+        with pytest.raises(EOFError):
+            streampickle.sync.load_pickle(f)
+    path.write_bytes(pickle.dumps(list(range(100)), protocol=1)[:-5])
+    with path.open("rb") as f, pytest.raises(IncompleteMessageError):
+        streampickle.sync.load_pickle(f)
+
+
+def test_async_load_pickle_leaves_what_follows() -> None:
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            port = server.getsockname()[1]
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                conn, _ = server.accept()
+                with conn:
+                    conn.sendall(pickle.dumps(np.arange(4.0), protocol=4) + pickle.dumps({"k": (1,)}, protocol=0)
+                                 + b"after")
+                    conn.shutdown(socket.SHUT_WR)
+                    assert same(await streampickle.load_pickle(stream), np.arange(4.0))
+                    assert await streampickle.load_pickle(stream) == {"k": (1,)}
+                    assert await stream.receive() == b"after"
+                    with pytest.raises(EOFError):
+                        await streampickle.load_pickle(stream)
+
+    anyio.run(main)
+
+
+def test_a_forbidden_global_runs_nothing_and_the_next_pickle_decodes(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    class Hostile:
+        def __reduce__(self) -> Any:
+            return (os.system, (f"touch {marker}",))
+
+    for protocol in PROTOCOLS:
+        decoder = PickleDecoder()
+        decoder.feed(pickle.dumps(Hostile(), protocol=protocol) + pickle.dumps("next", protocol=protocol))
+        with pytest.raises(ForbiddenGlobalError):
+            next(decoder)
+        assert next(decoder) == "next"
+    assert not marker.exists()
+    hand_written = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."  # protocol 0, GLOBAL
+    with pytest.raises(ForbiddenGlobalError):
+        next(iter(_fed(hand_written)))
+    assert not marker.exists()
+
+
+def _fed(data: bytes, **options: Any) -> PickleDecoder:
+    decoder = PickleDecoder(**options)
+    decoder.feed(data)
+    return decoder
+
+
+def test_object_arrays_and_unknown_classes_are_refused_unless_trusted() -> None:
+    for protocol in PROTOCOLS:
+        objects = np.array([1, "a"], dtype=object)
+        data = pickle.dumps(objects, protocol=protocol)
+        with pytest.raises(StreamPickleError):
+            next(_fed(data))
+        assert next(_fed(data, trusted=True)).tolist() == [1, "a"]
+
+
+class _FakeArray:
+    """Pickles as numpy's own reducer would, with the parts given."""
+
+    def __init__(self, state: tuple[Any, ...]) -> None:
+        self.state = state
+
+    def __reduce__(self) -> Any:
+        return (np.ndarray.__reduce__(np.zeros(1))[0], (np.ndarray, (0,), b"b"), self.state)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+@pytest.mark.parametrize("state", [
+    (1, (5,), np.dtype("f8"), False, b"\0" * 8),  # a shape that lies about the data
+    (1, (1,), np.dtype("f8"), False, "not bytes"),
+    (1, (2,), np.dtype("U1"), False, b"\xff\xff\xff\xff" * 2),  # code points beyond U+10FFFF
+    (2, (1,), np.dtype("f8"), False, b"\0" * 8),
+    (1, (-1,), np.dtype("f8"), False, b""),
+])
+def test_lying_array_states_are_refused(protocol: int, state: tuple[Any, ...]) -> None:
+    with pytest.raises(MalformedPickleError):
+        next(_fed(pickle.dumps(_FakeArray(state), protocol=protocol)))
+    good = _FakeArray((1, (1,), np.dtype("f8"), False, b"\0" * 8))
+    assert same(next(_fed(pickle.dumps(good, protocol=protocol))), np.zeros(1))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_every_flipped_bit_of_a_dtype_pickle_is_refused_or_loads_cleanly(protocol: int) -> None:
+    dtypes = [np.dtype("<U5"), np.dtype([("a", "<i4"), ("b", ">f8", (2,))]), np.dtype("M8[ms]")]
+    for dt in dtypes:
+        data = pickle.dumps(dt, protocol=protocol)
+        for i in range(len(data)):
+            for bit in range(8):
+                flipped = bytearray(data)
+                flipped[i] ^= 1 << bit
+                try:
+                    got = list(_fed(bytes(flipped)))
+                except StreamPickleError:
+                    continue
+                for obj in got:  # what loads is a plain value: a flipped literal
+                    assert not isinstance(obj, streampickle._rebuild.Pending)
+                    if isinstance(obj, np.dtype):
+                        assert obj.__reduce__()[0] is np.dtype and not obj.hasobject
+
+
+def test_huge_declared_lengths_are_refused_before_buffering() -> None:
+    frame = b"\x80\x04\x95" + (1 << 62).to_bytes(8, "little")
+    with pytest.raises(LimitExceededError):
+        _fed(frame)
+    binbytes8 = b"\x80\x05\x8e" + (1 << 40).to_bytes(8, "little")
+    decoder = PickleDecoder()
+    with pytest.raises(LimitExceededError):
+        decoder.feed(binbytes8)
+    with pytest.raises(LimitExceededError):  # the failure sticks
+        decoder.feed(b"N.")
+
+
+def test_limits_bound_each_pickle() -> None:
+    limits = Limits(max_pickle_size=1000)
+    small = pickle.dumps(b"x" * 900, protocol=3)
+    assert list(_fed(small * 3, limits=limits)) == [b"x" * 900] * 3
+    with pytest.raises(LimitExceededError):
+        _fed(pickle.dumps(b"x" * 2000, protocol=3), limits=limits)
+    line = b"V" + b"a" * 2000  # protocol 0: a line argument with no end in sight
+    decoder = PickleDecoder(limits=limits)
+    with pytest.raises(LimitExceededError):
+        for i in range(0, len(line), 7):
+            decoder.feed(line[i : i + 7])
+
+
+def test_framing_errors_and_an_end_inside_a_pickle() -> None:
+    decoder = PickleDecoder()
+    with pytest.raises(ProtocolError):
+        decoder.feed(pickle.dumps(1, protocol=2) + b"\xff")
+    assert decoder.failed and next(decoder) == 1  # what was complete before still decodes
+    with pytest.raises(ProtocolError):
+        next(decoder)
+    decoder = _fed(pickle.dumps([1, 2, 3], protocol=4)[:-3])
+    with pytest.raises(IncompleteMessageError):
+        decoder.feed_eof()
+
+
+def test_malformed_pickles_are_dropped_whole() -> None:
+    bad = [
+        b"\x80\x02]q\x00(K\x01K\x02e0.",  # APPENDS then POP: STOP with an empty stack
+        b"I99999999999999999999999999999999999999999999999999x\n.",  # INT that is no number
+        b"\x80\x02h\x05.",  # BINGET of a slot never defined
+        b"\x80\x02\x82\x01.",  # EXT1
+        b"\x80\x02K\x01K\x02b.",  # BUILD on an int
+    ]
+    for data in bad:
+        decoder = _fed(data + pickle.dumps("ok", protocol=2))
+        with pytest.raises(MalformedPickleError):
+            next(decoder)
+        assert next(decoder) == "ok"
+
+
+def test_persistent_ids_need_persistent_load() -> None:
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            return "ref" if obj == "REPLACE" else None
+
+    for protocol in PROTOCOLS:
+        buf = io.BytesIO()
+        Pickler(buf, protocol=protocol).dump(["REPLACE", 1])
+        with pytest.raises(MalformedPickleError):
+            next(_fed(buf.getvalue()))
+        assert next(_fed(buf.getvalue(), persistent_load=lambda pid: f"<{pid}>")) == ["<ref>", 1]
+
+
+def test_allowed_classes_load_through_the_allowlist() -> None:
+    from fractions import Fraction
+
+    for protocol in PROTOCOLS:
+        data = pickle.dumps(Fraction(1, 3), protocol=protocol)
+        with pytest.raises(ForbiddenGlobalError):
+            next(_fed(data))
+        assert next(_fed(data, allow=["fractions.Fraction"])) == Fraction(1, 3)
+
+
+DTYPE_CALL = b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00f8\x89\x88\x87R"  # numpy.dtype("f8", False, True)
+DTYPE_STATE = b"(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"
+
+
+def test_a_pending_numpy_value_is_built_exactly_once_in_its_one_place() -> None:
+    assert next(_fed(DTYPE_CALL + DTYPE_STATE + b"b.")) == np.dtype("<f8")
+    assert next(_fed(DTYPE_CALL + b"q\x00" + DTYPE_STATE + b"b0h\x00.")) == np.dtype("<f8")  # memo, after BUILD
+    misuses = [
+        DTYPE_CALL + b".",  # never built
+        b"\x80\x02]" + DTYPE_CALL[2:] + b"a.",  # put in a list, never built
+        DTYPE_CALL + b"2" + DTYPE_STATE + b"b\x86.",  # DUP: two places for one pending value
+        DTYPE_CALL + b"q\x00h\x00" + DTYPE_STATE + b"b\x86.",  # fetched from the memo before its BUILD
+        DTYPE_CALL + DTYPE_STATE + b"b" + DTYPE_STATE + b"b.",  # built twice
+        DTYPE_CALL + b"K\x01b.",  # a state that is no tuple
+    ]
+    for data in misuses:
+        with pytest.raises(MalformedPickleError):
+            next(_fed(data))
+
+
+def test_a_refused_global_names_its_opcode() -> None:
+    with pytest.raises(ForbiddenGlobalError, match=r"GLOBAL at byte 2\)"):
+        next(_fed(b"\x80\x02cos\nsystem\n."))
+    with pytest.raises(ForbiddenGlobalError, match="STACK_GLOBAL"):
+        next(_fed(pickle.dumps(os.system, protocol=4)))
