@@ -115,6 +115,9 @@ class PickleDecoder:
         self._failure: StreamPickleError | None = None
         self._scratch = bytearray()
         self._handed = 0  # the length of the last get_buffer view
+        #: Stop walking once a pickle is complete (a reader that fed bytes it only peeked at, to
+        #: consume exactly the pickle's bytes: see ``overshoot``).
+        self.stop_after_one = False
         self._new_pickle(0)
 
     def _new_pickle(self, start: int) -> None:
@@ -202,6 +205,18 @@ class PickleDecoder:
         return len(self._ready)
 
     @property
+    def overshoot(self) -> int:
+        """Once a ``stop_after_one`` decoder has a complete pickle: the bytes fed beyond its
+        end (unwalked). A reader that fed bytes it only peeked at consumes all but these."""
+        return len(self._buf) - self._start
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(bytes of the current pickle that arrived, bytes it is known to need so far)."""
+        start = self._start
+        return len(self._buf) - start, max(self._need, len(self._buf)) - start
+
+    @property
     def in_pickle(self) -> bool:
         """True if part of a pickle has arrived and the rest has not."""
         return len(self._buf) > self._start
@@ -226,7 +241,7 @@ class PickleDecoder:
         buf = self._buf
         have = len(buf)
         args = _ARGS
-        while True:
+        while not (self.stop_after_one and self._ready):
             if self._stop >= 0:  # STOP walked; a frame around it is read whole first
                 end = max(self._stop, self._frame_end)
                 if have < end:
@@ -285,6 +300,8 @@ class PickleDecoder:
             if form == _STOP:
                 self._stop = end
         start = self._start
+        if self.stop_after_one:
+            return  # the reader reads the offsets (overshoot) and drops the decoder
         if start and (start >= 1 << 16 or start == have) and start * 2 >= have:
             del buf[:start]  # at a pickle boundary: every offset of the walk is rebased
             self._start = 0

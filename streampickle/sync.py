@@ -280,35 +280,100 @@ def load_pickle(
     ``p``) from a blocking binary file, pipe or socket, and return its object, safely unless
     ``trusted`` (see :class:`streampickle.PickleDecoder`).
 
-    Never reads a byte beyond the pickle: each read asks for at most what the opcode walk
-    knows the pickle still needs (a frame whole; a line argument of protocols 0-1 a byte at a
-    time), so the next ``load_pickle`` (or ``pickle.load``) on the same file gets what follows.
-    ``EOFError`` if the input ends before the pickle starts, :class:`IncompleteMessageError`
-    if it ends inside it. A refused pickle (:class:`MessageDroppedError`) was read whole: the
-    next call reads the next one."""
-    from ._pickle_stream import PickleDecoder
+    Never reads a byte beyond the pickle. On a plain socket it peeks (``MSG_PEEK``) at what
+    has arrived, walks it, and then takes exactly the pickle's bytes; on a buffered file it
+    does the same with ``peek``; on anything else each read asks for at most what the opcode
+    walk knows the pickle still needs (a frame whole; a line argument of protocols 0-1 a byte
+    at a time). So the next ``load_pickle`` (or ``pickle.load``) on the same file gets what
+    follows. ``EOFError`` if the input ends before the pickle starts,
+    :class:`IncompleteMessageError` if it ends inside it. A refused pickle
+    (:class:`MessageDroppedError`) was read whole: the next call reads the next one."""
+    from ._pickle_stream import MAX_READ, PickleDecoder
 
     decoder = PickleDecoder(trusted=trusted, allow=allow, limits=limits, persistent_load=persistent_load)
-    readinto = _readinto_for(file)
+    readinto: Callable[[memoryview], int | None]
+    if type(file) is socket.socket and file.type == socket.SOCK_STREAM:
+        peek = functools.partial(file.recv, MAX_READ, socket.MSG_PEEK)
+        readinto = file.recv_into
+    elif isinstance(file, io.BufferedReader):
+        peek = functools.partial(file.peek, MAX_READ)
+        readinto = file.readinto
+    else:
+        return _load_pickle_exactly(file, decoder, _readinto_for(file))
+    decoder.stop_after_one = True
+    take = _taker(readinto)
     while not decoder.pending:
-        target = decoder.get_buffer()
+        if decoder.wanted > 1:  # a literal's or a frame's known extent: read it, no peek needed
+            _read_some(file, decoder, readinto)
+            continue
         try:
-            n = readinto(target)
+            ahead = peek()
         except BlockingIOError as exc:
             raise _non_blocking(file) from exc
         except OSError as exc:
             if not decoder.in_pickle:
                 raise
-            raise IncompleteMessageError(f"reading failed inside a pickle ({exc})", received=0, expected=0) from exc
-        except (TypeError, ValueError) as exc:  # a closed file, or no callable readinto
-            raise UsageError(f"reading from the {_name(file)} failed: {exc!r}") from exc
-        if n is None:
-            raise _non_blocking(file)
-        decoder.buffer_updated(n)
-        if not n:
+            raise _read_failed(decoder, exc) from exc
+        if not ahead:
             decoder.feed_eof()  # raises IncompleteMessageError inside a pickle
             raise EOFError("the input ended before a pickle started")
+        decoder.feed(ahead)
+        try:
+            # exactly what the walk took: all of it inside the pickle, else up to its end
+            take(len(ahead) - decoder.overshoot if decoder.pending else len(ahead))
+        except OSError as exc:
+            raise _read_failed(decoder, exc) from exc
     return next(decoder)
+
+
+def _taker(readinto: Callable[[memoryview], int | None]) -> Callable[[int], None]:
+    """A function that consumes ``n`` bytes already peeked at, with ``readinto``."""
+
+    def take(n: int) -> None:
+        sink = memoryview(bytearray(min(n, 1 << 16) or 1))
+        while n > 0:
+            got = readinto(sink[: min(n, len(sink))])
+            if not got:
+                raise OSError("the input ended inside bytes it had shown to a peek")
+            n -= got
+
+    return take
+
+
+def _read_failed(decoder: Any, exc: OSError) -> IncompleteMessageError:
+    received, expected = decoder.progress
+    return IncompleteMessageError(
+        f"reading failed inside a pickle ({exc}): {received} of at least {expected} bytes had arrived",
+        received=received, expected=expected,
+    )
+
+
+def _load_pickle_exactly(file: Any, decoder: Any, readinto: Callable[[memoryview], int | None]) -> Any:
+    """``load_pickle`` without a peek: read at most what the walk knows the pickle needs."""
+    while not decoder.pending:
+        _read_some(file, decoder, readinto)
+    return next(decoder)
+
+
+def _read_some(file: Any, decoder: Any, readinto: Callable[[memoryview], int | None]) -> None:
+    """One read into the decoder's buffer, which never reaches past the current pickle."""
+    target = decoder.get_buffer()
+    try:
+        n = readinto(target)
+    except BlockingIOError as exc:
+        raise _non_blocking(file) from exc
+    except OSError as exc:
+        if not decoder.in_pickle:
+            raise
+        raise _read_failed(decoder, exc) from exc
+    except (TypeError, ValueError) as exc:  # a closed file, or no callable readinto
+        raise UsageError(f"reading from the {_name(file)} failed: {exc!r}") from exc
+    if n is None:
+        raise _non_blocking(file)
+    decoder.buffer_updated(n)
+    if not n:
+        decoder.feed_eof()  # raises IncompleteMessageError inside a pickle
+        raise EOFError("the input ended before a pickle started")
 
 
 def _readinto_for(file: Any) -> Any:

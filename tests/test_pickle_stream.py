@@ -164,15 +164,19 @@ def test_sync_load_pickle_from_a_producer_over_tcp(protocol: int) -> None:
         assert proc.wait(timeout=60) == 0
 
 
-def test_sync_load_pickle_on_a_pipe_and_a_buffered_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("buffering", [0, -1])  # a raw pipe (exact reads), a buffered one (peek)
+def test_sync_load_pickle_on_a_pipe_and_a_file(tmp_path: Path, buffering: int) -> None:
     read_end, write_end = os.pipe()
     with os.fdopen(write_end, "wb") as w:
         pickle.dump({"a": np.arange(3)}, w, protocol=0)
         pickle.dump([1, 2], w, protocol=5)
+        pickle.dump("x" * 20_000, w, protocol=1)
         w.write(b"rest")
-    with os.fdopen(read_end, "rb", buffering=0) as r:
+    with os.fdopen(read_end, "rb", buffering=buffering) as r:
+        assert isinstance(r, io.BufferedReader) == (buffering != 0)
         assert same(streampickle.sync.load_pickle(r), {"a": np.arange(3)})
         assert streampickle.sync.load_pickle(r) == [1, 2]
+        assert streampickle.sync.load_pickle(r) == "x" * 20_000
         assert r.read() == b"rest"
     path = tmp_path / "stream.pkl"
     with path.open("wb") as f:
@@ -184,6 +188,20 @@ def test_sync_load_pickle_on_a_pipe_and_a_buffered_file(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps(list(range(100)), protocol=1)[:-5])
     with path.open("rb") as f, pytest.raises(IncompleteMessageError):
         streampickle.sync.load_pickle(f)
+
+
+def test_sync_load_pickle_peeks_on_a_socket_and_takes_only_the_pickle() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        stream = (pickle.dumps({"k": [1.5, "v"]}, protocol=0) + pickle.dumps(np.arange(3), protocol=2)
+                  + b"\xffnot a pickle")
+        a.sendall(stream)
+        a.shutdown(socket.SHUT_WR)
+        assert streampickle.sync.load_pickle(b) == {"k": [1.5, "v"]}
+        assert same(streampickle.sync.load_pickle(b), np.arange(3))
+        assert b.recv(100) == b"\xffnot a pickle"
+        with pytest.raises(EOFError):
+            streampickle.sync.load_pickle(b)
 
 
 def test_async_load_pickle_leaves_what_follows() -> None:
