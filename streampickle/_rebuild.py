@@ -997,6 +997,13 @@ def _frombuffer(buffer: Any, dt: Any, shape: Any, order: Any) -> np.ndarray[Any,
     return _checked_array(dt, shape, order == "F", buffer)
 
 
+def _numpy_scalar(dt: Any, data: Any) -> Any:
+    """A numpy scalar as numpy pickles it, ``scalar(dtype, bytes)``: a 0-d array's checks."""
+    if type(data) is not bytes:
+        raise _bad(f"a numpy scalar's data must be bytes, not {_brief(data)}")
+    return _checked_array(dt, (), False, data)[()]
+
+
 def _ndarray_class() -> Any:
     raise _bad("numpy.ndarray is only an argument of numpy's _reconstruct")
 
@@ -1047,6 +1054,7 @@ pending_array = Rebuilder("pending_array", _pending_array, _ARRAY_ARGS, build=Tr
 pending_dtype = Rebuilder("pending_dtype", _pending_dtype, (STR, BOOL | INT, BOOL | INT), cost=_pending_dtype_cost,
                           build=True)
 frombuffer = Rebuilder("frombuffer", _frombuffer, (BYTES | _kinds.BYTEARRAY | BUFFER, _kinds.VALUE, _kinds.TUPLE, STR))
+numpy_scalar = Rebuilder("numpy_scalar", _numpy_scalar, (_kinds.VALUE, BYTES))
 codecs_encode = Rebuilder("codecs_encode", _codecs_encode, (STR, STR), result=BYTES)
 empty_bytes = Rebuilder("empty_bytes", _empty_bytes, (), result=BYTES)
 set_ = Rebuilder("set_", _set_of, (LIST,), cost=_set_cost)
@@ -1062,6 +1070,8 @@ STANDARD_NAMES: dict[str, Rebuilder] = {
     "numpy.dtype": pending_dtype,
     "numpy.core.numeric._frombuffer": frombuffer,
     "numpy._core.numeric._frombuffer": frombuffer,
+    "numpy.core.multiarray.scalar": numpy_scalar,
+    "numpy._core.multiarray.scalar": numpy_scalar,
     "_codecs.encode": codecs_encode,
     "builtins.bytes": empty_bytes,
     "__builtin__.bytes": empty_bytes,

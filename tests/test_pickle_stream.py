@@ -51,6 +51,7 @@ CATALOG = textwrap.dedent("""
             np.array([1, 2], dtype="datetime64[ns]"), np.array([True, False]),
             np.zeros((0, 3), dtype=np.complex64), np.arange(5, dtype=np.uint8)[::2],
             {"nested": {"arrays": [np.ones(4, dtype=np.float32), np.arange(3, dtype=np.int16)]}},
+            np.float64(2.5), np.int32(-7), np.str_("ü"), np.datetime64("2020-01-01", "ns"),
         ]
 """)
 namespace: dict[str, Any] = {}
@@ -402,3 +403,22 @@ def test_a_refused_global_names_its_opcode() -> None:
         next(_fed(b"\x80\x02cos\nsystem\n."))
     with pytest.raises(ForbiddenGlobalError, match="STACK_GLOBAL"):
         next(_fed(pickle.dumps(os.system, protocol=4)))
+
+
+class _FakeScalar:
+    """Pickles as numpy's scalar reducer would, with the parts given."""
+
+    def __init__(self, dt: Any, data: Any) -> None:
+        self.dt, self.data = dt, data
+
+    def __reduce__(self) -> Any:
+        return (np.float64(0).__reduce__()[0], (self.dt, self.data))
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_numpy_scalars_are_built_from_checked_parts(protocol: int) -> None:
+    assert next(_fed(pickle.dumps(_FakeScalar(np.dtype("f8"), b"\0" * 8), protocol=protocol))) == 0.0
+    for dt, data in [(np.dtype("f8"), b"\0" * 7), (np.dtype("U1"), b"\xff" * 4), (np.dtype("O"), b"\0" * 8),
+                     (np.dtype("f8"), "not bytes")]:
+        with pytest.raises(MalformedPickleError):
+            next(_fed(pickle.dumps(_FakeScalar(dt, data), protocol=protocol)))
