@@ -10,6 +10,7 @@ message in memory; :class:`PickleDecoder` reads plain ``pickle.dump`` streams (a
 safely; :mod:`streampickle.sync` reads and writes blocking files and sockets.
 :func:`shared_empty` and :func:`shared_copy` make arrays in shared memory, which a
 ``shared_memory=True`` Unix socket hands to a process on the same host without copying them.
+:class:`Progress` is what a ``progress=`` callback gets on long sends and receives.
 
 Loaded on first use, so that importing streampickle starts no I/O machinery (they are in
 ``__all__`` and ``dir()`` all the same): :class:`ObjectStream`, :func:`dump` and :func:`load`
@@ -45,6 +46,7 @@ from ._limits import Limits
 from ._mac import Key
 from ._pickle_stream import PickleDecoder
 from ._pool import BufferPool, buffer_pool
+from ._progress import Progress
 from ._shm import shared_copy, shared_empty
 from ._wire import VERSION as WIRE_VERSION
 
@@ -120,6 +122,7 @@ __all__ = [
     "ObjectStream",
     "ObjectStreamListener",
     "PickleDecoder",
+    "Progress",
     "ProtocolError",
     "StreamBrokenError",
     "StreamPickleError",
