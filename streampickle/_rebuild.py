@@ -952,9 +952,32 @@ def _dtype_from_state(descr: str, state: tuple[Any, ...]) -> np.dtype[Any]:
         raise _bad(f"a dtype state numpy refuses: {str(exc)[:200]}") from exc
     if made.hasobject:
         raise _bad("a dtype holding Python objects: object arrays are refused in safe mode")
+    _check_dtype_graph(made)
     if made.__reduce__()[1:] != ((descr, False, True), state):
         raise _bad(f"the dtype state of {descr!r} does not match the dtype it describes")
     return made
+
+
+def _check_dtype_graph(dt: np.dtype[Any]) -> None:
+    """Refuse a dtype nested more than 8 deep or of more than ``MAX_DESCR_NODES`` nodes,
+    counting a field dtype each time it is used, as the descriptors of streampickle's own
+    messages are bounded. A pickle can use one dtype as the field of many through its memo,
+    which makes a tree exponential in the pickle's size: numpy (hashing it, copying an array
+    of it) and ``descr_of`` walk it whole, and a deep one overflows numpy's C stack. The walk
+    stops at the first node past the bound."""
+    todo = [(dt, 0)]
+    nodes = 0
+    while todo:
+        current, depth = todo.pop()
+        nodes += 1
+        if nodes > MAX_DESCR_NODES or depth > _MAX_DESCR_DEPTH:
+            raise _bad(f"a dtype nested more than {_MAX_DESCR_DEPTH} deep or of more than {MAX_DESCR_NODES} "
+                       f"nodes (counting every use of a shared one)")
+        if current.subdtype is not None:
+            todo.append((current.subdtype[0], depth + 1))
+        elif current.names and current.fields is not None:
+            fields = current.fields
+            todo.extend((fields[name][0], depth + 1) for name in current.names)
 
 
 def _checked_array(dt: Any, shape: Any, fortran: bool, data: Any) -> np.ndarray[Any, Any]:

@@ -784,6 +784,11 @@ def _standard_op(op: int, start: int, pos: int, data: bytes | bytearray | memory
             raise Refused(start, f"{_NAMES[op]} on an empty stack")
         if index < 0:
             raise Refused(start, f"{_NAMES[op]}: a negative memo slot")
+        if index > len(memo):
+            # pickle's pickler numbers its memo slots densely, from 0; the C unpickler's memo is
+            # an array, which a sparse slot (2**28 in a 9-byte pickle) would grow to gigabytes.
+            raise Refused(start, f"{_NAMES[op]}: memo slot {index} skips slots never defined "
+                                 f"(the next one is {len(memo)})")
         memo[index] = stack[-1]
     elif op == _GET:
         line, pos = _line(data, pos, end, start, op)

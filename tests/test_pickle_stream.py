@@ -422,3 +422,47 @@ def test_numpy_scalars_are_built_from_checked_parts(protocol: int) -> None:
                      (np.dtype("f8"), "not bytes")]:
         with pytest.raises(MalformedPickleError):
             next(_fed(pickle.dumps(_FakeScalar(dt, data), protocol=protocol)))
+
+
+def _load_one(data: bytes) -> Any:
+    decoder = streampickle.PickleDecoder()
+    decoder.feed(data)
+    return next(decoder)
+
+
+@pytest.mark.parametrize("pickled", [b"\x80\x02Nr\x00\x00\x00\x10.", b"Np268435456\n.", b"\x80\x02Nq\x05."])
+def test_a_sparse_memo_slot_is_refused(pickled: bytes) -> None:
+    """pickle numbers memo slots densely; a sparse one would make the C unpickler's memo
+    array gigabytes long (a 9-byte pickle asking for 2**28 slots)."""
+    with pytest.raises(streampickle.MalformedPickleError, match="skips slots"):
+        _load_one(pickled)
+    assert _load_one(b"\x80\x02Nq\x00h\x00\x86q\x01.") == (None, None)  # dense slots load
+
+
+def _shared_dtype(levels: int, fields: int) -> np.dtype[Any]:
+    """A structured dtype whose every level uses the level below ``fields`` times."""
+    dt: np.dtype[Any] = np.dtype("i1")
+    for _ in range(levels):
+        names = [f"f{i}" for i in range(fields)]
+        dt = np.dtype({"names": names, "formats": [dt] * fields,
+                       "offsets": [i * dt.itemsize for i in range(fields)], "itemsize": fields * dt.itemsize})
+    return dt
+
+
+@pytest.mark.parametrize("levels, fields", [(21, 2), (7, 4), (12, 1)], ids=["deep-shared", "wide-shared", "deep"])
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_dtypes_too_deep_or_too_large_when_expanded_are_refused(levels: int, fields: int, protocol: int) -> None:
+    """A pickle can reuse one dtype as many fields through its memo: 1.6 KB that numpy and
+    descr_of would walk as two million fields, or a chain deep enough to overflow numpy's C
+    stack. Counted as streampickle's own descriptors are (every use of a shared one), they
+    are refused when the dtype is built, as an array's dtype, a dict key or on its own."""
+    dt = _shared_dtype(levels, fields)
+    for obj in (np.zeros((0,), dtype=dt), dt):
+        with pytest.raises(streampickle.MalformedPickleError, match="nested more than"):
+            _load_one(pickle.dumps(obj, protocol=protocol))
+    as_key = b"\x80\x02}" + pickle.dumps(dt, 2)[2:-1] + b"Ns."
+    with pytest.raises(streampickle.MalformedPickleError, match="nested more than"):
+        _load_one(as_key)
+    fine = _shared_dtype(3, 2)  # 15 nodes, 3 deep
+    got = _load_one(pickle.dumps(np.zeros(2, dtype=fine), protocol=protocol))
+    assert got.dtype == fine and got.shape == (2,)
