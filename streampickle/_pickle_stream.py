@@ -343,7 +343,8 @@ async def load_pickle(
     decoder = PickleDecoder(trusted=trusted, allow=allow, limits=limits, persistent_load=persistent_load)
     while not decoder.pending:
         try:
-            data = await stream.receive(decoder.wanted)
+            # At most MAX_READ: never ask a stream for a buffer the size a length field claims.
+            data = await stream.receive(max(1, min(decoder.wanted, MAX_READ)))
         except anyio.EndOfStream:
             if not decoder.in_pickle:
                 raise EOFError("the stream ended before a pickle started") from None
