@@ -936,7 +936,9 @@ def _dtype_from_state(descr: str, state: tuple[Any, ...]) -> np.dtype[Any]:
             code = descr
             if len(state) == 9:  # datetime64 / timedelta64: the unit is in the metadata
                 meta = state[8]
-                if (descr not in ("M8", "m8") or type(meta) is not tuple or len(meta) != 2 or meta[0] is not None
+                # numpy 2 writes (None, unit); numpy 1 writes ({}, unit)
+                if (descr not in ("M8", "m8") or type(meta) is not tuple or len(meta) != 2
+                        or not (meta[0] is None or (type(meta[0]) is dict and not meta[0]))
                         or type(meta[1]) is not tuple or len(meta[1]) != 4 or type(meta[1][0]) is not bytes
                         or type(meta[1][1]) is not int):
                     raise _bad("a dtype state's metadata is not a datetime unit")

@@ -154,15 +154,19 @@ def test_sync_load_pickle_from_a_producer_over_tcp(protocol: int) -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         proc = produce(protocol, f"tcp:{server.getsockname()[1]}")
         assert isinstance(proc, subprocess.Popen)
-        conn, _ = server.accept()
-        with conn:
-            for want in catalog():
-                assert same(streampickle.sync.load_pickle(conn), want)
-            rest = b""
-            while chunk := conn.recv(100):
-                rest += chunk
-        assert rest == b"TRAILER"  # nothing after each pickle was read
-        assert proc.wait(timeout=60) == 0
+        with proc:  # waited for even when an assertion fails, so no process outlives the test
+            try:
+                conn, _ = server.accept()
+                with conn:
+                    for want in catalog():
+                        assert same(streampickle.sync.load_pickle(conn), want)
+                    rest = b""
+                    while chunk := conn.recv(100):
+                        rest += chunk
+                assert rest == b"TRAILER"  # nothing after each pickle was read
+                assert proc.wait(timeout=60) == 0
+            finally:
+                proc.kill()
 
 
 @pytest.mark.parametrize("buffering", [0, -1])  # a raw pipe (exact reads), a buffered one (peek)
