@@ -246,15 +246,7 @@ class _Pickler(pickle.Pickler):
     paths don't cover (not for ints, floats, strs, bytes, lists, tuples, dicts, sets), so plain
     data costs nothing extra; the rest pays one dict lookup on its exact type."""
 
-    def reducer_override(self, obj: Any) -> Any:
-        reduce = _EXACT.get(type(obj))
-        if reduce is not None:
-            return reduce(obj)
-        if isinstance(obj, np.generic):
-            return _reduce_generic(obj)
-        if isinstance(obj, np.dtype):
-            return _reduce_dtype(obj)
-        return NotImplemented
+    reducer_override = staticmethod(_reduce_known)  # no bound-method frame on the hot path
 
 
 def _check_hooks(pickler_class: Any, dispatch_table: Any, persistent_id: Any) -> None:

@@ -38,7 +38,7 @@ from ._mac import Key
 from ._options import Options, options_for
 from ._stream import _fill, _transport_for
 
-__all__ = ["FileReader", "iter_load"]
+__all__ = ["FileReader", "iter_load", "read_failure"]
 
 
 class FileReader:
@@ -72,18 +72,8 @@ class FileReader:
         return not decoder.ended
 
     def read_failed(self, exc: OSError) -> BaseException:
-        """What to raise for a read that failed: the ``OSError`` itself between messages
-        (nothing was lost), :class:`IncompleteMessageError` inside one."""
-        decoder = self.decoder
-        if not decoder.in_message:
-            return exc
-        received, expected = decoder.progress
-        return IncompleteMessageError(
-            f"reading failed inside a message ({exc}): {received} of {expected} bytes had "
-            f"arrived, and the rest can't be read from this file any more.",
-            received=received,
-            expected=expected,
-        )
+        """What to raise for a read that failed (see :func:`read_failure`)."""
+        return read_failure(self.decoder, exc)
 
     def objects(self) -> Iterator[Any]:
         """The objects of the messages completed so far, in order. A message that fails to
@@ -91,6 +81,21 @@ class FileReader:
         decoder = self.decoder
         while decoder.pending:
             yield next(decoder)
+
+
+def read_failure(decoder: Decoder, exc: OSError) -> BaseException:
+    """What to raise for a read from a file that failed: the ``OSError`` itself between
+    messages (nothing was lost), :class:`IncompleteMessageError` inside one, since the rest of
+    that message can't be read any more. The blocking adapters share it."""
+    if not decoder.in_message:
+        return exc
+    received, expected = decoder.progress
+    return IncompleteMessageError(
+        f"reading failed inside a message ({exc}): {received} of {expected} bytes had "
+        f"arrived, and the rest can't be read from this file any more.",
+        received=received,
+        expected=expected,
+    )
 
 
 def iter_load(

@@ -27,7 +27,7 @@ from . import _fdpass, _shm
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, Encoder, drop_sent, sendable
 from ._errors import IncompleteMessageError, StreamPickleError, UsageError
-from ._files import FileReader
+from ._files import FileReader, read_failure
 from ._limits import Limits
 from ._mac import Key
 from ._options import options_for
@@ -161,15 +161,10 @@ def _load(file: Any, decoder: Decoder, readinto: Any) -> Any:
         except BlockingIOError as exc:  # a non-blocking socket with nothing to read
             raise _non_blocking(file) from exc
         except OSError as exc:
-            if not decoder.in_message:
+            failure = read_failure(decoder, exc)
+            if failure is exc:
                 raise
-            received, expected = decoder.progress
-            raise IncompleteMessageError(
-                f"reading failed inside a message ({exc}): {received} of {expected} bytes had "
-                f"arrived, and the rest can't be read from this file any more.",
-                received=received,
-                expected=expected,
-            ) from exc
+            raise failure from exc
         except (TypeError, ValueError) as exc:  # a closed file, or no callable readinto
             raise UsageError(f"reading from the {_name(file)} failed: {exc!r}") from exc
         try:
