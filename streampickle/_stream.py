@@ -53,7 +53,7 @@ import anyio.lowlevel
 from anyio.abc import ObjectStream as _AnyioObjectStream
 
 from . import _shm
-from ._anyio_compat import checkpoint_if_cancelled
+from ._anyio_compat import checkpoint_if_cancelled, notify_closing
 from ._budget import ALLOWANCE, Charge, MemoryBudget
 from ._decoder import Decoder
 from ._encoder import Encoder
@@ -62,7 +62,7 @@ from ._limits import Limits
 from ._mac import Key
 from ._options import Options, options_for
 from ._progress import ProgressCallback, ReceiveMeter, SendMeter, groups, step_for
-from ._stream_transports import slices
+from ._stream_transports import AsyncioTransport, slices
 from ._transports import (
     READ_AHEAD,
     SocketTransport,
@@ -457,6 +457,37 @@ class ObjectStream(_AnyioObjectStream[Any]):
             if self._shared_memory:
                 self._decoder.close_descriptors()  # no message can claim them any more
 
+    def abort(self) -> None:
+        """Close the stream and its channel at once, without waiting and without a goodbye:
+        for a ``Comm.abort`` or a ``finally`` that can't await. Blocked calls wake with
+        ``anyio.ClosedResourceError``; the peer sees the connection end (inside a message,
+        :class:`IncompleteMessageError`), and with a key it sees no authenticated end, as for
+        a cut connection. Small messages a burst of sends left to be written with the next
+        yield are dropped. Aborting a closed stream does nothing.
+
+        Synchronous, so it needs a channel that can be closed without awaiting:
+        streampickle's own sockets (``connect_*``, the listeners, :meth:`from_socket`),
+        anyio Unix streams on asyncio and anyio socket streams on trio, and asyncio stream
+        pairs. Other anyio streams (TLS, pipes, memory streams, anyio TCP on asyncio) raise
+        :class:`UsageError`, and are left open: close them with :meth:`aclose`."""
+        if self._closed:
+            return
+        transport = self._t
+        if not isinstance(transport, (SocketTransport, AsyncioTransport)):
+            raise UsageError(
+                f"abort() closes a channel without awaiting, which a {type(self.transport_stream).__name__} "
+                f"can't do: use 'await stream.aclose()' (or streampickle's own sockets: connect_tcp, "
+                f"connect_unix, the listeners, ObjectStream.from_socket)"
+            )
+        self._closed = True
+        if self._charge is not None:
+            self._charge.close()
+        try:
+            _abort_transport(transport)
+        finally:
+            if self._shared_memory:
+                self._decoder.close_descriptors()
+
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         return self._t.extra_attributes
@@ -473,6 +504,25 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 "an earlier send was interrupted after part of its message was written, so "
                 "the peer can't find the next message boundary: close this stream"
             ) from self._send_broken
+
+
+def _abort_transport(transport: SocketTransport | AsyncioTransport) -> None:
+    """The synchronous part of the transport's ``aclose``, without writing anything first:
+    blocked calls are woken (``ClosedResourceError``), what ``send_later`` took is dropped,
+    and the channel is closed (a socket under an anyio stream directly: its stream is never
+    awaited again)."""
+    transport._closed = True
+    if isinstance(transport, AsyncioTransport):
+        if transport.writer is not None:
+            transport.writer.transport.abort()
+        return
+    transport._wake_later_waiters(closed=True)
+    transport._wake_reader()
+    transport._drop_later(closed=True)
+    sock = transport.sock
+    if sock.fileno() >= 0:
+        notify_closing(sock)
+        sock.close()
 
 
 async def dump(
