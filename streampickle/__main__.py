@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dis_limit = args.dis_limit if args.dis else 0
     try:
         if args.pickle:
-            records: Any = _inspect.inspect_pickles(file, allow=args.allow, dis_limit=dis_limit)
+            records: Any = _inspect.inspect_pickles(file, allow=args.allow, dis_limit=dis_limit, limits=limits)
         else:
             records = _inspect.inspect_messages(file, key=key, limits=limits, allow=args.allow, dis_limit=dis_limit)
         return _report(records, "pickles" if args.pickle else "messages", args.json)
