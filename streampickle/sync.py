@@ -156,17 +156,7 @@ def _load(file: Any, decoder: Decoder, readinto: Any) -> Any:
     """``load``'s loop: read into the decoder's buffer until a message is complete."""
     while not decoder.pending:
         target = decoder.get_buffer()
-        try:
-            n = readinto(target)
-        except BlockingIOError as exc:  # a non-blocking socket with nothing to read
-            raise _non_blocking(file) from exc
-        except OSError as exc:
-            failure = read_failure(decoder, exc)
-            if failure is exc:
-                raise
-            raise failure from exc
-        except (TypeError, ValueError) as exc:  # a closed file, or no callable readinto
-            raise UsageError(f"reading from the {_name(file)} failed: {exc!r}") from exc
+        n = _read(file, functools.partial(readinto, target), functools.partial(read_failure, decoder))
         try:
             decoder.buffer_updated(n)  # refuses a count that is not an int within target
         except UsageError as exc:
@@ -237,17 +227,7 @@ def _iter_load(file: Any, reader: FileReader, readinto: Any) -> Iterator[Any]:
     more = True
     while more:
         target = reader.buffer()
-        try:
-            n = readinto(target)
-        except BlockingIOError as exc:
-            raise _non_blocking(file) from exc
-        except OSError as exc:
-            failure = reader.read_failed(exc)
-            if failure is exc:
-                raise
-            raise failure from exc
-        except (TypeError, ValueError) as exc:  # a closed file, or no callable readinto
-            raise UsageError(f"reading from the {_name(file)} failed: {exc!r}") from exc
+        n = _read(file, functools.partial(readinto, target), reader.read_failed)
         try:
             more = reader.took(n)
         except UsageError as exc:
@@ -301,14 +281,7 @@ def load_pickle(
         if decoder.wanted > 1:  # a literal's or a frame's known extent: read it, no peek needed
             _read_some(file, decoder, readinto)
             continue
-        try:
-            ahead = peek()
-        except BlockingIOError as exc:
-            raise _non_blocking(file) from exc
-        except OSError as exc:
-            if not decoder.in_pickle:
-                raise
-            raise _read_failed(decoder, exc) from exc
+        ahead = _read(file, peek, functools.partial(_pickle_read_failure, decoder))
         if not ahead:
             decoder.feed_eof()  # raises IncompleteMessageError inside a pickle
             raise EOFError("the input ended before a pickle started")
@@ -335,6 +308,11 @@ def _taker(readinto: Callable[[memoryview], int | None]) -> Callable[[int], None
     return take
 
 
+def _pickle_read_failure(decoder: Any, exc: OSError) -> BaseException:
+    """``read_failure`` for a pickle stream: ``exc`` itself before the pickle's first byte."""
+    return _read_failed(decoder, exc) if decoder.in_pickle else exc
+
+
 def _read_failed(decoder: Any, exc: OSError) -> IncompleteMessageError:
     received, expected = decoder.progress
     return IncompleteMessageError(
@@ -353,22 +331,32 @@ def _load_pickle_exactly(file: Any, decoder: Any, readinto: Callable[[memoryview
 def _read_some(file: Any, decoder: Any, readinto: Callable[[memoryview], int | None]) -> None:
     """One read into the decoder's buffer, which never reaches past the current pickle."""
     target = decoder.get_buffer()
-    try:
-        n = readinto(target)
-    except BlockingIOError as exc:
-        raise _non_blocking(file) from exc
-    except OSError as exc:
-        if not decoder.in_pickle:
-            raise
-        raise _read_failed(decoder, exc) from exc
-    except (TypeError, ValueError) as exc:  # a closed file, or no callable readinto
-        raise UsageError(f"reading from the {_name(file)} failed: {exc!r}") from exc
+    n = _read(file, functools.partial(readinto, target), functools.partial(_pickle_read_failure, decoder))
     if n is None:
         raise _non_blocking(file)
     decoder.buffer_updated(n)
     if not n:
         decoder.feed_eof()  # raises IncompleteMessageError inside a pickle
         raise EOFError("the input ended before a pickle started")
+
+
+def _read(file: Any, read: Callable[[], Any], failure: Callable[[OSError], BaseException]) -> Any:
+    """``read()`` (a ``readinto`` or a peek) with its errors made typed ones, for every read
+    loop here: a non-blocking file with nothing ready, and a closed or unreadable one, are the
+    caller's :class:`UsageError`; an ``OSError`` raises what ``failure`` makes of it (the error
+    itself when nothing was lost, else :class:`IncompleteMessageError` caused by it). What it
+    returns is not checked here: each loop's decoder judges the count."""
+    try:
+        return read()
+    except BlockingIOError as exc:  # a non-blocking socket with nothing to read
+        raise _non_blocking(file) from exc
+    except OSError as exc:
+        failed = failure(exc)
+        if failed is exc:
+            raise
+        raise failed from exc
+    except (TypeError, ValueError) as exc:  # a closed file, or no callable readinto
+        raise UsageError(f"reading from the {_name(file)} failed: {exc!r}") from exc
 
 
 def _readinto_for(file: Any) -> Any:

@@ -169,3 +169,105 @@ def test_a_side_chunk_over_4_gib_round_trips() -> None:
     assert out.shape == (size,) and out.flags.aligned
     assert (out[0], out[2**32 - 1], out[size - 1]) == (1, 2, 3)
     assert np.count_nonzero(out) == 3
+
+
+# -- what a failing read raises: the same for load, iter_load and load_pickle --------------------
+
+
+class Scripted:
+    """A binary file of ``data`` whose ``readinto`` does ``action`` once ``at`` bytes were read:
+    raises it (an exception) or returns it (anything else)."""
+
+    def __init__(self, data: bytes, at: int, action: object) -> None:
+        self.file = io.BytesIO(data)
+        self.at = at
+        self.action = action
+
+    def readinto(self, target: memoryview) -> object:
+        if self.file.tell() >= self.at:
+            if isinstance(self.action, BaseException):
+                raise self.action
+            return self.action
+        return self.file.readinto(target[: self.at - self.file.tell()])
+
+
+def _framed() -> bytes:
+    return streampickle.dumps({"a": np.arange(1000)})
+
+
+def _plain() -> bytes:
+    import pickle
+
+    return pickle.dumps({"a": list(range(1000))}, protocol=5)
+
+
+NOT_READY = "needs a blocking file or socket; this {} had no data ready"
+READERS = {
+    "load": (lambda f: sync.load(f), _framed, "message"),
+    "iter_load": (lambda f: list(sync.iter_load(f)), _framed, "message"),
+    "load_pickle": (lambda f: sync.load_pickle(f), _plain, "pickle"),
+}
+
+
+@pytest.fixture(params=sorted(READERS))
+def reader(request: pytest.FixtureRequest) -> tuple[object, bytes, str]:
+    read, data, unit = READERS[request.param]
+    return read, data(), unit
+
+
+def test_an_os_error_before_the_first_byte_is_raised_as_it_is(reader) -> None:
+    read, data, _ = reader
+    error = ConnectionResetError("reset by peer")
+    with pytest.raises(ConnectionResetError) as info:
+        read(Scripted(data, 0, error))
+    assert info.value is error
+
+
+def test_an_os_error_inside_is_incomplete_with_the_error_as_cause(reader) -> None:
+    read, data, unit = reader
+    error = OSError("disk on fire")
+    match = rf"reading failed inside a {unit} \(disk on fire\): 100 of "
+    with pytest.raises(streampickle.IncompleteMessageError, match=match) as info:
+        read(Scripted(data, 100, error))
+    assert info.value.__cause__ is error and info.value.received == 100
+
+
+def test_a_file_with_no_data_ready_is_refused(reader) -> None:
+    read, data, _ = reader
+    for action in (BlockingIOError(), None):  # raised, or readinto's None
+        with pytest.raises(streampickle.UsageError, match=NOT_READY.format("Scripted")):
+            read(Scripted(data, 50, action))
+
+
+def test_a_closed_file_is_refused(reader) -> None:
+    read, data, _ = reader
+    match = r"reading from the Scripted failed: ValueError\('I/O operation on closed file"
+    with pytest.raises(streampickle.UsageError, match=match):
+        read(Scripted(data, 50, ValueError("I/O operation on closed file.")))
+
+
+@pytest.mark.parametrize("name", ["load", "iter_load"])
+def test_a_readinto_returning_nonsense_is_refused(name: str) -> None:
+    read, data, _ = READERS[name]
+    match = r"Scripted.readinto\(\) returned a str of length 1 for a buffer of \d+ bytes; it must return how"
+    with pytest.raises(streampickle.UsageError, match=match):
+        read(Scripted(data(), 50, "x"))
+
+
+def test_a_non_blocking_socket_is_refused_by_every_reader() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        for read in (sync.load, lambda s: list(sync.iter_load(s)), sync.load_pickle):
+            with pytest.raises(streampickle.UsageError, match=NOT_READY.format("socket")):
+                read(b)
+
+
+def test_a_closed_buffered_file_is_refused_by_load_pickle_too(tmp_path) -> None:
+    path = tmp_path / "one.pkl"
+    path.write_bytes(_plain())
+    f = open(path, "rb")  # noqa: SIM115 - closed before use, on purpose
+    f.close()
+    for read in (sync.load, sync.load_pickle):  # load_pickle peeks at a BufferedReader
+        with pytest.raises(streampickle.UsageError, match="reading from the BufferedReader failed"):
+            read(f)
