@@ -63,6 +63,7 @@ from distributed.comm.core import (
 from distributed.comm.tcp import BaseTCPBackend
 from distributed.comm.utils import ensure_concrete_host, from_frames, to_frames
 
+from ._anyio_compat import notify_closing
 from ._errors import AuthenticationError, StreamPickleError, UsageError
 from ._mac import Key, MacName
 from ._pool import buffer_pool
@@ -127,8 +128,10 @@ def cluster_key() -> Key | None:
 
 def _configure_pool() -> None:
     """Bound the receive pool's idle memory from ``distributed.comm.sp.pool``."""
-    max_bytes = dask.config.get("distributed.comm.sp.pool.max-bytes", None) or _POOL_MAX_BYTES
-    max_idle = dask.config.get("distributed.comm.sp.pool.max-idle", None) or _POOL_MAX_IDLE
+    max_bytes = dask.config.get("distributed.comm.sp.pool.max-bytes", None)
+    max_idle = dask.config.get("distributed.comm.sp.pool.max-idle", None)
+    max_bytes = _POOL_MAX_BYTES if max_bytes is None else max_bytes  # 0 is a value: no pool
+    max_idle = _POOL_MAX_IDLE if max_idle is None else max_idle
     buffer_pool.configure(
         max_bytes=int(parse_bytes(max_bytes)) if isinstance(max_bytes, str) else int(max_bytes),
         max_idle=float(parse_timedelta(max_idle, default="seconds")),
@@ -331,7 +334,7 @@ class SPListener(BaseListener):
         self.comm_handler = comm_handler
         self.deserialize = deserialize
         self.allow_offload = allow_offload
-        self._listener: ObjectStreamListener | None = None
+        self._socket: socket.socket | None = None
         self._bound: tuple[str, int] | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -344,18 +347,23 @@ class SPListener(BaseListener):
         listener = await create_tcp_listener(
             local_host=host, local_port=int(self.port), backlog=backlog, key=cluster_key(), budget=None
         )
-        self._listener = listener
+        self._socket = listener.extra(SocketAttribute.raw_socket)
         host_port = listener.extra(SocketAttribute.local_address)
         self._bound = (str(host_port[0]), int(host_port[1]))
         self._accepting = asyncio.ensure_future(self._accept(listener))
 
     async def _accept(self, listener: ObjectStreamListener) -> None:
-        async with listener:
-            while True:
+        while True:
+            try:
                 stream = await listener.accept()
-                task = asyncio.ensure_future(self._handle(stream))
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
+            except anyio.ClosedResourceError:
+                return  # stopped
+            except OSError:
+                logger.exception("%s stops accepting connections", self.listen_address)
+                raise
+            task = asyncio.ensure_future(self._handle(stream))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
 
     async def _handle(self, stream: ObjectStream) -> None:
         peer = _address(self.prefix, stream.extra(SocketAttribute.remote_address))
@@ -376,7 +384,11 @@ class SPListener(BaseListener):
     def stop(self) -> None:
         accepting, self._accepting = self._accepting, None
         if accepting is not None:
-            accepting.cancel()  # its `async with` closes the socket
+            accepting.cancel()
+            # Closed here, not by the cancelled task: stop() must free the port before it returns.
+            if self._socket is not None and self._socket.fileno() >= 0:
+                notify_closing(self._socket)
+                self._socket.close()
 
     def get_host_port(self) -> tuple[str, int]:
         if self._bound is None:

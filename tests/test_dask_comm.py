@@ -1,0 +1,434 @@
+"""The sp:// comm backend against what dask.distributed expects of every comm: the behaviours
+dask checks for its own backends (client/server exchange, implicit and explicit close,
+connect timeouts, many listeners, (de)serialization, addresses, large messages, closing with
+a large message in flight), plus sp://'s own: the key, require-encryption, the entry point,
+safe loading of the frames and the receive pool's bounds. Real sockets, on asyncio (dask's
+event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+
+import anyio
+import dask
+from distributed.comm import CommClosedError, connect, listen, parse_address, parse_host_port
+from distributed.comm.registry import backends, get_backend
+from distributed.protocol import Serialized, deserialize, serialize, to_serialize
+from distributed.utils import get_ip
+
+import streampickle
+from streampickle import dask as sp_dask
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+
+async def comm_pair(address: str = "sp://127.0.0.1", **kwargs: Any) -> tuple[Any, Any]:
+    """A connected (client, server) pair of comms, handshake done."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def handle(comm: Any) -> None:
+        await queue.put(comm)
+
+    listen_args = kwargs.pop("listen_args", {})
+    connect_args = kwargs.pop("connect_args", {})
+    async with listen(address, handle, **listen_args, **kwargs) as listener:
+        client = await connect(listener.contact_address, **connect_args, **kwargs)
+    return client, await queue.get()
+
+
+# --- the exchange ---------------------------------------------------------------------------
+
+
+async def test_client_server_many_clients_at_once(anyio_backend: str) -> None:
+    seen: list[int] = []
+
+    async def handle(comm: Any) -> None:
+        try:
+            assert parse_address(comm.peer_address)[0] == "sp"
+            msg = await comm.read()
+            assert msg["op"] == "ping"
+            await comm.write({**msg, "op": "pong"})
+            assert (await comm.read())["op"] == "done"
+        finally:
+            await comm.close()
+
+    # Arguments a backend doesn't know are ignored, as by dask's own.
+    listener = await listen("sp://127.0.0.1", handle, xxx="bar")
+    try:
+        scheme, loc = parse_address(listener.listen_address)
+        host, port = parse_host_port(loc)
+        assert scheme == "sp" and host == "127.0.0.1" and 1023 < port < 65536
+        assert listener.contact_address == listener.listen_address
+
+        async def client(key: int, delay: float) -> None:
+            comm = await connect(listener.contact_address, xxx="foo")
+            try:
+                assert comm.peer_address == listener.contact_address
+                await comm.write({"op": "ping", "data": key})
+                await comm.write({"op": "done"})
+                await asyncio.sleep(delay)
+                assert await comm.read() == {"op": "pong", "data": key}
+                seen.append(key)
+            finally:
+                await comm.close()
+
+        await client(1234, 0)
+        await asyncio.gather(*(client(i, 0.05) for i in range(20)))
+        assert sorted(seen) == [*range(20), 1234]
+    finally:
+        listener.stop()
+
+
+async def test_a_wildcard_listener_gives_a_concrete_contact_address(anyio_backend: str) -> None:
+    async def handle(comm: Any) -> None:
+        await comm.write(await comm.read())
+        await comm.close()
+
+    for address, port in [("sp://", None), ("sp://0.0.0.0", None), ("sp://:0", None)]:
+        async with listen(address, handle) as listener:
+            listen_host, listen_port = parse_host_port(parse_address(listener.listen_address)[1])
+            contact_host, contact_port = parse_host_port(parse_address(listener.contact_address)[1])
+            assert listen_host == "0.0.0.0" and contact_host == get_ip()
+            assert listen_port == contact_port and (port is None or port == listen_port)
+            comm = await connect(listener.contact_address)
+            await comm.write("echo")
+            assert await comm.read() == "echo"
+            await comm.close()
+
+
+async def test_addresses_mirror_each_other(anyio_backend: str) -> None:
+    a, b = await comm_pair()
+    assert a.peer_address == b.local_address
+    assert a.local_address == b.peer_address
+    assert a.local_address.startswith("sp://127.0.0.1:")
+    assert "closed" not in repr(a)
+    a.abort()
+    b.abort()
+    assert a.closed() and b.closed() and "closed" in repr(a)
+
+
+async def test_many_listeners_get_distinct_addresses(anyio_backend: str) -> None:
+    async def handle(comm: Any) -> None:
+        pass
+
+    listeners = [await listen("sp://127.0.0.1", handle) for _ in range(100)]
+    try:
+        assert len({listener.listen_address for listener in listeners}) == 100
+        assert len({listener.contact_address for listener in listeners}) == 100
+    finally:
+        for listener in listeners:
+            listener.stop()
+
+
+async def test_connecting_to_nobody_times_out_with_an_oserror(anyio_backend: str) -> None:
+    async def handle(comm: Any) -> None:
+        pass
+
+    async with listen("sp://127.0.0.1", handle) as listener:
+        address = listener.contact_address
+    await asyncio.sleep(0.05)  # the listener's socket is closed by its accept task
+    with pytest.raises(OSError, match="Timed out trying to connect to sp://"):
+        await connect(address, timeout=0.3)
+
+
+async def test_a_stopped_listener_accepts_no_one(anyio_backend: str) -> None:
+    handled: list[Any] = []
+
+    async def handle(comm: Any) -> None:
+        handled.append(comm)
+
+    listener = await listen("sp://127.0.0.1", handle)
+    address = listener.contact_address
+    listener.stop()
+    await asyncio.sleep(0.05)
+    with pytest.raises(OSError):
+        await connect(address, timeout=0.3)
+    assert handled == []
+
+
+# --- closing --------------------------------------------------------------------------------
+
+
+async def test_closed_implicitly_by_the_server(anyio_backend: str) -> None:
+    async def handle(comm: Any) -> None:
+        await comm.close()
+
+    async with listen("sp://127.0.0.1", handle) as listener:
+        comm = await connect(listener.contact_address)
+        with pytest.raises(CommClosedError):
+            await comm.write({})
+            await comm.read()
+        assert comm.closed()
+
+        comm = await connect(listener.contact_address)
+        with pytest.raises(CommClosedError):
+            await comm.read()
+
+
+async def test_closed_explicitly_wakes_reads_on_both_ends(anyio_backend: str) -> None:
+    a, b = await comm_pair()
+    a_read = asyncio.ensure_future(a.read())
+    b_read = asyncio.ensure_future(b.read())
+    await asyncio.sleep(0.01)
+    await a.close()
+    with pytest.raises(CommClosedError):
+        await a_read
+    with pytest.raises(CommClosedError):
+        await b_read
+    for comm in (a, b):
+        with pytest.raises(CommClosedError):
+            await comm.read()
+        with pytest.raises(CommClosedError):
+            await comm.write({})
+    await b.close()
+    await b.close()  # twice: nothing
+
+
+async def test_a_cancelled_read_aborts_the_comm(anyio_backend: str) -> None:
+    # As dask's TCP comm: the caller can't know where the message stopped, so the comm goes.
+    a, b = await comm_pair()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(a.read(), 0.05)
+    assert a.closed()
+    with pytest.raises(CommClosedError):
+        await b.read()
+    await b.close()
+
+
+async def test_closing_with_a_large_message_in_flight(anyio_backend: str) -> None:
+    # The reader gets CommClosedError, never part of the array as a message.
+    a, b = await comm_pair()
+    big = np.arange(48 << 20, dtype=np.uint8)  # far more than the sockets' buffers
+    writing = asyncio.ensure_future(a.write({"x": to_serialize(big)}))
+    with anyio.fail_after(10):
+        while not a.stream._send_lock.locked():  # noqa: ASYNC110 - serialized (in a thread), now being sent
+            await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)  # the sockets' buffers fill up; nobody reads yet
+    assert not writing.done()
+    reading = asyncio.ensure_future(b.read())
+    await asyncio.sleep(0)  # the read takes what the buffers hold: part of the message
+    a.abort()
+    with pytest.raises(CommClosedError):
+        await writing
+    with pytest.raises(CommClosedError):
+        await reading
+    assert a.closed() and b.closed()
+
+
+async def test_a_dropped_comm_closes_its_socket(anyio_backend: str) -> None:
+    a, b = await comm_pair()
+    sock = a.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    del a
+    import gc
+
+    gc.collect()
+    assert sock.fileno() == -1
+    with pytest.raises(CommClosedError):
+        await b.read()
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+async def test_large_arrays_arrive_whole_exact_and_writable(anyio_backend: str) -> None:
+    a, b = await comm_pair()
+    try:
+        # Over dask's 64 MiB shard size, which its TCP comm would split and join again.
+        big = np.random.default_rng(0).integers(0, 2**63, size=(9 << 20) + 3, dtype=np.int64)
+        small = np.arange(10.0)
+        ro = np.arange(1000, dtype=np.int32)
+        ro.flags.writeable = False
+        # A write returns once the kernel has the bytes, so the peer reads meanwhile (as a
+        # dask server's read loop does).
+        msg = {"op": "data", "big": to_serialize(big), "small": to_serialize(small), "ro": to_serialize(ro)}
+        _, got = await asyncio.gather(a.write(msg), b.read())
+        assert got["op"] == "data"
+        np.testing.assert_array_equal(got["big"], big)
+        np.testing.assert_array_equal(got["small"], small)
+        np.testing.assert_array_equal(got["ro"], ro)
+        assert got["big"].flags.writeable and got["small"].flags.writeable
+        assert not got["ro"].flags.writeable
+        # Large bytes and a nested structure, back the other way.
+        blob = os.urandom(3 << 20)
+        # (msgpack gives sequences back as tuples, on every dask comm)
+        nested = {"op": "nested", "deep": (tuple({"k": (i, str(i))} for i in range(50)),), "blob": blob}
+        _, back = await asyncio.gather(b.write(nested), a.read())
+        assert back == nested
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_the_frames_go_out_of_band_only_when_large(anyio_backend: str) -> None:
+    small = b"x" * 100
+    large = b"y" * (sp_dask._IN_BAND + 1)
+    view = memoryview(bytearray(10))
+    out = [sp_dask._frame_out(f) for f in (small, large, view)]
+    assert out[0] is small
+    assert all(type(o).__name__ == "PickleBuffer" for o in out[1:])
+    # and what goes on the wire loads safely, frames back as bytes or writable memory
+    back = streampickle.loads(streampickle.dumps(out))
+    assert back[0] == small and bytes(back[1]) == large
+    assert isinstance(back[2], memoryview) and not back[2].readonly
+
+
+async def check_deserialize(deserialize_flag: bool, where: str) -> None:
+    """A message of Serialize and Serialized values, read with deserialize on or off, on the
+    listener's side or the connector's."""
+    blob = os.urandom(1 << 20) * 4
+    msg = {"op": "update", "x": blob, "to_ser": [to_serialize(123)], "ser": Serialized(*serialize(456)),
+           "big": (to_serialize(blob),)}
+    received: asyncio.Queue[Any] = asyncio.Queue()
+    done = asyncio.Event()
+
+    async def handle(comm: Any) -> None:
+        try:
+            if where == "listener":
+                await received.put(await comm.read())
+            else:
+                await comm.write(msg)
+                await done.wait()
+        finally:
+            await comm.close()
+
+    listen_flag = deserialize_flag if where == "listener" else True
+    connect_flag = deserialize_flag if where == "connector" else True
+    async with listen("sp://127.0.0.1", handle, deserialize=listen_flag) as listener:
+        comm = await connect(listener.contact_address, deserialize=connect_flag)
+    try:
+        if where == "listener":
+            await comm.write(msg)
+            out = await received.get()
+        else:
+            out = await comm.read()
+            done.set()
+    finally:
+        await comm.close()
+    assert out["op"] == "update" and out["x"] == blob
+    if deserialize_flag:
+        assert list(out["to_ser"]) == [123] and out["ser"] == 456
+        assert bytes(out["big"][0]) == blob
+    else:
+        assert isinstance(out["ser"], Serialized) and deserialize(out["ser"].header, out["ser"].frames) == 456
+        (to_ser,) = out["to_ser"]
+        assert deserialize(to_ser.header, to_ser.frames) == 123
+        (big,) = out["big"]
+        assert bytes(deserialize(big.header, big.frames)) == blob
+
+
+@pytest.mark.parametrize("where", ["listener", "connector"])
+@pytest.mark.parametrize("deserialize_flag", [True, False])
+async def test_deserialize_flag(anyio_backend: str, deserialize_flag: bool, where: str) -> None:
+    await check_deserialize(deserialize_flag, where)
+
+
+async def test_a_peer_that_sends_anything_but_frames_is_cut_off(anyio_backend: str) -> None:
+    handled: list[Any] = []
+
+    async def handle(comm: Any) -> None:
+        handled.append(comm)
+
+    async with listen("sp://127.0.0.1", handle) as listener:
+        host, port = parse_host_port(parse_address(listener.contact_address)[1])
+        async with await streampickle.connect_tcp(host, port) as raw:
+            await raw.receive()  # the listener's handshake
+            await raw.send({"not": "frames"})
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await raw.receive()
+    assert handled == []
+
+
+# --- sp://'s own: keys, encryption, the entry point, the pool --------------------------------
+
+
+async def test_the_same_key_on_both_ends_connects(anyio_backend: str) -> None:
+    with dask.config.set({"distributed.comm.sp.key": "cluster secret"}):
+        a, b = await comm_pair()
+    try:
+        assert a.stream._keyed and b.stream._keyed
+        await a.write({"op": "ping"})
+        assert await b.read() == {"op": "ping"}
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize(
+    ("server_key", "client_key"), [("right", None), ("right", "wrong"), (None, "right")]
+)
+async def test_a_peer_without_the_key_is_refused(anyio_backend: str, server_key: Any, client_key: Any) -> None:
+    handled: list[Any] = []
+
+    async def handle(comm: Any) -> None:
+        handled.append(comm)
+
+    with dask.config.set({"distributed.comm.sp.key": server_key}):
+        listener = await listen("sp://127.0.0.1", handle)
+    try:
+        with dask.config.set({"distributed.comm.sp.key": client_key}), pytest.raises(CommClosedError):
+            await connect(listener.contact_address, timeout=5)
+        await asyncio.sleep(0.05)
+        assert handled == []
+    finally:
+        listener.stop()
+
+
+async def test_the_key_comes_from_the_environment_too(anyio_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sp_dask.KEY_ENV, "from the environment")
+    with dask.config.set({"distributed.comm.sp.key": None}):
+        key = sp_dask.cluster_key()
+    assert key is not None
+    with dask.config.set({"distributed.comm.sp.key": "from config", "distributed.comm.sp.mac": "blake3"}):
+        pytest.importorskip("blake3")
+        assert sp_dask.cluster_key() is not None
+    monkeypatch.delenv(sp_dask.KEY_ENV)
+    with dask.config.set({"distributed.comm.sp.key": None}):
+        assert sp_dask.cluster_key() is None
+    with dask.config.set({"distributed.comm.sp.key": "k", "distributed.comm.sp.mac": "md5"}), \
+            pytest.raises(streampickle.UsageError, match=r"distributed\.comm\.sp\.mac"):
+        sp_dask.cluster_key()
+
+
+async def test_require_encryption_refuses_sp(anyio_backend: str) -> None:
+    async def handle(comm: Any) -> None:
+        pass
+
+    with pytest.raises(sp_dask.EncryptionRequiredError, match="require-encryption"):
+        listen("sp://127.0.0.1", handle, require_encryption=True)
+    async with listen("sp://127.0.0.1", handle) as listener:
+        with pytest.raises(sp_dask.EncryptionRequiredError, match="tls://"):
+            await connect(listener.contact_address, require_encryption=True)
+        with dask.config.set({"distributed.comm.require-encryption": True}), \
+                pytest.raises(sp_dask.EncryptionRequiredError):
+            await connect(listener.contact_address)
+
+
+async def test_dask_finds_the_backend_through_its_entry_point(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delitem(backends, "sp", raising=False)
+    backend = get_backend("sp")
+    assert isinstance(backend, sp_dask.SPBackend)
+    assert backend.resolve_address("localhost:80") == "127.0.0.1:80"
+    assert backend.get_address_host("127.0.0.1:80") == "127.0.0.1"
+
+
+async def test_the_backend_bounds_the_receive_pool(anyio_backend: str) -> None:
+    pool = streampickle.buffer_pool
+    saved = (pool.max_bytes, pool.max_idle)
+    try:
+        config = {"distributed.comm.sp.pool.max-bytes": "8 MiB", "distributed.comm.sp.pool.max-idle": "1s"}
+        with dask.config.set(config):
+            sp_dask.SPBackend()
+        assert (pool.max_bytes, pool.max_idle) == (8 << 20, 1.0)
+        sp_dask.SPBackend()
+        assert pool.max_bytes == 256 << 20
+    finally:
+        pool.configure(max_bytes=saved[0], max_idle=saved[1])
