@@ -14,7 +14,10 @@ it (``load_pickle``, ``streampickle.sync.load_pickle``) never reads a byte of th
 Bounds. A standard pickle is all in-band, so the bytes buffered for one pickle are bounded by
 ``Limits.max_pickle_size``: a frame or literal that declares more, or a pickle that grows past
 it, raises :class:`LimitExceededError` before more is buffered (as the framed decoder's
-pickle part is). The walk itself costs a bounded amount per input byte.
+pickle part is). The walk itself costs a bounded amount per input byte. What was fed and not
+yet iterated stays one buffer (the walk keeps a count of complete pickles and the end of the
+first, not an object per pickle), and a pickle is cut from it only when iteration asks: a
+feed of millions of two-byte pickles holds about the bytes fed, not millions of objects.
 
 Loading. Each complete pickle is loaded by the options' loader (``Loader.load_standard``):
 ``trusted=True`` is ``pickle.loads``; otherwise the typed verifier, extended to protocols 0-4,
@@ -28,7 +31,6 @@ stays broken.
 
 from __future__ import annotations
 
-import collections
 import pickletools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -79,6 +81,116 @@ def _arg_formats() -> dict[int, tuple[int, int, bool]]:
 _ARGS = _arg_formats()
 
 
+class _Cursor:
+    """Where a walk of one pickle stands: the state :meth:`advance` goes on from.
+
+    Offsets are into the decoder's buffer; ``rebase`` moves them when its front is cut off."""
+
+    __slots__ = ("start", "pos", "frame_end", "searched", "lines", "need", "stop", "steps")
+
+    def __init__(self, start: int) -> None:
+        self.steps = 0  # loop turns of every advance, for tests of the work per byte
+        self.reset(start)
+
+    def reset(self, start: int) -> None:
+        """A new pickle starting at ``start``."""
+        self.start = start
+        self.pos = start  # the next opcode not yet walked
+        self.frame_end = 0  # the end of the current frame (0: none)
+        self.searched = start  # where the newline search of a line argument goes on from
+        self.lines = 0  # newlines found for the current opcode's line arguments
+        self.need = start + 1  # the known extent: the pickle reaches at least this far
+        self.stop = -1  # the offset after STOP, once walked
+
+    def rebase(self, cut: int) -> None:
+        """The buffer lost its first ``cut`` bytes (all before ``start``)."""
+        self.start -= cut
+        self.pos -= cut
+        self.searched = max(0, self.searched - cut)
+        self.need -= cut
+        if self.frame_end:
+            self.frame_end -= cut
+        if self.stop >= 0:
+            self.stop -= cut
+
+    def advance(self, buf: bytearray, limit: int) -> int:
+        """Walk every opcode of this pickle whose bytes have all arrived. Return the offset
+        just past the pickle (its STOP, or the end of the frame around it) once it is
+        complete, else -1 (``need`` says how far it reaches). Raises :class:`ProtocolError`
+        for bytes that are not a pickle, :class:`LimitExceededError` past ``limit`` bytes."""
+        have = len(buf)
+        args = _ARGS
+        while True:
+            self.steps += 1
+            if self.stop >= 0:  # STOP walked; a frame around it is read whole first
+                end = max(self.stop, self.frame_end)
+                if have < end:
+                    self.need = end
+                    return -1
+                return end
+            pos = self.pos
+            if pos >= have:
+                self.need = pos + 1
+                return -1
+            op = buf[pos]
+            spec = args.get(op)
+            if spec is None:
+                raise ProtocolError(
+                    f"byte {pos - self.start} of a pickle is not a pickle opcode ({op:#04x}): the stream is "
+                    "not a sequence of pickles, or the producer is broken")
+            form, width, signed = spec
+            if form == _FIXED or form == _STOP:
+                end = pos + 1 + width
+            elif form == _LINES:
+                found = self.lines
+                search = max(self.searched, pos + 1)  # bytes before it were searched already
+                while found < width:
+                    nl = buf.find(b"\n", search)
+                    if nl < 0:
+                        break
+                    found += 1
+                    search = nl + 1
+                if found < width:
+                    self.lines, self.searched = found, have
+                    self.need = have + 1
+                    self._check_size(have + 1, limit)
+                    return -1
+                end = search
+                self.lines, self.searched = 0, end
+            else:  # PREFIX or FRAME: the length comes first
+                if have < pos + 1 + width:
+                    self.need = pos + 1 + width
+                    return -1
+                size = int.from_bytes(buf[pos + 1 : pos + 1 + width], "little", signed=signed)
+                if size < 0:
+                    raise ProtocolError(
+                        f"byte {pos - self.start} of a pickle: an opcode declares a negative length ({size})")
+                end = pos + 1 + width + (size if form == _PREFIX else 0)
+                if form == _FRAME:
+                    self._check_size(end + size, limit)
+                    self.frame_end = end + size
+            self._check_size(end, limit)
+            if have < end:
+                self.need = max(end, self.frame_end)
+                return -1
+            self.pos = end
+            if form == _STOP:
+                self.stop = end
+
+    def _check_size(self, end: int, limit: int) -> None:
+        """Refuse a pickle that would reach ``end`` in the buffer, if that is over the limit."""
+        if end - self.start > limit:
+            raise LimitExceededError(
+                f"a pickle needs more than Limits.max_pickle_size={limit} bytes (at least "
+                f"{end - self.start}); raise the limit with limits=Limits(max_pickle_size=...) if the "
+                "producer legitimately sends pickles this large")
+
+
+#: Consumed bytes kept at the front of the buffer before it is compacted: at most this many,
+#: or as many as remain after them (so compacting costs at most a copy per byte consumed).
+_COMPACT_AT = 1 << 16
+
+
 class PickleDecoder:
     """Decodes a byte stream of concatenated standard pickles (protocols 0-5, with or without
     ``FRAME``), fed in any split. No I/O; not thread-safe.
@@ -92,6 +204,12 @@ class PickleDecoder:
     The interface is :class:`Decoder`'s: :meth:`feed`, iteration, :attr:`pending`,
     :meth:`get_buffer` / :meth:`buffer_updated`, :meth:`feed_eof`. A pickle refused in safe
     mode raises its :class:`MessageDroppedError` from ``next()``, and the next pickle follows.
+
+    Memory: what was fed and not yet iterated is kept as one buffer, and a pickle is cut from
+    it (one copy, the bytes the loader reads) only when iteration asks for it. So a feed of
+    millions of tiny pickles holds about the bytes fed, not an object per pickle: the walk
+    keeps only a count of complete pickles and where the first one ends, and finds the next
+    one's end by walking it again (each byte is walked at most twice).
     """
 
     def __init__(
@@ -111,24 +229,17 @@ class PickleDecoder:
         self._loader = options.loader
         self._max = options.limits.max_pickle_size
         self._buf = bytearray()
-        self._ready: collections.deque[bytes] = collections.deque()
+        self._head = 0  # where the first pickle not yet iterated starts in the buffer
+        self._ready = 0  # complete pickles from _head on
+        self._first_end = 0  # where the first of them ends (when _ready)
+        self._walk_at = _Cursor(0)  # the walk of the first incomplete pickle
+        self._cut_at = _Cursor(0)  # the walk that finds the next complete pickle's end again
         self._failure: StreamPickleError | None = None
         self._scratch = bytearray()
         self._handed = 0  # the length of the last get_buffer view
         #: Stop walking once a pickle is complete (a reader that fed bytes it only peeked at, to
         #: consume exactly the pickle's bytes: see ``overshoot``).
         self.stop_after_one = False
-        self._new_pickle(0)
-
-    def _new_pickle(self, start: int) -> None:
-        """The walk's state for a pickle starting at ``start`` in the buffer."""
-        self._start = start
-        self._pos = start  # the next opcode not yet walked
-        self._frame_end = 0  # the end of the current frame (0: none)
-        self._searched = start  # where the newline search of a line argument goes on from
-        self._lines = 0  # newlines found for the current opcode's line arguments
-        self._need = start + 1  # the known extent: the pickle reaches at least this far
-        self._stop = -1  # the offset after STOP, once walked
 
     # -- public API -------------------------------------------------------------------------
 
@@ -172,15 +283,14 @@ class PickleDecoder:
         """Bytes the current pickle certainly still needs (at least 1): what a reader may
         read without reading past it. Without frames, an opcode's argument at a time; a line
         argument (protocols 0-1) a byte at a time; a frame whole."""
-        return max(1, self._need - len(self._buf))
+        return max(1, self._walk_at.need - len(self._buf))
 
     def feed_eof(self) -> None:
         """Say the input ended. Raises :class:`IncompleteMessageError` if it ended inside a
         pickle; pickles already complete can still be iterated."""
         self._check_usable()
-        received = len(self._buf) - self._start
+        received, expected = self.progress
         if received:
-            expected = max(self._need, len(self._buf)) - self._start
             raise self._fail(IncompleteMessageError(
                 f"the stream ended inside a pickle: {received} bytes of it had arrived and at least "
                 f"{expected} were needed. The producer closed the connection or died mid-pickle.",
@@ -194,7 +304,7 @@ class PickleDecoder:
         """The next complete object. Stops when more input is needed; raises the error of a
         pickle that was refused (it is dropped, the next one follows)."""
         if self._ready:
-            return self._loader.load_standard(self._ready.popleft())
+            return self._loader.load_standard(self._cut())
         if self._failure is not None:
             raise self._failure
         raise StopIteration
@@ -202,24 +312,24 @@ class PickleDecoder:
     @property
     def pending(self) -> int:
         """How many complete pickles are waiting to be loaded by iteration."""
-        return len(self._ready)
+        return self._ready
 
     @property
     def overshoot(self) -> int:
         """Once a ``stop_after_one`` decoder has a complete pickle: the bytes fed beyond its
         end (unwalked). A reader that fed bytes it only peeked at consumes all but these."""
-        return len(self._buf) - self._start
+        return len(self._buf) - self._walk_at.start
 
     @property
     def progress(self) -> tuple[int, int]:
         """(bytes of the current pickle that arrived, bytes it is known to need so far)."""
-        start = self._start
-        return len(self._buf) - start, max(self._need, len(self._buf)) - start
+        cursor = self._walk_at
+        return len(self._buf) - cursor.start, max(cursor.need, len(self._buf)) - cursor.start
 
     @property
     def in_pickle(self) -> bool:
         """True if part of a pickle has arrived and the rest has not."""
-        return len(self._buf) > self._start
+        return len(self._buf) > self._walk_at.start
 
     @property
     def failed(self) -> bool:
@@ -237,89 +347,60 @@ class PickleDecoder:
         return error
 
     def _walk(self) -> None:
-        """Walk every opcode whose bytes have all arrived, from where the last walk stopped."""
+        """Walk every opcode whose bytes have all arrived, from where the last walk stopped;
+        count the pickles it completes."""
+        cursor = self._walk_at
         buf = self._buf
-        have = len(buf)
-        args = _ARGS
         while not (self.stop_after_one and self._ready):
-            if self._stop >= 0:  # STOP walked; a frame around it is read whole first
-                end = max(self._stop, self._frame_end)
-                if have < end:
-                    self._need = end
-                    break
-                with memoryview(buf) as view:  # one copy, into the bytes the loader keeps
-                    self._ready.append(bytes(view[self._start : end]))
-                self._new_pickle(end)
-                continue
-            pos = self._pos
-            if pos >= have:
-                self._need = pos + 1
+            try:
+                end = cursor.advance(buf, self._max)
+            except StreamPickleError as exc:
+                raise self._fail(exc) from None
+            if end < 0:
                 break
-            op = buf[pos]
-            spec = args.get(op)
-            if spec is None:
-                raise self._fail(ProtocolError(
-                    f"byte {pos - self._start} of a pickle is not a pickle opcode ({op:#04x}): the stream is "
-                    "not a sequence of pickles, or the producer is broken"))
-            form, width, signed = spec
-            if form == _FIXED or form == _STOP:
-                end = pos + 1 + width
-            elif form == _LINES:
-                found = self._lines
-                search = max(self._searched, pos + 1)  # bytes before it were searched already
-                while found < width:
-                    nl = buf.find(b"\n", search)
-                    if nl < 0:
-                        break
-                    found += 1
-                    search = nl + 1
-                if found < width:
-                    self._lines, self._searched = found, have
-                    self._need = have + 1
-                    self._check_size(have + 1)
-                    break
-                end = search
-                self._lines, self._searched = 0, end
-            else:  # PREFIX or FRAME: the length comes first
-                if have < pos + 1 + width:
-                    self._need = pos + 1 + width
-                    break
-                size = int.from_bytes(buf[pos + 1 : pos + 1 + width], "little", signed=signed)
-                if size < 0:
-                    raise self._fail(ProtocolError(
-                        f"byte {pos - self._start} of a pickle: an opcode declares a negative length ({size})"))
-                end = pos + 1 + width + (size if form == _PREFIX else 0)
-                if form == _FRAME:
-                    self._check_size(end + size)
-                    self._frame_end = end + size
-            self._check_size(end)
-            if have < end:
-                self._need = max(end, self._frame_end)
-                break
-            self._pos = end
-            if form == _STOP:
-                self._stop = end
-        start = self._start
-        if self.stop_after_one:
-            return  # the reader reads the offsets (overshoot) and drops the decoder
-        if start and (start >= 1 << 16 or start == have) and start * 2 >= have:
-            del buf[:start]  # at a pickle boundary: every offset of the walk is rebased
-            self._start = 0
-            self._pos -= start
-            self._searched = max(0, self._searched - start)
-            self._need -= start
-            if self._frame_end:
-                self._frame_end -= start
-            if self._stop >= 0:
-                self._stop -= start
+            if not self._ready:
+                self._first_end = end
+            self._ready += 1
+            cursor.reset(end)
+        self._compact()
 
-    def _check_size(self, end: int) -> None:
-        """Refuse a pickle that would reach ``end`` in the buffer, if that is over the limit."""
-        if end - self._start > self._max:
-            raise self._fail(LimitExceededError(
-                f"a pickle needs more than Limits.max_pickle_size={self._max} bytes (at least "
-                f"{end - self._start}); raise the limit with limits=Limits(max_pickle_size=...) if the "
-                "producer legitimately sends pickles this large"))
+    @property
+    def _steps(self) -> int:
+        """Turns of both walks' loops so far (tests bound the work per input byte with it)."""
+        return self._walk_at.steps + self._cut_at.steps
+
+    def _cut(self) -> bytes:
+        """Take the first complete pickle out of the buffer (one copy, which the loader reads)
+        and find where the next one ends, if one is complete."""
+        head, end = self._head, self._first_end
+        with memoryview(self._buf) as view:
+            data = bytes(view[head:end])
+        self._head = end
+        self._ready -= 1
+        if self._ready:
+            cursor = self._cut_at
+            cursor.reset(end)
+            self._first_end = cursor.advance(self._buf, self._max)  # walked once already: complete
+            assert self._first_end > end
+        if not self.stop_after_one:
+            self._compact()
+        return data
+
+    def _compact(self) -> None:
+        """Drop the consumed front of the buffer once it is as large as the rest (or it is all
+        there is): each byte is moved at most once per time the buffer halves, so the copies
+        are linear in the input, and the buffer holds at most twice what is not yet
+        consumed, plus ``_COMPACT_AT``."""
+        head = self._head
+        if self.stop_after_one or not head:
+            return
+        size = len(self._buf)
+        if (head >= _COMPACT_AT or head == size) and head * 2 >= size:
+            del self._buf[:head]  # every offset of the walks is rebased
+            self._head = 0
+            self._walk_at.rebase(head)
+            if self._ready:
+                self._first_end -= head
 
 
 async def load_pickle(

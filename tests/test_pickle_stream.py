@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +318,47 @@ def test_huge_declared_lengths_are_refused_before_buffering() -> None:
         decoder.feed(binbytes8)
     with pytest.raises(LimitExceededError):  # the failure sticks
         decoder.feed(b"N.")
+
+
+def test_one_feed_of_many_tiny_pickles_holds_about_the_bytes_fed() -> None:
+    # A red-team find: 20 MiB of b"N." in one feed held a bytes object per pickle (RSS +585 MiB).
+    # The decoder keeps one buffer and cuts a pickle only when iteration asks for it.
+    count = 1 << 16
+    data = b"N." * count
+    decoder = PickleDecoder()
+    tracemalloc.start()
+    try:
+        decoder.feed(data)
+        after_feed = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert after_feed <= 2 * len(data) + (64 << 10)  # before: about 45 bytes per pickle
+    assert decoder.pending == count
+    held = 0
+    for i, obj in enumerate(decoder):
+        assert obj is None
+        if i % 1024 == 0:
+            held = max(held, sys.getsizeof(decoder._buf))
+    assert held <= 2 * len(data) + (64 << 10)
+    assert decoder.pending == 0 and not decoder.in_pickle and len(decoder._buf) == 0
+    # work: each pickle is walked twice (once as fed, once when cut), a few loop turns each
+    assert decoder._steps <= 4 * len(data)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_buffer_is_compacted_while_a_pickle_is_half_fed(protocol: int) -> None:
+    one = pickle.dumps({"k": list(range(50)), "s": "x" * 100}, protocol=protocol)
+    data = one * (3 * (1 << 16) // len(one) + 3)
+    decoder = PickleDecoder()
+    got = 0
+    for i in range(0, len(data), 5003):  # splits that fall inside pickles, iterated between
+        decoder.feed(data[i : i + 5003])
+        for obj in decoder:
+            assert obj == pickle.loads(one)
+            got += 1
+        assert len(decoder._buf) <= 2 * (len(decoder._buf) - decoder._head) + (64 << 10)
+    decoder.feed_eof()
+    assert got == len(data) // len(one)
 
 
 def test_limits_bound_each_pickle() -> None:
