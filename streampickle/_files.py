@@ -24,6 +24,7 @@ iterator, :func:`iter_load`; ``streampickle.sync.iter_load`` is the blocking one
 
 from __future__ import annotations
 
+import operator
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
@@ -36,7 +37,9 @@ from ._errors import IncompleteMessageError, StreamPickleError, UsageError
 from ._limits import Limits
 from ._mac import Key
 from ._options import Options, options_for
+from ._progress import ProgressCallback, ReceiveMeter
 from ._stream import _fill, _transport_for
+from ._transport_api import READ_AHEAD
 
 __all__ = ["FileReader", "iter_load", "read_failure"]
 
@@ -47,25 +50,55 @@ class FileReader:
     The caller's loop reads into :meth:`buffer`, reports the count with :meth:`took` (which
     says whether to read again) and takes the completed objects from :meth:`objects`, before
     it reads again and also when :meth:`took` raised (messages completed before a broken one
-    come first)."""
+    come first).
 
-    __slots__ = ("decoder",)
+    With a ``progress`` callback the reads are the same (read-ahead between messages, a side
+    chunk's own memory inside one), but a read inside a message stops at the next reporting
+    step, and what a read-ahead brought goes through the meter (``ReceiveMeter.feed``), which
+    gives each message its own exact events."""
 
-    def __init__(self, options: Options) -> None:
+    __slots__ = ("decoder", "_meter", "_ahead", "_staged")
+
+    def __init__(self, options: Options, progress: ProgressCallback | None = None) -> None:
         self.decoder = Decoder(options=options, stream=False)
+        self._meter = ReceiveMeter(progress) if progress is not None else None
+        self._ahead: memoryview | None = None  # read-ahead memory of a reader with a meter
+        self._staged = False  # the last buffer() was that memory
 
     def buffer(self) -> memoryview:
         """Where the next bytes go: read-ahead memory between messages, else the current
         part's own memory (a side chunk's final place)."""
-        return self.decoder.get_buffer(read_ahead=True)
+        decoder = self.decoder
+        meter = self._meter
+        if meter is None:
+            return decoder.get_buffer(read_ahead=True)
+        self._staged = not decoder.in_message and not decoder.ended
+        if self._staged:
+            if self._ahead is None:
+                self._ahead = memoryview(bytearray(READ_AHEAD))
+            return self._ahead
+        return decoder.get_buffer()[: meter.limit(decoder)]
 
     def took(self, nbytes: int) -> bool:
         """``nbytes`` were read into the last :meth:`buffer`; 0 is the end of the file. False
         when there is nothing more to read: the file ended between messages, or at a keyed
         stream's authenticated end. Raises :class:`IncompleteMessageError` for an end inside
-        a message, and the decoder's errors for broken bytes."""
+        a message, and the decoder's errors for broken bytes; with a progress callback, what
+        the callback raises (the bytes read are in the decoder by then)."""
         decoder = self.decoder
-        decoder.buffer_updated(nbytes)  # UsageError for a count that is not an int in the buffer
+        meter = self._meter
+        if meter is None:
+            decoder.buffer_updated(nbytes)  # UsageError for a count that is not an int in the buffer
+        elif self._staged:
+            ahead = self._ahead
+            nbytes = _count(nbytes, ahead)
+            if nbytes and ahead is not None:
+                meter.feed(decoder, ahead[:nbytes])
+        else:
+            expected, pending = decoder.progress[1], decoder.pending
+            decoder.buffer_updated(nbytes)
+            if nbytes:
+                meter.after(decoder, expected, decoder.pending > pending)
         if not nbytes:
             decoder.feed_eof()  # raises inside a message
             return False
@@ -81,6 +114,22 @@ class FileReader:
         decoder = self.decoder
         while decoder.pending:
             yield next(decoder)
+
+
+def _count(nbytes: Any, target: memoryview | None) -> int:
+    """``nbytes`` as a count of bytes read into ``target``, or :class:`UsageError`, as
+    ``Decoder.buffer_updated`` judges one."""
+    try:
+        n = operator.index(nbytes)
+    except TypeError:
+        n = -1
+    size = 0 if target is None else len(target)
+    if not 0 <= n <= size:
+        raise UsageError(
+            f"a read into {size} bytes of read-ahead memory returned a {type(nbytes).__name__} "
+            f"out of 0..{size}; it must return how many bytes it wrote there"
+        )
+    return n
 
 
 def read_failure(decoder: Decoder, exc: OSError) -> BaseException:

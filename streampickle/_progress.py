@@ -26,6 +26,7 @@ This module is part of the sans-IO core: no I/O, no event loop.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -132,14 +133,19 @@ class ReceiveMeter:
     has declared so far (so that one read never completes two messages and each message's
     total is exact) and, once reported, up to the next threshold. ``after`` reports what the
     read brought; it sets its state before calling the callback, so a callback that raises
-    leaves it consistent (that event is not repeated; the next read carries on)."""
+    leaves it consistent (that event is not repeated; the next read carries on).
 
-    __slots__ = ("callback", "count", "_next")
+    A reader that reads ahead (a run of small messages in one read) hands what it read to
+    :meth:`feed` instead, which gives it to the decoder in the same pieces that ``limit``
+    would have allowed, so the events are those of exact reads, without their system calls."""
+
+    __slots__ = ("callback", "count", "_next", "_due")
 
     def __init__(self, callback: ProgressCallback, count: int = 0) -> None:
         self.callback = callback
         self.count = count  # messages completed: the index of the one in progress
         self._next = -1  # where the next report is due; -1 until the first one
+        self._due: collections.deque[Progress] = collections.deque()  # events fed, not yet delivered
 
     def limit(self, decoder: Decoder) -> int:
         received, expected = decoder.progress
@@ -150,21 +156,55 @@ class ReceiveMeter:
         """Report the read that just happened. ``expected_before`` is ``decoder.progress[1]``
         before it: when the read completed the message, that is its size, since the read
         could not reach past what was declared then."""
+        event = self._account(decoder, expected_before, completed)
+        if event is not None:
+            self._due.append(event)
+        self.deliver()
+
+    def feed(self, decoder: Decoder, data: memoryview) -> None:
+        """``decoder.feed(data)`` for bytes read ahead, past the message in progress and maybe
+        through several: fed in pieces that end where ``limit`` says, each accounted as an
+        exact read would be. Every byte is in the decoder before the first callback runs, so
+        a callback that raises loses no byte; the events it didn't get yet come first at the
+        next :meth:`deliver`. If the decoder refuses a piece (broken bytes), the events of
+        the messages completed before it are delivered, then its error is raised."""
+        view = data
+        try:
+            while view:
+                expected = decoder.progress[1]
+                pending = decoder.pending
+                piece = max(1, self.limit(decoder))
+                decoder.feed(view[:piece])
+                view = view[piece:]
+                event = self._account(decoder, expected, decoder.pending > pending)
+                if event is not None:
+                    self._due.append(event)
+        finally:
+            self.deliver()
+
+    def deliver(self) -> None:
+        """Call the callback with each event that is due, in order."""
+        due = self._due
+        while due:
+            self.callback(due.popleft())
+
+    def _account(self, decoder: Decoder, expected_before: int, completed: bool) -> Progress | None:
+        """The state after a read, and the event it is due, if any."""
         if completed:
             index = self.count
             self.count += 1
             self._next = -1
-            self.callback(Progress("receive", expected_before, expected_before, index))
-            return
+            return Progress("receive", expected_before, expected_before, index)
         if not decoder.in_message:
             self._next = -1  # a message that carries no object (a keyed stream's end)
-            return
+            return None
         if decoder.in_header:
-            return
+            return None
         received, expected = decoder.progress
-        if received >= self._next:
-            if self._next < 0 and expected <= MIN_STEP:
-                self._next = expected  # a small message: only its end is reported
-                return
-            self._next = received + step_for(expected)
-            self.callback(Progress("receive", received, expected, self.count))
+        if received < self._next:
+            return None
+        if self._next < 0 and expected <= MIN_STEP:
+            self._next = expected  # a small message: only its end is reported
+            return None
+        self._next = received + step_for(expected)
+        return Progress("receive", received, expected, self.count)
