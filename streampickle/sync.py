@@ -31,6 +31,7 @@ from ._files import FileReader, read_failure
 from ._limits import Limits
 from ._mac import Key
 from ._options import options_for
+from ._progress import ProgressCallback, ReceiveMeter, SendMeter, groups, step_for
 from ._transports import NO_SIGNAL, not_unix
 
 __all__ = ["dump", "iter_load", "load", "load_pickle"]
@@ -45,6 +46,7 @@ def dump(
     pickler_class: type[pickle.Pickler] | None = None,
     dispatch_table: Mapping[type, Any] | None = None,
     persistent_id: Callable[[Any], Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> None:
     """Write one message carrying ``obj`` to a blocking binary file, pipe or socket.
 
@@ -53,6 +55,14 @@ def dump(
     ``key``), arrays made with :func:`shared_empty` go as shared memory instead of bytes; the
     reader's ``load`` must pass it too. ``pickler_class``, ``dispatch_table`` and
     ``persistent_id`` are pickle's hooks, as :class:`Encoder` takes them.
+
+    ``progress``: a function called with a :class:`Progress` as the async ``dump`` calls it
+    (message 0): before the first byte (``done == 0``; not for a message of at most 64 KiB),
+    after each step of 1% of the message (at most 64 MiB, at least 64 KiB) and once all of
+    it was written (and the file flushed). It runs in the calling thread; what it raises
+    comes out of ``dump``: from the first event, nothing was written; from the last, all of
+    it was; from one in between, part of the message was, so the file or socket holds an
+    incomplete message (close it, or truncate the file).
     """
     if shared_memory:
         _shared_socket(file, key)
@@ -60,9 +70,22 @@ def dump(
         key=key, stream=False, shared_memory=shared_memory,
         pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
     ).encode(obj)
-    if isinstance(file, socket.socket):
-        send_chunks(file, chunks)
-        return
+    send = functools.partial(send_chunks, file) if isinstance(file, socket.socket) else functools.partial(_write, file)
+    meter = SendMeter(progress) if progress is not None else None
+    total = 0
+    if meter is None:
+        send(chunks)
+    else:
+        total = _send_reporting(send, chunks, meter)
+    flush = getattr(file, "flush", None)
+    if flush is not None:
+        flush()
+    if meter is not None:
+        meter.end(total)  # written whole: a callback that raises here leaves the message intact
+
+
+def _write(file: BinaryIO, chunks: list[Chunk]) -> None:
+    """``dump`` to a file: each chunk written whole, unjoined."""
     write = file.write
     for chunk in chunks:
         view = memoryview(chunk)
@@ -71,9 +94,22 @@ def dump(
             if n is None:
                 raise BlockingIOError("streampickle.sync.dump needs a blocking file")
             view = view[n:]
-    flush = getattr(file, "flush", None)
-    if flush is not None:
-        flush()
+
+
+def _send_reporting(send: Callable[[list[Chunk]], None], chunks: list[Chunk], meter: SendMeter) -> int:
+    """``send(chunks)`` in groups of one reporting step, with the message's first event and
+    one after each group but the last, as the async adapters send it; returns the message's
+    size, for its last event. A message carrying descriptors goes whole: they must go with
+    its first byte, and its bytes are few."""
+    total = sum(memoryview(chunk).nbytes for chunk in chunks)
+    meter.begin(total)
+    done = 0
+    for group in [chunks] if _shm.descriptors_of(chunks) else groups(chunks, step_for(total)):
+        send(group)
+        done += sum(memoryview(chunk).nbytes for chunk in group)
+        if done < total:
+            meter.step(done, total)
+    return total
 
 
 def send_chunks(sock: socket.socket, chunks: list[Chunk]) -> None:
@@ -116,6 +152,7 @@ def load(
     limits: Limits | None = None,
     shared_memory: bool = False,
     persistent_load: Callable[[Any], Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Any:
     """Read exactly one message from a blocking binary file, pipe or socket and return its
     object. Raises ``EOFError`` if the input ends cleanly before the message starts (or, with
@@ -138,24 +175,36 @@ def load(
     ``key``), take arrays the writer's ``dump(..., shared_memory=True)`` handed over as shared
     memory; without it such a message is refused (:class:`ProtocolError`). Descriptors that
     no message claimed are closed before ``load`` returns or raises. ``persistent_load``:
-    pickle's hook, as :class:`Decoder` takes it."""
+    pickle's hook, as :class:`Decoder` takes it.
+
+    ``progress``: a function called with a :class:`Progress` as the async ``load`` calls it
+    (message 0): once the header and length table arrived (not for a message of at most 64
+    KiB), at least every 1% of the message (at most 64 MiB, at least 64 KiB: each read stops
+    there) and once all of it arrived, before it is unpickled. It runs in the calling thread;
+    what it raises comes out of ``load``, and the rest of the message is left unread."""
     options = options_for(trusted, allow, key, limits, persistent_load)
+    meter = ReceiveMeter(progress) if progress is not None else None
     if shared_memory:
         sock = _shared_socket(file, key)
         decoder = Decoder(options=options, stream=False, shared_memory=True)
         try:
             receive = functools.partial(_fdpass.receive_into, sock, decoder=decoder, bounded=True)
-            return _load(sock, decoder, receive)
+            return _load(sock, decoder, receive, meter)
         finally:
             decoder.close_descriptors()
     decoder = Decoder(options=options, stream=False)
-    return _load(file, decoder, _readinto_for(file))
+    return _load(file, decoder, _readinto_for(file), meter)
 
 
-def _load(file: Any, decoder: Decoder, readinto: Any) -> Any:
-    """``load``'s loop: read into the decoder's buffer until a message is complete."""
+def _load(file: Any, decoder: Decoder, readinto: Any, meter: ReceiveMeter | None = None) -> Any:
+    """``load``'s loop: read into the decoder's buffer until a message is complete. With a
+    meter, each read stops where the next event is due, and reports after it."""
+    expected = 0
     while not decoder.pending:
         target = decoder.get_buffer()
+        if meter is not None:
+            expected = decoder.progress[1]
+            target = target[: meter.limit(decoder)]
         n = _read(file, functools.partial(readinto, target), functools.partial(read_failure, decoder))
         try:
             decoder.buffer_updated(n)  # refuses a count that is not an int within target
@@ -169,6 +218,8 @@ def _load(file: Any, decoder: Decoder, readinto: Any) -> Any:
         if not n:  # an int now: buffer_updated took it
             decoder.feed_eof()  # raises IncompleteMessageError inside a message
             raise EOFError("the input ended before a message started")
+        if meter is not None:
+            meter.after(decoder, expected, decoder.pending > 0)
         if decoder.ended:
             raise EOFError("the peer ended the stream (its authenticated end of stream)")
     return next(decoder)
@@ -182,6 +233,7 @@ def iter_load(
     key: bytes | Key | None = None,
     limits: Limits | None = None,
     persistent_load: Callable[[Any], Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Iterator[Any]:
     """Iterate over the objects of every message in a blocking binary file (or pipe, or
     socket), in order: ``for obj in sync.iter_load(f): ...`` reads back a file written by
@@ -207,6 +259,11 @@ def iter_load(
     ``Encoder`` ends at its ``encode_end()``, but its sequence numbers are not checked here
     either: to check them, feed the file to a ``Decoder(key=k)``, which reads it as a stream.
 
+    ``progress``: a function called with a :class:`Progress` for each message, as
+    :func:`load` calls it, with ``message`` counting the file's messages from 0. The
+    read-ahead stays: what one read brought is accounted message by message. What the
+    callback raises comes out of the iteration, which ends there.
+
     Options and the file are checked by this call, before iterating (:class:`UsageError`).
     """
     options = options_for(trusted, allow, key, limits, persistent_load)
@@ -215,7 +272,7 @@ def iter_load(
         raise UsageError(
             f"streampickle.sync.iter_load reads a file opened in binary mode (\"rb\"), not a {_name(file)}"
         )
-    reader = FileReader(options)
+    reader = FileReader(options, progress)
     readinto = getattr(file, "readinto1", None)  # one read: a pipe doesn't wait to fill the buffer
     if readinto is None or isinstance(file, socket.socket):
         readinto = _readinto_for(file)

@@ -3,12 +3,14 @@ backend, and what a callback that cancels or raises leaves behind."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -388,3 +390,254 @@ async def test_shared_memory_message_reports_its_wire_bytes() -> None:
     totals = check(send, "send", 2)
     assert check(receive, "receive", 2) == totals
     assert totals[0] < MIN_STEP  # the shared array's bytes don't travel: a few dozen do
+
+
+# -- the blocking adapter: streampickle.sync ----------------------------------------------------
+
+
+def sync_pair(nbytes: int, reader: Callable[[Any, Recorder], Any]) -> tuple[Recorder, Recorder, Any, int]:
+    """One array of ``nbytes`` from ``sync.dump`` in a thread to ``reader`` over a real
+    socketpair, each end with a recorder; returns them, what was read and the wire size."""
+    from streampickle import sync
+
+    send, receive = Recorder(), Recorder()
+    big = array(nbytes, 9)
+    a, b = socket.socketpair()
+    with a, b:
+
+        def dump() -> None:
+            sync.dump(big, a, progress=send)
+            a.shutdown(socket.SHUT_WR)  # the end of the input, for iter_load
+
+        sender = threading.Thread(target=dump)
+        sender.start()
+        try:
+            got = reader(b, receive)
+        finally:
+            sender.join()
+    assert np.array_equal(got, big)
+    return send, receive, got, len(streampickle.dumps(big))
+
+
+def test_sync_dump_and_load_over_a_socketpair() -> None:
+    from streampickle import sync
+
+    send, receive, _, size = sync_pair(16 * MiB, lambda s, r: sync.load(s, progress=r))
+    (sent,) = check(send, "send", 1)
+    (received,) = check(receive, "receive", 1)
+    assert sent == received == size  # header, pickle and side chunk: every byte on the wire
+    step = step_for(size)
+    # the sender reports exactly every step, from 0; the receiver at least as often
+    assert [e.done for e in send.events] == [*range(0, size, step), size]
+    assert len(receive.events) >= size // step + 1
+    assert receive.events[0].done < MIN_STEP  # its header and length table
+
+
+@pytest.mark.heavy
+def test_sync_200_mib_over_a_socketpair() -> None:
+    from streampickle import sync
+
+    send, receive, _, size = sync_pair(200 * MiB, lambda s, r: sync.load(s, progress=r))
+    assert check(send, "send", 1) == check(receive, "receive", 1) == [size]
+    assert len(send.events) == len(range(0, size, step_for(size))) + 1 >= 101
+
+
+def test_sync_iter_load_over_a_socketpair() -> None:
+    from streampickle import sync
+
+    def read(sock: socket.socket, recorder: Recorder) -> Any:
+        (obj,) = list(sync.iter_load(sock, progress=recorder))  # up to the sender's shutdown
+        return obj
+
+    send, receive, _, size = sync_pair(3 * MiB, read)
+    assert check(send, "send", 1) == check(receive, "receive", 1) == [size]
+
+
+def test_sync_over_a_pipe_both_ends() -> None:
+    from streampickle import sync
+
+    send, receive = Recorder(), Recorder()
+    items = [array(3 * MiB, 1), {"small": 1}, array(MiB, 2)]
+    r, w = os.pipe()
+    with open(r, "rb", buffering=0) as rf, open(w, "wb", buffering=0) as wf:
+        sender = threading.Thread(target=lambda: [sync.dump(o, wf, progress=send) for o in items])
+        sender.start()
+        got = [sync.load(rf, progress=receive) for _ in items]
+        sender.join()
+    assert np.array_equal(got[0], items[0]) and got[1] == items[1] and np.array_equal(got[2], items[2])
+    # each dump and each load is message 0 of its own call, as the async dump and load are
+    sizes = [len(streampickle.dumps(o)) for o in items]
+    for recorder, direction in ((send, "send"), (receive, "receive")):
+        per_call = split_calls(recorder.events)
+        assert [check_message(events, direction) for events in per_call] == sizes
+    assert len(split_calls(receive.events)[1]) == 1  # a small message: its end only
+
+
+def split_calls(events: list[Progress]) -> list[list[Progress]]:
+    """Events of consecutive one-message calls, split at each message's last event."""
+    calls: list[list[Progress]] = [[]]
+    for event in events:
+        assert event.message == 0
+        calls[-1].append(event)
+        if event.done == event.total:
+            calls.append([])
+    assert not calls[-1]
+    return calls[:-1]
+
+
+def test_sync_files_every_reader_reports_the_same_messages(tmp_path: Any) -> None:
+    from streampickle import sync
+
+    items = [array(5 * MiB, 3), "small", array(70_000, 4), array(2 * MiB, 5)]
+    path = tmp_path / "log.sp"
+    send = Recorder()
+    offsets = [0]
+    with open(path, "wb") as f:
+        for obj in items:
+            sync.dump(obj, f, progress=send)
+            offsets.append(f.tell())
+    sizes = [b - a for a, b in itertools.pairwise(offsets)]  # what each dump wrote
+    assert [check_message(events, "send") for events in split_calls(send.events)] == sizes
+
+    loads = Recorder()
+    with open(path, "rb") as f:
+        for obj in items:
+            assert_equal(sync.load(f, progress=loads), obj)
+    assert [check_message(events, "receive") for events in split_calls(loads.events)] == sizes
+
+    for buffering in (-1, 0):  # buffered (readinto1) and raw
+        iterated = Recorder()
+        with open(path, "rb", buffering=buffering) as f:
+            for got, obj in zip(sync.iter_load(f, progress=iterated), items, strict=True):
+                assert_equal(got, obj)
+        assert check(iterated, "receive", len(items)) == sizes  # numbered through the file
+
+
+def assert_equal(got: Any, expected: Any) -> None:
+    if isinstance(expected, np.ndarray):
+        assert np.array_equal(got, expected)
+    else:
+        assert got == expected
+
+
+class CountingFile(io.RawIOBase):
+    """A real file whose reads are counted."""
+
+    def __init__(self, path: Any) -> None:
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed with this one
+        self.reads = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        self.reads += 1
+        n: int = self.file.readinto(target)
+        return n
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def test_sync_iter_load_reads_ahead_with_progress_too(tmp_path: Any) -> None:
+    """A run of small messages costs one read per read-ahead buffer, with or without
+    progress=, and each message still gets its own exact last event."""
+    from streampickle import sync
+
+    items = [{"step": i, "state": np.full(4, i)} for i in range(2000)] + [array(MiB, 6)]
+    path = tmp_path / "small.sp"
+    offsets = [0]
+    with open(path, "wb") as f:
+        for obj in items:
+            sync.dump(obj, f)
+            offsets.append(f.tell())
+    reads = []
+    recorder = Recorder()
+    for progress in (None, recorder):
+        with CountingFile(path) as f:
+            got = list(sync.iter_load(f, progress=progress))
+        assert len(got) == len(items) and np.array_equal(got[-1], items[-1])
+        reads.append(f.reads)
+    sizes = [b - a for a, b in itertools.pairwise(offsets)]
+    assert check(recorder, "receive", len(items)) == sizes
+    assert len(recorder.events) > len(items)  # the last message has steps
+    without, with_progress = reads
+    # the small messages: the same reads; the 1 MiB one: one read per 64 KiB step at most
+    assert with_progress <= without + MiB // MIN_STEP + 1
+    assert without < 50  # read ahead, not read per message
+
+
+def test_sync_keyed_message_counts_its_tag() -> None:
+    from streampickle import sync
+
+    send, receive = Recorder(), Recorder()
+    f = io.BytesIO()
+    sync.dump(array(2 * MiB, 7), f, key=b"secret", progress=send)
+    f.seek(0)
+    assert np.array_equal(sync.load(f, key=b"secret", progress=receive), array(2 * MiB, 7))
+    assert check(send, "send", 1) == check(receive, "receive", 1) == [len(f.getvalue())]
+
+
+def test_sync_shared_memory_message_reports_its_wire_bytes() -> None:
+    from streampickle import sync
+
+    send, receive = Recorder(), Recorder()
+    shared = streampickle.shared_empty(8 * MiB, dtype=np.uint8)
+    shared[:] = 7
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        sync.dump(shared, a, shared_memory=True, progress=send)
+        got = sync.load(b, shared_memory=True, progress=receive)
+    assert np.array_equal(got, shared)
+    (total,) = check(send, "send", 1)
+    assert check(receive, "receive", 1) == [total] and total < MIN_STEP
+
+
+def test_sync_dump_callback_raising() -> None:
+    """First event: nothing written; last event: all of it; one between: a prefix, which the
+    reader sees as an incomplete message."""
+    from streampickle import sync
+
+    big = array(2 * MiB, 8)
+
+    def raising_at(index: int) -> Recorder:
+        def fail(event: Progress) -> None:
+            raise Stop
+
+        return Recorder(fail, at=index)
+
+    first = io.BytesIO()
+    with pytest.raises(Stop):
+        sync.dump(big, first, progress=raising_at(0))
+    assert first.getvalue() == b""
+
+    last = io.BytesIO()
+    recorder = Recorder()
+    sync.dump(big, io.BytesIO(), progress=recorder)
+    with pytest.raises(Stop):
+        sync.dump(big, last, progress=raising_at(len(recorder.events) - 1))
+    last.seek(0)
+    assert np.array_equal(sync.load(last), big)
+
+    midway = io.BytesIO()
+    with pytest.raises(Stop):
+        sync.dump(big, midway, progress=raising_at(3))
+    assert len(midway.getvalue()) == 3 * step_for(len(last.getvalue()))
+    midway.seek(0)
+    with pytest.raises(IncompleteMessageError):
+        sync.load(midway)
+
+
+def test_sync_load_and_iter_load_callback_raising_comes_out() -> None:
+    from streampickle import sync
+
+    data = streampickle.dumps(array(2 * MiB, 9)) * 2
+
+    def fail(event: Progress) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        sync.load(io.BytesIO(data), progress=Recorder(fail, at=2))
+    with pytest.raises(Stop):
+        list(sync.iter_load(io.BytesIO(data), progress=Recorder(fail, at=40)))
