@@ -49,6 +49,9 @@ _STRING_OPS = frozenset({
 _OPCODES = {ord(op.code): op for op in pickletools.opcodes}
 _PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 _GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+#: The string opcodes whose literals the verifiers take as a STACK_GLOBAL's module and name.
+_NAME_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"})
+
 
 @dataclass
 class GlobalUse:
@@ -111,6 +114,14 @@ class _Skipped:
 
     def __init__(self, length: int, head: bytes) -> None:
         self.length, self.head = length, head
+
+
+class _Quoted(str):
+    """A string literal of a text opcode (``STRING``, ``UNICODE``...): known to the walk, but
+    never a name part to the verifiers, which read a STACK_GLOBAL's name only from
+    ``_NAME_OPS`` literals."""
+
+    __slots__ = ()
 
 
 class _Name:
@@ -249,10 +260,9 @@ class Walk:
     def _model(self, op: pickletools.OpcodeInfo, arg: Any, pos: int) -> None:
         name = op.name
         if name in _STRING_OPS:
-            if isinstance(arg, str):
-                self._push(self._keep(arg))
-            elif isinstance(arg, bytes):  # protocol 0-2 strings: str in Python 3 (ASCII)
-                self._push(self._keep(arg.decode("latin-1")))
+            if isinstance(arg, (str, bytes)):  # protocol 0-2 strings are bytes: str in Python 3 (ASCII)
+                kept = self._keep(arg if isinstance(arg, str) else arg.decode("latin-1"))
+                self._push(_Quoted(kept) if isinstance(kept, str) and name not in _NAME_OPS else kept)
             else:
                 self._push(None)
         elif name == "MEMOIZE" or name in _PUT_OPS:
@@ -270,8 +280,9 @@ class Walk:
         elif name == "STACK_GLOBAL":
             qualname, module = self._pop(), self._pop()
             known = isinstance(module, str) and isinstance(qualname, str)
+            quoted = isinstance(module, _Quoted) or isinstance(qualname, _Quoted)
             found = _Name(module, qualname) if known else _Name(None, None)
-            self._note(found, name, pos, None if known else self._unknown_why(module, qualname))
+            self._note(found, name, pos, None if known and not quoted else self._unknown_why(module, qualname))
             self._push(found)
         elif name in ("GLOBAL", "INST"):
             found = _split_global(arg)
@@ -306,6 +317,9 @@ class Walk:
     def _unknown_why(module: Any, qualname: Any) -> str:
         if isinstance(module, _Long) or isinstance(qualname, _Long):
             return f"a name part over {NAME_CAP} characters, which no allowlist holds"
+        if isinstance(module, _Quoted) or isinstance(qualname, _Quoted):
+            return ("its module and name are spelled with STRING or UNICODE literals, and the safe loader "
+                    "reads a STACK_GLOBAL's name only from SHORT_BINUNICODE, BINUNICODE or BINUNICODE8 ones")
         return "its module and name are not two str literals (directly or through the memo)"
 
     def _note(self, found: _Name, opcode: str, pos: int, unknown: str | None) -> None:

@@ -218,3 +218,20 @@ def test_a_pickle_over_max_pickle_size_is_an_error_where_the_decoder_stops(tmp_p
                              str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "--max-pickle-size" in result.stderr
     assert all(r.ok for r in inspect_pickles(io.BytesIO(data)))  # under the default limit
+
+
+def test_a_stack_global_spelled_with_text_literals_is_refused_as_the_verifier_refuses_it() -> None:
+    """STACK_GLOBAL's name from UNICODE lines: pickle loads it, the safe loaders never do (even
+    with the name allowed), and the inspector says so for the global, not only for the pickle."""
+    data = b"\x80\x04Vcollections\nVOrderedDict\n\x93)R."
+    assert type(pickle.loads(data)) is collections.OrderedDict  # our own bytes: the premise
+    for allow in ((), ["collections.OrderedDict"]):
+        decoder = streampickle.PickleDecoder(allow=allow)
+        decoder.feed(data)
+        with pytest.raises(streampickle.MalformedPickleError, match="STACK_GLOBAL"):
+            next(decoder)
+        info = inspected(data, allow=allow)
+        (use,) = info.globals
+        assert use.full_name == "collections.OrderedDict"
+        assert use.refused is not None and "SHORT_BINUNICODE" in use.refused
+        assert info.verdict is not None and "STACK_GLOBAL" in info.verdict
