@@ -3,7 +3,8 @@ the work is in ``_inspect``.
 
 ``python -m streampickle inspect FILE`` (``-`` for standard input) lists each message of a
 captured stream without unpickling anything; ``--pickle`` reads concatenated standard pickles
-instead. Exit status 0 when everything is well formed, 1 when something isn't (the listing and
+instead, judged as ``PickleDecoder`` judges them (``--max-pickle-size`` bounds each, as it
+bounds a message's pickle part). Exit status 0 when everything is well formed, 1 when something isn't (the listing and
 standard error say where), 2 for usage errors.
 """
 

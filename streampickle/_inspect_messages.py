@@ -67,6 +67,7 @@ class MessageRecord:
 
 
 def mac_name(flags: int) -> MacName:
+    """The MAC a keyed message's flags name."""
     if flags & _wire.FLAG_BLAKE3:
         return "blake3"
     return "poly1305" if flags & _wire.FLAG_POLY1305 else "hmac-sha256"
