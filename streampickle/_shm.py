@@ -186,16 +186,24 @@ class _Registry:
                 del self._starts[i]
                 del self._entries[i]
 
-    def find(self, address: int, length: int) -> tuple[int, int, Any] | None:
+    def find(self, spans: list[tuple[int, int]]) -> list[tuple[int, int, Any] | None]:
+        """For each (address, length), the file it lies in: descriptor, offset, mapping; or
+        None. A run of spans in one file (a message's views of one buffer) costs one search."""
+        found: list[tuple[int, int, Any] | None] = []
+        start = end = 0
+        entry: tuple[int, int, int, weakref.ref[Any]] | None = None
         with self._lock:
-            i = bisect.bisect(self._starts, address) - 1
-            if i < 0:
-                return None
-            start, end, fd, ref = self._entries[i]
-        mapping = ref()
-        if mapping is None or address + length > end:
-            return None
-        return fd, address - start, mapping
+            for address, length in spans:
+                if entry is None or not start <= address < end:
+                    i = bisect.bisect(self._starts, address) - 1
+                    entry = self._entries[i] if i >= 0 else None
+                    start, end = (entry[0], entry[1]) if entry is not None else (0, 0)
+                mapping = entry[3]() if entry is not None else None
+                if mapping is None or not length or address + length > end:
+                    found.append(None)
+                else:
+                    found.append((entry[2], address - start, mapping))  # type: ignore[index]
+        return found
 
 
 _REGISTRY = _Registry()
@@ -285,13 +293,13 @@ def shared_copy(array: Any) -> np.ndarray[Any, Any]:
     return out
 
 
-def find(view: memoryview) -> tuple[int, int, Any] | None:
-    """Where a contiguous buffer lies if it is in one of this process's shared files: the
+def find(views: list[memoryview]) -> list[tuple[int, int, Any] | None]:
+    """Where each contiguous buffer lies if it is in one of this process's shared files: the
     file's descriptor, the buffer's offset in it, and the mapping (to keep alive until the
-    descriptor is sent). None for any other memory."""
-    if not AVAILABLE or not view.nbytes:
-        return None
-    return _REGISTRY.find(_address(view), view.nbytes)
+    descriptor is sent). None for any other memory, and for an empty buffer."""
+    if not AVAILABLE:
+        return [None] * len(views)
+    return _REGISTRY.find([(_address(view), view.nbytes) for view in views])
 
 
 def _address_py(view: memoryview) -> int:
@@ -362,19 +370,21 @@ def map_received(fd: int, ranges: Sequence[tuple[int, int]]) -> list[memoryview]
     closes ``fd``: the mappings don't need it."""
     _check_received(fd, max(ranges, key=sum, default=(0, 0)))
     views: list[memoryview | None] = [None] * len(ranges)
-    order = sorted((i for i, (_, length) in enumerate(ranges) if length), key=lambda i: ranges[i][0])
+    # (offset, end, index) of each non-empty range, by offset.
+    spans = sorted([(offset, offset + length, i) for i, (offset, length) in enumerate(ranges) if length])
     k = 0
-    while k < len(order):
+    while k < len(spans):
         # A run: the next ranges by offset whose first page is inside the run or right after it.
-        offset, length = ranges[order[k]]
+        offset, end, _ = spans[k]
         start = offset - offset % _PAGE
-        stop = _page_end(offset + length)
+        stop = _page_end(end)
         run = k + 1
-        while run < len(order):
-            offset, length = ranges[order[run]]
+        while run < len(spans):
+            offset, end, _ = spans[run]
             if offset - offset % _PAGE > stop:  # a page no range announced lies between
                 break
-            stop = max(stop, _page_end(offset + length))
+            if end > stop:
+                stop = _page_end(end)
             run += 1
         try:
             buffer, address = _map(fd, start, stop - start)
@@ -382,9 +392,8 @@ def map_received(fd: int, ranges: Sequence[tuple[int, int]]) -> list[memoryview]
             raise ProtocolError(f"a shared-memory file the peer sent can't be mapped: {exc}") from exc
         weakref.finalize(buffer, _unmap, address, stop - start, -1)
         whole = memoryview(buffer).cast("B")
-        for i in order[k:run]:
-            offset, length = ranges[i]
-            views[i] = whole[offset - start : offset - start + length]
+        for offset, end, i in spans[k:run]:
+            views[i] = whole[offset - start : end - start]
         k = run
     return [memoryview(bytearray()) if view is None else view for view in views]  # empty: writable too
 

@@ -124,8 +124,10 @@ def unpack_shared_table(
         )
     entries = []
     used = set()
-    for i, length in enumerate(lengths):
-        index, reserved, offset = _SHARED_ENTRY.unpack_from(table, SHARED_HEAD_SIZE + i * SHARED_ENTRY_SIZE)
+    # One C-level pass unpacks every entry; the loop only checks them.
+    table_end = SHARED_HEAD_SIZE + len(lengths) * SHARED_ENTRY_SIZE
+    unpacked = _SHARED_ENTRY.iter_unpack(memoryview(table)[SHARED_HEAD_SIZE:table_end])
+    for i, ((index, reserved, offset), length) in enumerate(zip(unpacked, lengths, strict=True)):
         if reserved:
             raise ProtocolError(f"side chunk {i}'s shared-table entry has reserved bits set ({reserved:#x})")
         if index != INLINE:

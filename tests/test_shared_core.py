@@ -67,7 +67,7 @@ def send(obj: Any, decoder: Decoder | None = None) -> Any:
 
 
 def in_shared_memory(array: np.ndarray[Any, Any]) -> bool:
-    return _shm.find(memoryview(array.ravel(order="K")).cast("B")) is not None
+    return _shm.find([memoryview(array.ravel(order="K")).cast("B")])[0] is not None
 
 
 def address_of(buffer: Any) -> int:
@@ -150,7 +150,7 @@ def test_shared_copy_copies_values_dtype_and_order() -> None:
 
 def test_the_senders_file_is_sealed_against_shrinking_growing_and_new_seals() -> None:
     a = streampickle.shared_empty(1000)
-    fd, _, _ = _shm.find(memoryview(a).cast("B"))  # type: ignore[misc]
+    fd, _, _ = _shm.find([memoryview(a).cast("B")])[0]  # type: ignore[misc]
     seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     assert seals & SEALS == SEALS and seals & fcntl.F_SEAL_SEAL
     with pytest.raises(PermissionError):
@@ -173,9 +173,9 @@ def test_memory_and_descriptor_are_freed_with_the_last_array(no_leak: None) -> N
 
 
 def test_ordinary_memory_is_not_shared() -> None:
-    assert _shm.find(memoryview(np.arange(10.0)).cast("B")) is None
-    assert _shm.find(memoryview(bytearray(100))) is None
-    assert _shm.find(memoryview(b"")) is None
+    assert _shm.find([memoryview(np.arange(10.0)).cast("B")])[0] is None
+    assert _shm.find([memoryview(bytearray(100))])[0] is None
+    assert _shm.find([memoryview(b"")])[0] is None
 
 
 # -- round trips ------------------------------------------------------------------------------
