@@ -1,0 +1,148 @@
+"""The fast paths of arrays, which a message of many arrays spends most of its time in.
+
+Each one must answer exactly as the general path it shortcuts: the encoder's remembered dtype
+descriptors and its export of an array's own memory, the safe loader's one-call build of the
+common array (``_rebuild.plain_ndarray``, charged as ``ndarray`` charges), and the sender's
+search for the shared files of all of a message's buffers at once (``_shm.find``)."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+
+import streampickle
+from streampickle import _encoder, _rebuild, _safe, _shm
+from streampickle._errors import MalformedPickleError
+
+ARRAYS = [
+    np.arange(12.0),
+    np.arange(12, dtype=np.int32).reshape(3, 4),
+    np.arange(12, dtype=">i2").reshape(3, 4).T,  # Fortran-ordered, big-endian
+    np.array([True, False, True]),
+    np.arange(6, dtype=np.complex128).reshape(2, 3),
+    np.array([b"ab", b"cde"], dtype="S3"),
+    np.zeros(3, dtype="V4"),
+    np.array(["2020-01-01", "2021-06-30"], dtype="M8[ns]"),  # no buffer-protocol format
+    np.array(3.5),  # 0-d
+    np.zeros((0, 5)),
+    np.array(["ab", "c"]),  # text: the general path checks its code points
+    np.arange(24.0).reshape(2, 3, 4)[:, ::2],  # strided: one contiguous copy
+]
+
+
+@pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{a.dtype.str}-{a.shape}")
+def test_arrays_round_trip_with_their_dtype_shape_order_and_bytes(array: np.ndarray[Any, Any]) -> None:
+    for _ in range(2):  # the second time, the encoder's remembered descriptor is used
+        got = streampickle.loads(streampickle.dumps(array))
+        assert got.dtype == array.dtype and got.shape == array.shape
+        assert got.tobytes() == array.tobytes()  # every element, in C order
+        fortran = array.flags.f_contiguous and not array.flags.c_contiguous
+        assert (got.flags.f_contiguous if fortran else got.flags.c_contiguous)
+        assert got.flags.writeable
+
+
+def test_the_remembered_descriptor_is_the_dtypes_own() -> None:
+    # Equal dtypes that differ in metadata must not share a remembered descriptor: the one
+    # with metadata keeps numpy's own pickling (descr_of refuses it).
+    plain = np.dtype(np.float64)
+    with_metadata = np.dtype(np.float64, metadata={"unit": "m"})
+    assert plain == with_metadata
+    assert _encoder._plain_descr(plain) == "<f8"
+    assert _encoder._plain_descr(with_metadata) is None
+    assert _encoder._plain_descr(plain) == "<f8"
+
+
+def fast_and_general(args: tuple[Any, ...]) -> tuple[Any, Any]:
+    fast = _rebuild.plain_ndarray(*args)
+    try:
+        general = _rebuild.ndarray(*args)
+    except MalformedPickleError as exc:
+        general = exc
+    return fast, general
+
+
+def side_chunk(array: np.ndarray[Any, Any]) -> memoryview:
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).cast("B")
+
+
+@pytest.mark.parametrize("array", [a for a in ARRAYS if a.dtype.kind not in "UM"], ids=lambda a: a.dtype.str)
+@pytest.mark.parametrize("fortran", [False, True])
+def test_plain_ndarray_builds_what_ndarray_builds(array: np.ndarray[Any, Any], fortran: bool) -> None:
+    source = np.asfortranarray(array) if fortran else np.ascontiguousarray(array)
+    args = (array.dtype.str, list(array.shape), fortran, memoryview(source.reshape(-1, order="A").view(np.uint8)))
+    _rebuild.ndarray(*args)  # the dtype is now known
+    fast, general = fast_and_general(args)
+    assert fast is not None
+    assert fast.dtype == general.dtype and fast.shape == general.shape and fast.strides == general.strides
+    assert fast.tobytes() == general.tobytes()
+    if fast.nbytes:  # a view of the side chunk, never a copy
+        assert np.shares_memory(fast, np.frombuffer(args[3], np.uint8))
+    assert _rebuild.plain_ndarray_cost(fast) == _rebuild.ndarray.cost(*args)
+
+
+BYTES_8 = memoryview(bytearray(8))
+WIDE = 2**63
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(("<U1", [2], False, BYTES_8), id="text-dtype"),
+        pytest.param(("<f8", (1,), False, BYTES_8), id="shape-tuple"),
+        pytest.param(("<f8", [True], False, BYTES_8), id="bool-entry"),
+        pytest.param(("<f8", [-1], False, BYTES_8), id="negative-entry"),
+        pytest.param(("<f8", [0, WIDE], False, memoryview(b"")), id="entry-past-int64"),
+        pytest.param(("<f8", [2], False, BYTES_8), id="buffer-too-small"),
+        pytest.param(("<f8", [1], 0, BYTES_8), id="order-not-bool"),
+        pytest.param(("<f8", [1], False, b"\0" * 8), id="bytes-literal"),
+        pytest.param(("<f8", [1], False, memoryview(np.zeros(1))), id="typed-buffer"),
+        pytest.param(("<f8", [1] * 33, False, BYTES_8), id="33-dims"),
+        pytest.param((["<f8"], [1], False, BYTES_8), id="structured-descr"),
+        pytest.param(("<q9", [1], False, BYTES_8), id="unknown-descr"),
+    ],
+)
+def test_plain_ndarray_leaves_every_other_case_to_the_general_path(args: tuple[Any, ...]) -> None:
+    for warm in (args, ("<f8", [1], False, BYTES_8)):  # its dtype is known: only the case declines
+        try:
+            _rebuild.ndarray(*warm)
+        except MalformedPickleError:
+            pass
+    fast, general = fast_and_general(args)
+    assert fast is None, "the fast path must decline what it doesn't check fully"
+    assert general is not None  # built or refused by the general path, which has the words
+
+
+def test_the_metered_fast_path_charges_as_the_general_path_and_refuses_past_the_budget() -> None:
+    data = memoryview(bytearray(1 << 16))
+    args = ("<f8", [1 << 13], False, data)
+    _rebuild.ndarray(*args)
+    cost = _rebuild.ndarray.cost(*args)
+    fast_meter, general_meter = _safe._Meter(10 * cost), _safe._Meter(10 * cost)
+    fast = _safe._MeteredArray(_rebuild.ndarray, fast_meter)
+    general = _safe._Metered(_rebuild.ndarray, general_meter)
+    for _ in range(3):
+        fast(*args)
+        general(*args)
+    assert (fast_meter.calls, fast_meter.left) == (general_meter.calls, general_meter.left) == (3, 7 * cost)
+    broke = _safe._MeteredArray(_rebuild.ndarray, _safe._Meter(cost - 1))
+    with pytest.raises(MalformedPickleError, match="out of proportion"):
+        broke(*args)
+
+
+@pytest.mark.skipif(not _shm.AVAILABLE, reason="no sealable shared-memory files (memfd) here")
+def test_find_answers_each_buffer_of_a_mixed_list() -> None:
+    one = streampickle.shared_empty(4096, np.uint8)
+    two = streampickle.shared_empty(8192, np.uint8)
+    ordinary = np.zeros(100, np.uint8)
+    views = [memoryview(v) for v in (one[:10], two[100:200], ordinary, one[4000:], two[0:0], two[8000:], one[:0])]
+    found = _shm.find(views)
+    assert [f is None for f in found] == [False, False, True, False, True, False, True]
+    fd_one, fd_two = found[0][0], found[1][0]  # type: ignore[index]
+    assert fd_one != fd_two
+    places = [(f[0], f[1]) for f in found if f is not None]
+    assert places == [(fd_one, 0), (fd_two, 100), (fd_one, 4000), (fd_two, 8000)]
+    # The whole array, as the encoder exports it (pickle.PickleBuffer(...).raw()), lies in its file.
+    assert _shm.find([pickle.PickleBuffer(one).raw()])[0] == (fd_one, 0, found[0][2])  # type: ignore[index]
