@@ -93,7 +93,10 @@ class FileReader:
             ahead = self._ahead
             nbytes = _count(nbytes, ahead)
             if nbytes and ahead is not None:
-                meter.feed(decoder, ahead[:nbytes])
+                try:
+                    meter.feed(decoder, ahead[:nbytes])
+                finally:
+                    meter.deliver()
         else:
             expected, pending = decoder.progress[1], decoder.pending
             decoder.buffer_updated(nbytes)

@@ -1,7 +1,8 @@
 """Byte-level progress of long sends and receives: the event users get, and when they get it.
 
 A multi-GiB array takes seconds to minutes to move, and without this nothing says how far it
-got. The async adapters (``ObjectStream``, ``dump``, ``load`` and what builds on them) take
+got. The async adapters (``ObjectStream``, ``dump``, ``load`` and what builds on them) and
+the blocking ones (``sync.dump``, ``sync.load``, ``sync.iter_load``) take
 ``progress=callback``; the callback gets a :class:`Progress` for each message:
 
 * a first event when the message starts: before its first byte goes out (``done == 0``), or,
@@ -17,9 +18,13 @@ directions: a burst of small messages costs one call each.
 
 Cost. Without a callback nothing here runs. With one, nothing is called per read: the
 adapters compute the next threshold once and cap their reads and sends at it, so the
-callback runs once per step, and a receive never reads past the message it is in (each
-event's count is exact, at the price of reading a run of small messages one by one instead
-of several per read).
+callback runs once per step, and each event's count is exact. A receive that reads exactly
+(``load``) never reads past the message it is in. One that reads ahead (``sync.iter_load``)
+keeps doing so, and hands what a read brought to :meth:`ReceiveMeter.feed`, which gives it
+to the decoder in the pieces an exact read could have brought: a run of small messages
+still costs one read, and a few ``feed`` calls per message instead of one C call for the
+run. (``ObjectStream`` still reads message by message with a callback: its transports feed
+the decoder themselves.)
 
 This module is part of the sans-IO core: no I/O, no event loop.
 """
@@ -161,29 +166,28 @@ class ReceiveMeter:
             self._due.append(event)
         self.deliver()
 
-    def feed(self, decoder: Decoder, data: memoryview) -> None:
+    def feed(self, decoder: Decoder, data: bytes | bytearray | memoryview) -> None:
         """``decoder.feed(data)`` for bytes read ahead, past the message in progress and maybe
         through several: fed in pieces that end where ``limit`` says, each accounted as an
-        exact read would be. Every byte is in the decoder before the first callback runs, so
-        a callback that raises loses no byte; the events it didn't get yet come first at the
-        next :meth:`deliver`. If the decoder refuses a piece (broken bytes), the events of
-        the messages completed before it are delivered, then its error is raised."""
-        view = data
-        try:
-            while view:
-                expected = decoder.progress[1]
-                pending = decoder.pending
-                piece = max(1, self.limit(decoder))
-                decoder.feed(view[:piece])
-                view = view[piece:]
-                event = self._account(decoder, expected, decoder.pending > pending)
-                if event is not None:
-                    self._due.append(event)
-        finally:
-            self.deliver()
+        exact read would be. The events are queued, not delivered: the caller calls
+        :meth:`deliver` once its own state is updated (and also when this raises: the
+        decoder refused a piece, and the messages completed before it have their events), so
+        every byte is in the decoder before a callback runs and a callback that raises loses
+        none."""
+        view = memoryview(data).cast("B")
+        while view:
+            expected = decoder.progress[1]
+            pending = decoder.pending
+            piece = max(1, self.limit(decoder))
+            decoder.feed(view[:piece])
+            view = view[piece:]
+            event = self._account(decoder, expected, decoder.pending > pending)
+            if event is not None:
+                self._due.append(event)
 
     def deliver(self) -> None:
-        """Call the callback with each event that is due, in order."""
+        """Call the callback with each event that is due, in order. If it raises, the events
+        after that one stay due, for the next call."""
         due = self._due
         while due:
             self.callback(due.popleft())
