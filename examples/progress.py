@@ -2,6 +2,7 @@
 
     python examples/progress.py                    # 4 arrays of 512 MiB: 2 GiB
     python examples/progress.py --arrays 2 --mib 8 # a quick run
+    python examples/progress.py --sync             # the same with streampickle.sync, no event loop
 
 A producer process sends its arrays to a consumer process over a Unix socket. Each end passes
 a callback as ``progress=``; it gets a ``streampickle.Progress`` (``direction``, ``done``,
@@ -15,14 +16,17 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import socket
 import sys
 import tempfile
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
 
 import streampickle
+from streampickle import sync
 
 if TYPE_CHECKING:
     from streampickle import Progress
@@ -122,13 +126,51 @@ async def consume(arrays: int, nbytes: int, plain: bool) -> None:
     print(f"received {arrays} arrays of {nbytes / MiB:.0f} MiB", flush=True)
 
 
+def produce_sync(path: str, arrays: int, nbytes: int, plain: bool) -> None:
+    """The producer with the blocking API: ``sync.dump`` takes the same ``progress=``. Each
+    call sends message 0 of its own; the bar gets them numbered as one stream's."""
+    bar = progress_bar("send", plain)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        for i in range(arrays):
+            array = np.full(nbytes // 8, i, dtype=np.float64)
+            sync.dump({"index": i, "array": array}, sock, progress=lambda event, i=i: bar(replace(event, message=i)))
+
+
+def consume_sync(arrays: int, nbytes: int, plain: bool) -> None:
+    """The consumer with the blocking API: ``sync.iter_load`` numbers the messages it reads."""
+    path = os.path.join(tempfile.mkdtemp(), "progress.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        child = multiprocessing.get_context("spawn").Process(target=produce_sync, args=(path, arrays, nbytes, plain))
+        child.start()
+        try:
+            conn, _ = listener.accept()
+            received = 0
+            with conn:
+                for message in sync.iter_load(conn, progress=progress_bar("receive", plain)):
+                    assert message["index"] == received and message["array"][-1] == received
+                    received += 1
+        finally:
+            child.join()
+    os.unlink(path)
+    if child.exitcode != 0 or received != arrays:
+        raise SystemExit(f"the producer failed (exit status {child.exitcode})")
+    print(f"received {arrays} arrays of {nbytes / MiB:.0f} MiB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arrays", type=int, default=4, help="how many arrays (default 4)")
     parser.add_argument("--mib", type=int, default=512, help="MiB per array (default 512)")
     parser.add_argument("--plain", action="store_true", help="the plain-text bar even if tqdm is installed")
+    parser.add_argument("--sync", action="store_true", help="the blocking API (streampickle.sync) on both ends")
     args = parser.parse_args()
-    anyio.run(consume, args.arrays, args.mib * MiB, args.plain)
+    if args.sync:
+        consume_sync(args.arrays, args.mib * MiB, args.plain)
+    else:
+        anyio.run(consume, args.arrays, args.mib * MiB, args.plain)
 
 
 if __name__ == "__main__":

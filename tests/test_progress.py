@@ -364,16 +364,18 @@ async def test_send_callback_raising_at_the_end_sent_the_message() -> None:
 # -- the example --------------------------------------------------------------------------------
 
 
-def test_example_runs_with_a_progress_bar_on_both_ends() -> None:
+@pytest.mark.parametrize("api", [[], ["--sync"]], ids=["async", "sync"])
+def test_example_runs_with_a_progress_bar_on_both_ends(api: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "progress.py"), "--arrays", "2", "--mib", "8", "--plain"],
+        [sys.executable, os.path.join(ROOT, "examples", "progress.py"), "--arrays", "2", "--mib", "8", "--plain", *api],
         capture_output=True, text=True, timeout=120, env=env,
     )
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    assert "send" in text and "receive" in text
-    assert text.count("100%") >= 2
+    for line in ("send     #0", "send     #1", "receive  #0", "receive  #1"):
+        assert f"{line} [####################] 100%" in text
+    assert "received 2 arrays of 8 MiB" in text
 
 
 async def test_shared_memory_message_reports_its_wire_bytes() -> None:
