@@ -184,6 +184,7 @@ class SPComm(Comm):
         self._stream = stream
         self._local_addr = local_addr
         self._peer_addr = peer_addr
+        self._reads = 0  # messages read: a key refused on the first one is a stranger
         # A comm dropped without close() closes its socket when collected, as dask's TCP comm.
         self._finalizer = weakref.finalize(self, _abort_dangling, stream, repr(self))
         self._finalizer.atexit = False
@@ -211,15 +212,20 @@ class SPComm(Comm):
             raise CommClosedError(f"in {self}: the connection is closed") from exc
         except AuthenticationError as exc:
             self.abort()
+            if self._reads:  # cut after a good message (a peer's abort, keyed): a closed comm
+                raise CommClosedError(f"in {self}: {exc}") from exc
             logger.warning("refused %s: %s (every process of the cluster needs the same "
                            "distributed.comm.sp.key or %s)", self._peer_addr, exc, KEY_ENV)
-            raise FatalCommClosedError(f"in {self}: the peer's messages don't carry this cluster's key: {exc}") from exc
+            raise FatalCommClosedError(
+                f"in {self}: the peer's first message doesn't carry this cluster's key: {exc}"
+            ) from exc
         except (anyio.BrokenResourceError, OSError, StreamPickleError, _NotFrames) as exc:
             self.abort()
             raise CommClosedError(f"in {self}: {type(exc).__name__}: {exc}") from exc
         except BaseException:
             self.abort()  # interrupted: the caller can't know where the message stopped
             raise
+        self._reads += 1
         try:
             # distributed's comm helpers are unannotated
             return await from_frames(  # type: ignore[no-untyped-call]
