@@ -22,7 +22,12 @@ buffer-count checks remain, since they are about framing, not trust).
 
 A loader given ``persistent_load`` (the user's callable, as ``pickle.Unpickler`` takes it)
 admits ``BINPERSID``: the fast scan still refuses it, so such a pickle is judged by the full
-walk with ``persistent=True``, and unpickled with the callable set, in both modes.
+walk with ``persistent=True``, and unpickled with the callable set, in both modes. In safe
+mode the callable is wrapped: each id is checked first, and one holding an internal value
+(a reconstructor or its metered wrapper, named by the pickle and not called; a numpy value
+before its ``BUILD``, which the verifier already refuses) anywhere in its tuples, lists,
+dicts and sets is refused before the user's code sees it, the walk charged to the call
+budget.
 
 Standard pickles (``Loader.load_standard``, for :class:`streampickle.PickleDecoder`: any
 protocol, as ``pickle.dump`` writes them) take the same two gates: ``_verify.verify_standard``
@@ -39,7 +44,9 @@ from __future__ import annotations
 import gc
 import importlib
 import io
+import itertools
 import pickle
+import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -123,6 +130,70 @@ class _MeteredArray(_Metered):
         return array
 
 
+class _PersistentIdRefused(MalformedPickleError):
+    """A persistent id that would have handed the user's ``persistent_load`` an internal value."""
+
+
+class _GuardedPersistentLoad:
+    """The user's ``persistent_load`` as a safe unpickling calls it: the id is checked first,
+    so the hook never sees one of streampickle's internal values (a reconstructor the pickle
+    named without calling it, ``getattr`` as the loader answers it, a numpy value before the
+    ``BUILD`` that completes it), however deep in tuples, lists, dicts and sets it is. The
+    walk visits each container once per id and is charged to the pickle's work budget, so a
+    shared structure passed as many ids is refused, not walked many times."""
+
+    __slots__ = ("_hook", "_meter")
+
+    def __init__(self, hook: Callable[[Any], Any], meter: _Meter) -> None:
+        self._hook = hook
+        self._meter = meter
+
+    def __call__(self, pid: Any) -> Any:
+        _check_persistent_id(pid, self._meter)
+        return self._hook(pid)
+
+
+def _internal(obj: Any) -> bool:
+    """Whether ``obj`` is one of the safe loader's own objects, never a peer's value."""
+    if isinstance(obj, _INTERNAL_TYPES):
+        return True
+    return type(obj) is types.MethodType and getattr(obj, "__func__", None) is Loader._getattr
+
+
+def _check_persistent_id(pid: Any, meter: _Meter) -> None:
+    todo = [pid]
+    seen: set[int] = set()
+    while todo:
+        obj = todo.pop()
+        if _internal(obj):
+            raise _PersistentIdRefused(
+                "a persistent id holds one of streampickle's internal values (a reconstructor named and not "
+                "called, or a numpy value before its BUILD), so persistent_load was not called: the peer's pickle "
+                "is malformed or hostile")
+        # the base classes' iteration: an allowed subclass's own __iter__ is never called
+        items: Any
+        if isinstance(obj, tuple):
+            items = tuple.__iter__(obj)
+        elif isinstance(obj, list):
+            items = list.__iter__(obj)
+        elif isinstance(obj, (set, frozenset)):
+            items = (set.__iter__ if isinstance(obj, set) else frozenset.__iter__)(obj)  # type: ignore[arg-type]
+        elif isinstance(obj, dict):
+            items = itertools.chain(dict.keys(obj), dict.values(obj))
+        else:
+            continue
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        before = len(todo)
+        todo.extend(items)
+        meter.left -= len(todo) - before + 1
+        if meter.left < 0:
+            raise _PersistentIdRefused(
+                "the persistent ids would take work out of proportion to the pickle's size to check (one "
+                "structure passed again and again?)")
+
+
 class _SafeUnpickler(pickle.Unpickler):
     _loader: Loader  # set on the per-Loader subclass
 
@@ -132,7 +203,7 @@ class _SafeUnpickler(pickle.Unpickler):
         persistent_load = self._loader.persistent_load
         if persistent_load is not None:
             # ignore: typeshed declares persistent_load a method; the C unpickler takes any callable
-            self.persistent_load = persistent_load  # type: ignore[method-assign]
+            self.persistent_load = _GuardedPersistentLoad(persistent_load, self.meter)  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
         found = self._loader.resolve_object(module, name)
@@ -275,6 +346,8 @@ class Loader:
         unpickler = _StandardUnpickler(self, data, call_budget(len(data), 0))
         try:
             obj = _gc_paused(unpickler.load)
+        except _PersistentIdRefused as exc:
+            raise MalformedPickleError(str(exc)) from None
         except StreamPickleError:
             raise
         except Exception as exc:  # UnpicklingError, TypeError from a reconstructor, ...
@@ -357,6 +430,8 @@ class Loader:
         unpickler = self._unpickler(file, buffers=buffers, budget=call_budget(len(data), chunk_bytes))
         try:
             obj = unpickler.load() if len(data) < GC_PAUSE_BYTES else _gc_paused(unpickler.load)
+        except _PersistentIdRefused as exc:
+            raise MalformedPickleError(str(exc)) from None
         except MalformedPickleError as exc:  # a reconstructor refused its arguments' values
             raise self._located(exc, data, buffers, unpickler.meter.calls) from exc.__cause__
         except StreamPickleError:
@@ -366,6 +441,22 @@ class Loader:
         if file.tell() != len(data):  # the verifier guarantees this; a cheap cross-check
             raise MalformedPickleError(f"{len(data) - file.tell()} bytes follow STOP in the pickle part")
         return obj
+
+
+class _Completing:
+    """A ``build`` reconstructor as a standard unpickling sees it: each call is metered and
+    its ``Pending`` result counted until its ``BUILD``."""
+
+    __slots__ = ("_metered", "_unpickler")
+
+    def __init__(self, metered: _Metered, unpickler: Any) -> None:
+        self._metered = metered
+        self._unpickler = unpickler
+
+    def __call__(self, *args: Any) -> Any:
+        made = self._metered(*args)
+        self._unpickler.pending += 1
+        return made
 
 
 #: pickle's pure-Python unpickler: typeshed declares none of the dispatch methods it overrides.
@@ -382,21 +473,14 @@ class _StandardUnpickler(_PyUnpickler):  # type: ignore[misc]  # subclassing Any
         self.meter = _Meter(budget)
         self.pending = 0  # pending values made and not yet built
         if loader.persistent_load is not None:
-            self.persistent_load = loader.persistent_load
+            self.persistent_load = _GuardedPersistentLoad(loader.persistent_load, self.meter)
 
     def find_class(self, module: str, name: str) -> Any:
         found = self._loader.resolve_standard_object(module, name)
         if type(found) is not _rebuild.Rebuilder or found is _rebuild.ndarray_class:  # that one: a marker
             return found
         metered = _Metered(found, self.meter)
-        if not found.build:
-            return metered
-
-        def pending(*args: Any) -> Any:
-            made = metered(*args)
-            self.pending += 1
-            return made
-        return pending
+        return _Completing(metered, self) if found.build else metered
 
     def _build(self) -> None:
         state = self.stack.pop()
@@ -503,3 +587,5 @@ _load_inband_c = speedups.load_inband if speedups else None
 _verify_c = speedups.verify if speedups else None
 
 _SHARED = {False: Loader(trusted=False), True: Loader(trusted=True)}
+#: What the safe loader makes and a peer's pickle can reach as a value: never a hook's to see.
+_INTERNAL_TYPES = (_rebuild.Pending, _rebuild.Rebuilder, _Metered, _Completing)

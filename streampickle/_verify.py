@@ -28,7 +28,9 @@ The rules (each refusal names the opcode and its byte offset):
   with ``persistent=True``): its id may be any value the pickle made (a tuple's tree is
   charged to the work budget, as a key's is: the callable may hash it), and what the user's
   callable returns is opaque (no container to fill, no instance to ``BUILD``). ``PERSID``, its
-  protocol-0 form, stays refused: a protocol-5 pickler never writes it.
+  protocol-0 form, stays refused: a protocol-5 pickler never writes it. (The safe unpickler
+  also checks each id before the callable sees it: one holding a reconstructor the pickle
+  named without calling it is refused, at any depth; ``_safe``.)
 * **Work.** Every dict key and set item is hashable, and its hash can't be steered: ``str``
   and ``bytes`` hashes are salted per process; small ints, floats, ``None`` and bools can't
   collide much; for big ints and tuples of numbers the verifier computes the exact hash
@@ -59,6 +61,10 @@ registry, the others instantiate by name; Python 3's pickler writes none of them
 One narrow exception to the ``BUILD`` rule: a reconstructor declared with ``build`` (numpy's
 ``dtype`` and ``_reconstruct`` as pickle writes them) returns a *pending* value that no rule
 accepts until exactly one ``BUILD`` with a tuple state turns it into a reconstructed value.
+Until then it may be memoized or popped and nothing else: no container, tuple, call,
+``BUILD`` state, persistent id or ``STOP`` takes it, no ``GET`` or ``DUP`` copies it, and a
+pickle that leaves one unbuilt is refused at its ``STOP``. So neither a user's
+``persistent_load`` nor an allowed callable ever sees one (the unpickler runs after this walk).
 """
 
 from __future__ import annotations
@@ -356,10 +362,13 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
     collisions = _Collisions()  # (id of the container, computed hash) of each key
     lengths = _LENGTHS
     pops = _POPS
+    live = 0  # pending values made and not yet built (standard pickles only)
     while pos < end:
         op = data[pos]
         start = pos
         pos += 1
+        if live and op in _CONSUMERS:
+            _no_pending(op, stack, marks, start)
         spec = lengths.get(op)
         if spec is not None:
             prefix, size = spec
@@ -453,11 +462,15 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
             else:  # STACK_GLOBAL, REDUCE, NEWOBJ, NEWOBJ_EX, BUILD
                 if resolver is None:  # plain mode
                     raise _Defer
+                if op == _BUILD and _is_pending(stack[-2]):
+                    live -= 1
                 result, budget = _typed(op, stack[-n:], start, data, resolver, budget, calls)
                 del stack[-n:]
                 stack.append(result)
                 if op == _STACK_GLOBAL:
                     globals_ += 1
+                elif op == _REDUCE and _is_pending(result):
+                    live += 1
         elif (op == _TUPLE or op == _FROZENSET or op == _APPENDS or op == _SETITEMS or op == _ADDITEMS
               or op == _POP_MARK):
             if not marks:
@@ -517,6 +530,8 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                 raise Refused(start, f"{end - pos} bytes follow STOP inside the pickle part")
             if marks or len(stack) != 1:
                 raise Refused(start, "STOP with an unbalanced stack")
+            if live:
+                raise Refused(start, f"{live} numpy value(s) never completed by the BUILD that gives their state")
             break
         elif op == _PROTO:
             raise Refused(start, "PROTO may only be the first opcode")
@@ -547,6 +562,9 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
             raise Refused(start, f"unknown opcode {op:#04x}")
         if start < frame_end < pos:
             raise Refused(start, f"{_NAMES[op]} straddles the end of its FRAME")
+        if live and op in _COPIES and _is_pending(stack[-1]):
+            raise Refused(start, f"{_NAMES[op]} of a numpy value before the BUILD that completes it: a pending "
+                                 "value has one place, the stack slot its BUILD completes")
     else:
         raise Refused(end, "the pickle part ends without STOP")
     if buffers != chunk_count:
@@ -701,6 +719,33 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
     return instance, budget
 
 
+# -- pending values: inert until their BUILD ---------------------------------------------------
+
+
+def _is_pending(value: _V) -> bool:
+    return value.kind == K.OPAQUE and type(value.info) is tuple
+
+
+def _no_pending(op: int, stack: list[_V], marks: list[int], pos: int) -> None:
+    """Refuse ``op`` if it would take a pending value anywhere but into its ``BUILD``: into a
+    container or tuple, as a call's argument, as a BUILD's state, as a persistent id (the
+    user's ``persistent_load`` would see it), or as the pickle's result. Checked only while a
+    pending value is alive, so a pickle without one pays nothing."""
+    if op in _POPS:
+        items = stack[-_POPS[op]:]
+        if op == _BUILD:
+            items = items[1:]  # the target: what BUILD completes
+    elif op == _TUPLE1 or op == _TUPLE2 or op == _TUPLE3:
+        items = stack[-(op - _TUPLE1 + 1):]
+    elif op == _BINPERSID or op == _STOP:
+        items = stack[-1:]
+    else:  # the mark forms: what lies above the last MARK
+        items = stack[marks[-1]:] if marks else []
+    for item in items:
+        if _is_pending(item):
+            raise Refused(pos, f"{_NAMES[op]} takes a numpy value before the BUILD that completes it")
+
+
 # -- protocols 0-4: the opcodes a standard pickle adds ------------------------------------------
 
 _INT, _LONG, _FLOAT, _STRING, _BINSTRING, _SHORT_BINSTRING, _UNICODE = (
@@ -711,6 +756,12 @@ _PUT, _BINPUT, _LONG_BINPUT, _GET, _LIST, _DICT, _DUP, _GLOBAL, _PERSID = (
 )
 _STANDARD = frozenset({_INT, _LONG, _FLOAT, _STRING, _BINSTRING, _SHORT_BINSTRING, _UNICODE, _PUT, _BINPUT,
                        _LONG_BINPUT, _GET, _LIST, _DICT, _DUP, _GLOBAL, _PERSID})
+#: Opcodes that take items off the stack while a pending value may be among them.
+_CONSUMERS = frozenset({_APPEND, _SETITEM, _STACK_GLOBAL, _REDUCE, _NEWOBJ, _NEWOBJ_EX, _BUILD, _READONLY_BUFFER,
+                        _TUPLE1, _TUPLE2, _TUPLE3, _TUPLE, _FROZENSET, _APPENDS, _SETITEMS, _ADDITEMS, _LIST, _DICT,
+                        _BINPERSID, _STOP})
+#: Opcodes that put a second reference to a value on the stack.
+_COPIES = frozenset({_GET, _BINGET, _LONG_BINGET, _DUP})
 #: Marks a pending value's ``info``: (``_PENDING``, the reconstructor whose BUILD completes it).
 _PENDING = object()
 #: Digits of an INT or LONG line: CPython refuses to parse more (``sys.int_info``), and parsing

@@ -444,6 +444,58 @@ def test_a_pending_numpy_value_is_built_exactly_once_in_its_one_place() -> None:
             next(_fed(data))
 
 
+def _standard_loader(**options: Any) -> Any:
+    return streampickle._safe.Loader(**options)
+
+
+def test_a_pending_value_is_refused_by_the_verifier_before_anything_runs() -> None:
+    # Each misuse is refused by the walk, before the unpickler (and any hook) runs.
+    loader = _standard_loader(persistent_load=lambda pid: pid)
+    misuses = [
+        DTYPE_CALL + b".",  # the result
+        b"\x80\x02]" + DTYPE_CALL[2:] + b"a.",  # APPEND
+        DTYPE_CALL + b"\x85.",  # TUPLE1
+        DTYPE_CALL + b"2" + DTYPE_STATE + b"b\x86.",  # DUP
+        DTYPE_CALL + b"q\x00h\x00" + DTYPE_STATE + b"b\x86.",  # BINGET before its BUILD
+        DTYPE_CALL + b"0N.",  # popped: never built
+        DTYPE_CALL + b"Q.",  # a persistent id
+        b"\x80\x02K\x01" + DTYPE_CALL[2:] + b"b0.",  # the state of another BUILD
+    ]
+    for data in misuses:
+        with pytest.raises(streampickle._verify.Refused):
+            streampickle._verify.verify_standard(data, loader.resolve_standard, 100, persistent=True)
+
+
+def test_persistent_load_never_sees_an_internal_value() -> None:
+    # A red-team find: persistent_load was called with the decoder's pending numpy value (and
+    # with a reconstructor the pickle named without calling it) before the pickle was refused.
+    seen: list[Any] = []
+
+    def hook(pid: Any) -> Any:
+        seen.append(pid)
+        return "made"
+
+    rebuilder = b"\x8c\x15streampickle._rebuild\x8c\x07ndarray\x93"
+    hostile = [
+        DTYPE_CALL + b"Q.",  # BINPERSID of a pending dtype
+        DTYPE_CALL + b"\x85Q.",  # ... inside a tuple
+        b"\x80\x02]" + DTYPE_CALL[2:] + b"aQ.",  # ... inside a list
+        b"\x80\x05" + rebuilder + b"Q.",  # a reconstructor, named and not called
+        b"\x80\x05" + rebuilder + b"\x85\x85Q.",  # ... two tuples deep
+        b"\x80\x05]" + rebuilder + b"aQ.",  # ... in a list
+        b"\x80\x05}\x8c\x01k" + rebuilder + b"sQ.",  # ... as a dict's value
+        b"\x80\x05\x8f(" + rebuilder + b"\x85\x90Q.",  # ... in a tuple in a set
+    ]
+    for data in hostile:
+        decoder = _fed(data + pickle.dumps("next", protocol=2), persistent_load=hook)
+        with pytest.raises(MalformedPickleError):
+            next(decoder)
+        assert seen == [], data
+        assert next(decoder) == "next"
+    assert next(_fed(b"\x80\x05\x8c\x01x\x85Q.", persistent_load=hook)) == "made"  # a plain id still works
+    assert seen == [("x",)]
+
+
 def test_a_refused_global_names_its_opcode() -> None:
     with pytest.raises(ForbiddenGlobalError, match=r"GLOBAL at byte 2\)"):
         next(_fed(b"\x80\x02cos\nsystem\n."))

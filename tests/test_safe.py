@@ -9,6 +9,7 @@ import os
 import pickle
 import pickletools
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -275,3 +276,34 @@ def test_colliding_big_int_keys_are_a_hash_flood() -> None:
     with pytest.raises(MalformedPickleError, match="same hash"):
         streampickle.loads(streampickle.dumps({k * p: None for k in range(1, 10)}))
     assert len(streampickle.loads(streampickle.dumps({k * p: None for k in range(1, 1000)}), trusted=True)) == 999
+
+
+@pytest.mark.parametrize("body", [
+    glob("streampickle._rebuild", "ndarray") + b"Q.",  # a reconstructor, named and not called
+    glob("streampickle._rebuild", "ndarray") + b"\x85\x85Q.",  # two tuples deep
+    b"]" + glob("streampickle._rebuild", "ndarray") + b"aQ.",  # in a list
+    b"}" + s("k") + glob("streampickle._rebuild", "dtype") + b"sQ.",  # a dict's value
+    b"\x8f(" + glob("streampickle._rebuild", "ndarray") + b"\x85\x90Q.",  # a tuple in a set
+])
+def test_persistent_load_never_sees_an_internal_value(body: bytes) -> None:
+    # A red-team find: the framed decoder's persistent_load (C and pure unpicklers alike) was
+    # called with the restricted unpickler's wrapper of a reconstructor.
+    seen: list[Any] = []
+
+    def hook(pid: Any) -> Any:
+        seen.append(pid)
+        return "made"
+
+    refuse(P5 + body, persistent_load=hook)
+    assert seen == []
+    assert streampickle.loads(make_message(P5 + s("x") + b"\x85Q."), persistent_load=hook) == "made"
+    assert seen == [("x",)]
+
+
+def test_persistent_ids_that_share_one_structure_are_charged() -> None:
+    # One list of 2,000 items passed as 2,000 ids: checking each walks it; the budget refuses.
+    body = b"]\x94(" + b"K\x01" * 2000 + b"e0" + b"h\x00Q0" * 2000 + b"N."
+    seen: list[Any] = []
+    with pytest.raises(MalformedPickleError, match="out of proportion"):
+        streampickle.loads(make_message(P5 + body), persistent_load=seen.append)
+    assert len(seen) < 2000
