@@ -57,11 +57,11 @@ class FileReader:
     step, and what a read-ahead brought goes through the meter (``ReceiveMeter.feed``), which
     gives each message its own exact events."""
 
-    __slots__ = ("decoder", "_meter", "_ahead", "_staged")
+    __slots__ = ("decoder", "meter", "_ahead", "_staged")
 
     def __init__(self, options: Options, progress: ProgressCallback | None = None) -> None:
         self.decoder = Decoder(options=options, stream=False)
-        self._meter = ReceiveMeter(progress) if progress is not None else None
+        self.meter = ReceiveMeter(progress) if progress is not None else None
         self._ahead: memoryview | None = None  # read-ahead memory of a reader with a meter
         self._staged = False  # the last buffer() was that memory
 
@@ -69,7 +69,7 @@ class FileReader:
         """Where the next bytes go: read-ahead memory between messages, else the current
         part's own memory (a side chunk's final place)."""
         decoder = self.decoder
-        meter = self._meter
+        meter = self.meter
         if meter is None:
             return decoder.get_buffer(read_ahead=True)
         self._staged = not decoder.in_message and not decoder.ended
@@ -86,7 +86,7 @@ class FileReader:
         a message, and the decoder's errors for broken bytes; with a progress callback, what
         the callback raises (the bytes read are in the decoder by then)."""
         decoder = self.decoder
-        meter = self._meter
+        meter = self.meter
         if meter is None:
             decoder.buffer_updated(nbytes)  # UsageError for a count that is not an int in the buffer
         elif self._staged:
@@ -158,6 +158,7 @@ def iter_load(
     key: bytes | Key | None = None,
     limits: Limits | None = None,
     persistent_load: Callable[[Any], Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> AsyncIterator[Any]:
     """Iterate asynchronously over the objects of a file of messages, in order:
     ``async for obj in streampickle.iter_load(f): ...``.
@@ -179,17 +180,29 @@ def iter_load(
     The iterator owns the source while it runs: it reads ahead, so after a ``break`` (or an
     error) the position in the source is not at a message boundary. Close the iterator
     (``contextlib.aclosing``) and the source when done; the iterator closes neither.
+    ``progress``: a function called with a :class:`Progress` for each message, as
+    ``streampickle.sync.iter_load`` calls it (``message`` counts the source's messages from
+    0). A file keeps its read-ahead; another stream then reads one message at a time, each
+    read stopping at the end of what the message declared and at the next step, as
+    ``ObjectStream`` reads with a callback. What the callback raises ends the iteration.
+
     Options and the source's type are checked by this call, before iterating.
     """
     options = options_for(trusted, allow, key, limits, persistent_load)
-    reader = FileReader(options)
+    reader = FileReader(options, progress)
     readinto = _file_readinto(source)
     if readinto is not None:
         return _iterate_file(reader, readinto)
     transport = _transport_for(source)  # UsageError for what isn't a byte stream
 
     async def fill(started: float | None) -> tuple[bool, float | None]:
-        return await _fill(transport, reader.decoder, started, exact=False)
+        decoder, meter = reader.decoder, reader.meter
+        if meter is None:
+            return await _fill(transport, decoder, started, exact=False)
+        expected, pending = decoder.progress[1], decoder.pending
+        done = await _fill(transport, decoder, started, exact=False, cap=meter.limit(decoder))
+        meter.after(decoder, expected, decoder.pending > pending)
+        return done
 
     return _iterate_stream(reader, fill)
 

@@ -776,3 +776,41 @@ async def test_object_stream_reads_ahead_with_progress_too() -> None:
     with_progress = await receives_of(data, 200, recorder, stream=True)
     assert len(recorder.events) == 200
     assert with_progress == await receives_of(data, 200, None, stream=True)
+
+
+async def test_async_iter_load_reports_each_message_of_a_file_or_stream(tmp_path: Any) -> None:
+    from streampickle import sync
+
+    items = [array(3 * MiB, 1), "small", *range(300), array(200_000, 2)]
+    path = tmp_path / "log.sp"
+    out = io.BytesIO()
+    offsets = [0]
+    for obj in items:
+        sync.dump(obj, out)
+        offsets.append(out.tell())
+    path.write_bytes(out.getvalue())
+    sizes = [b - a for a, b in itertools.pairwise(offsets)]
+
+    async def collect(source: Any, recorder: Recorder) -> list[Any]:
+        return [obj async for obj in streampickle.iter_load(source, progress=recorder)]
+
+    file_events = Recorder()
+    async with await anyio.open_file(path, "rb") as f:
+        got = await collect(f, file_events)
+    assert len(got) == len(items) and np.array_equal(got[0], items[0]) and got[1] == "small"
+    assert check(file_events, "receive", len(items)) == sizes
+
+    stream_events = Recorder()
+    a, b = memory_stream_pair()
+    data = path.read_bytes()
+
+    async def send() -> None:
+        async with a:
+            for start in range(0, len(data), 100_000):
+                await a.send(data[start : start + 100_000])
+
+    async with b, anyio.create_task_group() as tg:
+        tg.start_soon(send)
+        got = await collect(b, stream_events)
+    assert len(got) == len(items) and np.array_equal(got[-1], items[-1])
+    assert check(stream_events, "receive", len(items)) == sizes
