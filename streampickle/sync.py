@@ -7,6 +7,11 @@ caller. Side chunks are read straight into their final memory with ``recv_into``
 ``dump`` hands the encoder's chunks to ``sendmsg`` (sockets) or ``write`` unjoined: the array
 memory goes to the kernel without a userspace copy.
 
+``progress=callback`` on ``dump``, ``load`` and ``iter_load`` gives the async API's events
+(see ``_progress``): ``dump`` writes in groups of one reporting step, ``load`` stops each read
+at the next step, and ``iter_load`` keeps its read-ahead, handing what a read brought to the
+meter, which accounts it message by message.
+
 With ``shared_memory=True`` on both ends (Unix sockets only), arrays made with
 ``shared_empty`` travel as descriptors beside the bytes: ``dump`` sends a message's
 descriptors with its first byte, and ``load`` reads with ``recvmsg_into`` (a plain read would
@@ -181,7 +186,8 @@ def load(
     (message 0): once the header and length table arrived (not for a message of at most 64
     KiB), at least every 1% of the message (at most 64 MiB, at least 64 KiB: each read stops
     there) and once all of it arrived, before it is unpickled. It runs in the calling thread;
-    what it raises comes out of ``load``, and the rest of the message is left unread."""
+    what it raises comes out of ``load`` and the message is lost, with the file's position
+    inside it or just after it, as after a :class:`StreamBrokenError`: close the file."""
     options = options_for(trusted, allow, key, limits, persistent_load)
     meter = ReceiveMeter(progress) if progress is not None else None
     if shared_memory:
