@@ -131,6 +131,40 @@ def test_a_client_without_the_key_is_refused(client: Client, monkeypatch: pytest
         Client(client.scheduler.address, timeout="2s")
 
 
+def _shared_range(n: int) -> np.ndarray:
+    import streampickle
+
+    out = streampickle.shared_empty(n, np.int64)
+    out[:] = np.arange(n)
+    return out
+
+
+def _received_as_shared_memory(x: np.ndarray) -> tuple[int, bool]:
+    from streampickle import _shm
+
+    return int(x.sum()), x.base is not None and _shm.is_mapped(memoryview(x.base))
+
+
+def test_a_unix_cluster_hands_shared_arrays_between_workers() -> None:
+    # Without a key: sp+unix:// hands what a task made with streampickle.shared_empty to
+    # another worker as shared memory, and ordinary arrays as bytes over the Unix socket.
+    with dask.config.set({"distributed.comm.sp.key": None}), LocalCluster(
+        protocol="sp+unix://", n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as c:
+        assert c.scheduler.address.startswith("sp+unix://127.0.0.1/")
+        first, second = sorted(c.scheduler_info()["workers"])
+        n = 4 << 20
+        shared = c.submit(_shared_range, n, workers=[first], allow_other_workers=False)
+        plain = c.submit(np.arange, n, dtype=np.int64, workers=[first], allow_other_workers=False)
+        seen = [
+            c.submit(_received_as_shared_memory, x, workers=[second], allow_other_workers=False)
+            for x in (shared, plain)
+        ]
+        assert c.gather(seen) == [(n * (n - 1) // 2, True), (n * (n - 1) // 2, False)]
+        x = da.fromfunction(_cell, shape=(600, 800), chunks=(50, 800), dtype=float)
+        assert np.array_equal(c.compute(x.rechunk((600, 50))).result(), np.fromfunction(_cell, (600, 800)))
+
+
 def _wait_for(path: Path, process: subprocess.Popen[Any], seconds: float) -> dict[str, Any]:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -432,3 +432,103 @@ async def test_the_backend_bounds_the_receive_pool(anyio_backend: str) -> None:
         assert pool.max_bytes == 256 << 20
     finally:
         pool.configure(max_bytes=saved[0], max_idle=saved[1])
+
+
+# --- sp+unix:// ------------------------------------------------------------------------------
+
+
+async def test_unix_client_server_and_addresses(anyio_backend: str) -> None:
+    async def handle(comm: Any) -> None:
+        await comm.write(await comm.read())
+        await comm.close()
+
+    listener = await listen("sp+unix://127.0.0.1", handle)
+    try:
+        scheme, loc = parse_address(listener.contact_address)
+        host, path = sp_dask._split_unix(loc)
+        assert scheme == "sp+unix" and host == "127.0.0.1" and path is not None
+        assert listener.listen_address == listener.contact_address
+        assert os.stat(path).st_mode & 0o777 == 0o600  # this user's processes only
+        assert get_backend("sp+unix").get_address_host(loc) == "127.0.0.1"
+
+        async def client(n: int) -> None:
+            comm = await connect(listener.contact_address)
+            try:
+                assert comm.peer_address == listener.contact_address
+                await comm.write({"n": n, "a": to_serialize(np.arange(n))})
+                back = await comm.read()
+                assert back["n"] == n and np.array_equal(back["a"], np.arange(n))
+            finally:
+                await comm.close()
+
+        await asyncio.gather(*(client(n) for n in range(0, 200_000, 20_000)))
+    finally:
+        listener.stop()
+    with pytest.raises(FileNotFoundError):
+        os.stat(path)  # stop() removed the socket file
+
+
+async def test_unix_at_a_given_path(anyio_backend: str, tmp_path: Any) -> None:
+    async def handle(comm: Any) -> None:
+        await comm.write("hello")
+        await comm.close()
+
+    path = str(tmp_path / "scheduler.sock")
+    async with listen(f"sp+unix://127.0.0.1{path}", handle) as listener:
+        assert listener.contact_address == f"sp+unix://127.0.0.1{path}"
+        comm = await connect(f"sp+unix://{path}")  # the host may be left out
+        assert await comm.read() == "hello"
+        await comm.close()
+
+
+async def test_unix_hands_shared_memory_over_as_such(anyio_backend: str) -> None:
+    a, b = await comm_pair("sp+unix://127.0.0.1")
+    try:
+        assert a._share and b._share
+        shared = streampickle.shared_empty(1 << 20, np.float64)
+        shared[:] = 1.0
+        plain = np.full(1 << 20, 2.0)
+        _, got = await asyncio.gather(a.write({"s": to_serialize(shared), "p": to_serialize(plain)}), b.read())
+        assert got["s"].sum() == 1 << 20 and got["p"].sum() == 2 << 20
+        shared[7] = 42.0  # the same memory: the receiver sees the sender's later write ...
+        plain[7] = 42.0  # ... and not for an ordinary array, which was copied
+        assert got["s"][7] == 42.0 and got["p"][7] == 2.0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_unix_with_a_key_authenticates_and_shares_nothing(anyio_backend: str) -> None:
+    with dask.config.set({"distributed.comm.sp.key": "secret"}):
+        a, b = await comm_pair("sp+unix://127.0.0.1")
+    try:
+        assert not a._share and not b._share and a.stream._keyed
+        shared = streampickle.shared_empty(1000, np.int64)
+        shared[:] = 5
+        _, got = await asyncio.gather(a.write({"s": to_serialize(shared)}), b.read())
+        shared[0] = 6
+        assert got["s"][0] == 5 and got["s"].sum() == 5000  # a copy: bytes travelled
+    finally:
+        await a.close()
+        await b.close()
+    handled: list[Any] = []
+
+    async def handle(comm: Any) -> None:
+        handled.append(comm)
+
+    with dask.config.set({"distributed.comm.sp.key": "secret"}):
+        listener = await listen("sp+unix://127.0.0.1", handle)
+    try:
+        with dask.config.set({"distributed.comm.sp.key": None}), pytest.raises(CommClosedError):
+            await connect(listener.contact_address, timeout=5)
+        assert handled == []
+    finally:
+        listener.stop()
+
+
+async def test_unix_frames_past_the_descriptor_cap_travel_as_bytes(anyio_backend: str) -> None:
+    frames = [memoryview(streampickle.shared_empty(16, np.uint8)) for _ in range(sp_dask._SHARE_MAX + 5)]
+    out = sp_dask._shared_frames([b"header", *frames])
+    assert out[0] == b"header"
+    in_shm = [sp_dask._shm.find([o.raw()])[0] is not None for o in out[1:]]
+    assert in_shm == [True] * sp_dask._SHARE_MAX + [False] * 5
