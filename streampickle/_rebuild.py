@@ -121,9 +121,12 @@ class Rebuilder:
     ``build``: the call returns a :class:`Pending` value that exactly one ``BUILD`` completes
     (numpy's ``dtype`` and ``_reconstruct``, as standard pickles call them); only the standard
     pickle loader resolves such names.
+
+    ``optional``: how many of the last declared arguments may be left out (``bytearray()``
+    and ``bytearray(data)`` as standard pickles write them); 0 for streampickle's own.
     """
 
-    __slots__ = ("_name", "_func", "args", "result", "cost", "build")
+    __slots__ = ("_name", "_func", "args", "result", "cost", "build", "optional")
 
     _name: str
     _func: Callable[..., Any]
@@ -131,10 +134,12 @@ class Rebuilder:
     result: int
     cost: Callable[..., int]
     build: bool
+    optional: int
 
     def __init__(self, name: str, func: Callable[..., Any], args: tuple[int, ...], result: int = _kinds.VALUE,
-                 cost: Callable[..., int] | None = None, build: bool = False) -> None:
+                 cost: Callable[..., int] | None = None, build: bool = False, optional: int = 0) -> None:
         object.__setattr__(self, "build", build)
+        object.__setattr__(self, "optional", optional)
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_func", func)
         object.__setattr__(self, "args", args)
@@ -147,7 +152,7 @@ class Rebuilder:
         return self._name
 
     def __call__(self, *args: Any) -> Any:
-        if len(args) != len(self.args):
+        if not len(self.args) - self.optional <= len(args) <= len(self.args):
             raise _bad(f"{self._name} takes {len(self.args)} arguments, not {len(args)}")
         return self._func(*args)
 
@@ -1106,6 +1111,38 @@ def _set_cost(items: Any) -> int:
         return 1 + len(items)
 
 
+def _bytearray_of(*data: Any) -> bytearray:
+    """``bytearray()`` or ``bytearray(data)`` as protocols 0-4 write a bytearray: ``data`` is
+    bytes (a literal, or ``_codecs.encode(text, "latin1")`` in protocols 0-2), nothing else
+    (no int size, no iterable, no str with an encoding)."""
+    if data and type(data[0]) is not bytes:
+        raise _bad(f"a bytearray is made from bytes, not {_brief(data[0])}")
+    return bytearray(data[0]) if data else bytearray()
+
+
+def _bytearray_cost(*data: Any) -> int:
+    return 1 + (len(data[0]) // SCANNED_BYTES_PER_UNIT if data and type(data[0]) is bytes else 0)
+
+
+def _object_class() -> Any:
+    raise _bad("builtins.object is only an argument of copyreg._reconstructor")
+
+
+def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """``copyreg._reconstructor(cls, object, None)``: protocols 0-1's default reduction of an
+    instance of a plain class, ``object.__new__(cls)`` (its ``BUILD`` gives the state). ``cls``
+    is what ``find_class`` returned for a name the user allowed (the verifier proved it a
+    class); any other base, or a state, is refused."""
+    if base is not object_class or state is not None:
+        raise _bad("copyreg._reconstructor is only admitted as _reconstructor(cls, object, None)")
+    if not isinstance(cls, type):  # a Rebuilder (a marker) is no class either
+        raise _bad(f"copyreg._reconstructor instantiates a class, not {_brief(cls)}")
+    try:
+        return object.__new__(cls)
+    except TypeError as exc:  # a class whose instances object.__new__ can't make
+        raise _bad(f"copyreg._reconstructor: {str(exc)[:200]}") from exc
+
+
 def _pending_dtype_cost(descr: Any, align: Any, copy: Any) -> int:
     return _descr_cost(descr)
 
@@ -1120,10 +1157,21 @@ numpy_scalar = Rebuilder("numpy_scalar", _numpy_scalar, (_kinds.VALUE, BYTES))
 codecs_encode = Rebuilder("codecs_encode", _codecs_encode, (STR, STR), result=BYTES)
 empty_bytes = Rebuilder("empty_bytes", _empty_bytes, (), result=BYTES)
 set_ = Rebuilder("set_", _set_of, (LIST,), cost=_set_cost)
+bytearray_ = Rebuilder("bytearray_", _bytearray_of, (BYTES,), result=_kinds.BYTEARRAY, cost=_bytearray_cost,
+                       optional=1)
+object_class = Rebuilder("object_class", _object_class, ())
+#: Its result is an instance of its first argument, which must be a class the user allowed.
+reconstructor = Rebuilder("reconstructor", _reconstructor, (_kinds.GLOBAL, _kinds.GLOBAL, NONE),
+                          result=_kinds.INSTANCE)
+#: Names a standard pickle passes as arguments and never calls: ``find_class`` returns them as
+#: they are (unmetered), and calling one is refused.
+MARKERS = (ndarray_class, object_class)
 frozenset_ = Rebuilder("frozenset_", _frozenset_of, (LIST,), cost=_set_cost)
 
-#: The names standard pickles (``pickle.dump``, any protocol) use for numpy arrays and dtypes
-#: and for bytes and sets in protocols 0-3, and what the safe standard loader makes of them.
+#: The names standard pickles (``pickle.dump``, any protocol) use for numpy arrays and dtypes,
+#: for bytes, bytearrays and sets in protocols 0-4 and for plain instances in protocols 0-1
+#: (``copyreg._reconstructor``, only of classes the user allowed), and what the safe standard
+#: loader makes of them.
 #: Resolved by :class:`streampickle.PickleDecoder` only, never in streampickle's own messages.
 STANDARD_NAMES: dict[str, Rebuilder] = {
     "numpy.ndarray": ndarray_class,
@@ -1143,4 +1191,10 @@ STANDARD_NAMES: dict[str, Rebuilder] = {
     "__builtin__.frozenset": frozenset_,
     "builtins.complex": complex_,
     "__builtin__.complex": complex_,
+    "builtins.bytearray": bytearray_,
+    "__builtin__.bytearray": bytearray_,
+    "builtins.object": object_class,
+    "__builtin__.object": object_class,
+    "copyreg._reconstructor": reconstructor,
+    "copy_reg._reconstructor": reconstructor,
 }

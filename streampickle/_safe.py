@@ -32,8 +32,9 @@ budget.
 Standard pickles (``Loader.load_standard``, for :class:`streampickle.PickleDecoder`: any
 protocol, as ``pickle.dump`` writes them) take the same two gates: ``_verify.verify_standard``
 (the full walk, with the opcodes of protocols 0-4) and a ``find_class`` that resolves the same
-table, which adds ``_rebuild.STANDARD_NAMES`` (numpy's reducers, the protocol 0-3 spellings of
-bytes and sets) to the reconstructors. The C twins are framed-only, so a standard pickle that
+table, which adds ``_rebuild.STANDARD_NAMES`` (numpy's reducers, the protocol 0-4 spellings of
+bytes, bytearrays and sets, and ``copyreg._reconstructor`` for allowed classes) to the
+reconstructors. The C twins are framed-only, so a standard pickle that
 names a global is unpickled by the pure-Python unpickler, whose ``BUILD`` is replaced: it
 completes a reconstructor's ``Pending`` value with its state (numpy's ``__setstate__`` never
 runs) and otherwise builds only instances of allowed classes, as the verifier proved.
@@ -477,7 +478,7 @@ class _StandardUnpickler(_PyUnpickler):  # type: ignore[misc]  # subclassing Any
 
     def find_class(self, module: str, name: str) -> Any:
         found = self._loader.resolve_standard_object(module, name)
-        if type(found) is not _rebuild.Rebuilder or found is _rebuild.ndarray_class:  # that one: a marker
+        if type(found) is not _rebuild.Rebuilder or found in _rebuild.MARKERS:  # arguments, never called
             return found
         metered = _Metered(found, self.meter)
         return _Completing(metered, self) if found.build else metered

@@ -58,6 +58,9 @@ mark forms of the empty containers filled at once, ``DUP`` copies the top, ``GLO
 through the same resolver as ``STACK_GLOBAL``, ``PERSID`` is ``BINPERSID``'s line form;
 ``EXT1``/``EXT2``/``EXT4``, ``INST`` and ``OBJ`` stay refused (the first name the copyreg
 registry, the others instantiate by name; Python 3's pickler writes none of them for data).
+``copyreg._reconstructor(cls, object, None)``, protocols 0-1's reduction of a plain class's
+instance, is typed as ``NEWOBJ`` of ``cls`` is: ``cls`` must be a class the user allowed
+(``ForbiddenGlobalError`` naming it otherwise), the base exactly ``object``, the state ``None``.
 One narrow exception to the ``BUILD`` rule: a reconstructor declared with ``build`` (numpy's
 ``dtype`` and ``_reconstruct`` as pickle writes them) returns a *pending* value that no rule
 accepts until exactly one ``BUILD`` with a tuple state turns it into a reconstructed value.
@@ -664,9 +667,9 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
         rebuilder = target.rebuilder
         if rebuilder is not None:
             declared = rebuilder.args
-            if len(items) != len(declared):
+            if not len(declared) - rebuilder.optional <= len(items) <= len(declared):
                 raise Refused(pos, f"REDUCE: {target.name} takes {len(declared)} arguments, not {len(items)}")
-            for i, (item, allowed) in enumerate(zip(items, declared, strict=True)):
+            for i, (item, allowed) in enumerate(zip(items, declared[: len(items)], strict=True)):
                 if not item.kind & allowed:
                     raise Refused(pos, f"REDUCE: argument {i} of {target.name} must be a {K.name_of(allowed)}, "
                                        f"not a {K.name_of(item.kind)}")
@@ -679,6 +682,8 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
                 calls.append(pos)
             if rebuilder.build:  # numpy's dtype and _reconstruct: a value only once BUILD gives its state
                 return _V(K.OPAQUE, (_PENDING, rebuilder), _WEAK), budget
+            if rebuilder.result == K.INSTANCE:  # copyreg._reconstructor(cls, object, None)
+                return _reconstructed(items, pos), budget
             result = _V(rebuilder.result, None, _WEAK)
             return result, budget
         if target.attribute_of:
@@ -717,6 +722,20 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
     if instance.kind != K.INSTANCE:
         raise Refused(pos, f"BUILD on a {K.name_of(instance.kind)}: only on an instance of a class the user allowed")
     return instance, budget
+
+
+def _reconstructed(items: list[_V], pos: int) -> _V:
+    """``copyreg._reconstructor(cls, object, None)`` of a standard pickle: an instance of
+    ``cls``, which must be a class the user allowed (a ``BUILD`` may then give its state, as
+    for ``NEWOBJ``), with ``object`` as its base."""
+    cls: Global = items[0].info
+    base: Global = items[1].info
+    if not cls.is_class or cls.rebuilder is not None or cls.attribute_of:
+        raise ForbiddenGlobalError(cls.module, cls.qualname, position=pos, opcode="REDUCE")
+    if base.rebuilder is None or base.rebuilder.name != "object_class":
+        raise Refused(pos, f"REDUCE: copyreg._reconstructor of {cls.name} with base {base.name}: only object "
+                           "is admitted as the base")
+    return _V(K.INSTANCE, cls, _WEAK)
 
 
 # -- pending values: inert until their BUILD ---------------------------------------------------

@@ -53,6 +53,7 @@ CATALOG = textwrap.dedent("""
             np.zeros((0, 3), dtype=np.complex64), np.arange(5, dtype=np.uint8)[::2],
             {"nested": {"arrays": [np.ones(4, dtype=np.float32), np.arange(3, dtype=np.int16)]}},
             np.float64(2.5), np.int32(-7), np.str_("ü"), np.datetime64("2020-01-01", "ns"),
+            bytearray(b"\\x00ba\\xff\\n"), bytearray(), [bytearray(b"twice")] * 2,
         ]
 """)
 namespace: dict[str, Any] = {}
@@ -494,6 +495,79 @@ def test_persistent_load_never_sees_an_internal_value() -> None:
         assert next(decoder) == "next"
     assert next(_fed(b"\x80\x05\x8c\x01x\x85Q.", persistent_load=hook)) == "made"  # a plain id still works
     assert seen == [("x",)]
+
+
+class Plain:
+    """A plain class: protocols 0-1 pickle its instances with copyreg._reconstructor."""
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Plain and vars(other) == vars(self)
+
+
+class NotPlain(int):
+    pass
+
+
+def not_a_class() -> None:
+    pass
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_bytearrays_load_in_safe_mode(protocol: int) -> None:
+    # protocols 0-2: bytearray(_codecs.encode(text, "latin1")); 3-4: bytearray(bytes); 5: BYTEARRAY8
+    for value in (bytearray(b"\x00ba\xff\n" * 100), bytearray(), [bytearray(b"x")] * 2, {"k": bytearray(b"v")}):
+        got = next(_fed(pickle.dumps(value, protocol=protocol)))
+        assert got == value and type(got) is type(value)
+        if type(value) is list:
+            assert type(got[0]) is bytearray and got[0] is got[1]
+
+
+def test_a_bytearray_is_made_from_bytes_only() -> None:
+    hostile = [
+        b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\x40\x85R.",  # bytearray(2**30): a size
+        b"\x80\x02c__builtin__\nbytearray\nX\x01\x00\x00\x00a\x85R.",  # a str without encoding
+        b"\x80\x02c__builtin__\nbytearray\nC\x01aC\x01a\x86R.",  # two arguments
+        b"\x80\x02c__builtin__\nbytearray\n]\x85R.",  # an iterable
+    ]
+    for data in hostile:
+        with pytest.raises(MalformedPickleError):
+            next(_fed(data))
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_copyreg_reconstructor_builds_only_allowed_classes(protocol: int) -> None:
+    obj = Plain()
+    obj.x = [1, "two"]  # type: ignore[attr-defined]
+    data = pickle.dumps(obj, protocol=protocol)
+    if protocol < 2:
+        assert b"copy_reg\n_reconstructor" in data
+    assert next(_fed(data, allow=[Plain])) == obj
+    with pytest.raises(ForbiddenGlobalError, match=r"test_pickle_stream\.Plain"):
+        next(_fed(data))
+
+
+def test_copyreg_reconstructor_refuses_other_uses() -> None:
+    def call(cls: bytes, base: bytes, state: bytes = b"N") -> bytes:
+        return b"ccopy_reg\n_reconstructor\n(" + cls + base + state + b"tR."
+
+    plain = b"ctest_pickle_stream\nPlain\n"
+    obj = b"c__builtin__\nobject\n"
+    allow = [Plain, NotPlain, not_a_class]
+    assert type(next(_fed(call(plain, obj), allow=allow))) is Plain
+    refused: list[tuple[bytes, type[StreamPickleError], str]] = [
+        (call(plain, b"ctest_pickle_stream\nNotPlain\n"), MalformedPickleError, "only object"),  # another base
+        (call(plain, obj, b"K\x01"), MalformedPickleError, "argument 2"),  # a state for the base
+        (call(b"ctest_pickle_stream\nnot_a_class\n", obj), ForbiddenGlobalError, "not_a_class"),
+        (call(obj, obj), ForbiddenGlobalError, "object"),  # object itself
+        (call(b"cnumpy\nndarray\n", obj), ForbiddenGlobalError, "numpy.ndarray"),
+        (call(b"ctest_pickle_stream\nUnknown\n", obj), ForbiddenGlobalError, "Unknown"),  # not allowed
+        (b"c__builtin__\nobject\n)R.", MalformedPickleError, "only an argument"),  # object() called
+    ]
+    for data, error, words in refused:
+        with pytest.raises(error, match=words):
+            next(_fed(data, allow=allow))
+    with pytest.raises(MalformedPickleError):  # a class object.__new__ can't make
+        next(_fed(call(b"ctest_pickle_stream\nNotPlain\n", obj), allow=allow))
 
 
 def test_a_refused_global_names_its_opcode() -> None:
