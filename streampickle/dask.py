@@ -1,5 +1,5 @@
 """A dask.distributed comm backend: ``sp://host:port`` moves a cluster's messages through
-streampickle's TCP streams.
+streampickle's TCP streams, and ``sp+unix://host/path`` through Unix sockets on one host.
 
 Installed by the ``dask`` extra and registered through the ``distributed.comm.backends`` entry
 point, so ``LocalCluster(protocol="sp://")``, ``dask scheduler --protocol sp`` and
@@ -29,6 +29,11 @@ Theory of operation:
   comm is aborted and ``CommClosedError`` is raised, naming the peer and the cause. A read
   or write interrupted by anything else (a cancellation) aborts the comm too, as dask's TCP
   comm does: its caller can't know where the message stopped.
+* *One host: Unix sockets and shared memory.* ``sp+unix://`` listens on a Unix socket (mode
+  0600). Without a key its connections pass descriptors: a frame lying in shared memory the
+  sender made (an array a task made with ``shared_empty``) is handed over as that memory,
+  not copied; other frames go as bytes, since copying them into shared memory first costs
+  more than the socket does.
 * *Idle receive memory is bounded.* Large frames are received into memory of
   ``streampickle.buffer_pool``, which keeps dead arrays' memory for reuse; a dask worker's
   memory limit counts that memory, so the backend sizes the pool from
@@ -52,21 +57,28 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import dask.config
 from anyio.abc import SocketAttribute
-from dask.utils import parse_bytes, parse_timedelta
-from distributed.comm.addressing import parse_host_port, unparse_host_port
-from distributed.comm.core import (
-    BaseListener,
-    Comm,
-    CommClosedError,
-    Connector,
-    FatalCommClosedError,
-)
-from distributed.comm.registry import Backend
-from distributed.comm.tcp import BaseTCPBackend
-from distributed.comm.utils import ensure_concrete_host, from_frames, to_frames
-from distributed.utils import ensure_ip
+
+try:
+    import dask.config
+    from dask.utils import parse_bytes, parse_timedelta
+    from distributed.comm.addressing import parse_host_port, unparse_host_port
+    from distributed.comm.core import (
+        BaseListener,
+        Comm,
+        CommClosedError,
+        Connector,
+        FatalCommClosedError,
+    )
+    from distributed.comm.registry import Backend
+    from distributed.comm.tcp import BaseTCPBackend
+    from distributed.comm.utils import ensure_concrete_host, from_frames, to_frames
+    from distributed.utils import ensure_ip
+except ImportError as exc:  # pragma: no cover - the extra is not installed
+    raise ImportError(
+        f"streampickle.dask needs dask.distributed ({exc}): install it with "
+        f"python3 -m pip install 'streampickle[dask]' (or -e '.[dask]' in a checkout)"
+    ) from exc
 
 from . import _shm
 from ._anyio_compat import notify_closing
@@ -102,18 +114,17 @@ KEY_ENV = "STREAMPICKLE_DASK_KEY"
 # Frames of bytes up to this size travel inside the pickle (one write with the header); larger
 # ones, and every view of an array, as zero-copy side chunks. dask's small messages (a task,
 # a heartbeat) are one msgpack frame of a few hundred bytes: a side chunk would cost them an
-# extra length-table entry and allocation each.
+# extra length-table entry and allocation each. A 64 MiB array sent in-band instead took 3-8x
+# as long here (a copy into bytes on each end, and the pickle's own).
 _IN_BAND = 64 * 1024
-# The receive pool's defaults for a dask process: less than streampickle's own (1 GiB for
-# 10 s), since a worker's memory limit counts idle pool memory (MADV_FREE pages stay in RSS
-# until the kernel takes them) and a worker's transfers come in a burst, then stop.
 # At most this many frames of one message go as shared memory (each is a descriptor, and a
 # message may carry at most Limits.max_descriptors, 253, Linux's cap for one sendmsg).
 _SHARE_MAX = 200
+# The receive pool's defaults for a dask process: less than streampickle's own (1 GiB for
+# 10 s), since a worker's memory limit counts idle pool memory (MADV_FREE pages stay in RSS
+# until the kernel takes them) and a worker's transfers come in a burst, then stop.
 _POOL_MAX_BYTES = "256 MiB"
 _POOL_MAX_IDLE = "2s"
-
-
 _MACS: tuple[MacName, ...] = ("hmac-sha256", "blake3", "poly1305")
 
 
@@ -198,7 +209,7 @@ def _shared_frames(frames: list[Any]) -> list[Any]:
 
 
 def _frames_in(message: Any) -> list[Any]:
-    """The peer's message as frames, or ``ProtocolViolation`` if it is anything else."""
+    """The peer's message as frames; ``_NotFrames`` if it is anything else."""
     if type(message) is not list or not all(isinstance(f, (bytes, memoryview)) for f in message):
         raise _NotFrames(f"expected a list of dask frames, got a {type(message).__name__}")
     return message
