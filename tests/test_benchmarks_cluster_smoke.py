@@ -4,11 +4,13 @@ Timings here mean nothing (tiny sizes, one round, cores shared with the test run
 tested is that ``benchmarks/cluster.py --quick`` starts a real LocalCluster of worker processes
 per protocol, runs every workload on it with its results checked, reads the workers' memory,
 and writes one row per workload and protocol, with the ratio to tcp and the targets' table.
-``sp`` is in the run where streampickle's comm backend is registered with distributed.
+``sp`` and ``sp+unix`` are in the run where streampickle's comm backend registers them with
+distributed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +21,8 @@ import pytest
 pytest.importorskip("distributed", reason="the cluster benchmark needs dask.distributed")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKLOADS = ("large-key", "many-keys", "rechunk", "shuffle", "small-tasks")
+WORKLOADS = ("small-tasks", "large-key", "many-keys", "rechunk", "shuffle") + (
+    ("df-shuffle",) if importlib.util.find_spec("pandas") and importlib.util.find_spec("pyarrow") else ())
 RUN_S = 240
 
 
@@ -37,7 +40,7 @@ def registered(scheme: str) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the benchmark reads worker memory from /proc")
 def test_cluster_benchmark_runs_in_its_quick_configuration(tmp_path) -> None:
     out = tmp_path / "rows.json"
-    protocols = ["tcp"] + (["sp"] if registered("sp") else [])
+    protocols = ["tcp"] + [p for p in ("sp", "sp+unix") if registered(p)]
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "cluster.py"), "--quick", "--json", str(out),
          "--workloads", ",".join(WORKLOADS), "--protocols", ",".join(protocols)],
