@@ -37,7 +37,10 @@ bytes, bytearrays and sets, and ``copyreg._reconstructor`` for allowed classes) 
 reconstructors. The C twins are framed-only, so a standard pickle that
 names a global is unpickled by the pure-Python unpickler, whose ``BUILD`` is replaced: it
 completes a reconstructor's ``Pending`` value with its state (numpy's ``__setstate__`` never
-runs) and otherwise builds only instances of allowed classes, as the verifier proved.
+runs) and otherwise builds only instances of allowed classes, as the verifier proved. Data a
+standard pickle passes to reconstructors again through its memo (an array's bytes, a
+bytearray's, text to encode) is charged its length each time after the first, at most the
+pickle's size in all: each use is a copy or a scan.
 """
 
 from __future__ import annotations
@@ -444,19 +447,24 @@ class Loader:
         return obj
 
 
-class _Completing:
-    """A ``build`` reconstructor as a standard unpickling sees it: each call is metered and
-    its ``Pending`` result counted until its ``BUILD``."""
+class _StandardCall:
+    """A reconstructor as a standard unpickling sees it: each call is metered, its data
+    arguments charged if the pickle shares them (``_StandardUnpickler.charge``), and a
+    ``build`` one's ``Pending`` result counted until its ``BUILD``."""
 
-    __slots__ = ("_metered", "_unpickler")
+    __slots__ = ("_metered", "_unpickler", "_build")
 
-    def __init__(self, metered: _Metered, unpickler: Any) -> None:
+    def __init__(self, metered: _Metered, unpickler: Any, build: bool) -> None:
         self._metered = metered
         self._unpickler = unpickler
+        self._build = build
 
     def __call__(self, *args: Any) -> Any:
+        unpickler = self._unpickler
+        unpickler.charge(args)
         made = self._metered(*args)
-        self._unpickler.pending += 1
+        if self._build:
+            unpickler.pending += 1
         return made
 
 
@@ -473,6 +481,10 @@ class _StandardUnpickler(_PyUnpickler):  # type: ignore[misc]  # subclassing Any
         self._loader = loader
         self.meter = _Meter(budget)
         self.pending = 0  # pending values made and not yet built
+        # Data the pickle passes to reconstructors: each object once for free; again (through
+        # the memo), charged its length, at most the pickle's size in all. See ``charge``.
+        self._seen: dict[int, Any] = {}
+        self._shared_left = len(data) + SHARED_DATA_BASE
         if loader.persistent_load is not None:
             self.persistent_load = _GuardedPersistentLoad(loader.persistent_load, self.meter)
 
@@ -481,12 +493,36 @@ class _StandardUnpickler(_PyUnpickler):  # type: ignore[misc]  # subclassing Any
         if type(found) is not _rebuild.Rebuilder or found in _rebuild.MARKERS:  # arguments, never called
             return found
         metered = _Metered(found, self.meter)
-        return _Completing(metered, self) if found.build else metered
+        return _StandardCall(metered, self, found.build)
+
+    def charge(self, items: Any) -> None:
+        """Charge the bytes and str among ``items`` (a call's arguments, a BUILD's state) that
+        this unpickling has passed before. Why: reconstructors copy or scan their data (an
+        array's bytes are copied into a writable array, a bytearray copies its bytes, text is
+        encoded or scanned for code points), and the memo lets a pickle pass one megabyte a
+        thousand times in 8 bytes each: a 1 MiB pickle made a GiB of arrays. pickle's own
+        picklers write each array's data once, so real pickles are never charged more than a
+        few shared short strings."""
+        seen = self._seen
+        for item in items:
+            kind = type(item)
+            if (kind is bytes or kind is str or kind is bytearray) and item:
+                if id(item) not in seen:
+                    seen[id(item)] = item  # kept alive: no other object takes its id meanwhile
+                    continue
+                self._shared_left -= len(item)
+                if self._shared_left < 0:
+                    raise MalformedPickleError(
+                        "the pickle passes data it shares through its memo to reconstructors more times than "
+                        "its size allows (each would be copied or scanned again): the peer's pickle is malformed "
+                        "or hostile")
 
     def _build(self) -> None:
         state = self.stack.pop()
         inst = self.stack[-1]
         if type(inst) is _rebuild.Pending:
+            if type(state) is tuple:
+                self.charge(state)
             self.stack[-1] = inst.build(state)
             self.pending -= 1
             return
@@ -547,6 +583,8 @@ def _plain_loads(data: bytes | memoryview, buffers: Any,
     return obj
 
 
+#: Bytes of shared data a standard pickle may pass to reconstructors again, beyond its size.
+SHARED_DATA_BASE = 1 << 16
 #: Pickle parts from this size up are unpickled with the cyclic garbage collector paused.
 GC_PAUSE_BYTES = 1 << 20
 #: ... and verified with it paused from this size.
@@ -589,4 +627,4 @@ _verify_c = speedups.verify if speedups else None
 
 _SHARED = {False: Loader(trusted=False), True: Loader(trusted=True)}
 #: What the safe loader makes and a peer's pickle can reach as a value: never a hook's to see.
-_INTERNAL_TYPES = (_rebuild.Pending, _rebuild.Rebuilder, _Metered, _Completing)
+_INTERNAL_TYPES = (_rebuild.Pending, _rebuild.Rebuilder, _Metered, _StandardCall)

@@ -570,6 +570,41 @@ def test_copyreg_reconstructor_refuses_other_uses() -> None:
         next(_fed(call(b"ctest_pickle_stream\nNotPlain\n", obj), allow=allow))
 
 
+def _shared_array_data(size: int, repeats: int) -> bytes:
+    """A protocol-4 list of ``repeats`` arrays that all take one ``size``-byte bytes literal
+    from the memo: 8 bytes per extra array."""
+    dtype = (b"cnumpy\ndtype\nX\x02\x00\x00\x00u1\x89\x88\x87R(K\x03X\x01\x00\x00\x00|NNN"
+             b"J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+    state = (b"(K\x01J" + size.to_bytes(4, "little") + b"\x85" + dtype + b"\x89B" + size.to_bytes(4, "little")
+             + bytes(size) + b"t\x94")  # memo 3
+    first = b"cnumpy._core.multiarray\n_reconstruct\n\x94cnumpy\nndarray\n\x94K\x00\x85C\x01b\x87\x94R" + state + b"b"
+    return b"\x80\x04](" + first + b"h\x00h\x02Rh\x03b" * (repeats - 1) + b"e."
+
+
+def test_data_shared_through_the_memo_is_not_copied_again_and_again() -> None:
+    # A red-team style find: an array's state taken from the memo is copied into a new array
+    # by every BUILD, so a 1 MiB pickle with 8 bytes per extra array made a GiB of arrays.
+    assert len(next(_fed(_shared_array_data(1 << 10, 2)))) == 2  # a little sharing is charged, not refused
+    with pytest.raises(MalformedPickleError, match="shares through its memo"):
+        next(_fed(_shared_array_data(1 << 18, 8)))
+    hostile = [  # bytearray, _codecs.encode and numpy scalars copy their data too
+        b"\x80\x04](c__builtin__\nbytearray\n\x94B" + (1 << 18).to_bytes(4, "little") + bytes(1 << 18)
+        + b"\x94\x85\x94R" + b"h\x00h\x02R" * 8 + b"e.",
+        b"\x80\x04](c_codecs\nencode\n\x94X" + (1 << 18).to_bytes(4, "little") + b"a" * (1 << 18)
+        + b"X\x06\x00\x00\x00latin1\x86\x94R" + b"h\x00h\x01R" * 8 + b"e.",
+    ]
+    for data in hostile:
+        with pytest.raises(MalformedPickleError, match="shares through its memo"):
+            next(_fed(data))
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_real_pickles_of_many_arrays_and_repeated_bytes_are_not_charged(protocol: int) -> None:
+    value = [np.arange(1000, dtype=np.int64) + i for i in range(50)] + [b"a", bytes([97]), b"a" * 5000, b"b" * 5000]
+    got = next(_fed(pickle.dumps(value, protocol=protocol)))
+    assert all(same(g, w) for g, w in zip(got, value, strict=True))
+
+
 def test_a_refused_global_names_its_opcode() -> None:
     with pytest.raises(ForbiddenGlobalError, match=r"GLOBAL at byte 2\)"):
         next(_fed(b"\x80\x02cos\nsystem\n."))
