@@ -20,6 +20,10 @@ Workloads, in the order they run on each cluster (sizes are multiplied by ``--sc
   B fetching the key from A plus a scheduler round trip (milliseconds; the ``fetch`` columns
   are B's own timing of the transfer alone). Repeated ``INNER`` times per cluster, each with
   a new key.
+- ``shared-key``: as ``large-key``, but A makes its array in shared memory
+  (``streampickle.shared_empty``), as a producer that knows its consumers share its host
+  does: on ``sp+unix`` it is handed over without a copy on either end; on the others it
+  travels as any array. Skipped where the platform has no memfd.
 - ``many-keys``: four 64 MiB arrays on A, one task on B taking all four. dask's default
   ``distributed.worker.transfer.message-bytes-limit`` (50 MB) would fetch them one by one, so
   the run raises it for every protocol alike (``MESSAGE_BYTES_LIMIT``): the four come in one
@@ -49,6 +53,7 @@ import gc
 import importlib.util
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -56,6 +61,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # the workers inherit it, and import peers by this name
+import peers  # noqa: E402
 
 MiB = 1 << 20
 #: The protocols the harness knows, each an address scheme and the LocalCluster options it needs.
@@ -69,9 +78,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 }
 #: In the order they run on each cluster: small tasks first, on workers that have not yet
 #: held (and their allocators kept) any large data.
-WORKLOADS = ["small-tasks", "large-key", "many-keys", "rechunk", "shuffle", "df-shuffle"]
+WORKLOADS = ["small-tasks", "large-key", "shared-key", "many-keys", "rechunk", "shuffle", "df-shuffle"]
 #: Timed repetitions per cluster, for the workloads cheap enough to repeat.
-INNER = {"large-key": 3, "many-keys": 3}
+INNER = {"large-key": 3, "shared-key": 3, "many-keys": 3}
 #: Sizes at --scale 1.
 LARGE_KEY_BYTES = 256 * MiB
 MANY_KEYS, MANY_KEY_BYTES = 4, 64 * MiB
@@ -86,14 +95,26 @@ RELEASE_TIMEOUT_S = 60
 
 # ---- code that runs on the workers (module-level, so that it pickles by reference or value) ----
 
-def make_array(nbytes: int, seed: int) -> np.ndarray:
-    """A float64 array whose values say where they are: checked cheaply by the consumer."""
-    return np.arange(nbytes // 8, dtype=np.float64) + seed
+def make_array(nbytes: int, seed: int, shared: bool = False) -> np.ndarray:
+    """A float64 array whose values say where they are (checked cheaply by the consumer); in
+    shared memory (``streampickle.shared_empty``) if ``shared``."""
+    if not shared:
+        return np.arange(nbytes // 8, dtype=np.float64) + seed
+    import streampickle
+
+    out = streampickle.shared_empty(nbytes // 8, np.float64)
+    np.add(np.arange(nbytes // 8, dtype=np.float64), seed, out=out)
+    return out
 
 
 def consume(*arrays: np.ndarray) -> tuple[int, list[float]]:
     """What B computes on the fetched keys: their size and each one's last value (one page read)."""
     return sum(a.nbytes for a in arrays), [float(a[-1]) for a in arrays]
+
+
+def mapped_count(*arrays: np.ndarray) -> int:
+    """How many of the arrays lie in a mapping of a shared-memory file: handed over, not copied."""
+    return sum(peers.in_shared_file(a) for a in arrays)
 
 
 def inc(x: int) -> int:
@@ -173,6 +194,12 @@ def available(names: list[str]) -> list[str]:
 
 
 def workload_available(name: str) -> bool:
+    if name == "shared-key":
+        from streampickle import _shm
+
+        if not _shm.AVAILABLE:
+            print("skipping shared-key: this platform has no sealable shared-memory files (memfd)", file=sys.stderr)
+        return bool(_shm.AVAILABLE)
     if name != "df-shuffle":
         return True
     if importlib.util.find_spec("pandas") is None or importlib.util.find_spec("pyarrow") is None:
@@ -205,6 +232,7 @@ class Run:
     def __init__(self, client: Any) -> None:
         self.client = client
         self.samples: list[float] = []
+        self.shared = 0  # keys that B got as shared memory
         client.run(reset_peak)
         self.seen = {w: len(log) for w, log in client.run(fetch_log).items()}
 
@@ -218,7 +246,7 @@ class Run:
         """Read before the workload's data is released: the peak is the workload's own."""
         peak = max(hwm for hwm, _ in self.client.run(memory).values())
         fetches = [e for w, log in self.client.run(fetch_log).items() for e in log[self.seen.get(w, 0):]]
-        return {"samples": self.samples, "peak_mib": peak, "fetches": fetches, **extra}
+        return {"samples": self.samples, "peak_mib": peak, "fetches": fetches, "shared": self.shared, **extra}
 
 
 def persisted(client: Any, collection: Any) -> Any:
@@ -244,13 +272,13 @@ def two_workers(client: Any) -> tuple[str, str]:
     return a, b
 
 
-def fetch_keys(client: Any, run: Run | None, keys: int, nbytes: int, seed: int) -> None:
+def fetch_keys(client: Any, run: Run | None, keys: int, nbytes: int, seed: int, shared: bool = False) -> None:
     """Make ``keys`` arrays on worker A, then (timed) run ``consume`` on worker B, which has
     to fetch them from A; check what B saw."""
     from distributed import wait
 
     a, b = two_workers(client)
-    futures = [client.submit(make_array, nbytes, seed + k, workers=[a], pure=False) for k in range(keys)]
+    futures = [client.submit(make_array, nbytes, seed + k, shared, workers=[a], pure=False) for k in range(keys)]
     wait(futures)
 
     def go() -> Any:
@@ -260,14 +288,16 @@ def fetch_keys(client: Any, run: Run | None, keys: int, nbytes: int, seed: int) 
     expected = [float(nbytes // 8 - 1 + seed + k) for k in range(keys)]
     if total != nbytes * keys or lasts != expected:
         raise RuntimeError(f"worker B got the wrong arrays: {total} bytes, last values {lasts}, expected {expected}")
+    if run is not None:  # untimed: B has the keys now, so this task fetches nothing
+        run.shared += client.submit(mapped_count, *futures, workers=[b], allow_other_workers=False, pure=False).result()
 
 
-def keys_workload(client: Any, keys: int, nbytes: int, inner: int) -> dict[str, Any]:
+def keys_workload(client: Any, keys: int, nbytes: int, inner: int, shared: bool = False) -> dict[str, Any]:
     run = Run(client)
     for i in range(inner):
         if i:
             released(client)  # each fetch starts with no array held; peaks span them all
-        fetch_keys(client, run, keys, nbytes, seed=10 * i)
+        fetch_keys(client, run, keys, nbytes, seed=10 * i, shared=shared)
     return run.finish(bytes=keys * nbytes)
 
 
@@ -343,6 +373,8 @@ def measure(client: Any, workload: str, scale: float) -> dict[str, Any]:
     inner = INNER.get(workload, 1)
     if workload == "large-key":
         result = keys_workload(client, 1, max(8, int(LARGE_KEY_BYTES * scale) // 8 * 8), inner)
+    elif workload == "shared-key":
+        result = keys_workload(client, 1, max(8, int(LARGE_KEY_BYTES * scale) // 8 * 8), inner, shared=True)
     elif workload == "many-keys":
         result = keys_workload(client, MANY_KEYS, max(8, int(MANY_KEY_BYTES * scale) // 8 * 8), inner)
     elif workload == "rechunk":
@@ -395,6 +427,7 @@ def rows(results: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[str,
             "moved_mib_per_run": sum(f["total"] for f in fetches) / len(runs) / MiB,
             "keys_per_fetch": statistics.median(f["keys"] for f in fetches) if fetches else None,
             "fetch_median_s": statistics.median(f["duration"] for f in fetches) if fetches else None,
+            "shared_keys": sum(r["shared"] for r in runs),  # fetched keys B got as shared memory
         }
         if "tasks" in runs[0]:
             row["tasks"] = runs[0]["tasks"]
@@ -419,16 +452,19 @@ def _f(value: float | None, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown. ``x tcp``: tcp's median time over this row's (above 1: faster than tcp);
+    ``keys mapped``: of the keys B fetched and consumed (large-key, shared-key, many-keys), how
+    many it got as a mapping of the sender's shared memory;
     ``fetch``: the median of the workers' own timing of each incoming transfer; peak and
     idle: the largest worker's peak RSS over the workload and RSS after its data was released."""
     lines = ["| workload | protocol | samples | median s (min-max) | rate | x tcp | fetches/run | keys/fetch "
-             "| fetch median s | fetch x tcp | worker peak RSS MiB | peak / tcp | worker idle RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| keys mapped | fetch median s | fetch x tcp | worker peak RSS MiB | peak / tcp | worker idle RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['protocol']} | {len(r['samples_s'])} | {r['median_s']:.4f} "
             f"({r['min_s']:.4f}-{r['max_s']:.4f}) | {r['rate']} | {_f(r['vs_tcp'], '.2f')} "
-            f"| {r['fetches_per_run']:.1f} | {_f(r['keys_per_fetch'], '.0f')} | {_f(r['fetch_median_s'], '.4f')} "
+            f"| {r['fetches_per_run']:.1f} | {_f(r['keys_per_fetch'], '.0f')} | {r.get('shared_keys', 0)} "
+            f"| {_f(r['fetch_median_s'], '.4f')} "
             f"| {_f(r.get('fetch_vs_tcp'), '.2f')} | {r['peak_mib']:.0f} | {_f(r['peak_vs_tcp'], '.3f')} "
             f"| {r['idle_mib']:.0f} |")
     return "\n".join(lines)
@@ -436,7 +472,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 #: The goals on speed relative to tcp (x tcp), per workload; the same-host protocols' own goal
 #: for one large key is in SHARED_GOAL.
-SPEED_GOALS = {"large-key": 1.3, "many-keys": 1.3, "small-tasks": 0.95}
+SPEED_GOALS = {"large-key": 1.3, "shared-key": 1.3, "many-keys": 1.3, "small-tasks": 0.95}
 #: Protocols that hand arrays over through shared memory between workers on one host.
 SHARED = {"sp+unix"}
 SHARED_GOAL = 10.0
@@ -452,12 +488,12 @@ def targets(rows: list[dict[str, Any]]) -> str:
         if r["protocol"] == "tcp" or r["vs_tcp"] is None:
             continue
         goal = SPEED_GOALS.get(r["workload"])
-        if r["protocol"] in SHARED and r["workload"] == "large-key":
+        if r["protocol"] in SHARED and r["workload"] in ("large-key", "shared-key"):
             goal = SHARED_GOAL
         if goal is not None:
             held = "yes" if r["vs_tcp"] >= goal else "**no**"
             lines.append(f"| {r['workload']}: speed / tcp | {r['protocol']} | {r['vs_tcp']:.2f} | >= {goal} | {held} |")
-            if r.get("fetch_vs_tcp") is not None and r["workload"] in ("large-key", "many-keys"):
+            if r.get("fetch_vs_tcp") is not None and r["workload"] in ("large-key", "shared-key", "many-keys"):
                 held = "yes" if r["fetch_vs_tcp"] >= goal else "**no**"
                 lines.append(f"| {r['workload']}: fetch speed / tcp, by worker B's own timing | {r['protocol']} "
                              f"| {r['fetch_vs_tcp']:.2f} | >= {goal} | {held} |")

@@ -21,8 +21,14 @@ import pytest
 pytest.importorskip("distributed", reason="the cluster benchmark needs dask.distributed")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKLOADS = ("small-tasks", "large-key", "many-keys", "rechunk", "shuffle") + (
-    ("df-shuffle",) if importlib.util.find_spec("pandas") and importlib.util.find_spec("pyarrow") else ())
+def _memfd() -> bool:
+    from streampickle import _shm
+
+    return bool(_shm.AVAILABLE)
+
+
+WORKLOADS = ("small-tasks", "large-key", *(("shared-key",) if _memfd() else ()), "many-keys", "rechunk", "shuffle",
+             *(("df-shuffle",) if importlib.util.find_spec("pandas") and importlib.util.find_spec("pyarrow") else ()))
 RUN_S = 240
 
 
@@ -60,5 +66,6 @@ def test_cluster_benchmark_runs_in_its_quick_configuration(tmp_path) -> None:
         assert by["many-keys", p]["keys_per_fetch"] == 4
         assert by["rechunk", p]["moved_mib_per_run"] > 0 and by["shuffle", p]["moved_mib_per_run"] > 0
     assert by["large-key", "tcp"]["vs_tcp"] == 1.0
+    assert by["large-key", "tcp"]["shared_keys"] == 0  # tcp copies: B's array is its own memory
     assert "| workload | protocol |" in proc.stdout
     assert "| target |" in proc.stdout
