@@ -346,6 +346,23 @@ def test_one_feed_of_many_tiny_pickles_holds_about_the_bytes_fed() -> None:
     assert decoder._steps <= 4 * len(data)
 
 
+def test_the_stream_walk_does_bounded_work_per_byte() -> None:
+    # A protocol-0 line argument fed a byte at a time is searched once, not from its start at
+    # every feed; frames and literals are sized once their prefix is in.
+    shapes = [
+        b"V" + b"a" * 50_000 + b"\n.",
+        pickle.dumps([b"x" * 100] * 500 + list(range(2000)), protocol=4),  # frames
+        b"(" + b"I1\n" * 10_000 + b"l.",
+    ]
+    for data in shapes:
+        decoder = PickleDecoder()
+        for i in range(len(data)):
+            decoder.feed(data[i : i + 1])
+        assert decoder.pending == 1
+        next(decoder)
+        assert decoder._steps <= 3 * len(data), (len(data), decoder._steps)
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_the_buffer_is_compacted_while_a_pickle_is_half_fed(protocol: int) -> None:
     one = pickle.dumps({"k": list(range(50)), "s": "x" * 100}, protocol=protocol)

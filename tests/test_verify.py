@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -183,3 +184,74 @@ def test_a_datetime_unit_multiplier_of_zero_is_refused() -> None:
     with pytest.raises(MalformedPickleError):
         _rebuild.dtype("<M8[0s]")
     assert _rebuild.dtype("<M8[10s]") == "<M8[10s]"
+
+
+# -- the standard walk's work is linear in the pickle's size -----------------------------------
+
+_DTYPE_CALL = b"cnumpy\ndtype\nX\x02\x00\x00\x00f8\x89\x88\x87R"  # numpy.dtype("f8", False, True): pending
+_DTYPE_STATE = b"(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"
+_P4 = b"\x80\x04"
+
+
+def _shared_dtype_pickle(levels: int) -> bytes:
+    """A dtype whose every level uses the level below twice (one object, memoized): the
+    pickle grows with ``levels``, the tree it describes with 2**levels."""
+    import numpy as np
+
+    dt = np.dtype("i1")
+    for _ in range(levels):
+        dt = np.dtype({"names": ["a", "b"], "formats": [dt, dt], "offsets": [0, dt.itemsize],
+                       "itemsize": 2 * dt.itemsize})
+    return pickle.dumps(dt, protocol=2)
+
+
+#: Adversarial shapes of standard pickles, each made with about ``n`` repetitions.
+_SHAPES = {
+    "nested lists": lambda n: _P4 + b"]" * n + b"a" * (n - 1) + b".",
+    "nested tuples": lambda n: _P4 + b")" + b"\x85" * 990 + b"N0" * n + b".",
+    "many BINGET": lambda n: _P4 + b"]\x94(" + b"h\x00" * n + b"e.",
+    "many MEMOIZE": lambda n: _P4 + b"N" + b"\x94" * n + b".",
+    "PUT lines": lambda n: b"N" + b"".join(b"p%d\n" % i for i in range(n)) + b".",
+    "GET lines": lambda n: b"(lp0\n" + b"g0\n" * n + b"a" * n + b".",
+    "MARK, POP_MARK": lambda n: _P4 + b"N" + b"(1" * n + b".",
+    "runs of MARKs": lambda n: _P4 + b"N" + (b"(" * 1000 + b"N" * 10 + b"1" * 1000) * (n // 1000) + b".",
+    "a pending value alive": lambda n: (b"\x80\x02" + _DTYPE_CALL + b"(" + b"N" * n + b"t0" + b"N\x850" * n
+                                        + _DTYPE_STATE + b"b."),
+    "a shared dtype graph": lambda n: _shared_dtype_pickle(n // 300),  # 3 and 26 levels
+    "one deep tuple as every key": lambda n: _P4 + b"})" + b"\x85" * 60 + b"\x940(" + b"h\x00N" * n + b"u.",
+    "many GLOBALs": lambda n: b"\x80\x02" + b"cnumpy\ndtype\n0" * n + b"N.",
+    "set items": lambda n: _P4 + b"\x8f(" + b"".join(b"J" + i.to_bytes(4, "little") for i in range(n)) + b"\x90.",
+}
+
+
+def _walk_work(data: bytes) -> int:
+    """Python lines and calls that verify_standard runs on ``data`` (its helpers and the
+    resolver included): a count of work, not a time."""
+    loader = streampickle._safe.Loader()
+    count = 0
+
+    def tracer(frame: object, event: str, arg: object) -> object:
+        nonlocal count
+        count += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        _verify.verify_standard(data, loader.resolve_standard, 1000)
+    except (_verify.Refused, streampickle.StreamPickleError):
+        pass  # a refusal late in the pickle: the work up to it is what counts
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_the_standard_walk_does_work_linear_in_the_pickles_size(shape: str) -> None:
+    # Measured at the time of writing: 8 to 35 lines per byte, the same at every size.
+    per_byte = []
+    for n in (1000, 8000):
+        data = _SHAPES[shape](n)
+        work = _walk_work(data)
+        assert work <= 48 * len(data) + 5000, (shape, n, len(data), work)
+        per_byte.append(work / len(data))
+    assert per_byte[1] <= 1.25 * per_byte[0] + 1, per_byte  # eight times the bytes: no more per byte
