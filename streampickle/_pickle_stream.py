@@ -364,6 +364,15 @@ class PickleDecoder:
             cursor.reset(end)
         self._compact()
 
+    def _in_line(self) -> bool:
+        """Whether the walk waits inside a line argument (protocols 0-1), whose end is the
+        next newline: a reader that can search its own buffer for it reads the line whole."""
+        cursor, buf = self._walk_at, self._buf
+        if cursor.stop >= 0 or cursor.pos >= len(buf) or cursor.need > len(buf) + 1:
+            return False
+        spec = _ARGS.get(buf[cursor.pos])
+        return spec is not None and spec[0] == _LINES
+
     @property
     def _steps(self) -> int:
         """Turns of both walks' loops so far (tests bound the work per input byte with it)."""
@@ -412,24 +421,79 @@ async def load_pickle(
     persistent_load: Callable[[Any], Any] | None = None,
 ) -> Any:
     """Read exactly one standard pickle (``pickle.dump``, any protocol) from an anyio byte
-    stream and return its object, safely unless ``trusted``.
+    stream or an ``asyncio.StreamReader`` and return its object, safely unless ``trusted``.
 
-    Never reads a byte beyond the pickle: it receives only as many bytes as the opcode walk
-    knows the pickle still needs (an opcode's argument at a time, a frame whole; protocols 0-1
-    write line arguments, read a byte at a time), so what follows stays in the stream.
-    ``EOFError`` at a clean end before the pickle; :class:`IncompleteMessageError` inside it.
+    Never reads a byte beyond the pickle, so what follows stays in the stream: it receives
+    only as many bytes as the opcode walk knows the pickle still needs (an opcode's argument
+    at a time, a frame whole). The line arguments of protocols 0-1 (``INT``, ``FLOAT``,
+    ``STRING``, ``GLOBAL``, ``PUT``...) end at a newline the walk can't see coming: an
+    ``asyncio.StreamReader`` reads each with ``readuntil``, and an anyio
+    ``BufferedByteReceiveStream`` with ``receive_until``, both keeping what follows in their
+    own buffer; any other anyio stream can't give bytes back, so there a line is received a
+    byte at a time (wrap the stream in ``BufferedByteReceiveStream`` and pass that, and read
+    what follows from it too). ``EOFError`` at a clean end before the pickle;
+    :class:`IncompleteMessageError` inside it.
     """
     import anyio  # the async adapter only: the module's decoder imports no I/O machinery
 
     decoder = PickleDecoder(trusted=trusted, allow=allow, limits=limits, persistent_load=persistent_load)
+    receive = _receiver(stream)
     while not decoder.pending:
         try:
-            # At most MAX_READ: never ask a stream for a buffer the size a length field claims.
-            data = await stream.receive(max(1, min(decoder.wanted, MAX_READ)))
-        except anyio.EndOfStream:
+            data = await receive(decoder)
+        except (anyio.EndOfStream, anyio.IncompleteRead):
+            data = b""
+        except _IncompleteLine as exc:  # the stream ended inside a line argument
+            decoder.feed(exc.partial)
+            data = b""
+        if not data:
             if not decoder.in_pickle:
                 raise EOFError("the stream ended before a pickle started") from None
             decoder.feed_eof()  # inside a pickle: raises IncompleteMessageError
-            raise
         decoder.feed(data)
     return next(decoder)
+
+
+class _IncompleteLine(Exception):
+    def __init__(self, partial: bytes) -> None:
+        super().__init__()
+        self.partial = partial
+
+
+def _receiver(stream: Any) -> Callable[[PickleDecoder], Any]:
+    """An async function that receives the next bytes ``decoder`` certainly needs from
+    ``stream``, never past its pickle (``b""`` or ``anyio.EndOfStream`` at the end)."""
+    import asyncio
+
+    import anyio
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    if isinstance(stream, asyncio.StreamReader):
+        async def from_reader(decoder: PickleDecoder) -> bytes:
+            if not decoder._in_line():
+                # At most MAX_READ: never ask a stream for a buffer the size a length field claims.
+                return await stream.read(max(1, min(decoder.wanted, MAX_READ)))
+            try:
+                return await stream.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:  # a line longer than the reader's buffer: a piece
+                return await stream.readexactly(max(1, exc.consumed))
+            except asyncio.IncompleteReadError as exc:
+                raise _IncompleteLine(exc.partial) from None
+        return from_reader
+    if isinstance(stream, BufferedByteReceiveStream):
+        async def from_buffered(decoder: PickleDecoder) -> bytes:
+            if not decoder._in_line():
+                return await stream.receive(max(1, min(decoder.wanted, MAX_READ)))
+            # A line past the limit is taken up to it, and the decoder refuses it.
+            limit = max(1, decoder._max + 1 - decoder.progress[0])
+            try:
+                return await stream.receive_until(b"\n", limit) + b"\n"
+            except anyio.DelimiterNotFound:
+                return await stream.receive_exactly(len(stream.buffer))
+        return from_buffered
+    if callable(getattr(stream, "receive", None)):  # an anyio ByteReceiveStream, or one that acts as it
+        async def from_stream(decoder: PickleDecoder) -> Any:
+            return await stream.receive(max(1, min(decoder.wanted, MAX_READ)))
+        return from_stream
+    raise UsageError(f"load_pickle reads an anyio byte stream or an asyncio.StreamReader, not a "
+                     f"{type(stream).__name__}")

@@ -230,6 +230,105 @@ def test_async_load_pickle_leaves_what_follows() -> None:
     anyio.run(main)
 
 
+LINES = [pickle.dumps([i / 3 for i in range(200)], protocol=0), pickle.dumps({"k": ("v", 10**30)}, protocol=1),
+         pickle.dumps(np.arange(3.0), protocol=0)]
+
+
+def test_async_load_pickle_on_an_asyncio_stream_reader_reads_lines_whole() -> None:
+    import asyncio
+
+    calls = 0
+
+    def counted(method: Any) -> Any:
+        async def call(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await method(*args)
+        return call
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.getsockname()[1])
+            conn, _ = server.accept()
+            with conn:
+                for name in ("read", "readuntil", "readexactly"):
+                    setattr(reader, name, counted(getattr(reader, name)))
+                conn.sendall(b"".join(LINES) + b"after")
+                conn.shutdown(socket.SHUT_WR)
+                got = [await streampickle.load_pickle(reader) for _ in LINES]
+                assert got[:2] == [pickle.loads(LINES[0]), pickle.loads(LINES[1])]
+                assert same(got[2], np.arange(3.0))
+                assert await reader.read() == b"after"  # nothing beyond the pickles was taken
+                with pytest.raises(EOFError):
+                    await streampickle.load_pickle(reader)
+            writer.close()
+        # an opcode byte, then its line in one call: not a read per byte of each line
+        assert calls <= sum(map(len, LINES)) // 4, calls
+
+    asyncio.run(main())
+
+
+def test_async_load_pickle_on_a_buffered_anyio_stream_reads_lines_whole() -> None:
+    from anyio.abc import ByteReceiveStream
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    class Counted(ByteReceiveStream):
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.calls = 0
+
+        async def receive(self, max_bytes: int = 65536) -> bytes:
+            self.calls += 1
+            return await self.inner.receive(max_bytes)  # type: ignore[no-any-return]
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            async with await anyio.connect_tcp("127.0.0.1", server.getsockname()[1]) as tcp:
+                conn, _ = server.accept()
+                with conn:
+                    counted = Counted(tcp)
+                    stream = BufferedByteReceiveStream(counted)
+                    conn.sendall(b"".join(LINES) + b"after")
+                    conn.shutdown(socket.SHUT_WR)
+                    for data in LINES:
+                        assert same(await streampickle.load_pickle(stream), pickle.loads(data))
+                    assert await stream.receive() == b"after"  # kept in the stream's own buffer
+                    with pytest.raises(EOFError):
+                        await streampickle.load_pickle(stream)
+        assert counted.calls <= 20, counted.calls  # a read per byte of each line was thousands
+
+    anyio.run(main)
+
+
+def test_async_load_pickle_at_an_end_inside_a_line() -> None:
+    import asyncio
+
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    async def main() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"(I12")
+        reader.feed_eof()
+        with pytest.raises(IncompleteMessageError):
+            await streampickle.load_pickle(reader)
+        send, receive = anyio.create_memory_object_stream[bytes](4)
+        with send, receive:
+            await send.send(b"(I12")
+            send.close()
+            with pytest.raises(IncompleteMessageError):
+                await streampickle.load_pickle(BufferedByteReceiveStream(receive))
+
+    asyncio.run(main())
+
+
+def test_async_load_pickle_refuses_what_is_no_stream() -> None:
+    with pytest.raises(streampickle.UsageError, match="StreamReader"):
+        anyio.run(streampickle.load_pickle, b"not a stream")
+
+
 def test_a_forbidden_global_runs_nothing_and_the_next_pickle_decodes(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
 
