@@ -32,6 +32,7 @@ stays broken.
 from __future__ import annotations
 
 import pickletools
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -432,26 +433,46 @@ async def load_pickle(
     own buffer; any other anyio stream can't give bytes back, so there a line is received a
     byte at a time (wrap the stream in ``BufferedByteReceiveStream`` and pass that, and read
     what follows from it too). ``EOFError`` at a clean end before the pickle;
-    :class:`IncompleteMessageError` inside it.
+    :class:`IncompleteMessageError` inside it. A call cancelled inside a pickle loses nothing:
+    what it received waits with the stream, and the next call with the same options goes on.
     """
     import anyio  # the async adapter only: the module's decoder imports no I/O machinery
 
-    decoder = PickleDecoder(trusted=trusted, allow=allow, limits=limits, persistent_load=persistent_load)
+    from ._stream import _parkable, _same
+
+    options = options_for(trusted, allow, None, limits, persistent_load)
     receive = _receiver(stream)
-    while not decoder.pending:
-        try:
-            data = await receive(decoder)
-        except (anyio.EndOfStream, anyio.IncompleteRead):
-            data = b""
-        except _IncompleteLine as exc:  # the stream ended inside a line argument
-            decoder.feed(exc.partial)
-            data = b""
-        if not data:
-            if not decoder.in_pickle:
-                raise EOFError("the stream ended before a pickle started") from None
-            decoder.feed_eof()  # inside a pickle: raises IncompleteMessageError
-        decoder.feed(data)
+    parked = _parked.pop(stream, None) if _parkable(stream) else None
+    if parked is not None and _same(parked[0], options):
+        decoder = parked[1]
+    else:
+        decoder = PickleDecoder(options=options)
+    try:
+        while not decoder.pending:
+            try:
+                data = await receive(decoder)
+            except (anyio.EndOfStream, anyio.IncompleteRead):
+                data = b""
+            except _IncompleteLine as exc:  # the stream ended inside a line argument
+                decoder.feed(exc.partial)
+                data = b""
+            if not data:
+                if not decoder.in_pickle:
+                    raise EOFError("the stream ended before a pickle started") from None
+                decoder.feed_eof()  # inside a pickle: raises IncompleteMessageError
+            decoder.feed(data)
+    except BaseException:
+        # Cancelled (or interrupted) inside a pickle: its bytes, already taken from the stream,
+        # wait with the stream for the next load_pickle, as load() parks a message's decoder.
+        if (decoder.in_pickle or decoder.pending) and not decoder.failed and _parkable(stream):
+            _parked[stream] = (options, decoder)
+        raise
     return next(decoder)
+
+
+#: Decoders of pickles whose load_pickle was interrupted, until the next load_pickle on the
+#: same stream with the same options.
+_parked: weakref.WeakKeyDictionary[Any, tuple[Options, PickleDecoder]] = weakref.WeakKeyDictionary()
 
 
 class _IncompleteLine(Exception):

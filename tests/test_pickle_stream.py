@@ -268,28 +268,37 @@ def test_async_load_pickle_on_an_asyncio_stream_reader_reads_lines_whole() -> No
     asyncio.run(main())
 
 
+class _Counted(anyio.abc.ByteReceiveStream):
+    """A byte stream that counts the receives and bytes of the one it wraps."""
+
+    def __init__(self, inner: Any, notify_at: int = 0) -> None:
+        self.inner = inner
+        self.calls = 0
+        self.received = 0
+        self.notify_at = notify_at
+        self.reached = anyio.Event()  # set once notify_at bytes were received
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        self.calls += 1
+        data: bytes = await self.inner.receive(max_bytes)
+        self.received += len(data)
+        if self.notify_at and self.received >= self.notify_at:
+            self.reached.set()
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def test_async_load_pickle_on_a_buffered_anyio_stream_reads_lines_whole() -> None:
-    from anyio.abc import ByteReceiveStream
     from anyio.streams.buffered import BufferedByteReceiveStream
-
-    class Counted(ByteReceiveStream):
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-            self.calls = 0
-
-        async def receive(self, max_bytes: int = 65536) -> bytes:
-            self.calls += 1
-            return await self.inner.receive(max_bytes)  # type: ignore[no-any-return]
-
-        async def aclose(self) -> None:
-            await self.inner.aclose()
 
     async def main() -> None:
         with socket.create_server(("127.0.0.1", 0)) as server:
             async with await anyio.connect_tcp("127.0.0.1", server.getsockname()[1]) as tcp:
                 conn, _ = server.accept()
                 with conn:
-                    counted = Counted(tcp)
+                    counted = _Counted(tcp)
                     stream = BufferedByteReceiveStream(counted)
                     conn.sendall(b"".join(LINES) + b"after")
                     conn.shutdown(socket.SHUT_WR)
@@ -322,6 +331,28 @@ def test_async_load_pickle_at_an_end_inside_a_line() -> None:
                 await streampickle.load_pickle(BufferedByteReceiveStream(receive))
 
     asyncio.run(main())
+
+
+def test_a_cancelled_async_load_pickle_loses_nothing() -> None:
+    data = pickle.dumps({"k": list(range(100)), "a": np.arange(5)}, protocol=0)
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            async with await anyio.connect_tcp("127.0.0.1", server.getsockname()[1]) as tcp:
+                conn, _ = server.accept()
+                with conn:
+                    stream = _Counted(tcp, notify_at=len(data) // 2)
+                    conn.sendall(data[: len(data) // 2])
+                    async with anyio.create_task_group() as group:
+                        group.start_soon(streampickle.load_pickle, stream)
+                        await stream.reached.wait()  # the load took the half...
+                        await anyio.wait_all_tasks_blocked()  # ... and waits for more
+                        group.cancel_scope.cancel()
+                    conn.sendall(data[len(data) // 2 :] + b"after")
+                    assert same(await streampickle.load_pickle(stream), pickle.loads(data))
+                    assert await stream.receive() == b"after"
+
+    anyio.run(main)
 
 
 def test_async_load_pickle_refuses_what_is_no_stream() -> None:
