@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import os
@@ -84,7 +85,7 @@ from . import _shm
 from ._anyio_compat import notify_closing
 from ._errors import AuthenticationError, StreamPickleError, UsageError
 from ._mac import Key, MacName
-from ._pool import buffer_pool
+from ._pool import BufferPool, buffer_pool
 from ._sockets import (
     ObjectStreamListener,
     connect_tcp,
@@ -156,15 +157,25 @@ def cluster_key() -> Key | None:
 
 
 def _configure_pool() -> None:
-    """Bound the receive pool's idle memory from ``distributed.comm.sp.pool``."""
+    """Bound the receive pool's idle memory from ``distributed.comm.sp.pool``. What the config
+    sets applies; its defaults only replace streampickle's own, so that a process that
+    configured the pool itself keeps its bounds."""
     max_bytes = dask.config.get("distributed.comm.sp.pool.max-bytes", None)
     max_idle = dask.config.get("distributed.comm.sp.pool.max-idle", None)
-    max_bytes = _POOL_MAX_BYTES if max_bytes is None else max_bytes  # 0 is a value: no pool
-    max_idle = _POOL_MAX_IDLE if max_idle is None else max_idle
+    untouched = (buffer_pool.max_bytes, buffer_pool.max_idle) == _library_pool_defaults()
+    if max_bytes is None and untouched:
+        max_bytes = _POOL_MAX_BYTES
+    if max_idle is None and untouched:
+        max_idle = _POOL_MAX_IDLE
     buffer_pool.configure(
-        max_bytes=int(parse_bytes(max_bytes)) if isinstance(max_bytes, str) else int(max_bytes),
-        max_idle=float(parse_timedelta(max_idle, default="seconds")),
+        max_bytes=None if max_bytes is None else int(parse_bytes(max_bytes)),  # 0 is a value: no pool
+        max_idle=None if max_idle is None else float(parse_timedelta(max_idle, default="seconds")),
     )
+
+
+def _library_pool_defaults() -> tuple[int, float]:
+    parameters = inspect.signature(BufferPool.__init__).parameters
+    return parameters["max_bytes"].default, parameters["max_idle"].default
 
 
 def _check_encryption(address: str, connection_args: dict[str, Any]) -> None:

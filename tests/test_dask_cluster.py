@@ -23,9 +23,19 @@ import dask
 import dask.array as da
 from distributed import Client, LocalCluster
 
+import streampickle
 from streampickle import dask as sp_dask
 
 KEY = "a secret every process of this cluster holds"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_the_pool() -> Iterator[None]:
+    """The sp backend bounds this process's receive pool when dask first makes it: give the
+    rest of the suite its bounds back."""
+    saved = (streampickle.buffer_pool.max_bytes, streampickle.buffer_pool.max_idle)
+    yield
+    streampickle.buffer_pool.configure(max_bytes=saved[0], max_idle=saved[1])
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,15 @@ import streampickle
 from streampickle import dask as sp_dask
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_the_pool() -> Iterator[None]:
+    """The sp backend bounds this process's receive pool when dask first makes it: give the
+    rest of the suite its bounds back."""
+    saved = (streampickle.buffer_pool.max_bytes, streampickle.buffer_pool.max_idle)
+    yield
+    streampickle.buffer_pool.configure(max_bytes=saved[0], max_idle=saved[1])
 
 
 async def comm_pair(address: str = "sp://127.0.0.1", **kwargs: Any) -> tuple[Any, Any]:
@@ -424,12 +434,19 @@ async def test_the_backend_bounds_the_receive_pool(anyio_backend: str) -> None:
     pool = streampickle.buffer_pool
     saved = (pool.max_bytes, pool.max_idle)
     try:
+        pool.configure(max_bytes=1 << 30, max_idle=10.0)  # streampickle's defaults ...
+        sp_dask.SPBackend()
+        assert (pool.max_bytes, pool.max_idle) == (256 << 20, 2.0)  # ... give way to dask's
         config = {"distributed.comm.sp.pool.max-bytes": "8 MiB", "distributed.comm.sp.pool.max-idle": "1s"}
         with dask.config.set(config):
             sp_dask.SPBackend()
-        assert (pool.max_bytes, pool.max_idle) == (8 << 20, 1.0)
+        assert (pool.max_bytes, pool.max_idle) == (8 << 20, 1.0)  # what the config says, applies
+        pool.configure(max_bytes=3 << 20, max_idle=5.0)  # the process's own bounds ...
         sp_dask.SPBackend()
-        assert pool.max_bytes == 256 << 20
+        assert (pool.max_bytes, pool.max_idle) == (3 << 20, 5.0)  # ... stay
+        with dask.config.set({"distributed.comm.sp.pool.max-bytes": 0}):
+            sp_dask.SPBackend()
+        assert pool.max_bytes == 0  # no pool at all
     finally:
         pool.configure(max_bytes=saved[0], max_idle=saved[1])
 
