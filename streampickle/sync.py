@@ -211,7 +211,7 @@ def _load(file: Any, decoder: Decoder, readinto: Any, meter: ReceiveMeter | None
         if meter is not None:
             expected = decoder.progress[1]
             target = target[: meter.limit(decoder)]
-        n = _read(file, functools.partial(readinto, target), functools.partial(read_failure, decoder))
+        n = _read(file, functools.partial(read_failure, decoder), readinto, target)
         try:
             decoder.buffer_updated(n)  # refuses a count that is not an int within target
         except UsageError as exc:
@@ -290,7 +290,7 @@ def _iter_load(file: Any, reader: FileReader, readinto: Any) -> Iterator[Any]:
     more = True
     while more:
         target = reader.buffer()
-        n = _read(file, functools.partial(readinto, target), reader.read_failed)
+        n = _read(file, reader.read_failed, readinto, target)
         try:
             more = reader.took(n)
         except UsageError as exc:
@@ -344,7 +344,7 @@ def load_pickle(
         if decoder.wanted > 1:  # a literal's or a frame's known extent: read it, no peek needed
             _read_some(file, decoder, readinto)
             continue
-        ahead = _read(file, peek, functools.partial(_pickle_read_failure, decoder))
+        ahead = _read(file, functools.partial(_pickle_read_failure, decoder), peek)
         if not ahead:
             decoder.feed_eof()  # raises IncompleteMessageError inside a pickle
             raise EOFError("the input ended before a pickle started")
@@ -394,7 +394,7 @@ def _load_pickle_exactly(file: Any, decoder: Any, readinto: Callable[[memoryview
 def _read_some(file: Any, decoder: Any, readinto: Callable[[memoryview], int | None]) -> None:
     """One read into the decoder's buffer, which never reaches past the current pickle."""
     target = decoder.get_buffer()
-    n = _read(file, functools.partial(readinto, target), functools.partial(_pickle_read_failure, decoder))
+    n = _read(file, functools.partial(_pickle_read_failure, decoder), readinto, target)
     if n is None:
         raise _non_blocking(file)
     decoder.buffer_updated(n)
@@ -403,14 +403,14 @@ def _read_some(file: Any, decoder: Any, readinto: Callable[[memoryview], int | N
         raise EOFError("the input ended before a pickle started")
 
 
-def _read(file: Any, read: Callable[[], Any], failure: Callable[[OSError], BaseException]) -> Any:
-    """``read()`` (a ``readinto`` or a peek) with its errors made typed ones, for every read
+def _read(file: Any, failure: Callable[[OSError], BaseException], read: Any, *args: Any) -> Any:
+    """``read(*args)`` (a ``readinto`` or a peek) with its errors made typed ones, for every read
     loop here: a non-blocking file with nothing ready, and a closed or unreadable one, are the
     caller's :class:`UsageError`; an ``OSError`` raises what ``failure`` makes of it (the error
     itself when nothing was lost, else :class:`IncompleteMessageError` caused by it). What it
     returns is not checked here: each loop's decoder judges the count."""
     try:
-        return read()
+        return read(*args)
     except BlockingIOError as exc:  # a non-blocking socket with nothing to read
         raise _non_blocking(file) from exc
     except OSError as exc:
@@ -418,7 +418,7 @@ def _read(file: Any, read: Callable[[], Any], failure: Callable[[OSError], BaseE
         if failed is exc:
             raise
         raise failed from exc
-    except (TypeError, ValueError) as exc:  # a closed file, or no callable readinto
+    except (TypeError, ValueError) as exc:  # a closed file, or a readinto that is not callable
         raise UsageError(f"reading from the {_name(file)} failed: {exc!r}") from exc
 
 

@@ -271,3 +271,14 @@ def test_a_closed_buffered_file_is_refused_by_load_pickle_too(tmp_path) -> None:
     for read in (sync.load, sync.load_pickle):  # load_pickle peeks at a BufferedReader
         with pytest.raises(streampickle.UsageError, match="reading from the BufferedReader failed"):
             read(f)
+
+
+def test_a_readinto_that_is_not_callable_is_refused(reader) -> None:
+    read, _, _ = reader
+
+    class NotCallable:
+        readinto = 5
+
+    with pytest.raises(streampickle.UsageError, match=r"reading from the NotCallable failed: TypeError") as info:
+        read(NotCallable())
+    assert isinstance(info.value.__cause__, TypeError)
