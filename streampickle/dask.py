@@ -500,7 +500,7 @@ def _split_unix(loc: str) -> tuple[str, str | None]:
     """``HOST/PATH`` (or ``HOST``, ``HOST:PORT``, ``/PATH``) as (host, absolute path or None).
     The host only names the machine, for dask's bookkeeping; a port is dropped."""
     host, slash, rest = loc.partition("/")
-    host = parse_host_port(host, 0)[0] if host else "127.0.0.1"
+    host = (parse_host_port(host, 0)[0] if host else "") or "127.0.0.1"  # ":8786" has no host
     return host, ("/" + rest if slash else None)
 
 
@@ -523,7 +523,7 @@ class SPUnixConnector(Connector):
             stream = await connect_unix(path, key=cluster_key(), shared_memory=share)
         except OSError as exc:
             raise CommClosedError(f"could not connect to {self.prefix}{address}: {exc}") from exc
-        local = f"{self.prefix}{host}/client-{os.getpid()}-{next(_unix_names)}"
+        local = f"{self.prefix}{unparse_host_port(host)}/client-{os.getpid()}-{next(_unix_names)}"
         return SPComm(stream, local, self.prefix + address, deserialize, share=share)
 
 
@@ -556,7 +556,7 @@ class SPUnixListener(SPListener):
         self._accepting = asyncio.ensure_future(self._accept(listener))
 
     def _peer(self, stream: ObjectStream) -> str:
-        return f"{self.prefix}{self.host}/peer-{next(_unix_names)}"
+        return f"{self.prefix}{unparse_host_port(self.host)}/peer-{next(_unix_names)}"
 
     def _comm_for(self, stream: ObjectStream, peer: str) -> SPComm:
         return SPComm(stream, self.listen_address, peer, self.deserialize, share=self._share)
@@ -571,7 +571,7 @@ class SPUnixListener(SPListener):
     @property
     def listen_address(self) -> str:
         self.get_host_port()  # started?
-        return f"{self.prefix}{self.host}{self.path}"
+        return f"{self.prefix}{unparse_host_port(self.host)}{self.path}"
 
     @property
     def contact_address(self) -> str:
@@ -596,7 +596,7 @@ class SPUnixBackend(Backend):
 
     def resolve_address(self, loc: str) -> str:
         host, path = _split_unix(loc)
-        return str(ensure_ip(host)) + (path or "")
+        return str(unparse_host_port(ensure_ip(host))) + (path or "")
 
     def get_local_address_for(self, loc: str) -> str:
-        return str(ensure_ip(_split_unix(loc)[0]))
+        return str(unparse_host_port(ensure_ip(_split_unix(loc)[0])))

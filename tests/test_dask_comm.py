@@ -485,6 +485,14 @@ async def test_unix_client_server_and_addresses(anyio_backend: str) -> None:
         os.stat(path)  # stop() removed the socket file
 
 
+async def test_unix_addresses_name_a_host(anyio_backend: str) -> None:
+    # What dask's command line and LocalCluster hand a listener: a host, maybe with a port.
+    for loc in ("", ":8786", "127.0.0.1", "127.0.0.1:0", "/tmp/x.sock"):
+        assert sp_dask._split_unix(loc)[0] == "127.0.0.1"
+    assert sp_dask._split_unix("10.0.0.5/tmp/x.sock") == ("10.0.0.5", "/tmp/x.sock")
+    assert sp_dask._split_unix("[::1]:0") == ("::1", None)
+
+
 async def test_unix_at_a_given_path(anyio_backend: str, tmp_path: Any) -> None:
     async def handle(comm: Any) -> None:
         await comm.write("hello")
