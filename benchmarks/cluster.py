@@ -1,4 +1,4 @@
-"""A dask.distributed cluster on streampickle's comm (sp://) against dask's own tcp://.
+"""A dask.distributed cluster on streampickle's comm (sp://, sp+unix://) against dask's own tcp://
 
     python benchmarks/cluster.py                        # every workload, every protocol, 3 rounds
     python -m benchmarks.cluster --rounds 3 --protocols tcp,sp --workloads large-key,small-tasks
@@ -72,8 +72,8 @@ MiB = 1 << 20
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "tcp": {"protocol": "tcp://"},
     "sp": {"protocol": "sp://"},
-    # Unix sockets between processes on one host; frames of 1 MiB and more handed over as
-    # shared memory where the platform has it (the backend's choice, without a cluster key).
+    # Unix sockets between processes on one host; without a cluster key, an array that lies in
+    # shared memory its sender made (shared-key) is handed over as a descriptor, others go as bytes.
     "sp+unix": {"protocol": "sp+unix://"},
 }
 #: In the order they run on each cluster: small tasks first, on workers that have not yet
@@ -103,7 +103,10 @@ def make_array(nbytes: int, seed: int, shared: bool = False) -> np.ndarray:
     import streampickle
 
     out = streampickle.shared_empty(nbytes // 8, np.float64)
-    np.add(np.arange(nbytes // 8, dtype=np.float64), seed, out=out)
+    step = MiB  # filled in pieces: no second array's worth of temporaries in A's peak
+    for start in range(0, len(out), step):
+        stop = min(start + step, len(out))
+        np.add(np.arange(start, stop, dtype=np.float64), seed, out=out[start:stop])
     return out
 
 
