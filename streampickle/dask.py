@@ -36,8 +36,9 @@ Theory of operation:
   more than the socket does.
 * *Idle receive memory is bounded.* Large frames are received into memory of
   ``streampickle.buffer_pool``, which keeps dead arrays' memory for reuse; a dask worker's
-  memory limit counts that memory, so the backend sizes the pool from
-  ``distributed.comm.sp.pool`` (``max-bytes``, ``max-idle``) when it is first used.
+  memory limit counts that memory, so a process that listens on ``sp://`` or ``sp+unix://``
+  (a scheduler, nanny or worker; not a client) sizes the pool from ``distributed.comm.sp.pool``
+  (``max-bytes``, ``max-idle``) when it starts listening.
 
 Configuration is read when a connection or listener is made, never at import.
 """
@@ -408,6 +409,7 @@ class SPListener(BaseListener):
         self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        _configure_pool()
         backlog = int(dask.config.get("distributed.comm.socket-backlog"))
         host = self.ip or None
         if host == "0.0.0.0":
@@ -486,9 +488,6 @@ class SPBackend(BaseTCPBackend):
     _connector_class = SPConnector
     _listener_class = SPListener
 
-    def __init__(self) -> None:
-        _configure_pool()
-
 
 # --- sp+unix://: Unix sockets between processes on one host ---------------------------------
 
@@ -546,6 +545,7 @@ class SPUnixListener(SPListener):
         self._share = False
 
     async def start(self) -> None:
+        _configure_pool()
         self._share = _unix_share()
         listener = await create_unix_listener(
             self.path, mode=0o600, backlog=int(dask.config.get("distributed.comm.socket-backlog")),
@@ -581,9 +581,6 @@ class SPUnixListener(SPListener):
 class SPUnixBackend(Backend):
     """The ``sp+unix`` scheme: ``sp+unix://HOST/PATH``, a Unix socket on the machine HOST
     names; with no key, frames in shared memory are handed over as such."""
-
-    def __init__(self) -> None:
-        _configure_pool()
 
     def get_connector(self) -> SPUnixConnector:
         return SPUnixConnector()

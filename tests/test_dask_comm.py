@@ -430,25 +430,44 @@ async def test_dask_finds_the_backend_through_its_entry_point(
     assert backend.get_address_host("127.0.0.1:80") == "127.0.0.1"
 
 
-async def test_the_backend_bounds_the_receive_pool(anyio_backend: str) -> None:
+@pytest.mark.parametrize("scheme", ["sp", "sp+unix"])
+async def test_a_listening_process_bounds_the_receive_pool(anyio_backend: str, scheme: str) -> None:
     pool = streampickle.buffer_pool
     saved = (pool.max_bytes, pool.max_idle)
+
+    async def handle(comm: Any) -> None:
+        pass
+
+    async def start_listening() -> None:
+        async with listen(f"{scheme}://127.0.0.1", handle):
+            pass
+
     try:
         pool.configure(max_bytes=1 << 30, max_idle=10.0)  # streampickle's defaults ...
-        sp_dask.SPBackend()
+        get_backend(scheme)  # (finding the backend, as a client does, changes nothing)
+        await connect_nowhere(scheme)
+        assert (pool.max_bytes, pool.max_idle) == (1 << 30, 10.0)
+        await start_listening()
         assert (pool.max_bytes, pool.max_idle) == (256 << 20, 2.0)  # ... give way to dask's
         config = {"distributed.comm.sp.pool.max-bytes": "8 MiB", "distributed.comm.sp.pool.max-idle": "1s"}
         with dask.config.set(config):
-            sp_dask.SPBackend()
+            await start_listening()
         assert (pool.max_bytes, pool.max_idle) == (8 << 20, 1.0)  # what the config says, applies
         pool.configure(max_bytes=3 << 20, max_idle=5.0)  # the process's own bounds ...
-        sp_dask.SPBackend()
+        await start_listening()
         assert (pool.max_bytes, pool.max_idle) == (3 << 20, 5.0)  # ... stay
         with dask.config.set({"distributed.comm.sp.pool.max-bytes": 0}):
-            sp_dask.SPBackend()
+            await start_listening()
         assert pool.max_bytes == 0  # no pool at all
     finally:
         pool.configure(max_bytes=saved[0], max_idle=saved[1])
+
+
+async def connect_nowhere(scheme: str) -> None:
+    """A connect that fails: a client's use of the backend."""
+    address = "sp://127.0.0.1:1" if scheme == "sp" else "sp+unix://127.0.0.1/nonexistent/socket"
+    with pytest.raises(OSError):
+        await connect(address, timeout=0.1)
 
 
 # --- sp+unix:// ------------------------------------------------------------------------------
