@@ -35,7 +35,7 @@ from . import _fdpass, _shm
 from ._anyio_compat import notify_closing, wait_readable, wait_writable
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, drop_sent, sendable
-from ._transport_api import READ_AHEAD
+from ._transport_api import READ_AHEAD, Feed
 
 __all__ = [
     "COALESCE_BYTES",
@@ -248,12 +248,14 @@ class SocketTransport:
             drop_sent(views, n)
 
 
-    async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
+    async def fill(
+        self, decoder: Decoder, *, exact: bool, limit: int | None = None, feed: Feed | None = None
+    ) -> bool:
         self._check_open()
         view = decoder.get_buffer()
         if limit is not None:
             view = view[:limit]
-        direct = exact or len(view) >= DIRECT_READ
+        direct = feed is None and (exact or len(view) >= DIRECT_READ)  # a feed takes bytes read ahead
         if direct:
             target = view
         else:
@@ -283,7 +285,7 @@ class SocketTransport:
         if direct:
             decoder.buffer_updated(n)
         else:
-            decoder.feed(target[:n])
+            (decoder.feed if feed is None else feed)(target[:n])
         return True
 
     async def wait_readable(self) -> None:

@@ -42,6 +42,7 @@ Both are thin: the encoder makes the chunks, the decoder finds the messages, and
 from __future__ import annotations
 
 import collections
+import functools
 import pickle
 import socket
 import weakref
@@ -63,6 +64,7 @@ from ._mac import Key
 from ._options import Options, options_for
 from ._progress import ProgressCallback, ReceiveMeter, SendMeter, groups, step_for
 from ._stream_transports import AsyncioTransport, slices
+from ._transport_api import Feed
 from ._transports import (
     READ_AHEAD,
     SocketTransport,
@@ -395,20 +397,31 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 self._quick_receives = 0
                 self._quick_sends = 0  # the next send, likely a reply, goes out at once
                 meter = self._receive_meter
+                # With a callback, a read between messages still reads ahead (a run of small
+                # messages in one read) and hands what it brought to the meter, which feeds
+                # the decoder in the pieces exact reads would have brought; inside a message,
+                # each read stops where the next report is due.
+                ahead = meter is not None and not decoder.in_message
                 expected = 0 if meter is None else decoder.progress[1]
                 try:
                     more, self._started = await _fill(
                         self._t, decoder, self._started, exact=False, charge=self._charge,
-                        cap=None if meter is None else meter.limit(decoder),
+                        cap=None if meter is None or ahead else meter.limit(decoder),
+                        feed=functools.partial(meter.feed, decoder) if ahead and meter is not None else None,
                     )
                 except StreamPickleError:
+                    if ahead and meter is not None:
+                        meter.deliver()  # the events of the messages before the bad one
                     if decoder.failed and decoder.pending > 0:
                         continue  # messages completed before the failure come first; then it
                     raise
                 if not more or decoder.ended:
                     self._eof = True
                 if meter is not None:  # after the state above: a callback that raises loses nothing
-                    meter.after(decoder, expected, decoder.pending > 0)
+                    if ahead:
+                        meter.deliver()
+                    else:
+                        meter.after(decoder, expected, decoder.pending > 0)
         finally:
             self._receiving = False
 
@@ -594,9 +607,11 @@ async def _fill(
     exact: bool,
     charge: Charge | None = None,
     cap: int | None = None,
+    feed: Feed | None = None,
 ) -> tuple[bool, float | None]:
     """``transport.fill(decoder)`` under the deadlines of the message in progress, if one is.
-    ``cap``: read at most that many bytes (a progress report is due there).
+    ``cap``: read at most that many bytes (a progress report is due there); ``feed``: see
+    ``Transport.fill``.
 
     ``started`` is when that message's first byte arrived (None between messages); returns
     ``fill``'s result and the new ``started``. A read that passes a deadline is cancelled (it
@@ -606,17 +621,17 @@ async def _fill(
     """
     if charge is not None:
         if charge.held or decoder.in_message:
-            return await _fill_charged(transport, decoder, started, exact, charge, cap)
+            return await _fill_charged(transport, decoder, started, exact, charge, cap, feed)
         # Between messages, holding nothing: a read of at most the free allowance needs no
         # budget and leaves nothing to charge (a burst of small messages stays this cheap).
         allowed = ALLOWANCE if cap is None else min(cap, ALLOWANCE)
-        return await transport.fill(decoder, exact=exact, limit=allowed), _started(decoder, started)
+        return await transport.fill(decoder, exact=exact, limit=allowed, feed=feed), _started(decoder, started)
     limit, deadline = _deadline(decoder, started)
     if deadline is None:
-        more = await transport.fill(decoder, exact=exact, limit=cap)
+        more = await transport.fill(decoder, exact=exact, limit=cap, feed=feed)
     else:
         with anyio.CancelScope(deadline=deadline) as scope:
-            more = await transport.fill(decoder, exact=exact, limit=cap)
+            more = await transport.fill(decoder, exact=exact, limit=cap, feed=feed)
         if scope.cancelled_caught:
             raise _late(decoder, limit)
     return more, _started(decoder, started)
@@ -638,6 +653,7 @@ async def _fill_charged(
     exact: bool,
     charge: Charge,
     cap: int | None = None,
+    feed: Feed | None = None,
 ) -> tuple[bool, float | None]:
     """``_fill`` for a stream under a :class:`MemoryBudget`: the read first gets budget for
     what it could bring (waiting for it, under the same deadlines, if the message is past its
@@ -663,7 +679,7 @@ async def _fill_charged(
             within = None if grant is None else decoder.readable_within(grant)
             if cap is not None:
                 within = cap if within is None else min(within, cap)
-            more = await transport.fill(decoder, exact=exact, limit=within)
+            more = await transport.fill(decoder, exact=exact, limit=within, feed=feed)
         if scope.cancelled_caught:
             raise _late(decoder, limit)
     finally:

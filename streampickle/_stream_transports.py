@@ -20,7 +20,7 @@ from ._decoder import Decoder
 from ._encoder import Chunk
 from ._errors import UsageError
 from ._socket_transport import socket_attributes
-from ._transport_api import READ_AHEAD
+from ._transport_api import READ_AHEAD, Feed
 
 __all__ = ["SEND_SLICE", "AnyioTransport", "AsyncioTransport", "slices"]
 
@@ -62,7 +62,9 @@ class AnyioTransport:
             self.sent += 1  # can't tell how much of an interrupted send reached the stream
             await send(piece)
 
-    async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
+    async def fill(
+        self, decoder: Decoder, *, exact: bool, limit: int | None = None, feed: Feed | None = None
+    ) -> bool:
         """Feed the decoder what the stream has next; False (after ``feed_eof``) at its end.
         ``exact``: never read past the current part; ``limit``: read at most that many bytes."""
         self._check_open()
@@ -71,7 +73,7 @@ class AnyioTransport:
         except anyio.EndOfStream:
             decoder.feed_eof()
             return False
-        decoder.feed(data)
+        (decoder.feed if feed is None else feed)(data)
         return True
 
     async def wait_readable(self) -> None:
@@ -132,7 +134,9 @@ class AsyncioTransport:
         finally:
             self._sending = False
 
-    async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool:
+    async def fill(
+        self, decoder: Decoder, *, exact: bool, limit: int | None = None, feed: Feed | None = None
+    ) -> bool:
         reader = self._reader()
         try:
             data = await reader.read(_want(decoder, exact, limit))
@@ -143,7 +147,7 @@ class AsyncioTransport:
         if not data:
             decoder.feed_eof()
             return False
-        decoder.feed(data)
+        (decoder.feed if feed is None else feed)(data)
         return True
 
     async def wait_readable(self) -> None:

@@ -13,6 +13,9 @@ from typing import Any, Protocol
 from ._decoder import Decoder
 from ._encoder import Chunk
 
+#: What ``Transport.fill`` may hand the bytes it read to instead of ``decoder.feed``.
+Feed = Callable[[bytes | bytearray | memoryview], None]
+
 __all__ = ["READ_AHEAD", "Transport"]
 
 # How far ``fill`` may read ahead of the current part when it is not ``exact``: a burst of
@@ -30,7 +33,10 @@ class Transport(Protocol):
     current part of the current message (``decoder.get_buffer()``), so that what follows stays
     in the channel for whoever reads next (``load``); otherwise the transport may read ahead
     (``ObjectStream``), and a small message costs one read or less. ``limit``: read at most
-    that many bytes (a memory budget's grant). ``wait_readable()`` returns once a read would
+    that many bytes (a memory budget's grant). ``feed``: hand what was read to this function
+    instead of the decoder (a progress meter that feeds the decoder in its own pieces: see
+    ``ReceiveMeter.feed``); the bytes are read into the transport's own buffer then, never
+    into the decoder's. ``wait_readable()`` returns once a read would
     find bytes, the end, or an error, where the transport can tell; one that can't returns at
     once.
 
@@ -74,7 +80,9 @@ class Transport(Protocol):
     exact_send_accounting: bool
     sent: int
 
-    async def fill(self, decoder: Decoder, *, exact: bool, limit: int | None = None) -> bool: ...
+    async def fill(
+        self, decoder: Decoder, *, exact: bool, limit: int | None = None, feed: Feed | None = None
+    ) -> bool: ...
 
     async def wait_readable(self) -> None: ...
 

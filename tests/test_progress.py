@@ -764,12 +764,6 @@ async def test_a_large_message_costs_at_most_a_read_per_step_more() -> None:
         assert len(recorder.events) >= steps
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with progress=, ObjectStream caps each read at what the message in progress declared, so it no "
-    "longer reads ahead between messages: the transports feed the decoder themselves, not through "
-    "ReceiveMeter.feed (200 small messages: 1 receive without a callback, 400 with one)",
-)
 async def test_object_stream_reads_ahead_with_progress_too() -> None:
     data = b"".join(streampickle.dumps({"i": i}) for i in range(200))
     recorder = Recorder()
