@@ -236,7 +236,8 @@ def _address(prefix: str, sockaddr: Any) -> str:
 
 
 class SPComm(Comm):
-    """An established ``sp://`` connection: one :class:`ObjectStream` over TCP."""
+    """An established ``sp://`` or ``sp+unix://`` connection: one :class:`ObjectStream` over a
+    TCP or Unix socket."""
 
     def __init__(
         self, stream: ObjectStream, local_addr: str, peer_addr: str, deserialize: bool = True, *, share: bool = False
