@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -274,6 +277,59 @@ async def test_large_arrays_arrive_whole_exact_and_writable(anyio_backend: str) 
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_frame_over_dasks_shard_size_goes_unsplit(anyio_backend: str) -> None:
+    # dask splits a payload's frames at distributed.comm.shard (64 MiB) unless the comm says
+    # otherwise, and the receiver then joins the pieces with a copy: here each frame travels
+    # whole, received into its own memory.
+    a, b = await comm_pair()
+    sent: list[list[Any]] = []
+    send = a._stream.send
+
+    async def recording_send(frames: Any) -> None:
+        sent.append(frames)
+        await send(frames)
+
+    a._stream.send = recording_send  # type: ignore[method-assign]
+    try:
+        big = np.arange(9 << 20, dtype=np.int64)  # 72 MiB
+        _, got = await asyncio.gather(a.write({"op": "data", "big": to_serialize(big)}), b.read())
+        np.testing.assert_array_equal(got["big"], big)
+        (frames,) = sent
+        sizes = sorted(memoryview(f).nbytes for f in frames)
+        assert sizes[-1] == big.nbytes, f"the array's frame was split: frame sizes {sizes}"
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_frames_going_out_survive_the_garbage_collector_breaking_a_cycle(anyio_backend: str) -> None:
+    # An interrupted write leaves its frames in a reference cycle (traceback, frame, locals).
+    # CPython before 3.12.7 crashes when its garbage collector breaks a cycle holding a
+    # PickleBuffer of a memoryview (the view is cleared while the buffer still exports it);
+    # the frames must go out wrapped another way. In a child process: the failure is a crash.
+    program = textwrap.dedent("""
+        import gc
+        import numpy as np
+        from streampickle import dask as sp_dask
+
+        def interrupted():
+            out = [sp_dask._frame_out(memoryview(bytearray(1 << 17))),
+                   sp_dask._frame_out(memoryview(np.arange(20000.0)))]
+            try:
+                raise RuntimeError("interrupted write")
+            except RuntimeError as exc:
+                err = exc  # the traceback's frame holds err and out: a cycle
+            return len(out)
+
+        for _ in range(50):
+            interrupted()
+        gc.collect()
+        print("survived")
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "survived" in done.stdout, done.stderr[-2000:]
 
 
 async def test_the_frames_go_out_of_band_only_when_large(anyio_backend: str) -> None:
