@@ -408,6 +408,18 @@ class SocketTransport:
             self._drop_later(closed=True)
             await self._close()
 
+    def abort(self) -> bool:
+        """``aclose`` without writing what ``send_later`` took, and without awaiting: a socket
+        under an anyio stream is closed directly (its stream is never awaited again)."""
+        self._closed = True
+        self._wake_later_waiters(closed=True)
+        self._wake_reader()
+        self._drop_later(closed=True)
+        if self.sock.fileno() >= 0:
+            notify_closing(self.sock)
+            self.sock.close()
+        return True
+
     def _check_open(self) -> None:
         if self._closed:
             raise anyio.ClosedResourceError

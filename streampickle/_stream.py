@@ -54,7 +54,7 @@ import anyio.lowlevel
 from anyio.abc import ObjectStream as _AnyioObjectStream
 
 from . import _shm
-from ._anyio_compat import checkpoint_if_cancelled, notify_closing
+from ._anyio_compat import checkpoint_if_cancelled
 from ._budget import ALLOWANCE, Charge, MemoryBudget
 from ._decoder import Decoder
 from ._encoder import Encoder
@@ -63,7 +63,7 @@ from ._limits import Limits
 from ._mac import Key
 from ._options import Options, options_for
 from ._progress import ProgressCallback, ReceiveMeter, SendMeter, groups, step_for
-from ._stream_transports import AsyncioTransport, slices
+from ._stream_transports import slices
 from ._transport_api import Feed
 from ._transports import (
     READ_AHEAD,
@@ -485,20 +485,18 @@ class ObjectStream(_AnyioObjectStream[Any]):
         :class:`UsageError`, and are left open: close them with :meth:`aclose`."""
         if self._closed:
             return
-        transport = self._t
-        if not isinstance(transport, (SocketTransport, AsyncioTransport)):
-            raise UsageError(
-                f"abort() closes a channel without awaiting, which a {type(self.transport_stream).__name__} "
-                f"can't do: use 'await stream.aclose()' (or streampickle's own sockets: connect_tcp, "
-                f"connect_unix, the listeners, ObjectStream.from_socket)"
-            )
-        self._closed = True
-        if self._charge is not None:
-            self._charge.close()
         try:
-            _abort_transport(transport)
+            if not self._t.abort():
+                raise UsageError(
+                    f"abort() closes a channel without awaiting, which a {type(self.transport_stream).__name__} "
+                    f"can't do: use 'await stream.aclose()' (or streampickle's own sockets: connect_tcp, "
+                    f"connect_unix, the listeners, ObjectStream.from_socket)"
+                )
+            self._closed = True
+            if self._charge is not None:
+                self._charge.close()
         finally:
-            if self._shared_memory:
+            if self._closed and self._shared_memory:
                 self._decoder.close_descriptors()
 
     @property
@@ -517,25 +515,6 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 "an earlier send was interrupted after part of its message was written, so "
                 "the peer can't find the next message boundary: close this stream"
             ) from self._send_broken
-
-
-def _abort_transport(transport: SocketTransport | AsyncioTransport) -> None:
-    """The synchronous part of the transport's ``aclose``, without writing anything first:
-    blocked calls are woken (``ClosedResourceError``), what ``send_later`` took is dropped,
-    and the channel is closed (a socket under an anyio stream directly: its stream is never
-    awaited again)."""
-    transport._closed = True
-    if isinstance(transport, AsyncioTransport):
-        if transport.writer is not None:
-            transport.writer.transport.abort()
-        return
-    transport._wake_later_waiters(closed=True)
-    transport._wake_reader()
-    transport._drop_later(closed=True)
-    sock = transport.sock
-    if sock.fileno() >= 0:
-        notify_closing(sock)
-        sock.close()
 
 
 async def dump(

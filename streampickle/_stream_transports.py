@@ -89,6 +89,10 @@ class AnyioTransport:
         self._closed = True
         await self.stream.aclose()
 
+    def abort(self) -> bool:
+        """Never: an anyio stream is closed by awaiting its ``aclose``."""
+        return False
+
     def _check_open(self) -> None:
         if self._closed:
             raise anyio.ClosedResourceError
@@ -191,6 +195,14 @@ class AsyncioTransport:
         except BaseException:
             writer.transport.abort()
             raise
+
+    def abort(self) -> bool:
+        """Abort the writer's transport (which is the reader's too), dropping what its
+        buffer holds; a ``StreamReader`` alone is only marked closed."""
+        self._closed = True
+        if self.writer is not None:
+            self.writer.transport.abort()
+        return True
 
     def _reader(self) -> asyncio.StreamReader:
         if self._closed:

@@ -94,5 +94,12 @@ class Transport(Protocol):
 
     async def aclose(self) -> None: ...
 
+    def abort(self) -> bool:
+        """Close the channel at once, writing nothing more and without awaiting: blocked calls
+        wake with ``anyio.ClosedResourceError`` and what ``send_later`` took is dropped. True
+        once closed (or if it already was); False, changing nothing, where the channel can't
+        be closed without awaiting (most anyio streams: TLS, pipes, memory streams)."""
+        ...
+
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]: ...
