@@ -61,8 +61,9 @@ __all__ = [
     "zoneinfo",
 ]
 
-# numpy's own limit on dimensions (NPY_MAXDIMS is 32 before numpy 2, 64 since).
-_MAX_DIMS = 64
+# numpy's own limit on dimensions (NPY_MAXDIMS is 32 before numpy 2, 64 since): a shape past
+# it is the peer's error, refused here, not a ValueError from numpy when the array is made.
+_MAX_DIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
 # Nesting of structured dtypes; far beyond real use, and numpy recurses per level.
 _MAX_DESCR_DEPTH = 8
 #: Descriptor nodes (descriptor strings, descriptor lists and padding entries) that building

@@ -115,6 +115,15 @@ def test_plain_ndarray_leaves_every_other_case_to_the_general_path(args: tuple[A
     assert general is not None  # built or refused by the general path, which has the words
 
 
+def test_a_shape_past_numpys_own_limit_is_the_peers_error() -> None:
+    # numpy 1 makes arrays of at most 32 dimensions, numpy 2 of 64: one more is refused as a
+    # malformed pickle on either, never a ValueError from numpy.
+    limit = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+    assert _rebuild.ndarray("<f8", [1] * limit, False, BYTES_8).ndim == limit
+    with pytest.raises(MalformedPickleError, match="at most"):
+        _rebuild.ndarray("<f8", [1] * (limit + 1), False, BYTES_8)
+
+
 def test_the_metered_fast_path_charges_as_the_general_path_and_refuses_past_the_budget() -> None:
     data = memoryview(bytearray(1 << 16))
     args = ("<f8", [1 << 13], False, data)
