@@ -20,6 +20,8 @@ import pytest
 
 pytest.importorskip("distributed", reason="the cluster benchmark needs dask.distributed")
 
+import dask.array  # after the skip: the benchmark needs distributed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _memfd() -> bool:
     from streampickle import _shm
@@ -64,7 +66,9 @@ def test_cluster_benchmark_runs_in_its_quick_configuration(tmp_path) -> None:
         # The keys really went from worker A to worker B, and many-keys' four in one message.
         assert by["large-key", p]["fetches_per_run"] >= 1 and by["large-key", p]["keys_per_fetch"] == 1
         assert by["many-keys", p]["keys_per_fetch"] == 4
-        assert by["rechunk", p]["moved_mib_per_run"] > 0 and by["shuffle", p]["moved_mib_per_run"] > 0
+        assert by["rechunk", p]["moved_mib_per_run"] > 0
+        if hasattr(dask.array.Array, "shuffle"):  # older dask indexes instead, which may not move data
+            assert by["shuffle", p]["moved_mib_per_run"] > 0
     assert by["large-key", "tcp"]["vs_tcp"] == 1.0
     assert by["large-key", "tcp"]["shared_keys"] == 0  # tcp copies: B's array is its own memory
     assert "| workload | protocol |" in proc.stdout
