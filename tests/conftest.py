@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+
+import streampickle
 
 
 @pytest.fixture(
@@ -13,3 +17,14 @@ import pytest
 def anyio_backend(request: pytest.FixtureRequest) -> object:
     """Every async test runs on asyncio, asyncio with uvloop, and trio."""
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_the_pool() -> Iterator[None]:
+    """Each test module leaves the process-wide receive pool's bounds as it found them (the
+    dask backend bounds them when a listener starts; a test may configure them), so that no
+    module's result depends on which ran before it."""
+    pool = streampickle.buffer_pool
+    saved = (pool.max_bytes, pool.max_idle)
+    yield
+    pool.configure(max_bytes=saved[0], max_idle=saved[1])

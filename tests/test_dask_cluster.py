@@ -29,15 +29,6 @@ from streampickle import dask as sp_dask
 KEY = "a secret every process of this cluster holds"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_the_pool() -> Iterator[None]:
-    """The sp backend bounds this process's receive pool when dask first makes it: give the
-    rest of the suite its bounds back."""
-    saved = (streampickle.buffer_pool.max_bytes, streampickle.buffer_pool.max_idle)
-    yield
-    streampickle.buffer_pool.configure(max_bytes=saved[0], max_idle=saved[1])
-
-
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
     """Three worker processes and a scheduler, all on sp:// with the cluster key (the nanny
@@ -142,7 +133,6 @@ def test_a_client_without_the_key_is_refused(client: Client, monkeypatch: pytest
 
 
 def _shared_range(n: int) -> np.ndarray:
-    import streampickle
 
     out = streampickle.shared_empty(n, np.int64)
     out[:] = np.arange(n)

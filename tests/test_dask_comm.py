@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,15 +30,6 @@ import streampickle
 from streampickle import dask as sp_dask
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_the_pool() -> Iterator[None]:
-    """The sp backend bounds this process's receive pool when dask first makes it: give the
-    rest of the suite its bounds back."""
-    saved = (streampickle.buffer_pool.max_bytes, streampickle.buffer_pool.max_idle)
-    yield
-    streampickle.buffer_pool.configure(max_bytes=saved[0], max_idle=saved[1])
 
 
 async def comm_pair(address: str = "sp://127.0.0.1", **kwargs: Any) -> tuple[Any, Any]:
