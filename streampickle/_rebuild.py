@@ -309,11 +309,6 @@ _PLAIN_DTYPES: dict[str, np.dtype[Any]] = {}
 _PLAIN_DTYPES_MAX = 256
 
 
-#: The cached dtypes whose arrays need no check of their data (all but text): what
-#: ``plain_ndarray`` builds.
-_UNCHECKED_DTYPES: dict[str, np.dtype[Any]] = {}
-
-
 def _plain_dtype(descr: str) -> np.dtype[Any]:
     """A non-structured dtype from its canonical ``dtype.str`` (a str: the caller checks)."""
     dt = _PLAIN_DTYPES.get(descr)
@@ -322,8 +317,6 @@ def _plain_dtype(descr: str) -> np.dtype[Any]:
     dt = _check_plain_dtype(descr)
     if len(_PLAIN_DTYPES) < _PLAIN_DTYPES_MAX:
         _PLAIN_DTYPES[descr] = dt
-        if dt.kind != "U":
-            _UNCHECKED_DTYPES[descr] = dt
     return dt
 
 
@@ -382,7 +375,7 @@ def _ndarray(descr: Any, shape: Any, fortran: Any, buffer: Any) -> np.ndarray[An
 def plain_ndarray(descr: Any, shape: Any, fortran: Any, buffer: Any) -> np.ndarray[Any, Any] | None:
     """``ndarray``'s common case in a third of its time, or None for any other case.
 
-    The common case: a dtype met before (``_UNCHECKED_DTYPES``: not text, whose data needs
+    The common case: a dtype met before (in ``_PLAIN_DTYPES``) and not text (whose data needs
     checking), a shape list of at most 32 ints, and a side chunk (a flat memoryview of bytes)
     of exactly the array's size. That is what a streampickle sender sends for nearly every
     array, and a message of many arrays (64 views of one shared buffer cost 64 calls and
@@ -391,8 +384,8 @@ def plain_ndarray(descr: Any, shape: Any, fortran: Any, buffer: Any) -> np.ndarr
     what is wrong."""
     if type(descr) is not str or type(shape) is not list or type(fortran) is not bool or type(buffer) is not memoryview:
         return None
-    dt = _UNCHECKED_DTYPES.get(descr)
-    if dt is None or len(shape) > 32:
+    dt = _PLAIN_DTYPES.get(descr)
+    if dt is None or dt.kind == "U" or len(shape) > 32:
         return None
     expected = dt.itemsize
     for n in shape:
