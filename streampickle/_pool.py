@@ -121,6 +121,11 @@ class _Lease:
         self._pool._give_back(self._block)
 
 
+#: The pool's bounds unless configured: idle memory kept at most, and seconds an idle block lives.
+DEFAULT_MAX_BYTES = 1 << 30
+DEFAULT_MAX_IDLE = 10.0
+
+
 class BufferPool:
     """Reusable memory for the destinations of large side chunks; see the module docstring.
 
@@ -130,7 +135,7 @@ class BufferPool:
     mappings, to see whether the pool helps a workload.
     """
 
-    def __init__(self, *, max_bytes: int = 1 << 30, max_idle: float = 10.0) -> None:
+    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES, max_idle: float = DEFAULT_MAX_IDLE) -> None:
         self._lock = _thread.allocate_lock()
         self._owner: int | None = None  # the thread inside _critical()
         self._idle: dict[int, list[_Block]] = {}  # size class -> blocks, oldest first

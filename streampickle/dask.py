@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import logging
 import os
@@ -87,7 +86,7 @@ from . import _shm
 from ._anyio_compat import notify_closing
 from ._errors import AuthenticationError, StreamPickleError, UsageError
 from ._mac import Key, MacName
-from ._pool import BufferPool, buffer_pool
+from ._pool import DEFAULT_MAX_BYTES, DEFAULT_MAX_IDLE, buffer_pool
 from ._sockets import (
     ObjectStreamListener,
     connect_tcp,
@@ -173,7 +172,7 @@ def _configure_pool() -> None:
     configured the pool itself keeps its bounds."""
     max_bytes = dask.config.get("distributed.comm.sp.pool.max-bytes", None)
     max_idle = dask.config.get("distributed.comm.sp.pool.max-idle", None)
-    untouched = (buffer_pool.max_bytes, buffer_pool.max_idle) == _library_pool_defaults()
+    untouched = (buffer_pool.max_bytes, buffer_pool.max_idle) == (DEFAULT_MAX_BYTES, DEFAULT_MAX_IDLE)
     if max_bytes is None and untouched:
         max_bytes = _POOL_MAX_BYTES
     if max_idle is None and untouched:
@@ -182,11 +181,6 @@ def _configure_pool() -> None:
         max_bytes=None if max_bytes is None else int(parse_bytes(max_bytes)),  # 0 is a value: no pool
         max_idle=None if max_idle is None else float(parse_timedelta(max_idle, default="seconds")),
     )
-
-
-def _library_pool_defaults() -> tuple[int, float]:
-    parameters = inspect.signature(BufferPool.__init__).parameters
-    return parameters["max_bytes"].default, parameters["max_idle"].default
 
 
 def _check_encryption(address: str, connection_args: dict[str, Any]) -> None:
