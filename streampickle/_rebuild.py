@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from . import _kinds, _shm
+from ._accel import speedups
 from ._errors import MalformedPickleError
 from ._kinds import BOOL, BUFFER, BYTES, DICT, FLOAT, INT, LIST, NONE, STR, TZINFO
 
@@ -372,19 +373,21 @@ def _ndarray(descr: Any, shape: Any, fortran: Any, buffer: Any) -> np.ndarray[An
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
-def plain_ndarray(descr: Any, shape: Any, fortran: Any, buffer: Any) -> np.ndarray[Any, Any] | None:
+def plain_ndarray_py(
+    dtypes: dict[str, np.dtype[Any]], descr: Any, shape: Any, fortran: Any, buffer: Any
+) -> np.ndarray[Any, Any] | None:
     """``ndarray``'s common case in a third of its time, or None for any other case.
 
-    The common case: a dtype met before (in ``_PLAIN_DTYPES``) and not text (whose data needs
-    checking), a shape list of at most 32 ints, and a side chunk (a flat memoryview of bytes)
-    of exactly the array's size. That is what a streampickle sender sends for nearly every
-    array, and a message of many arrays (64 views of one shared buffer cost 64 calls and
-    nothing else) spends most of its decoding here. The array is built as ``_ndarray`` builds
-    it; anything else returns None and takes ``_ndarray``, which checks every case and says
-    what is wrong."""
+    The common case: a dtype met before (in ``dtypes``, the cache ``_PLAIN_DTYPES``) and not
+    text (whose data needs checking), a shape list of at most 32 ints, and a side chunk (a
+    flat memoryview of bytes) of exactly the array's size. That is what a streampickle sender
+    sends for nearly every array, and a message of many arrays (64 views of one shared buffer
+    cost 64 calls and nothing else) spends most of its decoding here. The array is built as
+    ``_ndarray`` builds it; anything else returns None and takes ``_ndarray``, which checks
+    every case and says what is wrong."""
     if type(descr) is not str or type(shape) is not list or type(fortran) is not bool or type(buffer) is not memoryview:
         return None
-    dt = _PLAIN_DTYPES.get(descr)
+    dt = dtypes.get(descr)
     if dt is None or dt.kind == "U" or len(shape) > 32:
         return None
     expected = dt.itemsize
@@ -394,7 +397,21 @@ def plain_ndarray(descr: Any, shape: Any, fortran: Any, buffer: Any) -> np.ndarr
         expected *= n
     if buffer.nbytes != expected or buffer.format != "B" or not buffer.c_contiguous:
         return None
-    return np.frombuffer(buffer, dtype=dt).reshape(shape, order="F" if fortran else "C")
+    flat = np.frombuffer(buffer, dtype=dt)
+    if len(shape) == 1:  # already the shape the size check proved: no reshape to pay for
+        return flat
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+#: ``plain_ndarray_py``, in C when the extension is built (same checks, same answers).
+plain_ndarray_in: Callable[..., np.ndarray[Any, Any] | None] = (
+    speedups.plain_ndarray if speedups else plain_ndarray_py
+)
+
+
+def plain_ndarray(descr: Any, shape: Any, fortran: Any, buffer: Any) -> np.ndarray[Any, Any] | None:
+    """``plain_ndarray_in`` with this module's dtype cache."""
+    return plain_ndarray_in(_PLAIN_DTYPES, descr, shape, fortran, buffer)
 
 
 def _byte_buffer(buffer: Any) -> memoryview:

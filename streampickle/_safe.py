@@ -68,6 +68,9 @@ DEFAULT_ALLOWED: frozenset[str] = frozenset(_rebuild.NAMES)
 
 _DEFAULT_MAX_OPAQUE_KEYS = Limits().max_opaque_keys
 _GETATTR = "builtins.getattr"
+# The common array's builder and the dtype cache it reads (see ``_MeteredArray``).
+_plain_ndarray = _rebuild.plain_ndarray_in
+_PLAIN_DTYPES = _rebuild._PLAIN_DTYPES
 
 
 def _import(module: str, qualname: str) -> Any:
@@ -123,7 +126,7 @@ class _MeteredArray(_Metered):
     __slots__ = ()
 
     def __call__(self, *args: Any) -> Any:
-        array = _rebuild.plain_ndarray(*args) if len(args) == 4 else None
+        array = _plain_ndarray(_PLAIN_DTYPES, *args) if len(args) == 4 else None
         if array is None:
             return super().__call__(*args)
         meter = self._meter

@@ -1616,6 +1616,115 @@ static PyObject *address(PyObject *self, PyObject *obj) {
     return result;
 }
 
+/* plain_ndarray(dtypes, descr, shape, fortran, buffer) -> an array, or None.
+ *
+ * _rebuild.plain_ndarray_py in C, check for check (its docstring says what the common case
+ * is): a message of many arrays spends most of its decoding building them. ``dtypes`` is
+ * _rebuild's cache of checked plain descriptors. Any case it doesn't check fully returns None,
+ * for _rebuild.ndarray to check and build or refuse; numpy's own errors propagate, as from
+ * the twin. */
+static PyObject *np_frombuffer = NULL, *str_kind = NULL, *str_itemsize = NULL, *str_reshape = NULL;
+static PyObject *kw_dtype = NULL, *kw_order = NULL, *str_C = NULL, *str_F = NULL, *str_c_contiguous = NULL;
+
+static int numpy_ready(void) {
+    if (np_frombuffer != NULL) return 0;
+    PyObject *numpy = PyImport_ImportModule("numpy");
+    if (numpy == NULL) return -1;
+    np_frombuffer = PyObject_GetAttrString(numpy, "frombuffer");
+    Py_DECREF(numpy);
+    return np_frombuffer == NULL ? -1 : 0;
+}
+
+static PyObject *plain_ndarray(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "plain_ndarray(dtypes, descr, shape, fortran, buffer) takes 5 arguments");
+        return NULL;
+    }
+    PyObject *dtypes = args[0], *descr = args[1], *shape = args[2], *fortran = args[3], *buffer = args[4];
+    if (!PyDict_CheckExact(dtypes)) {
+        PyErr_SetString(PyExc_TypeError, "plain_ndarray: dtypes must be a dict");
+        return NULL;
+    }
+    /* Exact types, as the twin's ``type(x) is not T`` (bool and memoryview have no subclasses). */
+    if (!PyUnicode_CheckExact(descr) || !PyList_CheckExact(shape) || !PyBool_Check(fortran)
+        || !PyMemoryView_Check(buffer))
+        Py_RETURN_NONE;
+    PyObject *dt = PyDict_GetItemWithError(dtypes, descr); /* borrowed; an exact str hashes safely */
+    if (dt == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(dt);
+    PyObject *result = NULL;
+    PyObject *kind = PyObject_GetAttr(dt, str_kind);
+    if (kind == NULL) goto done;
+    const int text = PyUnicode_Check(kind) && PyUnicode_CompareWithASCIIString(kind, "U") == 0;
+    Py_DECREF(kind);
+    const Py_ssize_t ndim = PyList_GET_SIZE(shape);
+    if (text || ndim > 32) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *itemsize_obj = PyObject_GetAttr(dt, str_itemsize);
+    if (itemsize_obj == NULL) goto done;
+    const long long itemsize = PyLong_AsLongLong(itemsize_obj);
+    Py_DECREF(itemsize_obj);
+    if (itemsize == -1 && PyErr_Occurred()) goto done;
+    /* The product in 64 bits: past 2**63 it can only equal a buffer's size if a later entry
+     * is 0 (Python's ints don't overflow, so the twin sees that too). */
+    unsigned long long expected = (unsigned long long)itemsize;
+    int overflow = 0, zero = 0;
+    for (Py_ssize_t i = 0; i < ndim; i++) {
+        PyObject *n = PyList_GET_ITEM(shape, i);
+        if (!PyLong_CheckExact(n)) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        int over = 0;
+        const long long v = PyLong_AsLongLongAndOverflow(n, &over);
+        if (over || v < 0) { /* past INT64_MAX or negative: the twin's range check */
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        if (v == 0) zero = 1;
+        else if (!overflow && __builtin_mul_overflow(expected, (unsigned long long)v, &expected)) overflow = 1;
+    }
+    if (zero) expected = 0;
+    else if (overflow || expected > (unsigned long long)PY_SSIZE_T_MAX) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_buffer view; /* a released memoryview raises ValueError here, as its nbytes does in the twin */
+    if (PyObject_GetBuffer(buffer, &view, PyBUF_FULL_RO) < 0) goto done;
+    int fits = (unsigned long long)view.len == expected && view.format != NULL && strcmp(view.format, "B") == 0;
+    PyBuffer_Release(&view);
+    if (fits) {
+        /* memoryview's own flag, not PyBuffer_IsContiguous: the two differ on an empty view
+         * with a stride (memoryview(b"")[::2] is not c_contiguous, and numpy refuses it). */
+        PyObject *contiguous = PyObject_GetAttr(buffer, str_c_contiguous);
+        if (contiguous == NULL) goto done;
+        fits = contiguous == Py_True;
+        Py_DECREF(contiguous);
+    }
+    if (!fits) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (numpy_ready() < 0) goto done;
+    PyObject *call[2] = {buffer, dt};
+    PyObject *flat = PyObject_Vectorcall(np_frombuffer, call, 1, kw_dtype);
+    if (flat == NULL || ndim == 1) { /* a 1-D array is already the shape the size check proved */
+        result = flat;
+        goto done;
+    }
+    PyObject *reshape_args[3] = {flat, shape, fortran == Py_True ? str_F : str_C};
+    result = PyObject_VectorcallMethod(str_reshape, reshape_args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kw_order);
+    Py_DECREF(flat);
+done:
+    Py_DECREF(dt);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(data, chunk_count) -> 0 (plain, admitted), 1 (defer to the full verifier), or\n"
@@ -1642,6 +1751,9 @@ static PyMethodDef methods[] = {
      "dump_small(pickler, out, buffers, obj, limit) -> a small plain message, or None."},
     {"address", address, METH_O,
      "address(buffer) -> the address of a contiguous buffer's first byte."},
+    {"plain_ndarray", (PyCFunction)(void (*)(void))plain_ndarray, METH_FASTCALL,
+     "plain_ndarray(dtypes, descr, shape, fortran, buffer) -> an array of the common case, or None\n"
+     "(_rebuild.plain_ndarray_py)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1703,6 +1815,17 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     str_fast = PyUnicode_InternFromString("fast");
     str_clear_memo = PyUnicode_InternFromString("clear_memo");
     if (str_dump == NULL || str_fast == NULL || str_clear_memo == NULL) return NULL;
+    str_kind = PyUnicode_InternFromString("kind");
+    str_itemsize = PyUnicode_InternFromString("itemsize");
+    str_reshape = PyUnicode_InternFromString("reshape");
+    str_C = PyUnicode_InternFromString("C");
+    str_F = PyUnicode_InternFromString("F");
+    str_c_contiguous = PyUnicode_InternFromString("c_contiguous");
+    kw_dtype = Py_BuildValue("(s)", "dtype");
+    kw_order = Py_BuildValue("(s)", "order");
+    if (str_kind == NULL || str_itemsize == NULL || str_reshape == NULL || str_C == NULL || str_F == NULL
+        || str_c_contiguous == NULL || kw_dtype == NULL || kw_order == NULL)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     /* The verifier's bounds, for the test that holds them to _verify's. */

@@ -63,3 +63,8 @@ def dump_small(pickler: Any, out: list[Any], buffers: list[Any], obj: object, li
 
 def address(buffer: Any, /) -> int:
     """The address of a contiguous buffer's first byte."""
+
+def plain_ndarray(
+    dtypes: dict[str, Any], descr: object, shape: object, fortran: object, buffer: object, /
+) -> Any:
+    """An array of the common case, or None: ``_rebuild.plain_ndarray_py``."""

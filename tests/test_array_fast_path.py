@@ -2,7 +2,8 @@
 
 Each one must answer exactly as the general path it shortcuts: the encoder's remembered dtype
 descriptors and its export of an array's own memory, the safe loader's one-call build of the
-common array (``_rebuild.plain_ndarray``, charged as ``ndarray`` charges), and the sender's
+common array (``_rebuild.plain_ndarray``, charged as ``ndarray`` charges, in Python and in C
+alike), and the sender's
 search for the shared files of all of a message's buffers at once (``_shm.find``)."""
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import streampickle
 from streampickle import _encoder, _rebuild, _safe, _shm
+from streampickle._accel import speedups
 from streampickle._errors import MalformedPickleError
 
 ARRAYS = [
@@ -155,3 +159,107 @@ def test_find_answers_each_buffer_of_a_mixed_list() -> None:
     assert places == [(fd_one, 0), (fd_two, 100), (fd_one, 4000), (fd_two, 8000)]
     # The whole array, as the encoder exports it (pickle.PickleBuffer(...).raw()), lies in its file.
     assert _shm.find([pickle.PickleBuffer(one).raw()])[0] == (fd_one, 0, found[0][2])  # type: ignore[index]
+
+
+# -- the C build of the common array, held to its Python twin -------------------------------
+
+needs_c = pytest.mark.skipif(speedups is None, reason="the C extension is not in use")
+
+
+def both_answers(args: tuple[Any, ...]) -> tuple[Any, Any]:
+    """``plain_ndarray``'s answer in C and in Python for ``args``: an array, None, or the
+    exception's type and text."""
+    answers = []
+    for build in (speedups.plain_ndarray, _rebuild.plain_ndarray_py):  # type: ignore[union-attr]
+        try:
+            answers.append(build(_rebuild._PLAIN_DTYPES, *args))
+        except Exception as exc:  # noqa: BLE001 - the two must raise alike
+            answers.append((type(exc), str(exc)))
+    return answers[0], answers[1]
+
+
+def assert_same(c: Any, py: Any) -> None:
+    if isinstance(py, np.ndarray):
+        assert isinstance(c, np.ndarray)
+        assert (c.dtype, c.shape, c.strides, c.flags.writeable) == (py.dtype, py.shape, py.strides, py.flags.writeable)
+        assert c.tobytes() == py.tobytes()
+        assert c.nbytes == 0 or np.shares_memory(c, py)  # both views of the side chunk
+    else:
+        assert c == py
+
+
+def released() -> memoryview:
+    view = memoryview(bytearray(8))
+    view.release()
+    return view
+
+
+EDGE_CASES = [
+    ("<f8", [1], False, BYTES_8),
+    ("<f8", [1, 1], True, BYTES_8),
+    ("<f8", [], False, BYTES_8),  # 0-d
+    ("<f4", [2], True, BYTES_8),  # 1-D and Fortran: the same array
+    ("<i2", [2, 2], True, BYTES_8),
+    ("<i2", [2, 2], False, BYTES_8),
+    ("<f8", [WIDE - 1, WIDE - 1, 0], False, memoryview(b"")),  # the product overflows 64 bits, then 0
+    ("<f8", [WIDE - 1, 2], False, BYTES_8),  # overflows: no buffer that size
+    ("<f8", [2**32, 2**32], False, BYTES_8),
+    ("<f8", [0, WIDE], False, memoryview(b"")),
+    ("<f8", [1], False, released()),  # both raise numpy's or memoryview's ValueError
+    ("<f8", [1], False, memoryview(bytearray(16))[::2]),  # not contiguous
+    ("<f8", [1], False, memoryview(bytearray(8)).cast("b")),  # format b, not B
+    ("<f8", [1], False, memoryview(bytearray(8)).cast("B", (2, 4))),  # 2-D bytes, contiguous
+    ("<f8", [1], None, BYTES_8),
+    ("<f8", [1.0], False, BYTES_8),
+    ("<f8", [1], False, bytearray(8)),
+    (b"<f8", [1], False, BYTES_8),
+    ("<U1", [2], False, BYTES_8),
+    ("<f8", [1] * 32, False, BYTES_8),
+    ("<f8", [1] * 33, False, BYTES_8),
+    ("|b1", [8], False, BYTES_8),
+    ("|S0", [3], False, memoryview(b"")),  # numpy refuses a zero itemsize: the same error from both
+]
+
+
+@needs_c
+@pytest.mark.parametrize("args", EDGE_CASES, ids=range(len(EDGE_CASES)))
+def test_the_c_build_answers_as_its_python_twin_on_edge_cases(args: tuple[Any, ...]) -> None:
+    for descr in ("<f8", "<f4", "<i2", "<U1", "|b1", "|S0"):
+        try:
+            _rebuild._plain_dtype(descr)  # known, so that only the case decides
+        except MalformedPickleError:
+            pass
+    assert_same(*both_answers(args))
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(
+    descr=st.sampled_from(["<f8", "<i4", "|u1", ">i2", "<c16", "|b1", "<U2", "<q9", "<f8 "]),
+    shape=st.one_of(
+        st.lists(st.integers(-2, 2**64), max_size=4),
+        st.lists(st.integers(0, 5), max_size=34),
+        st.tuples(st.integers(0, 4)),
+        st.lists(st.one_of(st.integers(0, 4), st.booleans(), st.floats(0, 4)), max_size=3),
+    ),
+    fortran=st.one_of(st.booleans(), st.integers(0, 1), st.none()),
+    size=st.integers(0, 130),
+    form=st.sampled_from(["view", "bytes", "bytearray", "strided", "signed", "readonly"]),
+)
+def test_the_c_build_answers_as_its_python_twin(
+    descr: str, shape: Any, fortran: Any, size: int, form: str
+) -> None:
+    try:
+        _rebuild._plain_dtype(descr)
+    except MalformedPickleError:
+        pass
+    raw = bytearray(range(256))[: 2 * size]
+    buffer: Any = {
+        "view": lambda: memoryview(raw)[:size],
+        "bytes": lambda: bytes(raw[:size]),
+        "bytearray": lambda: raw[:size],
+        "strided": lambda: memoryview(raw)[::2],
+        "signed": lambda: memoryview(raw)[:size].cast("b"),
+        "readonly": lambda: memoryview(bytes(raw[:size])),
+    }[form]()
+    assert_same(*both_answers((descr, shape, fortran, buffer)))
