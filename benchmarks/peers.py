@@ -656,6 +656,50 @@ def run_streampickle(role: str, transport: str, messages: list[Any], address: st
     anyio.run(main, backend=backend, backend_options=options)
 
 
+def run_streampickle_sync(role: str, transport: str, messages: list[Any], address: str | None,
+                          shared: str) -> None:
+    """streampickle's blocking adapter (``streampickle.sync``) on blocking Unix sockets, opted in
+    to shared memory: the same-host contenders of ``run_streampickle`` (``shared`` as there:
+    ``"shared"``, ``"packed"`` or ``"read"``) without an event loop, as the raw-socket limit
+    runs. A hand-off is a few system calls each way, so a loop's wake-ups (a quarter of a
+    millisecond per round trip through asyncio here) are a large part of what the async
+    contenders measure for it."""
+    from streampickle import sync
+
+    check = workloads.checker(messages)
+    if role == "recv":
+        lsock, addr = listen_blocking(transport)
+        emit(address=addr)
+        conn, _ = lsock.accept()
+        expected_sums = workloads.checksums(messages) if shared == "read" else None
+
+        def receive() -> Any:
+            got = [sync.load(conn, shared_memory=True) for _ in messages]
+            if expected_sums is not None:
+                return got, workloads.checksums(got)  # the full read, inside the timed region
+            return got
+
+        def check_all(result: Any) -> None:
+            got = result
+            if expected_sums is not None:
+                got, sums = result
+                assert sums == expected_sums, "the arrays read inside the timed region held other bytes"
+            mapped = [in_shared_file(a) for a in workloads.arrays(got)]
+            assert all(mapped), f"{shared}: mapped {mapped}"
+            check(got)
+
+        receive_transfers(conn.sendall, receive, check_all, peer_pid(conn))
+    else:
+        payload = workloads.packed(messages) if shared == "packed" else workloads.shared(messages)
+        sock = connect_blocking(transport, address or "")
+
+        def send() -> None:
+            for m in payload:
+                sync.dump(m, sock, shared_memory=True)
+
+        send_transfers(lambda: sock.recv(1) == GO, send)
+
+
 KEY = b"benchmark key"
 
 CONTENDERS: dict[str, Callable[..., None]] = {
@@ -686,6 +730,9 @@ CONTENDERS: dict[str, Callable[..., None]] = {
         r, t, m, a, "asyncio", False, True, None, "ordinary"),
     "streampickle-asyncio-shm-pool": lambda r, t, m, a, total: run_streampickle(
         r, t, m, a, "asyncio", False, True, None, "pool"),
+    "streampickle-sync-shm": lambda r, t, m, a, total: run_streampickle_sync(r, t, m, a, "shared"),
+    "streampickle-sync-shm-packed": lambda r, t, m, a, total: run_streampickle_sync(r, t, m, a, "packed"),
+    "streampickle-sync-shm-read": lambda r, t, m, a, total: run_streampickle_sync(r, t, m, a, "read"),
 }
 
 

@@ -41,7 +41,8 @@ NEEDS = {"dask-comm": "distributed", "zmq-zerocopy": "zmq", "streampickle-uvloop
 TCP_ONLY = {"dask-comm"}
 #: The same-host contenders: shared memory over Unix sockets (see peers.run_streampickle).
 SHARED = ["streampickle-asyncio-shm", "streampickle-asyncio-shm-packed", "streampickle-asyncio-shm-read",
-          "streampickle-asyncio-shm-ordinary", "streampickle-asyncio-shm-pool"]
+          "streampickle-asyncio-shm-ordinary", "streampickle-asyncio-shm-pool",
+          "streampickle-sync-shm", "streampickle-sync-shm-packed", "streampickle-sync-shm-read"]
 UNIX_ONLY = set(SHARED)
 #: ``--baseline DIR``: a contender named ``NAME@baseline`` runs NAME with streampickle imported
 #: from the checkout in DIR (built in place), interleaved with the others: before and after a
@@ -238,27 +239,29 @@ def shared_targets(by: dict[tuple[str, str, str], dict[str, Any]], check: Callab
     """The same-host targets (shared memory over a Unix socket), added to ``targets``' lines.
     many-arrays' goal is for its arrays packed in one shared buffer (one descriptor and one
     mapping per message); one file per array and the recycled pool have no goal: their lines
-    say what they reached."""
+    say what they reached. The hand-off goals are checked for each API measured, asyncio's
+    ``ObjectStream`` and the blocking ``sync`` adapter, each on its own line."""
     for workload in ("big-array", "many-arrays"):
-        shm = by.get((workload, "unix", "streampickle-asyncio-shm"))
-        if shm is not None:
-            what = f"{workload}, shared: speed / limit-socket"
-            if workload == "big-array":
-                check(what, "unix", shm["contender"], shm["vs_limit"], ">= 100", shm["vs_limit"] >= 100)
-            else:
-                lines.append(f"| {what} (one file per array) | unix | {shm['contender']} "
-                             f"| {shm['vs_limit']:.3f} | - | - |")
-        packed = by.get((workload, "unix", "streampickle-asyncio-shm-packed"))
-        if packed is not None and workload == "many-arrays":
-            check(f"{workload}, shared, packed in one buffer: speed / limit-socket", "unix", packed["contender"],
-                  packed["vs_limit"], ">= 50", packed["vs_limit"] >= 50)
-        read = by.get((workload, "unix", "streampickle-asyncio-shm-read"))
-        if read is not None:
-            what = f"{workload}, shared, receiver reads it all: speed / limit-socket"
-            if workload == "big-array":
-                check(what, "unix", read["contender"], read["vs_limit"], ">= 3", read["vs_limit"] >= 3)
-            else:
-                lines.append(f"| {what} | unix | {read['contender']} | {read['vs_limit']:.3f} | - | - |")
+        for api in ("asyncio", "sync"):
+            shm = by.get((workload, "unix", f"streampickle-{api}-shm"))
+            if shm is not None:
+                what = f"{workload}, shared: speed / limit-socket"
+                if workload == "big-array":
+                    check(what, "unix", shm["contender"], shm["vs_limit"], ">= 100", shm["vs_limit"] >= 100)
+                else:
+                    lines.append(f"| {what} (one file per array) | unix | {shm['contender']} "
+                                 f"| {shm['vs_limit']:.3f} | - | - |")
+            packed = by.get((workload, "unix", f"streampickle-{api}-shm-packed"))
+            if packed is not None and workload == "many-arrays":
+                check(f"{workload}, shared, packed in one buffer: speed / limit-socket", "unix", packed["contender"],
+                      packed["vs_limit"], ">= 50", packed["vs_limit"] >= 50)
+            read = by.get((workload, "unix", f"streampickle-{api}-shm-read"))
+            if read is not None:
+                what = f"{workload}, shared, receiver reads it all: speed / limit-socket"
+                if workload == "big-array":
+                    check(what, "unix", read["contender"], read["vs_limit"], ">= 3", read["vs_limit"] >= 3)
+                else:
+                    lines.append(f"| {what} | unix | {read['contender']} | {read['vs_limit']:.3f} | - | - |")
         ordinary = by.get((workload, "unix", "streampickle-asyncio-shm-ordinary"))
         plain = by.get((workload, "unix", "streampickle-asyncio"))
         if ordinary is not None and plain is not None:
@@ -270,7 +273,8 @@ def shared_targets(by: dict[tuple[str, str, str], dict[str, Any]], check: Callab
             lines.append(f"| {workload}, ordinary arrays via a recycled shared buffer: speed / limit-socket | unix "
                          f"| {pool['contender']} | {pool['vs_limit']:.3f} | - | - |")
         for name in ("streampickle-asyncio-shm", "streampickle-asyncio-shm-packed", "streampickle-asyncio-shm-read",
-                     "streampickle-asyncio-shm-pool"):
+                     "streampickle-asyncio-shm-pool", "streampickle-sync-shm", "streampickle-sync-shm-packed",
+                     "streampickle-sync-shm-read"):
             r = by.get((workload, "unix", name))
             if r is not None and r.get("recv_pss_mib") is not None:
                 added = r["recv_pss_mib"] + r["send_pss_mib"]
