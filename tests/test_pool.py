@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import pickle
 import socket
+import sys
 import threading
 import time
 
@@ -25,11 +26,11 @@ MiB = 1 << 20
 
 @pytest.fixture(autouse=True)
 def fresh_pool():
-    saved = (buffer_pool.max_bytes, buffer_pool.max_idle)
+    saved = (buffer_pool.max_bytes, buffer_pool.max_idle, buffer_pool.release_before_map)
     buffer_pool.release()
     buffer_pool.reused = buffer_pool.mapped = 0
     yield
-    buffer_pool.configure(max_bytes=saved[0], max_idle=saved[1])
+    buffer_pool.configure(max_bytes=saved[0], max_idle=saved[1], release_before_map=saved[2])
     buffer_pool.release()
 
 
@@ -134,6 +135,82 @@ def test_release_unmaps_every_idle_block():
     assert buffer_pool.idle_bytes == 3 * 4 * MiB  # size classes are whole huge pages
     assert buffer_pool.release() == 12 * MiB
     assert buffer_pool.idle_bytes == 0
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def mapped_at(where: int) -> bool:
+    """Whether any mapping of this process covers the address."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if start <= where < end:
+                return True
+    return False
+
+
+def test_idle_blocks_of_other_sizes_stay_unless_release_before_map():
+    pool = BufferPool()
+    a = pool.empty(4 * MiB)
+    del a
+    b = pool.empty(8 * MiB)  # no idle block fits: a fresh mapping, the 4 MiB block stays
+    assert pool.idle_bytes == 4 * MiB and pool.mapped == 2
+    del b
+    assert pool.idle_bytes == 12 * MiB
+
+
+def test_release_before_map_unmaps_idle_blocks_that_dont_fit_before_mapping():
+    pool = BufferPool(release_before_map=True)
+    a, b = pool.empty(4 * MiB), pool.empty(4 * MiB)
+    olds = [address(a), address(b)]
+    a[:] = 1
+    b[:] = 1
+    del a, b
+    assert pool.idle_bytes == 8 * MiB
+    same = pool.empty(4 * MiB)  # a block fits: reused, the other stays idle
+    assert pool.reused == 1 and pool.idle_bytes == 4 * MiB
+    other = pool.empty(6 * MiB)  # none fits: the idle one goes first
+    assert pool.idle_bytes == 0 and pool.mapped == 3
+    assert address(same) in olds and not all(mapped_at(where) for where in olds)
+    del same, other
+    assert pool.idle_bytes == 4 * MiB + 6 * MiB  # given back as ever
+    pool.configure(release_before_map=False)
+    assert pool.release_before_map is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_received_arrays_of_a_new_size_dont_sit_beside_idle_memory():
+    """Real arrays over a socket: 64 MiB received and dropped, then 4 x 16 MiB. The idle
+    64 MiB goes before the new chunks are mapped, so the process never holds both."""
+    buffer_pool.configure(max_bytes=1 << 30, max_idle=60.0, release_before_map=True)
+    (big,) = over_socket(np.ones(64 * MiB, dtype=np.uint8))
+    assert big.sum() == 64 * MiB
+    del big
+    gc.collect()
+    assert buffer_pool.idle_bytes == 64 * MiB
+    before = rss_mib()
+    smalls = over_socket(*[np.full(16 * MiB, k, dtype=np.uint8) for k in range(4)])
+    assert [int(s[-1]) for s in smalls] == [0, 1, 2, 3]
+    assert buffer_pool.mapped == 5 and buffer_pool.reused == 0
+    # The first 16 MiB chunk unmapped the idle 64 MiB; the next three found nothing idle.
+    assert rss_mib() - before < 32, "the idle 64 MiB block still sits beside 64 MiB of new arrays"
+    del smalls
+
+
+def test_trim_applies_the_bounds_without_a_receive():
+    pool = BufferPool(max_idle=0.05)
+    a, b = pool.empty(2 * MiB), pool.empty(4 * MiB)
+    del a
+    assert pool.trim() == 0 and pool.idle_bytes == 2 * MiB  # not idle long enough yet
+    time.sleep(0.1)
+    assert pool.trim() == 2 * MiB and pool.idle_bytes == 0  # no receive needed
+    del b
+    assert pool.trim() == 0 and pool.idle_bytes == 4 * MiB
+    time.sleep(0.1)
+    assert pool.trim() == 4 * MiB and pool.idle_bytes == 0
 
 
 def test_bad_bounds_are_refused():
