@@ -568,6 +568,7 @@ typedef struct {
                             * global, opaque: globals entry a */
     unsigned char hkind;
     unsigned char noinfo;  /* a reconstructor's result: the Python walk's info is None */
+    unsigned char named;   /* a reconstructor named and not called, or a tuple holding one */
 } Val;
 
 /* A tuple's item as the rules read it later (a REDUCE's arguments): what its hash needs was
@@ -575,7 +576,7 @@ typedef struct {
 typedef struct {
     int64_t kind;
     Py_ssize_t a, b;
-    unsigned char noinfo;
+    unsigned char noinfo, named;
 } Item;
 
 typedef struct { int64_t size; Py_ssize_t global; } Box; /* global: -1 for none */
@@ -694,6 +695,7 @@ static Val tuple_val(const Val *items, Py_ssize_t n, Py_ssize_t at) {
             acc *= XXPRIME_1;
         }
         t.cost = items[i].cost >= COST_CAP - t.cost ? COST_CAP : t.cost + items[i].cost;
+        t.named |= items[i].named;
         if (items[i].depth > t.depth) t.depth = items[i].depth;
     }
     if (t.hkind == H_COMPUTED) {
@@ -855,13 +857,18 @@ static int resolve(Walk *w, PyObject *module, PyObject *qualname, Py_ssize_t pos
     if (found == NULL) return -1;
     const Py_ssize_t g = add_global(w, found);
     if (g < 0) return -1;
-    *out = (Val){KD_GLOBAL, 0, 1, 0, g, 0, H_WEAK, 0};
+    const GlobalInfo *info = &AT(w->globals, GlobalInfo)[g];
+    *out = (Val){KD_GLOBAL, 0, 1, 0, g, 0, H_WEAK, 0, (unsigned char)(info->has_rebuilder || info->attribute_of)};
     return 0;
 }
 
 static PyObject *decode_name(const Walk *w, const Val *v) {
     return PyUnicode_DecodeUTF8((const char *)w->data + v->a, v->b - v->a, "surrogatepass");
 }
+
+/* _verify._NAMED: what a pickle must not do with a reconstructor it named. */
+#define NAMED "takes a reconstructor named and not called: a pickle may only call streampickle's reconstructors " \
+              "(REDUCE), never pass them on as values"
 
 static int no_subscript(void) {
     PyErr_SetString(PyExc_TypeError, "'NoneType' object is not subscriptable");
@@ -919,6 +926,8 @@ static int typed(Walk *w, unsigned char op, const char *opname, Py_ssize_t n, Py
                 if (!(item->kind & allowed))
                     return refuse(w, pos, "REDUCE: argument %zd of %S must be a %s, not a %s", i, target.name,
                                   name_of(allowed, &ka), name_of(item->kind, &kb));
+                if (item->named && item->kind != KD_GLOBAL) /* a tuple holding one, where a tuple may go */
+                    return refuse(w, pos, "REDUCE " NAMED);
                 w->budget -= size_of(w, item);
             }
             w->budget -= 1;
@@ -930,6 +939,7 @@ static int typed(Walk *w, unsigned char op, const char *opname, Py_ssize_t n, Py
                 return new_box(w, -1, &out->a);
             return 0;
         }
+        if (arguments.named) return refuse(w, pos, "REDUCE " NAMED); /* an allowed callable or class, or getattr */
         if (target.attribute_of) {
             if (arguments.noinfo) return no_len();
             const Item *items = AT(w->items, Item) + arguments.a;
@@ -969,13 +979,23 @@ static int typed(Walk *w, unsigned char op, const char *opname, Py_ssize_t n, Py
             return refuse(w, pos, "%s with a %s as arguments, not a tuple", opname, name_of(arguments.kind, &ka));
         if (op == 0x92 && args[2].kind != KD_DICT)
             return refuse(w, pos, "NEWOBJ_EX with a %s as keyword arguments, not a dict", name_of(args[2].kind, &ka));
+        if (arguments.named) return refuse(w, pos, "%s " NAMED, opname);
         *out = (Val){KD_INSTANCE, 0, 1, 0, 0, 0, H_WEAK, 0};
         return new_box(w, cls.a, &out->a);
     }
     /* BUILD */
+    if (args[1].named) return refuse(w, pos, "BUILD " NAMED);
     if (args[0].kind != KD_INSTANCE)
         return refuse(w, pos, "BUILD on a %s: only on an instance of a class the user allowed", name_of(args[0].kind, &ka));
     *out = args[0];
+    return 0;
+}
+
+/* _verify._no_named: refuse op if one of the n stack entries from base is a reconstructor named
+ * and not called, or a tuple holding one. */
+static int no_named(Walk *w, Py_ssize_t base, Py_ssize_t n, Py_ssize_t pos, const char *opname) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (AT(w->stack, Val)[base + i].named) return refuse(w, pos, "%s " NAMED, opname);
     return 0;
 }
 
@@ -987,7 +1007,7 @@ static int make_tuple(Walk *w, Py_ssize_t base, Py_ssize_t pos, const char *opna
         return refuse(w, pos, "%s: a tuple nested more than %d deep", opname, MAX_TUPLE_DEPTH);
     for (Py_ssize_t i = 0; i < n; i++) {
         const Val *v = &AT(w->stack, Val)[base + i];
-        if (VPUSH(w->items, Item, ((Item){v->kind, v->a, v->b, v->noinfo})) < 0) return -1;
+        if (VPUSH(w->items, Item, ((Item){v->kind, v->a, v->b, v->noinfo, v->named})) < 0) return -1;
     }
     if (n == 0) return VPUSH(w->stack, Val, t);
     AT(w->stack, Val)[base] = t;
@@ -1081,11 +1101,13 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                 break;
             case 'a': /* APPEND */
                 CHECK(into(&w, &TOP[-2], KD_LIST, 'l', start, spec->name));
+                if (TOP[-1].named) REFUSE(start, "APPEND " NAMED);
                 AT(w.boxes, Box)[TOP[-2].a].size += 1;
                 w.stack.len -= 1;
                 break;
             case 's': /* SETITEM */
                 CHECK(into(&w, &TOP[-3], KD_DICT, 'd', start, spec->name));
+                if (TOP[-2].named || TOP[-1].named) REFUSE(start, "SETITEM " NAMED);
                 CHECK(key(&w, &TOP[-2], TOP[-3].a, start, spec->name));
                 w.stack.len -= 2;
                 break;
@@ -1140,7 +1162,8 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
             if (op == 't') { /* TUPLE */
                 CHECK(make_tuple(&w, base, start, spec->name));
             } else if (op == 0x91) { /* FROZENSET */
-                Val f = {KD_FROZENSET, 0, 1, 0, 0, 0, n ? H_SALTED : H_WEAK, 0};
+                CHECK(no_named(&w, base, n, start, spec->name));
+                Val f = {KD_FROZENSET, 0, 1, 0, 0, 0, n ? H_SALTED : H_WEAK, 0, 0};
                 CHECK(new_box(&w, -1, &f.a));
                 for (Py_ssize_t i = 0; i < n; i++) {
                     const Val *item = &AT(w.stack, Val)[base + i];
@@ -1156,6 +1179,7 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                 const Val target = AT(w.stack, Val)[base - 1];
                 if (op == 'e') {
                     CHECK(into(&w, &target, KD_LIST, 'l', start, spec->name));
+                    CHECK(no_named(&w, base, n, start, spec->name));
                     AT(w.boxes, Box)[target.a].size += n;
                 } else {
                     Py_ssize_t step = 1;
@@ -1166,6 +1190,7 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                     } else {
                         CHECK(into(&w, &target, KD_SET, 0, start, spec->name));
                     }
+                    CHECK(no_named(&w, base, n, start, spec->name));
                     for (Py_ssize_t i = 0; i < n; i += step)
                         CHECK(key(&w, &AT(w.stack, Val)[base + i], target.a, start, spec->name));
                 }
@@ -1196,6 +1221,7 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
         case K_STOP:
             if (pos != end) REFUSE(start, "%zd bytes follow STOP inside the pickle part", end - pos);
             if (marks_len || w.stack.len != 1) REFUSE(start, "STOP with an unbalanced stack");
+            if (TOP[-1].named) REFUSE(start, "STOP " NAMED);
             stopped = 1;
             break;
         case K_PROTO:

@@ -20,6 +20,13 @@ The rules (each refusal names the opcode and its byte offset):
   exactly as many arguments as it declares, each of a declared kind (an array's data is an
   out-of-band buffer or a bytes literal, never an object). ``NEWOBJ``/``NEWOBJ_EX`` only
   instantiate a class the user allowed.
+* **Reconstructors are called, never passed on.** A streampickle reconstructor (or
+  ``getattr``) the pickle names is one of the loader's own objects, not a value: it may be
+  called by ``REDUCE``, memoized and copied, or given to a reconstructor whose declaration
+  types that argument as a global (numpy's ``_reconstruct(ndarray, ...)`` in standard
+  pickles); a tuple holding one may only be such a call's arguments. Anything else that takes
+  one (a container, an allowed callable or class, ``BUILD``, ``STOP``) is refused, so the
+  caller never receives one.
 * **Mutation.** ``SETITEM(S)`` only into a dict this pickle made, ``APPEND(S)`` only into a
   list, ``ADDITEMS`` only into a set (or into an instance of an allowed ``dict``/``list``
   subclass); ``BUILD`` only on an instance of a class the user allowed;
@@ -168,7 +175,7 @@ _UNHASHABLE = None
 class _V:
     """One abstract value: its kind and what the rules need to know about it."""
 
-    __slots__ = ("kind", "info", "hkind", "hval", "cost", "depth", "size")
+    __slots__ = ("kind", "info", "hkind", "hval", "cost", "depth", "size", "named")
 
     def __init__(self, kind: int, info: Any = None, hkind: str | None = _UNHASHABLE, hval: int = 0,
                  cost: int = 1, depth: int = 0) -> None:
@@ -179,6 +186,25 @@ class _V:
         self.cost = cost  # units of work to hash it (tree size of a tuple)
         self.depth = depth  # tuple nesting
         self.size = 0  # containers: work units of what was put in (walked by a reconstructor)
+        self.named = False  # a reconstructor named and not called, or a tuple holding one
+
+
+def _global_value(found: Global) -> _V:
+    """A resolved global: one of the loader's own objects (``named``) unless the user allowed it."""
+    value = _V(K.GLOBAL, found, _WEAK)
+    value.named = found.rebuilder is not None or found.attribute_of
+    return value
+
+
+#: What a pickle must not do with a reconstructor it named: see the rules above.
+_NAMED = ("takes a reconstructor named and not called: a pickle may only call streampickle's reconstructors "
+          "(REDUCE), never pass them on as values")
+
+
+def _no_named(op: int, items: list[_V], pos: int) -> None:
+    for item in items:
+        if item.named:
+            raise Refused(pos, f"{_NAMES[op]} {_NAMED}")
 
 
 _NONE = _V(K.NONE, hkind=_FREE, hval=hash(None))
@@ -211,6 +237,10 @@ def _tuple_value(items: list[_V], pos: int, op: int) -> _V:
         raise Refused(pos, f"{_NAMES[op]}: a tuple nested more than {MAX_TUPLE_DEPTH} deep")
     value = _V(K.TUPLE, items, _LAZY, depth=depth + 1)
     value.size = len(items)
+    for item in items:
+        if item.named:
+            value.named = True
+            break
     return value
 
 
@@ -450,11 +480,14 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                 raise Refused(start, f"{_NAMES[op]} needs {n} items, the stack has {have}")
             if op == _APPEND:
                 _into(stack[-2], K.LIST, "list_like", start, op, full)
+                if stack[-1].named:
+                    raise Refused(start, f"APPEND {_NAMED}")
                 stack[-2].size += 1
                 del stack[-1]
             elif op == _SETITEM:
                 target = stack[-3]
                 _into(target, K.DICT, "dict_like", start, op, full)
+                _no_named(op, stack[-2:], start)
                 budget, opaque = _key(stack[-2], target, start, op, full, budget, opaque, max_opaque, collisions)
                 del stack[-2:]
             elif op == _READONLY_BUFFER:
@@ -484,6 +517,7 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
             if op == _TUPLE:
                 stack.append(_tuple_value(items, start, op))
             elif op == _FROZENSET:
+                _no_named(op, items, start)
                 frozen = _V(K.FROZENSET, start, _WEAK)
                 for item in items:
                     budget, opaque = _key(item, frozen, start, op, full, budget, opaque, max_opaque, collisions)
@@ -497,15 +531,18 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                 target = stack[-1]
                 if op == _APPENDS:
                     _into(target, K.LIST, "list_like", start, op, full)
+                    _no_named(op, items, start)
                     target.size += len(items)
                 elif op == _ADDITEMS:
                     _into(target, K.SET, None, start, op, full)
+                    _no_named(op, items, start)
                     for item in items:
                         budget, opaque = _key(item, target, start, op, full, budget, opaque, max_opaque, collisions)
                 else:
                     if len(items) % 2:
                         raise Refused(start, "SETITEMS with an odd number of items")
                     _into(target, K.DICT, "dict_like", start, op, full)
+                    _no_named(op, items, start)
                     for item in items[::2]:
                         budget, opaque = _key(item, target, start, op, full, budget, opaque, max_opaque, collisions)
         elif op == _POP:
@@ -535,6 +572,8 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                 raise Refused(start, "STOP with an unbalanced stack")
             if live:
                 raise Refused(start, f"{live} numpy value(s) never completed by the BUILD that gives their state")
+            if stack[0].named:
+                raise Refused(start, f"STOP {_NAMED}")
             break
         elif op == _PROTO:
             raise Refused(start, "PROTO may only be the first opcode")
@@ -655,7 +694,7 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
             qualname = bytes(data[name.info[0] : name.info[1]]).decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
             raise Refused(pos, "STACK_GLOBAL: a name that is not valid UTF-8") from None
-        return _V(K.GLOBAL, resolver(module_name, qualname, pos), _WEAK), budget
+        return _global_value(resolver(module_name, qualname, pos)), budget
     if op == _REDUCE:
         func, arguments = args
         if func.kind != K.GLOBAL:
@@ -673,6 +712,8 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
                 if not item.kind & allowed:
                     raise Refused(pos, f"REDUCE: argument {i} of {target.name} must be a {K.name_of(allowed)}, "
                                        f"not a {K.name_of(item.kind)}")
+                if item.named and item.kind != K.GLOBAL:  # a tuple holding one, where a tuple may go
+                    raise Refused(pos, f"REDUCE {_NAMED}")
                 budget -= item.size
             budget -= 1
             if budget < 0:
@@ -686,6 +727,8 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
                 return _reconstructed(items, pos), budget
             result = _V(rebuilder.result, None, _WEAK)
             return result, budget
+        if arguments.named:  # an allowed callable or class, or getattr
+            raise Refused(pos, f"REDUCE {_NAMED}")
         if target.attribute_of:
             if len(items) != 2 or items[0].kind != K.GLOBAL or items[1].kind != K.STR or items[1].info is None:
                 raise Refused(pos, "REDUCE: builtins.getattr is only admitted as getattr(allowed global, 'name')")
@@ -694,7 +737,7 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
                 attr = bytes(data[items[1].info[0] : items[1].info[1]]).decode("utf-8", "surrogatepass")
             except UnicodeDecodeError:
                 raise Refused(pos, "REDUCE: getattr with a name that is not valid UTF-8") from None
-            return _V(K.GLOBAL, resolver(owner.module, f"{owner.qualname}.{attr}", pos), _WEAK), budget
+            return _global_value(resolver(owner.module, f"{owner.qualname}.{attr}", pos)), budget
         return _V(K.INSTANCE if target.is_class else K.OPAQUE, target, _WEAK), budget
     if op == _NEWOBJ or op == _NEWOBJ_EX:
         cls, arguments = args[0], args[1]
@@ -705,9 +748,13 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
             raise Refused(pos, f"{op_name} with a {K.name_of(arguments.kind)} as arguments, not a tuple")
         if op == _NEWOBJ_EX and args[2].kind != K.DICT:
             raise Refused(pos, f"NEWOBJ_EX with a {K.name_of(args[2].kind)} as keyword arguments, not a dict")
+        if arguments.named:
+            raise Refused(pos, f"{op_name} {_NAMED}")
         return _V(K.INSTANCE, cls.info, _WEAK), budget
     # BUILD
     instance = args[0]
+    if args[1].named:
+        raise Refused(pos, f"BUILD {_NAMED}")
     pending = instance.info
     if instance.kind == K.OPAQUE and type(pending) is tuple and pending[0] is _PENDING:
         state = args[1]
@@ -875,6 +922,7 @@ def _standard_op(op: int, start: int, pos: int, data: bytes | bytearray | memory
             raise Refused(start, f"{_NAMES[op]} without a MARK")
         items = stack[marks.pop():]
         del stack[len(stack) - len(items):]
+        _no_named(op, items, start)
         if op == _LIST:
             made = _V(K.LIST, start)
             made.size = len(items)
@@ -897,7 +945,7 @@ def _standard_op(op: int, start: int, pos: int, data: bytes | bytearray | memory
             resolved = resolver(module, qualname, start)
         except ForbiddenGlobalError as exc:  # the resolver names STACK_GLOBAL: say which opcode it was
             raise ForbiddenGlobalError(exc.module, exc.name, position=start, opcode="GLOBAL") from None
-        stack.append(_V(K.GLOBAL, resolved, _WEAK))
+        stack.append(_global_value(resolved))
     else:  # PERSID
         pos = _line(data, pos, end, start, op)[1]
         if not persistent:

@@ -820,3 +820,22 @@ def test_dtypes_too_deep_or_too_large_when_expanded_are_refused(levels: int, fie
     fine = _shared_dtype(3, 2)  # 15 nodes, 3 deep
     got = _load_one(pickle.dumps(np.zeros(2, dtype=fine), protocol=protocol))
     assert got.dtype == fine and got.shape == (2,)
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(b"\x80\x02cnumpy\nndarray\nq\x00.", id="numpys-marker"),
+    pytest.param(b"\x80\x02cnumpy\nndarray\n\x85.", id="the-marker-in-a-tuple"),
+    pytest.param(b"\x80\x02]cnumpy\nndarray\na.", id="the-marker-in-a-list"),
+    pytest.param(b"\x80\x02cbuiltins\nobject\n.", id="the-object-marker"),
+    pytest.param(b"\x80\x02cnumpy.core.multiarray\n_reconstruct\n.", id="a-reconstructor"),
+    pytest.param(b"(cnumpy\nndarray\nl.", id="protocol-0-list"),
+    pytest.param(b"(S'k'\ncnumpy\nndarray\nd.", id="protocol-0-dict"),
+])
+def test_a_standard_pickle_never_hands_over_a_reconstructor_or_marker(data: bytes) -> None:
+    # numpy.ndarray and object are markers a standard pickle passes to numpy's _reconstruct and
+    # copyreg's _reconstructor; as values they would be the loader's own objects.
+    with pytest.raises(MalformedPickleError, match="named and not called"):
+        next(_fed(data))
+    array = np.arange(5.0)
+    for protocol in range(0, 6):
+        assert next(_fed(pickle.dumps([array, array], protocol=protocol)))[1].tolist() == array.tolist()

@@ -307,3 +307,52 @@ def test_persistent_ids_that_share_one_structure_are_charged() -> None:
     with pytest.raises(MalformedPickleError, match="out of proportion"):
         streampickle.loads(make_message(P5 + body), persistent_load=seen.append)
     assert len(seen) < 2000
+
+
+# -- a reconstructor is called, never handed over ------------------------------------------------
+
+NDARRAY = glob("streampickle._rebuild", "ndarray")
+GETATTR = glob("builtins", "getattr")
+ODICT = glob("collections", "OrderedDict")
+POINT = glob("test_attacks", "Point")
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param(NDARRAY + b".", id="the-result"),
+    pytest.param(NDARRAY + b"\x85.", id="in-a-tuple"),
+    pytest.param(NDARRAY + b"\x85\x85.", id="two-tuples-deep"),
+    pytest.param(NDARRAY + b"\x94\x85h\x00\x86.", id="memoized-then-twice-in-a-tuple"),
+    pytest.param(b"]" + NDARRAY + b"a.", id="appended"),
+    pytest.param(b"](" + s("x") + NDARRAY + b"e.", id="in-appends"),
+    pytest.param(b"}" + s("k") + NDARRAY + b"s.", id="a-dict-value"),
+    pytest.param(b"}" + NDARRAY + s("v") + b"s.", id="a-dict-key"),
+    pytest.param(b"}(" + s("k") + NDARRAY + b"\x85u.", id="a-tuple-in-setitems"),
+    pytest.param(b"\x8f(" + NDARRAY + b"\x90.", id="a-set-item"),
+    pytest.param(b"(" + NDARRAY + b"\x91.", id="a-frozenset-item"),
+    pytest.param(glob("streampickle._rebuild", "dtype") + b"N\x86.", id="another-reconstructor"),
+])
+def test_a_reconstructor_named_and_not_called_is_refused(body: bytes) -> None:
+    # Such a pickle would hand the caller the loader's metered wrapper of a reconstructor:
+    # harmless to call (it only makes checked values), but one of streampickle's own objects.
+    error = refuse(P5 + body)
+    assert "named and not called" in str(error)
+
+
+@pytest.mark.parametrize("body, allow", [
+    pytest.param(ODICT + b"]" + NDARRAY + b"\x85a\x85R.", ["collections.OrderedDict"], id="in-a-list-argument"),
+    pytest.param(ODICT + NDARRAY + b"\x85\x85R.", ["collections.OrderedDict"], id="a-tuple-argument"),
+    pytest.param(POINT + NDARRAY + b"\x85\x81.", ["test_attacks.Point"], id="newobj-argument"),
+    pytest.param(POINT + b")\x81" + NDARRAY + b"\x85b.", ["test_attacks.Point"], id="build-state"),
+    pytest.param(GETATTR + NDARRAY + s("cost") + b"\x86R.", ["test_attacks.Point.x"], id="getattr-of-it"),
+    pytest.param(GETATTR + b".", ["test_attacks.Point.x"], id="getattr-itself"),
+])
+def test_a_reconstructor_is_not_passed_to_what_the_user_allowed(body: bytes, allow: list[str]) -> None:
+    error = refuse(P5 + body, allow=allow)
+    assert "named and not called" in str(error)
+
+
+def test_reconstructors_called_and_memoized_still_load() -> None:
+    arrays = [np.arange(3.0), np.arange(4, dtype=np.int8)]
+    got = streampickle.loads(streampickle.dumps({"a": arrays, "b": arrays[0], "t": (np.dtype("<f4"), 1)}))
+    assert [a.tolist() for a in got["a"]] == [[0.0, 1.0, 2.0], [0, 1, 2, 3]]
+    assert got["t"] == (np.dtype("<f4"), 1)

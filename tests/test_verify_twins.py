@@ -454,3 +454,25 @@ def test_a_million_tuple1_after_a_call_agree() -> None:
     assert both(call + b"\x85" * 999 + b".") == 1
     refused = both(call + b"\x85" * 1_000_000 + b".")
     assert refused[1] == "TUPLE1: a tuple nested more than 1000 deep", refused
+
+
+def test_a_reconstructor_named_and_not_called_is_refused_alike() -> None:
+    def s(text: str) -> bytes:
+        return b"\x8c" + bytes([len(text)]) + text.encode()
+
+    nd = s("streampickle._rebuild") + s("ndarray") + b"\x93"
+    dt = s("streampickle._rebuild") + s("dtype") + b"\x93"
+    bodies = [
+        nd + b".", nd + b"\x85.", nd + b"\x94\x85h\x00\x86.", b"]" + nd + b"a.", b"](" + nd + b"e.",
+        b"}" + nd + s("v") + b"s.", b"}" + s("k") + nd + b"s.", b"}(" + s("k") + nd + b"\x85u.",
+        b"\x8f(" + nd + b"\x90.", b"(" + nd + b"\x91.", dt + b"N\x86.",
+        dt + nd + b"\x85R.",  # a reconstructor's argument of a declared kind that is no global
+        dt + s("<f8") + nd + b"\x85\x86R.",  # a tuple holding one where a tuple may not go either
+        nd + b"\x94(" + s("<f8") + b"]K\x03a\x89\x97h\x00\x85t\x85.",  # a buffer after, and a tuple of it
+        b"]" + nd + b"\x85\x85a.",
+    ]
+    for body in bodies:
+        data = b"\x80\x05" + body
+        count = data.count(b"\x97")
+        assert_twins(data, count)
+        assert type(c_result(data, count, loader().resolve, 1024)) is tuple  # refused, by this rule or a kind
