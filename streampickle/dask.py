@@ -34,11 +34,14 @@ Theory of operation:
   sender made (an array a task made with ``shared_empty``) is handed over as that memory,
   not copied; other frames go as bytes, since copying them into shared memory first costs
   more than the socket does.
-* *No idle receive memory by default.* ``streampickle.buffer_pool`` keeps dead arrays' memory
-  for reuse, and a dask worker's memory limit would count it, so a process that listens on
-  ``sp://`` or ``sp+unix://`` (a scheduler, nanny or worker; not a client) sizes the pool from
-  ``distributed.comm.sp.pool`` (``max-bytes``, ``max-idle``) when it starts listening: no
-  pool unless the config asks for one.
+* *Idle receive memory, briefly.* ``streampickle.buffer_pool`` keeps dead arrays' memory for
+  reuse, and a dask worker's memory limit counts it, so a process that listens on ``sp://``
+  or ``sp+unix://`` (a scheduler, nanny or worker; not a client) bounds the pool from
+  ``distributed.comm.sp.pool`` (``max-bytes``, ``max-idle``) when it starts listening:
+  256 MiB for 1 s by default, with ``release_before_map`` (idle memory of another size goes
+  before a new chunk's memory is mapped), and the listener's event loop trims the pool every
+  quarter of ``max-idle``, so that idle memory goes within about 1.25 s of an array's death
+  even when nothing more is received.
 
 Configuration is read when a connection or listener is made, never at import.
 """
@@ -129,13 +132,17 @@ _SHARE_MAX = 200
 # here carries frames of any size, each received into its own memory: no split.
 _UNSPLIT = 1 << 62
 
-# The receive pool's defaults for a dask process: no pool (streampickle's own keeps 1 GiB for
-# 10 s). A worker's memory limit counts idle pool memory (MADV_FREE pages stay in RSS until
-# the kernel takes them), and dask keeps what a worker fetched as long as a task needs it: in a
-# cluster benchmark, a pool of 256 MiB for 2 s raised a worker's peak RSS from tcp://'s 340 MiB
-# to 598 (four 64 MiB keys fetched after other transfers), with none it stayed at 342.
-_POOL_MAX_BYTES = 0
-_POOL_MAX_IDLE = "2s"
+# The receive pool's defaults for a dask process (streampickle's own keep 1 GiB for 10 s). A
+# worker's memory limit counts idle pool memory (MADV_FREE pages stay in RSS until the kernel
+# takes them). In a cluster benchmark, a pool of 256 MiB whose idle blocks lived until the next
+# receive raised a worker's peak RSS from tcp://'s 340 MiB to 598: four 64 MiB keys mapped
+# beside an idle 256 MiB block. Here a block of another size goes before a new one is mapped
+# (release_before_map), and none stays idle much past max-idle: the listener's loop trims the
+# pool every _TRIM_FRACTION of it (_PoolTrimmer), since the pool has no timer of its own.
+_POOL_MAX_BYTES = "256 MiB"
+_POOL_MAX_IDLE = "1s"
+_TRIM_FRACTION = 0.25
+_TRIM_EVERY_MIN = 0.05  # seconds: a tiny max-idle doesn't make the loop spin
 _MACS: tuple[MacName, ...] = ("hmac-sha256", "blake3", "poly1305")
 
 
@@ -180,7 +187,56 @@ def _configure_pool() -> None:
     buffer_pool.configure(
         max_bytes=None if max_bytes is None else int(parse_bytes(max_bytes)),  # 0 is a value: no pool
         max_idle=None if max_idle is None else float(parse_timedelta(max_idle, default="seconds")),
+        release_before_map=True if untouched else None,
     )
+
+
+class _PoolTrimmer:
+    """Trims ``buffer_pool`` from one event loop while any listener on it runs: every
+    ``_TRIM_FRACTION`` of ``max_idle``, blocks idle for longer than ``max_idle`` are unmapped,
+    so idle memory goes even when no receive comes to apply the bounds."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._users = 0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._users += 1
+        if self._handle is None:
+            self._schedule()
+
+    def stop(self) -> None:
+        self._users -= 1
+        if self._users <= 0 and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self) -> None:
+        every = max(_TRIM_EVERY_MIN, buffer_pool.max_idle * _TRIM_FRACTION)
+        self._handle = self._loop.call_later(every, self._tick)
+
+    def _tick(self) -> None:
+        self._handle = None
+        if self._users > 0 and not self._loop.is_closed():
+            buffer_pool.trim()
+            self._schedule()
+
+
+_trimmers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PoolTrimmer] = weakref.WeakKeyDictionary()
+
+
+def _trimmer() -> _PoolTrimmer | None:
+    """The running asyncio loop's trimmer (None on another event loop: nothing trims there,
+    and the pool applies its bounds at its next use)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    trimmer = _trimmers.get(loop)
+    if trimmer is None:
+        trimmer = _trimmers[loop] = _PoolTrimmer(loop)
+    return trimmer
 
 
 def _check_encryption(address: str, connection_args: dict[str, Any]) -> None:
@@ -418,6 +474,13 @@ class SPListener(BaseListener):
         self._bound: tuple[str, int] | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._trimming: _PoolTrimmer | None = None
+
+    def _start_trimming(self) -> None:
+        """Once listening: trim the receive pool from this loop until stopped."""
+        self._trimming = _trimmer()
+        if self._trimming is not None:
+            self._trimming.start()
 
     async def start(self) -> None:
         _configure_pool()
@@ -432,6 +495,7 @@ class SPListener(BaseListener):
         host_port = listener.extra(SocketAttribute.local_address)
         self._bound = (str(host_port[0]), int(host_port[1]))
         self._accepting = asyncio.ensure_future(self._accept(listener))
+        self._start_trimming()
 
     async def _accept(self, listener: ObjectStreamListener) -> None:
         while True:
@@ -469,6 +533,9 @@ class SPListener(BaseListener):
         await self.comm_handler(comm)
 
     def stop(self) -> None:
+        trimming, self._trimming = self._trimming, None
+        if trimming is not None:
+            trimming.stop()
         accepting, self._accepting = self._accepting, None
         if accepting is not None:
             accepting.cancel()
@@ -565,6 +632,7 @@ class SPUnixListener(SPListener):
         self._socket = listener.extra(SocketAttribute.raw_socket)
         self._bound = (self.host, 0)
         self._accepting = asyncio.ensure_future(self._accept(listener))
+        self._start_trimming()
 
     def _peer(self, stream: ObjectStream) -> str:
         return f"{self.prefix}{unparse_host_port(self.host)}/peer-{next(_unix_names)}"

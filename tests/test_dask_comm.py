@@ -479,7 +479,7 @@ async def test_dask_finds_the_backend_through_its_entry_point(
 @pytest.mark.parametrize("scheme", ["sp", "sp+unix"])
 async def test_a_listening_process_bounds_the_receive_pool(anyio_backend: str, scheme: str) -> None:
     pool = streampickle.buffer_pool
-    saved = (pool.max_bytes, pool.max_idle)
+    saved = (pool.max_bytes, pool.max_idle, pool.release_before_map)
 
     async def handle(comm: Any) -> None:
         pass
@@ -489,12 +489,13 @@ async def test_a_listening_process_bounds_the_receive_pool(anyio_backend: str, s
             pass
 
     try:
-        pool.configure(max_bytes=1 << 30, max_idle=10.0)  # streampickle's defaults ...
+        pool.configure(max_bytes=1 << 30, max_idle=10.0, release_before_map=False)  # streampickle's defaults ...
         get_backend(scheme)  # (finding the backend, as a client does, changes nothing)
         await connect_nowhere(scheme)
-        assert (pool.max_bytes, pool.max_idle) == (1 << 30, 10.0)
+        assert (pool.max_bytes, pool.max_idle, pool.release_before_map) == (1 << 30, 10.0, False)
         await start_listening()
-        assert (pool.max_bytes, pool.max_idle) == (0, 2.0)  # ... give way to dask's: no pool
+        # ... give way to dask's: 256 MiB for 1 s, idle memory of another size unmapped first
+        assert (pool.max_bytes, pool.max_idle, pool.release_before_map) == (256 << 20, 1.0, True)
         config = {"distributed.comm.sp.pool.max-bytes": "8 MiB", "distributed.comm.sp.pool.max-idle": "1s"}
         with dask.config.set(config):
             await start_listening()
@@ -506,7 +507,51 @@ async def test_a_listening_process_bounds_the_receive_pool(anyio_backend: str, s
             await start_listening()
         assert pool.max_bytes == 0  # no pool at all
     finally:
-        pool.configure(max_bytes=saved[0], max_idle=saved[1])
+        pool.configure(max_bytes=saved[0], max_idle=saved[1], release_before_map=saved[2])
+
+
+@pytest.mark.parametrize("scheme", ["sp", "sp+unix"])
+async def test_the_listeners_loop_unmaps_idle_receive_memory_with_nothing_received(
+    anyio_backend: str, scheme: str
+) -> None:
+    """A received array dies and its memory goes idle in the pool; with no further receive,
+    the listening process's event loop unmaps it once it has been idle for max-idle."""
+    pool = streampickle.buffer_pool
+    saved = (pool.max_bytes, pool.max_idle, pool.release_before_map)
+    pool.release()
+    config = {"distributed.comm.sp.pool.max-bytes": "64 MiB", "distributed.comm.sp.pool.max-idle": "300ms"}
+    try:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def handle(comm: Any) -> None:
+            await queue.put(comm)
+
+        with dask.config.set(config):
+            listener = await listen(f"{scheme}://127.0.0.1", handle)
+        a = await connect(listener.contact_address)
+        b = await queue.get()
+        try:
+            assert (pool.max_bytes, pool.max_idle) == (64 << 20, 0.3)
+            big = np.arange(2 << 20, dtype=np.float64)  # 16 MiB
+            _, got = await asyncio.gather(a.write({"x": to_serialize(big)}), b.read())
+            np.testing.assert_array_equal(got["x"], big)
+            del got
+            await asyncio.sleep(0)  # the read's future lets go of the message on the loop's next turn
+            assert pool.idle_bytes == 16 << 20  # the array died: its memory is idle
+            for _ in range(100):  # the loop trims every 75 ms; at most 5 s, whatever the machine
+                await asyncio.sleep(0.05)
+                if pool.idle_bytes == 0:
+                    break
+            assert pool.idle_bytes == 0, "the idle block stayed with nothing received"
+        finally:
+            await a.close()
+            await b.close()
+            listener.stop()
+        # The listener is stopped: nothing trims from this loop any more.
+        trimmer = sp_dask._trimmers.get(asyncio.get_running_loop())
+        assert trimmer is not None and trimmer._handle is None
+    finally:
+        pool.configure(max_bytes=saved[0], max_idle=saved[1], release_before_map=saved[2])
 
 
 async def connect_nowhere(scheme: str) -> None:
