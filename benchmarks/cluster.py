@@ -75,7 +75,12 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     # Unix sockets between processes on one host; without a cluster key, an array that lies in
     # shared memory its sender made (shared-key) is handed over as a descriptor, others go as bytes.
     "sp+unix": {"protocol": "sp+unix://"},
+    # The same with no receive pool in the dask processes: each frame into fresh memory, as
+    # tcp:// receives (not in the default run; name them in --protocols).
+    "sp/nopool": {"protocol": "sp://", "config": {"distributed.comm.sp.pool.max-bytes": 0}},
+    "sp+unix/nopool": {"protocol": "sp+unix://", "config": {"distributed.comm.sp.pool.max-bytes": 0}},
 }
+DEFAULT_PROTOCOLS = ["tcp", "sp", "sp+unix"]
 #: In the order they run on each cluster: small tasks first, on workers that have not yet
 #: held (and their allocators kept) any large data.
 WORKLOADS = ["small-tasks", "large-key", "shared-key", "many-keys", "rechunk", "shuffle", "df-shuffle"]
@@ -216,9 +221,10 @@ def cluster(protocol: str, workers: int) -> Iterator[Any]:
     import dask
     from distributed import Client, LocalCluster
 
-    options = PROTOCOLS[protocol]
+    options = dict(PROTOCOLS[protocol])
     config = {"distributed.worker.transfer.message-bytes-limit": MESSAGE_BYTES_LIMIT,
-              "distributed.admin.tick.limit": "1h"}  # a busy 2-core box: no event-loop warnings
+              "distributed.admin.tick.limit": "1h",  # a busy 2-core box: no event-loop warnings
+              **options.pop("config", {})}  # the nannies pass it on to their workers
     with (dask.config.set(config),
           LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                        silence_logs=logging.ERROR, **options) as lc,
@@ -481,7 +487,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 #: large key travels as bytes, so its goal is a large transfer's.
 SPEED_GOALS = {"large-key": 1.3, "shared-key": 1.3, "many-keys": 1.3, "small-tasks": 0.95}
 #: Protocols that hand arrays over through shared memory between workers on one host.
-SHARED = {"sp+unix"}
+SHARED = {"sp+unix", "sp+unix/nopool"}
 SHARED_GOAL = 10.0
 
 
@@ -514,7 +520,7 @@ def targets(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size by this")
     parser.add_argument("--workers", type=int, default=2)
