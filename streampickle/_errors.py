@@ -168,6 +168,10 @@ class DeadlineExceededError(LimitExceededError):
         self.received = received
         self.expected = expected
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        fields = {"limit": self.limit, "seconds": self.seconds, "received": self.received, "expected": self.expected}
+        return _remade, (type(self), (str(self),), fields)
+
 
 class IncompleteMessageError(ProtocolError):
     """The input ended inside a message.
@@ -181,6 +185,9 @@ class IncompleteMessageError(ProtocolError):
         super().__init__(message)
         self.received = received
         self.expected = expected
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _remade, (type(self), (str(self),), {"received": self.received, "expected": self.expected})
 
 
 class AuthenticationError(StreamBrokenError):
@@ -232,6 +239,15 @@ class ForbiddenGlobalError(MessageDroppedError):
         self.name = name
         self.position = position
         self.opcode = opcode
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _remade, (type(self), (self.module, self.name), {"position": self.position, "opcode": self.opcode})
+
+
+def _remade(cls: type[BaseException], args: tuple[Any, ...], fields: dict[str, Any]) -> BaseException:
+    """An error with keyword-only fields, as pickle remakes it (``__reduce__``): an error that
+    crosses a process (multiprocessing, a dask task) arrives whole, not as a TypeError."""
+    return cls(*args, **fields)
 
 
 #: Longest peer-chosen name an error message quotes whole.

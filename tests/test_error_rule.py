@@ -359,3 +359,27 @@ def test_a_dropped_message_is_what_pickle_loads_would_raise(case: str) -> None:
         streampickle.loads(make())
     assert type(info.value) is expected
     assert not issubclass(StreamBrokenError, pickle.UnpicklingError)
+
+
+def test_errors_cross_a_process_whole() -> None:
+    # multiprocessing and dask pickle an exception to carry it to another process: each error
+    # that a real failure raises must come back as itself, with its fields.
+    raised: list[BaseException] = []
+    forbidden = Decoder()
+    forbidden.feed(make_message(b"\x80\x05\x8c\x02os\x8c\x06system\x93."))
+    cut = Decoder()
+    cut.feed(streampickle.dumps([1, 2, 3])[:-3])
+    for fail in (lambda: next(forbidden), cut.feed_eof):
+        try:
+            fail()
+        except streampickle.StreamPickleError as exc:
+            raised.append(exc)
+    assert [type(e) for e in raised] == [ForbiddenGlobalError, IncompleteMessageError]
+    for error in raised:
+        back = pickle.loads(pickle.dumps(error, protocol=5))
+        assert type(back) is type(error) and str(back) == str(error)
+        assert vars(back) == vars(error)
+    fields = {"limit": "message_seconds", "seconds": 1.5, "received": 10, "expected": 20}
+    deadline = streampickle.DeadlineExceededError("too slow", **fields)
+    back = pickle.loads(pickle.dumps(deadline, protocol=5))
+    assert type(back) is streampickle.DeadlineExceededError and vars(back) == vars(deadline) == fields
