@@ -194,8 +194,15 @@ class ObjectStreamListener(Listener[ObjectStream]):
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # the client gave up before we accepted; wait for the next one
                 raise
-            _tune(conn)
-            stream = ObjectStream.from_socket(conn, **self._options)
+            try:
+                _tune(conn)
+                stream = ObjectStream.from_socket(conn, **self._options)
+            except OSError:  # this connection's fault (reset before it was set up): the next one
+                conn.close()
+                continue
+            except BaseException:
+                conn.close()  # never left for the garbage collector
+                raise
             note_accepted(stream, address)
             return stream
 

@@ -557,3 +557,42 @@ async def test_the_tcp_server_example_runs() -> None:
     assert "ForbiddenGlobalError" in out
     assert "connection closed by the server" in out
     assert "WARNING" in result.stderr.decode() and "ProtocolError" in result.stderr.decode()
+
+
+# -- a connection that fails while it is set up --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failure", [OSError(errno.ECONNRESET, "reset"), RuntimeError("a bug")], ids=["oserror", "other"]
+)
+async def test_a_connection_whose_setup_fails_is_closed_and_only_an_oserror_is_passed_over(
+    failure: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The accepted socket is closed either way (never left to the garbage collector); a
+    # connection's own OSError (reset before it was set up) doesn't stop accepting.
+    made: list[socket.socket] = []
+    real = ObjectStream.from_socket
+
+    def from_socket(sock: socket.socket, **options: Any) -> ObjectStream:
+        made.append(sock)
+        if len(made) == 1:
+            raise failure
+        return real(sock, **options)
+
+    monkeypatch.setattr(ObjectStream, "from_socket", from_socket)
+    listener = ObjectStreamListener(bound_socket("tcp"), {})
+    first = raw_peer(address_of(listener))
+    async with listener:
+        if isinstance(failure, OSError):
+            second = raw_peer(address_of(listener))
+            with anyio.fail_after(GUARD):
+                stream = await listener.accept()
+            await stream.aclose()
+            second.close()
+        else:
+            with anyio.fail_after(GUARD), pytest.raises(RuntimeError, match="a bug"):
+                await listener.accept()
+    assert made[0].fileno() == -1  # closed
+    first.settimeout(GUARD)
+    assert first.recv(1) == b""  # and the peer saw it close
+    first.close()
