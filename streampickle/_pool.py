@@ -29,7 +29,8 @@ What the pool keeps, and for how long, is bounded (``BufferPool.configure``):
 
 ``trim()`` applies the bounds at once, for a caller that has a timer (an event loop: the dask
 backend calls it periodically, so that idle memory goes within about ``max_idle`` seconds
-even when nothing is received).
+even when nothing is received). ``keep_for(sizes)``, called after a message whose side chunks
+had those sizes, keeps idle only what another message like it would take.
 
 Reused memory holds earlier data until the peer's bytes overwrite it, exactly as
 ``np.empty`` can return memory that earlier objects of this process used. The decoder hands
@@ -44,7 +45,7 @@ import mmap
 import os
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -199,6 +200,24 @@ class BufferPool:
             self._take_returned()
             before = self._idle_bytes
             self._apply_bounds()
+            return before - self._idle_bytes
+
+    def keep_for(self, sizes: Iterable[int]) -> int:
+        """Unmap every idle block except, for each chunk size in ``sizes``, one block that could
+        hold it: a receiver calls this after a message whose side chunks had those sizes, so
+        that idle memory never exceeds what another message like it would take. Returns the
+        bytes released."""
+        wanted: dict[int, int] = {}
+        for nbytes in sizes:
+            if nbytes >= POOL_MIN:  # smaller chunks never come from the pool
+                size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+                wanted[size] = wanted.get(size, 0) + 1
+        with self._critical():
+            self._take_returned()
+            before = self._idle_bytes
+            for size in list(self._idle):
+                while size in self._idle and len(self._idle[size]) > wanted.get(size, 0):
+                    self._drop_oldest(size)
             return before - self._idle_bytes
 
     @property

@@ -213,6 +213,20 @@ def test_trim_applies_the_bounds_without_a_receive():
     assert pool.trim() == 4 * MiB and pool.idle_bytes == 0
 
 
+def test_keep_for_keeps_idle_only_what_a_message_like_the_last_would_take():
+    pool = BufferPool()
+    arrays = [pool.empty(4 * MiB) for _ in range(3)] + [pool.empty(8 * MiB) for _ in range(2)]
+    del arrays
+    assert pool.idle_bytes == 3 * 4 * MiB + 2 * 8 * MiB
+    # Two chunks of the 4 MiB class (4 MiB - 5 rounds up to it); 100 bytes never pools.
+    assert pool.keep_for([4 * MiB, 4 * MiB - 5, 100]) == 4 * MiB + 2 * 8 * MiB
+    assert pool.idle_bytes == 2 * 4 * MiB
+    again = [pool.empty(4 * MiB) for _ in range(2)]  # both reused
+    assert pool.reused == 2 and pool.idle_bytes == 0
+    del again
+    assert pool.keep_for([]) == 2 * 4 * MiB and pool.idle_bytes == 0
+
+
 def test_bad_bounds_are_refused():
     with pytest.raises(ValueError):
         buffer_pool.configure(max_bytes=-1)
