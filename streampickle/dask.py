@@ -41,7 +41,8 @@ Theory of operation:
   256 MiB for 1 s by default, with ``release_before_map`` (idle memory of another size goes
   before a new chunk's memory is mapped), and the listener's event loop trims the pool every
   quarter of ``max-idle``, so that idle memory goes within about 1.25 s of an array's death
-  even when nothing more is received.
+  even when nothing more is received. After each message with pooled side chunks, the pool
+  keeps idle only what another message like it would take (``BufferPool.keep_for``).
 
 Configuration is read when a connection or listener is made, never at import.
 """
@@ -89,7 +90,7 @@ from . import _shm
 from ._anyio_compat import notify_closing
 from ._errors import AuthenticationError, StreamPickleError, UsageError
 from ._mac import Key, MacName
-from ._pool import DEFAULT_MAX_BYTES, DEFAULT_MAX_IDLE, buffer_pool
+from ._pool import DEFAULT_MAX_BYTES, DEFAULT_MAX_IDLE, POOL_MIN, buffer_pool
 from ._sockets import (
     ObjectStreamListener,
     connect_tcp,
@@ -173,6 +174,12 @@ def cluster_key() -> Key | None:
     return Key(secret, mac=mac)
 
 
+# Set in a listening process (_configure_pool): after each message with pooled side chunks the
+# pool keeps idle only what another message like it would take (BufferPool.keep_for), so blocks
+# from a burst of transfers (a shuffle's) don't sit idle under the tasks that follow.
+_keep_per_message = False
+
+
 def _configure_pool() -> None:
     """Bound the receive pool's idle memory from ``distributed.comm.sp.pool``. What the config
     sets applies; its defaults only replace streampickle's own, so that a process that
@@ -184,6 +191,8 @@ def _configure_pool() -> None:
         max_bytes = _POOL_MAX_BYTES
     if max_idle is None and untouched:
         max_idle = _POOL_MAX_IDLE
+    global _keep_per_message
+    _keep_per_message = True
     buffer_pool.configure(
         max_bytes=None if max_bytes is None else int(parse_bytes(max_bytes)),  # 0 is a value: no pool
         max_idle=None if max_idle is None else float(parse_timedelta(max_idle, default="seconds")),
@@ -355,6 +364,10 @@ class SPComm(Comm):
             self.abort()  # interrupted: the caller can't know where the message stopped
             raise
         self._reads += 1
+        if _keep_per_message:
+            sizes = [f.nbytes for f in frames if type(f) is memoryview and f.nbytes >= POOL_MIN]
+            if sizes:  # (a message without a pooled chunk, a heartbeat, says nothing about the next)
+                buffer_pool.keep_for(sizes)
         try:
             # distributed's comm helpers are unannotated
             return await from_frames(  # type: ignore[no-untyped-call]

@@ -554,6 +554,42 @@ async def test_the_listeners_loop_unmaps_idle_receive_memory_with_nothing_receiv
         pool.configure(max_bytes=saved[0], max_idle=saved[1], release_before_map=saved[2])
 
 
+async def test_after_a_message_the_pool_keeps_idle_only_what_one_like_it_would_take(anyio_backend: str) -> None:
+    """Three 4 MiB arrays received and dropped leave three idle blocks; a message with one
+    4 MiB array reuses one and leaves idle only one more, not two."""
+    pool = streampickle.buffer_pool
+    saved = (pool.max_bytes, pool.max_idle, pool.release_before_map)
+    pool.release()
+    try:
+        with dask.config.set({"distributed.comm.sp.pool.max-idle": "60s"}):
+            a, b = await comm_pair()
+        try:
+            arrays = [np.full(MiB4 // 8, k, dtype=np.float64) for k in range(3)]
+            _, got = await asyncio.gather(a.write({"x": [to_serialize(x) for x in arrays]}), b.read())
+            assert [float(x[-1]) for x in got["x"]] == [0.0, 1.0, 2.0]
+            del got
+            await asyncio.sleep(0)
+            assert pool.idle_bytes == 3 * MiB4
+            _, got = await asyncio.gather(a.write({"y": to_serialize(arrays[1])}), b.read())
+            np.testing.assert_array_equal(got["y"], arrays[1])
+            assert pool.idle_bytes == MiB4  # one reused, one kept for the next such message
+            del got
+            await asyncio.sleep(0)
+            assert pool.idle_bytes == 2 * MiB4
+            # A message without a pooled chunk says nothing about the next: nothing goes.
+            _, got = await asyncio.gather(a.write({"op": "heartbeat"}), b.read())
+            assert got == {"op": "heartbeat"} and pool.idle_bytes == 2 * MiB4
+        finally:
+            await a.close()
+            await b.close()
+    finally:
+        pool.configure(max_bytes=saved[0], max_idle=saved[1], release_before_map=saved[2])
+        pool.release()
+
+
+MiB4 = 4 << 20
+
+
 async def connect_nowhere(scheme: str) -> None:
     """A connect that fails: a client's use of the backend."""
     address = "sp://127.0.0.1:1" if scheme == "sp" else "sp+unix://127.0.0.1/nonexistent/socket"
