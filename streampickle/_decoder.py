@@ -566,7 +566,7 @@ class Decoder:
         self._page_slack = 0  # see ``committed``: bytes of huge pages the done side chunks touched past their end
         self._small_head = False  # the current side chunk's first 2 MiB has ordinary pages
         self._chunks: list[memoryview] = []
-        self._shared: dict[int, memoryview] | None = None  # mapped side chunks, by index
+        self._shared: list[memoryview | None] | None = None  # mapped side chunks, by index (None: inline)
         self._pickle = _NO_PICKLE
 
     def _enter(self, part: int, view: memoryview, size: int) -> None:
@@ -744,19 +744,27 @@ class Decoder:
             ))
         fds = self._fds[:count]
         del self._fds[:count]
-        chunks_in: list[list[int]] = [[] for _ in fds]  # each file's side chunks
-        for i, (index, _) in enumerate(entries):
-            if index != _wire.INLINE:
-                chunks_in[index].append(i)
-        shared: dict[int, memoryview] = {}
+        shared: list[memoryview | None] = [None] * len(entries)
         try:
-            for fd, indices in zip(fds, chunks_in, strict=True):
-                ranges = [(entries[i][1], lengths[i]) for i in indices]
-                shared.update(zip(indices, self._guard(_shm.map_received, fd, ranges), strict=True))
+            if count == 1 and _wire.INLINE not in (index for index, _ in entries):
+                # The common case, every side chunk in one file: nothing to group.
+                ranges = [(offset, length) for (_, offset), length in zip(entries, lengths, strict=True)]
+                shared[:] = self._guard(_shm.map_received, fds[0], ranges)
+                mapped = sum(lengths)
+            else:
+                chunks_in: list[list[int]] = [[] for _ in fds]  # each file's side chunks
+                for i, (index, _) in enumerate(entries):
+                    if index != _wire.INLINE:
+                        chunks_in[index].append(i)
+                for fd, indices in zip(fds, chunks_in, strict=True):
+                    ranges = [(entries[i][1], lengths[i]) for i in indices]
+                    for i, view in zip(indices, self._guard(_shm.map_received, fd, ranges), strict=True):
+                        shared[i] = view
+                mapped = sum(length for length, view in zip(lengths, shared, strict=True) if view is not None)
         finally:
             _shm.close_all(fds)
         self._shared = shared
-        self._expected -= sum(lengths[i] for i in shared)  # they don't travel in the stream
+        self._expected -= mapped  # they don't travel in the stream
         self._after_tables()
 
     def _after_tables(self) -> None:
@@ -895,9 +903,11 @@ class Decoder:
                     self._complete()
                 return
             shared = self._shared
-            if shared is not None and self._chunk_index in shared:
-                self._chunks.append(shared.pop(self._chunk_index))  # mapped: nothing to wait for
-                continue
+            if shared is not None:
+                view = shared[self._chunk_index]
+                if view is not None:
+                    self._chunks.append(view)  # mapped: nothing to wait for
+                    continue
             size = self._lengths[self._chunk_index]
             self._enter(_CHUNK, _UNALLOCATED, size)
             if size:

@@ -748,7 +748,7 @@ class Encoder:
         further file go inline."""
         indices: dict[int, int] = {}
         entries: list[tuple[int, int]] = []
-        owners: list[Any] = []
+        owners: list[Any] = []  # each mapping once (a message's views of one buffer share it)
         for found in _shm.find(views):
             if found is None:
                 entries.append((_wire.INLINE, 0))
@@ -761,7 +761,8 @@ class Encoder:
                     continue
                 index = indices[fd] = len(indices)
             entries.append((index, offset))
-            owners.append(mapping)
+            if not owners or owners[-1] is not mapping:
+                owners.append(mapping)
         if not indices:
             return None
         return entries, list(indices), owners

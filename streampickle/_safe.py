@@ -49,6 +49,7 @@ import gc
 import importlib
 import io
 import itertools
+import operator
 import pickle
 import types
 from collections.abc import Callable, Iterable, Sequence
@@ -372,7 +373,7 @@ class Loader:
         if self.trusted:
             obj = _plain_loads(data, it, self.persistent_load)
         else:
-            obj = (self._restricted_loads(data, it, sum(map(_rebuild.nbytes, buffers)))
+            obj = (self._restricted_loads(data, it, _chunk_bytes(buffers))
                    if self._verify(data, len(buffers)) else _plain_loads(data, it))
         if next(it, None) is not None:
             raise MalformedPickleError("the pickle used fewer out-of-band buffers than the message has side chunks")
@@ -448,6 +449,18 @@ class Loader:
         if file.tell() != len(data):  # the verifier guarantees this; a cheap cross-check
             raise MalformedPickleError(f"{len(data) - file.tell()} bytes follow STOP in the pickle part")
         return obj
+
+
+def _chunk_bytes(buffers: Sequence[Any]) -> int:
+    """The bytes of a message's side chunks: what a decoder hands over is memoryviews, read in
+    one C-level pass; anything else, one at a time as ``_rebuild.nbytes`` reads it."""
+    try:
+        return sum(map(_NBYTES, buffers))
+    except (AttributeError, ValueError):  # not a memoryview, or a released one
+        return sum(map(_rebuild.nbytes, buffers))
+
+
+_NBYTES = operator.attrgetter("nbytes")
 
 
 class _StandardCall:

@@ -190,19 +190,20 @@ class _Registry:
         """For each (address, length), the file it lies in: descriptor, offset, mapping; or
         None. A run of spans in one file (a message's views of one buffer) costs one search."""
         found: list[tuple[int, int, Any] | None] = []
-        start = end = 0
+        start = end = fd = 0
         entry: tuple[int, int, int, weakref.ref[Any]] | None = None
+        mapping = None
         with self._lock:
             for address, length in spans:
                 if entry is None or not start <= address < end:
                     i = bisect.bisect(self._starts, address) - 1
                     entry = self._entries[i] if i >= 0 else None
-                    start, end = (entry[0], entry[1]) if entry is not None else (0, 0)
-                mapping = entry[3]() if entry is not None else None
+                    start, end, fd = (entry[0], entry[1], entry[2]) if entry is not None else (0, 0, 0)
+                    mapping = entry[3]() if entry is not None else None  # once per file, not per span
                 if mapping is None or not length or address + length > end:
                     found.append(None)
                 else:
-                    found.append((entry[2], address - start, mapping))  # type: ignore[index]
+                    found.append((fd, address - start, mapping))
         return found
 
 
@@ -372,19 +373,20 @@ def map_received(fd: int, ranges: Sequence[tuple[int, int]]) -> list[memoryview]
     views: list[memoryview | None] = [None] * len(ranges)
     # (offset, end, index) of each non-empty range, by offset.
     spans = sorted([(offset, offset + length, i) for i, (offset, length) in enumerate(ranges) if length])
+    page = _PAGE
     k = 0
     while k < len(spans):
         # A run: the next ranges by offset whose first page is inside the run or right after it.
         offset, end, _ = spans[k]
-        start = offset - offset % _PAGE
-        stop = _page_end(end)
+        start = offset - offset % page
+        stop = -(-end // page) * page  # the run's end, a whole page
         run = k + 1
         while run < len(spans):
             offset, end, _ = spans[run]
-            if offset - offset % _PAGE > stop:  # a page no range announced lies between
+            if offset - offset % page > stop:  # a page no range announced lies between
                 break
             if end > stop:
-                stop = _page_end(end)
+                stop = -(-end // page) * page
             run += 1
         try:
             buffer, address = _map(fd, start, stop - start)
