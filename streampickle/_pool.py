@@ -29,8 +29,9 @@ What the pool keeps, and for how long, is bounded (``BufferPool.configure``):
 
 ``trim()`` applies the bounds at once, for a caller that has a timer (an event loop: the dask
 backend calls it periodically, so that idle memory goes within about ``max_idle`` seconds
-even when nothing is received). ``keep_for(sizes)``, called after a message whose side chunks
-had those sizes, keeps idle only what another message like it would take.
+even when nothing is received). ``keep_for(sizes)``, called after each message with the sizes
+of its side chunks, caps idle memory at what another message like it would take, until the
+next call.
 
 Reused memory holds earlier data until the peer's bytes overwrite it, exactly as
 ``np.empty`` can return memory that earlier objects of this process used. The decoder hands
@@ -158,6 +159,7 @@ class BufferPool:
         self._idle: dict[int, list[_Block]] = {}  # size class -> blocks, oldest first
         self._idle_bytes = 0
         self._returned: list[_Block] = []  # given back while their thread held the lock
+        self._keep: dict[int, int] | None = None  # size class -> idle blocks kept at most (keep_for)
         self.max_bytes = 0
         self.max_idle = 0.0
         self.release_before_map = False
@@ -202,22 +204,24 @@ class BufferPool:
             self._apply_bounds()
             return before - self._idle_bytes
 
-    def keep_for(self, sizes: Iterable[int]) -> int:
-        """Unmap every idle block except, for each chunk size in ``sizes``, one block that could
-        hold it: a receiver calls this after a message whose side chunks had those sizes, so
-        that idle memory never exceeds what another message like it would take. Returns the
-        bytes released."""
-        wanted: dict[int, int] = {}
-        for nbytes in sizes:
-            if nbytes >= POOL_MIN:  # smaller chunks never come from the pool
-                size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
-                wanted[size] = wanted.get(size, 0) + 1
+    def keep_for(self, sizes: Iterable[int] | None) -> int:
+        """From now on keep idle at most one block for each chunk size in ``sizes``, and unmap
+        the rest at once: a receiver calls this after each message with side chunks of those
+        sizes, so that idle memory never exceeds what another message like it would take.
+        ``None`` lifts the cap (only ``max_bytes`` and ``max_idle`` bound the pool again).
+        Returns the bytes released."""
+        wanted: dict[int, int] | None = None
+        if sizes is not None:
+            wanted = {}
+            for nbytes in sizes:
+                if nbytes >= POOL_MIN:  # smaller chunks never come from the pool
+                    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+                    wanted[size] = wanted.get(size, 0) + 1
         with self._critical():
+            self._keep = wanted
             self._take_returned()
             before = self._idle_bytes
-            for size in list(self._idle):
-                while size in self._idle and len(self._idle[size]) > wanted.get(size, 0):
-                    self._drop_oldest(size)
+            self._apply_bounds()
             return before - self._idle_bytes
 
     @property
@@ -288,6 +292,11 @@ class BufferPool:
             self._idle_bytes += block.size
 
     def _apply_bounds(self) -> None:
+        keep = self._keep
+        if keep is not None:
+            for size in list(self._idle):
+                while size in self._idle and len(self._idle[size]) > keep.get(size, 0):
+                    self._drop_oldest(size)
         now = time.monotonic()
         for size in list(self._idle):
             while size in self._idle and now - self._idle[size][0].idle_since > self.max_idle:

@@ -29,8 +29,10 @@ def fresh_pool():
     saved = (buffer_pool.max_bytes, buffer_pool.max_idle, buffer_pool.release_before_map)
     buffer_pool.release()
     buffer_pool.reused = buffer_pool.mapped = 0
+    buffer_pool.keep_for(None)
     yield
     buffer_pool.configure(max_bytes=saved[0], max_idle=saved[1], release_before_map=saved[2])
+    buffer_pool.keep_for(None)
     buffer_pool.release()
 
 
@@ -221,10 +223,15 @@ def test_keep_for_keeps_idle_only_what_a_message_like_the_last_would_take():
     # Two chunks of the 4 MiB class (4 MiB - 5 rounds up to it); 100 bytes never pools.
     assert pool.keep_for([4 * MiB, 4 * MiB - 5, 100]) == 4 * MiB + 2 * 8 * MiB
     assert pool.idle_bytes == 2 * 4 * MiB
-    again = [pool.empty(4 * MiB) for _ in range(2)]  # both reused
+    again = [pool.empty(4 * MiB) for _ in range(3)]  # two reused, one mapped
     assert pool.reused == 2 and pool.idle_bytes == 0
     del again
+    assert pool.idle_bytes == 2 * 4 * MiB  # the cap stays: the third block went as it died
     assert pool.keep_for([]) == 2 * 4 * MiB and pool.idle_bytes == 0
+    pool.keep_for(None)  # no cap: idle blocks of any size stay again
+    arrays = [pool.empty(4 * MiB), pool.empty(8 * MiB)]
+    del arrays
+    assert pool.idle_bytes == 12 * MiB
 
 
 def test_bad_bounds_are_refused():
