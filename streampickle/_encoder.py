@@ -24,6 +24,7 @@ import copyreg
 import datetime
 import decimal
 import fractions
+import functools
 import pickle
 import sys
 import uuid
@@ -117,6 +118,14 @@ def _reduce_ndarray(arr: np.ndarray[Any, Any]) -> Any:
     except (ValueError, TypeError):
         buffer = pickle.PickleBuffer(arr.ravel(order="K").view(np.uint8))  # type: ignore[arg-type]
     return _rebuild.ndarray, (descr, list(arr.shape), fortran, buffer)
+
+
+#: ``_reduce_ndarray``, whose common case (a remembered dtype, contiguous memory) runs in C
+#: when the extension is built: the same reduction, or the Python reducer for every other array.
+_reduce_array: Callable[[Any], Any] = (
+    functools.partial(speedups.reduce_ndarray, _PLAIN_DESCRS, _rebuild.ndarray, _reduce_ndarray)
+    if speedups else _reduce_ndarray
+)
 
 
 def _reduce_generic(value: np.generic) -> Any:
@@ -230,7 +239,7 @@ def _reduce_datetime(d: datetime.datetime) -> Any:
 #: Reductions by exact type: a subclass (an IntEnum, a datetime subclass) is not in here and
 #: keeps its own pickling.
 _EXACT: dict[type, Callable[[Any], Any]] = {
-    np.ndarray: _reduce_ndarray,
+    np.ndarray: _reduce_array,
     complex: lambda c: (_rebuild.complex_, (c.real, c.imag)),
     slice: _reduce_slice,
     range: _reduce_range,

@@ -1751,6 +1751,62 @@ done:
     return result;
 }
 
+/* reduce_ndarray(descrs, rebuilder, fallback, array) -> the reduction of a plain array.
+ *
+ * _encoder._reduce_ndarray's common case in C: a dtype whose wire descriptor is remembered
+ * (descrs: id(dtype) -> (dtype, descriptor)), and memory contiguous in C or Fortran order
+ * that exports through the buffer protocol. It returns what the Python reducer returns,
+ * (rebuilder, (descriptor, list(shape), fortran, PickleBuffer(array))); every other array
+ * goes to fallback(array), the Python reducer itself. */
+static PyObject *str_dtype = NULL;
+
+static PyObject *reduce_ndarray(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "reduce_ndarray(descrs, rebuilder, fallback, array) takes 4 arguments");
+        return NULL;
+    }
+    PyObject *descrs = args[0], *rebuilder = args[1], *fallback = args[2], *array = args[3];
+    if (!PyDict_CheckExact(descrs)) {
+        PyErr_SetString(PyExc_TypeError, "reduce_ndarray: descrs must be a dict");
+        return NULL;
+    }
+    PyObject *dt = PyObject_GetAttr(array, str_dtype);
+    if (dt == NULL) return NULL;
+    PyObject *key = PyLong_FromVoidPtr(dt);
+    if (key == NULL) { Py_DECREF(dt); return NULL; }
+    PyObject *known = PyDict_GetItemWithError(descrs, key); /* borrowed */
+    Py_DECREF(key);
+    if (known == NULL && PyErr_Occurred()) { Py_DECREF(dt); return NULL; }
+    const int remembered = known != NULL && PyTuple_CheckExact(known) && PyTuple_GET_SIZE(known) == 2
+        && PyTuple_GET_ITEM(known, 0) == dt;
+    Py_DECREF(dt);
+    if (!remembered) return PyObject_CallOneArg(fallback, array);
+    PyObject *descr = PyTuple_GET_ITEM(known, 1);
+    Py_buffer view;
+    if (PyObject_GetBuffer(array, &view, PyBUF_RECORDS_RO) < 0) { /* no buffer format: the Python path */
+        PyErr_Clear();
+        return PyObject_CallOneArg(fallback, array);
+    }
+    const int c_order = PyBuffer_IsContiguous(&view, 'C'), f_order = PyBuffer_IsContiguous(&view, 'F');
+    PyObject *shape = (c_order || f_order) ? PyList_New(view.ndim) : NULL;
+    if (shape != NULL) {
+        for (int i = 0; i < view.ndim; i++) {
+            PyObject *n = PyLong_FromSsize_t(view.shape[i]);
+            if (n == NULL) { Py_CLEAR(shape); break; }
+            PyList_SET_ITEM(shape, i, n);
+        }
+    }
+    PyBuffer_Release(&view);
+    if (!c_order && !f_order) return PyObject_CallOneArg(fallback, array); /* strided: copied there */
+    if (shape == NULL) return NULL;
+    PyObject *buffer = PyPickleBuffer_FromObject(array);
+    if (buffer == NULL) { Py_DECREF(shape); return NULL; }
+    PyObject *fortran = c_order ? Py_False : Py_True;
+    PyObject *call = Py_BuildValue("(O(OOON))", rebuilder, descr, shape, fortran, buffer);
+    Py_DECREF(shape);
+    return call;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(data, chunk_count) -> 0 (plain, admitted), 1 (defer to the full verifier), or\n"
@@ -1777,6 +1833,9 @@ static PyMethodDef methods[] = {
      "dump_small(pickler, out, buffers, obj, limit) -> a small plain message, or None."},
     {"address", address, METH_O,
      "address(buffer) -> the address of a contiguous buffer's first byte."},
+    {"reduce_ndarray", (PyCFunction)(void (*)(void))reduce_ndarray, METH_FASTCALL,
+     "reduce_ndarray(descrs, rebuilder, fallback, array) -> _encoder._reduce_ndarray(array) for\n"
+     "its common case; fallback(array) for every other."},
     {"plain_ndarray", (PyCFunction)(void (*)(void))plain_ndarray, METH_FASTCALL,
      "plain_ndarray(dtypes, descr, shape, fortran, buffer) -> an array of the common case, or None\n"
      "(_rebuild.plain_ndarray_py)."},
@@ -1847,10 +1906,11 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     str_C = PyUnicode_InternFromString("C");
     str_F = PyUnicode_InternFromString("F");
     str_c_contiguous = PyUnicode_InternFromString("c_contiguous");
+    str_dtype = PyUnicode_InternFromString("dtype");
     kw_dtype = Py_BuildValue("(s)", "dtype");
     kw_order = Py_BuildValue("(s)", "order");
     if (str_kind == NULL || str_itemsize == NULL || str_reshape == NULL || str_C == NULL || str_F == NULL
-        || str_c_contiguous == NULL || kw_dtype == NULL || kw_order == NULL)
+        || str_c_contiguous == NULL || str_dtype == NULL || kw_dtype == NULL || kw_order == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

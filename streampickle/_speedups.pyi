@@ -68,3 +68,8 @@ def plain_ndarray(
     dtypes: dict[str, Any], descr: object, shape: object, fortran: object, buffer: object, /
 ) -> Any:
     """An array of the common case, or None: ``_rebuild.plain_ndarray_py``."""
+
+def reduce_ndarray(
+    descrs: dict[int, tuple[Any, str]], rebuilder: Any, fallback: Callable[[Any], Any], array: Any, /
+) -> Any:
+    """``_encoder._reduce_ndarray(array)``: its common case in C, ``fallback(array)`` otherwise."""

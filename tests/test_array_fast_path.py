@@ -11,6 +11,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -263,3 +264,85 @@ def test_the_c_build_answers_as_its_python_twin(
         "readonly": lambda: memoryview(bytes(raw[:size])),
     }[form]()
     assert_same(*both_answers((descr, shape, fortran, buffer)))
+
+
+# -- the C reduction of the common array, held to its Python twin ---------------------------
+
+
+def reductions(array: np.ndarray[Any, Any]) -> tuple[Any, Any]:
+    """The reduction of ``array`` by the encoder's Python reducer and by its C twin."""
+    python = _encoder._reduce_ndarray(array)
+    c = speedups.reduce_ndarray(  # type: ignore[union-attr]
+        _encoder._PLAIN_DESCRS, _rebuild.ndarray, _encoder._reduce_ndarray, array
+    )
+    return python, c
+
+
+def assert_same_reduction(python: Any, c: Any, copied: bool) -> None:
+    if python is NotImplemented:
+        assert c is NotImplemented
+        return
+    (py_func, py_args), (c_func, c_args) = python, c
+    assert c_func is py_func and len(c_args) == len(py_args)
+    assert c_args[:-1] == py_args[:-1] and [type(x) for x in c_args] == [type(x) for x in py_args]
+    py_buf, c_buf = py_args[-1], c_args[-1]
+    if isinstance(py_buf, pickle.PickleBuffer):
+        py_view, c_view = memoryview(py_buf), memoryview(c_buf)
+        assert (c_view.format, c_view.shape, c_view.strides, c_view.readonly) == (
+            py_view.format, py_view.shape, py_view.strides, py_view.readonly)
+        if not copied:  # the array's own memory (or a byte view of it), not a copy
+            assert speedups.address(c_buf.raw()) == speedups.address(py_buf.raw())  # type: ignore[union-attr]
+        assert c_buf.raw().tobytes() == py_buf.raw().tobytes()
+    else:
+        assert type(c_buf) is type(py_buf)
+
+
+LAYOUTS = [
+    lambda a: a,
+    lambda a: a.T,
+    lambda a: a[::2] if a.ndim else a,
+    lambda a: np.asfortranarray(a),
+    lambda a: a[..., :1] if a.ndim else a,
+    lambda a: a.reshape(-1)[::-1] if a.size else a,
+]
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(
+    array=hnp.arrays(
+        dtype=st.one_of(
+            hnp.scalar_dtypes(), hnp.byte_string_dtypes(), hnp.unicode_string_dtypes(),
+            hnp.array_dtypes(max_size=2), st.just(np.dtype(object)),
+        ),
+        shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=3),
+        elements=None, fill=st.nothing(),
+    ).filter(lambda a: a.dtype != object),
+    layout=st.integers(0, len(LAYOUTS) - 1),
+    readonly=st.booleans(),
+    twice=st.booleans(),
+)
+def test_the_c_reduction_is_the_python_one(
+    array: np.ndarray[Any, Any], layout: int, readonly: bool, twice: bool
+) -> None:
+    view = LAYOUTS[layout](array)
+    if readonly:
+        view.flags.writeable = False
+    if twice:  # the dtype's descriptor is remembered by the first, the C path takes the second
+        reductions(view)
+    copied = not (view.flags.c_contiguous or view.flags.f_contiguous)
+    assert_same_reduction(*reductions(view), copied)
+
+
+@needs_c
+def test_the_c_reduction_takes_the_python_path_for_object_and_exotic_arrays() -> None:
+    objects = np.array([1, "a", None], dtype=object)
+    python, c = reductions(objects)
+    assert c[0] is _rebuild.object_ndarray and c[1] == python[1]
+    dates = np.array(["2020-01-01"], dtype="M8[D]")  # no buffer format: a uint8 view of it
+    reductions(dates)
+    python, c = reductions(dates)
+    assert memoryview(c[1][3]).format == "B" and c[1][0] == python[1][0] == "<M8[D]"
+    voids = np.zeros(4, dtype="V3")
+    reductions(voids)
+    assert_same_reduction(*reductions(voids), False)
