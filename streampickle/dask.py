@@ -41,8 +41,9 @@ Theory of operation:
   256 MiB for 1 s by default, with ``release_before_map`` (idle memory of another size goes
   before a new chunk's memory is mapped), and the listener's event loop trims the pool every
   quarter of ``max-idle``, so that idle memory goes within about 1.25 s of an array's death
-  even when nothing more is received. After each message with pooled side chunks, the pool
-  keeps idle only what another message like it would take (``BufferPool.keep_for``).
+  even when nothing more is received. After each message with pooled side chunks, idle
+  memory is capped at what another message like it would take, until the next such message
+  (``BufferPool.keep_for``).
 
 Configuration is read when a connection or listener is made, never at import.
 """
@@ -174,9 +175,9 @@ def cluster_key() -> Key | None:
     return Key(secret, mac=mac)
 
 
-# Set in a listening process (_configure_pool): after each message with pooled side chunks the
-# pool keeps idle only what another message like it would take (BufferPool.keep_for), so blocks
-# from a burst of transfers (a shuffle's) don't sit idle under the tasks that follow.
+# Set in a listening process (_configure_pool): after each message with pooled side chunks,
+# idle memory is capped at what another message like it would take (BufferPool.keep_for), so
+# blocks that die after a burst of transfers don't sit idle under the tasks that follow.
 _keep_per_message = False
 
 
