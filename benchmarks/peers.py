@@ -730,6 +730,10 @@ CONTENDERS: dict[str, Callable[..., None]] = {
         r, t, m, a, "asyncio", False, True, None, "ordinary"),
     "streampickle-asyncio-shm-pool": lambda r, t, m, a, total: run_streampickle(
         r, t, m, a, "asyncio", False, True, None, "pool"),
+    "streampickle-uvloop-shm-packed": lambda r, t, m, a, total: run_streampickle(
+        r, t, m, a, "asyncio", True, True, None, "packed"),
+    "streampickle-trio-shm-packed": lambda r, t, m, a, total: run_streampickle(
+        r, t, m, a, "trio", False, True, None, "packed"),
     "streampickle-sync-shm": lambda r, t, m, a, total: run_streampickle_sync(r, t, m, a, "shared"),
     "streampickle-sync-shm-packed": lambda r, t, m, a, total: run_streampickle_sync(r, t, m, a, "packed"),
     "streampickle-sync-shm-read": lambda r, t, m, a, total: run_streampickle_sync(r, t, m, a, "read"),

@@ -37,11 +37,13 @@ import workloads  # noqa: E402
 WORKLOADS = ["big-array", "many-arrays", "small-msgs", "object-graph"]
 TRANSPORTS = ["tcp", "unix"]
 NEEDS = {"dask-comm": "distributed", "zmq-zerocopy": "zmq", "streampickle-uvloop": "uvloop",
+         "streampickle-uvloop-shm-packed": "uvloop",
          "streampickle-asyncio-blake3": "blake3", "streampickle-asyncio-poly1305": "cryptography"}
 TCP_ONLY = {"dask-comm"}
 #: The same-host contenders: shared memory over Unix sockets (see peers.run_streampickle).
 SHARED = ["streampickle-asyncio-shm", "streampickle-asyncio-shm-packed", "streampickle-asyncio-shm-read",
           "streampickle-asyncio-shm-ordinary", "streampickle-asyncio-shm-pool",
+          "streampickle-uvloop-shm-packed", "streampickle-trio-shm-packed",
           "streampickle-sync-shm", "streampickle-sync-shm-packed", "streampickle-sync-shm-read"]
 UNIX_ONLY = set(SHARED)
 #: ``--baseline DIR``: a contender named ``NAME@baseline`` runs NAME with streampickle imported
@@ -239,10 +241,10 @@ def shared_targets(by: dict[tuple[str, str, str], dict[str, Any]], check: Callab
     """The same-host targets (shared memory over a Unix socket), added to ``targets``' lines.
     many-arrays' goal is for its arrays packed in one shared buffer (one descriptor and one
     mapping per message); one file per array and the recycled pool have no goal: their lines
-    say what they reached. The hand-off goals are checked for each API measured, asyncio's
-    ``ObjectStream`` and the blocking ``sync`` adapter, each on its own line."""
+    say what they reached. The hand-off goals are checked for each API measured (``ObjectStream``
+    on asyncio, uvloop and trio, and the blocking ``sync`` adapter), each on its own line."""
     for workload in ("big-array", "many-arrays"):
-        for api in ("asyncio", "sync"):
+        for api in ("asyncio", "uvloop", "trio", "sync"):
             shm = by.get((workload, "unix", f"streampickle-{api}-shm"))
             if shm is not None:
                 what = f"{workload}, shared: speed / limit-socket"
