@@ -377,16 +377,21 @@ def _rerun_cpu(target: str, case: Case) -> float:
 
 
 def _state() -> dict[str, Any]:
-    from streampickle import _rebuild, _safe
+    from streampickle import _encoder, _rebuild, _safe
 
     out: dict[str, Any] = {}
     for name, r in _rebuild.NAMES.items():
         out[name] = tuple(getattr(r, a, None) for a in ("__class__", "_func", "args", "result", "__dict__"))
-    out["DEFAULT_ALLOWED"] = frozenset(getattr(_safe, "DEFAULT_ALLOWED", ()))
-    shared = getattr(_safe, "_SHARED", {}).get(False)
-    allowed = getattr(getattr(shared, "_unpickler", None), "_allowed", None)
-    if isinstance(allowed, dict):
-        out["allowlist"] = tuple((k, id(v)) for k, v in allowed.items())
+    out["DEFAULT_ALLOWED"] = _safe.DEFAULT_ALLOWED
+    # Read directly, not through getattr with a default: a renamed attribute fails here loudly
+    # instead of leaving the check silently checking nothing.
+    shared = _safe.Loader.shared(False)
+    out["allowlist"] = tuple((k, id(v)) for k, v in shared._allowed.items())
+    # The caches a peer's input fills may grow, but each entry stays what its key says.
+    out["plain dtypes cached as named"] = all(dt.str == descr for descr, dt in _rebuild._PLAIN_DTYPES.items())
+    out["plain descriptors cached as named"] = all(
+        key == id(dt) and _rebuild.descr_of(dt) == descr for key, (dt, descr) in _encoder._PLAIN_DESCRS.items()
+    )
     for code in "?bBhHiIlLqQefdgFDGMm":
         dt = np.dtype(code)
         out[f"dtype {code}"] = (dt.str, dt.itemsize, dt.alignment, dt.flags, dt.names, dt.subdtype, dt.metadata)
