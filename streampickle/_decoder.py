@@ -745,22 +745,34 @@ class Decoder:
         fds = self._fds[:count]
         del self._fds[:count]
         shared: list[memoryview | None] = [None] * len(entries)
+        files: list[tuple[list[int] | None, list[tuple[int, int]]]]  # (side chunks or None: all, ranges)
         try:
             if count == 1 and _wire.INLINE not in (index for index, _ in entries):
                 # The common case, every side chunk in one file: nothing to group.
-                ranges = [(offset, length) for (_, offset), length in zip(entries, lengths, strict=True)]
-                shared[:] = self._guard(_shm.map_received, fds[0], ranges)
-                mapped = sum(lengths)
+                files = [(None, [(offset, length) for (_, offset), length in zip(entries, lengths, strict=True)])]
             else:
                 chunks_in: list[list[int]] = [[] for _ in fds]  # each file's side chunks
                 for i, (index, _) in enumerate(entries):
                     if index != _wire.INLINE:
                         chunks_in[index].append(i)
-                for fd, indices in zip(fds, chunks_in, strict=True):
-                    ranges = [(entries[i][1], lengths[i]) for i in indices]
-                    for i, view in zip(indices, self._guard(_shm.map_received, fd, ranges), strict=True):
+                files = [(indices, [(entries[i][1], lengths[i]) for i in indices]) for indices in chunks_in]
+            if len(entries) > _shm.MAX_MAPPINGS:  # fewer side chunks can't need more mappings
+                needed = sum(_shm.mappings_needed(ranges) for _, ranges in files)
+                if needed > _shm.MAX_MAPPINGS:
+                    raise self._fail(ProtocolError(
+                        f"the message's side chunks lie in {needed} separate parts of its shared-memory "
+                        f"files, each a mapping of its own; at most {_shm.MAX_MAPPINGS} are mapped per "
+                        f"message (a streampickle sender sends such a message as bytes): the peer is "
+                        f"broken or hostile"
+                    ))
+            for fd, (indices, ranges) in zip(fds, files, strict=True):
+                views = self._guard(_shm.map_received, fd, ranges)
+                if indices is None:
+                    shared[:] = views
+                else:
+                    for i, view in zip(indices, views, strict=True):
                         shared[i] = view
-                mapped = sum(length for length, view in zip(lengths, shared, strict=True) if view is not None)
+            mapped = sum(length for length, view in zip(lengths, shared, strict=True) if view is not None)
         finally:
             _shm.close_all(fds)
         self._shared = shared

@@ -272,6 +272,16 @@ def _reduce_known(obj: Any) -> Any:
     return NotImplemented
 
 
+def _mappings_needed(entries: list[tuple[int, int]], views: list[memoryview], files: int) -> int:
+    """How many mappings the receiver would make for the side chunks ``entries`` place in
+    ``files`` shared files (see ``_shm.MAX_MAPPINGS``)."""
+    ranges: list[list[tuple[int, int]]] = [[] for _ in range(files)]
+    for (index, offset), view in zip(entries, views, strict=True):
+        if index != _wire.INLINE:
+            ranges[index].append((offset, view.nbytes))
+    return sum(_shm.mappings_needed(file_ranges) for file_ranges in ranges)
+
+
 class _Pickler(pickle.Pickler):
     """The C pickler, with numpy and the standard library's value types reduced to
     streampickle's safe reconstructors. ``reducer_override`` only runs for objects the C fast
@@ -774,6 +784,8 @@ class Encoder:
                 owners.append(mapping)
         if not indices:
             return None
+        if len(entries) > _shm.MAX_MAPPINGS and _mappings_needed(entries, views, len(indices)) > _shm.MAX_MAPPINGS:
+            return None  # scattered over more parts of its files than a receiver maps: as bytes
         return entries, list(indices), owners
 
     def _assemble_shared(

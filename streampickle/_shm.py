@@ -29,7 +29,7 @@ import os
 import stat
 import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ from ._errors import ProtocolError, UsageError
 __all__ = [
     "AVAILABLE",
     "MAX_DESCRIPTORS",
+    "MAX_MAPPINGS",
     "SharedChunks",
     "check_no_key",
     "close_all",
@@ -47,6 +48,7 @@ __all__ = [
     "find",
     "is_mapped",
     "map_received",
+    "mappings_needed",
     "shared_copy",
     "shared_empty",
 ]
@@ -77,6 +79,13 @@ if AVAILABLE:
     _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
     _WRITE_SEALS = fcntl.F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE
 
+
+#: The most mappings one message may ask of its receiver. Each is a kernel map entry, and a
+#: process has about 65,530 (``vm.max_map_count``): a message of side chunks scattered over
+#: a file, each on pages of its own, would otherwise take them all, and with them the
+#: process's next thread or allocation. The receiver refuses a message that needs more; the
+#: sender sends such a message's side chunks as bytes instead.
+MAX_MAPPINGS = 1024
 
 #: Files at least this large ask for huge pages (``MADV_HUGEPAGE``): see :func:`shared_empty`.
 _HUGE_PAGE = 2 << 20
@@ -360,23 +369,19 @@ def _check_received(fd: int, furthest: tuple[int, int]) -> None:
         )
 
 
-def map_received(fd: int, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
-    """Map the ``(offset, length)`` ranges of a descriptor a peer sent, writable and shared,
-    after checking the file once (see ``_check_received``): one view per range, in order.
-    :class:`ProtocolError` for a file that fails a check or can't be mapped.
+def _spans(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(offset, end, index) of each non-empty ``(offset, length)`` range, by offset."""
+    return sorted([(offset, offset + length, i) for i, (offset, length) in enumerate(ranges) if length])
 
-    Only the pages holding an announced range are mapped, never one more. Ranges whose pages
-    touch or overlap (the arrays of one buffer, sent together) share one mapping, so a
-    message of many arrays in one file costs one ``mmap``, not one per array. The caller
-    closes ``fd``: the mappings don't need it."""
-    _check_received(fd, max(ranges, key=sum, default=(0, 0)))
-    views: list[memoryview | None] = [None] * len(ranges)
-    # (offset, end, index) of each non-empty range, by offset.
-    spans = sorted([(offset, offset + length, i) for i, (offset, length) in enumerate(ranges) if length])
+
+def _runs(spans: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int, int]]:
+    """The mappings ``spans`` (by offset) need: for each, its first and last page bounds and
+    the slice of ``spans`` it holds. A run is the next spans whose first page is inside it or
+    right after it: ranges on adjacent or shared pages share one mapping, and a page no range
+    announced is never mapped."""
     page = _PAGE
     k = 0
     while k < len(spans):
-        # A run: the next ranges by offset whose first page is inside the run or right after it.
         offset, end, _ = spans[k]
         start = offset - offset % page
         stop = -(-end // page) * page  # the run's end, a whole page
@@ -388,6 +393,29 @@ def map_received(fd: int, ranges: Sequence[tuple[int, int]]) -> list[memoryview]
             if end > stop:
                 stop = -(-end // page) * page
             run += 1
+        yield start, stop, k, run
+        k = run
+
+
+def mappings_needed(ranges: Sequence[tuple[int, int]]) -> int:
+    """How many mappings ``map_received`` makes for ``ranges`` of one file."""
+    return sum(1 for _ in _runs(_spans(ranges)))
+
+
+def map_received(fd: int, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
+    """Map the ``(offset, length)`` ranges of a descriptor a peer sent, writable and shared,
+    after checking the file once (see ``_check_received``): one view per range, in order.
+    :class:`ProtocolError` for a file that fails a check or can't be mapped.
+
+    Only the pages holding an announced range are mapped, never one more. Ranges whose pages
+    touch or overlap (the arrays of one buffer, sent together) share one mapping, so a
+    message of many arrays in one file costs one ``mmap``, not one per array (a message may
+    need at most ``MAX_MAPPINGS``: the receiver checks). The caller closes ``fd``: the
+    mappings don't need it."""
+    _check_received(fd, max(ranges, key=sum, default=(0, 0)))
+    views: list[memoryview | None] = [None] * len(ranges)
+    spans = _spans(ranges)
+    for start, stop, k, run in _runs(spans):
         try:
             buffer, address = _map(fd, start, stop - start)
         except OSError as exc:
@@ -396,7 +424,6 @@ def map_received(fd: int, ranges: Sequence[tuple[int, int]]) -> list[memoryview]
         whole = memoryview(buffer).cast("B")
         for offset, end, i in spans[k:run]:
             views[i] = whole[offset - start : end - start]
-        k = run
     return [memoryview(bytearray()) if view is None else view for view in views]  # empty: writable too
 
 

@@ -495,3 +495,47 @@ def test_large_shared_arrays_ask_for_huge_pages() -> None:
     small = streampickle.shared_empty((2 << 20) - 4096, np.uint8)
     assert "hg" in vm_flags(address_of(large))
     assert "hg" not in vm_flags(address_of(small))
+
+
+# -- mappings: a message can't take the process's map entries ----------------------------------
+
+
+def map_entries() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for _ in maps)
+
+
+def test_side_chunks_scattered_over_too_many_parts_of_a_file_are_refused_before_mapping(no_leak: None) -> None:
+    # One byte on every other page: each a mapping of its own. A process has about 65,530 map
+    # entries; a message of 60,000 such chunks once took 60,000 of them.
+    n = _shm.MAX_MAPPINGS + 1
+    fd = memfd(2 * n * PAGE)
+    message = shared_message([1] * n, [(0, 2 * i * PAGE) for i in range(n)], 1)
+    before = map_entries()
+    refuse(message, [fd], match=f"{n} separate parts.*at most {_shm.MAX_MAPPINGS} are mapped")
+    assert map_entries() <= before + 2  # nothing mapped (the count moves by the allocator's own)
+    # As many as the bound: mapped, one mapping each.
+    fd = memfd(2 * _shm.MAX_MAPPINGS * PAGE)
+    message = shared_message([1] * _shm.MAX_MAPPINGS, [(0, 2 * i * PAGE) for i in range(_shm.MAX_MAPPINGS)], 1)
+    decoder = Decoder(shared_memory=True)
+    decoder.feed_descriptors([fd])
+    decoder.feed(message)
+    got = next(decoder)
+    assert len(got) == _shm.MAX_MAPPINGS and all(len(b) == 1 for b in got)
+    del got, decoder
+
+
+def test_a_sender_sends_scattered_side_chunks_as_bytes(no_leak: None) -> None:
+    buffer = streampickle.shared_empty(2 * (_shm.MAX_MAPPINGS + 1) * PAGE, np.uint8)
+    buffer[::PAGE] = 7
+    scattered = [buffer[2 * i * PAGE : 2 * i * PAGE + 8] for i in range(_shm.MAX_MAPPINGS + 1)]
+    chunks = Encoder(shared_memory=True).encode(scattered)
+    assert _shm.descriptors_of(chunks) == ()  # no references: every side chunk as bytes
+    got = send(scattered)
+    assert [a.tolist() for a in got] == [[7, 0, 0, 0, 0, 0, 0, 0]] * len(scattered)
+    assert not any(in_shared_memory(a) for a in got)
+    bounded = scattered[:-1]  # as many parts as a receiver maps: references
+    assert len(_shm.descriptors_of(Encoder(shared_memory=True).encode(bounded))) == 1
+    got = send(bounded)
+    assert all(a[0] == 7 for a in got)
+    del got, chunks, buffer, scattered, bounded
