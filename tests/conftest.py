@@ -21,10 +21,11 @@ def anyio_backend(request: pytest.FixtureRequest) -> object:
 
 @pytest.fixture(autouse=True, scope="module")
 def _restore_the_pool() -> Iterator[None]:
-    """Each test module leaves the process-wide receive pool's bounds as it found them (the
-    dask backend bounds them when a listener starts; a test may configure them), so that no
-    module's result depends on which ran before it."""
+    """Each test module leaves the process-wide receive pool's bounds and policy as it found
+    them (the dask backend sets them when a listener starts; a test may configure them), so
+    that no module's result depends on which ran before it."""
     pool = streampickle.buffer_pool
-    saved = (pool.max_bytes, pool.max_idle)
+    saved = (pool.max_bytes, pool.max_idle, pool.release_before_map)
     yield
-    pool.configure(max_bytes=saved[0], max_idle=saved[1])
+    pool.configure(max_bytes=saved[0], max_idle=saved[1], release_before_map=saved[2])
+    pool.keep_for(None)  # no cap on idle memory left from a module's last message
