@@ -49,7 +49,6 @@ import gc
 import importlib
 import io
 import itertools
-import operator
 import pickle
 import types
 from collections.abc import Callable, Iterable, Sequence
@@ -455,12 +454,12 @@ def _chunk_bytes(buffers: Sequence[Any]) -> int:
     """The bytes of a message's side chunks: what a decoder hands over is memoryviews, read in
     one C-level pass; anything else, one at a time as ``_rebuild.nbytes`` reads it."""
     try:
-        return sum(map(_NBYTES, buffers))
-    except (AttributeError, ValueError):  # not a memoryview, or a released one
+        return sum(map(_MEMORYVIEW_NBYTES, buffers))
+    except (TypeError, ValueError):  # not a memoryview, or a released one
         return sum(map(_rebuild.nbytes, buffers))
 
 
-_NBYTES = operator.attrgetter("nbytes")
+_MEMORYVIEW_NBYTES = memoryview.nbytes.__get__  # memoryviews only: TypeError for anything else
 
 
 class _StandardCall:
