@@ -1781,10 +1781,11 @@ static PyObject *reduce_ndarray(PyObject *self, PyObject *const *args, Py_ssize_
         && PyTuple_GET_ITEM(known, 0) == dt;
     Py_DECREF(dt);
     if (!remembered) return PyObject_CallOneArg(fallback, array);
-    PyObject *descr = PyTuple_GET_ITEM(known, 1);
+    PyObject *descr = Py_NewRef(PyTuple_GET_ITEM(known, 1)); /* ours: allocations below may run Python */
     Py_buffer view;
     if (PyObject_GetBuffer(array, &view, PyBUF_RECORDS_RO) < 0) { /* no buffer format: the Python path */
         PyErr_Clear();
+        Py_DECREF(descr);
         return PyObject_CallOneArg(fallback, array);
     }
     const int c_order = PyBuffer_IsContiguous(&view, 'C'), f_order = PyBuffer_IsContiguous(&view, 'F');
@@ -1797,13 +1798,16 @@ static PyObject *reduce_ndarray(PyObject *self, PyObject *const *args, Py_ssize_
         }
     }
     PyBuffer_Release(&view);
-    if (!c_order && !f_order) return PyObject_CallOneArg(fallback, array); /* strided: copied there */
-    if (shape == NULL) return NULL;
-    PyObject *buffer = PyPickleBuffer_FromObject(array);
-    if (buffer == NULL) { Py_DECREF(shape); return NULL; }
-    PyObject *fortran = c_order ? Py_False : Py_True;
-    PyObject *call = Py_BuildValue("(O(OOON))", rebuilder, descr, shape, fortran, buffer);
-    Py_DECREF(shape);
+    if (!c_order && !f_order) { /* strided: copied there */
+        Py_DECREF(descr);
+        return PyObject_CallOneArg(fallback, array);
+    }
+    PyObject *buffer = shape == NULL ? NULL : PyPickleBuffer_FromObject(array);
+    PyObject *call = NULL;
+    if (buffer != NULL)
+        call = Py_BuildValue("(O(OOON))", rebuilder, descr, shape, c_order ? Py_False : Py_True, buffer);
+    Py_XDECREF(shape);
+    Py_DECREF(descr);
     return call;
 }
 
