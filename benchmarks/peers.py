@@ -540,6 +540,24 @@ def run_anyio_naive(role: str, transport: str, messages: list[Any], address: str
     anyio.run(main)
 
 
+def checker_of(check: Callable[[Any], None], shared: str | None,
+               expected_sums: list[int] | None) -> Callable[[Any], None]:
+    """The receiver's check of one transfer of a streampickle contender: the full read's sums
+    (``shared == "read"``: the receiver returns them beside what it got), how the arrays came
+    (mapped from the sender's files, or as bytes for ``"ordinary"``), then the values."""
+    def check_all(result: Any) -> None:
+        got = result
+        if expected_sums is not None:
+            got, sums = result
+            assert sums == expected_sums, "the arrays read inside the timed region held other bytes"
+        if shared:
+            mapped = [in_shared_file(a) for a in workloads.arrays(got)]
+            assert all(mapped) if shared != "ordinary" else not any(mapped), f"{shared}: mapped {mapped}"
+        check(got)
+
+    return check_all
+
+
 def run_streampickle(role: str, transport: str, messages: list[Any], address: str | None,
                      backend: str, uvloop: bool, own_sockets: bool, key: bytes | None,
                      shared: str | None = None) -> None:
@@ -578,17 +596,7 @@ def run_streampickle(role: str, transport: str, messages: list[Any], address: st
                 return got, workloads.checksums(got)  # the full read, inside the timed region
             return got
 
-        def check_all(result: Any) -> None:
-            got = result
-            if expected_sums is not None:
-                got, sums = result
-                assert sums == expected_sums, "the arrays read inside the timed region held other bytes"
-            if shared:  # how they came matters too: mapped from the sender's files, or as bytes
-                mapped = [in_shared_file(a) for a in workloads.arrays(got)]
-                assert all(mapped) if shared != "ordinary" else not any(mapped), f"{shared}: mapped {mapped}"
-            check(got)
-
-        await receive_transfers_async(stream.send, receive, check_all, peer)
+        await receive_transfers_async(stream.send, receive, checker_of(check, shared, expected_sums), peer)
 
     async def main() -> None:
         if role == "recv":
@@ -679,16 +687,7 @@ def run_streampickle_sync(role: str, transport: str, messages: list[Any], addres
                 return got, workloads.checksums(got)  # the full read, inside the timed region
             return got
 
-        def check_all(result: Any) -> None:
-            got = result
-            if expected_sums is not None:
-                got, sums = result
-                assert sums == expected_sums, "the arrays read inside the timed region held other bytes"
-            mapped = [in_shared_file(a) for a in workloads.arrays(got)]
-            assert all(mapped), f"{shared}: mapped {mapped}"
-            check(got)
-
-        receive_transfers(conn.sendall, receive, check_all, peer_pid(conn))
+        receive_transfers(conn.sendall, receive, checker_of(check, shared, expected_sums), peer_pid(conn))
     else:
         payload = workloads.packed(messages) if shared == "packed" else workloads.shared(messages)
         sock = connect_blocking(transport, address or "")
