@@ -751,11 +751,7 @@ class Decoder:
                 # The common case, every side chunk in one file: nothing to group.
                 files = [(None, [(offset, length) for (_, offset), length in zip(entries, lengths, strict=True)])]
             else:
-                chunks_in: list[list[int]] = [[] for _ in fds]  # each file's side chunks
-                for i, (index, _) in enumerate(entries):
-                    if index != _wire.INLINE:
-                        chunks_in[index].append(i)
-                files = [(indices, [(entries[i][1], lengths[i]) for i in indices]) for indices in chunks_in]
+                files = list(_shm.by_file(entries, lengths, count))
             if len(entries) > _shm.MAX_MAPPINGS:  # fewer side chunks can't need more mappings
                 needed = sum(_shm.mappings_needed(ranges) for _, ranges in files)
                 if needed > _shm.MAX_MAPPINGS:

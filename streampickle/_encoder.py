@@ -275,11 +275,8 @@ def _reduce_known(obj: Any) -> Any:
 def _mappings_needed(entries: list[tuple[int, int]], views: list[memoryview], files: int) -> int:
     """How many mappings the receiver would make for the side chunks ``entries`` place in
     ``files`` shared files (see ``_shm.MAX_MAPPINGS``)."""
-    ranges: list[list[tuple[int, int]]] = [[] for _ in range(files)]
-    for (index, offset), view in zip(entries, views, strict=True):
-        if index != _wire.INLINE:
-            ranges[index].append((offset, view.nbytes))
-    return sum(_shm.mappings_needed(file_ranges) for file_ranges in ranges)
+    lengths = [view.nbytes for view in views]
+    return sum(_shm.mappings_needed(ranges) for _, ranges in _shm.by_file(entries, lengths, files))
 
 
 class _Pickler(pickle.Pickler):

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _wire
 from ._accel import speedups
 from ._errors import ProtocolError, UsageError
 
@@ -42,6 +43,7 @@ __all__ = [
     "MAX_DESCRIPTORS",
     "MAX_MAPPINGS",
     "SharedChunks",
+    "by_file",
     "check_no_key",
     "close_all",
     "descriptors_of",
@@ -379,22 +381,36 @@ def _runs(spans: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int, in
     the slice of ``spans`` it holds. A run is the next spans whose first page is inside it or
     right after it: ranges on adjacent or shared pages share one mapping, and a page no range
     announced is never mapped."""
-    page = _PAGE
     k = 0
     while k < len(spans):
         offset, end, _ = spans[k]
-        start = offset - offset % page
-        stop = -(-end // page) * page  # the run's end, a whole page
+        start = offset - offset % _PAGE
+        stop = _page_end(end)
         run = k + 1
         while run < len(spans):
             offset, end, _ = spans[run]
-            if offset - offset % page > stop:  # a page no range announced lies between
+            if offset - offset % _PAGE > stop:  # a page no range announced lies between
                 break
             if end > stop:
-                stop = -(-end // page) * page
+                stop = _page_end(end)
             run += 1
         yield start, stop, k, run
         k = run
+
+
+def by_file(
+    entries: Sequence[tuple[int, int]], lengths: Sequence[int], files: int
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """The side chunks a shared table's ``entries`` (descriptor index or ``INLINE``, offset)
+    place in each of ``files`` files: for each file, the chunks' indices and their
+    ``(offset, length)`` ranges, in order."""
+    grouped: list[tuple[list[int], list[tuple[int, int]]]] = [([], []) for _ in range(files)]
+    for i, ((index, offset), length) in enumerate(zip(entries, lengths, strict=True)):
+        if index != _wire.INLINE:
+            indices, ranges = grouped[index]
+            indices.append(i)
+            ranges.append((offset, length))
+    return grouped
 
 
 def mappings_needed(ranges: Sequence[tuple[int, int]]) -> int:
