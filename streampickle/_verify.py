@@ -237,10 +237,7 @@ def _tuple_value(items: list[_V], pos: int, op: int) -> _V:
         raise Refused(pos, f"{_NAMES[op]}: a tuple nested more than {MAX_TUPLE_DEPTH} deep")
     value = _V(K.TUPLE, items, _LAZY, depth=depth + 1)
     value.size = len(items)
-    for item in items:
-        if item.named:
-            value.named = True
-            break
+    value.named = any(item.named for item in items)
     return value
 
 
@@ -480,8 +477,7 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                 raise Refused(start, f"{_NAMES[op]} needs {n} items, the stack has {have}")
             if op == _APPEND:
                 _into(stack[-2], K.LIST, "list_like", start, op, full)
-                if stack[-1].named:
-                    raise Refused(start, f"APPEND {_NAMED}")
+                _no_named(op, stack[-1:], start)
                 stack[-2].size += 1
                 del stack[-1]
             elif op == _SETITEM:
