@@ -243,27 +243,25 @@ def shared_targets(by: dict[tuple[str, str, str], dict[str, Any]], check: Callab
     mapping per message); one file per array and the recycled pool have no goal: their lines
     say what they reached. The hand-off goals are checked for each API measured (``ObjectStream``
     on asyncio, uvloop and trio, and the blocking ``sync`` adapter), each on its own line."""
+    def goal_or_line(what: str, row: dict[str, Any] | None, goal: float | None) -> None:
+        """A goal line for ``row``'s speed over the limit, or without a goal, the speed alone."""
+        if row is None:
+            return
+        if goal is None:
+            lines.append(f"| {what} | unix | {row['contender']} | {row['vs_limit']:.3f} | - | - |")
+        else:
+            check(what, "unix", row["contender"], row["vs_limit"], f">= {goal:g}", row["vs_limit"] >= goal)
+
     for workload in ("big-array", "many-arrays"):
+        big = workload == "big-array"
         for api in ("asyncio", "uvloop", "trio", "sync"):
-            shm = by.get((workload, "unix", f"streampickle-{api}-shm"))
-            if shm is not None:
-                what = f"{workload}, shared: speed / limit-socket"
-                if workload == "big-array":
-                    check(what, "unix", shm["contender"], shm["vs_limit"], ">= 100", shm["vs_limit"] >= 100)
-                else:
-                    lines.append(f"| {what} (one file per array) | unix | {shm['contender']} "
-                                 f"| {shm['vs_limit']:.3f} | - | - |")
-            packed = by.get((workload, "unix", f"streampickle-{api}-shm-packed"))
-            if packed is not None and workload == "many-arrays":
-                check(f"{workload}, shared, packed in one buffer: speed / limit-socket", "unix", packed["contender"],
-                      packed["vs_limit"], ">= 50", packed["vs_limit"] >= 50)
-            read = by.get((workload, "unix", f"streampickle-{api}-shm-read"))
-            if read is not None:
-                what = f"{workload}, shared, receiver reads it all: speed / limit-socket"
-                if workload == "big-array":
-                    check(what, "unix", read["contender"], read["vs_limit"], ">= 3", read["vs_limit"] >= 3)
-                else:
-                    lines.append(f"| {what} | unix | {read['contender']} | {read['vs_limit']:.3f} | - | - |")
+            goal_or_line(f"{workload}, shared: speed / limit-socket" + ("" if big else " (one file per array)"),
+                         by.get((workload, "unix", f"streampickle-{api}-shm")), 100 if big else None)
+            if not big:
+                goal_or_line(f"{workload}, shared, packed in one buffer: speed / limit-socket",
+                             by.get((workload, "unix", f"streampickle-{api}-shm-packed")), 50)
+            goal_or_line(f"{workload}, shared, receiver reads it all: speed / limit-socket",
+                         by.get((workload, "unix", f"streampickle-{api}-shm-read")), 3 if big else None)
         ordinary = by.get((workload, "unix", "streampickle-asyncio-shm-ordinary"))
         plain = by.get((workload, "unix", "streampickle-asyncio"))
         if ordinary is not None and plain is not None:
