@@ -348,6 +348,9 @@ def _shape(shape: Any) -> tuple[int, ...]:
 
 def _ndarray(descr: Any, shape: Any, fortran: Any, buffer: Any) -> np.ndarray[Any, Any]:
     """An array viewing ``buffer`` (one side chunk); its size must match the buffer exactly."""
+    array = plain_ndarray(descr, shape, fortran, buffer)  # the common case in one call (trusted loads too)
+    if array is not None:
+        return array
     if type(descr) is str:  # the common case, which _build_dtype would take at one node's cost
         dt = _plain_dtype(descr)
         has_text = dt.kind == "U"

@@ -146,6 +146,27 @@ def test_the_metered_fast_path_charges_as_the_general_path_and_refuses_past_the_
         broke(*args)
 
 
+def test_a_trusted_load_builds_the_common_array_in_one_call_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A trusted load calls the reconstructor itself, unmetered: it takes the same one-call
+    # build as the safe loader for the common array, and the general path for anything else.
+    calls: list[Any] = []
+
+    def counted(*args: Any) -> Any:
+        array = plain(*args)
+        calls.append(array is not None)
+        return array
+
+    plain = _rebuild.plain_ndarray_in
+    monkeypatch.setattr(_rebuild, "plain_ndarray_in", counted)
+    arrays = [np.arange(12.0).reshape(3, 4), np.array(["ab", "c"])]  # the second is text
+    data = streampickle.dumps(arrays)
+    streampickle.loads(data, trusted=True)  # the first "<f8" the process meets takes the general path
+    calls.clear()
+    got = streampickle.loads(data, trusted=True)
+    assert [g.tolist() for g in got] == [a.tolist() for a in arrays]
+    assert calls == [True, False]
+
+
 @pytest.mark.skipif(not _shm.AVAILABLE, reason="no sealable shared-memory files (memfd) here")
 def test_find_answers_each_buffer_of_a_mixed_list() -> None:
     one = streampickle.shared_empty(4096, np.uint8)
