@@ -79,6 +79,7 @@ _PART_NAMES = ("header", "stream fields", "length table", "shared table", "heade
 _NO_PICKLE = np.empty(0, dtype=np.uint8)
 _NO_CHUNKS: tuple[memoryview, ...] = ()  # the side chunks of every message that has none
 _UNALLOCATED = memoryview(bytearray())  # the view of a part whose memory is not allocated yet
+_UNMAPPED = memoryview(bytearray())  # a shared side chunk's place until its message is mapped
 _TAG_MISMATCH = (
     "tag mismatch: the message was altered in transit, or the two ends use different keys. "
     "Nothing of it was unpickled."
@@ -172,8 +173,9 @@ class Decoder:
 
     ``shared_memory``: accept side chunks handed over as shared memory (an
     ``Encoder(shared_memory=True)`` on the same host, over a Unix socket): the transport hands
-    the descriptors that arrive with the bytes to :meth:`feed_descriptors`, and the decoder
-    maps each announced range after checking the file (see :func:`shared_empty`). Without it,
+    the descriptors that arrive with the bytes to :meth:`feed_descriptors`; the decoder checks
+    each file when the message's shared table arrives and maps the announced ranges once the
+    whole message has (see :func:`shared_empty`). Without it,
     such a message is refused with :class:`ProtocolError`.
     """
 
@@ -220,11 +222,19 @@ class Decoder:
         # handed to feed() by buffer_updated (made on first use, then reused).
         self._staging: bytearray | None = None
         self._staged = False
-        # Shared memory: whether this end opted in, the descriptors that arrived and no message
-        # has claimed yet (in order), and what closes them if the decoder is dropped holding some.
+        # Shared memory: whether this end opted in; the descriptors that arrived and no message
+        # has claimed yet (in order), and those the message in flight claimed, to map once it
+        # is complete; what closes them if the decoder is dropped holding some. Every one is
+        # counted in ``_shm.HELD`` while held. ``_fds_due``: how many of the bytes the
+        # unclaimed ones came with are still to be fed (None: all were); ``_fds_inside``: the
+        # number of the message they arrived inside of, if they arrived inside one.
         self._shared_memory = bool(shared_memory)
         self._fds: list[int] = []
+        self._claimed: list[int] = []
         self._fds_guard: weakref.finalize[Any, Any] | None = None
+        self._fds_due: int | None = None
+        self._fds_inside: int | None = None
+        self._serial = -1  # counts the messages started, from 0
         self._start_message()
 
     # -- public API -------------------------------------------------------------------------
@@ -286,6 +296,7 @@ class Decoder:
                 view = memoryview(data).cast("B")
             except Exception:  # noqa: BLE001 - whatever memoryview refuses, byte_view judges
                 view = byte_view(data)  # copies, or raises UsageError
+        fed = len(view)
         while view:
             if self._pos == 0 and self._part == _HEADER and self._failure is None and not self._eof:
                 view = self._take_whole(view)  # whole messages in one step each
@@ -297,19 +308,26 @@ class Decoder:
             self._updated(n)
             view = view[n:]
         if self._fds:
-            self._check_claimed()
+            self._check_claimed(fed)
 
-    def feed_descriptors(self, fds: Iterable[int]) -> None:
+    def feed_descriptors(self, fds: Iterable[int], nbytes: int | None = None) -> None:
         """Take the descriptors that arrived with the bytes about to be fed (``SCM_RIGHTS`` on
-        a Unix socket): call it before feeding those bytes. The decoder owns them from here:
-        a message's shared table claims them in order, and each is closed once its ranges are
-        mapped, or when the decoder fails or :meth:`close_descriptors` is called.
+        a Unix socket): call it before feeding those bytes, and say how many bytes came with
+        them (``nbytes``: the read's count; None: the next :meth:`feed` or
+        :meth:`buffer_updated` call's bytes). The decoder owns them from here: a message's
+        shared table claims them in order, and each is closed once the message is complete
+        and its ranges are mapped, or when the decoder fails or :meth:`close_descriptors` is
+        called.
 
-        A message's descriptors travel with its first byte, so descriptors still unclaimed at
-        a message boundary, once the bytes they came with are fed, were sent for nothing:
-        :class:`ProtocolError`. So is any descriptor given to a decoder made without
-        ``shared_memory=True``, and more than ``Limits.max_descriptors`` waiting at once is a
-        :class:`LimitExceededError`; in each case every descriptor is closed first."""
+        A message's descriptors travel with its first byte, so once the bytes they came with
+        are fed, descriptors still unclaimed must be for the message then in flight, which
+        began among those bytes and has yet to reach its shared table. Otherwise they were
+        sent for nothing, or with a byte inside a message: :class:`ProtocolError`. So is any
+        descriptor given to a decoder made without ``shared_memory=True``. More than
+        ``Limits.max_descriptors`` waiting at once is a :class:`LimitExceededError`, and so is
+        a descriptor past what the whole process holds for messages in flight (a quarter of
+        its open-file limit: ``_shm.held_limit``). In each case every descriptor is closed
+        first."""
         fds = list(fds)
         if not fds:
             return
@@ -321,28 +339,53 @@ class Decoder:
                 f"{len(fds)} descriptors arrived on a connection that did not opt in to shared "
                 f"memory: pass shared_memory=True on both ends"
             ))
+        if not _shm.HELD.take(len(fds)):
+            _shm.close_all(fds)
+            held, limit = _shm.HELD.count, _shm.held_limit()
+            raise self._fail(LimitExceededError(
+                f"{len(fds)} descriptors arrived while this process already holds {held} that "
+                f"peers sent with messages still in flight, at most {limit} (a quarter of its "
+                f"open-file limit, so that connections and files keep the rest): refused. Peers "
+                f"that send descriptors and then stall hold them; if the load is legitimate, "
+                f"raise the open-file limit (ulimit -n, resource.setrlimit)."
+            ))
         if self._fds_guard is None:
-            self._fds_guard = weakref.finalize(self, _shm.close_all, self._fds)
+            self._fds_guard = weakref.finalize(self, _close_held, self._fds, self._claimed)
         self._fds.extend(fds)
+        self._fds_due = nbytes
+        self._fds_inside = self._serial if self._received else None
         limit = self._limits.max_descriptors
-        if len(self._fds) > limit:
-            raise self._over("descriptors waiting at once", len(self._fds), "max_descriptors", limit)
+        if len(self._fds) + len(self._claimed) > limit:
+            raise self._over("descriptors waiting at once", len(self._fds) + len(self._claimed),
+                             "max_descriptors", limit)
 
     def close_descriptors(self) -> None:
-        """Close the descriptors that arrived and no message has claimed yet (when the
-        connection closes: they can't be claimed any more)."""
-        fds, self._fds[:] = self._fds[:], []
-        _shm.close_all(fds)
+        """Close the descriptors that arrived and no complete message has used yet (when the
+        connection closes: they can't be used any more)."""
+        _close_held(self._fds, self._claimed)
 
-    def _check_claimed(self) -> None:
-        """Refuse descriptors still waiting at a message boundary: they came with bytes that
-        are all fed, and the messages there did not claim them."""
-        if self._part == _HEADER and self._pos == 0 and self._failure is None:
-            count = len(self._fds)
-            raise self._fail(ProtocolError(
-                f"the peer sent {count} descriptors that no message claimed: the peer is "
-                f"broken or hostile"
-            ))
+    def _check_claimed(self, fed: int) -> None:
+        """After ``fed`` bytes: once the bytes the waiting descriptors came with are all fed,
+        refuse them unless the message in flight can still claim them (see
+        :meth:`feed_descriptors`)."""
+        if self._fds_due is not None:
+            self._fds_due -= fed
+            if self._fds_due > 0:
+                return
+            self._fds_due = None
+        if self._failure is not None:
+            return
+        count = len(self._fds)
+        if self._part == _HEADER and self._pos == 0:
+            problem = "that no message claimed"
+        elif self._fds_inside == self._serial:
+            problem = ("with a byte inside a message, which no message claimed (a message's descriptors "
+                       "travel with its first byte)")
+        elif self._part > _SHARED or (self._part > _HEADER and not self._header.flags & _wire.FLAG_SHARED):
+            problem = "that the message they came with left unclaimed (it has no shared table, or claimed fewer)"
+        else:
+            return  # for the message in flight, whose shared table is still to come
+        raise self._fail(ProtocolError(f"the peer sent {count} descriptors {problem}: the peer is broken or hostile"))
 
     def get_buffer(self, sizehint: int = -1, *, read_ahead: bool = False) -> memoryview:
         """Writable memory where the next incoming bytes belong; at least one byte long.
@@ -395,7 +438,7 @@ class Decoder:
             return
         self._updated(nbytes)
         if self._fds:
-            self._check_claimed()
+            self._check_claimed(nbytes)
 
     def _updated(self, nbytes: int) -> None:
         """``buffer_updated`` for the last ``get_buffer`` view that was not staging memory."""
@@ -422,7 +465,7 @@ class Decoder:
         be iterated)."""
         self._check_usable()
         self._eof = True
-        if self._fds:
+        if self._fds or self._claimed:
             self.close_descriptors()
         if self._stream and not self._ended and not self._received and self._stream_version != _wire.VERSION:
             raise self._fail(AuthenticationError(
@@ -554,6 +597,7 @@ class Decoder:
     # -- message state ------------------------------------------------------------------------
 
     def _start_message(self) -> None:
+        self._serial += 1
         self._part = _HEADER
         self._view = memoryview(self._header_buf)
         self._pos = 0
@@ -566,7 +610,11 @@ class Decoder:
         self._page_slack = 0  # see ``committed``: bytes of huge pages the done side chunks touched past their end
         self._small_head = False  # the current side chunk's first 2 MiB has ordinary pages
         self._chunks: list[memoryview] = []
-        self._shared: list[memoryview | None] | None = None  # mapped side chunks, by index (None: inline)
+        # Side chunks in shared files: for each claimed descriptor, the indices of its side
+        # chunks (None: all of them) and their (offset, length) ranges, mapped once the message
+        # is complete; and, by index, whether a side chunk is one of them.
+        self._files: list[tuple[list[int] | None, list[tuple[int, int]]]] = []
+        self._shared: list[bool] | None = None
         self._pickle = _NO_PICKLE
 
     def _enter(self, part: int, view: memoryview, size: int) -> None:
@@ -729,9 +777,10 @@ class Decoder:
         self._after_tables()
 
     def _on_shared(self) -> None:
-        """The shared table is in: claim the message's descriptors, check each once and map the
-        ranges its side chunks announce (ranges on adjacent pages of one file in one mapping),
-        then close them (the mappings don't need them)."""
+        """The shared table is in: claim the message's descriptors and check each once (the
+        file, its seals, its size against the ranges announced in it); they are mapped when
+        the rest of the message has arrived (``_map_shared``), so a message in flight holds
+        descriptors, never mappings."""
         lengths = self._lengths
         count, entries = self._guard(_wire.unpack_shared_table, self._view, lengths)
         if count > self._limits.max_descriptors:
@@ -742,38 +791,44 @@ class Decoder:
                 f"{len(self._fds)} descriptors arrived with it: the peer is broken or hostile, "
                 f"or something between us dropped them (is this a Unix socket end to end?)"
             ))
-        fds = self._fds[:count]
+        self._claimed.extend(self._fds[:count])
         del self._fds[:count]
-        shared: list[memoryview | None] = [None] * len(entries)
         files: list[tuple[list[int] | None, list[tuple[int, int]]]]  # (side chunks or None: all, ranges)
-        try:
-            if count == 1 and _wire.INLINE not in (index for index, _ in entries):
-                # The common case, every side chunk in one file: nothing to group.
-                files = [(None, [(offset, length) for (_, offset), length in zip(entries, lengths, strict=True)])]
-            else:
-                files = list(_shm.by_file(entries, lengths, count))
-            if len(entries) > _shm.MAX_MAPPINGS:  # fewer side chunks can't need more mappings
-                needed = sum(_shm.mappings_needed(ranges) for _, ranges in files)
-                if needed > _shm.MAX_MAPPINGS:
-                    raise self._fail(ProtocolError(
-                        f"the message's side chunks lie in {needed} separate parts of its shared-memory "
-                        f"files, each a mapping of its own; at most {_shm.MAX_MAPPINGS} are mapped per "
-                        f"message (a streampickle sender sends such a message as bytes): the peer is "
-                        f"broken or hostile"
-                    ))
-            for fd, (indices, ranges) in zip(fds, files, strict=True):
-                views = self._guard(_shm.map_received, fd, ranges)
-                if indices is None:
-                    shared[:] = views
-                else:
-                    for i, view in zip(indices, views, strict=True):
-                        shared[i] = view
-            mapped = sum(length for length, view in zip(lengths, shared, strict=True) if view is not None)
-        finally:
-            _shm.close_all(fds)
+        if count == 1 and _wire.INLINE not in (index for index, _ in entries):
+            # The common case, every side chunk in one file: nothing to group.
+            files = [(None, [(offset, length) for (_, offset), length in zip(entries, lengths, strict=True)])]
+        else:
+            files = list(_shm.by_file(entries, lengths, count))
+        if len(entries) > _shm.MAX_MAPPINGS:  # fewer side chunks can't need more mappings
+            needed = sum(_shm.mappings_needed(ranges) for _, ranges in files)
+            if needed > _shm.MAX_MAPPINGS:
+                raise self._fail(ProtocolError(
+                    f"the message's side chunks lie in {needed} separate parts of its shared-memory "
+                    f"files, each a mapping of its own; at most {_shm.MAX_MAPPINGS} are mapped per "
+                    f"message (a streampickle sender sends such a message as bytes): the peer is "
+                    f"broken or hostile"
+                ))
+        for fd, (_, ranges) in zip(self._claimed, files, strict=True):
+            self._guard(_shm.check_received, fd, ranges)
+        shared = [index != _wire.INLINE for index, _ in entries]
+        self._files = files
         self._shared = shared
-        self._expected -= mapped  # they don't travel in the stream
+        # The shared side chunks don't travel in the stream.
+        self._expected -= sum(length for length, mapped in zip(lengths, shared, strict=True) if mapped)
         self._after_tables()
+
+    def _map_shared(self) -> None:
+        """The message is complete: map the ranges of its shared side chunks into their places
+        among the chunks, then close the descriptors (the mappings don't need them)."""
+        chunks = self._chunks
+        try:
+            for fd, (indices, ranges) in zip(self._claimed, self._files, strict=True):
+                views = self._guard(_shm.map_received, fd, ranges)
+                for i, view in zip(range(len(views)) if indices is None else indices, views, strict=True):
+                    chunks[i] = view
+        finally:
+            _shm.close_held(self._claimed)
+            self._files = []
 
     def _after_tables(self) -> None:
         if self._header.version == _wire.VERSION_KEYED:
@@ -905,17 +960,17 @@ class Decoder:
         while True:
             self._chunk_index += 1
             if self._chunk_index == len(self._lengths):
+                if self._shared is not None:
+                    self._map_shared()
                 if self._header.has_mac:
                     self._enter(_TAG, memoryview(bytearray(_wire.TAG_SIZE)), _wire.TAG_SIZE)
                 else:
                     self._complete()
                 return
             shared = self._shared
-            if shared is not None:
-                view = shared[self._chunk_index]
-                if view is not None:
-                    self._chunks.append(view)  # mapped: nothing to wait for
-                    continue
+            if shared is not None and shared[self._chunk_index]:
+                self._chunks.append(_UNMAPPED)  # mapped once the message is complete
+                continue
             size = self._lengths[self._chunk_index]
             self._enter(_CHUNK, _UNALLOCATED, size)
             if size:
@@ -1013,7 +1068,7 @@ class Decoder:
         self._view = _UNALLOCATED
         self._chunks = []
         self._shared = None
-        if self._fds:
+        if self._fds or self._claimed:
             self.close_descriptors()
         self._pickle = _NO_PICKLE  # what arrived of the message is freed, not kept for the error
         self._pickle_bytes = b""
@@ -1043,6 +1098,12 @@ class Decoder:
             raise self._sticky()
         if self._eof:
             raise UsageError("the decoder was told the input ended (feed_eof); it takes no more")
+
+
+def _close_held(fds: list[int], claimed: list[int]) -> None:
+    """Close a decoder's descriptors, unclaimed and claimed (see ``_shm.close_held``)."""
+    _shm.close_held(fds)
+    _shm.close_held(claimed)
 
 
 def _given_options(options: Any, trusted: Any, allow: Any, key: Any, limits: Any, persistent_load: Any = None) -> None:

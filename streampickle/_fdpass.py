@@ -76,5 +76,5 @@ def receive_into(sock: socket.socket, target: memoryview, decoder: Decoder, *, b
     if ancdata or msg_flags:
         fds = received_descriptors(ancdata, msg_flags)
         if fds:
-            decoder.feed_descriptors(fds)
+            decoder.feed_descriptors(fds, n)
     return n

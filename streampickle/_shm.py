@@ -4,14 +4,16 @@ shared-memory file (a Linux ``memfd``), handed to the peer as a descriptor inste
 The sending half: :func:`shared_empty` and :func:`shared_copy` make ordinary numpy arrays over
 such a file, and remember which address range belongs to which file (``find``), so that an
 :class:`Encoder` made with ``shared_memory=True`` can send a side chunk lying in one as a
-reference (descriptor, offset, length). The receiving half: ``map_received`` checks that a
+reference (descriptor, offset, length). The receiving half: ``check_received`` checks that a
 descriptor a peer sent is what the reference needs (a shared-memory file sealed against
-shrinking and growing, as large as announced) and maps exactly the announced range.
+shrinking and growing, as large as announced) as soon as its message's shared table arrives,
+and ``map_received`` maps exactly the announced ranges once the whole message has: a message
+still in flight holds descriptors (counted process-wide, ``HELD``), never mappings.
 
 Mappings are made with the C library's ``mmap`` through ctypes, not Python's ``mmap`` module,
 which keeps a duplicate of the descriptor open for as long as the mapping lives: a peer that
 sends thousands of arrays would then hold thousands of our descriptors. Here a received
-descriptor is closed as soon as its ranges are mapped, and a mapping is unmapped when the last
+descriptor is closed as soon as its message's ranges are mapped, and a mapping is unmapped when the last
 array or view over it is freed. Only the files this process made keep a descriptor open (one
 per :func:`shared_empty` call, for as long as its memory lives), so that they can be sent.
 
@@ -40,14 +42,18 @@ from ._errors import ProtocolError, UsageError
 
 __all__ = [
     "AVAILABLE",
+    "HELD",
     "MAX_DESCRIPTORS",
     "MAX_MAPPINGS",
     "SharedChunks",
     "by_file",
     "check_no_key",
+    "check_received",
     "close_all",
+    "close_held",
     "descriptors_of",
     "find",
+    "held_limit",
     "is_mapped",
     "map_received",
     "mappings_needed",
@@ -149,6 +155,57 @@ def close_all(fds: Sequence[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+# -- descriptors held for messages in flight --------------------------------------------------
+
+
+class _Held:
+    """How many descriptors peers sent that this process holds for messages not yet complete,
+    across every connection. Each connection may hold up to ``Limits.max_descriptors`` for as
+    long as its message is in flight, so a few peers that send descriptors and then stall
+    would otherwise fill the process's file table, and then no listener can accept anyone:
+    past ``held_limit()``, a decoder refuses more."""
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self.count = 0
+
+    def take(self, n: int) -> bool:
+        """Count ``n`` more descriptors as held, if the limit allows it."""
+        limit = held_limit()
+        with self._lock:
+            if self.count + n > limit:
+                return False
+            self.count += n
+            return True
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self.count -= n
+
+
+HELD = _Held()
+
+
+def held_limit() -> int:
+    """The most descriptors this process holds at once for messages in flight: a quarter of
+    its open-file limit (``RLIMIT_NOFILE``, read each time: a program may raise it), so the
+    rest stays for connections and files whatever peers send."""
+    import resource  # Unix only, as shared memory is
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1 << 24:
+        soft = 1 << 24
+    return max(MAX_DESCRIPTORS, soft // 4)
+
+
+def close_held(fds: list[int]) -> None:
+    """Close the held descriptors in ``fds``, count them as no longer held, and empty the
+    list."""
+    taken, fds[:] = fds[:], []
+    close_all(taken)
+    HELD.give_back(len(taken))
 
 
 # -- mappings ----------------------------------------------------------------------------------
@@ -418,17 +475,23 @@ def mappings_needed(ranges: Sequence[tuple[int, int]]) -> int:
     return sum(1 for _ in _runs(_spans(ranges)))
 
 
+def check_received(fd: int, ranges: Sequence[tuple[int, int]]) -> None:
+    """Check a descriptor a peer sent for the ``(offset, length)`` ranges announced in it,
+    before anything of it is mapped (see ``_check_received``): :class:`ProtocolError` if it
+    fails."""
+    _check_received(fd, max(ranges, key=sum, default=(0, 0)))
+
+
 def map_received(fd: int, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
-    """Map the ``(offset, length)`` ranges of a descriptor a peer sent, writable and shared,
-    after checking the file once (see ``_check_received``): one view per range, in order.
-    :class:`ProtocolError` for a file that fails a check or can't be mapped.
+    """Map the ``(offset, length)`` ranges of a descriptor a peer sent, which
+    ``check_received`` passed, writable and shared: one view per range, in order.
+    :class:`ProtocolError` if a mapping can't be made.
 
     Only the pages holding an announced range are mapped, never one more. Ranges whose pages
     touch or overlap (the arrays of one buffer, sent together) share one mapping, so a
     message of many arrays in one file costs one ``mmap``, not one per array (a message may
     need at most ``MAX_MAPPINGS``: the receiver checks). The caller closes ``fd``: the
     mappings don't need it."""
-    _check_received(fd, max(ranges, key=sum, default=(0, 0)))
     views: list[memoryview | None] = [None] * len(ranges)
     spans = _spans(ranges)
     for start, stop, k, run in _runs(spans):

@@ -35,6 +35,7 @@ from . import _fdpass, _shm
 from ._anyio_compat import notify_closing, wait_readable, wait_writable
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, drop_sent, sendable
+from ._errors import LimitExceededError
 from ._transport_api import READ_AHEAD, Feed
 
 __all__ = [
@@ -312,7 +313,14 @@ class SocketTransport:
                 # An anonymous mapping, not a bytearray (which zero-fills every page): only the
                 # pages reads actually reach become memory, so a server's thousand idle
                 # connections don't hold 256 KiB each.
-                self._scratch = memoryview(mmap.mmap(-1, READ_AHEAD))
+                try:
+                    self._scratch = memoryview(mmap.mmap(-1, READ_AHEAD))
+                except OSError as exc:  # ENOMEM: out of memory, or of map entries (vm.max_map_count)
+                    raise LimitExceededError(
+                        f"could not map {READ_AHEAD} bytes to read into: the system refused ({exc}). "
+                        f"The process is out of memory or of memory mappings; the connection can't "
+                        f"be read until some are freed."
+                    ) from exc
             target = self._scratch if limit is None else self._scratch[:limit]
         while True:
             try:

@@ -539,3 +539,103 @@ def test_a_sender_sends_scattered_side_chunks_as_bytes(no_leak: None) -> None:
     got = send(bounded)
     assert all(a[0] == 7 for a in got)
     del got, chunks, buffer, scattered, bounded
+
+
+# -- what a message in flight holds ------------------------------------------------------------
+
+
+def memfd_mappings() -> int:
+    """How many of this process's mappings are of the tests' memfds."""
+    with open("/proc/self/maps") as maps:
+        return sum("memfd:test" in line for line in maps)
+
+
+def test_a_message_in_flight_holds_descriptors_never_mappings(no_leak: None) -> None:
+    # A peer that sends a message's tables and then stalls (until the message deadline, ten
+    # minutes by default) once kept MAX_MAPPINGS map entries per connection: 70 connections
+    # took the process's ~65,530, and with them its next allocation of any kind.
+    n = 64
+    held = _shm.HELD.count
+    message = shared_message([1] * n, [(0, 2 * i * PAGE) for i in range(n)], 1)
+    decoder = Decoder(shared_memory=True)
+    decoder.feed_descriptors([memfd(2 * n * PAGE)])
+    decoder.feed(message[:-1])  # all but the pickle's last byte: the file was checked
+    assert memfd_mappings() == 0 and _shm.HELD.count == held + 1
+    decoder.feed(message[-1:])
+    got = next(decoder)
+    assert memfd_mappings() == n and _shm.HELD.count == held  # mapped, and the descriptor closed
+    assert all(len(b) == 1 for b in got)
+    del got, decoder
+
+
+def test_a_descriptor_is_checked_as_soon_as_its_shared_table_arrives(no_leak: None) -> None:
+    message = shared_message([2 * PAGE], [(0, 0)], 1)
+    tables = len(message) - len(_pickle_of_buffers(1))
+    held = _shm.HELD.count
+    decoder = Decoder(shared_memory=True)
+    decoder.feed_descriptors([memfd(PAGE)])  # smaller than announced
+    with pytest.raises(ProtocolError, match="announced"):
+        decoder.feed(message[:tables])  # no byte of the pickle yet
+    assert _shm.HELD.count == held  # closed
+
+
+def test_descriptors_that_come_with_a_byte_inside_a_message_are_refused(no_leak: None) -> None:
+    data = streampickle.dumps(list(range(2000)))
+    decoder = Decoder(shared_memory=True)
+    decoder.feed(data[:100])
+    decoder.feed_descriptors([memfd(PAGE)], 1)
+    with pytest.raises(ProtocolError, match="inside a message"):
+        decoder.feed(data[100:101])  # the message is far from complete: no need to wait for it
+
+
+def test_descriptors_with_a_message_that_has_no_shared_table_are_refused_once_its_header_is_in(
+    no_leak: None,
+) -> None:
+    data = streampickle.dumps(list(range(2000)))
+    decoder = Decoder(shared_memory=True)
+    decoder.feed_descriptors([memfd(PAGE)], 30)
+    with pytest.raises(ProtocolError, match="left unclaimed"):
+        decoder.feed(data[:30])
+
+
+def test_descriptors_for_the_next_message_wait_for_all_the_bytes_they_came_with(no_leak: None) -> None:
+    # One read can bring the end of a message and the start of the next, whose descriptors
+    # come with it; fed in pieces (as a progress meter feeds a read ahead), the first piece
+    # ends at a message boundary with the descriptors not yet claimed, and that is no error.
+    plain = b"x" * 100
+    array = streampickle.shared_copy(np.arange(100))
+    chunks = Encoder(shared_memory=True).encode(array)
+    first = streampickle.dumps(plain)
+    decoder = Decoder(shared_memory=True)
+    decoder.feed(first[:10])
+    read = first[10:] + wire_of(chunks)
+    decoder.feed_descriptors([os.dup(fd) for fd in _shm.descriptors_of(chunks)], len(read))
+    for i in range(0, len(read), 7):
+        decoder.feed(read[i : i + 7])
+    got = list(decoder)
+    assert got[0] == plain and np.array_equal(got[1], array)
+    del got, chunks
+
+
+def test_the_process_holds_at_most_its_share_of_descriptors_for_messages_in_flight(
+    no_leak: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each connection may hold up to max_descriptors (253) for as long as its message is in
+    # flight: a few stalled peers once filled the file table, and then no listener accepted
+    # anyone. The whole process holds at most held_limit() (a quarter of RLIMIT_NOFILE).
+    assert _shm.MAX_DESCRIPTORS <= _shm.held_limit() < 1 << 24
+    limit = _shm.HELD.count + 4
+    monkeypatch.setattr(_shm, "held_limit", lambda: limit)
+    stalled = Decoder(shared_memory=True)
+    stalled.feed_descriptors([memfd(PAGE) for _ in range(3)])
+    stalled.feed(shared_message([8], [(0, 0)], 1)[:5])  # inside the header: waiting
+    refused = Decoder(shared_memory=True)
+    with pytest.raises(LimitExceededError, match="open-file limit"):
+        refused.feed_descriptors([memfd(PAGE), memfd(PAGE)])  # closed at once, not counted
+    assert _shm.HELD.count == limit - 1
+    stalled.close_descriptors()
+    assert _shm.HELD.count == limit - 4
+    a, b = streampickle.shared_copy(np.arange(10)), streampickle.shared_copy(np.arange(20))
+    got = send([a, b])  # two descriptors: within the limit again
+    assert np.array_equal(got[0], a) and np.array_equal(got[1], b)
+    del got

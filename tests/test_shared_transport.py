@@ -517,10 +517,10 @@ def test_received_descriptors_are_close_on_exec(receiver: str, monkeypatch: pyte
     flags: list[int] = []
     feed = Decoder.feed_descriptors
 
-    def spy(self: Decoder, fds: Any) -> None:
+    def spy(self: Decoder, fds: Any, nbytes: int | None = None) -> None:
         fds = list(fds)
         flags.extend(fcntl.fcntl(fd, fcntl.F_GETFD) for fd in fds)
-        feed(self, fds)
+        feed(self, fds, nbytes)
 
     monkeypatch.setattr(Decoder, "feed_descriptors", spy)
     data, fd, arr = shared_message()
@@ -735,3 +735,143 @@ async def test_without_memfd_shared_empty_says_so_and_arrays_still_travel(
         assert_same(got, {"plain": plain, "made before": made_before})
         got["made before"][0] = -1  # it went as bytes: a copy
         assert made_before[0] == 0
+
+
+# --- peers that hold what a receiver gives a message in flight --------------------------------
+
+
+ASYNC_RECEIVERS = ["asyncio", "uvloop", "trio"]
+
+
+@pytest.mark.parametrize("receiver", ASYNC_RECEIVERS)
+def test_a_progress_callback_reading_ahead_takes_the_next_messages_descriptors(receiver: str) -> None:
+    """A read ahead can bring the end of one message and the start of a shared one; the
+    progress meter feeds it in pieces that end at the boundary. The descriptors wait for
+    the piece they came with (once, they were refused there as claimed by no message)."""
+    arrays = [streampickle.shared_copy(np.arange(1000) + i) for i in range(3)]
+    x, y = socket.socketpair()
+    with x:
+        for array in arrays:  # all of it in the socket before the receiver reads
+            chunks = Encoder(shared_memory=True).encode(array)
+            x.sendall(streampickle.dumps(b"x" * 100))
+            x.sendmsg([wire(chunks)], _fdpass.ancillary(_shm.descriptors_of(chunks)))
+
+        async def receive() -> list[Any]:
+            events: list[Any] = []
+            async with ObjectStream.from_socket(y, shared_memory=True, progress=events.append) as stream:
+                got = [await stream.receive() for _ in range(6)]
+            assert len(events) >= 6
+            return got
+
+        got = run_on(receiver, receive)
+    for i, array in enumerate(arrays):
+        assert got[2 * i] == b"x" * 100 and np.array_equal(got[2 * i + 1], array)
+
+
+@pytest.mark.parametrize("receiver", ASYNC_RECEIVERS)
+def test_descriptors_sent_inside_a_message_are_refused_without_waiting_for_its_end(receiver: str) -> None:
+    """A read ahead inside a message takes descriptors that come with one of its later bytes;
+    they are refused as soon as that read is fed (a stalled peer once kept them until the
+    message's deadline, ten minutes by default), and closed."""
+    data = streampickle.dumps(list(range(2000)))
+    memfd = sealed_memfd(PAGE)
+    baseline = open_fds()
+    x, y = socket.socketpair()
+    try:
+        with x:
+            x.sendall(data[:100])
+
+            async def receive() -> None:
+                async with ObjectStream.from_socket(y, shared_memory=True) as stream, anyio.create_task_group() as tg:
+                    tg.start_soon(send_inside)
+                    # fail_after: a guard against a hang, never reached when the test passes
+                    with anyio.fail_after(60), pytest.raises(ProtocolError, match="inside a message"):
+                        await stream.receive()
+
+            async def send_inside() -> None:
+                await anyio.wait_all_tasks_blocked()  # the receiver holds the first 100 bytes
+                socket.send_fds(x, [data[100:101]], [memfd])  # and then nothing: no end to wait for
+
+            run_on(receiver, receive)
+    finally:
+        os.close(memfd)
+    assert open_fds() == baseline - 1  # the receiver's socket; no descriptor of the peer's left
+
+
+@pytest.mark.anyio
+async def test_peers_that_send_descriptors_and_stall_leave_a_server_serving(
+    anyio_backend: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each stalled connection of a shared-memory listener may hold up to max_descriptors
+    (253) of its peer's descriptors until its header deadline: fourteen such peers once
+    filled a server's file table (1,024), and no listener accepted anyone for as long as they
+    stalled. The process holds at most ``held_limit()`` (a quarter of its open-file limit;
+    eight here): the peers past it are refused and closed, while good clients are served."""
+    limit = _shm.HELD.count + 8
+    monkeypatch.setattr(_shm, "held_limit", lambda: limit)
+    path = str(tmp_path / "server")
+    array = streampickle.shared_copy(np.arange(1000))
+    head = wire(Encoder(shared_memory=True).encode(array))[:5]  # a shared message's first bytes
+    memfd = sealed_memfd(PAGE)
+
+    async def echo(stream: ObjectStream) -> None:
+        while True:
+            await stream.send(await stream.receive())
+
+    def stalled_peer() -> socket.socket:
+        peer = socket.socket(socket.AF_UNIX)
+        peer.connect(path)
+        socket.send_fds(peer, [head], [memfd] * 4)
+        peer.settimeout(60)  # a guard against a hang, never reached when the test passes
+        return peer
+
+    async def held_reaches(count: int) -> None:
+        for _ in range(2000):  # a generous bound for a busy machine
+            if _shm.HELD.count == count:
+                return
+            await anyio.sleep(0.01)
+        raise AssertionError(f"held {_shm.HELD.count} descriptors, expected {count}")
+
+    baseline = open_fds()
+    listener = await streampickle.create_unix_listener(path, shared_memory=True)
+    try:
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, echo)
+            held = [stalled_peer(), stalled_peer()]  # 8 descriptors: the limit
+            await held_reaches(limit)
+            refused = [stalled_peer() for _ in range(3)]
+            for peer in refused:  # closed by the server, which holds no more
+                assert await anyio.to_thread.run_sync(peer.recv, 1) == b""
+            assert _shm.HELD.count == limit
+            async with await streampickle.connect_unix(path, shared_memory=True) as client:
+                await client.send({"plain": 1})
+                assert await client.receive() == {"plain": 1}  # served while they stall
+                for peer in held + refused:
+                    peer.close()
+                await held_reaches(limit - 8)
+                await client.send(array)  # descriptors again: room for them now
+                assert np.array_equal(await client.receive(), array)
+            tg.cancel_scope.cancel()
+    finally:
+        os.close(memfd)
+    assert open_fds() == baseline - 1  # the memfd; every connection's descriptors are closed
+
+
+@pytest.mark.anyio
+async def test_a_read_that_gets_no_memory_from_the_system_raises_a_typed_error(
+    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory or of map entries (vm.max_map_count), the read-ahead memory can't be
+    mapped: a LimitExceededError, which a server handles as a failed connection, not an
+    OSError it would log as a bug in the handler."""
+    from streampickle import _socket_transport
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(12, "Cannot allocate memory")
+
+    a, b = shared_pair()
+    async with a, b:
+        await a.send(1)
+        monkeypatch.setattr(_socket_transport.mmap, "mmap", refuse)
+        with pytest.raises(streampickle.LimitExceededError, match="could not map"):
+            await b.receive()
