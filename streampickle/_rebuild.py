@@ -42,9 +42,10 @@ import pickle
 import re
 import sys
 import uuid as _uuid
+import weakref
 import zoneinfo as _zoneinfo
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -478,12 +479,51 @@ def _object_ndarray(shape: Any, fortran: Any, writeable: Any, items: Any) -> np.
         raise _bad(f"an object array of shape {shape} needs a list of {math.prod(shape)} items, not {_brief(items)}")
     if type(fortran) is not bool or type(writeable) is not bool:
         raise _bad("object array flags must be bools")
+    depth = _nesting(items)
     flat = np.empty(len(items), dtype=object)
     for i, item in enumerate(items):  # item by item: a slice assignment would broadcast lists
         flat[i] = item
     out = flat.reshape(shape, order="F" if fortran else "C")
     out.flags.writeable = writeable
-    return out
+    return _nested(out, depth)
+
+
+#: How deeply deques and object arrays may hold one another directly. Freeing them recurses in
+#: C, a frame or more per level, without the guard CPython gives lists, tuples, dicts and sets
+#: (its "trashcan", which frees a deep chain a piece at a time): a peer's chain of 150,000
+#: deques, 7 bytes each, crashed the process that freed it, and 20,000 object arrays did too.
+MAX_BARE_NESTING = 1000
+
+_T = TypeVar("_T")
+
+#: The depth of each deque and object array made here that holds another (id: depth); an
+#: entry goes when its object does. One that holds none is 1 deep and has no entry.
+_DEPTHS: dict[int, int] = {}
+
+
+def _nesting(items: Any) -> int:
+    """How deep a deque or object array of ``items`` is: 1, or one more than the deepest
+    deque or object array among them. Past ``MAX_BARE_NESTING``: refused."""
+    depth = 0
+    for item in items:
+        kind = type(item)
+        if kind is collections.deque or (kind is np.ndarray and item.dtype.hasobject):
+            depth = max(depth, _DEPTHS.get(id(item), 1))
+    if depth >= MAX_BARE_NESTING:
+        raise _bad(
+            f"deques and object arrays nested {depth + 1} deep, directly in one another: at most "
+            f"{MAX_BARE_NESTING} (freeing a deeper chain could overflow the C stack)"
+        )
+    return depth + 1
+
+
+def _nested(obj: _T, depth: int) -> _T:
+    """``obj``, with its ``depth`` remembered while it lives if it holds another."""
+    if depth > 1:
+        key = id(obj)
+        _DEPTHS[key] = depth
+        weakref.finalize(obj, _DEPTHS.pop, key, None)
+    return obj
 
 
 def _scalar(descr: Any, data: Any) -> Any:
@@ -602,7 +642,7 @@ def _deque(items: Any, maxlen: Any) -> collections.deque[Any]:
         raise _bad(f"a deque needs a list, not {_brief(items)}")
     if maxlen is not None:
         _int_in(maxlen, 0, min(INT64_MAX, sys.maxsize), "a deque's maxlen")
-    return collections.deque(items, maxlen)
+    return _nested(collections.deque(items, maxlen), _nesting(items))
 
 
 def _counter(items: Any) -> collections.Counter[Any]:
