@@ -352,11 +352,20 @@ def _ndarray(descr: Any, shape: Any, fortran: Any, buffer: Any) -> np.ndarray[An
     array = plain_ndarray(descr, shape, fortran, buffer)  # the common case in one call (trusted loads too)
     if array is not None:
         return array
+    dt, has_text = _dtype_of(descr)
+    return _array_of(dt, has_text, shape, fortran, buffer)
+
+
+def _dtype_of(descr: Any) -> tuple[np.dtype[Any], bool]:
+    """The dtype a wire descriptor describes, checked, and whether it holds text."""
     if type(descr) is str:  # the common case, which _build_dtype would take at one node's cost
         dt = _plain_dtype(descr)
-        has_text = dt.kind == "U"
-    else:
-        dt, has_text = _build_dtype(descr, 0, [MAX_DESCR_NODES])
+        return dt, dt.kind == "U"
+    return _build_dtype(descr, 0, [MAX_DESCR_NODES])
+
+
+def _array_of(dt: np.dtype[Any], has_text: bool, shape: Any, fortran: Any, buffer: Any) -> np.ndarray[Any, Any]:
+    """An array of a checked dtype viewing ``buffer``, whose size must match exactly."""
     shape = _shape(shape)
     if type(fortran) is not bool:
         raise _bad("the array order flag must be a bool")
@@ -967,12 +976,17 @@ _MAX_FIELDS = 4096
 class Pending:
     """What a ``build`` reconstructor returned: inert until the one ``BUILD`` that completes it."""
 
-    __slots__ = ("_make", "_args", "result")
+    __slots__ = ("_make", "_args", "_cost", "result")
 
-    def __init__(self, make: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(self, make: Callable[..., Any], args: tuple[Any, ...], cost: Callable[..., int] = _one) -> None:
         self._make = make
         self._args = args
+        self._cost = cost
         self.result: Any = None
+
+    def cost(self, state: Any) -> int:
+        """What the ``BUILD`` with ``state`` will cost, in work units (see ``Rebuilder.cost``)."""
+        return self._cost(state) if type(state) is tuple else 1
 
     def build(self, state: Any) -> Any:
         """Complete it with ``state`` (once); return the object made."""
@@ -992,7 +1006,26 @@ def _pending_dtype(descr: Any, align: Any, copy: Any) -> Pending:
         raise _bad(f"numpy.dtype: descriptor {_brief(descr)} is not a plain type code")
     if align not in (False, 0) or copy not in (True, 1) or type(align) not in (bool, int):
         raise _bad("numpy.dtype: align must be false and copy true, as numpy pickles them")
-    return Pending(_dtype_from_state, (descr,))
+    return Pending(_dtype_from_state, (descr,), _dtype_state_cost)
+
+
+def _dtype_state_cost(state: tuple[Any, ...]) -> int:
+    """A dtype's BUILD walks and rebuilds the field and subarray dtypes its state holds (the
+    pickle's own dtype objects, which the memo lets it share many times over)."""
+    nodes = 1
+    if len(state) >= 5:
+        subarray, fields = state[2], state[4]
+        if type(subarray) is tuple and subarray and isinstance(subarray[0], np.dtype):
+            nodes += _dtype_nodes(subarray[0])
+        if type(fields) is dict:
+            for field in fields.values():
+                if type(field) is tuple and field and isinstance(field[0], np.dtype):
+                    nodes += _dtype_nodes(field[0])
+                if nodes > MAX_DESCR_NODES:
+                    # The BUILD refuses a dtype this large (its walk stops here too): charge
+                    # it as little, so that the refusal the peer sees is that one.
+                    return 1
+    return _DTYPE_WALK_COST * nodes
 
 
 def _dtype_from_state(descr: str, state: tuple[Any, ...]) -> np.dtype[Any]:
@@ -1063,36 +1096,85 @@ def _check_dtype_graph(dt: np.dtype[Any]) -> None:
     which makes a tree exponential in the pickle's size: numpy (hashing it, copying an array
     of it) and ``descr_of`` walk it whole, and a deep one overflows numpy's C stack. The walk
     stops at the first node past the bound."""
+    if _dtype_nodes(dt) > MAX_DESCR_NODES:
+        raise _bad(f"a dtype nested more than {_MAX_DESCR_DEPTH} deep or of more than {MAX_DESCR_NODES} "
+                   f"nodes (counting every use of a shared one)")
+
+
+def _dtype_nodes(dt: np.dtype[Any]) -> int:
+    """The nodes of ``dt``'s graph, every use of a shared field dtype counted; the walk stops
+    at ``MAX_DESCR_NODES + 1``, which a graph deeper than ``_MAX_DESCR_DEPTH`` also counts as."""
     todo = [(dt, 0)]
     nodes = 0
     while todo:
         current, depth = todo.pop()
         nodes += 1
         if nodes > MAX_DESCR_NODES or depth > _MAX_DESCR_DEPTH:
-            raise _bad(f"a dtype nested more than {_MAX_DESCR_DEPTH} deep or of more than {MAX_DESCR_NODES} "
-                       f"nodes (counting every use of a shared one)")
+            return MAX_DESCR_NODES + 1
         if current.subdtype is not None:
             todo.append((current.subdtype[0], depth + 1))
         elif current.names and current.fields is not None:
             fields = current.fields
             todo.extend((fields[name][0], depth + 1) for name in current.names)
+    return nodes
+
+
+#: Standard pickles name an array's dtype as an object the pickle built (numpy's ``dtype``,
+#: completed by its BUILD), and share one through the memo: 400 arrays of one structured
+#: dtype name it 400 times. Its descriptor and checked rebuild take 5-6 µs a node (3,661
+#: nodes: 20 ms), so each dtype object's are remembered here, by identity (the object kept
+#: alive with them, at most ``_CHECKED_DTYPES_MAX``, then all forgotten at once): a dtype that
+#: many arrays share is walked once. A use that finds none is charged its nodes
+#: (``_dtype_use_cost``); once, 400 arrays rebuilding one dtype took 8 s for 15 KB.
+_CHECKED_DTYPES: dict[int, tuple[np.dtype[Any], np.dtype[Any], bool]] = {}
+_CHECKED_DTYPES_MAX = 16
+#: Work units (``WORK_UNIT_NS``) per node of a dtype that an array's checks describe and
+#: rebuild (measured: 5-6 µs a node), and per node of a dtype that a BUILD checks (its graph
+#: walked, and the state compared: 0.6 µs a node).
+_DTYPE_NODE_COST = 100
+_DTYPE_WALK_COST = 10
+
+
+def _checked_dtype(dt: Any) -> tuple[np.dtype[Any], bool]:
+    """The checked rebuild of a dtype object a standard pickle built, and whether it holds
+    text (see ``_CHECKED_DTYPES``)."""
+    if not isinstance(dt, np.dtype):
+        raise _bad(f"an array's dtype must be a dtype, not {_brief(dt)}")
+    entry = _CHECKED_DTYPES.get(id(dt))
+    if entry is None or entry[0] is not dt:
+        descr = descr_of(dt)
+        if descr is None:
+            raise _bad(f"an array of dtype {dt.str[:40]}: not one that loads safely")
+        if len(_CHECKED_DTYPES) >= _CHECKED_DTYPES_MAX:
+            _CHECKED_DTYPES.clear()
+        entry = _CHECKED_DTYPES[id(dt)] = (dt, *_dtype_of(descr))
+    return entry[1], entry[2]
+
+
+def _dtype_use_cost(dt: Any) -> int:
+    """What an array of dtype object ``dt`` costs beyond its data: 1 if its checks are
+    remembered, else a walk and a rebuild of every node."""
+    entry = _CHECKED_DTYPES.get(id(dt))
+    if (entry is not None and entry[0] is dt) or not isinstance(dt, np.dtype):
+        return 1  # remembered; or not a dtype, which the call refuses
+    return 1 + _DTYPE_NODE_COST * _dtype_nodes(dt)
 
 
 def _checked_array(dt: Any, shape: Any, fortran: bool, data: Any) -> np.ndarray[Any, Any]:
-    if not isinstance(dt, np.dtype):
-        raise _bad(f"an array's dtype must be a dtype, not {_brief(dt)}")
-    descr = descr_of(dt)
-    if descr is None:
-        raise _bad(f"an array of dtype {dt.str[:40]}: not one that loads safely")
+    checked, has_text = _checked_dtype(dt)
     if type(shape) is not tuple:
         raise _bad(f"an array's shape must be a tuple, not {_brief(shape)}")
-    return _ndarray(descr, shape, fortran, data)
+    return _array_of(checked, has_text, shape, fortran, data)
 
 
 def _pending_array(cls: Any, shape: Any, typecode: Any) -> Pending:
     if cls is not ndarray_class or shape != (0,) or typecode != b"b":
         raise _bad("numpy's _reconstruct takes (ndarray, (0,), b'b') from numpy's own pickles")
-    return Pending(_array_from_state, ())
+    return Pending(_array_from_state, (), _array_state_cost)
+
+
+def _array_state_cost(state: tuple[Any, ...]) -> int:
+    return _dtype_use_cost(state[2]) if len(state) == 5 else 1
 
 
 def _array_from_state(state: tuple[Any, ...]) -> np.ndarray[Any, Any]:
@@ -1206,8 +1288,10 @@ _ARRAY_ARGS = (_kinds.GLOBAL, _kinds.TUPLE, BYTES)
 pending_array = Rebuilder("pending_array", _pending_array, _ARRAY_ARGS, build=True)
 pending_dtype = Rebuilder("pending_dtype", _pending_dtype, (STR, BOOL | INT, BOOL | INT), cost=_pending_dtype_cost,
                           build=True)
-frombuffer = Rebuilder("frombuffer", _frombuffer, (BYTES | _kinds.BYTEARRAY | BUFFER, _kinds.VALUE, _kinds.TUPLE, STR))
-numpy_scalar = Rebuilder("numpy_scalar", _numpy_scalar, (_kinds.VALUE, BYTES))
+frombuffer = Rebuilder("frombuffer", _frombuffer, (BYTES | _kinds.BYTEARRAY | BUFFER, _kinds.VALUE, _kinds.TUPLE, STR),
+                       cost=lambda buffer, dt, shape, order: _dtype_use_cost(dt))
+numpy_scalar = Rebuilder("numpy_scalar", _numpy_scalar, (_kinds.VALUE, BYTES),
+                         cost=lambda dt, data: _dtype_use_cost(dt))
 codecs_encode = Rebuilder("codecs_encode", _codecs_encode, (STR, STR), result=BYTES)
 empty_bytes = Rebuilder("empty_bytes", _empty_bytes, (), result=BYTES)
 set_ = Rebuilder("set_", _set_of, (LIST,), cost=_set_cost)

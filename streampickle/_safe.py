@@ -538,6 +538,12 @@ class _StandardUnpickler(_PyUnpickler):  # type: ignore[misc]  # subclassing Any
         if type(inst) is _rebuild.Pending:
             if type(state) is tuple:
                 self.charge(state)
+            meter = self.meter  # the BUILD's own work: dtypes walked and rebuilt
+            meter.left -= inst.cost(state)
+            if meter.left < 0:
+                raise MalformedPickleError(
+                    "numpy values whose BUILDs would take work out of proportion to the pickle's size "
+                    "(dtypes shared through the memo and walked again and again?)")
             self.stack[-1] = inst.build(state)
             self.pending -= 1
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 import random
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from streampickle import (
     PickleDecoder,
     ProtocolError,
     StreamPickleError,
+    _rebuild,
 )
 
 PROTOCOLS = range(pickle.HIGHEST_PROTOCOL + 1)
@@ -839,3 +841,84 @@ def test_a_standard_pickle_never_hands_over_a_reconstructor_or_marker(data: byte
     array = np.arange(5.0)
     for protocol in range(0, 6):
         assert next(_fed(pickle.dumps([array, array], protocol=protocol)))[1].tolist() == array.tolist()
+
+
+# -- dtypes shared by many numpy values ---------------------------------------------------------
+
+_FIELDS_60 = np.dtype([(f"f{i}", "<f8") for i in range(60)])
+_FIELDS_60x60 = np.dtype([(f"g{i}", _FIELDS_60) for i in range(60)])  # 3,661 nodes
+
+
+def _get(slot: int) -> bytes:
+    return b"h" + bytes([slot]) if slot < 256 else b"j" + slot.to_bytes(4, "little")
+
+
+def _arrays_sharing_a_dtype(times: int, dt: np.dtype[Any] = _FIELDS_60x60) -> bytes:
+    """Hand-made: ``dt`` once, then ``times`` empty arrays whose state names it through the
+    memo (numpy's _reconstruct and a BUILD each, 29 bytes an array)."""
+    dumped = pickle.dumps(dt, protocol=4)
+    slot = sum(op.name == "MEMOIZE" for op, _, _ in pickletools.genops(dumped))
+    out = bytearray(b"\x80\x04" + dumped[11:-1] + b"\x94")  # after PROTO and FRAME; before STOP
+    dtype_slot, rc, nd, shape, code, state = range(slot, slot + 6)
+    out += b"cnumpy.core.multiarray\n_reconstruct\n\x94cnumpy\nndarray\n\x94K\x00\x85\x94C\x01b\x94"
+    out += b"(K\x01" + _get(shape) + _get(dtype_slot) + b"\x89C\x00t\x94" + b"0" * 6
+    out += (_get(rc) + _get(nd) + _get(shape) + _get(code) + b"\x87R" + _get(state) + b"b0") * times
+    return bytes(out + b"N.")
+
+
+def _dtypes_from_one_state(times: int, dt: np.dtype[Any] = _FIELDS_60x60) -> bytes:
+    """Hand-made: ``dt``'s state memoized, then ``times`` dtypes each completed by it."""
+    dumped = pickle.dumps(dt, protocol=4)
+    slot = sum(op.name == "MEMOIZE" for op, _, _ in pickletools.genops(dumped))
+    body = dumped[11:-1]
+    assert body.endswith(b"b")
+    out = bytearray(b"\x80\x04" + body[:-1] + b"\x94b0")  # the state -> slot; the first dtype built
+    state, dtype_global, args = range(slot, slot + 3)
+    descr = dt.__reduce__()[1][0].encode()
+    out += b"cnumpy\ndtype\n\x94\x8c" + bytes([len(descr)]) + descr + b"\x89\x88\x87\x9400"
+    out += (_get(dtype_global) + _get(args) + b"R" + _get(state) + b"b0") * times
+    return bytes(out + b"N.")
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    calls = [0]
+    real = getattr(_rebuild, name)
+
+    def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(_rebuild, name, counted)
+    return calls
+
+
+def test_arrays_sharing_one_dtype_object_walk_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 400 arrays of one 60-field dtype, as pickle writes them: the dtype once, then a memo
+    # reference from each array's state. Each array described and rebuilt it, 5-6 µs a node.
+    walks = _count_calls(monkeypatch, "descr_of")
+    _rebuild._CHECKED_DTYPES.clear()
+    value = [np.zeros(2, dtype=_FIELDS_60) for _ in range(400)]
+    got = _load_one(pickle.dumps(value, protocol=4))
+    assert len(got) == 400 and all(g.dtype == _FIELDS_60 and g.shape == (2,) for g in got)
+    assert walks[0] == 1 + len(_FIELDS_60.names or ())  # one walk: the dtype and each field's
+
+
+def test_a_large_dtype_named_by_many_arrays_is_charged_its_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 29 bytes an array, each once walking and rebuilding a 3,661-node dtype: 200 arrays in
+    # 7.8 KB took 1.8 s of CPU (over 200 µs a byte). Charged its nodes before the first walk,
+    # it is refused before any.
+    walks = _count_calls(monkeypatch, "descr_of")
+    _rebuild._CHECKED_DTYPES.clear()
+    with pytest.raises(MalformedPickleError, match="out of proportion"):
+        _load_one(_arrays_sharing_a_dtype(200))
+    assert walks[0] == 0
+    assert _load_one(_arrays_sharing_a_dtype(200, _FIELDS_60)) is None  # a 61-node dtype: loads
+
+
+def test_one_state_completing_many_dtypes_is_charged_each_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # numpy.dtype(...) and a BUILD with one memoized state, 18 bytes a dtype, each walking the
+    # 3,661 nodes its state's fields hold: 200 in 5.5 KB took 1.35 s of CPU.
+    builds = _count_calls(monkeypatch, "_dtype_from_state")
+    with pytest.raises(MalformedPickleError, match="out of proportion"):
+        _load_one(_dtypes_from_one_state(200))
+    assert builds[0] < 20
