@@ -63,6 +63,7 @@ ALIGNMENT = 64  # cache line, and enough for every SIMD load numpy does
 #: takes hundreds of small messages, and a larger read gains nothing (the kernel's socket
 #: buffer hands over at most what arrived).
 READ_AHEAD = 64 * 1024
+_TABLE_FLOOR = 4 * 1024  # a table part's first memory; it doubles as its bytes arrive
 _PICKLE_GROWTH_FLOOR = 4 * 1024  # the pickle part starts this big (or smaller, if it is): a
 # message that claims a large pickle part and sends a few bytes holds no more than this
 #: Pickle parts below this size are unpickled from a ``bytes`` copy, larger ones from a view of
@@ -416,6 +417,8 @@ class Decoder:
             self._grow_pickle(sizehint)
         elif self._part == _CHUNK and self._view is _UNALLOCATED:
             self._allocate_chunk()
+        elif self._pos == self._cap < self._end:  # a table, grown as it arrives
+            self._grow_table()
         return self._view[self._pos : self._cap]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -760,9 +763,23 @@ class Decoder:
     def _on_fields(self) -> None:
         table = self._header.chunk_count * _wire.LENGTH_SIZE
         if table:
-            self._enter(_TABLE, memoryview(bytearray(table)), table)
+            self._enter_table(_TABLE, table)
         else:
             self._on_table()
+
+    def _enter_table(self, part: int, size: int) -> None:
+        """Enter a table part of ``size`` bytes, whose memory grows as its bytes arrive: a
+        header claiming 65,536 side chunks arrives in 20 bytes (36, keyed, before its tag
+        can be checked), and 2,000 such connections once held a GiB of empty tables."""
+        self._enter(part, memoryview(bytearray(min(size, _TABLE_FLOOR))), size)
+        self._cap = min(size, _TABLE_FLOOR)
+
+    def _grow_table(self) -> None:
+        """Double the table part's memory (to at most its size), keeping what arrived."""
+        grown = bytearray(min(self._end, 2 * self._cap))
+        grown[: self._pos] = self._view[: self._pos]
+        self._view = memoryview(grown)
+        self._cap = len(grown)
 
     def _on_table(self) -> None:
         if self._header.chunk_count:
@@ -771,8 +788,7 @@ class Decoder:
         else:
             self._table = None
         if self._header.flags & _wire.FLAG_SHARED:
-            size = _wire.shared_table_size(self._header.chunk_count)
-            self._enter(_SHARED, memoryview(bytearray(size)), size)
+            self._enter_table(_SHARED, _wire.shared_table_size(self._header.chunk_count))
             return
         self._after_tables()
 

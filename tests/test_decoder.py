@@ -329,3 +329,24 @@ def test_the_c_paths_for_plain_messages_decode_as_the_python_ones(seed: int, mon
             assert_same(value_py, value_c)
         else:
             assert value_c == value_py
+
+
+@pytest.mark.parametrize("key", [None, b"table key"], ids=["plain", "keyed"])
+def test_a_length_table_takes_memory_as_it_arrives_not_as_claimed(key: bytes | None) -> None:
+    # A header claims its side chunks' count in 20 bytes (36 keyed, whose tag comes after
+    # the table): the table's memory came at once, 512 KiB for 65,536 chunks, and 2,000
+    # stalled connections held a GiB. It grows with what arrives, and the table still reads.
+    arrays = [np.full(1, i % 251, dtype=np.uint8) for i in range(20_000)]
+    message = b"".join(bytes(memoryview(c).cast("B")) for c in streampickle.Encoder(key=key).encode(arrays))
+    decoder = streampickle.Decoder(key=key)
+    tracemalloc.start()
+    try:
+        decoder.feed(message[:100])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024  # the table alone is 160,000 bytes
+    for i in range(100, len(message), 4093):
+        decoder.feed(message[i : i + 4093])
+    (got,) = list(decoder)
+    assert [int(a[0]) for a in got] == [i % 251 for i in range(20_000)]
