@@ -167,10 +167,10 @@ class Decoder:
     that is replayed, out of order, follows a dropped one, comes from another sender than the
     stream's first message, or was sent by this process (reflected back), and a stream that
     ends without the peer's authenticated end (:meth:`Encoder.encode_end`): a cut stream is
-    told from a clean end. Keyed messages of wire format version 1 (which carry no sequence
-    numbers) are read as before when the stream starts with one, and refused in a stream that
-    started with version 2. ``stream=False`` reads messages that stand alone (``loads``, and
-    ``dumps`` on the other end): each authentic message is accepted, in any order.
+    told from a clean end. ``stream=False`` reads messages that stand alone (``loads``, and
+    ``dumps`` on the other end): each authentic message is accepted, in any order. Either way,
+    a keyed message of wire format version 1 (tagged only at its end, with no sequence
+    numbers) is refused with :class:`AuthenticationError`.
 
     ``shared_memory``: accept side chunks handed over as shared memory (an
     ``Encoder(shared_memory=True)`` on the same host, over a Unix socket): the transport hands
@@ -204,7 +204,6 @@ class Decoder:
         # The stream, with a key: its wire format version (pinned by its first message), its
         # sender, the sequence number due next, and whether its authenticated end arrived.
         self._stream = stream and self._key is not None
-        self._stream_version: int | None = None
         self._peer: bytes | None = None
         self._next_sequence = 0
         self._ended = False
@@ -470,7 +469,7 @@ class Decoder:
         self._eof = True
         if self._fds or self._claimed:
             self.close_descriptors()
-        if self._stream and not self._ended and not self._received and self._stream_version != _wire.VERSION:
+        if self._stream and not self._ended and not self._received:
             raise self._fail(AuthenticationError(
                 "the stream ended without the peer's authenticated end: the connection was cut "
                 "(by an attacker, who may have dropped the last messages, or by a crash), or the "
@@ -675,15 +674,16 @@ class Decoder:
                 "the peer hands arrays over as shared memory, which this platform can't map "
                 "(no sealed memfd): have the peer send ordinary arrays"
             ))
-        if self._stream:
-            pinned = self._stream_version or version
-            if version != pinned:
-                raise self._fail(AuthenticationError(
-                    f"a keyed message of wire format version {version} in a stream of "
-                    f"version {pinned} messages: a recorded message from an older peer is being "
-                    f"replayed, or the peer is broken"
-                ))
-            self._stream_version = pinned
+        if self._key is not None and version != _wire.VERSION_KEYED:
+            # Version 1 tagged only the whole message, at its end: what its header claims
+            # took memory before anything was authenticated (a peer without the key streamed
+            # gigabytes into side chunks), and it has no sequence numbers.
+            raise self._fail(AuthenticationError(
+                f"a keyed message of wire format version {version}: keyed messages are version "
+                f"{_wire.VERSION_KEYED}, whose header is authenticated before any memory is "
+                f"committed to it. Version 1 is no longer read with a key: a peer running an old "
+                f"streampickle must upgrade, or this is a recorded message replayed"
+            ))
         if chunk_count > limits.max_side_chunks:
             raise self._over("side chunks", chunk_count, "max_side_chunks", limits.max_side_chunks)
         if pickle_length > limits.max_pickle_size:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 
 import numpy as np
+import pytest
 
 import streampickle
 
@@ -111,14 +112,17 @@ def test_keyed_golden_vector() -> None:
     assert streampickle.loads(signed + V2_TAG, key=b"k")["x"].tolist() == [0, 1, 2]
 
 
-def test_version_1_keyed_messages_are_still_read() -> None:
+def test_version_1_keyed_messages_are_refused() -> None:
+    # Version 1 tagged a keyed message only at its end: its header took memory before
+    # anything was authenticated (a peer without the key streamed gigabytes into the side
+    # chunks of a message it could never finish), and it had no sequence numbers.
     keyed = VECTOR[:5] + b"\x01" + VECTOR[6:]
-    assert _hmac(keyed) == TAG
-    assert streampickle.loads(keyed + TAG, key=b"k")["x"].tolist() == [0, 1, 2]
-    decoder = streampickle.Decoder(key=b"k")  # a stream that starts in version 1 stays in it
-    decoder.feed(keyed + TAG + keyed + TAG)
-    decoder.feed_eof()  # and has no authenticated end: its end is a plain one
-    assert [out["x"].tolist() for out in decoder] == [[0, 1, 2]] * 2
+    assert _hmac(keyed) == TAG  # authentic: refused for its version, not its tag
+    with pytest.raises(streampickle.AuthenticationError, match="version 1"):
+        streampickle.loads(keyed + TAG, key=b"k")
+    decoder = streampickle.Decoder(key=b"k")
+    with pytest.raises(streampickle.AuthenticationError, match="version 1"):
+        decoder.feed(keyed[:20])  # at its header: before any memory for its sizes
 
 
 def test_stream_golden_vectors() -> None:
