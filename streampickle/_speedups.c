@@ -933,7 +933,9 @@ static int typed(Walk *w, unsigned char op, const char *opname, Py_ssize_t n, Py
             w->budget -= 1;
             if (w->budget < 0)
                 return refuse(w, pos, "REDUCE: %S would walk containers out of proportion to the pickle's size", target.name);
-            *out = (Val){target.result, 0, 1, 0, -1, 0, H_WEAK, 1};
+            /* Its cost as a key is its arguments' as a tuple: hashing it can take as long (a
+             * Fraction's hash, not cached, visits both big ints' digits each time). */
+            *out = (Val){target.result, 0, arguments.cost, 0, -1, 0, H_WEAK, 1};
             if (target.result == KD_LIST || target.result == KD_DICT || target.result == KD_SET
                 || target.result == KD_INSTANCE)
                 return new_box(w, -1, &out->a);

@@ -721,7 +721,11 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
                 return _V(K.OPAQUE, (_PENDING, rebuilder), _WEAK), budget
             if rebuilder.result == K.INSTANCE:  # copyreg._reconstructor(cls, object, None)
                 return _reconstructed(items, pos), budget
-            result = _V(rebuilder.result, None, _WEAK)
+            # Hashing what a reconstructor made can take as long as its arguments' own hashing
+            # (a Fraction's hash, not cached, visits both big ints' digits each time): its cost
+            # as a key is theirs, as a tuple of them.
+            _settle(arguments)
+            result = _V(rebuilder.result, None, _WEAK, cost=arguments.cost)
             return result, budget
         if arguments.named:  # an allowed callable or class, or getattr
             raise Refused(pos, f"REDUCE {_NAMED}")
