@@ -219,6 +219,14 @@ class _SafeUnpickler(pickle.Unpickler):
         return (_MeteredArray if found is _rebuild.ndarray else _Metered)(found, self.meter)
 
 
+def _takes_state(cls: type) -> bool:
+    """Whether pickle gives ``cls``'s instances a state (a ``BUILD``): it keeps object's own
+    reduction (which sends ``__dict__`` and slots), or it has ``__setstate__``."""
+    if hasattr(cls, "__setstate__"):
+        return True
+    return not any("__reduce_ex__" in vars(k) or "__reduce__" in vars(k) for k in cls.__mro__ if k is not object)
+
+
 def call_budget(pickle_bytes: int, chunk_bytes: int) -> int:
     """Work units the reconstructor calls of one pickle may cost together: as many per pickle
     byte as the verifier's budget, plus what reading each side chunk once costs (an array's
@@ -277,6 +285,7 @@ class Loader:
                 module, qualname, is_class=is_class,
                 dict_like=is_class and issubclass(obj, dict),
                 list_like=is_class and issubclass(obj, list),
+                buildable=is_class and _takes_state(obj),
             )
         else:
             raise ForbiddenGlobalError(module, qualname, position=pos, opcode="STACK_GLOBAL")

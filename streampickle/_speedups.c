@@ -583,7 +583,7 @@ typedef struct { int64_t size; Py_ssize_t global; } Box; /* global: -1 for none 
 
 typedef struct {
     PyObject *obj, *module, *qualname, *name; /* owned by Walk.keep */
-    int has_rebuilder, is_class, dict_like, list_like, attribute_of;
+    int has_rebuilder, is_class, dict_like, list_like, attribute_of, buildable;
     int64_t result;
     Py_ssize_t args, nargs; /* the declared argument kinds, in Walk.declared */
 } GlobalInfo;
@@ -811,12 +811,13 @@ static Py_ssize_t add_global(Walk *w, PyObject *found) {
     size_t h = ((size_t)found >> 4) & (size_t)(w->seen_cap - 1);
     for (; w->seen[h]; h = (h + 1) & (size_t)(w->seen_cap - 1))
         if (AT(w->globals, GlobalInfo)[w->seen[h] - 1].obj == found) return w->seen[h] - 1;
-    GlobalInfo g = {found, NULL, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0};
+    GlobalInfo g = {found, NULL, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     PyObject *rebuilder;
     if ((g.module = kept_attr(w, found, "module")) == NULL || (g.qualname = kept_attr(w, found, "qualname")) == NULL
         || (g.name = kept_attr(w, found, "name")) == NULL || (rebuilder = kept_attr(w, found, "rebuilder")) == NULL
         || truth(found, "is_class", &g.is_class) < 0 || truth(found, "dict_like", &g.dict_like) < 0
-        || truth(found, "list_like", &g.list_like) < 0 || truth(found, "attribute_of", &g.attribute_of) < 0)
+        || truth(found, "list_like", &g.list_like) < 0 || truth(found, "attribute_of", &g.attribute_of) < 0
+        || truth(found, "buildable", &g.buildable) < 0)
         return -1;
     g.has_rebuilder = rebuilder != Py_None;
     if (g.has_rebuilder) {
@@ -989,6 +990,13 @@ static int typed(Walk *w, unsigned char op, const char *opname, Py_ssize_t n, Py
     if (args[1].named) return refuse(w, pos, "BUILD " NAMED);
     if (args[0].kind != KD_INSTANCE)
         return refuse(w, pos, "BUILD on a %s: only on an instance of a class the user allowed", name_of(args[0].kind, &ka));
+    /* _verify._instance's shut: made by calling or NEWOBJ of a class that takes no state (the
+     * box remembers the class; copyreg._reconstructor's fresh instances have none). */
+    const Py_ssize_t cls = AT(w->boxes, Box)[args[0].a].global;
+    if (cls >= 0 && !AT(w->globals, GlobalInfo)[cls].buildable)
+        return refuse(w, pos, "BUILD on an instance of %S, which pickles itself without a state (its own __reduce__, "
+                      "no __setstate__): a BUILD could rewrite a shared instance, such as an enum's member, or "
+                      "fields its own code keeps consistent", AT(w->globals, GlobalInfo)[cls].name);
     *out = args[0];
     return 0;
 }

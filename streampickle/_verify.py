@@ -148,10 +148,12 @@ class Refused(Exception):
 class Global:
     """A name the pickle may resolve: what calling it makes, and how it is called."""
 
-    __slots__ = ("module", "qualname", "name", "rebuilder", "is_class", "dict_like", "list_like", "attribute_of")
+    __slots__ = ("module", "qualname", "name", "rebuilder", "is_class", "dict_like", "list_like", "attribute_of",
+                 "buildable")
 
     def __init__(self, module: str, qualname: str, *, rebuilder: Rebuilder | None = None, is_class: bool = False,
-                 dict_like: bool = False, list_like: bool = False, attribute_of: bool = False) -> None:
+                 dict_like: bool = False, list_like: bool = False, attribute_of: bool = False,
+                 buildable: bool = True) -> None:
         self.module = module
         self.qualname = qualname
         self.name = f"{module}.{qualname}"
@@ -160,6 +162,11 @@ class Global:
         self.dict_like = dict_like  # an allowed dict subclass: SETITEMS may fill its instances
         self.list_like = list_like
         self.attribute_of = attribute_of  # builtins.getattr, only as getattr(allowed, "name")
+        # An allowed class whose instances may take a BUILD when made by calling it or NEWOBJ:
+        # one that keeps object's own pickling or has __setstate__. One that pickles itself by
+        # its own __reduce__ never sets state, and a BUILD could rewrite a shared instance (an
+        # enum's member, which calling the class returns) or fields its own code keeps consistent.
+        self.buildable = buildable
 
 
 #: A resolver: (module, qualname) -> Global; raises ForbiddenGlobalError for a name it refuses.
@@ -175,7 +182,7 @@ _UNHASHABLE = None
 class _V:
     """One abstract value: its kind and what the rules need to know about it."""
 
-    __slots__ = ("kind", "info", "hkind", "hval", "cost", "depth", "size", "named")
+    __slots__ = ("kind", "info", "hkind", "hval", "cost", "depth", "size", "named", "shut")
 
     def __init__(self, kind: int, info: Any = None, hkind: str | None = _UNHASHABLE, hval: int = 0,
                  cost: int = 1, depth: int = 0) -> None:
@@ -187,6 +194,7 @@ class _V:
         self.depth = depth  # tuple nesting
         self.size = 0  # containers: work units of what was put in (walked by a reconstructor)
         self.named = False  # a reconstructor named and not called, or a tuple holding one
+        self.shut = False  # an instance that takes no BUILD (see Global.buildable)
 
 
 def _global_value(found: Global) -> _V:
@@ -738,7 +746,7 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
             except UnicodeDecodeError:
                 raise Refused(pos, "REDUCE: getattr with a name that is not valid UTF-8") from None
             return _global_value(resolver(owner.module, f"{owner.qualname}.{attr}", pos)), budget
-        return _V(K.INSTANCE if target.is_class else K.OPAQUE, target, _WEAK), budget
+        return _instance(target) if target.is_class else _V(K.OPAQUE, target, _WEAK), budget
     if op == _NEWOBJ or op == _NEWOBJ_EX:
         cls, arguments = args[0], args[1]
         op_name = _NAMES[op]
@@ -750,7 +758,7 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
             raise Refused(pos, f"NEWOBJ_EX with a {K.name_of(args[2].kind)} as keyword arguments, not a dict")
         if arguments.named:
             raise Refused(pos, f"{op_name} {_NAMED}")
-        return _V(K.INSTANCE, cls.info, _WEAK), budget
+        return _instance(cls.info), budget
     # BUILD
     instance = args[0]
     if args[1].named:
@@ -768,7 +776,18 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
         return instance, budget
     if instance.kind != K.INSTANCE:
         raise Refused(pos, f"BUILD on a {K.name_of(instance.kind)}: only on an instance of a class the user allowed")
+    if instance.shut:
+        raise Refused(pos, f"BUILD on an instance of {instance.info.name}, which pickles itself without a state "
+                           "(its own __reduce__, no __setstate__): a BUILD could rewrite a shared instance, such as "
+                           "an enum's member, or fields its own code keeps consistent")
     return instance, budget
+
+
+def _instance(cls: Global) -> _V:
+    """An instance made by calling or NEWOBJ of the allowed class ``cls``."""
+    value = _V(K.INSTANCE, cls, _WEAK)
+    value.shut = not cls.buildable
+    return value
 
 
 def _reconstructed(items: list[_V], pos: int) -> _V:

@@ -1098,3 +1098,51 @@ def test_a_key_made_of_a_shared_fraction_is_charged_each_hash_it_takes() -> None
     error = refuse(_fraction_key_tree(380))
     assert "hashing the keys" in str(error)
     assert len(load(_fraction_key_tree(2))) == 1  # four hashes: within the budget
+
+
+# -- BUILD on instances of classes that never take a state --------------------------------------
+
+
+def _build(instance: bytes, state: bytes) -> bytes:
+    return b"\x80\x05" + instance + state + b"b."
+
+
+def test_build_cannot_rewrite_an_allowed_enums_shared_member() -> None:
+    # Calling an enum class (or NEWOBJ of it) returns its process-wide member; a BUILD then
+    # set HTTPStatus.OK.phrase to "PWNED" for the whole process, or renamed SIGTERM.
+    import http
+    import signal
+
+    phrase = b"}(" + s("phrase") + s("PWNED") + s("_value_") + binint(1) + b"u"
+    status = glob("http", "HTTPStatus") + binint(200) + b"\x85R"
+    assert load(b"\x80\x05" + status + b".", allow=[http.HTTPStatus]) is http.HTTPStatus.OK  # allowed: still loads
+    error = refuse(_build(status, phrase), allow=[http.HTTPStatus])
+    assert "BUILD on an instance of http.HTTPStatus" in str(error)
+    decoder = streampickle.PickleDecoder(allow=[http.HTTPStatus])
+    decoder.feed(b"\x80\x02chttp\nHTTPStatus\nK\xc8\x85R}(X\x06\x00\x00\x00phraseX\x05\x00\x00\x00PWNEDub.")
+    with pytest.raises(MalformedPickleError, match="BUILD on an instance"):
+        next(decoder)
+    renamed = glob("signal", "Signals") + binint(15) + b"\x85\x81"  # NEWOBJ
+    refuse(_build(renamed, b"}(" + s("_name_") + s("SIGFOO") + b"u"), allow=[signal.Signals])
+    assert http.HTTPStatus.OK.phrase == "OK" and http.HTTPStatus.OK.value == 200
+    assert signal.Signals.SIGTERM.name == "SIGTERM"
+
+
+def test_build_cannot_set_private_fields_of_a_self_reducing_class() -> None:
+    # PurePosixPath pickles itself as PurePosixPath(*parts); a BUILD with (None, {"_str": ...})
+    # made a path whose str() was /etc/shadow while its parts said uploads/avatar.png.
+    import pathlib
+
+    path = glob("pathlib", "PurePosixPath") + s("uploads") + s("avatar.png") + b"\x86R"
+    assert load(b"\x80\x05" + path + b".", allow=[pathlib.PurePosixPath]) == pathlib.PurePosixPath("uploads/avatar.png")
+    slots = b"N}(" + s("_str") + s("/etc/shadow") + b"u\x86"
+    refuse(_build(path, slots), allow=[pathlib.PurePosixPath])
+
+
+@dataclasses.dataclass
+class _Plain:
+    x: int = 0
+
+
+def test_build_still_gives_a_plain_class_its_state() -> None:
+    assert streampickle.loads(streampickle.dumps(_Plain(7)), allow=[_Plain]) == _Plain(7)
