@@ -233,7 +233,10 @@ class ObjectStreamListener(Listener[ObjectStream]):
         the default, sets no limit, as anyio's and trio's ``serve`` do: what a connection may
         cost (a descriptor, and up to ``Limits.max_message_size`` of memory while a message
         arrives) is the application's to weigh. Set it on servers open to peers you don't
-        control, below the process's open-file limit.
+        control, below the process's open-file limit. On a ``shared_memory=True`` listener a
+        connection also holds the descriptors its peer sent with a message in flight (up to
+        ``Limits.max_descriptors``); the whole process holds at most a quarter of its open-file
+        limit of those, and refuses a peer past it, so three quarters stay for connections.
         """
         await _serve(self, handler, task_group, max_connections)
 
