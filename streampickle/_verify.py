@@ -863,11 +863,16 @@ def _line(data: bytes, pos: int, end: int, start: int, op: int) -> tuple[bytes, 
 
 
 def _decimal(line: bytes, start: int, op: int) -> int:
+    """The int of an ``INT`` or ``LONG`` line, written as pickle writes one (``%d``). A leading
+    zero is refused: the C unpickler reads ``I010`` as octal 8 (``strtol`` base 0), and the
+    Python one as decimal 10, so the value checked here would not be the value loaded."""
     text = line[:-1] if op == _LONG and line.endswith(b"L") else line
     digits = text[1:] if text[:1] == b"-" else text
-    if len(digits) <= MAX_DECIMAL_DIGITS and digits.isdigit():  # bytes.isdigit: ASCII digits only
+    # bytes.isdigit: ASCII digits only
+    if len(digits) <= MAX_DECIMAL_DIGITS and digits.isdigit() and (digits[:1] != b"0" or text == b"0"):
         return int(text)
-    raise Refused(start, f"{_NAMES[op]}: not a decimal integer of at most {MAX_DECIMAL_DIGITS} digits")
+    raise Refused(start, f"{_NAMES[op]}: not a decimal integer as pickle writes one (at most "
+                         f"{MAX_DECIMAL_DIGITS} digits, no leading zero)")
 
 
 def _standard_op(op: int, start: int, pos: int, data: bytes | bytearray | memoryview, end: int, stack: list[_V],

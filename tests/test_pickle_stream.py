@@ -922,3 +922,18 @@ def test_one_state_completing_many_dtypes_is_charged_each_time(monkeypatch: pyte
     with pytest.raises(MalformedPickleError, match="out of proportion"):
         _load_one(_dtypes_from_one_state(200))
     assert builds[0] < 20
+
+
+@pytest.mark.parametrize("data", [
+    b"I0123\n.", b"(I0123\nc__builtin__\nbytes\n)Rt.", b"I-0\n.", b"(dI010\nI1\nsI8\nI2\ns.",
+])
+def test_an_int_line_with_a_leading_zero_is_refused(data: bytes) -> None:
+    # pickle writes INT lines with %d. The C unpickler reads "I010" as octal 8 (strtol base
+    # 0), pickle's Python unpickler refuses it, and the verifier read decimal 10: a dict it
+    # proved to have two keys loaded with one. "I-0" loaded as False.
+    with pytest.raises(MalformedPickleError, match="leading zero"):
+        _load_one(data)
+
+
+def test_int_lines_as_pickle_writes_them_load() -> None:
+    assert _load_one(b"(I0\nI-5\nI00\nI01\nL7L\nt.") == (0, -5, False, True, 7)
