@@ -201,8 +201,8 @@ class Decoder:
         self._limits = options.limits
         self._key = options.key
         self._want_flags = self._key.flags if self._key is not None else 0
-        # The stream, with a key: its wire format version (pinned by its first message), its
-        # sender, the sequence number due next, and whether its authenticated end arrived.
+        # The stream, with a key: its sender, the sequence number due next, and whether its
+        # authenticated end arrived.
         self._stream = stream and self._key is not None
         self._peer: bytes | None = None
         self._next_sequence = 0
