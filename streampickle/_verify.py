@@ -864,8 +864,8 @@ def _line(data: bytes, pos: int, end: int, start: int, op: int) -> tuple[bytes, 
 
 def _decimal(line: bytes, start: int, op: int) -> int:
     """The int of an ``INT`` or ``LONG`` line, written as pickle writes one (``%d``). A leading
-    zero is refused: the C unpickler reads ``I010`` as octal 8 (``strtol`` base 0), and the
-    Python one as decimal 10, so the value checked here would not be the value loaded."""
+    zero is refused: the C unpickler reads ``I010`` as octal 8 (``strtol`` base 0), pickle's
+    Python one refuses it, and read here as decimal 10 it would not be the value loaded."""
     text = line[:-1] if op == _LONG and line.endswith(b"L") else line
     digits = text[1:] if text[:1] == b"-" else text
     # bytes.isdigit: ASCII digits only
