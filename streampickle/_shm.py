@@ -13,8 +13,8 @@ still in flight holds descriptors (counted process-wide, ``HELD``), never mappin
 Mappings are made with the C library's ``mmap`` through ctypes, not Python's ``mmap`` module,
 which keeps a duplicate of the descriptor open for as long as the mapping lives: a peer that
 sends thousands of arrays would then hold thousands of our descriptors. Here a received
-descriptor is closed as soon as its message's ranges are mapped, and a mapping is unmapped when the last
-array or view over it is freed. Only the files this process made keep a descriptor open (one
+descriptor is closed as soon as its message's ranges are mapped, and a mapping is unmapped
+when the last array or view over it is freed. Only the files this process made keep a descriptor open (one
 per :func:`shared_empty` call, for as long as its memory lives), so that they can be sent.
 
 Nothing has a name: there is nothing to clean up after a crash, unlike POSIX named shared
@@ -388,11 +388,11 @@ def is_mapped(view: memoryview) -> bool:
     return isinstance(view.obj, _libc()[3].Array)
 
 
-def _check_received(fd: int, furthest: tuple[int, int]) -> None:
-    """Check a descriptor a peer sent before anything of it is mapped: a shared-memory file
-    sealed against shrinking and growing (so a mapping can't fault later), not sealed against
-    writing (arrays received are writable), and holding ``furthest``, the announced range
-    (offset, length) that ends last."""
+def check_received(fd: int, ranges: Sequence[tuple[int, int]]) -> None:
+    """Check a descriptor a peer sent, for the ``(offset, length)`` ranges announced in it,
+    before anything of it is mapped: a shared-memory file sealed against shrinking and
+    growing (so a mapping can't fault later), not sealed against writing (arrays received are
+    writable), and holding the range that ends last. :class:`ProtocolError` if it fails."""
     try:
         info = os.fstat(fd)
     except OSError as exc:
@@ -420,7 +420,7 @@ def _check_received(fd: int, furthest: tuple[int, int]) -> None:
             f"a shared-memory file the peer sent is sealed against writing (seals {seals:#x}); "
             f"arrays received are writable, so it is refused"
         )
-    offset, length = furthest
+    offset, length = max(ranges, key=sum, default=(0, 0))
     if offset + length > info.st_size:
         raise ProtocolError(
             f"the peer announced {length} bytes at offset {offset} of a shared-memory file of "
@@ -473,13 +473,6 @@ def by_file(
 def mappings_needed(ranges: Sequence[tuple[int, int]]) -> int:
     """How many mappings ``map_received`` makes for ``ranges`` of one file."""
     return sum(1 for _ in _runs(_spans(ranges)))
-
-
-def check_received(fd: int, ranges: Sequence[tuple[int, int]]) -> None:
-    """Check a descriptor a peer sent for the ``(offset, length)`` ranges announced in it,
-    before anything of it is mapped (see ``_check_received``): :class:`ProtocolError` if it
-    fails."""
-    _check_received(fd, max(ranges, key=sum, default=(0, 0)))
 
 
 def map_received(fd: int, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
