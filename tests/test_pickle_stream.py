@@ -853,12 +853,18 @@ def _get(slot: int) -> bytes:
     return b"h" + bytes([slot]) if slot < 256 else b"j" + slot.to_bytes(4, "little")
 
 
+def _dtype_opcodes(dt: np.dtype[Any]) -> tuple[bytes, int]:
+    """``dt`` pickled (protocol 4) without its PROTO, FRAME and STOP, and the memo slots it
+    takes (the next one is free)."""
+    dumped = pickle.dumps(dt, protocol=4)
+    return dumped[11:-1], sum(op.name == "MEMOIZE" for op, _, _ in pickletools.genops(dumped))
+
+
 def _arrays_sharing_a_dtype(times: int, dt: np.dtype[Any] = _FIELDS_60x60) -> bytes:
     """Hand-made: ``dt`` once, then ``times`` empty arrays whose state names it through the
     memo (numpy's _reconstruct and a BUILD each, 29 bytes an array)."""
-    dumped = pickle.dumps(dt, protocol=4)
-    slot = sum(op.name == "MEMOIZE" for op, _, _ in pickletools.genops(dumped))
-    out = bytearray(b"\x80\x04" + dumped[11:-1] + b"\x94")  # after PROTO and FRAME; before STOP
+    body, slot = _dtype_opcodes(dt)
+    out = bytearray(b"\x80\x04" + body + b"\x94")
     dtype_slot, rc, nd, shape, code, state = range(slot, slot + 6)
     out += b"cnumpy.core.multiarray\n_reconstruct\n\x94cnumpy\nndarray\n\x94K\x00\x85\x94C\x01b\x94"
     out += b"(K\x01" + _get(shape) + _get(dtype_slot) + b"\x89C\x00t\x94" + b"0" * 6
@@ -868,9 +874,7 @@ def _arrays_sharing_a_dtype(times: int, dt: np.dtype[Any] = _FIELDS_60x60) -> by
 
 def _dtypes_from_one_state(times: int, dt: np.dtype[Any] = _FIELDS_60x60) -> bytes:
     """Hand-made: ``dt``'s state memoized, then ``times`` dtypes each completed by it."""
-    dumped = pickle.dumps(dt, protocol=4)
-    slot = sum(op.name == "MEMOIZE" for op, _, _ in pickletools.genops(dumped))
-    body = dumped[11:-1]
+    body, slot = _dtype_opcodes(dt)
     assert body.endswith(b"b")
     out = bytearray(b"\x80\x04" + body[:-1] + b"\x94b0")  # the state -> slot; the first dtype built
     state, dtype_global, args = range(slot, slot + 3)
