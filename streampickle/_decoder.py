@@ -1065,19 +1065,29 @@ class Decoder:
         except ProtocolError as exc:
             raise self._fail(exc) from None
 
+    @property
+    def peer(self) -> bytes | None:
+        """The sender id a keyed stream decoder took from the stream's first message, and
+        holds every later one to; None before that message (and for other decoders)."""
+        return self._peer
+
     def pair_with(self, encoder: Encoder) -> None:
         """This decoder reads the direction opposite to ``encoder``'s on one keyed stream:
         a message with the encoder's sender id is ours reflected back by an attacker, and is
         refused with :class:`AuthenticationError`."""
         self._own_sender = encoder.sender
 
-    def fail(self, exc: StreamPickleError) -> None:
-        """End the stream with ``exc``, found outside the bytes (a deadline a transport keeps):
-        what arrived of the current message is freed and every later call raises ``exc``
-        again, as for a framing error the decoder found itself. A decoder that failed before
-        keeps its first error."""
+    def fail(self, exc: StreamPickleError, *, discard: bool = False) -> None:
+        """End the stream with ``exc``, found outside the bytes (a deadline a transport keeps,
+        a peer's answer refused): what arrived of the current message is freed and every
+        later call raises ``exc`` again, as for a framing error the decoder found itself.
+        Complete messages not yet taken still come first, unless ``discard``: then they are
+        dropped too (they came from a peer found out). A decoder that failed before keeps its
+        first error."""
         if self._failure is None:
             self._fail(exc)
+        if discard:
+            self._ready.clear()
 
     def _fail(self, exc: StreamPickleError) -> StreamPickleError:
         self._failure = exc

@@ -847,6 +847,12 @@ class Encoder:
         encoder's messages reflected back."""
         return self._sender
 
+    @property
+    def sequence(self) -> int:
+        """The sequence number this keyed stream encoder's next message takes (0 before the
+        first); always 0 for messages that stand alone."""
+        return self._sequence
+
     def unsend(self) -> None:
         """Take back the sequence number of the last message encoded, which was never sent
         (its send was cancelled before its first byte), so the next message takes its place.

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import pickle
 import socket
 import weakref
@@ -58,7 +59,13 @@ from ._anyio_compat import checkpoint_if_cancelled
 from ._budget import ALLOWANCE, Charge, MemoryBudget
 from ._decoder import Decoder
 from ._encoder import Encoder
-from ._errors import DeadlineExceededError, StreamPickleError, UsageError
+from ._errors import (
+    AuthenticationError,
+    DeadlineExceededError,
+    ProtocolError,
+    StreamPickleError,
+    UsageError,
+)
 from ._limits import Limits
 from ._mac import Key
 from ._options import Options, options_for
@@ -85,6 +92,12 @@ _YIELD_EVERY = 64
 # How long closing a keyed stream waits for its end-of-stream message to go out: it is 68
 # bytes, so only a peer that stopped reading makes it wait.
 _END_SECONDS = 5.0
+# ObjectStream.handshake: each end's first message is (_HELLO, its role, a random challenge of
+# _CHALLENGE bytes), its second (_ANSWER, its role, the peer's challenge) (docs/wire-format.md).
+_HELLO = "streampickle-handshake-1"
+_ANSWER = "streampickle-handshake-1-answer"
+_CHALLENGE = 16
+_ROLES = ("initiator", "responder")
 
 
 class _FifoLock:
@@ -205,6 +218,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._receiving = False
         self._started: float | None = None  # anyio.current_time() of the message in progress
         self._eof = False
+        self._refused = False  # a handshake refused the peer
         self._closed = False
         self._quick_receives = 0
         self._quick_sends = 0
@@ -393,6 +407,8 @@ class ObjectStream(_AnyioObjectStream[Any]):
                     await anyio.lowlevel.checkpoint()  # a real yield now and then
                     return next(decoder)
                 if self._eof:
+                    if self._refused:
+                        next(decoder)  # raises the refusal again
                     raise anyio.EndOfStream
                 self._quick_receives = 0
                 self._quick_sends = 0  # the next send, likely a reply, goes out at once
@@ -424,6 +440,64 @@ class ObjectStream(_AnyioObjectStream[Any]):
                         meter.after(decoder, expected, decoder.pending > 0)
         finally:
             self._receiving = False
+
+    async def handshake(self, *, initiator: bool) -> None:
+        """On a keyed stream, prove that the peer holds the key now, on this connection.
+
+        Each end sends a random challenge and answers the peer's, inside the stream's
+        authenticated order. A keyed stream already refuses a message replayed, reordered or
+        spliced in from another stream, but not a whole session recorded from its first
+        message and replayed on a new connection: after a handshake that session's answer is
+        to an old challenge, and it is refused with :class:`AuthenticationError`. So are this
+        process's own messages relayed from another of its connections (the roles differ)
+        and a peer that answers with anything else.
+
+        Both ends call it before anything else on the stream, one with ``initiator=True``
+        (by convention the end that connected) and the other with ``initiator=False``. It
+        costs two small messages each way, one round trip. It waits for the peer as
+        ``receive`` does, so give it a deadline (``anyio.fail_after``). A failed handshake
+        leaves the stream failed: close it. Without a key, or after a message was sent or
+        received on the stream, it raises :class:`UsageError`."""
+        if not self._keyed:
+            raise UsageError("handshake() proves that the peer holds the stream's key: it needs ObjectStream(key=...)")
+        if self._encoder.sequence or self._decoder.peer is not None or self._decoder.pending:
+            raise UsageError(
+                "handshake() must be the first thing on a stream: this one already sent or received a "
+                "message, which a replayed session could have supplied"
+            )
+        role, other = _ROLES if initiator else _ROLES[::-1]
+        mine = os.urandom(_CHALLENGE)
+        await self.send((_HELLO, role, mine))
+        hello = await self.receive()
+        if (
+            type(hello) is not tuple or tuple(map(type, hello)) != (str, str, bytes)
+            or hello[0] != _HELLO or hello[1] not in _ROLES or len(hello[2]) != _CHALLENGE
+        ):
+            raise self._refuse(ProtocolError(
+                f"the peer's first message is not a handshake ({_HELLO!r}) but a {type(hello).__name__}: "
+                f"both ends must call handshake() first"
+            ))
+        if hello[1] != other:
+            raise self._refuse(AuthenticationError(
+                f"the peer's handshake claims the role {hello[1]!r}, as this end does: either both ends "
+                f"passed the same initiator=, or this end's own handshake from another connection was "
+                f"relayed back to it"
+            ))
+        await self.send((_ANSWER, role, hello[2]))
+        answer = await self.receive()
+        expected = (_ANSWER, other, mine)
+        if type(answer) is not tuple or tuple(map(type, answer)) != (str, str, bytes) or answer != expected:
+            raise self._refuse(AuthenticationError(
+                "the peer did not answer this connection's challenge: the session was recorded "
+                "earlier and is being replayed, or relayed from another connection. Close the stream."
+            ))
+
+    def _refuse(self, exc: StreamPickleError) -> StreamPickleError:
+        """Fail the stream's receiving side with ``exc``: what the peer sent after is dropped,
+        and every later ``receive`` raises it again, even once the peer has closed."""
+        self._decoder.fail(exc, discard=True)
+        self._refused = True
+        return exc
 
     async def send_eof(self) -> None:
         """Close the sending direction (after queued sends); the peer's ``receive`` ends.
