@@ -22,8 +22,9 @@ Theory of operation:
   strangers out.
 * *A key for the cluster.* ``distributed.comm.sp.key`` in dask's config (or the
   ``STREAMPICKLE_DASK_KEY`` environment variable) makes every connection carry an HMAC over
-  every byte, with replay and reordering refused; a peer without the key is refused at its
-  first message, the handshake. It authenticates, it does not encrypt, so
+  every byte, with replay and reordering refused; each connection starts with
+  :meth:`ObjectStream.handshake`, so a recorded session replayed runs nothing, and a peer
+  without the key is refused at its first message. It authenticates, it does not encrypt, so
   ``distributed.comm.require-encryption`` refuses ``sp://`` (use ``tls://`` there).
 * *Errors become dask's.* A closed or broken stream, a peer's bad bytes, a refused key: the
   comm is aborted and ``CommClosedError`` is raised, naming the peer and the cause. A read
@@ -306,6 +307,30 @@ class _NotFrames(Exception):
     pass
 
 
+async def _hand_shake(stream: ObjectStream, *, initiator: bool, peer: str) -> None:
+    """On a keyed connection, :meth:`ObjectStream.handshake` before dask's first message, so
+    that a session recorded earlier and replayed, or a process's own handshake relayed
+    between two of its connections, is refused. Bounded by ``distributed.comm.timeouts.connect``.
+    On failure the stream is aborted and ``CommClosedError`` raised: ``FatalCommClosedError``
+    (no retry) when the peer failed to prove the key."""
+    timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
+    try:
+        with anyio.fail_after(timeout):
+            await stream.handshake(initiator=initiator)
+    except AuthenticationError as exc:
+        stream.abort()
+        logger.warning("refused %s: %s (every process of the cluster needs the same "
+                       "distributed.comm.sp.key or %s)", peer, exc, KEY_ENV)
+        raise FatalCommClosedError(f"{peer} did not prove this cluster's key: {exc}") from exc
+    except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
+            StreamPickleError) as exc:
+        stream.abort()
+        raise CommClosedError(f"the handshake with {peer} failed: {type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        stream.abort()  # cancelled (a connect timeout): the stream is mid-handshake
+        raise
+
+
 def _address(prefix: str, sockaddr: Any) -> str:
     return prefix + unparse_host_port(*sockaddr[:2])
 
@@ -434,11 +459,14 @@ class SPConnector(Connector):
     async def connect(self, address: str, deserialize: bool = True, **connection_args: Any) -> SPComm:
         _check_encryption(self.prefix + address, connection_args)
         host, port = parse_host_port(address)
+        key = cluster_key()
         try:
-            stream = await connect_tcp(host, port, key=cluster_key())
+            stream = await connect_tcp(host, port, key=key)
         except OSError as exc:
             raise CommClosedError(f"could not connect to {self.prefix}{address}: {exc}") from exc
         _keepalive(stream)
+        if key is not None:
+            await _hand_shake(stream, initiator=True, peer=self.prefix + address)
         local = _address(self.prefix, stream.extra(SocketAttribute.local_address))
         return SPComm(stream, local, self.prefix + address, deserialize)
 
@@ -489,6 +517,7 @@ class SPListener(BaseListener):
         self._accepting: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._trimming: _PoolTrimmer | None = None
+        self._keyed = False  # connections hand-shake first (set when started, from the config)
 
     def _start_trimming(self) -> None:
         """Once listening: trim the receive pool from this loop until stopped."""
@@ -502,8 +531,10 @@ class SPListener(BaseListener):
         host = self.ip or None
         if host == "0.0.0.0":
             host = None
+        key = cluster_key()
+        self._keyed = key is not None
         listener = await create_tcp_listener(
-            local_host=host, local_port=int(self.port), backlog=backlog, key=cluster_key(), budget=None
+            local_host=host, local_port=int(self.port), backlog=backlog, key=key, budget=None
         )
         self._socket = listener.extra(SocketAttribute.raw_socket)
         host_port = listener.extra(SocketAttribute.local_address)
@@ -537,6 +568,11 @@ class SPListener(BaseListener):
         if self._accepting is None:  # stopped after the accept: the peer must not hang
             await stream.aclose()
             return
+        if self._keyed:
+            try:
+                await _hand_shake(stream, initiator=False, peer=peer)
+            except CommClosedError:
+                return  # logged if it was the key; the stream is aborted
         comm = self._comm_for(stream, peer)
         comm.allow_offload = self.allow_offload
         try:
@@ -595,10 +631,10 @@ def _split_unix(loc: str) -> tuple[str, str | None]:
     return host, ("/" + rest if slash else None)
 
 
-def _unix_share() -> bool:
+def _unix_share(key: Key | None) -> bool:
     """Shared memory where the platform has it, and not with a key (a key's tag can't cover
     memory that doesn't travel in the message)."""
-    return _shm.AVAILABLE and cluster_key() is None
+    return _shm.AVAILABLE and key is None
 
 
 class SPUnixConnector(Connector):
@@ -609,11 +645,14 @@ class SPUnixConnector(Connector):
         host, path = _split_unix(address)
         if path is None:
             raise ValueError(f"{self.prefix}{address} names no socket: expected {self.prefix}HOST/PATH")
-        share = _unix_share()
+        key = cluster_key()
+        share = _unix_share(key)
         try:
-            stream = await connect_unix(path, key=cluster_key(), shared_memory=share)
+            stream = await connect_unix(path, key=key, shared_memory=share)
         except OSError as exc:
             raise CommClosedError(f"could not connect to {self.prefix}{address}: {exc}") from exc
+        if key is not None:
+            await _hand_shake(stream, initiator=True, peer=self.prefix + address)
         local = f"{self.prefix}{unparse_host_port(host)}/client-{os.getpid()}-{next(_unix_names)}"
         return SPComm(stream, local, self.prefix + address, deserialize, share=share)
 
@@ -638,10 +677,12 @@ class SPUnixListener(SPListener):
 
     async def start(self) -> None:
         _configure_pool()
-        self._share = _unix_share()
+        key = cluster_key()
+        self._keyed = key is not None
+        self._share = _unix_share(key)
         listener = await create_unix_listener(
             self.path, mode=0o600, backlog=int(dask.config.get("distributed.comm.socket-backlog")),
-            key=cluster_key(), budget=None, shared_memory=self._share,
+            key=key, budget=None, shared_memory=self._share,
         )
         self._socket = listener.extra(SocketAttribute.raw_socket)
         self._bound = (self.host, 0)

@@ -8,6 +8,7 @@ event loop)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -434,6 +435,84 @@ async def test_a_peer_without_the_key_is_refused(anyio_backend: str, server_key:
         assert handled == []
     finally:
         listener.stop()
+
+
+async def _read_one(comm: Any, handled: list[Any]) -> None:
+    handled.append(await comm.read())
+    await comm.close()
+
+
+async def _until_closed(raw: Any) -> None:
+    """Read from a raw socket until the peer closes it."""
+    with anyio.fail_after(20):  # a guard against a hang
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            while True:
+                await raw.receive()
+
+
+async def test_a_recorded_keyed_session_replayed_is_refused(anyio_backend: str) -> None:
+    """An attacker on the path records a client's whole keyed session, then replays it on a
+    connection of its own: every tag, sender id and sequence number is genuine, but the
+    server's new challenge is not answered."""
+    handled: list[Any] = []
+    recorded = bytearray()
+    with dask.config.set({"distributed.comm.sp.key": "cluster secret"}):
+        listener = await listen("sp://127.0.0.1", lambda comm: _read_one(comm, handled))
+        target = parse_host_port(listener.contact_address.removeprefix("sp://"))
+        proxy = await anyio.create_tcp_listener(local_host="127.0.0.1")
+
+        async def relay(source: Any, sink: Any, tape: bytearray | None) -> None:
+            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                async for data in source:
+                    if tape is not None:
+                        tape += data
+                    await sink.send(data)
+                await sink.send_eof()
+
+        async def proxy_one() -> None:
+            client_side = await proxy.listeners[0].accept()
+            async with client_side, await anyio.connect_tcp(*target) as server_side, anyio.create_task_group() as tg:
+                tg.start_soon(relay, client_side, server_side, recorded)
+                tg.start_soon(relay, server_side, client_side, None)
+
+        try:
+            async with proxy, anyio.create_task_group() as tg:
+                tg.start_soon(proxy_one)
+                comm = await connect(f"sp://127.0.0.1:{proxy.extra(anyio.abc.SocketAttribute.local_port)}", timeout=10)
+                await comm.write({"op": "delete", "key": "x"})
+                await comm.close()
+            assert handled == [{"op": "delete", "key": "x"}]  # the genuine session ran
+
+            async with await anyio.connect_tcp(*target) as attacker:
+                await attacker.send(bytes(recorded))
+                await _until_closed(attacker)
+            assert handled == [{"op": "delete", "key": "x"}]  # the replay ran nothing
+        finally:
+            listener.stop()
+
+
+async def test_a_servers_own_keyed_handshake_relayed_to_itself_is_refused(anyio_backend: str) -> None:
+    """Two connections to one keyed listener, each fed what the listener says on the other."""
+    handled: list[Any] = []
+    with dask.config.set({"distributed.comm.sp.key": "cluster secret"}):
+        listener = await listen("sp://127.0.0.1", lambda comm: _read_one(comm, handled))
+        target = parse_host_port(listener.contact_address.removeprefix("sp://"))
+        try:
+            async with await anyio.connect_tcp(*target) as first, await anyio.connect_tcp(*target) as second:
+
+                async def swap(source: Any, sink: Any) -> None:
+                    with contextlib.suppress(OSError, anyio.EndOfStream, anyio.BrokenResourceError,
+                                             anyio.ClosedResourceError):
+                        async for data in source:
+                            await sink.send(data)
+
+                with anyio.fail_after(20):  # a guard against a hang
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(swap, first, second)
+                        tg.start_soon(swap, second, first)
+            assert handled == []
+        finally:
+            listener.stop()
 
 
 async def test_the_key_comes_from_the_environment_too(anyio_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
