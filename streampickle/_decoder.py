@@ -30,6 +30,7 @@ can't be trusted any more. Messages completed before the failure are still deliv
 from __future__ import annotations
 
 import collections
+import contextlib
 import operator
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -51,7 +52,7 @@ from ._limits import Limits
 from ._mac import Key, describe_flags
 from ._options import DEFAULT_LIMITS, Options, options_for
 from ._pool import HUGE_PAGE, POOL_MIN, buffer_pool, small_pages
-from ._safe import GC_PAUSE_BYTES, unpickling_failed
+from ._safe import GC_PAUSE_BYTES, Loader, unpickling_failed
 
 if TYPE_CHECKING:
     from ._encoder import Encoder
@@ -499,6 +500,17 @@ class Decoder:
         if self._failure is not None:
             raise self._sticky()
         raise StopIteration
+
+    @contextlib.contextmanager
+    def loading_plain(self) -> Iterator[None]:
+        """Meanwhile, load messages as the default safe decoder does, whatever this decoder's
+        options: no ``allow``, no ``persistent_load``, never trusted. For messages that can
+        only be plain data and come before the peer has proven anything (a handshake's)."""
+        saved, self._loader = self._loader, Loader.shared(False)
+        try:
+            yield
+        finally:
+            self._loader = saved
 
     @property
     def pending(self) -> int:

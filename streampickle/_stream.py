@@ -448,16 +448,19 @@ class ObjectStream(_AnyioObjectStream[Any]):
         authenticated order. A keyed stream already refuses a message replayed, reordered or
         spliced in from another stream, but not a whole session recorded from its first
         message and replayed on a new connection: after a handshake that session's answer is
-        to an old challenge, and it is refused with :class:`AuthenticationError`. So are this
-        process's own messages relayed from another of its connections (the roles differ)
-        and a peer that answers with anything else.
+        to an old challenge, and it is refused with :class:`AuthenticationError`. So is a
+        handshake in this end's own role, such as one this process sent on another of its
+        connections and an attacker relayed back, and a peer that answers anything else.
 
         Both ends call it before anything else on the stream, one with ``initiator=True``
         (by convention the end that connected) and the other with ``initiator=False``. It
-        costs two small messages each way, one round trip. It waits for the peer as
-        ``receive`` does, so give it a deadline (``anyio.fail_after``). A failed handshake
-        leaves the stream failed: close it. Without a key, or after a message was sent or
-        received on the stream, it raises :class:`UsageError`."""
+        costs two small messages each way, one round trip. The peer's two messages are loaded
+        as plain data whatever the stream's ``trusted``, ``allow`` or ``persistent_load``: they
+        come from a peer not yet proven. It waits for the peer as ``receive`` does, so give it
+        a deadline (``anyio.fail_after``). However it fails (refused, cut, cancelled, timed
+        out), nothing more from the peer is delivered: every later ``receive`` raises, so
+        close the stream. Without a key, or after a message was sent or received on the
+        stream, it raises :class:`UsageError`."""
         if not self._keyed:
             raise UsageError("handshake() proves that the peer holds the stream's key: it needs ObjectStream(key=...)")
         if self._encoder.sequence or self._decoder.peer is not None or self._decoder.pending:
@@ -465,6 +468,18 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 "handshake() must be the first thing on a stream: this one already sent or received a "
                 "message, which a replayed session could have supplied"
             )
+        try:
+            with self._decoder.loading_plain():
+                await self._hand_shake(initiator)
+        except BaseException as exc:
+            if not self._refused:
+                self._refuse(exc if isinstance(exc, StreamPickleError) else AuthenticationError(
+                    f"the handshake did not complete ({type(exc).__name__}), so the peer proved "
+                    f"nothing: this stream delivers nothing more. Close it."
+                ))
+            raise
+
+    async def _hand_shake(self, initiator: bool) -> None:
         role, other = _ROLES if initiator else _ROLES[::-1]
         mine = os.urandom(_CHALLENGE)
         await self.send((_HELLO, role, mine))
@@ -480,8 +495,8 @@ class ObjectStream(_AnyioObjectStream[Any]):
         if hello[1] != other:
             raise self._refuse(AuthenticationError(
                 f"the peer's handshake claims the role {hello[1]!r}, as this end does: either both ends "
-                f"passed the same initiator=, or this end's own handshake from another connection was "
-                f"relayed back to it"
+                f"passed the same initiator=, or a handshake this process sent in that role on another "
+                f"connection was relayed back to it"
             ))
         await self.send((_ANSWER, role, hello[2]))
         answer = await self.receive()

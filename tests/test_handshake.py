@@ -13,7 +13,7 @@ import pytest
 from anyio.abc import SocketAttribute
 
 import streampickle
-from streampickle import AuthenticationError, ObjectStream, ProtocolError, UsageError
+from streampickle import AuthenticationError, Encoder, ObjectStream, ProtocolError, UsageError
 
 pytestmark = pytest.mark.anyio
 
@@ -219,3 +219,85 @@ async def test_a_handshake_needs_a_key_and_must_come_first() -> None:
         assert await b.receive() == "first"
         with pytest.raises(UsageError, match="first"):
             await b.handshake(initiator=False)
+
+
+# --- what an unproven peer's messages can do: nothing -----------------------------------------
+
+RAN: list[str] = []
+
+
+def side_effect(what: str) -> str:
+    """Stands for any callable a trusting or allowing receiver would run while unpickling."""
+    RAN.append(what)
+    return what
+
+
+class Runs:
+    def __reduce__(self) -> Any:
+        return (side_effect, ("reduce",))
+
+
+class Persisted:
+    pass
+
+
+def wire(encoder: Encoder, obj: Any) -> bytes:
+    return b"".join(bytes(c) for c in encoder.encode(obj))
+
+
+async def victim_of(first: list[bytes], rest: list[bytes], *, stall: bool = False,
+                    **options: Any) -> tuple[BaseException, Any]:
+    """A keyed TCP server (``options`` for its stream) hand-shakes as the responder with an
+    attacker that sends ``first``, stalls past the server's handshake deadline if ``stall``,
+    then sends ``rest``: the handshake's error, and what a later receive gives."""
+    listener = await streampickle.create_tcp_listener(local_host="127.0.0.1", key=KEY, **options)
+    port = listener.extra(SocketAttribute.local_port)
+    async with listener, await anyio.connect_tcp("127.0.0.1", port) as attacker, await listener.accept() as stream:
+        await attacker.send(b"".join(first))
+        with pytest.raises(Exception) as info:
+            with anyio.fail_after(1 if stall else HANG):
+                await stream.handshake(initiator=False)
+        await attacker.send(b"".join(rest))
+        await attacker.send_eof()
+        with anyio.fail_after(HANG):
+            try:
+                after: Any = await stream.receive()
+            except Exception as exc:  # noqa: BLE001 - the error is the outcome
+                after = exc
+    return info.value, after
+
+
+@pytest.mark.parametrize("options", [{"trusted": True}, {"allow": [side_effect]}], ids=["trusted", "allow"])
+async def test_an_unproven_peers_first_message_runs_nothing(options: dict[str, Any]) -> None:
+    """A genuine keyed message 0 of another stream of the key (recorded before both ends
+    hand-shook, say) reaches a receiver that trusts or allows what it names: it is loaded
+    as plain data, so nothing it names runs, and the messages after it are not delivered."""
+    RAN.clear()
+    sender = Encoder(key=KEY)
+    first, later = wire(sender, Runs()), wire(sender, {"op": "delete"})
+    error, after = await victim_of([first], [later], **options)
+    assert isinstance(error, streampickle.ForbiddenGlobalError)
+    assert isinstance(after, streampickle.StreamPickleError)
+    assert RAN == []
+
+
+async def test_an_unproven_peers_persistent_ids_reach_no_persistent_load() -> None:
+    RAN.clear()
+
+    sender = Encoder(key=KEY, persistent_id=lambda obj: "an id" if isinstance(obj, Persisted) else None)
+    error, after = await victim_of([wire(sender, (Persisted(),))], [], persistent_load=side_effect)
+    assert isinstance(error, streampickle.StreamPickleError)
+    assert isinstance(after, streampickle.StreamPickleError)
+    assert RAN == []
+
+
+async def test_a_handshake_cut_short_by_its_deadline_delivers_nothing_after() -> None:
+    """The attacker replays a recorded hello, waits out the deadline, then sends the rest of
+    the recording: the stream delivers none of it."""
+    sender = Encoder(key=KEY)
+    hello = wire(sender, ("streampickle-handshake-1", "initiator", b"\0" * 16))
+    answer = wire(sender, ("streampickle-handshake-1-answer", "initiator", b"\1" * 16))
+    error, after = await victim_of([hello], [answer, wire(sender, {"op": "delete"})], stall=True)
+    assert isinstance(error, TimeoutError)
+    assert isinstance(after, AuthenticationError)
+    assert "did not complete" in str(after)
