@@ -54,7 +54,7 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 
 # What each of them means for the operator reading the log.
 _CAPACITY_HINTS = {
-    errno.EMFILE: "this process is at its open-file limit: set max_connections below it, or raise it",
+    errno.EMFILE: "this process is at its open-file limit: raise it, or hold fewer connections (max_connections)",
     errno.ENFILE: "the system is at its limit of open files",
     errno.ENOBUFS: "the system is short of memory for sockets",
     errno.ENOMEM: "the system is short of memory",
@@ -93,7 +93,7 @@ async def serve(
             if slots is not None:
                 await slots.acquire()  # at the limit: accept nothing, peers wait in the backlog
             try:
-                stream = await _accept(listener)
+                stream = await accept_patiently(listener)
             except BaseException:
                 if slots is not None:
                     slots.release()
@@ -115,7 +115,7 @@ async def _run_isolated(stream: Any, handler: Callable[[Any], Awaitable[Any]]) -
         _log_failure(peer, exc)
 
 
-async def _accept(listener: Accepting) -> Any:
+async def accept_patiently(listener: Accepting) -> Any:
     """``listener.accept()``, waiting out ``ACCEPT_CAPACITY_ERRNOS``.
 
     streampickle's listeners raise them as ``OSError``; anyio's listeners on trio (and its
