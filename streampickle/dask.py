@@ -26,6 +26,10 @@ Theory of operation:
   :meth:`ObjectStream.handshake`, so a recorded session replayed runs nothing, and a peer
   without the key is refused at its first message. It authenticates, it does not encrypt, so
   ``distributed.comm.require-encryption`` refuses ``sp://`` (use ``tls://`` there).
+* *Peers that stall can't starve a listener.* A connection still in its handshakes holds a
+  descriptor until ``distributed.comm.timeouts.connect``; at most
+  ``distributed.comm.sp.max-handshakes`` are kept at once (the oldest goes for a newcomer),
+  and an ``accept`` that fails for want of descriptors is retried, as ``serve`` does.
 * *Errors become dask's.* A closed or broken stream, a peer's bad bytes, a refused key: the
   comm is aborted and ``CommClosedError`` is raised, naming the peer and the cause. A read
   or write interrupted by anything else (a cancellation) aborts the comm too, as dask's TCP
@@ -93,6 +97,7 @@ from ._anyio_compat import notify_closing
 from ._errors import AuthenticationError, StreamPickleError, UsageError
 from ._mac import Key, MacName
 from ._pool import DEFAULT_MAX_BYTES, DEFAULT_MAX_IDLE, POOL_MIN, buffer_pool
+from ._serve import accept_patiently
 from ._sockets import (
     ObjectStreamListener,
     connect_tcp,
@@ -147,6 +152,12 @@ _POOL_MAX_IDLE = "1s"
 _TRIM_FRACTION = 0.25
 _TRIM_EVERY_MIN = 0.05  # seconds: a tiny max-idle doesn't make the loop spin
 _MACS: tuple[MacName, ...] = ("hmac-sha256", "blake3", "poly1305")
+# Connections still in their handshakes (streampickle's with a key, then dask's) are peers
+# that proved nothing yet, each holding a descriptor for up to distributed.comm.timeouts.connect
+# (30 s by default). At most this share of the open-file limit is theirs, unless
+# distributed.comm.sp.max-handshakes says otherwise; past it the oldest is dropped for a newcomer.
+_HANDSHAKES_SHARE = 4
+_HANDSHAKES_MIN = 64
 
 
 class EncryptionRequiredError(UsageError):
@@ -309,7 +320,7 @@ class _NotFrames(Exception):
 
 async def _hand_shake(stream: ObjectStream, *, initiator: bool, peer: str) -> None:
     """On a keyed connection, :meth:`ObjectStream.handshake` before dask's first message, so
-    that a session recorded earlier and replayed, or a process's own handshake relayed
+    that a session recorded earlier and replayed, or a listener's own handshake relayed
     between two of its connections, is refused. Bounded by ``distributed.comm.timeouts.connect``.
     On failure the stream is aborted and ``CommClosedError`` raised: ``FatalCommClosedError``
     (no retry) when the peer failed to prove the key."""
@@ -335,12 +346,32 @@ def _address(prefix: str, sockaddr: Any) -> str:
     return prefix + unparse_host_port(*sockaddr[:2])
 
 
+def _max_handshakes() -> int:
+    """How many connections a listener keeps in their handshakes at once:
+    ``distributed.comm.sp.max-handshakes``, else a quarter of the open-file limit (at least
+    64), so that peers which connect and stall can't take the descriptors the process needs."""
+    configured = dask.config.get("distributed.comm.sp.max-handshakes", None)
+    if configured is not None:
+        if type(configured) is not int or configured < 1:
+            raise UsageError(f"distributed.comm.sp.max-handshakes must be a positive int, not {configured!r}")
+        return configured
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return _HANDSHAKES_MIN * _HANDSHAKES_SHARE
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft > 1 << 24:
+        soft = 1 << 24
+    return max(_HANDSHAKES_MIN, soft // _HANDSHAKES_SHARE)
+
+
 class SPComm(Comm):
     """An established ``sp://`` or ``sp+unix://`` connection: one :class:`ObjectStream` over a
     TCP or Unix socket."""
 
     def __init__(
-        self, stream: ObjectStream, local_addr: str, peer_addr: str, deserialize: bool = True, *, share: bool = False
+        self, stream: ObjectStream, local_addr: str, peer_addr: str, deserialize: bool = True, *,
+        share: bool = False, proven: bool = False,
     ) -> None:
         self._closed = False
         self._share = share  # frames in shared memory go as descriptors (sp+unix://)
@@ -348,7 +379,9 @@ class SPComm(Comm):
         self._stream = stream
         self._local_addr = local_addr
         self._peer_addr = peer_addr
-        self._reads = 0  # messages read: a key refused on the first one is a stranger
+        # A key refused on the first message read is a stranger's, unless the handshake
+        # proved the peer's key (proven): then it is a cut, as after any good message.
+        self._reads = 1 if proven else 0
         # A comm dropped without close() closes its socket when collected, as dask's TCP comm.
         self._finalizer = weakref.finalize(self, _abort_dangling, stream, repr(self))
         self._finalizer.atexit = False
@@ -468,7 +501,7 @@ class SPConnector(Connector):
         if key is not None:
             await _hand_shake(stream, initiator=True, peer=self.prefix + address)
         local = _address(self.prefix, stream.extra(SocketAttribute.local_address))
-        return SPComm(stream, local, self.prefix + address, deserialize)
+        return SPComm(stream, local, self.prefix + address, deserialize, proven=key is not None)
 
 
 def _keepalive(stream: ObjectStream) -> None:
@@ -518,6 +551,10 @@ class SPListener(BaseListener):
         self._handlers: set[asyncio.Task[None]] = set()
         self._trimming: _PoolTrimmer | None = None
         self._keyed = False  # connections hand-shake first (set when started, from the config)
+        # Connections in their handshakes, oldest first, and how many may be at once.
+        self._unproven: dict[ObjectStream, None] = {}
+        self._max_unproven = _HANDSHAKES_MIN
+        self._dropping = False  # dropping unproven connections since the table was last below its cap
 
     def _start_trimming(self) -> None:
         """Once listening: trim the receive pool from this loop until stopped."""
@@ -527,6 +564,7 @@ class SPListener(BaseListener):
 
     async def start(self) -> None:
         _configure_pool()
+        self._max_unproven = _max_handshakes()
         backlog = int(dask.config.get("distributed.comm.socket-backlog"))
         host = self.ip or None
         if host == "0.0.0.0":
@@ -545,7 +583,9 @@ class SPListener(BaseListener):
     async def _accept(self, listener: ObjectStreamListener) -> None:
         while True:
             try:
-                stream = await listener.accept()
+                # Out of descriptors or memory (EMFILE, ...) is waited out, as serve() does:
+                # the peer waits in the backlog, and the listener lives on.
+                stream = await accept_patiently(listener)
             except anyio.ClosedResourceError:
                 return  # stopped
             except OSError:
@@ -561,26 +601,51 @@ class SPListener(BaseListener):
     def _comm_for(self, stream: ObjectStream, peer: str) -> SPComm:
         _keepalive(stream)
         local = _address(self.prefix, stream.extra(SocketAttribute.local_address))
-        return SPComm(stream, local, peer, self.deserialize)
+        return SPComm(stream, local, peer, self.deserialize, proven=self._keyed)
 
     async def _handle(self, stream: ObjectStream) -> None:
         peer = self._peer(stream)
         if self._accepting is None:  # stopped after the accept: the peer must not hang
             await stream.aclose()
             return
-        if self._keyed:
-            try:
-                await _hand_shake(stream, initiator=False, peer=peer)
-            except CommClosedError:
-                return  # logged if it was the key; the stream is aborted
-        comm = self._comm_for(stream, peer)
-        comm.allow_offload = self.allow_offload
+        self._admit(stream, peer)
         try:
-            await self.on_connection(comm)
-        except CommClosedError:
-            logger.info("connection from %s closed before the handshake completed", peer)
-            return
+            if self._keyed:
+                try:
+                    await _hand_shake(stream, initiator=False, peer=peer)
+                except CommClosedError:
+                    return  # logged if it was the key; the stream is aborted
+            comm = self._comm_for(stream, peer)
+            comm.allow_offload = self.allow_offload
+            try:
+                await self.on_connection(comm)
+            except CommClosedError:
+                logger.info("connection from %s closed before the handshake completed", peer)
+                return
+        finally:
+            self._unproven.pop(stream, None)
+            if len(self._unproven) < self._max_unproven // 2:
+                self._dropping = False
         await self.comm_handler(comm)
+
+    def _admit(self, stream: ObjectStream, peer: str) -> None:
+        """Count ``stream`` among the connections in their handshakes; at the cap, drop the
+        oldest of them. A genuine peer's handshakes take a round trip or two, so the oldest is
+        most likely one that connected and stalled, and stalling peers can't keep a newcomer
+        out (refusing newcomers instead would let a few stalled connections lock the listener)."""
+        if len(self._unproven) >= self._max_unproven:
+            oldest = next(iter(self._unproven))
+            del self._unproven[oldest]
+            oldest.abort()  # its handler wakes with ClosedResourceError and returns
+            logger.log(
+                logging.DEBUG if self._dropping else logging.WARNING,
+                "%s: %d connections are in their handshakes, the most allowed "
+                "(distributed.comm.sp.max-handshakes): dropped the oldest for %s. Peers that "
+                "connect and stall do this; if the load is genuine, raise the limit",
+                self.listen_address, self._max_unproven, peer,
+            )
+            self._dropping = True
+        self._unproven[stream] = None
 
     def stop(self) -> None:
         trimming, self._trimming = self._trimming, None
@@ -654,7 +719,7 @@ class SPUnixConnector(Connector):
         if key is not None:
             await _hand_shake(stream, initiator=True, peer=self.prefix + address)
         local = f"{self.prefix}{unparse_host_port(host)}/client-{os.getpid()}-{next(_unix_names)}"
-        return SPComm(stream, local, self.prefix + address, deserialize, share=share)
+        return SPComm(stream, local, self.prefix + address, deserialize, share=share, proven=key is not None)
 
 
 class SPUnixListener(SPListener):
@@ -677,6 +742,7 @@ class SPUnixListener(SPListener):
 
     async def start(self) -> None:
         _configure_pool()
+        self._max_unproven = _max_handshakes()
         key = cluster_key()
         self._keyed = key is not None
         self._share = _unix_share(key)
@@ -693,7 +759,7 @@ class SPUnixListener(SPListener):
         return f"{self.prefix}{unparse_host_port(self.host)}/peer-{next(_unix_names)}"
 
     def _comm_for(self, stream: ObjectStream, peer: str) -> SPComm:
-        return SPComm(stream, self.listen_address, peer, self.deserialize, share=self._share)
+        return SPComm(stream, self.listen_address, peer, self.deserialize, share=self._share, proven=self._keyed)
 
     def stop(self) -> None:
         started = self._accepting is not None

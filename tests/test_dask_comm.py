@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import subprocess
 import sys
@@ -437,9 +439,11 @@ async def test_a_peer_without_the_key_is_refused(anyio_backend: str, server_key:
         listener.stop()
 
 
-async def _read_one(comm: Any, handled: list[Any]) -> None:
+async def _read_one(comm: Any, handled: list[Any], done: asyncio.Event | None = None) -> None:
     handled.append(await comm.read())
     await comm.close()
+    if done is not None:
+        done.set()
 
 
 async def _until_closed(raw: Any) -> None:
@@ -512,6 +516,99 @@ async def test_a_servers_own_keyed_handshake_relayed_to_itself_is_refused(anyio_
                         tg.start_soon(swap, second, first)
             assert handled == []
         finally:
+            listener.stop()
+
+
+async def test_stalled_connections_cant_keep_a_keyed_client_out(anyio_backend: str) -> None:
+    """Peers that connect and say nothing hold a descriptor each until the connect timeout;
+    past distributed.comm.sp.max-handshakes the listener drops the oldest for a newcomer."""
+    handled: list[Any] = []
+    with dask.config.set({"distributed.comm.sp.key": "cluster secret", "distributed.comm.sp.max-handshakes": 4}):
+        listener = await listen("sp://127.0.0.1", lambda comm: _read_one(comm, handled))
+        target = parse_host_port(listener.contact_address.removeprefix("sp://"))
+        stalled = [await anyio.connect_tcp(*target) for _ in range(10)]
+        try:
+            comm = await connect(listener.contact_address, timeout=20)
+            await comm.write({"op": "ping"})
+            await comm.close()
+            # accepted in order, so the first 7 of the 10 were dropped for the last 3 and the client
+            for raw in stalled[:7]:
+                await _until_closed(raw)
+            assert handled == [{"op": "ping"}]
+        finally:
+            for raw in stalled:
+                await raw.aclose()
+            listener.stop()
+
+
+async def test_a_listener_waits_out_running_out_of_descriptors(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accept() failing with EMFILE (the process at its open-file limit) doesn't end the
+    listener: it tries again, and the waiting peer is served."""
+    failures = []
+    accept = streampickle.ObjectStreamListener.accept
+
+    async def accept_after_emfile(self: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return await accept(self)
+
+    monkeypatch.setattr(streampickle.ObjectStreamListener, "accept", accept_after_emfile)
+    handled: list[Any] = []
+    done = asyncio.Event()
+    listener = await listen("sp://127.0.0.1", lambda comm: _read_one(comm, handled, done))
+    try:
+        comm = await connect(listener.contact_address, timeout=20)
+        await comm.write({"op": "ping"})
+        await comm.close()
+        with anyio.fail_after(20):  # a guard against a hang
+            await done.wait()
+        assert failures == [1] and handled == [{"op": "ping"}]
+    finally:
+        listener.stop()
+
+
+class _Records(logging.Handler):
+    """Collects the records of a logger, and sets ``seen`` at one whose text has ``wanted``."""
+
+    def __init__(self, wanted: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.wanted = wanted
+        self.records: list[logging.LogRecord] = []
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if self.wanted in record.getMessage():
+            self.seen.set()
+
+
+async def test_a_key_holder_cut_after_the_handshake_is_not_called_a_stranger(anyio_backend: str) -> None:
+    """Its key is proven, so the listener logs a lost connection, not a refused stranger."""
+    handled: list[Any] = []
+    records = _Records("closed before the handshake completed")
+    log = logging.getLogger("streampickle.dask")
+    log.addHandler(records)
+    level = log.level
+    log.setLevel(logging.INFO)  # (setLevel, not .level: it clears the logger's cached answers)
+    with dask.config.set({"distributed.comm.sp.key": "cluster secret"}):
+        key = sp_dask.cluster_key()
+        listener = await listen("sp://127.0.0.1", lambda comm: _read_one(comm, handled))
+        try:
+            host, port = parse_host_port(listener.contact_address.removeprefix("sp://"))
+            stream = await streampickle.connect_tcp(host, port, key=key)
+            with anyio.fail_after(20):  # a guard against a hang
+                await stream.handshake(initiator=True)
+                await stream.receive()  # dask's handshake; the listener now waits for ours
+                stream.abort()
+                await records.seen.wait()
+            assert [r.levelname for r in records.records] == ["INFO"]
+            assert handled == []
+        finally:
+            log.removeHandler(records)
+            log.setLevel(level)
             listener.stop()
 
 
