@@ -54,7 +54,7 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 
 # What each of them means for the operator reading the log.
 _CAPACITY_HINTS = {
-    errno.EMFILE: "this process is at its open-file limit: raise it, or hold fewer connections (max_connections)",
+    errno.EMFILE: "this process is at its open-file limit: raise it (ulimit -n), or accept fewer connections at once",
     errno.ENFILE: "the system is at its limit of open files",
     errno.ENOBUFS: "the system is short of memory for sockets",
     errno.ENOMEM: "the system is short of memory",

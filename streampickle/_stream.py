@@ -468,9 +468,11 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 "handshake() must be the first thing on a stream: this one already sent or received a "
                 "message, which a replayed session could have supplied"
             )
+        if self._receiving:
+            raise UsageError("handshake() reads the peer's answers itself: another task is receiving on this stream")
         try:
             with self._decoder.loading_plain():
-                await self._hand_shake(initiator)
+                await self._exchange_challenges(initiator)
         except BaseException as exc:
             if not self._refused:
                 self._refuse(exc if isinstance(exc, StreamPickleError) else AuthenticationError(
@@ -479,7 +481,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 ))
             raise
 
-    async def _hand_shake(self, initiator: bool) -> None:
+    async def _exchange_challenges(self, initiator: bool) -> None:
         role, other = _ROLES if initiator else _ROLES[::-1]
         mine = os.urandom(_CHALLENGE)
         await self.send((_HELLO, role, mine))
@@ -489,8 +491,9 @@ class ObjectStream(_AnyioObjectStream[Any]):
             or hello[0] != _HELLO or hello[1] not in _ROLES or len(hello[2]) != _CHALLENGE
         ):
             raise self._refuse(ProtocolError(
-                f"the peer's first message is not a handshake ({_HELLO!r}) but a {type(hello).__name__}: "
-                f"both ends must call handshake() first"
+                f"the peer's first message is not a handshake: expected ({_HELLO!r}, a role, "
+                f"{_CHALLENGE} bytes), got {_shape(hello)}. Both ends must call handshake() first "
+                f"(a peer on a streampickle without it doesn't)"
             ))
         if hello[1] != other:
             raise self._refuse(AuthenticationError(
@@ -506,6 +509,14 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 "the peer did not answer this connection's challenge: the session was recorded "
                 "earlier and is being replayed, or relayed from another connection. Close the stream."
             ))
+
+    @property
+    def peer_sender(self) -> bytes | None:
+        """With a key, the peer's 8-byte sender id, taken from its first authentic message and
+        required of every later one; None before that message (and without a key). Once it
+        is set, the peer has shown it holds the key (though not, before a
+        :meth:`handshake`, that it is not replaying)."""
+        return self._decoder.peer
 
     def _refuse(self, exc: StreamPickleError) -> StreamPickleError:
         """Fail the stream's receiving side with ``exc``: what the peer sent after is dropped,
@@ -604,6 +615,14 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 "an earlier send was interrupted after part of its message was written, so "
                 "the peer can't find the next message boundary: close this stream"
             ) from self._send_broken
+
+
+def _shape(obj: Any) -> str:
+    """A short description of a peer's object for an error (no repr: the peer chose it)."""
+    if type(obj) is not tuple:
+        return f"a {type(obj).__name__}"
+    types = ", ".join(type(item).__name__ for item in obj[:4])
+    return f"a tuple of {len(obj)} ({types}{', ...' if len(obj) > 4 else ''})"
 
 
 async def dump(

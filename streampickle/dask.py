@@ -94,7 +94,7 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
 
 from . import _shm
 from ._anyio_compat import notify_closing
-from ._errors import AuthenticationError, StreamPickleError, UsageError
+from ._errors import AuthenticationError, ProtocolError, StreamPickleError, UsageError
 from ._mac import Key, MacName
 from ._pool import DEFAULT_MAX_BYTES, DEFAULT_MAX_IDLE, POOL_MIN, buffer_pool
 from ._serve import accept_patiently
@@ -156,6 +156,9 @@ _MACS: tuple[MacName, ...] = ("hmac-sha256", "blake3", "poly1305")
 # that proved nothing yet, each holding a descriptor for up to distributed.comm.timeouts.connect
 # (30 s by default). At most this share of the open-file limit is theirs, unless
 # distributed.comm.sp.max-handshakes says otherwise; past it the oldest is dropped for a newcomer.
+# The floor keeps a burst of genuine connections (a cluster's workers starting at once) from
+# dropping one another where the limit is small: 64 is a quarter of 256, the smallest limit
+# seen in practice (macOS's default soft limit).
 _HANDSHAKES_SHARE = 4
 _HANDSHAKES_MIN = 64
 
@@ -318,21 +321,32 @@ class _NotFrames(Exception):
     pass
 
 
-async def _hand_shake(stream: ObjectStream, *, initiator: bool, peer: str) -> None:
+def _connect_timeout() -> float:
+    return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds"))
+
+
+async def _handshake_or_close(stream: ObjectStream, *, initiator: bool, peer: str) -> None:
     """On a keyed connection, :meth:`ObjectStream.handshake` before dask's first message, so
     that a session recorded earlier and replayed, or a listener's own handshake relayed
     between two of its connections, is refused. Bounded by ``distributed.comm.timeouts.connect``.
-    On failure the stream is aborted and ``CommClosedError`` raised: ``FatalCommClosedError``
-    (no retry) when the peer failed to prove the key."""
-    timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
+    On failure the stream is aborted and ``CommClosedError`` raised; ``FatalCommClosedError``
+    (dask doesn't retry it) when retrying can't help: the peer's first message failed the key,
+    or it is not a handshake (a peer whose streampickle predates it)."""
     try:
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(_connect_timeout()):
             await stream.handshake(initiator=initiator)
-    except AuthenticationError as exc:
+    except (AuthenticationError, ProtocolError) as exc:
         stream.abort()
-        logger.warning("refused %s: %s (every process of the cluster needs the same "
-                       "distributed.comm.sp.key or %s)", peer, exc, KEY_ENV)
-        raise FatalCommClosedError(f"{peer} did not prove this cluster's key: {exc}") from exc
+        if isinstance(exc, ProtocolError):
+            logger.warning("refused %s: %s", peer, exc)
+            raise FatalCommClosedError(f"{peer} did not hand-shake: {exc}") from exc
+        if stream.peer_sender is None:  # no authentic message: a stranger (or another key)
+            logger.warning("refused %s: %s (every process of the cluster needs the same "
+                           "distributed.comm.sp.key or %s)", peer, exc, KEY_ENV)
+            raise FatalCommClosedError(f"{peer} did not prove this cluster's key: {exc}") from exc
+        # A key holder's stream, cut or refused mid-handshake (a replay, a relay, a crash).
+        logger.info("the handshake with %s failed: %s", peer, exc)
+        raise CommClosedError(f"the handshake with {peer} failed: {exc}") from exc
     except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
             StreamPickleError) as exc:
         stream.abort()
@@ -499,7 +513,7 @@ class SPConnector(Connector):
             raise CommClosedError(f"could not connect to {self.prefix}{address}: {exc}") from exc
         _keepalive(stream)
         if key is not None:
-            await _hand_shake(stream, initiator=True, peer=self.prefix + address)
+            await _handshake_or_close(stream, initiator=True, peer=self.prefix + address)
         local = _address(self.prefix, stream.extra(SocketAttribute.local_address))
         return SPComm(stream, local, self.prefix + address, deserialize, proven=key is not None)
 
@@ -612,15 +626,20 @@ class SPListener(BaseListener):
         try:
             if self._keyed:
                 try:
-                    await _hand_shake(stream, initiator=False, peer=peer)
+                    await _handshake_or_close(stream, initiator=False, peer=peer)
                 except CommClosedError:
                     return  # logged if it was the key; the stream is aborted
             comm = self._comm_for(stream, peer)
             comm.allow_offload = self.allow_offload
             try:
-                await self.on_connection(comm)
-            except CommClosedError:
-                logger.info("connection from %s closed before the handshake completed", peer)
+                # dask's handshake has no deadline of its own here: a peer that stalls in it is
+                # dropped at the connect timeout, as in streampickle's.
+                with anyio.fail_after(_connect_timeout()):
+                    await self.on_connection(comm)
+            except (CommClosedError, TimeoutError) as exc:
+                comm.abort()
+                why = "stalled past distributed.comm.timeouts.connect" if isinstance(exc, TimeoutError) else "closed"
+                logger.info("connection from %s %s before the handshake completed", peer, why)
                 return
         finally:
             self._unproven.pop(stream, None)
@@ -717,7 +736,7 @@ class SPUnixConnector(Connector):
         except OSError as exc:
             raise CommClosedError(f"could not connect to {self.prefix}{address}: {exc}") from exc
         if key is not None:
-            await _hand_shake(stream, initiator=True, peer=self.prefix + address)
+            await _handshake_or_close(stream, initiator=True, peer=self.prefix + address)
         local = f"{self.prefix}{unparse_host_port(host)}/client-{os.getpid()}-{next(_unix_names)}"
         return SPComm(stream, local, self.prefix + address, deserialize, share=share, proven=key is not None)
 

@@ -1,9 +1,11 @@
-"""Shared helpers: deep equality that understands numpy, sample objects, and ways to split
-input (whole, byte by byte, random pieces, with trailing bytes)."""
+"""Shared helpers: deep equality that understands numpy, sample objects, ways to split input
+(whole, byte by byte, random pieces, with trailing bytes), and a relay for attacks that
+record or swap a connection's bytes."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import decimal
 import fractions
@@ -12,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import anyio
 import numpy as np
 
 import streampickle
@@ -160,3 +163,15 @@ async def what_woke(blocked: Callable[[], Awaitable[Any]], close: Callable[[], A
             await anyio.wait_all_tasks_blocked()
             await close()
     return woke
+
+
+async def relay(source: Any, sink: Any, tape: bytearray | None = None) -> None:
+    """Copy ``source``'s bytes to ``sink`` (both anyio byte streams) until either end goes,
+    appending them to ``tape`` if given, then end ``sink``'s sending side: a man in the
+    middle who records, or who wires two connections to each other."""
+    with contextlib.suppress(OSError, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        async for data in source:
+            if tape is not None:
+                tape += data
+            await sink.send(data)
+        await sink.send_eof()

@@ -25,11 +25,13 @@ pytest.importorskip("distributed")
 import anyio
 import dask
 from distributed.comm import CommClosedError, connect, listen, parse_address, parse_host_port
+from distributed.comm.core import FatalCommClosedError
 from distributed.comm.registry import backends, get_backend
 from distributed.protocol import Serialized, deserialize, serialize, to_serialize
 from distributed.utils import get_ip
 
 import streampickle
+from _util import relay
 from streampickle import dask as sp_dask
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
@@ -439,6 +441,35 @@ async def test_a_peer_without_the_key_is_refused(anyio_backend: str, server_key:
         listener.stop()
 
 
+class _Records(logging.Handler):
+    """Collects the records of a logger, and sets ``seen`` at one whose text has ``wanted``."""
+
+    def __init__(self, wanted: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.wanted = wanted
+        self.records: list[logging.LogRecord] = []
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if self.wanted in record.getMessage():
+            self.seen.set()
+
+
+@contextlib.contextmanager
+def _logging(records: _Records) -> Any:
+    """``records`` gets the streampickle.dask logger's records from INFO up, meanwhile."""
+    log = logging.getLogger("streampickle.dask")
+    level = log.level
+    log.addHandler(records)
+    log.setLevel(logging.INFO)  # (setLevel, not .level: it clears the logger's cached answers)
+    try:
+        yield
+    finally:
+        log.removeHandler(records)
+        log.setLevel(level)
+
+
 async def _read_one(comm: Any, handled: list[Any], done: asyncio.Event | None = None) -> None:
     handled.append(await comm.read())
     await comm.close()
@@ -465,14 +496,6 @@ async def test_a_recorded_keyed_session_replayed_is_refused(anyio_backend: str) 
         target = parse_host_port(listener.contact_address.removeprefix("sp://"))
         proxy = await anyio.create_tcp_listener(local_host="127.0.0.1")
 
-        async def relay(source: Any, sink: Any, tape: bytearray | None) -> None:
-            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                async for data in source:
-                    if tape is not None:
-                        tape += data
-                    await sink.send(data)
-                await sink.send_eof()
-
         async def proxy_one() -> None:
             client_side = await proxy.listeners[0].accept()
             async with client_side, await anyio.connect_tcp(*target) as server_side, anyio.create_task_group() as tg:
@@ -496,25 +519,72 @@ async def test_a_recorded_keyed_session_replayed_is_refused(anyio_backend: str) 
 
 
 async def test_a_servers_own_keyed_handshake_relayed_to_itself_is_refused(anyio_backend: str) -> None:
-    """Two connections to one keyed listener, each fed what the listener says on the other."""
+    """Two connections to one keyed listener, each fed what the listener says on the other:
+    each gets a genuine handshake of the key, in the listener's own role."""
     handled: list[Any] = []
-    with dask.config.set({"distributed.comm.sp.key": "cluster secret"}):
+    records = _Records("role")
+    with dask.config.set({"distributed.comm.sp.key": "cluster secret"}), _logging(records):
         listener = await listen("sp://127.0.0.1", lambda comm: _read_one(comm, handled))
         target = parse_host_port(listener.contact_address.removeprefix("sp://"))
         try:
             async with await anyio.connect_tcp(*target) as first, await anyio.connect_tcp(*target) as second:
-
-                async def swap(source: Any, sink: Any) -> None:
-                    with contextlib.suppress(OSError, anyio.EndOfStream, anyio.BrokenResourceError,
-                                             anyio.ClosedResourceError):
-                        async for data in source:
-                            await sink.send(data)
-
                 with anyio.fail_after(20):  # a guard against a hang
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(swap, first, second)
-                        tg.start_soon(swap, second, first)
+                        tg.start_soon(relay, first, second)
+                        tg.start_soon(relay, second, first)
             assert handled == []
+            assert len([r for r in records.records if "claims the role 'responder'" in r.getMessage()]) == 2
+        finally:
+            listener.stop()
+
+
+async def test_a_key_holder_cut_mid_handshake_may_be_retried(anyio_backend: str) -> None:
+    """A listener that sent its genuine hello and then went (a crash) proved the key: the
+    failure is an ordinary CommClosedError, which dask's connect retries, not a fatal one."""
+    with dask.config.set({"distributed.comm.sp.key": "cluster secret"}):
+        key = sp_dask.cluster_key()
+        listener = await streampickle.create_tcp_listener(local_host="127.0.0.1", key=key)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener, anyio.create_task_group() as tg:
+
+            async def hello_then_crash() -> None:
+                stream = await listener.accept()
+                await stream.send(("streampickle-handshake-1", "responder", os.urandom(16)))
+                stream.abort()
+
+            tg.start_soon(hello_then_crash)
+            with pytest.raises(CommClosedError) as info:
+                await get_backend("sp").get_connector().connect(f"127.0.0.1:{port}")
+            assert not isinstance(info.value, FatalCommClosedError)
+
+
+async def test_a_keyed_peer_without_the_handshake_is_refused_for_good(anyio_backend: str) -> None:
+    """A peer with the key whose streampickle predates the handshake: retrying can't help."""
+    with dask.config.set({"distributed.comm.sp.key": "cluster secret"}):
+        key = sp_dask.cluster_key()
+        listener = await streampickle.create_tcp_listener(local_host="127.0.0.1", key=key)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener, anyio.create_task_group() as tg:
+
+            async def old_server() -> None:
+                async with await listener.accept() as stream:
+                    await stream.send([b"a dask handshake, as before"])
+                    with contextlib.suppress(Exception):
+                        await stream.receive()
+
+            tg.start_soon(old_server)
+            with pytest.raises(FatalCommClosedError, match="handshake"):
+                await get_backend("sp").get_connector().connect(f"127.0.0.1:{port}")
+
+
+async def test_a_peer_stalled_in_dasks_handshake_is_dropped_at_the_connect_timeout(anyio_backend: str) -> None:
+    """Without a key there is no streampickle handshake, and dask's has no deadline of its
+    own: the listener bounds it with distributed.comm.timeouts.connect."""
+    with dask.config.set({"distributed.comm.sp.key": None, "distributed.comm.timeouts.connect": "1s"}):
+        listener = await listen("sp://127.0.0.1", lambda comm: _read_one(comm, []))
+        try:
+            async with await anyio.connect_tcp(*parse_host_port(listener.contact_address.removeprefix("sp://"))) as raw:
+                await _until_closed(raw)  # (its guard is 20 s)
         finally:
             listener.stop()
 
@@ -570,30 +640,11 @@ async def test_a_listener_waits_out_running_out_of_descriptors(
         listener.stop()
 
 
-class _Records(logging.Handler):
-    """Collects the records of a logger, and sets ``seen`` at one whose text has ``wanted``."""
-
-    def __init__(self, wanted: str) -> None:
-        super().__init__(logging.DEBUG)
-        self.wanted = wanted
-        self.records: list[logging.LogRecord] = []
-        self.seen = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        if self.wanted in record.getMessage():
-            self.seen.set()
-
-
 async def test_a_key_holder_cut_after_the_handshake_is_not_called_a_stranger(anyio_backend: str) -> None:
     """Its key is proven, so the listener logs a lost connection, not a refused stranger."""
     handled: list[Any] = []
     records = _Records("closed before the handshake completed")
-    log = logging.getLogger("streampickle.dask")
-    log.addHandler(records)
-    level = log.level
-    log.setLevel(logging.INFO)  # (setLevel, not .level: it clears the logger's cached answers)
-    with dask.config.set({"distributed.comm.sp.key": "cluster secret"}):
+    with dask.config.set({"distributed.comm.sp.key": "cluster secret"}), _logging(records):
         key = sp_dask.cluster_key()
         listener = await listen("sp://127.0.0.1", lambda comm: _read_one(comm, handled))
         try:
@@ -607,8 +658,6 @@ async def test_a_key_holder_cut_after_the_handshake_is_not_called_a_stranger(any
             assert [r.levelname for r in records.records] == ["INFO"]
             assert handled == []
         finally:
-            log.removeHandler(records)
-            log.setLevel(level)
             listener.stop()
 
 

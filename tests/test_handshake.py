@@ -5,7 +5,7 @@ connections. Real TCP sockets; the attacker is a plain socket that records and r
 
 from __future__ import annotations
 
-import contextlib
+import socket
 from typing import Any
 
 import anyio
@@ -13,6 +13,7 @@ import pytest
 from anyio.abc import SocketAttribute
 
 import streampickle
+from _util import relay
 from streampickle import AuthenticationError, Encoder, ObjectStream, ProtocolError, UsageError
 
 pytestmark = pytest.mark.anyio
@@ -57,14 +58,6 @@ async def record_session(session: list[Any], *, handshake: bool) -> bytes:
         tg.start_soon(serve_one, listener, outcome, handshake)
         proxy = await anyio.create_tcp_listener(local_host="127.0.0.1")
         proxy_port = proxy.extra(SocketAttribute.local_port)
-
-        async def relay(source: Any, sink: Any, tape: bytearray | None) -> None:
-            with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                async for data in source:
-                    if tape is not None:
-                        tape += data
-                    await sink.send(data)
-                await sink.send_eof()
 
         async def proxy_one() -> None:
             client_side = await proxy.listeners[0].accept()
@@ -146,23 +139,13 @@ async def test_a_servers_own_handshake_relayed_between_its_connections_is_refuse
         first = await anyio.connect_tcp("127.0.0.1", port)
         tg.start_soon(serve_one, listener, outcomes[1])
         second = await anyio.connect_tcp("127.0.0.1", port)
-        async with first, second:
-
-            async def swap(source: Any, sink: Any) -> None:
-                with anyio.move_on_after(HANG):
-                    async for data in source:
-                        try:
-                            await sink.send(data)
-                        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                            return
-
-            async with anyio.create_task_group() as relays:
-                relays.start_soon(swap, first, second)
-                relays.start_soon(swap, second, first)
-                with anyio.fail_after(HANG):
-                    for outcome in outcomes:
-                        await outcome["done"].wait()
-                relays.cancel_scope.cancel()
+        async with first, second, anyio.create_task_group() as relays:
+            relays.start_soon(relay, first, second)
+            relays.start_soon(relay, second, first)
+            with anyio.fail_after(HANG):
+                for outcome in outcomes:
+                    await outcome["done"].wait()
+            relays.cancel_scope.cancel()
     for outcome in outcomes:
         assert outcome["got"] == []
         assert isinstance(outcome["error"], AuthenticationError)
@@ -301,3 +284,24 @@ async def test_a_handshake_cut_short_by_its_deadline_delivers_nothing_after() ->
     assert isinstance(error, TimeoutError)
     assert isinstance(after, AuthenticationError)
     assert "did not complete" in str(after)
+
+
+async def test_a_refused_peer_that_already_closed_is_still_refused_after() -> None:
+    """Everything the attacker sends, its end included, is there before the handshake starts:
+    after the refusal, a receive raises it again rather than reporting a clean end."""
+    sender = Encoder(key=KEY)
+    recording = b"".join([
+        wire(sender, ("streampickle-handshake-1", "initiator", b"\0" * 16)),
+        wire(sender, ("streampickle-handshake-1-answer", "initiator", b"\1" * 16)),
+        bytes(sender.encode_end()),
+    ])
+    ours, theirs = socket.socketpair()
+    with theirs:
+        theirs.sendall(recording)
+        theirs.shutdown(socket.SHUT_WR)
+        async with ObjectStream.from_socket(ours, key=KEY) as stream:
+            with anyio.fail_after(HANG):
+                with pytest.raises(AuthenticationError, match="challenge"):
+                    await stream.handshake(initiator=False)
+                with pytest.raises(AuthenticationError, match="challenge"):
+                    await stream.receive()
