@@ -468,8 +468,11 @@ class ObjectStream(_AnyioObjectStream[Any]):
                 "handshake() must be the first thing on a stream: this one already sent or received a "
                 "message, which a replayed session could have supplied"
             )
-        if self._receiving:
-            raise UsageError("handshake() reads the peer's answers itself: another task is receiving on this stream")
+        if self._receiving:  # that receive would load the unproven peer's messages: fail the stream
+            raise self._refuse(UsageError(
+                "handshake() reads the peer's answers itself, but another task is receiving on this "
+                "stream: the stream is failed, close it"
+            ))
         try:
             with self._decoder.loading_plain():
                 await self._exchange_challenges(initiator)

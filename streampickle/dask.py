@@ -605,9 +605,18 @@ class SPListener(BaseListener):
             except OSError:
                 logger.exception("%s stops accepting connections", self.listen_address)
                 raise
-            task = asyncio.ensure_future(self._handle(stream))
+            try:
+                peer = self._peer(stream)
+            except (OSError, anyio.TypedAttributeLookupError):  # reset before we could ask
+                stream.abort()
+                continue
+            # Counted here, not in its task: in a flood, accepted connections waiting for
+            # their tasks to start would escape the cap and take every descriptor.
+            self._admit(stream, peer)
+            task = asyncio.ensure_future(self._handle(stream, peer))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+            await asyncio.sleep(0)  # the handlers run between accepts; newcomers wait in the backlog
 
     def _peer(self, stream: ObjectStream) -> str:
         return _address(self.prefix, stream.extra(SocketAttribute.remote_address))
@@ -617,18 +626,17 @@ class SPListener(BaseListener):
         local = _address(self.prefix, stream.extra(SocketAttribute.local_address))
         return SPComm(stream, local, peer, self.deserialize, proven=self._keyed)
 
-    async def _handle(self, stream: ObjectStream) -> None:
-        peer = self._peer(stream)
-        if self._accepting is None:  # stopped after the accept: the peer must not hang
-            await stream.aclose()
-            return
-        self._admit(stream, peer)
+    async def _handle(self, stream: ObjectStream, peer: str) -> None:
         try:
+            if self._accepting is None:  # stopped after the accept: the peer must not hang
+                await stream.aclose()
+                return
             if self._keyed:
                 try:
                     await _handshake_or_close(stream, initiator=False, peer=peer)
                 except CommClosedError:
                     return  # logged if it was the key; the stream is aborted
+                self._release(stream)  # a key holder, no longer a candidate for dropping
             comm = self._comm_for(stream, peer)
             comm.allow_offload = self.allow_offload
             try:
@@ -642,16 +650,23 @@ class SPListener(BaseListener):
                 logger.info("connection from %s %s before the handshake completed", peer, why)
                 return
         finally:
-            self._unproven.pop(stream, None)
-            if len(self._unproven) < self._max_unproven // 2:
-                self._dropping = False
+            self._release(stream)
         await self.comm_handler(comm)
+
+    def _release(self, stream: ObjectStream) -> None:
+        """``stream`` is out of its handshakes (or of the listener)."""
+        self._unproven.pop(stream, None)
+        if len(self._unproven) < self._max_unproven // 2:
+            self._dropping = False
 
     def _admit(self, stream: ObjectStream, peer: str) -> None:
         """Count ``stream`` among the connections in their handshakes; at the cap, drop the
-        oldest of them. A genuine peer's handshakes take a round trip or two, so the oldest is
-        most likely one that connected and stalled, and stalling peers can't keep a newcomer
-        out (refusing newcomers instead would let a few stalled connections lock the listener)."""
+        oldest of them. A genuine peer's handshake takes a round trip (with a key, it leaves
+        the count once streampickle's handshake proved it; without, after dask's), so the
+        oldest is most likely one that connected and stalled, and stalling peers can't keep a
+        newcomer out (refusing newcomers instead would let a few stalled connections lock the
+        listener). What this can't stop: a flood of more than the cap's worth of connections
+        per round trip drops genuine ones too (docs/dask.md)."""
         if len(self._unproven) >= self._max_unproven:
             oldest = next(iter(self._unproven))
             del self._unproven[oldest]

@@ -611,6 +611,70 @@ async def test_stalled_connections_cant_keep_a_keyed_client_out(anyio_backend: s
             listener.stop()
 
 
+async def test_connections_count_against_the_cap_as_they_are_accepted(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a flood the connections' tasks may not run for a while: the cap holds anyway, so
+    accepted connections waiting for their tasks can't take every descriptor."""
+    started: list[Any] = []
+    all_started, never = asyncio.Event(), asyncio.Event()
+
+    async def starved(self: Any, stream: Any, peer: str) -> None:  # a handler that never gets going
+        started.append(stream)
+        if len(started) == 20:
+            all_started.set()
+        await never.wait()
+
+    monkeypatch.setattr(sp_dask.SPListener, "_handle", starved)
+    with dask.config.set({"distributed.comm.sp.key": "cluster secret", "distributed.comm.sp.max-handshakes": 4}):
+        listener = await listen("sp://127.0.0.1", lambda comm: None)
+    target = parse_host_port(listener.contact_address.removeprefix("sp://"))
+    flood = [await anyio.connect_tcp(*target) for _ in range(20)]
+    try:
+        with anyio.fail_after(20):  # a guard against a hang
+            await all_started.wait()
+        for raw in flood[:16]:  # dropped, oldest first, though none of their tasks did anything
+            await _until_closed(raw)
+    finally:
+        for raw in flood:
+            await raw.aclose()
+        for stream in started:  # (the starved handlers never close theirs)
+            stream.abort()
+        never.set()
+        listener.stop()
+
+
+async def test_a_peer_gone_before_its_address_is_read_is_dropped_quietly(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """getpeername fails (ENOTCONN) for a peer that reset its connection right after it was
+    accepted: that connection is closed, and the listener goes on."""
+    peer = sp_dask.SPListener._peer
+    reset: list[Any] = []
+
+    def first_one_reset(self: Any, stream: Any) -> str:
+        if not reset:
+            reset.append(stream)
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+        return peer(self, stream)
+
+    monkeypatch.setattr(sp_dask.SPListener, "_peer", first_one_reset)
+    handled: list[Any] = []
+    done = asyncio.Event()
+    listener = await listen("sp://127.0.0.1", lambda comm: _read_one(comm, handled, done))
+    try:
+        async with await anyio.connect_tcp(*parse_host_port(listener.contact_address.removeprefix("sp://"))) as raw:
+            await _until_closed(raw)
+        comm = await connect(listener.contact_address, timeout=20)
+        await comm.write({"op": "ping"})
+        await comm.close()
+        with anyio.fail_after(20):  # a guard against a hang
+            await done.wait()
+        assert handled == [{"op": "ping"}]
+    finally:
+        listener.stop()
+
+
 async def test_a_listener_waits_out_running_out_of_descriptors(
     anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -305,3 +305,27 @@ async def test_a_refused_peer_that_already_closed_is_still_refused_after() -> No
                     await stream.handshake(initiator=False)
                 with pytest.raises(AuthenticationError, match="challenge"):
                     await stream.receive()
+
+
+async def test_a_handshake_while_another_task_receives_fails_the_stream() -> None:
+    """That receive would load the unproven peer's first messages with the stream's own
+    options: the stream is failed instead, and the waiting receive gets nothing."""
+    left, right = streampickle.testing.memory_stream_pair()
+    async with ObjectStream(left, key=KEY) as peer, ObjectStream(right, key=KEY, trusted=True) as victim:
+        outcome: list[Any] = []
+
+        async def receive() -> None:
+            try:
+                outcome.append(await victim.receive())
+            except Exception as exc:  # noqa: BLE001 - the error is the outcome
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receive)
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(UsageError, match="another task is receiving"):
+                await victim.handshake(initiator=False)
+            with anyio.fail_after(HANG):
+                await peer.send(Runs())
+        assert len(outcome) == 1 and isinstance(outcome[0], streampickle.StreamPickleError)
+        assert RAN == []
