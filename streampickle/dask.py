@@ -94,7 +94,13 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
 
 from . import _shm
 from ._anyio_compat import notify_closing
-from ._errors import AuthenticationError, ProtocolError, StreamPickleError, UsageError
+from ._errors import (
+    AuthenticationError,
+    IncompleteMessageError,
+    ProtocolError,
+    StreamPickleError,
+    UsageError,
+)
 from ._mac import Key, MacName
 from ._pool import DEFAULT_MAX_BYTES, DEFAULT_MAX_IDLE, POOL_MIN, buffer_pool
 from ._serve import accept_patiently
@@ -335,6 +341,9 @@ async def _handshake_or_close(stream: ObjectStream, *, initiator: bool, peer: st
     try:
         with anyio.fail_after(_connect_timeout()):
             await stream.handshake(initiator=initiator)
+    except IncompleteMessageError as exc:  # cut mid-message (a crash): worth another try
+        stream.abort()
+        raise CommClosedError(f"the handshake with {peer} failed: {exc}") from exc
     except (AuthenticationError, ProtocolError) as exc:
         stream.abort()
         if isinstance(exc, ProtocolError):

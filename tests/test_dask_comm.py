@@ -558,6 +558,26 @@ async def test_a_key_holder_cut_mid_handshake_may_be_retried(anyio_backend: str)
             assert not isinstance(info.value, FatalCommClosedError)
 
 
+async def test_a_key_holder_cut_mid_message_in_the_handshake_may_be_retried(anyio_backend: str) -> None:
+    """Half of a genuine hello, then the connection ends (a crash mid-write)."""
+    with dask.config.set({"distributed.comm.sp.key": "cluster secret"}):
+        hello = b"".join(bytes(c) for c in streampickle.Encoder(key=sp_dask.cluster_key()).encode(
+            ("streampickle-handshake-1", "responder", os.urandom(16))
+        ))
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
+                anyio.create_task_group() as tg:
+
+            async def half_then_crash() -> None:
+                async with await listener.listeners[0].accept() as raw:
+                    await raw.send(hello[: len(hello) // 2])
+
+            tg.start_soon(half_then_crash)
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            with pytest.raises(CommClosedError) as info:
+                await get_backend("sp").get_connector().connect(f"127.0.0.1:{port}")
+            assert not isinstance(info.value, FatalCommClosedError)
+
+
 async def test_a_keyed_peer_without_the_handshake_is_refused_for_good(anyio_backend: str) -> None:
     """A peer with the key whose streampickle predates the handshake: retrying can't help."""
     with dask.config.set({"distributed.comm.sp.key": "cluster secret"}):
