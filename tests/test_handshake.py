@@ -1,6 +1,8 @@
 """``ObjectStream.handshake``: a keyed session recorded from its first byte and replayed on a
 new connection is refused, and so is a server's own handshake relayed between two of its
-connections. Real TCP sockets; the attacker is a plain socket that records and replays bytes.
+connections; an unproven peer's messages run nothing and, once the handshake fails, are never
+delivered. Real TCP sockets (a socketpair where the bytes must all be there first; in-memory
+streams for usage errors); the attacker is a plain socket that records, replays or forges bytes.
 """
 
 from __future__ import annotations
