@@ -11,11 +11,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-__all__ = ["Limits"]
+__all__ = ["Limits", "open_file_limit"]
 
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+def open_file_limit() -> int:
+    """This process's soft limit on open files (``RLIMIT_NOFILE``), read each time since a
+    program may raise it; unlimited or huge counts as 2**24, and a platform without the limit
+    (Windows) as 1024. Shares of it bound what peers can make the process hold."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 1024
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1 << 24:
+        soft = 1 << 24
+    return soft
 
 
 @dataclass(frozen=True)

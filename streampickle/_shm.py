@@ -39,6 +39,7 @@ import numpy as np
 from . import _wire
 from ._accel import speedups
 from ._errors import ProtocolError, UsageError
+from ._limits import open_file_limit
 
 __all__ = [
     "AVAILABLE",
@@ -192,12 +193,7 @@ def held_limit() -> int:
     """The most descriptors this process holds at once for messages in flight: a quarter of
     its open-file limit (``RLIMIT_NOFILE``, read each time: a program may raise it), so the
     rest stays for connections and files whatever peers send."""
-    import resource  # Unix only, as shared memory is
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft > 1 << 24:
-        soft = 1 << 24
-    return max(MAX_DESCRIPTORS, soft // 4)
+    return max(MAX_DESCRIPTORS, open_file_limit() // 4)
 
 
 def close_held(fds: list[int]) -> None:

@@ -101,6 +101,7 @@ from ._errors import (
     StreamPickleError,
     UsageError,
 )
+from ._limits import open_file_limit
 from ._mac import Key, MacName
 from ._pool import DEFAULT_MAX_BYTES, DEFAULT_MAX_IDLE, POOL_MIN, buffer_pool
 from ._serve import accept_patiently
@@ -378,14 +379,7 @@ def _max_handshakes() -> int:
         if type(configured) is not int or configured < 1:
             raise UsageError(f"distributed.comm.sp.max-handshakes must be a positive int, not {configured!r}")
         return configured
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - Windows
-        return _HANDSHAKES_MIN * _HANDSHAKES_SHARE
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY or soft > 1 << 24:
-        soft = 1 << 24
-    return max(_HANDSHAKES_MIN, soft // _HANDSHAKES_SHARE)
+    return max(_HANDSHAKES_MIN, open_file_limit() // _HANDSHAKES_SHARE)
 
 
 class SPComm(Comm):
