@@ -168,9 +168,19 @@ def real_objects() -> list[Any]:
     ]
 
 
+_CACHE: dict[str, list[tuple[bytes, int]]] = {}
+
+
 def collected_payloads() -> list[tuple[bytes, int]]:
     """The pickles the other test files feed the loader: their parametrized payloads, and what
-    reaches the verifier while their payload-building tests run."""
+    reaches the verifier while their payload-building tests run; each once (several tests
+    send the same megabyte), collected once per session (running those tests takes seconds)."""
+    if "collected" not in _CACHE:
+        _CACHE["collected"] = list(dict.fromkeys(_collect()))
+    return _CACHE["collected"]
+
+
+def _collect() -> list[tuple[bytes, int]]:
     import test_safe
     import test_scan
     import test_verify
@@ -253,9 +263,6 @@ def grammar_payloads(count: int, seed: int = 20260101) -> list[tuple[bytes, int]
             pickled, chunks = grammar.generate_pickle(src)
             out.append((pickled, len(chunks)))
     return out
-
-
-_CACHE: dict[str, list[tuple[bytes, int]]] = {}
 
 
 def corpus() -> list[tuple[bytes, int]]:
