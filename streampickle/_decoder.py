@@ -505,8 +505,13 @@ class Decoder:
     def loading_plain(self) -> Iterator[None]:
         """Meanwhile, load messages as the default safe decoder does, whatever this decoder's
         options: no ``allow``, no ``persistent_load``, never trusted. For messages that can
-        only be plain data and come before the peer has proven anything (a handshake's)."""
-        saved, self._loader = self._loader, Loader.shared(False)
+        only be plain data and come before the peer has proven anything (a handshake's). The
+        decoder's ``max_opaque_keys`` still holds: a lowered limit is about CPU, not trust."""
+        keys = self._loader.max_opaque_keys
+        plain = Loader.shared(False)
+        if keys != plain.max_opaque_keys:
+            plain = Loader(max_opaque_keys=keys)
+        saved, self._loader = self._loader, plain
         try:
             yield
         finally:

@@ -276,6 +276,20 @@ async def test_an_unproven_peers_persistent_ids_reach_no_persistent_load() -> No
     assert RAN == []
 
 
+async def test_an_unproven_peers_first_message_keeps_the_streams_opaque_key_limit() -> None:
+    """Loading a handshake as plain data drops what the stream trusts or allows, not the CPU
+    bound it set: a hello padded with keys whose hash the verifier can't check is refused by
+    the lowered ``max_opaque_keys``, before it is unpickled."""
+    import uuid
+
+    hello = ("streampickle-handshake-1", "initiator", b"\0" * 16, {uuid.UUID(int=i): i for i in range(3)})
+    error, after = await victim_of([wire(Encoder(key=KEY), hello)], [],
+                                   limits=streampickle.Limits(max_opaque_keys=2))
+    assert isinstance(error, streampickle.MalformedPickleError)
+    assert "max_opaque_keys=2" in str(error)
+    assert isinstance(after, streampickle.StreamPickleError)
+
+
 async def test_a_handshake_cut_short_by_its_deadline_delivers_nothing_after() -> None:
     """The attacker replays a recorded hello, waits out the deadline, then sends the rest of
     the recording: the stream delivers none of it."""
