@@ -127,9 +127,13 @@ class Rebuilder:
 
     ``optional``: how many of the last declared arguments may be left out (``bytearray()``
     and ``bytearray(data)`` as standard pickles write them); 0 for streampickle's own.
+
+    ``hashes_items``: the call hashes every item of its first argument, a list (``set(list)``
+    and ``frozenset(list)`` as protocols 0-3 write sets): the verifier charges each item the
+    list was given as a set item (nesting depth, hashing work, equal hashes, opaque keys).
     """
 
-    __slots__ = ("_name", "_func", "args", "result", "cost", "build", "optional")
+    __slots__ = ("_name", "_func", "args", "result", "cost", "build", "optional", "hashes_items")
 
     _name: str
     _func: Callable[..., Any]
@@ -138,10 +142,13 @@ class Rebuilder:
     cost: Callable[..., int]
     build: bool
     optional: int
+    hashes_items: bool
 
     def __init__(self, name: str, func: Callable[..., Any], args: tuple[int, ...], result: int = _kinds.VALUE,
-                 cost: Callable[..., int] | None = None, build: bool = False, optional: int = 0) -> None:
+                 cost: Callable[..., int] | None = None, build: bool = False, optional: int = 0,
+                 hashes_items: bool = False) -> None:
         object.__setattr__(self, "build", build)
+        object.__setattr__(self, "hashes_items", hashes_items)
         object.__setattr__(self, "optional", optional)
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_func", func)
@@ -900,9 +907,15 @@ def _dict_cost(items: Any, per_item: int) -> int:
     them once."""
     if type(items) is not dict:
         return 1
+    return _keys_cost(items, per_item)
+
+
+def _keys_cost(keys: dict[Any, Any] | list[Any], per_item: int) -> int:
+    """``_dict_cost`` of a mapping's keys, or of a list of set items. The verifier has bounded
+    the hashing of each (charged as a key), so hashing the opaque ones once here is bounded."""
     cheap = _CHEAP_KEYS
-    opaque = [key for key in items if type(key) not in cheap]
-    cost = 1 + per_item * len(items) + _OPAQUE_KEY_COST * len(opaque)
+    opaque = [key for key in keys if type(key) not in cheap]
+    cost = 1 + per_item * len(keys) + _OPAQUE_KEY_COST * len(opaque)
     if len(opaque) > 1:
         counts = collections.Counter(map(hash, opaque))
         if len(counts) < len(opaque):
@@ -1238,11 +1251,13 @@ def _frozenset_of(items: Any) -> frozenset[Any]:
 
 
 def _set_cost(items: Any) -> int:
-    """Units to hash ``items`` into a set: as a Counter's, more for colliding hashes."""
+    """Units to hash ``items`` into a set: as a Counter's, more for colliding opaque items.
+    Not by building the set to see: the items' hashing is what this charges for (the
+    verifier bounded it, charging each item as a set item)."""
     if type(items) is not list:
         return 1
     try:
-        return _dict_cost(dict.fromkeys(items), _COUNTER_ITEM_COST)
+        return _keys_cost(items, _COUNTER_ITEM_COST)
     except TypeError:  # unhashable: the call itself will refuse
         return 1 + len(items)
 
@@ -1294,7 +1309,7 @@ numpy_scalar = Rebuilder("numpy_scalar", _numpy_scalar, (_kinds.VALUE, BYTES),
                          cost=lambda dt, data: _dtype_use_cost(dt))
 codecs_encode = Rebuilder("codecs_encode", _codecs_encode, (STR, STR), result=BYTES)
 empty_bytes = Rebuilder("empty_bytes", _empty_bytes, (), result=BYTES)
-set_ = Rebuilder("set_", _set_of, (LIST,), cost=_set_cost)
+set_ = Rebuilder("set_", _set_of, (LIST,), cost=_set_cost, hashes_items=True)
 bytearray_ = Rebuilder("bytearray_", _bytearray_of, (BYTES,), result=_kinds.BYTEARRAY, cost=_bytearray_cost,
                        optional=1)
 object_class = Rebuilder("object_class", _object_class, ())
@@ -1304,7 +1319,7 @@ reconstructor = Rebuilder("reconstructor", _reconstructor, (_kinds.GLOBAL, _kind
 #: Names a standard pickle passes as arguments and never calls: ``find_class`` returns them as
 #: they are (unmetered), and calling one is refused.
 MARKERS = (ndarray_class, object_class)
-frozenset_ = Rebuilder("frozenset_", _frozenset_of, (LIST,), cost=_set_cost)
+frozenset_ = Rebuilder("frozenset_", _frozenset_of, (LIST,), cost=_set_cost, hashes_items=True)
 
 #: The names standard pickles (``pickle.dump``, any protocol) use for numpy arrays and dtypes,
 #: for bytes, bytearrays and sets in protocols 0-4 and for plain instances in protocols 0-1

@@ -401,6 +401,9 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
     lengths = _LENGTHS
     pops = _POPS
     live = 0  # pending values made and not yet built (standard pickles only)
+    # Standard pickles only: each list this pickle built, with the items it was given, for a
+    # set(list) or frozenset(list) to charge them as set items (see _hashed_items).
+    listed: dict[_V, list[_V]] | None = {} if standard else None
     while pos < end:
         op = data[pos]
         start = pos
@@ -460,6 +463,8 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
         elif op == _EMPTY_LIST or op == _EMPTY_DICT or op == _EMPTY_SET:
             kind = K.LIST if op == _EMPTY_LIST else K.DICT if op == _EMPTY_DICT else K.SET
             stack.append(_V(kind, start))
+            if listed is not None and kind == K.LIST:
+                listed[stack[-1]] = []
         elif op == _MEMOIZE:
             if len(stack) == (marks[-1] if marks else 0):
                 raise Refused(start, "MEMOIZE on an empty stack")
@@ -487,6 +492,10 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                 _into(stack[-2], K.LIST, "list_like", start, op, full)
                 _no_named(op, stack[-1:], start)
                 stack[-2].size += 1
+                if listed is not None:
+                    given = listed.get(stack[-2])
+                    if given is not None:
+                        given.append(stack[-1])
                 del stack[-1]
             elif op == _SETITEM:
                 target = stack[-3]
@@ -505,6 +514,9 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                 if op == _BUILD and _is_pending(stack[-2]):
                     live -= 1
                 result, budget = _typed(op, stack[-n:], start, data, resolver, budget, calls)
+                if listed is not None and op == _REDUCE:
+                    budget, opaque = _hashed_items(stack[-2], stack[-1], result, listed, start, budget, opaque,
+                                                   max_opaque, collisions)
                 del stack[-n:]
                 stack.append(result)
                 if op == _STACK_GLOBAL:
@@ -537,6 +549,10 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                     _into(target, K.LIST, "list_like", start, op, full)
                     _no_named(op, items, start)
                     target.size += len(items)
+                    if listed is not None:
+                        given = listed.get(target)
+                        if given is not None:
+                            given.extend(items)
                 elif op == _ADDITEMS:
                     _into(target, K.SET, None, start, op, full)
                     _no_named(op, items, start)
@@ -598,8 +614,9 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
             stack[-1] = _PERSISTENT  # the user's persistent_load makes it from the id
             globals_ += 1
         elif standard and op in _STANDARD:
+            assert listed is not None
             pos, budget, opaque = _standard_op(op, start, pos, data, end, stack, marks, memo, resolver, persistent,
-                                               budget, opaque, max_opaque, collisions)
+                                               budget, opaque, max_opaque, collisions, listed)
             if op == _GLOBAL or op == _PERSID:
                 globals_ += 1
         elif op in _FORBIDDEN:
@@ -670,6 +687,24 @@ class _Collisions(list[tuple[int, int]]):
     def __init__(self) -> None:
         super().__init__()
         self.alive: list[_V] = []
+
+
+def _hashed_items(func: _V, arguments: _V, made: _V, listed: dict[_V, list[_V]], pos: int, budget: int,
+                  opaque: int, max_opaque: int, collisions: _Collisions) -> tuple[int, int]:
+    """After a standard pickle's ``REDUCE`` of ``func`` on ``arguments`` made ``made``: if the
+    call hashes the items of its list (``set(list)``, ``frozenset(list)``), charge each item
+    the list was given as a set item of ``made``, as ``ADDITEMS`` would. Without this, a list
+    of one tuple shared at every level (two bytes a level) or of ints with equal hashes
+    passes as a plain list and the call hashes it for exponential or quadratic time."""
+    rebuilder = func.info.rebuilder if func.kind == K.GLOBAL else None
+    if rebuilder is None or not rebuilder.hashes_items:
+        return budget, opaque
+    items = listed.get(arguments.info[0])
+    if items is None:
+        raise Refused(pos, f"REDUCE: {func.info.name} of a list this pickle did not build")
+    for item in items:
+        budget, opaque = _key(item, made, pos, _REDUCE, 1, budget, opaque, max_opaque, collisions)
+    return budget, opaque
 
 
 def _check_collisions(collisions: list[tuple[int, int]], end: int) -> None:
@@ -877,7 +912,8 @@ def _decimal(line: bytes, start: int, op: int) -> int:
 
 def _standard_op(op: int, start: int, pos: int, data: bytes | bytearray | memoryview, end: int, stack: list[_V],
                  marks: list[int], memo: dict[int, _V], resolver: Resolver | None, persistent: bool, budget: int,
-                 opaque: int, max_opaque: int, collisions: _Collisions) -> tuple[int, int, int]:
+                 opaque: int, max_opaque: int, collisions: _Collisions,
+                 listed: dict[_V, list[_V]]) -> tuple[int, int, int]:
     """One opcode of protocols 0-4 (``_STANDARD``): apply it to the stack; return the offset
     after it, and the work budget and opaque-key count left."""
     assert isinstance(data, bytes)  # verify_standard's callers pass bytes: lines are searched
@@ -950,6 +986,7 @@ def _standard_op(op: int, start: int, pos: int, data: bytes | bytearray | memory
         if op == _LIST:
             made = _V(K.LIST, start)
             made.size = len(items)
+            listed[made] = items
         else:
             if len(items) % 2:
                 raise Refused(start, "DICT with an odd number of items")

@@ -795,6 +795,51 @@ def test_a_sparse_memo_slot_is_refused(pickled: bytes) -> None:
     assert _load_one(b"\x80\x02Nq\x00h\x00\x86q\x01.") == (None, None)  # dense slots load
 
 
+_P61 = (1 << 61) - 1  # ints k * (2**61 - 1) all hash to 0
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3])
+def test_sets_as_old_protocols_write_them_load(protocol: int) -> None:
+    """Protocols 0-3 write a set as set(list) and a frozenset as frozenset(list)."""
+    value = {(1, (2.5, "x")), "s", b"b", 2**70, -3, None, frozenset({(4, 5), 6})}
+    assert _load_one(pickle.dumps(value, protocol=protocol)) == value
+    eight = {k * _P61 for k in range(1, 9)}  # equal hashes, as many as a dict's keys may have
+    assert _load_one(pickle.dumps(eight, protocol=protocol)) == eight
+
+
+@pytest.mark.parametrize("levels", [30, 60])
+@pytest.mark.parametrize("head", [b"\x80\x02c__builtin__\nset\n]", b"c__builtin__\nfrozenset\n(l"],
+                         ids=["protocol-2-set", "protocol-0-frozenset"])
+def test_a_set_of_one_tuple_shared_at_every_level_is_refused(head: bytes, levels: int) -> None:
+    """t = (t', t') costs two bytes a level (DUP, TUPLE2) and hashing it visits 2**levels
+    tuples: 145 bytes hung the loader in set(list). The list's items are charged as set
+    items, as a framed pickle's ADDITEMS are."""
+    data = head + b"N" + b"2\x86" * levels + b"a\x85R."
+    with pytest.raises(MalformedPickleError, match="out of proportion"):
+        _load_one(data)
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_a_set_of_ints_with_equal_hashes_is_a_hash_flood(protocol: int) -> None:
+    flood = {k * _P61 for k in range(1, 2000)}  # quadratic to insert: seconds at 16,000
+    with pytest.raises(MalformedPickleError, match="hash flood"):
+        _load_one(pickle.dumps(flood, protocol=protocol))
+
+
+def test_a_set_counts_items_whose_hash_the_verifier_cannot_check() -> None:
+    data = pickle.dumps({complex(k, 1) for k in range(10)}, protocol=2)
+    assert len(_load_one(data)) == 10
+    decoder = PickleDecoder(limits=Limits(max_opaque_keys=9))
+    decoder.feed(data)
+    with pytest.raises(MalformedPickleError, match="max_opaque_keys=9"):
+        next(decoder)
+
+
+def test_a_set_of_an_unhashable_item_is_refused_before_it_is_built() -> None:
+    with pytest.raises(MalformedPickleError, match="can't be a dict key or set item"):
+        _load_one(b"\x80\x02c__builtin__\nset\n]]a\x85R.")
+
+
 def _shared_dtype(levels: int, fields: int) -> np.dtype[Any]:
     """A structured dtype whose every level uses the level below ``fields`` times."""
     dt: np.dtype[Any] = np.dtype("i1")
