@@ -386,9 +386,10 @@ def is_mapped(view: memoryview) -> bool:
 
 def check_received(fd: int, ranges: Sequence[tuple[int, int]]) -> None:
     """Check a descriptor a peer sent, for the ``(offset, length)`` ranges announced in it,
-    before anything of it is mapped: a shared-memory file sealed against shrinking and
-    growing (so a mapping can't fault later), not sealed against writing (arrays received are
-    writable), and holding the range that ends last. :class:`ProtocolError` if it fails."""
+    before anything of it is mapped: a shared-memory file of ``memfd_create``'s ordinary kind
+    (not huge pages, whose mappings outgrow the announced length), sealed against shrinking
+    and growing (so a mapping can't fault later), not sealed against writing (arrays received
+    are writable), and holding the range that ends last. :class:`ProtocolError` if it fails."""
     try:
         info = os.fstat(fd)
     except OSError as exc:
@@ -416,12 +417,32 @@ def check_received(fd: int, ranges: Sequence[tuple[int, int]]) -> None:
             f"a shared-memory file the peer sent is sealed against writing (seals {seals:#x}); "
             f"arrays received are writable, so it is refused"
         )
+    if info.st_dev != _memfd_device():
+        # A sealable regular file elsewhere: a memfd of huge pages (hugetlbfs), whose mapping
+        # the kernel rounds up to a huge page and then can't unmap by the announced length,
+        # so each message would leave a mapping behind until none could be made.
+        raise ProtocolError(
+            f"a descriptor the peer sent is not an anonymous shared-memory file of memfd_create's "
+            f"ordinary kind (device {info.st_dev}, block size {info.st_blksize}: huge pages?): "
+            f"the peer is broken or hostile"
+        )
     offset, length = max(ranges, key=sum, default=(0, 0))
     if offset + length > info.st_size:
         raise ProtocolError(
             f"the peer announced {length} bytes at offset {offset} of a shared-memory file of "
             f"{info.st_size} bytes"
         )
+
+
+@functools.cache
+def _memfd_device() -> int:
+    """The device of every file ``memfd_create`` makes without ``MFD_HUGETLB``: the kernel's
+    internal shared-memory mount, the same for every process of the host."""
+    fd = os.memfd_create("streampickle-probe", os.MFD_CLOEXEC)
+    try:
+        return os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
 
 
 def _spans(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:

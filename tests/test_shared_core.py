@@ -281,11 +281,22 @@ def refuse(
         (lambda: memfd(PAGE, seals=fcntl.F_SEAL_SHRINK), "not sealed against shrinking"),
         (lambda: memfd(10, SEALS), "of 10 bytes"),
         (lambda: memfd(PAGE, SEALS | fcntl.F_SEAL_WRITE), "sealed against writing"),
+        (lambda: _huge_page_memfd(), "huge pages"),
     ],
-    ids=["pipe", "regular-file", "unsealed", "shrink-only", "too-small", "write-sealed"],
+    ids=["pipe", "regular-file", "unsealed", "shrink-only", "too-small", "write-sealed", "huge-pages"],
 )
 def test_each_descriptor_is_checked_before_it_is_mapped(no_leak: None, make: Any, match: str) -> None:
     refuse(shared_message([100], [(0, 0)], 1), [make()], match=match)
+
+
+def _huge_page_memfd() -> int:
+    """A sealed memfd of huge pages (hugetlbfs): creating it needs no huge page reserved. Were
+    it mapped (on a host with huge pages reserved), its mapping would span a whole huge page
+    that unmapping the announced length can't remove: a mapping left behind per message."""
+    fd = os.memfd_create("test-huge", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+    os.ftruncate(fd, 2 << 20)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    return fd
 
 
 def _read_end_of_a_pipe() -> int:
