@@ -346,9 +346,10 @@ class Decoder:
             raise self._fail(LimitExceededError(
                 f"{len(fds)} descriptors arrived while this process already holds {held} that "
                 f"peers sent with messages still in flight, at most {limit} (a quarter of its "
-                f"open-file limit, so that connections and files keep the rest): refused. Peers "
-                f"that send descriptors and then stall hold them; if the load is legitimate, "
-                f"raise the open-file limit (ulimit -n, resource.setrlimit)."
+                f"open-file limit, at least {_shm.MAX_DESCRIPTORS}, so that connections and files "
+                f"keep the rest): refused. Peers that send descriptors and then stall hold them "
+                f"until the header deadline (Limits.max_header_seconds); if the load is "
+                f"legitimate, raise the open-file limit (ulimit -n, resource.setrlimit)."
             ))
         if self._fds_guard is None:
             self._fds_guard = weakref.finalize(self, _close_held, self._fds, self._claimed)
@@ -537,6 +538,14 @@ class Decoder:
         """True if part of a message has arrived and not yet all of its header (the fixed
         header, the length table and, with a key, the stream fields and header tag)."""
         return self._received > 0 and self._part <= _HEADER_TAG and self._failure is None
+
+    @property
+    def holds_descriptors(self) -> bool:
+        """True while descriptors a peer sent wait here (shared memory), claimed by the message
+        in flight or not yet: each counts against what the whole process holds
+        (``_shm.held_limit``), so stream adapters hold such a message to the header's
+        deadline, not the message's."""
+        return bool(self._fds or self._claimed)
 
     @property
     def committed(self) -> int:

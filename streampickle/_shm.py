@@ -192,7 +192,9 @@ HELD = _Held()
 def held_limit() -> int:
     """The most descriptors this process holds at once for messages in flight: a quarter of
     its open-file limit (``RLIMIT_NOFILE``, read each time: a program may raise it), so the
-    rest stays for connections and files whatever peers send."""
+    rest stays for connections and files whatever peers send; at least one message's worth
+    (``MAX_DESCRIPTORS``), which under an open-file limit of about 1,000 is more than a
+    quarter."""
     return max(MAX_DESCRIPTORS, open_file_limit() // 4)
 
 

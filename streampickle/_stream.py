@@ -783,7 +783,10 @@ def _deadline(decoder: Decoder, started: float | None) -> tuple[str, float | Non
         return "", None
     limits = decoder.options.limits
     limit, deadline = "", None
-    if decoder.in_header and limits.max_header_seconds is not None:
+    # A message holding a peer's descriptors holds a share of a process-wide cap: a peer that
+    # stalls there would keep every other connection from shared memory, so it gets the
+    # header's time, not the message's (its bulk travels as descriptors, on one host).
+    if (decoder.in_header or decoder.holds_descriptors) and limits.max_header_seconds is not None:
         limit, deadline = "max_header_seconds", started + limits.max_header_seconds
     if limits.max_message_seconds is not None:
         end = started + limits.max_message_seconds
@@ -795,7 +798,8 @@ def _deadline(decoder: Decoder, started: float | None) -> tuple[str, float | Non
 def _late(decoder: Decoder, limit: str) -> DeadlineExceededError:
     seconds = getattr(decoder.options.limits, limit)
     received, expected = decoder.progress
-    part = "header" if limit == "max_header_seconds" else "message"
+    part = "message" if limit == "max_message_seconds" else (
+        "header" if decoder.in_header else "message, which holds descriptors it sent,")
     exc = DeadlineExceededError(
         f"the peer's {part} did not arrive within Limits.{limit}={seconds} s of its first "
         f"byte ({received} of the {expected} bytes known so far had arrived); the message "

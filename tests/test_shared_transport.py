@@ -858,6 +858,30 @@ async def test_peers_that_send_descriptors_and_stall_leave_a_server_serving(
 
 
 @pytest.mark.anyio
+async def test_a_message_holding_descriptors_has_the_headers_deadline(anyio_backend: Any) -> None:
+    """A peer that sends a shared message's tables with its descriptors, then stalls in the
+    pickle, held them for the message's deadline (ten minutes by default): a few such peers
+    kept every other connection of the process from shared memory for that long. Such a
+    message is held to the header's deadline whole, and its descriptors are closed then."""
+    array = streampickle.shared_copy(np.arange(1000))
+    chunks = Encoder(shared_memory=True).encode(array)
+    data, fds = wire(chunks), _shm.descriptors_of(chunks)
+    held = _shm.HELD.count
+    baseline = open_fds()
+    x, y = socket.socketpair()
+    limits = streampickle.Limits(max_header_seconds=0.5, max_message_seconds=None)
+    with x:
+        socket.send_fds(x, [data[:-1]], fds)  # all but its last byte: the tables are complete
+        async with ObjectStream.from_socket(y, shared_memory=True, limits=limits) as stream:
+            with anyio.fail_after(60):  # a guard against a hang, never reached when the test passes
+                with pytest.raises(streampickle.DeadlineExceededError, match="holds descriptors") as info:
+                    await stream.receive()
+            assert info.value.limit == "max_header_seconds"
+            assert _shm.HELD.count == held  # closed when the deadline struck, not at the stream's close
+    assert open_fds() == baseline  # the pair's two ends, and every descriptor the peer sent
+
+
+@pytest.mark.anyio
 async def test_a_read_that_gets_no_memory_from_the_system_raises_a_typed_error(
     anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
