@@ -404,6 +404,7 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
     # Standard pickles only: each list this pickle built, with the items it was given, for a
     # set(list) or frozenset(list) to charge them as set items (see _hashed_items).
     listed: dict[_V, list[_V]] | None = {} if standard else None
+    charged: dict[_V, _Charged] = {}  # what set(list) charged for each list's items so far
     while pos < end:
         op = data[pos]
         start = pos
@@ -515,7 +516,7 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                     live -= 1
                 result, budget = _typed(op, stack[-n:], start, data, resolver, budget, calls)
                 if listed is not None and op == _REDUCE:
-                    budget, opaque = _hashed_items(stack[-2], stack[-1], result, listed, start, budget, opaque,
+                    budget, opaque = _hashed_items(stack[-2], stack[-1], listed, charged, start, budget, opaque,
                                                    max_opaque, collisions)
                 del stack[-n:]
                 stack.append(result)
@@ -664,7 +665,7 @@ def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opa
     if item.cost > 1:  # a tuple: hashing it visits its whole tree, shared parts at each place
         budget -= item.cost
         if budget < 0:
-            raise Refused(pos, f"{_NAMES[op]}: hashing the keys would take work out of proportion to the pickle's size")
+            raise _too_much_hashing(pos, op)
     container.size += item.cost
     if kind is _SALTED or kind is _FREE:
         return budget, opaque
@@ -673,12 +674,20 @@ def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opa
     if kind is _WEAK:
         opaque += 1
         if opaque > max_opaque:
-            raise Refused(pos, f"{_NAMES[op]}: more than Limits.max_opaque_keys={max_opaque} keys whose hash "
-                               "the verifier can't check (raise the limit for peers you trust with the CPU)")
+            raise _too_many_opaque(pos, op, max_opaque)
     else:
         collisions.append((id(container), item.hval))
         collisions.alive.append(container)  # so that no id is reused while the walk runs
     return budget, opaque
+
+
+def _too_much_hashing(pos: int, op: int) -> Refused:
+    return Refused(pos, f"{_NAMES[op]}: hashing the keys would take work out of proportion to the pickle's size")
+
+
+def _too_many_opaque(pos: int, op: int, max_opaque: int) -> Refused:
+    return Refused(pos, f"{_NAMES[op]}: more than Limits.max_opaque_keys={max_opaque} keys whose hash the "
+                        "verifier can't check (raise the limit for peers you trust with the CPU)")
 
 
 class _Collisions(list[tuple[int, int]]):
@@ -689,21 +698,51 @@ class _Collisions(list[tuple[int, int]]):
         self.alive: list[_V] = []
 
 
-def _hashed_items(func: _V, arguments: _V, made: _V, listed: dict[_V, list[_V]], pos: int, budget: int,
-                  opaque: int, max_opaque: int, collisions: _Collisions) -> tuple[int, int]:
-    """After a standard pickle's ``REDUCE`` of ``func`` on ``arguments`` made ``made``: if the
-    call hashes the items of its list (``set(list)``, ``frozenset(list)``), charge each item
-    the list was given as a set item of ``made``, as ``ADDITEMS`` would. Without this, a list
-    of one tuple shared at every level (two bytes a level) or of ints with equal hashes
-    passes as a plain list and the call hashes it for exponential or quadratic time."""
+class _Charged:
+    """What set(list) calls charged for one list's items: how many of its items were checked
+    as set items (their equal hashes recorded once, under ``records``), their hashing work
+    and how many were opaque, which each later call on the same items charges again."""
+
+    __slots__ = ("count", "cost", "opaque", "records")
+
+    def __init__(self, pos: int) -> None:
+        self.count = self.cost = self.opaque = 0
+        self.records = _V(K.SET, pos)
+
+
+def _hashed_items(func: _V, arguments: _V, listed: dict[_V, list[_V]], charged: dict[_V, _Charged], pos: int,
+                  budget: int, opaque: int, max_opaque: int, collisions: _Collisions) -> tuple[int, int]:
+    """After a standard pickle's ``REDUCE`` of ``func`` on ``arguments``: if the call hashes
+    the items of its list (``set(list)``, ``frozenset(list)``), charge each item the list was
+    given as a set item, as ``ADDITEMS`` would. Without this, a list of one tuple shared at
+    every level (two bytes a level) or of ints with equal hashes passed as a plain list and
+    the call hashed it for exponential or quadratic time. Each item is checked once; a list
+    passed again is charged its items' hashing and opaque count in one step (the walk of its
+    items is charged by the ``REDUCE`` itself, as for any container argument)."""
     rebuilder = func.info.rebuilder if func.kind == K.GLOBAL else None
     if rebuilder is None or not rebuilder.hashes_items:
         return budget, opaque
-    items = listed.get(arguments.info[0])
+    the_list = arguments.info[0]
+    items = listed.get(the_list)
     if items is None:
         raise Refused(pos, f"REDUCE: {func.info.name} of a list this pickle did not build")
-    for item in items:
-        budget, opaque = _key(item, made, pos, _REDUCE, 1, budget, opaque, max_opaque, collisions)
+    done = charged.get(the_list)
+    if done is None:
+        done = charged[the_list] = _Charged(pos)
+        collisions.alive.append(done.records)
+    elif done.count:
+        budget -= done.cost
+        if budget < 0:
+            raise _too_much_hashing(pos, _REDUCE)
+        opaque += done.opaque
+        if opaque > max_opaque:
+            raise _too_many_opaque(pos, _REDUCE, max_opaque)
+    for item in items[done.count :]:
+        before, opaque_before = budget, opaque
+        budget, opaque = _key(item, done.records, pos, _REDUCE, 1, budget, opaque, max_opaque, collisions)
+        done.cost += before - budget
+        done.opaque += opaque - opaque_before
+    done.count = len(items)
     return budget, opaque
 
 

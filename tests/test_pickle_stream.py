@@ -826,6 +826,29 @@ def test_a_set_of_ints_with_equal_hashes_is_a_hash_flood(protocol: int) -> None:
         _load_one(pickle.dumps(flood, protocol=protocol))
 
 
+def test_a_list_passed_to_set_again_and_again_is_checked_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One memoized list of (i,) tuples passed to set() many times: each call is charged its
+    items' hashing, but each item is checked (and its hash recorded) once, not once a call
+    (that was 8 times the CPU bound and more than the memory bound per byte)."""
+    from streampickle import _verify
+
+    checked = []
+    key = _verify._key
+
+    def counting(*args: Any) -> Any:
+        checked.append(args[0])
+        return key(*args)
+
+    monkeypatch.setattr(_verify, "_key", counting)
+    items, calls = 200, 3
+    data = (b"\x80\x02c__builtin__\nset\nq\x00](" + b"".join(b"J" + i.to_bytes(4, "little") + b"\x85"
+                                                           for i in range(items))
+            + b"e\x85q\x0100(" + b"h\x00h\x01R" * calls + b"l.")  # memo: 0 set, 1 (list,)
+    got = _load_one(data)
+    assert len(got) == calls and all(s == {(i,) for i in range(items)} for s in got)
+    assert len(checked) == items
+
+
 def test_a_set_counts_items_whose_hash_the_verifier_cannot_check() -> None:
     data = pickle.dumps({complex(k, 1) for k in range(10)}, protocol=2)
     assert len(_load_one(data)) == 10
