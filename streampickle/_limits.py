@@ -83,9 +83,9 @@ class Limits:
     #: chunk, one round trip on any working link, so this only ever closes a peer that started
     #: a message and stalled (or a slowloris sending a byte now and then), which would
     #: otherwise hold its connection and what arrived for ever. Raise it for very slow links.
-    #: A message that hands over descriptors (shared memory) is held to it whole, from its
-    #: first byte to its last: what it holds meanwhile counts against a process-wide cap on
-    #: descriptors, and its bulk travels as descriptors between processes on one host.
+    #: A message that hands over descriptors (shared memory) is held to it whole, plus one
+    #: second per 64 MiB that arrived of it (its ordinary arrays travel inline): what it
+    #: holds meanwhile counts against a process-wide cap on descriptors.
     max_header_seconds: float | None = 30.0
 
     #: Seconds a whole message may take to arrive, counted from its first byte. Default 600

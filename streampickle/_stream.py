@@ -783,16 +783,25 @@ def _deadline(decoder: Decoder, started: float | None) -> tuple[str, float | Non
         return "", None
     limits = decoder.options.limits
     limit, deadline = "", None
-    # A message holding a peer's descriptors holds a share of a process-wide cap: a peer that
-    # stalls there would keep every other connection from shared memory, so it gets the
-    # header's time, not the message's (its bulk travels as descriptors, on one host).
-    if (decoder.in_header or decoder.holds_descriptors) and limits.max_header_seconds is not None:
+    if decoder.in_header and limits.max_header_seconds is not None:
         limit, deadline = "max_header_seconds", started + limits.max_header_seconds
+    elif decoder.holds_descriptors and limits.max_header_seconds is not None:
+        # A message holding a peer's descriptors holds a share of a process-wide cap: a peer
+        # that stalls there would keep every other connection from shared memory. It gets
+        # the header's time, and more as its bytes arrive (its ordinary arrays travel inline).
+        received = decoder.progress[0]
+        limit, deadline = "max_header_seconds", started + limits.max_header_seconds + received / SHARED_MIN_RATE
     if limits.max_message_seconds is not None:
         end = started + limits.max_message_seconds
         if deadline is None or end < deadline:
             limit, deadline = "max_message_seconds", end
     return limit, deadline
+
+
+#: Bytes per second a message holding a peer's descriptors must average, after the header's
+#: time, to keep them: 64 MiB/s, a small fraction of what a Unix socket carries on one host,
+#: so only a peer that stalls (or trickles) with descriptors held is cut before its end.
+SHARED_MIN_RATE = 64 << 20
 
 
 def _late(decoder: Decoder, limit: str) -> DeadlineExceededError:

@@ -881,6 +881,33 @@ async def test_a_message_holding_descriptors_has_the_headers_deadline(anyio_back
     assert open_fds() == baseline  # the pair's two ends, and every descriptor the peer sent
 
 
+def test_a_message_holding_descriptors_earns_time_as_its_inline_bytes_arrive() -> None:
+    """Its ordinary arrays travel inline beside the shared ones, so a large honest message
+    gets the header's time plus a second per SHARED_MIN_RATE bytes received; the same bytes
+    without descriptors are held to the message's deadline only."""
+    from streampickle import _stream
+
+    shared = streampickle.shared_copy(np.arange(1000))
+    ordinary = np.arange(1 << 20)  # 8 MiB, inline
+    chunks = Encoder(shared_memory=True).encode((shared, ordinary))
+    data, fds = wire(chunks), _shm.descriptors_of(chunks)
+    limits = streampickle.Limits()
+    decoder = Decoder(shared_memory=True, limits=limits)
+    decoder.feed_descriptors([os.dup(fd) for fd in fds], len(data))
+    decoder.feed(data[: len(data) - 4096])  # the header is whole; most of the array is there
+    assert decoder.holds_descriptors and not decoder.in_header
+    received = decoder.progress[0]
+    assert _stream._deadline(decoder, 100.0) == (
+        "max_header_seconds", 100.0 + limits.max_header_seconds + received / _stream.SHARED_MIN_RATE)
+    decoder.feed(data[len(data) - 4096 :])
+    assert not decoder.holds_descriptors
+    got = next(decoder)
+    assert np.array_equal(got[0], shared) and np.array_equal(got[1], ordinary)
+    plain = Decoder(limits=limits)
+    plain.feed(wire(Encoder().encode((np.arange(1000), ordinary)))[:-4096])
+    assert _stream._deadline(plain, 100.0) == ("max_message_seconds", 100.0 + limits.max_message_seconds)
+
+
 @pytest.mark.anyio
 async def test_a_read_that_gets_no_memory_from_the_system_raises_a_typed_error(
     anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
