@@ -278,6 +278,16 @@ def test_colliding_big_int_keys_are_a_hash_flood() -> None:
     assert len(streampickle.loads(streampickle.dumps({k * p: None for k in range(1, 1000)}), trusted=True)) == 999
 
 
+@pytest.mark.xfail(strict=True, reason="known gap: a tuple holding a str, bytes or NaN is treated as unpredictable "
+                   "to hash, but equal strings hash alike, so its other items can make such keys collide")
+@pytest.mark.parametrize("salt", ["a", b"b"], ids=["str", "bytes"])
+def test_colliding_big_ints_beside_a_str_in_tuple_keys_are_a_hash_flood(salt: Any) -> None:
+    # (k * (2**61 - 1), "a") all hash alike: quadratic to insert (15 s for 32,000, 543 KB).
+    p = 2**61 - 1
+    with pytest.raises(MalformedPickleError, match="same hash"):
+        streampickle.loads(streampickle.dumps({(k * p, salt): None for k in range(1, 100)}))
+
+
 @pytest.mark.parametrize("body", [
     glob("streampickle._rebuild", "ndarray") + b"Q.",  # a reconstructor, named and not called
     glob("streampickle._rebuild", "ndarray") + b"\x85\x85Q.",  # two tuples deep
