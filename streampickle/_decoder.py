@@ -544,7 +544,7 @@ class Decoder:
         """True while descriptors a peer sent wait here (shared memory), claimed by the message
         in flight or not yet: each counts against what the whole process holds
         (``_shm.held_limit``), so stream adapters hold such a message to the header's
-        deadline, not the message's."""
+        deadline (plus time for the bytes that arrived), not the message's."""
         return bool(self._fds or self._claimed)
 
     @property

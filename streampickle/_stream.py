@@ -807,11 +807,16 @@ SHARED_MIN_RATE = 64 << 20
 def _late(decoder: Decoder, limit: str) -> DeadlineExceededError:
     seconds = getattr(decoder.options.limits, limit)
     received, expected = decoder.progress
-    part = "message" if limit == "max_message_seconds" else (
-        "header" if decoder.in_header else "message, which holds descriptors it sent,")
+    part, more = "message", ""
+    if limit == "max_header_seconds":
+        if decoder.in_header:
+            part = "header"
+        else:
+            part = "message, which holds descriptors it sent,"
+            more = f" and a second per {SHARED_MIN_RATE >> 20} MiB of it that arrived"
     exc = DeadlineExceededError(
         f"the peer's {part} did not arrive within Limits.{limit}={seconds} s of its first "
-        f"byte ({received} of the {expected} bytes known so far had arrived); the message "
+        f"byte{more} ({received} of the {expected} bytes known so far had arrived); the message "
         f"was dropped and the stream can't be used again. A stalled or hostile peer does "
         f"this; if the link is just slow, raise it with limits=Limits({limit}=...).",
         limit=limit, seconds=seconds, received=received, expected=expected,
