@@ -199,26 +199,19 @@ static int is_nan_be(const unsigned char *p) {
     return (p[1] & 0x0f) || p[2] || p[3] || p[4] || p[5] || p[6] || p[7];
 }
 
-/* The hash class of a tuple whose items' classes are any of `seen` (one bit per class) and
- * which has n items: _verify._settle_one. Salted only if every item is: equal strings hash
- * alike, so items beside one can make such tuples collide. */
-static unsigned char tuple_class(unsigned seen, Py_ssize_t n) {
-    if (seen & (1u << H_UNHASHABLE)) return H_UNHASHABLE;
-    if (seen & (1u << H_WEAK)) return H_WEAK;
-    if (n && seen == (1u << H_SALTED)) return H_SALTED;
-    return H_COMPUTED;
-}
-
 /* A tuple of items[0..n): _verify._tuple_value's hash class, depth and cost. */
 static Slot tuple_of(const Slot *items, Py_ssize_t n) {
     Slot t = {V_OTHER, H_COMPUTED, 0, 1};
-    unsigned seen = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        seen |= 1u << items[i].hkind;
+        const unsigned char h = items[i].hkind;
+        if (h == H_UNHASHABLE) t.hkind = H_UNHASHABLE;
+        else if (t.hkind != H_UNHASHABLE) {
+            if (h == H_WEAK) t.hkind = H_WEAK;
+            else if (h == H_SALTED && t.hkind != H_WEAK) t.hkind = H_SALTED;
+        }
         t.cost = items[i].cost >= COST_CAP - t.cost ? COST_CAP : t.cost + items[i].cost;
         if (items[i].depth > t.depth) t.depth = items[i].depth;
     }
-    t.hkind = tuple_class(seen, n);
     t.depth += 1;
     return t;
 }
@@ -689,21 +682,23 @@ static Val int_val(const unsigned char *p, uint64_t n) {
 static Val tuple_val(const Val *items, Py_ssize_t n, Py_ssize_t at) {
     Val t = {KD_TUPLE, 0, 1, 0, at, n, H_COMPUTED, 0};
     uint64_t acc = XXPRIME_5;
-    unsigned seen = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        seen |= 1u << items[i].hkind;
-        /* CPython's tuplehash (xxHash-based, 3.8 and later), over every item's hash: a salted
-         * item's is its content's (equal strings hash alike), so the tuple's is exact where
-         * its other items' are, up to the salt */
-        acc += (uint64_t)items[i].hval * XXPRIME_2;
-        acc = (acc << 31) | (acc >> 33);
-        acc *= XXPRIME_1;
+        const unsigned char h = items[i].hkind;
+        if (h == H_UNHASHABLE) t.hkind = H_UNHASHABLE;
+        else if (t.hkind != H_UNHASHABLE) {
+            if (h == H_WEAK) t.hkind = H_WEAK;
+            else if (h == H_SALTED && t.hkind != H_WEAK) t.hkind = H_SALTED;
+        }
+        if (t.hkind == H_COMPUTED) { /* CPython's tuplehash (xxHash-based, 3.8 and later) */
+            acc += (uint64_t)items[i].hval * XXPRIME_2;
+            acc = (acc << 31) | (acc >> 33);
+            acc *= XXPRIME_1;
+        }
         t.cost = items[i].cost >= COST_CAP - t.cost ? COST_CAP : t.cost + items[i].cost;
         t.named |= items[i].named;
         if (items[i].depth > t.depth) t.depth = items[i].depth;
     }
-    t.hkind = tuple_class(seen, n);
-    if (t.hkind == H_COMPUTED || t.hkind == H_SALTED) {
+    if (t.hkind == H_COMPUTED) {
         acc += (uint64_t)n ^ (XXPRIME_5 ^ 3527539ULL);
         t.hval = acc == UINT64_MAX ? 1546275796 : (int64_t)acc;
     }
@@ -1098,17 +1093,11 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                 if (f == NULL) goto done;
                 const Py_hash_t h = PyObject_Hash(f);
                 Py_DECREF(f);
-                /* a NaN's hash is its object's: the same for a memo copy, else another (its opcode) */
-                PUSH(((Val){KD_FLOAT, d != d ? (int64_t)start : h, 1, 0, 0, 0, d != d ? H_SALTED : H_FREE, 0}));
+                PUSH(((Val){KD_FLOAT, h, 1, 0, 0, 0, d != d ? H_SALTED : H_FREE, 0}));
                 break;
             }
-            /* bytes and str: salted, with their content's hash (in a tuple key, see tuple_val) */
-            case 'C': case 'B': case 0x8e:
-                PUSH(((Val){KD_BYTES, _Py_HashBytes(data + at, pos - at), 1, 0, 0, 0, H_SALTED, 0}));
-                break;
-            case 0x8c: case 'X': case 0x8d:
-                PUSH(((Val){KD_STR, _Py_HashBytes(data + at, pos - at), 1, 0, at, pos, H_SALTED, 0}));
-                break;
+            case 'C': case 'B': case 0x8e: PUSH(((Val){KD_BYTES, 0, 1, 0, 0, 0, H_SALTED, 0})); break;
+            case 0x8c: case 'X': case 0x8d: PUSH(((Val){KD_STR, 0, 1, 0, at, pos, H_SALTED, 0})); break;
             case 0x96: PUSH(((Val){KD_BYTEARRAY, 0, 1, 0, 0, 0, H_UNHASHABLE, 0})); break;
             case ')': PUSH(tuple_val(NULL, 0, w.items.len)); break;
             case ']': case '}': case 0x8f: {
@@ -1190,8 +1179,6 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                     const Val *item = &AT(w.stack, Val)[base + i];
                     CHECK(key(&w, item, f.a, start, spec->name));
                     if (item->hkind != H_SALTED) f.hkind = H_WEAK;
-                    /* order-free, as a frozenset's hash: equal sets of strings combine alike */
-                    f.hval ^= (int64_t)((uint64_t)item->hval * XXPRIME_2);
                     if (item->depth > f.depth) f.depth = item->depth;
                 }
                 f.depth += 1;

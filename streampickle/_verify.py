@@ -79,7 +79,6 @@ pickle that leaves one unbuilt is refused at its ``STOP``. So neither a user's
 
 from __future__ import annotations
 
-import codecs
 import pickle
 import struct
 from collections.abc import Callable
@@ -270,25 +269,27 @@ def _settle(root: _V) -> None:
 
 def _settle_one(value: _V) -> None:
     items: list[_V] = value.info
-    kinds = set()
+    hkind: str | None = "computed"
     acc = _XXPRIME_5
     cost = 1
     depth = 0
     for item in items:
-        kinds.add(item.hkind)
-        # CPython's tuplehash (xxHash-based, 3.8 and later), over every item's hash: a salted
-        # item's is its content's (equal strings hash alike), so the tuple's is exact where
-        # its other items' are, up to the salt
-        acc = (acc + (item.hval & _M64) * _XXPRIME_2) & _M64
-        acc = ((acc << 31) | (acc >> 33)) & _M64
-        acc = (acc * _XXPRIME_1) & _M64
+        kind = item.hkind
+        if kind is _UNHASHABLE:
+            hkind = _UNHASHABLE
+        elif hkind is not _UNHASHABLE:
+            if kind is _WEAK:
+                hkind = _WEAK
+            elif kind is _SALTED and hkind != _WEAK:
+                hkind = _SALTED
+        if hkind == "computed":  # CPython's tuplehash (xxHash-based, 3.8 and later)
+            acc = (acc + (item.hval & _M64) * _XXPRIME_2) & _M64
+            acc = ((acc << 31) | (acc >> 33)) & _M64
+            acc = (acc * _XXPRIME_1) & _M64
         cost += item.cost
         if item.depth > depth:
             depth = item.depth
-    # Salted only if every item is: items beside a string can make such tuples collide.
-    hkind: str | None = (_UNHASHABLE if _UNHASHABLE in kinds else _WEAK if _WEAK in kinds
-                         else _SALTED if kinds == {_SALTED} else "computed")
-    if hkind == "computed" or hkind is _SALTED:
+    if hkind == "computed":
         acc = (acc + (len(items) ^ (_XXPRIME_5 ^ 3527539))) & _M64
         value.hval = 1546275796 if acc == _M64 else (acc - (1 << 64) if acc >= 1 << 63 else acc)
     value.hkind = hkind
@@ -423,18 +424,15 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
             if size > end - pos:
                 raise Refused(start, f"{_NAMES[op]} declares {size} bytes, only {end - pos} are left")
             if op == _SHORT_BINUNICODE or op == _BINUNICODE or op == _BINUNICODE8:
-                # salted, with its content's hash: equal strings hash alike (see _settle_one)
-                value = _V(K.STR, (pos, pos + size), _SALTED, hval=hash(bytes(data[pos : pos + size])))
+                value = _V(K.STR, (pos, pos + size), _SALTED)
             elif op == _BINFLOAT:
                 number = _unpack_float(data, pos)[0]
-                # a NaN's hash is its object's: unpredictable to the peer, as a salted hash is;
-                # the same for a memo copy of it, else another (its opcode's offset stands in)
-                value = (_V(K.FLOAT, hkind=_SALTED, hval=start) if number != number
-                         else _V(K.FLOAT, hkind=_FREE, hval=hash(number)))
+                # a NaN's hash is its address: unpredictable to the peer, as a salted hash is
+                value = _V(K.FLOAT, hkind=_SALTED if number != number else _FREE, hval=hash(number))
             elif op == _BYTEARRAY8:
                 value = _V(K.BYTEARRAY)
             elif op == _SHORT_BINBYTES or op == _BINBYTES or op == _BINBYTES8:
-                value = _V(K.BYTES, hkind=_SALTED, hval=hash(bytes(data[pos : pos + size])))
+                value = _V(K.BYTES, hkind=_SALTED)
             elif op == _LONG1 or op == _LONG4:
                 number = int.from_bytes(data[pos : pos + size], "little", signed=True)
                 if not full and size >= 8:  # plain mode judges only ints of at most 7 bytes
@@ -543,10 +541,6 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                 frozen.depth = 1 + max((item.depth for item in items), default=0)
                 if all(item.hkind is _SALTED for item in items) and items:
                     frozen.hkind = _SALTED
-                    mixed = 0  # order-free, as a frozenset's hash: equal sets of strings combine alike
-                    for item in items:
-                        mixed ^= (item.hval * _XXPRIME_2) & _M64
-                    frozen.hval = mixed - (1 << 64) if mixed >= 1 << 63 else mixed
                 stack.append(frozen)
             elif op != _POP_MARK:
                 if base - (marks[-1] if marks else 0) < 1:
@@ -934,21 +928,6 @@ _PENDING = object()
 MAX_DECIMAL_DIGITS = 4300
 
 
-def _line_text_hash(line: bytes, op: int) -> int:
-    """The hash of the text a ``STRING`` or ``UNICODE`` line stands for, as UTF-8, the same as
-    for a ``BINUNICODE`` of that text: its escapes are decoded, so that one text written many
-    ways hashes alike, as the unpickled strings will. A line the unpickler will refuse hashes
-    as it is."""
-    try:
-        if op == _STRING:
-            if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b"'", b'"'):
-                return hash(line)
-            return hash(codecs.escape_decode(line[1:-1])[0])
-        return hash(line.decode("raw-unicode-escape").encode("utf-8", "surrogatepass"))
-    except (UnicodeError, ValueError):
-        return hash(line)
-
-
 def _line(data: bytes, pos: int, end: int, start: int, op: int) -> tuple[bytes, int]:
     """The line argument at ``pos`` (without its newline), and the offset after the newline."""
     nl = data.find(b"\n", pos, end)
@@ -993,12 +972,10 @@ def _standard_op(op: int, start: int, pos: int, data: bytes | bytearray | memory
             number = float(line)
         except ValueError:
             raise Refused(start, "FLOAT: not a decimal number") from None
-        stack.append(_V(K.FLOAT, hkind=_SALTED, hval=start) if number != number
-                     else _V(K.FLOAT, hkind=_FREE, hval=hash(number)))  # as BINFLOAT's
+        stack.append(_V(K.FLOAT, hkind=_SALTED if number != number else _FREE, hval=hash(number)))
     elif op == _STRING or op == _UNICODE:
-        line, pos = _line(data, pos, end, start, op)
-        # info None: not a name STACK_GLOBAL may read
-        stack.append(_V(K.STR, None, _SALTED, hval=_line_text_hash(line, op)))
+        pos = _line(data, pos, end, start, op)[1]
+        stack.append(_V(K.STR, None, _SALTED))  # info None: not a name STACK_GLOBAL may read
     elif op == _BINSTRING or op == _SHORT_BINSTRING:
         width = 4 if op == _BINSTRING else 1
         if pos + width > end:
@@ -1007,8 +984,8 @@ def _standard_op(op: int, start: int, pos: int, data: bytes | bytearray | memory
         pos += width
         if size < 0 or size > end - pos:
             raise Refused(start, f"{_NAMES[op]} declares {size} bytes, only {end - pos} are left")
-        stack.append(_V(K.STR, None, _SALTED, hval=hash(data[pos : pos + size])))
         pos += size
+        stack.append(_V(K.STR, None, _SALTED))
     elif op == _PUT or op == _BINPUT or op == _LONG_BINPUT:
         if op == _PUT:
             line, pos = _line(data, pos, end, start, op)

@@ -849,27 +849,6 @@ def test_a_list_passed_to_set_again_and_again_is_checked_once(monkeypatch: pytes
     assert len(checked) == items
 
 
-@pytest.mark.parametrize("protocol", [0, 2, 4])
-def test_colliding_ints_beside_a_str_in_standard_tuple_keys_are_a_hash_flood(protocol: int) -> None:
-    keys = [(k * _P61, "a") for k in range(1, 100)]
-    for value in (dict.fromkeys(keys), set(keys)):
-        with pytest.raises(MalformedPickleError, match="same hash"):
-            _load_one(pickle.dumps(value, protocol=protocol))
-    fine = {(f"name-{i}", k * _P61): None for i, k in enumerate(range(1, 100))}
-    assert _load_one(pickle.dumps(fine, protocol=protocol)) == fine
-
-
-def test_one_text_written_many_ways_in_protocol_0_hashes_alike() -> None:
-    """A protocol-0 STRING line is escaped text: 'a', "a" and '\\x61' are one string to the
-    unpickler, so they must be one string to the hash-flood count too."""
-    spellings = [b"'a'", b'"a"', b"'\\x61'", b"'\\141'"]
-    body = b"(dp0\n"
-    for k in range(1, 40):
-        body += b"(L%dL\nS%s\ntp%d\nI1\ns" % (k * _P61, spellings[k % len(spellings)], k)
-    with pytest.raises(MalformedPickleError, match="same hash"):
-        _load_one(body + b".")
-
-
 def test_a_set_counts_items_whose_hash_the_verifier_cannot_check() -> None:
     data = pickle.dumps({complex(k, 1) for k in range(10)}, protocol=2)
     assert len(_load_one(data)) == 10

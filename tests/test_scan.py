@@ -54,13 +54,11 @@ def valid_pickles() -> list[tuple[bytes, int]]:
 @pytest.mark.parametrize("impl", _impls())
 def test_plain_data_is_admitted_and_anything_to_judge_deferred(impl: str) -> None:
     scan = IMPLEMENTATIONS[impl]
-    admitted = [{"a": [1, (2, 3)]}, {"k": 1, b"b": 2, 3: 4, 5.5: 6, None: 7, True: 8}, {("a", b"b"): 2},
+    admitted = [{"a": [1, (2, 3)]}, {"k": 1, b"b": 2, 3: 4, 5.5: 6, None: 7, True: 8}, {("a", 1): 2},
                 {frozenset({"a"}): 1}, {2**50: 1}, [[1], [2]], set(), frozenset()]
     for obj in admitted:
         assert scan(pickle.dumps(obj, protocol=5), 0) == 0, obj
-    # ("a", 1): equal strings hash alike, so the items beside one can make such keys collide
-    deferred = [[complex(1, 2)], (range(2), slice(1)), {(1, 2): 3}, {(): 1}, {2**70: 1}, {frozenset({1})},
-                {("a", 1): 2}]
+    deferred = [[complex(1, 2)], (range(2), slice(1)), {(1, 2): 3}, {(): 1}, {2**70: 1}, {frozenset({1})}]
     for obj in deferred:
         assert scan(pickle.dumps(obj, protocol=5), 0) == _scan.DEFER, obj
 
