@@ -52,7 +52,7 @@ from ._limits import Limits
 from ._mac import Key, describe_flags
 from ._options import DEFAULT_LIMITS, Options, options_for
 from ._pool import HUGE_PAGE, POOL_MIN, buffer_pool, small_pages
-from ._safe import GC_PAUSE_BYTES, Loader, unpickling_failed
+from ._safe import GC_PAUSE_BYTES, unpickling_failed
 
 if TYPE_CHECKING:
     from ._encoder import Encoder
@@ -508,10 +508,7 @@ class Decoder:
         options: no ``allow``, no ``persistent_load``, never trusted. For messages that can
         only be plain data and come before the peer has proven anything (a handshake's). The
         decoder's ``max_opaque_keys`` still holds: a lowered limit is about CPU, not trust."""
-        keys = self._loader.max_opaque_keys
-        plain = Loader.shared(False)
-        if keys != plain.max_opaque_keys:
-            plain = Loader(max_opaque_keys=keys)
+        plain = Options(limits=self._limits).loader  # Options picks the shared loader where it can
         saved, self._loader = self._loader, plain
         try:
             yield
