@@ -579,15 +579,21 @@ class SPListener(BaseListener):
         if self._trimming is not None:
             self._trimming.start()
 
-    async def start(self) -> None:
+    def _configure(self) -> Key | None:
+        """What a listener reads from dask's config as it starts (the receive pool's bounds,
+        the cap on connections in their handshakes, the cluster key); the key."""
         _configure_pool()
         self._max_unproven = _max_handshakes()
+        key = cluster_key()
+        self._keyed = key is not None
+        return key
+
+    async def start(self) -> None:
+        key = self._configure()
         backlog = int(dask.config.get("distributed.comm.socket-backlog"))
         host = self.ip or None
         if host == "0.0.0.0":
             host = None
-        key = cluster_key()
-        self._keyed = key is not None
         listener = await create_tcp_listener(
             local_host=host, local_port=int(self.port), backlog=backlog, key=key, budget=None
         )
@@ -778,10 +784,7 @@ class SPUnixListener(SPListener):
         self._share = False
 
     async def start(self) -> None:
-        _configure_pool()
-        self._max_unproven = _max_handshakes()
-        key = cluster_key()
-        self._keyed = key is not None
+        key = self._configure()
         self._share = _unix_share(key)
         listener = await create_unix_listener(
             self.path, mode=0o600, backlog=int(dask.config.get("distributed.comm.socket-backlog")),
