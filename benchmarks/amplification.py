@@ -299,6 +299,43 @@ def tuple_keys_colliding(size: int) -> Case:
     return plain(b"}(" + items + b"u")
 
 
+def str_tuple_keys_colliding(size: int) -> Case:
+    """Tuple keys (k * (2**61 - 1), "a"), the str memoized: the salt of "a" is the same in
+    every tuple and every int hashes to 0, so all hash alike."""
+    keys = [integer(P61) + b"\x8c\x01a\x94\x86N"]
+    total = len(keys[0])
+    k = 2
+    while total < size - 8:
+        item = integer(k * P61) + b"h\x00\x86N"
+        keys.append(item)
+        total += len(item)
+        k += 1
+    return plain(b"}(" + b"".join(keys) + b"u")
+
+
+def twin_tuple_keys_colliding(size: int) -> Case:
+    """Tuple keys of 16 places, each "aJ" or its bytes twin b"aJ" (a str hashes as its
+    buffer): 2**16 tuples with one hash, as many as the size holds."""
+    keys = []
+    total = 0
+    bits = 0
+    while total < size - 8 and bits < 1 << 16:
+        item = b"(" + b"".join((b"C" if bits >> j & 1 else b"\x8c") + bytes([len(f"a{j}")]) + f"a{j}".encode()
+                               for j in range(16)) + b"tN"
+        keys.append(item)
+        total += len(item)
+        bits += 1
+    return plain(b"}(" + b"".join(keys) + b"u")
+
+
+def memo_text_tuples(size: int) -> Case:
+    """A str of TEXT_HASHED_BYTES four-byte characters, memoized, then one 1-tuple of it per
+    3 bytes into a set: each tuple hashes its str again (a decode and a hash of its buffer)."""
+    text = ("\U0001f600" * 64).encode()
+    count = max(1, (size - len(text) - 16) // 3)
+    return plain(b"\x8fX" + len(text).to_bytes(4, "little") + text + b"\x940(" + b"h\x00\x85" * count + b"\x90")
+
+
 def float_keys_colliding(size: int) -> Case:
     """Floats m * 2**(61 j): all j give one hash per m (2**61 is 1 modulo 2**61 - 1), about
     34 floats per hash value."""
@@ -648,6 +685,11 @@ ATTACKS: list[Attack] = [
     Attack("deep-tuples", "exhaustion", "tuples nested by TUPLE1 chains, depth = bytes", deep_tuples),
     Attack("int-keys-k*P", "exhaustion", "dict keys k*(2**61-1), all hash 0", int_keys_colliding),
     Attack("tuple-keys-crafted", "exhaustion", "2-tuples of ints solved to one tuple hash", tuple_keys_colliding),
+    Attack("str-tuple-keys", "exhaustion", "tuple keys (k*(2**61-1), \"a\"), all hash alike", str_tuple_keys_colliding),
+    Attack("twin-tuple-keys", "exhaustion", "16-tuples of \"aJ\" or b\"aJ\", all hash alike",
+           twin_tuple_keys_colliding),
+    Attack("memo-text-tuples", "exhaustion", "a 256-byte str, memoized, in a 1-tuple per 3 bytes",
+           memo_text_tuples),
     Attack("float-keys", "exhaustion", "floats m*2**(61j), ~34 per hash", float_keys_colliding),
     Attack("fraction-keys", "exhaustion", "max_opaque_keys Fraction keys with one hash",
            opaque_keys(fraction_key, rebuilder("fraction") + MEMO_POP)),

@@ -120,8 +120,9 @@ static PyObject *fail(Py_ssize_t pos, const char *fmt, ...) {
  * set only on MemoryError.
  *
  * Each stack slot and memo entry holds what the Python walk's _V holds that plain mode reads:
- * the container kind (for the targets of APPEND, SETITEM, ADDITEMS, READONLY_BUFFER), the hash
- * class and the nesting depth and hashing cost of a would-be key. */
+ * the container kind (for the targets of APPEND, SETITEM, ADDITEMS, READONLY_BUFFER) and the
+ * container's number, the hash class, exact hash, nesting depth and hashing cost of a would-be
+ * key. Computed hashes are recorded per container and counted once the pickle is read. */
 #define MAX_OPEN_MARKS 1024
 #define MAX_KEY_DEPTH 64
 #define MAX_TUPLE_DEPTH 1000
@@ -130,10 +131,184 @@ static PyObject *fail(Py_ssize_t pos, const char *fmt, ...) {
 #define DEFER 1
 #define COST_CAP ((uint64_t)1 << 62)
 
-enum { V_OTHER = 0, V_BUFFER, V_LIST, V_DICT, V_SET };
-enum { H_UNHASHABLE = 0, H_FREE, H_SALTED, H_COMPUTED, H_WEAK };
+enum { V_OTHER = 0, V_BUFFER, V_LIST, V_DICT, V_SET, V_STR, V_BYTES };
+/* _verify's hash classes. H_TEXT: a str or bytes literal, salted as a key of its own; in a
+ * tuple, hashed when the tuple is made (text_hash), and its memo slot, if it came from one,
+ * then H_SALTED with that hash or H_UNSEEN (not hashed: opaque in a tuple). H_FLOAT (plain
+ * mode only): a float other than a NaN, free as a key; in a tuple, hashed when it is made. */
+enum { H_UNHASHABLE = 0, H_FREE, H_SALTED, H_COMPUTED, H_WEAK, H_TEXT, H_FLOAT, H_UNSEEN };
 
-typedef struct { unsigned char kind, hkind; Py_ssize_t depth; uint64_t cost; } Slot;
+/* What both walks share: Python's hashes of what a pickle spells, without making the objects,
+ * and the records of keys' equal hashes. */
+#define HASH_P (((uint64_t)1 << 61) - 1) /* the modulus of Python's numeric hash */
+#define XXPRIME_1 11400714785074694791ULL
+#define XXPRIME_2 14029467366897019727ULL
+#define XXPRIME_5 2870177450012600261ULL
+#define MAX_EQUAL_HASHES 8
+
+/* A growable array that starts empty; elements are moved, never pointed to across a push. */
+typedef struct { void *items; Py_ssize_t len, cap; } Vec;
+
+static int vec_grow(Vec *v, size_t elsize) {
+    const Py_ssize_t cap = v->cap ? v->cap * 2 : 16;
+    void *grown = PyMem_Realloc(v->items, (size_t)cap * elsize);
+    if (grown == NULL) { PyErr_NoMemory(); return -1; }
+    v->items = grown;
+    v->cap = cap;
+    return 0;
+}
+
+#define AT(v, T) ((T *)(v).items)
+#define VPUSH(v, T, x) ((v).len == (v).cap && vec_grow(&(v), sizeof(T)) < 0 ? -1 : (AT(v, T)[(v).len++] = (x), 0))
+
+/* A key whose hash was computed, as a key of the container numbered box. */
+typedef struct { Py_ssize_t box; int64_t hval; } Collision;
+
+#if PY_VERSION_HEX >= 0x030E0000
+#define HASH_BUFFER Py_HashBuffer
+#else
+#define HASH_BUFFER _Py_HashBytes
+#endif
+
+/* Whether more than MAX_EQUAL_HASHES records name one container and one hash: 1 if so, 0 if
+ * not, -1 on MemoryError. Counted in an open-addressing table placed by the process's keyed
+ * hash of each record: the peer picks the hashes, not where they land. */
+static int flooded(const Vec *collisions) {
+    const Collision *c = AT(*collisions, Collision);
+    const Py_ssize_t n = collisions->len;
+    size_t cap = 16;
+    while (cap < 2 * (size_t)n) cap *= 2;
+    Py_ssize_t *slots = PyMem_Calloc(cap, sizeof *slots); /* a record's index + 1; 0: empty */
+    unsigned char *counts = PyMem_Calloc((size_t)n + 1, 1); /* of the first record of each key */
+    int result = 0;
+    if (slots == NULL || counts == NULL) {
+        PyErr_NoMemory();
+        result = -1;
+    }
+    for (Py_ssize_t i = 0; i < n && result == 0; i++) {
+        for (size_t at = (size_t)HASH_BUFFER(&c[i], sizeof c[i]) & (cap - 1);; at = (at + 1) & (cap - 1)) {
+            const Py_ssize_t j = slots[at] - 1;
+            if (j < 0) {
+                slots[at] = i + 1;
+                counts[i] = 1;
+                break;
+            }
+            if (c[j].box == c[i].box && c[j].hval == c[i].hval) {
+                if (++counts[j] > MAX_EQUAL_HASHES) result = 1;
+                break;
+            }
+        }
+    }
+    PyMem_Free(slots);
+    PyMem_Free(counts);
+    return result;
+}
+
+static Py_hash_t int64_hash(int64_t v) {
+    const uint64_t mag = v < 0 ? (uint64_t)(-(v + 1)) + 1 : (uint64_t)v;
+    int64_t h = (int64_t)(mag % HASH_P);
+    if (v < 0) h = -h;
+    return h == -1 ? -2 : (Py_hash_t)h;
+}
+
+typedef struct { unsigned char hkind; int64_t hval; } Hashed;
+
+/* _verify._int_value of the little-endian two's complement integer at p (n bytes): the value's
+ * hash class and Python's hash of it, without making the int. */
+static Hashed int_hash(const unsigned char *p, uint64_t n) {
+    Hashed v = {H_FREE, 0};
+    if (n == 0) return v;
+    const unsigned char ext = p[n - 1] & 0x80 ? 0xff : 0x00;
+    int fits = 1;
+    for (uint64_t i = 8; i < n; i++)
+        if (p[i] != ext) { fits = 0; break; }
+    if (fits && n > 8 && (p[7] & 0x80) != (ext & 0x80)) fits = 0;
+    if (fits) {
+        const int width = n < 8 ? (int)n : 8;
+        uint64_t u = le(p, width);
+        if (width < 8 && ext) u |= ~(uint64_t)0 << (8 * width);
+        const int64_t x = (int64_t)u;
+        v.hval = int64_hash(x);
+        if (x <= -(int64_t)HASH_P || x >= (int64_t)HASH_P) v.hkind = H_COMPUTED;
+        return v;
+    }
+    /* |value| >= 2**63: reduce the unsigned value mod P, most significant byte first */
+    uint64_t r = 0;
+    for (uint64_t i = n; i-- > 0;) {
+        r = ((r << 8) & HASH_P) + (r >> 53) + p[i];
+        if (r >= HASH_P) r -= HASH_P;
+    }
+    int64_t h;
+    if (ext) { /* negative: |value| = 2**(8n) - unsigned, and 2**61 = 1 mod P */
+        const uint64_t top = (uint64_t)1 << ((8 * (n % 61)) % 61);
+        const uint64_t m = (top + HASH_P - r) % HASH_P;
+        h = -(int64_t)m;
+    } else {
+        h = (int64_t)r;
+    }
+    v.hkind = H_COMPUTED;
+    v.hval = h == -1 ? -2 : h;
+    return v;
+}
+
+/* Python's hash of the big-endian double at p (BINFLOAT's argument), into *h; -1 on error. */
+static int float_hash(const unsigned char *p, int64_t *h) {
+    const double d = PyFloat_Unpack8((const char *)p, 0);
+    if (d == -1.0 && PyErr_Occurred()) return -1;
+    PyObject *f = PyFloat_FromDouble(d);
+    if (f == NULL) return -1;
+    *h = PyObject_Hash(f);
+    Py_DECREF(f);
+    return 0;
+}
+
+/* _verify._hash_text: 1 and *h Python's hash of the str (is_str) or bytes whose pickled bytes
+ * are p[0..n); 0 if the verifier doesn't hash it (longer than TEXT_HASHED_BYTES, or not
+ * UTF-8: loading it fails); -1 with an exception set. Strings hash in C without a Python
+ * object while ASCII, where a str's own buffer is its UTF-8. */
+#define TEXT_HASHED_BYTES 256
+static int text_hash(const unsigned char *p, Py_ssize_t n, int is_str, int64_t *h) {
+    if (n > TEXT_HASHED_BYTES) return 0;
+    unsigned char high = 0;
+    if (is_str)
+        for (Py_ssize_t i = 0; i < n; i++) high |= p[i];
+    if (high < 0x80) {
+        *h = HASH_BUFFER(p, n);
+        return 1;
+    }
+    PyObject *text = PyUnicode_DecodeUTF8((const char *)p, n, "surrogatepass");
+    if (text == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    *h = PyObject_Hash(text);
+    Py_DECREF(text);
+    return *h == -1 ? -1 : 1;
+}
+
+/* CPython's tuplehash (xxHash-based, 3.8 and later), one item at a time. */
+static inline uint64_t tuple_step(uint64_t acc, int64_t hval) {
+    acc += (uint64_t)hval * XXPRIME_2;
+    acc = (acc << 31) | (acc >> 33);
+    return acc * XXPRIME_1;
+}
+
+static inline int64_t tuple_finish(uint64_t acc, Py_ssize_t n) {
+    acc += (uint64_t)n ^ (XXPRIME_5 ^ 3527539ULL);
+    return acc == UINT64_MAX ? 1546275796 : (int64_t)acc;
+}
+
+/* hval: Python's hash (free ints, None, bools, computed keys) or a NaN's stand-in; a, b: a
+ * str's or bytes' [a, b) in data, a float's offset a, a dict's, set's or frozenset's number a;
+ * memo: a str or bytes fetched from the memo, its slot + 1. */
+typedef struct {
+    unsigned char kind, hkind;
+    Py_ssize_t depth;
+    uint64_t cost;
+    int64_t hval;
+    Py_ssize_t a, b, memo;
+} Slot;
 
 /* A growable array of slots that starts in place: a small pickle's scan allocates nothing. */
 #define SLOTS_INLINE 32
@@ -199,25 +374,42 @@ static int is_nan_be(const unsigned char *p) {
     return (p[1] & 0x0f) || p[2] || p[3] || p[4] || p[5] || p[6] || p[7];
 }
 
-/* A tuple of items[0..n): _verify._tuple_value's hash class, depth and cost. */
-static Slot tuple_of(const Slot *items, Py_ssize_t n) {
-    Slot t = {V_OTHER, H_COMPUTED, 0, 1};
+/* A tuple of items[0..n): _verify._tuple_value's hash class, exact hash, depth and cost, into
+ * *out; -1 with an exception set. A tuple is never salted: its other items can make tuples
+ * holding one str collide, so its strings are hashed and its equal hashes counted. */
+static int tuple_of(const unsigned char *data, Slot *memo, const Slot *items, Py_ssize_t n, Slot *out) {
+    Slot t = {V_OTHER, H_COMPUTED, 0, 1, 0, 0, 0, 0};
+    uint64_t acc = XXPRIME_5;
     for (Py_ssize_t i = 0; i < n; i++) {
         const unsigned char h = items[i].hkind;
+        int64_t hval = items[i].hval;
         if (h == H_UNHASHABLE) t.hkind = H_UNHASHABLE;
-        else if (t.hkind != H_UNHASHABLE) {
-            if (h == H_WEAK) t.hkind = H_WEAK;
-            else if (h == H_SALTED && t.hkind != H_WEAK) t.hkind = H_SALTED;
+        else if ((h == H_WEAK || h == H_UNSEEN) && t.hkind != H_UNHASHABLE) t.hkind = H_WEAK;
+        else if (h == H_TEXT && t.hkind == H_COMPUTED) {
+            const int hashed = text_hash(data + items[i].a, items[i].b - items[i].a, items[i].kind == V_STR, &hval);
+            if (hashed < 0) return -1;
+            if (!hashed) t.hkind = H_WEAK;
+            if (items[i].memo) { /* hashed once for every copy the memo gives later */
+                memo[items[i].memo - 1].hkind = hashed ? H_SALTED : H_UNSEEN;
+                memo[items[i].memo - 1].hval = hval;
+            }
+        } else if (h == H_FLOAT && t.hkind == H_COMPUTED && float_hash(data + items[i].a, &hval) < 0) {
+            return -1;
         }
+        if (t.hkind == H_COMPUTED) acc = tuple_step(acc, hval);
         t.cost = items[i].cost >= COST_CAP - t.cost ? COST_CAP : t.cost + items[i].cost;
         if (items[i].depth > t.depth) t.depth = items[i].depth;
     }
+    if (t.hkind == H_COMPUTED) t.hval = tuple_finish(acc, n);
     t.depth += 1;
-    return t;
+    *out = t;
+    return 0;
 }
 
-/* _verify._key in plain mode: 0 the key is admitted, 1 defer, -1 refused (*result set). */
-static int admit_key(const Slot *key, Py_ssize_t pos, const char *opname, int64_t *budget, PyObject **result) {
+/* _verify._key in plain mode: 0 the key of the container numbered box is admitted (a computed
+ * hash recorded), 1 defer, -1 refused (*result set) or an error (*result NULL). */
+static int admit_key(const Slot *key, Py_ssize_t box, Py_ssize_t pos, const char *opname, int64_t *budget,
+                     Vec *collisions, PyObject **result) {
     if (key->hkind == H_UNHASHABLE) return 1;
     if (key->depth > MAX_KEY_DEPTH) {
         *result = fail(pos, "%s: a key nested %zd deep (at most %d)", opname, key->depth, MAX_KEY_DEPTH);
@@ -230,7 +422,9 @@ static int admit_key(const Slot *key, Py_ssize_t pos, const char *opname, int64_
             return -1;
         }
     }
-    return key->hkind == H_FREE || key->hkind == H_SALTED ? 0 : 1;
+    if (key->hkind == H_WEAK) return 1;
+    if (key->hkind == H_COMPUTED) return VPUSH(*collisions, Collision, ((Collision){box, key->hval}));
+    return 0;
 }
 
 static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_ssize_t chunk_count) {
@@ -239,9 +433,11 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
     slots_init(&stack);
     slots_init(&memo);
     Py_ssize_t *marks = NULL, marks_len = 0, marks_cap = 0;
-    Py_ssize_t pos = 2, frame_end = 0, buffers = 0;
+    Py_ssize_t pos = 2, frame_end = 0, buffers = 0, boxes = 0;
     int64_t budget = (int64_t)WORK_PER_BYTE * end + WORK_BASE;
     int stopped = 0, k;
+    Vec collisions = {NULL, 0, 0};
+    const Py_hash_t none_hash = PyObject_Hash(Py_None);
 
     if (end < 3 || data[0] != 0x80 || data[1] != 5) {
         result = fail(0, "a pickle must start with PROTO 5 (bytes 80 05)");
@@ -266,28 +462,46 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
             }
             Slot *top = stack.items + stack.len; /* one past the top */
             switch (op) {
-            case 'N': case 0x88: case 0x89: case 'J': case 'K': case 'M': /* NONE, bools, ints */
-                PUSH(((Slot){V_OTHER, H_FREE, 0, 1}));
+            case 'N': PUSH(((Slot){V_OTHER, H_FREE, 0, 1, none_hash})); break;
+            case 0x88: PUSH(((Slot){V_OTHER, H_FREE, 0, 1, 1})); break;
+            case 0x89: PUSH(((Slot){V_OTHER, H_FREE, 0, 1, 0})); break;
+            case 'J': { /* BININT: signed */
+                const int64_t v = (int32_t)(uint32_t)le(data + pos - 4, 4);
+                PUSH(((Slot){V_OTHER, H_FREE, 0, 1, v == -1 ? -2 : v}));
                 break;
-            case 'G': /* BINFLOAT: a NaN's hash is its address, as unpredictable as a salted one */
-                PUSH(((Slot){V_OTHER, is_nan_be(data + pos - 8) ? H_SALTED : H_FREE, 0, 1}));
+            }
+            case 'K': case 'M': PUSH(((Slot){V_OTHER, H_FREE, 0, 1, (int64_t)le(data + pos - size, (int)size)})); break;
+            case 'G': /* BINFLOAT: a NaN's hash is its address, which its opcode's offset stands in for
+                       * (a memo copy is the same NaN); another float's is worked out in a tuple */
+                if (is_nan_be(data + pos - 8)) PUSH(((Slot){V_OTHER, H_SALTED, 0, 1, (int64_t)start}));
+                else PUSH(((Slot){V_OTHER, H_FLOAT, 0, 1, 0, pos - 8}));
                 break;
-            case 0x8a: case 0x8b: /* LONG1, LONG4: plain mode judges only ints of at most 7 bytes;
-                                   * hashing one visits its digits, charged to a key each time */
-                PUSH(((Slot){V_OTHER, size >= 8 ? H_COMPUTED : H_FREE, 0, size >= 8 ? 1 + size / 8 : 1}));
+            case 0x8a: case 0x8b: { /* LONG1, LONG4: hashing one visits its digits, charged to a key each time */
+                const Hashed h = int_hash(data + pos - size, size);
+                PUSH(((Slot){V_OTHER, h.hkind, 0, size >= 8 ? 1 + size / 8 : 1, h.hval}));
                 break;
-            case 'C': case 'B': case 0x8e: case 0x8c: case 'X': case 0x8d: /* bytes and str */
-                PUSH(((Slot){V_OTHER, H_SALTED, 0, 1}));
+            }
+            case 'C': case 'B': case 0x8e: /* bytes */
+                PUSH(((Slot){V_BYTES, H_TEXT, 0, 1, 0, pos - (Py_ssize_t)size, pos}));
+                break;
+            case 0x8c: case 'X': case 0x8d: /* str */
+                PUSH(((Slot){V_STR, H_TEXT, 0, 1, 0, pos - (Py_ssize_t)size, pos}));
                 break;
             case 0x96: /* BYTEARRAY8 */
                 PUSH(((Slot){V_OTHER, H_UNHASHABLE, 0, 1}));
                 break;
-            case ')': PUSH(tuple_of(NULL, 0)); break; /* depth 1: within any bound */
+            case ')': { /* depth 1: within any bound */
+                Slot t;
+                if (tuple_of(data, memo.items, NULL, 0, &t) < 0) goto done;
+                PUSH(t);
+                break;
+            }
             case ']': PUSH(((Slot){V_LIST, H_UNHASHABLE, 0, 1})); break;
-            case '}': PUSH(((Slot){V_DICT, H_UNHASHABLE, 0, 1})); break;
-            case 0x8f: PUSH(((Slot){V_SET, H_UNHASHABLE, 0, 1})); break;
+            case '}': PUSH(((Slot){V_DICT, H_UNHASHABLE, 0, 1, 0, boxes++})); break;
+            case 0x8f: PUSH(((Slot){V_SET, H_UNHASHABLE, 0, 1, 0, boxes++})); break;
             case 0x85: case 0x86: case 0x87: { /* TUPLE1..3 */
-                Slot t = tuple_of(top - spec->pops, spec->pops);
+                Slot t;
+                if (tuple_of(data, memo.items, top - spec->pops, spec->pops, &t) < 0) goto done;
                 if (t.depth > MAX_TUPLE_DEPTH) {
                     result = fail(start, "%s: a tuple nested more than %d deep", spec->name, MAX_TUPLE_DEPTH);
                     goto done;
@@ -302,7 +516,7 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                 break;
             case 's': /* SETITEM */
                 if (top[-3].kind != V_DICT) DEFER_NOW;
-                k = admit_key(&top[-2], start, spec->name, &budget, &result);
+                k = admit_key(&top[-2], top[-3].a, start, spec->name, &budget, &collisions, &result);
                 if (k < 0) goto done;
                 if (k > 0) DEFER_NOW;
                 stack.len -= 2;
@@ -330,7 +544,9 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                               (unsigned long long)index);
                 goto done;
             }
-            PUSH(memo.items[index]);
+            Slot v = memo.items[index];
+            if (v.hkind == H_TEXT) v.memo = (Py_ssize_t)index + 1;
+            PUSH(v);
             break;
         }
         case K_MARK:
@@ -355,7 +571,8 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
             Slot *items = stack.items + base;
             const Py_ssize_t n = stack.len - base;
             if (op == 't') { /* TUPLE */
-                Slot t = tuple_of(items, n);
+                Slot t;
+                if (tuple_of(data, memo.items, items, n, &t) < 0) goto done;
                 if (t.depth > MAX_TUPLE_DEPTH) {
                     result = fail(start, "%s: a tuple nested more than %d deep", spec->name, MAX_TUPLE_DEPTH);
                     goto done;
@@ -363,12 +580,12 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                 stack.len = base;
                 PUSH(t);
             } else if (op == 0x91) { /* FROZENSET */
-                Slot f = {V_OTHER, n ? H_SALTED : H_WEAK, 0, 1};
+                Slot f = {V_OTHER, H_WEAK, 0, 1}; /* see _verify: a frozenset's hash is not computed */
+                const Py_ssize_t box = boxes++;
                 for (Py_ssize_t i = 0; i < n; i++) {
-                    k = admit_key(&items[i], start, spec->name, &budget, &result);
+                    k = admit_key(&items[i], box, start, spec->name, &budget, &collisions, &result);
                     if (k < 0) goto done;
                     if (k > 0) DEFER_NOW;
-                    if (items[i].hkind != H_SALTED) f.hkind = H_WEAK;
                     if (items[i].depth > f.depth) f.depth = items[i].depth;
                 }
                 f.depth += 1;
@@ -392,7 +609,7 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                         DEFER_NOW;
                     }
                     for (Py_ssize_t i = 0; i < n; i += step) {
-                        k = admit_key(&items[i], start, spec->name, &budget, &result);
+                        k = admit_key(&items[i], target->a, start, spec->name, &budget, &collisions, &result);
                         if (k < 0) goto done;
                         if (k > 0) DEFER_NOW;
                     }
@@ -467,8 +684,13 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                       buffers, chunk_count);
         goto done;
     }
+    if (collisions.len && (k = flooded(&collisions)) != 0) {
+        if (k > 0) result = fail(end, "more than %d keys with the same hash in one container: a hash flood", MAX_EQUAL_HASHES);
+        goto done;
+    }
     result = PyLong_FromLong(0);
 done:
+    PyMem_Free(collisions.items);
     PyMem_Free(marks);
     slots_free(&stack);
     slots_free(&memo);
@@ -553,12 +775,6 @@ static const char *name_of(int64_t kinds, KindName *out) {
     return out->s;
 }
 
-#define HASH_P (((uint64_t)1 << 61) - 1) /* the modulus of Python's numeric hash */
-#define XXPRIME_1 11400714785074694791ULL
-#define XXPRIME_2 14029467366897019727ULL
-#define XXPRIME_5 2870177450012600261ULL
-#define MAX_EQUAL_HASHES 8
-
 typedef struct {
     int64_t kind;
     int64_t hval;          /* the exact hash: computed ints and tuples, and free scalars */
@@ -569,6 +785,7 @@ typedef struct {
     unsigned char hkind;
     unsigned char noinfo;  /* a reconstructor's result: the Python walk's info is None */
     unsigned char named;   /* a reconstructor named and not called, or a tuple holding one */
+    Py_ssize_t memo;       /* a str or bytes fetched from the memo: its slot + 1 */
 } Val;
 
 /* A tuple's item as the rules read it later (a REDUCE's arguments): what its hash needs was
@@ -587,23 +804,6 @@ typedef struct {
     int64_t result;
     Py_ssize_t args, nargs; /* the declared argument kinds, in Walk.declared */
 } GlobalInfo;
-
-typedef struct { Py_ssize_t box; int64_t hval; } Collision;
-
-/* A growable array that starts empty; elements are moved, never pointed to across a push. */
-typedef struct { void *items; Py_ssize_t len, cap; } Vec;
-
-static int vec_grow(Vec *v, size_t elsize) {
-    const Py_ssize_t cap = v->cap ? v->cap * 2 : 16;
-    void *grown = PyMem_Realloc(v->items, (size_t)cap * elsize);
-    if (grown == NULL) { PyErr_NoMemory(); return -1; }
-    v->items = grown;
-    v->cap = cap;
-    return 0;
-}
-
-#define AT(v, T) ((T *)(v).items)
-#define VPUSH(v, T, x) ((v).len == (v).cap && vec_grow(&(v), sizeof(T)) < 0 ? -1 : (AT(v, T)[(v).len++] = (x), 0))
 
 typedef struct {
     const unsigned char *data;
@@ -632,78 +832,35 @@ static int no_attribute(const char *attr) {
     return -1;
 }
 
-static Py_hash_t int64_hash(int64_t v) {
-    const uint64_t mag = v < 0 ? (uint64_t)(-(v + 1)) + 1 : (uint64_t)v;
-    int64_t h = (int64_t)(mag % HASH_P);
-    if (v < 0) h = -h;
-    return h == -1 ? -2 : (Py_hash_t)h;
-}
-
-/* _verify._int_value of the little-endian two's complement integer at p (n bytes): the value's
- * hash class and Python's hash of it, without making the int. */
-static Val int_val(const unsigned char *p, uint64_t n) {
-    Val v = {KD_INT, 0, 1, 0, 0, 0, H_FREE, 0};
-    if (n == 0) return v;
-    const unsigned char ext = p[n - 1] & 0x80 ? 0xff : 0x00;
-    int fits = 1;
-    for (uint64_t i = 8; i < n; i++)
-        if (p[i] != ext) { fits = 0; break; }
-    if (fits && n > 8 && (p[7] & 0x80) != (ext & 0x80)) fits = 0;
-    if (fits) {
-        const int width = n < 8 ? (int)n : 8;
-        uint64_t u = le(p, width);
-        if (width < 8 && ext) u |= ~(uint64_t)0 << (8 * width);
-        const int64_t x = (int64_t)u;
-        v.hval = int64_hash(x);
-        if (x <= -(int64_t)HASH_P || x >= (int64_t)HASH_P) v.hkind = H_COMPUTED;
-        return v;
-    }
-    /* |value| >= 2**63: reduce the unsigned value mod P, most significant byte first */
-    uint64_t r = 0;
-    for (uint64_t i = n; i-- > 0;) {
-        r = ((r << 8) & HASH_P) + (r >> 53) + p[i];
-        if (r >= HASH_P) r -= HASH_P;
-    }
-    int64_t h;
-    if (ext) { /* negative: |value| = 2**(8n) - unsigned, and 2**61 = 1 mod P */
-        const uint64_t top = (uint64_t)1 << ((8 * (n % 61)) % 61);
-        const uint64_t m = (top + HASH_P - r) % HASH_P;
-        h = -(int64_t)m;
-    } else {
-        h = (int64_t)r;
-    }
-    v.hkind = H_COMPUTED;
-    v.hval = h == -1 ? -2 : h;
-    return v;
-}
-
 /* A tuple of items[0..n) (stack entries), whose items will be in the items arena from index
- * at: _verify._settle_one. */
-static Val tuple_val(const Val *items, Py_ssize_t n, Py_ssize_t at) {
+ * at: _verify._settle_one, into *out; -1 with an exception set. */
+static int tuple_val(Walk *w, const Val *items, Py_ssize_t n, Py_ssize_t at, Val *out) {
     Val t = {KD_TUPLE, 0, 1, 0, at, n, H_COMPUTED, 0};
     uint64_t acc = XXPRIME_5;
     for (Py_ssize_t i = 0; i < n; i++) {
         const unsigned char h = items[i].hkind;
+        int64_t hval = items[i].hval;
         if (h == H_UNHASHABLE) t.hkind = H_UNHASHABLE;
-        else if (t.hkind != H_UNHASHABLE) {
-            if (h == H_WEAK) t.hkind = H_WEAK;
-            else if (h == H_SALTED && t.hkind != H_WEAK) t.hkind = H_SALTED;
+        else if ((h == H_WEAK || h == H_UNSEEN) && t.hkind != H_UNHASHABLE) t.hkind = H_WEAK;
+        else if (h == H_TEXT && t.hkind == H_COMPUTED) {
+            const Py_ssize_t size = items[i].b - items[i].a;
+            const int hashed = text_hash(w->data + items[i].a, size, items[i].kind == KD_STR, &hval);
+            if (hashed < 0) return -1;
+            if (!hashed) t.hkind = H_WEAK;
+            if (items[i].memo) { /* hashed once for every copy the memo gives later */
+                AT(w->memo, Val)[items[i].memo - 1].hkind = hashed ? H_SALTED : H_UNSEEN;
+                AT(w->memo, Val)[items[i].memo - 1].hval = hval;
+            }
         }
-        if (t.hkind == H_COMPUTED) { /* CPython's tuplehash (xxHash-based, 3.8 and later) */
-            acc += (uint64_t)items[i].hval * XXPRIME_2;
-            acc = (acc << 31) | (acc >> 33);
-            acc *= XXPRIME_1;
-        }
+        if (t.hkind == H_COMPUTED) acc = tuple_step(acc, hval);
         t.cost = items[i].cost >= COST_CAP - t.cost ? COST_CAP : t.cost + items[i].cost;
         t.named |= items[i].named;
         if (items[i].depth > t.depth) t.depth = items[i].depth;
     }
-    if (t.hkind == H_COMPUTED) {
-        acc += (uint64_t)n ^ (XXPRIME_5 ^ 3527539ULL);
-        t.hval = acc == UINT64_MAX ? 1546275796 : (int64_t)acc;
-    }
+    if (t.hkind == H_COMPUTED) t.hval = tuple_finish(acc, n);
     t.depth += 1;
-    return t;
+    *out = t;
+    return 0;
 }
 
 static int new_box(Walk *w, Py_ssize_t global, Py_ssize_t *index) {
@@ -748,7 +905,7 @@ static int key(Walk *w, const Val *item, Py_ssize_t box, Py_ssize_t pos, const c
             return refuse(w, pos, "%s: hashing the keys would take work out of proportion to the pickle's size", opname);
     }
     AT(w->boxes, Box)[box].size += (int64_t)item->cost;
-    if (item->hkind == H_SALTED || item->hkind == H_FREE) return 0;
+    if (item->hkind == H_SALTED || item->hkind == H_TEXT || item->hkind == H_UNSEEN || item->hkind == H_FREE) return 0;
     if (item->hkind == H_WEAK) {
         w->opaque += 1;
         if (w->opaque > w->max_opaque)
@@ -757,12 +914,6 @@ static int key(Walk *w, const Val *item, Py_ssize_t box, Py_ssize_t pos, const c
         return 0;
     }
     return VPUSH(w->collisions, Collision, ((Collision){box, item->hval}));
-}
-
-static int collision_order(const void *x, const void *y) {
-    const Collision *a = x, *b = y;
-    if (a->box != b->box) return a->box < b->box ? -1 : 1;
-    return a->hval < b->hval ? -1 : a->hval > b->hval;
 }
 
 /* The attribute of a Global as the Python walk would use it; a new reference, kept. */
@@ -1012,7 +1163,8 @@ static int no_named(Walk *w, Py_ssize_t base, Py_ssize_t n, Py_ssize_t pos, cons
 /* Replace the stack entries from base up with the tuple of them. */
 static int make_tuple(Walk *w, Py_ssize_t base, Py_ssize_t pos, const char *opname) {
     const Py_ssize_t n = w->stack.len - base;
-    const Val t = tuple_val(AT(w->stack, Val) + base, n, w->items.len);
+    Val t;
+    if (tuple_val(w, AT(w->stack, Val) + base, n, w->items.len, &t) < 0) return -1;
     if (t.depth > MAX_TUPLE_DEPTH)
         return refuse(w, pos, "%s: a tuple nested more than %d deep", opname, MAX_TUPLE_DEPTH);
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -1081,25 +1233,25 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                 PUSH(((Val){KD_INT, (int64_t)le(data + at, (int)size), 1, 0, 0, 0, H_FREE, 0}));
                 break;
             case 0x8a: case 0x8b: { /* LONG1, LONG4 */
-                Val v = int_val(data + at, size);
-                if (size >= 8) v.cost = 1 + size / 8;
-                PUSH(v);
+                const Hashed h = int_hash(data + at, size);
+                PUSH(((Val){KD_INT, h.hval, size >= 8 ? 1 + size / 8 : 1, 0, 0, 0, h.hkind, 0}));
                 break;
             }
-            case 'G': { /* BINFLOAT: Python's hash of the float, as the walk takes it */
+            case 'G': { /* BINFLOAT: Python's hash of the float; a NaN's is its address, which the walk
+                         * stands for with its opcode's offset (a memo copy is the same NaN) */
                 const double d = PyFloat_Unpack8((const char *)data + at, 0);
                 if (d == -1.0 && PyErr_Occurred()) goto done;
                 PyObject *f = PyFloat_FromDouble(d);
                 if (f == NULL) goto done;
                 const Py_hash_t h = PyObject_Hash(f);
                 Py_DECREF(f);
-                PUSH(((Val){KD_FLOAT, h, 1, 0, 0, 0, d != d ? H_SALTED : H_FREE, 0}));
+                PUSH(((Val){KD_FLOAT, d != d ? (int64_t)start : h, 1, 0, 0, 0, d != d ? H_SALTED : H_FREE, 0}));
                 break;
             }
-            case 'C': case 'B': case 0x8e: PUSH(((Val){KD_BYTES, 0, 1, 0, 0, 0, H_SALTED, 0})); break;
-            case 0x8c: case 'X': case 0x8d: PUSH(((Val){KD_STR, 0, 1, 0, at, pos, H_SALTED, 0})); break;
+            case 'C': case 'B': case 0x8e: PUSH(((Val){KD_BYTES, 0, 1, 0, at, pos, H_TEXT, 0})); break;
+            case 0x8c: case 'X': case 0x8d: PUSH(((Val){KD_STR, 0, 1, 0, at, pos, H_TEXT, 0})); break;
             case 0x96: PUSH(((Val){KD_BYTEARRAY, 0, 1, 0, 0, 0, H_UNHASHABLE, 0})); break;
-            case ')': PUSH(tuple_val(NULL, 0, w.items.len)); break;
+            case ')': CHECK(make_tuple(&w, w.stack.len, start, spec->name)); break;
             case ']': case '}': case 0x8f: {
                 Val v = {op == ']' ? KD_LIST : op == '}' ? KD_DICT : KD_SET, 0, 1, 0, 0, 0, H_UNHASHABLE, 0};
                 CHECK(new_box(&w, -1, &v.a));
@@ -1149,7 +1301,9 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
             pos += width;
             if (index >= (uint64_t)w.memo.len)
                 REFUSE(start, "%s %llu names a memo slot never defined", spec->name, (unsigned long long)index);
-            PUSH(AT(w.memo, Val)[index]);
+            Val v = AT(w.memo, Val)[index];
+            if (v.hkind == H_TEXT) v.memo = (Py_ssize_t)index + 1;
+            PUSH(v);
             break;
         }
         case K_MARK:
@@ -1173,12 +1327,11 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                 CHECK(make_tuple(&w, base, start, spec->name));
             } else if (op == 0x91) { /* FROZENSET */
                 CHECK(no_named(&w, base, n, start, spec->name));
-                Val f = {KD_FROZENSET, 0, 1, 0, 0, 0, n ? H_SALTED : H_WEAK, 0, 0};
+                Val f = {KD_FROZENSET, 0, 1, 0, 0, 0, H_WEAK, 0, 0}; /* see _verify: its hash is not computed */
                 CHECK(new_box(&w, -1, &f.a));
                 for (Py_ssize_t i = 0; i < n; i++) {
                     const Val *item = &AT(w.stack, Val)[base + i];
                     CHECK(key(&w, item, f.a, start, spec->name));
-                    if (item->hkind != H_SALTED) f.hkind = H_WEAK;
                     if (item->depth > f.depth) f.depth = item->depth;
                 }
                 f.depth += 1;
@@ -1266,17 +1419,9 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
     if (buffers != chunk_count)
         REFUSE(end, "the pickle takes %zd out-of-band buffers but the header declares %zd side chunks", buffers, chunk_count);
     if (w.collisions.len) {
-        Collision *c = AT(w.collisions, Collision);
-        qsort(c, (size_t)w.collisions.len, sizeof *c, collision_order);
-        Py_ssize_t run = 1;
-        for (Py_ssize_t i = 1; i < w.collisions.len; i++) {
-            if (c[i].box == c[i - 1].box && c[i].hval == c[i - 1].hval) {
-                if (++run > MAX_EQUAL_HASHES)
-                    REFUSE(end, "more than %d keys with the same hash in one container: a hash flood", MAX_EQUAL_HASHES);
-            } else {
-                run = 1;
-            }
-        }
+        const int flood = flooded(&w.collisions);
+        CHECK(flood);
+        if (flood) REFUSE(end, "more than %d keys with the same hash in one container: a hash flood", MAX_EQUAL_HASHES);
     }
     result = PyLong_FromSsize_t(globals);
 #undef REFUSE
@@ -1934,7 +2079,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         || PyModule_AddIntConstant(m, "MAX_TUPLE_DEPTH", MAX_TUPLE_DEPTH) < 0
         || PyModule_AddIntConstant(m, "WORK_PER_BYTE", WORK_PER_BYTE) < 0
         || PyModule_AddIntConstant(m, "WORK_BASE", WORK_BASE) < 0
-        || PyModule_AddIntConstant(m, "MAX_EQUAL_HASHES", MAX_EQUAL_HASHES) < 0) {
+        || PyModule_AddIntConstant(m, "MAX_EQUAL_HASHES", MAX_EQUAL_HASHES) < 0
+        || PyModule_AddIntConstant(m, "TEXT_HASHED_BYTES", TEXT_HASHED_BYTES) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -38,11 +38,15 @@ The rules (each refusal names the opcode and its byte offset):
   protocol-0 form, stays refused: a protocol-5 pickler never writes it. (The safe unpickler
   also checks each id before the callable sees it: one holding a reconstructor the pickle
   named without calling it is refused, at any depth; ``_safe``.)
-* **Work.** Every dict key and set item is hashable, and its hash can't be steered: ``str``
-  and ``bytes`` hashes are salted per process; small ints, floats, ``None`` and bools can't
-  collide much; for big ints and tuples of numbers the verifier computes the exact hash
-  Python will compute and refuses more than ``MAX_EQUAL_HASHES`` equal hashes in one
-  container; keys whose hash it can't compute (reconstructed values, instances) are counted
+* **Work.** Every dict key and set item is hashable, and its hash can't be steered: a
+  ``str`` or ``bytes`` key's hash is salted per process (only its few twins, the str and
+  bytes with the same buffer, share it); small ints, floats, ``None`` and bools can't collide
+  much; for big ints and tuples the verifier computes the exact hash Python will compute,
+  hashing the strings a tuple holds (their salt is the same in every tuple, so other items
+  can make such tuples collide) and standing a NaN's address in with its opcode's offset,
+  and refuses more than ``MAX_EQUAL_HASHES`` equal hashes in one container; keys whose hash
+  it can't compute (reconstructed values, instances, frozensets, and tuples holding a string
+  longer than ``TEXT_HASHED_BYTES`` or one spelled as protocol 0 writes it) are counted
   against ``Limits.max_opaque_keys``. Hashing a nested tuple costs its whole tree, so key
   trees are charged to a work budget linear in the pickle's size, as are the containers a
   reconstructor is given (a memoized dict passed to a thousand calls is charged a thousand
@@ -52,9 +56,10 @@ The rules (each refusal names the opcode and its byte offset):
 
 Two modes share this one walk. *Plain* mode (``resolver=None``) is the fast path's contract:
 it accepts a pickle that names no global and needs no typed judgement, refuses what breaks
-the shape rules, and returns ``DEFER`` at the first opcode that needs more. ``_speedups.scan``
-is its C twin (same results on every input; the tests fuzz them against each other). *Full*
-mode goes on from there with every rule above.
+the shape rules (more than ``MAX_EQUAL_HASHES`` equal computed hashes in a container among
+them), and returns ``DEFER`` at the first opcode that needs more (a key whose hash it can't
+compute among them). ``_speedups.scan`` is its C twin (same results on every input; the
+tests fuzz them against each other). *Full* mode goes on from there with every rule above.
 
 *Standard* pickles (``verify_standard``: any protocol, 0 to 5, as ``pickle.dump`` writes
 them, for :class:`streampickle.PickleDecoder`) take the full mode with the opcodes of
@@ -173,10 +178,16 @@ class Global:
 Resolver = Callable[[str, str, int], Global]
 
 # Hash classes of a value used as a key: computed ints are exact Python hashes.
-_SALTED = "salted"  # str, bytes and tuples holding one: the attacker can't predict the hash
+_SALTED = "salted"  # a NaN, a hashed str or bytes: unpredictable alone; in a tuple, hval stands in
+_TEXT = "text"  # a str or bytes literal not yet hashed: salted; hashed once it is in a tuple
+_UNSEEN = "unseen"  # a str or bytes the verifier doesn't hash: salted alone, opaque in a tuple
 _FREE = "free"  # small ints, floats, None, bools: few distinct values share a hash
 _WEAK = "weak"  # hashable, but the verifier can't compute the hash
 _UNHASHABLE = None
+
+#: The longest str or bytes (as pickled) a tuple key's hash is computed over: hashing it is
+#: bounded work each time a tuple is made, however often the pickle reuses the string.
+TEXT_HASHED_BYTES = 256
 
 
 class _V:
@@ -187,9 +198,9 @@ class _V:
     def __init__(self, kind: int, info: Any = None, hkind: str | None = _UNHASHABLE, hval: int = 0,
                  cost: int = 1, depth: int = 0) -> None:
         self.kind = kind
-        self.info = info  # STR: (start, end) in data; GLOBAL: Global; INSTANCE: Global; TUPLE: items
-        self.hkind = hkind  # _SALTED, _FREE, _WEAK, "computed", or None (unhashable)
-        self.hval = hval  # the exact hash, for "computed" and for tuple hashing of _FREE values
+        self.info = info  # STR, BYTES: (start, end) in data; GLOBAL, INSTANCE: Global; TUPLE: items
+        self.hkind = hkind  # a hash class above, "computed", or None (unhashable)
+        self.hval = hval  # the exact hash, for "computed" and for tuple hashing of _FREE and _SALTED
         self.cost = cost  # units of work to hash it (tree size of a tuple)
         self.depth = depth  # tuple nesting
         self.size = 0  # containers: work units of what was put in (walked by a reconstructor)
@@ -230,23 +241,55 @@ def _int_value(value: int) -> _V:
 _SMALL_INTS = [_V(K.INT, hkind=_FREE, hval=i) for i in range(256)]  # never mutated: not containers
 
 
+def _float_value(number: float, pos: int) -> _V:
+    """A float made at offset ``pos``. A NaN's hash is its address: unpredictable to the peer,
+    as a salted hash is, but one NaN (a memo copy) hashes alike in every tuple it is put in;
+    its opcode's offset stands in for that address."""
+    if number != number:
+        return _V(K.FLOAT, hkind=_SALTED, hval=pos)
+    return _V(K.FLOAT, hkind=_FREE, hval=hash(number))
+
+
 _LAZY = "lazy"  # a tuple's hash class, until it is first used as a key
 
 
-def _tuple_value(items: list[_V], pos: int, op: int) -> _V:
+def _tuple_value(items: list[_V], pos: int, op: int, data: bytes | bytearray | memoryview) -> _V:
     """A tuple of ``items``. What hashing it would cost is settled when it is first used as a
     key (most tuples are only ever arguments); its depth is bounded now: hashing and comparing
-    a tuple recurse in C, so a million-deep one would crash whoever hashes it later."""
+    a tuple recurse in C, so a million-deep one would crash whoever hashes it later. Its
+    strings are hashed now, while the pickle is at hand (each literal once)."""
     depth = 0
     for item in items:
         if item.depth > depth:
             depth = item.depth
+        if item.hkind is _TEXT:
+            _hash_text(item, data)
     if depth >= MAX_TUPLE_DEPTH:
         raise Refused(pos, f"{_NAMES[op]}: a tuple nested more than {MAX_TUPLE_DEPTH} deep")
     value = _V(K.TUPLE, items, _LAZY, depth=depth + 1)
     value.size = len(items)
     value.named = any(item.named for item in items)
     return value
+
+
+def _hash_text(value: _V, data: bytes | bytearray | memoryview) -> None:
+    """Settle the str or bytes literal ``value``: ``_SALTED`` with Python's hash of it (a str's
+    is its own buffer's, so a str and its bytes twin agree), or ``_UNSEEN`` if it is longer
+    than ``TEXT_HASHED_BYTES`` or not UTF-8 (loading it fails)."""
+    start, end = value.info
+    if end - start > TEXT_HASHED_BYTES:
+        value.hkind = _UNSEEN
+        return
+    raw = bytes(data[start:end])
+    if value.kind == K.STR:
+        try:
+            value.hval = hash(str(raw, "utf-8", "surrogatepass"))  # as the unpickler decodes it
+        except UnicodeDecodeError:
+            value.hkind = _UNSEEN
+            return
+    else:
+        value.hval = hash(raw)
+    value.hkind = _SALTED
 
 
 def _settle(root: _V) -> None:
@@ -277,11 +320,8 @@ def _settle_one(value: _V) -> None:
         kind = item.hkind
         if kind is _UNHASHABLE:
             hkind = _UNHASHABLE
-        elif hkind is not _UNHASHABLE:
-            if kind is _WEAK:
-                hkind = _WEAK
-            elif kind is _SALTED and hkind != _WEAK:
-                hkind = _SALTED
+        elif (kind is _WEAK or kind is _UNSEEN) and hkind is not _UNHASHABLE:
+            hkind = _WEAK
         if hkind == "computed":  # CPython's tuplehash (xxHash-based, 3.8 and later)
             acc = (acc + (item.hval & _M64) * _XXPRIME_2) & _M64
             acc = ((acc << 31) | (acc >> 33)) & _M64
@@ -424,21 +464,15 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
             if size > end - pos:
                 raise Refused(start, f"{_NAMES[op]} declares {size} bytes, only {end - pos} are left")
             if op == _SHORT_BINUNICODE or op == _BINUNICODE or op == _BINUNICODE8:
-                value = _V(K.STR, (pos, pos + size), _SALTED)
+                value = _V(K.STR, (pos, pos + size), _TEXT)
             elif op == _BINFLOAT:
-                number = _unpack_float(data, pos)[0]
-                # a NaN's hash is its address: unpredictable to the peer, as a salted hash is
-                value = _V(K.FLOAT, hkind=_SALTED if number != number else _FREE, hval=hash(number))
+                value = _float_value(_unpack_float(data, pos)[0], start)
             elif op == _BYTEARRAY8:
                 value = _V(K.BYTEARRAY)
             elif op == _SHORT_BINBYTES or op == _BINBYTES or op == _BINBYTES8:
-                value = _V(K.BYTES, hkind=_SALTED)
+                value = _V(K.BYTES, (pos, pos + size), _TEXT)
             elif op == _LONG1 or op == _LONG4:
-                number = int.from_bytes(data[pos : pos + size], "little", signed=True)
-                if not full and size >= 8:  # plain mode judges only ints of at most 7 bytes
-                    value = _V(K.INT, hkind="computed", hval=hash(number))
-                else:
-                    value = _int_value(number)
+                value = _int_value(int.from_bytes(data[pos : pos + size], "little", signed=True))
                 if size >= 8:  # hashing an int visits its digits: a key is charged them each time
                     value = _V(K.INT, hkind=value.hkind, hval=value.hval, cost=1 + size // 8)
             else:
@@ -452,7 +486,7 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                 raise Refused(start, f"{_NAMES[op]} needs {n} items, the stack has {have}")
             items = stack[-n:]
             del stack[-n:]
-            stack.append(_tuple_value(items, start, op))
+            stack.append(_tuple_value(items, start, op, data))
         elif op == _NONE_OP:
             stack.append(_NONE)
         elif op == _NEWTRUE:
@@ -460,7 +494,7 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
         elif op == _NEWFALSE:
             stack.append(_FALSE)
         elif op == _EMPTY_TUPLE:
-            stack.append(_tuple_value([], start, op))
+            stack.append(_tuple_value([], start, op, data))
         elif op == _EMPTY_LIST or op == _EMPTY_DICT or op == _EMPTY_SET:
             kind = K.LIST if op == _EMPTY_LIST else K.DICT if op == _EMPTY_DICT else K.SET
             stack.append(_V(kind, start))
@@ -532,15 +566,15 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
             items = stack[base:]
             del stack[base:]
             if op == _TUPLE:
-                stack.append(_tuple_value(items, start, op))
+                stack.append(_tuple_value(items, start, op, data))
             elif op == _FROZENSET:
                 _no_named(op, items, start)
+                # Its hash is not computed: equal items count once and a str and its bytes twin
+                # cancel, which would take the items' values, not their hashes, to follow.
                 frozen = _V(K.FROZENSET, start, _WEAK)
                 for item in items:
                     budget, opaque = _key(item, frozen, start, op, full, budget, opaque, max_opaque, collisions)
                 frozen.depth = 1 + max((item.depth for item in items), default=0)
-                if all(item.hkind is _SALTED for item in items) and items:
-                    frozen.hkind = _SALTED
                 stack.append(frozen)
             elif op != _POP_MARK:
                 if base - (marks[-1] if marks else 0) < 1:
@@ -667,11 +701,11 @@ def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opa
         if budget < 0:
             raise _too_much_hashing(pos, op)
     container.size += item.cost
-    if kind is _SALTED or kind is _FREE:
+    if kind is _SALTED or kind is _TEXT or kind is _UNSEEN or kind is _FREE:
         return budget, opaque
-    if not full:
-        raise _Defer
     if kind is _WEAK:
+        if not full:
+            raise _Defer
         opaque += 1
         if opaque > max_opaque:
             raise _too_many_opaque(pos, op, max_opaque)
@@ -972,10 +1006,19 @@ def _standard_op(op: int, start: int, pos: int, data: bytes | bytearray | memory
             number = float(line)
         except ValueError:
             raise Refused(start, "FLOAT: not a decimal number") from None
-        stack.append(_V(K.FLOAT, hkind=_SALTED if number != number else _FREE, hval=hash(number)))
-    elif op == _STRING or op == _UNICODE:
+        stack.append(_float_value(number, start))
+    elif op == _UNICODE:  # what Python 3 writes for a str in protocols 0 and 1
+        line, pos = _line(data, pos, end, start, op)
+        text = _V(K.STR, None, _UNSEEN)  # info None: not a name STACK_GLOBAL may read
+        if len(line) <= TEXT_HASHED_BYTES:
+            try:
+                text = _V(K.STR, None, _SALTED, hval=hash(str(line, "raw-unicode-escape")))  # as load_unicode
+            except UnicodeDecodeError:
+                pass  # loading it fails
+        stack.append(text)
+    elif op == _STRING:  # Python 2's str: escaped, then decoded as the loader's encoding says
         pos = _line(data, pos, end, start, op)[1]
-        stack.append(_V(K.STR, None, _SALTED))  # info None: not a name STACK_GLOBAL may read
+        stack.append(_V(K.STR, None, _UNSEEN))
     elif op == _BINSTRING or op == _SHORT_BINSTRING:
         width = 4 if op == _BINSTRING else 1
         if pos + width > end:
@@ -985,7 +1028,7 @@ def _standard_op(op: int, start: int, pos: int, data: bytes | bytearray | memory
         if size < 0 or size > end - pos:
             raise Refused(start, f"{_NAMES[op]} declares {size} bytes, only {end - pos} are left")
         pos += size
-        stack.append(_V(K.STR, None, _SALTED))
+        stack.append(_V(K.STR, None, _UNSEEN))
     elif op == _PUT or op == _BINPUT or op == _LONG_BINPUT:
         if op == _PUT:
             line, pos = _line(data, pos, end, start, op)

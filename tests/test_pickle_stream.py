@@ -858,6 +858,18 @@ def test_a_set_counts_items_whose_hash_the_verifier_cannot_check() -> None:
         next(decoder)
 
 
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("salt", ["a", "\u0101"], ids=["ascii", "ucs2"])
+def test_tuple_keys_colliding_beside_a_str_are_a_hash_flood_in_every_protocol(protocol: int, salt: str) -> None:
+    # (k * (2**61 - 1), "a") all hash alike; protocols 0 and 1 write the str as a text line
+    p = 2**61 - 1
+    assert len(_load_one(pickle.dumps({(k * p, salt): k for k in range(1, 9)}, protocol=protocol))) == 8
+    with pytest.raises(MalformedPickleError, match="same hash"):
+        _load_one(pickle.dumps({(k * p, salt): k for k in range(1, 10)}, protocol=protocol))
+    honest = {(f"name{i}", i % 3, salt): i for i in range(1000)}
+    assert _load_one(pickle.dumps(honest, protocol=protocol)) == honest
+
+
 def test_a_set_of_an_unhashable_item_is_refused_before_it_is_built() -> None:
     with pytest.raises(MalformedPickleError, match="can't be a dict key or set item"):
         _load_one(b"\x80\x02c__builtin__\nset\n]]a\x85R.")

@@ -278,23 +278,84 @@ def test_colliding_big_int_keys_are_a_hash_flood() -> None:
     assert len(streampickle.loads(streampickle.dumps({k * p: None for k in range(1, 1000)}), trusted=True)) == 999
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a key holding a str, bytes or NaN is treated as unpredictable "
-                   "to hash, but equal strings hash alike (and a str as its bytes), so such keys can collide")
-@pytest.mark.parametrize("salt", ["a", b"b"], ids=["str", "bytes"])
+@pytest.mark.parametrize("salt", ["a", b"b", "\u0101" * 3], ids=["str", "bytes", "ucs2"])
 def test_colliding_big_ints_beside_a_str_in_tuple_keys_are_a_hash_flood(salt: Any) -> None:
-    # (k * (2**61 - 1), "a") all hash alike: quadratic to insert (15 s for 32,000, 543 KB).
+    # (k * (2**61 - 1), "a") all hash alike, the str's salt the same in each: quadratic to
+    # insert (15 s for 32,000, 543 KB).
     p = 2**61 - 1
+    assert len(streampickle.loads(streampickle.dumps({(k * p, salt): None for k in range(1, 9)}))) == 8
     with pytest.raises(MalformedPickleError, match="same hash"):
-        streampickle.loads(streampickle.dumps({(k * p, salt): None for k in range(1, 100)}))
+        streampickle.loads(streampickle.dumps({(k * p, salt): None for k in range(1, 10)}))
+    assert len(streampickle.loads(streampickle.dumps({(k * p, salt): None for k in range(1, 100)}), trusted=True)) == 99
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a frozenset of str and bytes is treated as unpredictable to hash, "
-                   "but a str hashes as its bytes and a frozenset XORs its items' hashes")
-def test_frozensets_of_a_str_and_its_bytes_as_keys_are_a_hash_flood() -> None:
-    # frozenset({s, s.encode()}) hashes to one constant for every ASCII s: 16,000 took 6 s
-    keys = {frozenset({f"k{i}", f"k{i}".encode()}) for i in range(100)}
+def test_one_nan_beside_colliding_big_ints_in_tuple_keys_is_a_hash_flood() -> None:
+    # A NaN hashes by address; one NaN (a memo copy) hashes alike in every tuple it is in.
+    def flood(count: int) -> bytes:
+        body = b""
+        for k in range(1, count + 1):
+            n = (k * (2**61 - 1)).to_bytes(9, "little")
+            nan = b"G" + struct.pack(">d", float("nan")) + b"\x94" if k == 1 else b"h\x00"
+            body += b"\x8a\x09" + n + nan + b"\x86N"
+        return make_message(P5 + b"}(" + body + b"u.")
+
+    got = streampickle.loads(flood(8))
+    assert len(got) == 8 and len({hash(k) for k in got}) == 1
+    with pytest.raises(MalformedPickleError, match="same hash"):
+        streampickle.loads(flood(9))
+
+
+@pytest.mark.parametrize("kind", ["bytes", "ucs2", "ucs4"])
+def test_tuples_of_a_str_or_its_twin_are_a_hash_flood(kind: str) -> None:
+    # A str hashes over its own buffer: "a0" as b"a0" does, "\u0100" (two bytes a char) as
+    # "\x00\x01", "\U00010000" as "\x00\x00\x01\x00". Four places of either: 16 tuples, one hash.
+    def pair(i: int) -> tuple[Any, Any]:
+        if kind == "bytes":
+            return f"a{i}", f"a{i}".encode()
+        if kind == "ucs2":
+            return chr(0x100 + i), chr(i) + "\x01"
+        return chr(0x10000 + i), chr(i) + "\x00\x01\x00"
+
+    assert all(hash(pair(i)[0]) == hash(pair(i)[1]) and pair(i)[0] != pair(i)[1] for i in range(4))
+    keys = {tuple(pair(i)[bits >> i & 1] for i in range(4)) for bits in range(16)}
+    assert len(keys) == 16 and len({hash(k) for k in keys}) == 1
     with pytest.raises(MalformedPickleError, match="same hash"):
         streampickle.loads(streampickle.dumps(keys))
+    assert streampickle.loads(streampickle.dumps(keys), trusted=True) == keys
+
+
+def test_tuple_keys_with_strings_load_when_their_hashes_differ() -> None:
+    records = {(f"name{i}", i % 3, f"\u0101{i}", f"b{i}".encode(), float("nan")): i for i in range(5000)}
+    got = streampickle.loads(streampickle.dumps(records))
+    assert sorted(got.values()) == list(range(5000))
+    assert {k[:4] for k in got} == {k[:4] for k in records}
+
+
+def test_tuple_keys_holding_a_long_str_are_counted_against_the_limit() -> None:
+    # Hashing a string in a tuple is bounded work: one longer than TEXT_HASHED_BYTES makes
+    # the tuple opaque instead, counted against max_opaque_keys (256).
+    from streampickle import _verify
+
+    long = "x" * (_verify.TEXT_HASHED_BYTES + 1)
+    p = 2**61 - 1
+    assert len(streampickle.loads(streampickle.dumps({(k * p, long): k for k in range(1, 257)}))) == 256
+    with pytest.raises(MalformedPickleError, match="max_opaque_keys=256"):
+        streampickle.loads(streampickle.dumps({(k * p, long): k for k in range(1, 258)}))
+    at_limit = "x" * _verify.TEXT_HASHED_BYTES  # hashed, so its collisions are counted
+    with pytest.raises(MalformedPickleError, match="same hash"):
+        streampickle.loads(streampickle.dumps({(k * p, at_limit): k for k in range(1, 10)}))
+
+
+def test_frozenset_keys_are_counted_against_the_limit() -> None:
+    # frozenset({s, s.encode()}) hashes to one constant for every ASCII s (16,000 took 6 s):
+    # the verifier doesn't compute a frozenset's hash, so such keys are opaque.
+    keys = {frozenset({f"k{i}", f"k{i}".encode()}) for i in range(257)}
+    assert len({hash(k) for k in keys}) == 1
+    with pytest.raises(MalformedPickleError, match="max_opaque_keys=256"):
+        streampickle.loads(streampickle.dumps(keys))
+    honest = {frozenset({f"k{i}", f"v{i}"}): i for i in range(256)}
+    assert streampickle.loads(streampickle.dumps(honest)) == honest
+    assert streampickle.loads(streampickle.dumps(keys), limits=streampickle.Limits(max_opaque_keys=257)) == keys
 
 
 @pytest.mark.parametrize("body", [
