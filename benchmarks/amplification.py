@@ -328,12 +328,23 @@ def twin_tuple_keys_colliding(size: int) -> Case:
     return plain(b"}(" + b"".join(keys) + b"u")
 
 
+_SLOW_TEXT = "\ud800".encode("utf-8", "surrogatepass") * 85  # 255 bytes: the slowest str to decode
+
+
 def memo_text_tuples(size: int) -> Case:
-    """A str of TEXT_HASHED_BYTES four-byte characters, memoized, then one 1-tuple of it per
-    3 bytes into a set: each tuple hashes its str again (a decode and a hash of its buffer)."""
-    text = ("\U0001f600" * 64).encode()
-    count = max(1, (size - len(text) - 16) // 3)
-    return plain(b"\x8fX" + len(text).to_bytes(4, "little") + text + b"\x940(" + b"h\x00\x85" * count + b"\x90")
+    """A str of lone surrogates (the slowest to decode) just under TEXT_HASHED_BYTES, memoized,
+    then one 1-tuple of it per 3 bytes into a set: each tuple would hash it again."""
+    count = max(1, (size - len(_SLOW_TEXT) - 16) // 3)
+    return plain(b"\x8fX" + len(_SLOW_TEXT).to_bytes(4, "little") + _SLOW_TEXT + b"\x940(" + b"h\x00\x85" * count
+                 + b"\x90")
+
+
+def memo_text_one_tuple(size: int) -> Case:
+    """That str, memoized, then copied into one tuple per 2 bytes (every copy on the stack
+    before the tuple is made), as a set item."""
+    count = max(1, (size - len(_SLOW_TEXT) - 16) // 2)
+    return plain(b"\x8fX" + len(_SLOW_TEXT).to_bytes(4, "little") + _SLOW_TEXT + b"\x940((" + b"h\x00" * count
+                 + b"t\x90")
 
 
 def float_keys_colliding(size: int) -> Case:
@@ -688,8 +699,10 @@ ATTACKS: list[Attack] = [
     Attack("str-tuple-keys", "exhaustion", "tuple keys (k*(2**61-1), \"a\"), all hash alike", str_tuple_keys_colliding),
     Attack("twin-tuple-keys", "exhaustion", "16-tuples of \"aJ\" or b\"aJ\", all hash alike",
            twin_tuple_keys_colliding),
-    Attack("memo-text-tuples", "exhaustion", "a 256-byte str, memoized, in a 1-tuple per 3 bytes",
+    Attack("memo-text-tuples", "exhaustion", "a 255-byte str of surrogates, memoized, in a 1-tuple per 3 bytes",
            memo_text_tuples),
+    Attack("memo-text-one-tuple", "exhaustion", "that str, memoized, copied into one tuple per 2 bytes",
+           memo_text_one_tuple),
     Attack("float-keys", "exhaustion", "floats m*2**(61j), ~34 per hash", float_keys_colliding),
     Attack("fraction-keys", "exhaustion", "max_opaque_keys Fraction keys with one hash",
            opaque_keys(fraction_key, rebuilder("fraction") + MEMO_POP)),

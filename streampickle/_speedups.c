@@ -381,8 +381,9 @@ static int tuple_of(const unsigned char *data, Slot *memo, const Slot *items, Py
     Slot t = {V_OTHER, H_COMPUTED, 0, 1, 0, 0, 0, 0};
     uint64_t acc = XXPRIME_5;
     for (Py_ssize_t i = 0; i < n; i++) {
-        const unsigned char h = items[i].hkind;
-        int64_t hval = items[i].hval;
+        const Slot *item = items[i].memo ? &memo[items[i].memo - 1] : &items[i]; /* a text hashed once */
+        const unsigned char h = item->hkind;
+        int64_t hval = item->hval;
         if (h == H_UNHASHABLE) t.hkind = H_UNHASHABLE;
         else if ((h == H_WEAK || h == H_UNSEEN) && t.hkind != H_UNHASHABLE) t.hkind = H_WEAK;
         else if (h == H_TEXT && t.hkind == H_COMPUTED) {
@@ -532,6 +533,8 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
         case K_MEMOIZE:
             if (stack.len == BASE) { result = fail(start, "MEMOIZE on an empty stack"); goto done; }
             if (slots_push(&memo, stack.items[stack.len - 1]) < 0) goto done;
+            if (stack.items[stack.len - 1].hkind == H_TEXT && !stack.items[stack.len - 1].memo)
+                stack.items[stack.len - 1].memo = memo.len; /* its hash is kept in that slot */
             break;
         case K_GET1:
         case K_GET4: {
@@ -545,7 +548,7 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                 goto done;
             }
             Slot v = memo.items[index];
-            if (v.hkind == H_TEXT) v.memo = (Py_ssize_t)index + 1;
+            if (v.hkind == H_TEXT && !v.memo) v.memo = (Py_ssize_t)index + 1;
             PUSH(v);
             break;
         }
@@ -838,8 +841,9 @@ static int tuple_val(Walk *w, const Val *items, Py_ssize_t n, Py_ssize_t at, Val
     Val t = {KD_TUPLE, 0, 1, 0, at, n, H_COMPUTED, 0};
     uint64_t acc = XXPRIME_5;
     for (Py_ssize_t i = 0; i < n; i++) {
-        const unsigned char h = items[i].hkind;
-        int64_t hval = items[i].hval;
+        const Val *item = items[i].memo ? &AT(w->memo, Val)[items[i].memo - 1] : &items[i]; /* a text hashed once */
+        const unsigned char h = item->hkind;
+        int64_t hval = item->hval;
         if (h == H_UNHASHABLE) t.hkind = H_UNHASHABLE;
         else if ((h == H_WEAK || h == H_UNSEEN) && t.hkind != H_UNHASHABLE) t.hkind = H_WEAK;
         else if (h == H_TEXT && t.hkind == H_COMPUTED) {
@@ -1292,6 +1296,7 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
         case K_MEMOIZE:
             if (w.stack.len == BASE) REFUSE(start, "MEMOIZE on an empty stack");
             CHECK(VPUSH(w.memo, Val, TOP[-1]));
+            if (TOP[-1].hkind == H_TEXT && !TOP[-1].memo) TOP[-1].memo = w.memo.len; /* its hash is kept there */
             break;
         case K_GET1:
         case K_GET4: {
@@ -1302,7 +1307,7 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
             if (index >= (uint64_t)w.memo.len)
                 REFUSE(start, "%s %llu names a memo slot never defined", spec->name, (unsigned long long)index);
             Val v = AT(w.memo, Val)[index];
-            if (v.hkind == H_TEXT) v.memo = (Py_ssize_t)index + 1;
+            if (v.hkind == H_TEXT && !v.memo) v.memo = (Py_ssize_t)index + 1;
             PUSH(v);
             break;
         }
