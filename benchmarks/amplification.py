@@ -347,6 +347,20 @@ def memo_text_one_tuple(size: int) -> Case:
                  + b"t\x90")
 
 
+def opaque_tuple_compares(_size: int) -> Case:
+    """256 opaque tuple keys with one hash (a 300-byte str makes each opaque), each
+    ((x_k,) * 16,) * 16 of its own equal str x_k: every key is compared with each before it,
+    walking 256 equal strings a compare."""
+    out = []
+    slot = 0
+    for k in range(256):
+        get = [b"j" + (slot + i).to_bytes(4, "little") for i in range(3)]
+        out.append(b"X" + (300).to_bytes(4, "little") + b"x" * 300 + b"\x940(" + get[0] * 16 + b"t\x940("
+                   + get[1] * 16 + b"t\x940(" + get[2] + integer(5 + k * P61) + b"tN")
+        slot += 3
+    return plain(b"}(" + b"".join(out) + b"u")
+
+
 def float_keys_colliding(size: int) -> Case:
     """Floats m * 2**(61 j): all j give one hash per m (2**61 is 1 modulo 2**61 - 1), about
     34 floats per hash value."""
@@ -703,6 +717,8 @@ ATTACKS: list[Attack] = [
            memo_text_tuples),
     Attack("memo-text-one-tuple", "exhaustion", "that str, memoized, copied into one tuple per 2 bytes",
            memo_text_one_tuple),
+    Attack("opaque-tuple-compares", "exhaustion", "256 opaque tuple keys, one hash, 256 equal strs a compare",
+           opaque_tuple_compares, fixed=True),
     Attack("float-keys", "exhaustion", "floats m*2**(61j), ~34 per hash", float_keys_colliding),
     Attack("fraction-keys", "exhaustion", "max_opaque_keys Fraction keys with one hash",
            opaque_keys(fraction_key, rebuilder("fraction") + MEMO_POP)),

@@ -552,7 +552,10 @@ def _scalar(descr: Any, data: Any) -> Any:
     dt, has_text = _build_dtype(descr, 0, [MAX_DESCR_NODES])
     if type(data) is not bytes or len(data) != dt.itemsize:
         raise _bad(f"a {dt.str} scalar needs {dt.itemsize} bytes, not {_brief(data)}")
-    flat = np.frombuffer(data, dtype=dt)
+    # A void scalar on its own writable copy, as numpy's pickle makes it: one on read-only
+    # memory would be hashable, and numpy hashes and compares a structured one field by
+    # field (microseconds each), so a few hundred as colliding keys would take minutes.
+    flat = np.frombuffer(bytearray(data) if dt.kind == "V" else data, dtype=dt)
     if has_text:
         _check_code_points(flat)
     return flat[0]
@@ -1217,7 +1220,8 @@ def _numpy_scalar(dt: Any, data: Any) -> Any:
     """A numpy scalar as numpy pickles it, ``scalar(dtype, bytes)``: a 0-d array's checks."""
     if type(data) is not bytes:
         raise _bad(f"a numpy scalar's data must be bytes, not {_brief(data)}")
-    return _checked_array(dt, (), False, data)[()]
+    checked = _checked_array(dt, (), False, data)
+    return (checked.copy() if checked.dtype.kind == "V" else checked)[()]  # writable: see _scalar
 
 
 def _ndarray_class() -> Any:

@@ -145,6 +145,8 @@ enum { H_UNHASHABLE = 0, H_FREE, H_SALTED, H_COMPUTED, H_WEAK, H_TEXT, H_FLOAT, 
 #define XXPRIME_2 14029467366897019727ULL
 #define XXPRIME_5 2870177450012600261ULL
 #define MAX_EQUAL_HASHES 8
+#define MAX_COMPARED 255 /* _verify: the compares charged to an opaque key, at most */
+#define FREE_COMPARE 16  /* _verify: the units of a compare not charged */
 
 /* A growable array that starts empty; elements are moved, never pointed to across a push. */
 typedef struct { void *items; Py_ssize_t len, cap; } Vec;
@@ -799,7 +801,8 @@ typedef struct {
     unsigned char noinfo, named;
 } Item;
 
-typedef struct { int64_t size; Py_ssize_t global; } Box; /* global: -1 for none */
+/* size: _V.size; global: -1 for none; opaque: _V.opaque, the opaque keys put in so far */
+typedef struct { int64_t size; Py_ssize_t global; int64_t opaque; } Box;
 
 typedef struct {
     PyObject *obj, *module, *qualname, *name; /* owned by Walk.keep */
@@ -869,7 +872,7 @@ static int tuple_val(Walk *w, const Val *items, Py_ssize_t n, Py_ssize_t at, Val
 
 static int new_box(Walk *w, Py_ssize_t global, Py_ssize_t *index) {
     *index = w->boxes.len;
-    return VPUSH(w->boxes, Box, ((Box){0, global}));
+    return VPUSH(w->boxes, Box, ((Box){0, global, 0}));
 }
 
 /* A container's running size: _V.size. Tuples: their length; scalars: 0. */
@@ -915,6 +918,18 @@ static int key(Walk *w, const Val *item, Py_ssize_t box, Py_ssize_t pos, const c
         if (w->opaque > w->max_opaque)
             return refuse(w, pos, "%s: more than Limits.max_opaque_keys=%S keys whose hash the verifier can't check "
                           "(raise the limit for peers you trust with the CPU)", opname, w->max_opaque_obj);
+        /* _verify._key: all of them may share one hash, so each may be compared with every
+         * one before it in the container, at up to its cost each time past a free allowance */
+        Box *b = &AT(w->boxes, Box)[box];
+        const int64_t before = b->opaque < MAX_COMPARED ? b->opaque : MAX_COMPARED;
+        b->opaque += 1;
+        if (before && item->cost > FREE_COMPARE) {
+            const uint64_t excess = item->cost - FREE_COMPARE;
+            if (w->budget < 0 || excess > (uint64_t)w->budget / (uint64_t)before)
+                return refuse(w, pos, "%s: comparing keys whose hash the verifier can't check would take work out of "
+                              "proportion to the pickle's size", opname);
+            w->budget -= (int64_t)excess * before;
+        }
         return 0;
     }
     return VPUSH(w->collisions, Collision, ((Collision){box, item->hval}));
@@ -1338,6 +1353,8 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                     const Val *item = &AT(w.stack, Val)[base + i];
                     CHECK(key(&w, item, f.a, start, spec->name));
                     if (item->depth > f.depth) f.depth = item->depth;
+                    /* comparing two frozensets hashes and compares their items */
+                    f.cost = item->cost >= COST_CAP - f.cost ? COST_CAP : f.cost + item->cost;
                 }
                 f.depth += 1;
                 w.stack.len = base;
@@ -2085,6 +2102,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         || PyModule_AddIntConstant(m, "WORK_PER_BYTE", WORK_PER_BYTE) < 0
         || PyModule_AddIntConstant(m, "WORK_BASE", WORK_BASE) < 0
         || PyModule_AddIntConstant(m, "MAX_EQUAL_HASHES", MAX_EQUAL_HASHES) < 0
+        || PyModule_AddIntConstant(m, "MAX_COMPARED", MAX_COMPARED) < 0
+        || PyModule_AddIntConstant(m, "FREE_COMPARE", FREE_COMPARE) < 0
         || PyModule_AddIntConstant(m, "TEXT_HASHED_BYTES", TEXT_HASHED_BYTES) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -189,11 +189,18 @@ _UNHASHABLE = None
 #: bounded work each time a tuple is made, however often the pickle reuses the string.
 TEXT_HASHED_BYTES = 256
 
+#: Keys whose hash the verifier can't compute may all share one, so each may be compared with
+#: every one before it in its container: up to ``MAX_COMPARED`` compares are charged to the
+#: work budget, each at the key's cost past ``FREE_COMPARE`` units (about 160 ns: 256 keys
+#: that cheap compare in well under 10 ms however they collide).
+MAX_COMPARED = 255
+FREE_COMPARE = 16
+
 
 class _V:
     """One abstract value: its kind and what the rules need to know about it."""
 
-    __slots__ = ("kind", "info", "hkind", "hval", "cost", "depth", "size", "named", "shut")
+    __slots__ = ("kind", "info", "hkind", "hval", "cost", "depth", "size", "opaque", "named", "shut")
 
     def __init__(self, kind: int, info: Any = None, hkind: str | None = _UNHASHABLE, hval: int = 0,
                  cost: int = 1, depth: int = 0) -> None:
@@ -204,6 +211,7 @@ class _V:
         self.cost = cost  # units of work to hash it (tree size of a tuple)
         self.depth = depth  # tuple nesting
         self.size = 0  # containers: work units of what was put in (walked by a reconstructor)
+        self.opaque = 0  # dicts and sets: the keys whose hash the verifier can't compute put in
         self.named = False  # a reconstructor named and not called, or a tuple holding one
         self.shut = False  # an instance that takes no BUILD (see Global.buildable)
 
@@ -575,6 +583,8 @@ def _walk(data: bytes | bytearray | memoryview, chunk_count: int, resolver: Reso
                 for item in items:
                     budget, opaque = _key(item, frozen, start, op, full, budget, opaque, max_opaque, collisions)
                 frozen.depth = 1 + max((item.depth for item in items), default=0)
+                # comparing two frozensets hashes and compares their items
+                frozen.cost = min(1 + sum(item.cost for item in items), 1 << 62)
                 stack.append(frozen)
             elif op != _POP_MARK:
                 if base - (marks[-1] if marks else 0) < 1:
@@ -709,6 +719,15 @@ def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opa
         opaque += 1
         if opaque > max_opaque:
             raise _too_many_opaque(pos, op, max_opaque)
+        # All of them may share one hash, so each may be compared with every one before it in
+        # the container, at up to its cost each time: charged past a free allowance.
+        before = min(container.opaque, MAX_COMPARED)
+        container.opaque += 1
+        if before and item.cost > FREE_COMPARE:
+            budget -= before * (item.cost - FREE_COMPARE)
+            if budget < 0:
+                raise Refused(pos, f"{_NAMES[op]}: comparing keys whose hash the verifier can't check would take "
+                                   "work out of proportion to the pickle's size")
     else:
         collisions.append((id(container), item.hval))
         collisions.alive.append(container)  # so that no id is reused while the walk runs

@@ -358,6 +358,59 @@ def test_frozenset_keys_are_counted_against_the_limit() -> None:
     assert streampickle.loads(streampickle.dumps(keys), limits=streampickle.Limits(max_opaque_keys=257)) == keys
 
 
+def _opaque_keys_comparing_equal_trees(count: int, width: int, frozen: bool) -> bytes:
+    # Key k is (V_k, t_k), or frozenset({(V_k, t_k)}): V_k = ((x_k,) * width,) * width with x_k
+    # a str literal of its own, equal to every other key's, and t_k = 5 + k * (2**61 - 1), one
+    # hash for all. So every key hashes alike and is compared with each one before it, walking
+    # width**2 equal strings each time. The tuple keys are opaque through x_k, longer than the
+    # verifier hashes; a frozenset is opaque whatever it holds (its tuple is hashed and counted
+    # alone in it), and comparing two hashes the tuples again.
+    text = b"x" * (20 if frozen else 300)
+    out = [P5 + b"}("]
+    slot = 0
+    for k in range(count):
+        get = [b"j" + struct.pack("<I", slot + i) for i in range(3)]
+        out.append(b"X" + struct.pack("<I", len(text)) + text + b"\x940")
+        out.append(b"(" + get[0] * width + b"t\x940")
+        out.append(b"(" + get[1] * width + b"t\x940")
+        slot += 3
+        key = b"(" + get[2] + b"\x8a\x10" + (5 + k * (2**61 - 1)).to_bytes(16, "little", signed=True) + b"t"
+        out.append((b"(" + key + b"\x91" if frozen else key) + b"N")
+    return make_message(b"".join(out) + b"u.")
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["tuples", "frozensets"])
+def test_opaque_keys_are_charged_the_compares_they_may_cost(frozen: bool) -> None:
+    # 256 such keys (16 wide: 256 strings a compare), 147 KB, took 2.8 s to load; 40 wide and
+    # 3,500-byte strings, 1 MB, over 2 minutes. Each opaque key is now charged its cost past
+    # FREE_COMPARE for each opaque key before it in its container (at most MAX_COMPARED).
+    with pytest.raises(MalformedPickleError, match="comparing keys whose hash the verifier can't check"):
+        streampickle.loads(_opaque_keys_comparing_equal_trees(256, 16, frozen))
+    few = streampickle.loads(_opaque_keys_comparing_equal_trees(8, 3, frozen))  # cheap ones pass
+    assert len(few) == 8
+    assert streampickle.loads(_opaque_keys_comparing_equal_trees(256, 16, frozen), trusted=True) is not None
+
+
+def test_a_void_scalar_is_writable_and_unhashable_as_numpy_makes_it() -> None:
+    # numpy hashes and compares a structured scalar field by field (microseconds each): 256
+    # of them with one hash as keys took 23 s. numpy's pickle makes them writable, and so
+    # unhashable; so does the safe loader, in framed messages and standard pickles.
+    dt = np.dtype([(f"f{i}", "i1") for i in range(8)])
+    scalar = np.zeros(2, dt)[1]
+    def standard(protocol: int) -> Any:
+        decoder = streampickle.PickleDecoder()
+        decoder.feed(pickle.dumps(scalar, protocol=protocol))
+        return next(decoder)
+
+    for got in (streampickle.loads(streampickle.dumps(scalar)), standard(2), standard(5)):
+        assert type(got) is np.void and got.dtype == dt and got.tolist() == scalar.tolist()
+        assert got.flags.writeable
+        with pytest.raises(TypeError, match="unhashable"):
+            hash(got)
+    read_only = streampickle.loads(streampickle.dumps(np.frombuffer(bytes(8), dt)[0]))
+    assert read_only.flags.writeable  # a copy, whatever the sender's was
+
+
 @pytest.mark.parametrize("body", [
     glob("streampickle._rebuild", "ndarray") + b"Q.",  # a reconstructor, named and not called
     glob("streampickle._rebuild", "ndarray") + b"\x85\x85Q.",  # two tuples deep

@@ -280,6 +280,7 @@ def test_the_kind_bits_are_kinds() -> None:
     assert set(_speedups.KINDS) == {n for n in _kinds.__all__ if n.isupper() and n not in ("SCALARS", "CONTAINERS")}
     assert _speedups.MAX_EQUAL_HASHES == _verify.MAX_EQUAL_HASHES
     assert _speedups.TEXT_HASHED_BYTES == _verify.TEXT_HASHED_BYTES
+    assert (_speedups.MAX_COMPARED, _speedups.FREE_COMPARE) == (_verify.MAX_COMPARED, _verify.FREE_COMPARE)
 
 
 @pytest.mark.timeout(600)  # ~40 s on an idle core, and several times that on a busy one
