@@ -300,6 +300,20 @@ def _hash_text(value: _V, data: bytes | bytearray | memoryview) -> None:
     value.hkind = _SALTED
 
 
+def _bytes_hash(result: _V, items: list[_V], data: bytes | bytearray | memoryview) -> None:
+    """The hash class of the bytes ``bytes()`` or ``_codecs.encode(text, "latin1")`` makes, as
+    protocols 0-2 write bytes: a bytes hashes as its buffer does, which is the latin-1 text's
+    own (a text beyond latin-1 fails to load), so it is as salted as the text is."""
+    if not items:
+        result.hkind, result.hval = _SALTED, hash(b"")
+        return
+    text = items[0]
+    if text.hkind is _TEXT:
+        _hash_text(text, data)
+    if text.hkind is _SALTED or text.hkind is _UNSEEN:
+        result.hkind, result.hval = text.hkind, text.hval
+
+
 def _settle(root: _V) -> None:
     """Work out the hash class, exact hash where computable, hashing cost and nesting depth of
     the tuple ``root`` and of every tuple in it not yet settled: each once, without recursion
@@ -861,6 +875,8 @@ def _typed(op: int, args: list[_V], pos: int, data: bytes | bytearray | memoryvi
             # as a key is theirs, as a tuple of them.
             _settle(arguments)
             result = _V(rebuilder.result, None, _WEAK, cost=arguments.cost)
+            if rebuilder.result == K.BYTES:  # protocols 0-2's bytes: bytes(), _codecs.encode(text, "latin1")
+                _bytes_hash(result, items, data)
             return result, budget
         if arguments.named:  # an allowed callable or class, or getattr
             raise Refused(pos, f"REDUCE {_NAMED}")

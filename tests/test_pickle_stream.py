@@ -859,15 +859,25 @@ def test_a_set_counts_items_whose_hash_the_verifier_cannot_check() -> None:
 
 
 @pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4])
-@pytest.mark.parametrize("salt", ["a", "\u0101"], ids=["ascii", "ucs2"])
-def test_tuple_keys_colliding_beside_a_str_are_a_hash_flood_in_every_protocol(protocol: int, salt: str) -> None:
-    # (k * (2**61 - 1), "a") all hash alike; protocols 0 and 1 write the str as a text line
+@pytest.mark.parametrize("salt", ["a", "\u0101", b"a", b""], ids=["ascii", "ucs2", "bytes", "empty-bytes"])
+def test_tuple_keys_colliding_beside_a_str_are_a_hash_flood_in_every_protocol(protocol: int, salt: Any) -> None:
+    # (k * (2**61 - 1), "a") all hash alike; protocols 0 and 1 write the str as a text line,
+    # and protocols 0-2 a bytes as _codecs.encode(text, "latin1") (or bytes() for b""), whose
+    # hash the verifier takes from the text's
     p = 2**61 - 1
     assert len(_load_one(pickle.dumps({(k * p, salt): k for k in range(1, 9)}, protocol=protocol))) == 8
     with pytest.raises(MalformedPickleError, match="same hash"):
         _load_one(pickle.dumps({(k * p, salt): k for k in range(1, 10)}, protocol=protocol))
     honest = {(f"name{i}", i % 3, salt): i for i in range(1000)}
     assert _load_one(pickle.dumps(honest, protocol=protocol)) == honest
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2])
+def test_bytes_keys_of_protocols_0_to_2_are_not_opaque(protocol: int) -> None:
+    # these protocols write bytes as a call; its hash is the latin-1 text's, so more than
+    # max_opaque_keys of them load
+    keys = {f"k{i}".encode(): i for i in range(1000)} | {(b"t", i): i for i in range(1000)} | {b"": -1}
+    assert _load_one(pickle.dumps(keys, protocol=protocol)) == keys
 
 
 def test_a_set_of_an_unhashable_item_is_refused_before_it_is_built() -> None:
