@@ -361,6 +361,15 @@ def opaque_tuple_compares(_size: int) -> Case:
     return plain(b"}(" + b"".join(out) + b"u")
 
 
+def decimals_beside_an_int(size: int) -> Case:
+    """One int key of most of the size and four Decimal keys of its hash: each Decimal == int
+    converts the int exactly, in time quadratic in its size."""
+    x = int.from_bytes(b"\x5a" * max(8, size - 200), "little")
+    decimals = b"".join(rebuilder("decimal") + integer(0) + s(str(x % P61 + k * P61)) + integer(0) + b"\x87RN"
+                        for k in range(4))
+    return plain(b"}(" + integer(x) + b"N" + decimals + b"u")
+
+
 def float_keys_colliding(size: int) -> Case:
     """Floats m * 2**(61 j): all j give one hash per m (2**61 is 1 modulo 2**61 - 1), about
     34 floats per hash value."""
@@ -720,6 +729,7 @@ ATTACKS: list[Attack] = [
     Attack("opaque-tuple-compares", "exhaustion", "256 opaque tuple keys, one hash, 256 equal strs a compare",
            opaque_tuple_compares, fixed=True),
     Attack("float-keys", "exhaustion", "floats m*2**(61j), ~34 per hash", float_keys_colliding),
+    Attack("decimals-beside-an-int", "exhaustion", "an int key and 4 Decimal keys of its hash", decimals_beside_an_int),
     Attack("fraction-keys", "exhaustion", "max_opaque_keys Fraction keys with one hash",
            opaque_keys(fraction_key, rebuilder("fraction") + MEMO_POP)),
     Attack("uuid-keys", "exhaustion", "max_opaque_keys UUID keys with one hash",

@@ -19,6 +19,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -254,14 +255,40 @@ static Hashed int_hash(const unsigned char *p, uint64_t n) {
 }
 
 /* Python's hash of the big-endian double at p (BINFLOAT's argument), into *h; -1 on error. */
+static int64_t double_hash(double v);
+
 static int float_hash(const unsigned char *p, int64_t *h) {
     const double d = PyFloat_Unpack8((const char *)p, 0);
     if (d == -1.0 && PyErr_Occurred()) return -1;
-    PyObject *f = PyFloat_FromDouble(d);
-    if (f == NULL) return -1;
-    *h = PyObject_Hash(f);
-    Py_DECREF(f);
+    *h = double_hash(d);
     return 0;
+}
+
+/* CPython's hash of a float other than a NaN (Python/pyhash.c, _Py_HashDouble), without
+ * making the float: its value as a fraction reduced modulo 2**61 - 1. */
+static int64_t double_hash(double v) {
+    if (isinf(v)) return v > 0 ? 314159 : -314159;
+    int e;
+    double m = frexp(v, &e);
+    int sign = 1;
+    if (m < 0) {
+        sign = -1;
+        m = -m;
+    }
+    uint64_t x = 0;
+    while (m) { /* 28 bits at a time, most significant first */
+        x = ((x << 28) & HASH_P) | x >> (61 - 28);
+        m *= 268435456.0;
+        e -= 28;
+        const uint64_t y = (uint64_t)m;
+        m -= (double)y;
+        x += y;
+        if (x >= HASH_P) x -= HASH_P;
+    }
+    e = e >= 0 ? e % 61 : 61 - 1 - ((-1 - e) % 61);
+    x = ((x << e) & HASH_P) | x >> (61 - e);
+    x = x * (uint64_t)(int64_t)sign;
+    return x == UINT64_MAX ? -2 : (int64_t)x;
 }
 
 /* _verify._hash_text: 1 and *h Python's hash of the str (is_str) or bytes whose pickled bytes
@@ -411,8 +438,8 @@ static int tuple_of(const unsigned char *data, Slot *memo, const Slot *items, Py
 
 /* _verify._key in plain mode: 0 the key of the container numbered box is admitted (a computed
  * hash recorded), 1 defer, -1 refused (*result set) or an error (*result NULL). */
-static int admit_key(const Slot *key, Py_ssize_t box, Py_ssize_t pos, const char *opname, int64_t *budget,
-                     Vec *collisions, PyObject **result) {
+static int admit_key(const unsigned char *data, const Slot *key, Py_ssize_t box, Py_ssize_t pos, const char *opname,
+                     int64_t *budget, Vec *collisions, PyObject **result) {
     if (key->hkind == H_UNHASHABLE) return 1;
     if (key->depth > MAX_KEY_DEPTH) {
         *result = fail(pos, "%s: a key nested %zd deep (at most %d)", opname, key->depth, MAX_KEY_DEPTH);
@@ -427,6 +454,11 @@ static int admit_key(const Slot *key, Py_ssize_t box, Py_ssize_t pos, const char
     }
     if (key->hkind == H_WEAK) return 1;
     if (key->hkind == H_COMPUTED) return VPUSH(*collisions, Collision, ((Collision){box, key->hval}));
+    if (key->hkind == H_FLOAT) { /* a few hundred distinct floats can share a hash */
+        int64_t h;
+        if (float_hash(data + key->a, &h) < 0) return -1;
+        return VPUSH(*collisions, Collision, ((Collision){box, h}));
+    }
     return 0;
 }
 
@@ -519,7 +551,7 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                 break;
             case 's': /* SETITEM */
                 if (top[-3].kind != V_DICT) DEFER_NOW;
-                k = admit_key(&top[-2], top[-3].a, start, spec->name, &budget, &collisions, &result);
+                k = admit_key(data, &top[-2], top[-3].a, start, spec->name, &budget, &collisions, &result);
                 if (k < 0) goto done;
                 if (k > 0) DEFER_NOW;
                 stack.len -= 2;
@@ -588,7 +620,7 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                 Slot f = {V_OTHER, H_WEAK, 0, 1}; /* see _verify: a frozenset's hash is not computed */
                 const Py_ssize_t box = boxes++;
                 for (Py_ssize_t i = 0; i < n; i++) {
-                    k = admit_key(&items[i], box, start, spec->name, &budget, &collisions, &result);
+                    k = admit_key(data, &items[i], box, start, spec->name, &budget, &collisions, &result);
                     if (k < 0) goto done;
                     if (k > 0) DEFER_NOW;
                     if (items[i].depth > f.depth) f.depth = items[i].depth;
@@ -614,7 +646,7 @@ static PyObject *scan_impl(const unsigned char *data, const Py_ssize_t end, Py_s
                         DEFER_NOW;
                     }
                     for (Py_ssize_t i = 0; i < n; i += step) {
-                        k = admit_key(&items[i], target->a, start, spec->name, &budget, &collisions, &result);
+                        k = admit_key(data, &items[i], target->a, start, spec->name, &budget, &collisions, &result);
                         if (k < 0) goto done;
                         if (k > 0) DEFER_NOW;
                     }
@@ -801,8 +833,13 @@ typedef struct {
     unsigned char noinfo, named;
 } Item;
 
-/* size: _V.size; global: -1 for none; opaque: _V.opaque, the opaque keys put in so far */
-typedef struct { int64_t size; Py_ssize_t global; int64_t opaque; } Box;
+/* size: _V.size; global: -1 for none; the rest: _V.keys (_verify._Keys) */
+typedef struct {
+    int64_t size;
+    Py_ssize_t global;
+    int64_t opaque, numbers, opaque_numbers;
+    uint64_t number_squares, opaque_number_squares; /* saturating at COST_CAP */
+} Box;
 
 typedef struct {
     PyObject *obj, *module, *qualname, *name; /* owned by Walk.keep */
@@ -872,7 +909,7 @@ static int tuple_val(Walk *w, const Val *items, Py_ssize_t n, Py_ssize_t at, Val
 
 static int new_box(Walk *w, Py_ssize_t global, Py_ssize_t *index) {
     *index = w->boxes.len;
-    return VPUSH(w->boxes, Box, ((Box){0, global, 0}));
+    return VPUSH(w->boxes, Box, ((Box){0, global, 0, 0, 0, 0, 0}));
 }
 
 /* A container's running size: _V.size. Tuples: their length; scalars: 0. */
@@ -898,6 +935,41 @@ static int into(Walk *w, const Val *target, int64_t kind, char like, Py_ssize_t 
                   name_of(kind, &b));
 }
 
+/* _verify._NUMBERS */
+#define NUMBERS (KD_INT | KD_FLOAT | KD_VALUE | KD_OPAQUE)
+
+/* _verify._square, saturating at COST_CAP. */
+static uint64_t square_of(uint64_t cost) {
+    if (cost <= FREE_COMPARE) return 0;
+    return cost >= ((uint64_t)1 << 31) ? COST_CAP : cost * cost - FREE_COMPARE * FREE_COMPARE;
+}
+
+static uint64_t add_capped(uint64_t a, uint64_t b) { return a >= COST_CAP - b ? COST_CAP : a + b; }
+
+/* _verify._charge_conversions: charge the number item, a key of b, for the compares that may
+ * convert it or another key to the other's type; 0, or -1 refused. */
+static int charge_conversions(Walk *w, const Val *item, Box *b, Py_ssize_t pos, const char *opname) {
+    const int opaque = item->hkind == H_WEAK;
+    const uint64_t own = square_of(item->cost);
+    const int64_t pairs = opaque ? b->numbers : b->opaque_numbers;
+    const uint64_t others = opaque ? b->number_squares : b->opaque_number_squares;
+    b->numbers += 1;
+    b->number_squares = add_capped(b->number_squares, own);
+    if (opaque) {
+        b->opaque_numbers += 1;
+        b->opaque_number_squares = add_capped(b->opaque_number_squares, own);
+    }
+    if (pairs) {
+        const uint64_t n = (uint64_t)(pairs < MAX_COMPARED ? pairs : MAX_COMPARED);
+        const uint64_t charge = add_capped(own >= COST_CAP / n ? COST_CAP : own * n, others);
+        if (w->budget < 0 || charge > (uint64_t)w->budget)
+            return refuse(w, pos, "%s: comparing keys that are numbers of different types would take work out of "
+                          "proportion to the pickle's size", opname);
+        w->budget -= (int64_t)charge;
+    }
+    return 0;
+}
+
 /* _verify._key: charge item as a key of the container in box; 0 admitted, -1 refused or error. */
 static int key(Walk *w, const Val *item, Py_ssize_t box, Py_ssize_t pos, const char *opname) {
     if (item->hkind == H_UNHASHABLE) {
@@ -911,7 +983,11 @@ static int key(Walk *w, const Val *item, Py_ssize_t box, Py_ssize_t pos, const c
         if (w->budget < 0)
             return refuse(w, pos, "%s: hashing the keys would take work out of proportion to the pickle's size", opname);
     }
-    AT(w->boxes, Box)[box].size += (int64_t)item->cost;
+    Box *b = &AT(w->boxes, Box)[box];
+    b->size += (int64_t)item->cost;
+    if ((item->kind & NUMBERS) && charge_conversions(w, item, b, pos, opname) < 0) return -1;
+    if (item->hkind == H_FREE && item->kind == KD_FLOAT) /* a few hundred distinct floats can share a hash */
+        return VPUSH(w->collisions, Collision, ((Collision){box, item->hval}));
     if (item->hkind == H_SALTED || item->hkind == H_TEXT || item->hkind == H_UNSEEN || item->hkind == H_FREE) return 0;
     if (item->hkind == H_WEAK) {
         w->opaque += 1;
@@ -920,7 +996,6 @@ static int key(Walk *w, const Val *item, Py_ssize_t box, Py_ssize_t pos, const c
                           "(raise the limit for peers you trust with the CPU)", opname, w->max_opaque_obj);
         /* _verify._key: all of them may share one hash, so each may be compared with every
          * one before it in the container, at up to its cost each time past a free allowance */
-        Box *b = &AT(w->boxes, Box)[box];
         const int64_t before = b->opaque < MAX_COMPARED ? b->opaque : MAX_COMPARED;
         b->opaque += 1;
         if (before && item->cost > FREE_COMPARE) {
@@ -1260,11 +1335,7 @@ static PyObject *verify_impl(const unsigned char *data, const Py_ssize_t end, Py
                          * stands for with its opcode's offset (a memo copy is the same NaN) */
                 const double d = PyFloat_Unpack8((const char *)data + at, 0);
                 if (d == -1.0 && PyErr_Occurred()) goto done;
-                PyObject *f = PyFloat_FromDouble(d);
-                if (f == NULL) goto done;
-                const Py_hash_t h = PyObject_Hash(f);
-                Py_DECREF(f);
-                PUSH(((Val){KD_FLOAT, d != d ? (int64_t)start : h, 1, 0, 0, 0, d != d ? H_SALTED : H_FREE, 0}));
+                PUSH(((Val){KD_FLOAT, d != d ? (int64_t)start : double_hash(d), 1, 0, 0, 0, d != d ? H_SALTED : H_FREE, 0}));
                 break;
             }
             case 'C': case 'B': case 0x8e: PUSH(((Val){KD_BYTES, 0, 1, 0, at, pos, H_TEXT, 0})); break;
@@ -1988,7 +2059,14 @@ static PyObject *reduce_ndarray(PyObject *self, PyObject *const *args, Py_ssize_
     return call;
 }
 
+static PyObject *float_hash_py(PyObject *self, PyObject *arg) {
+    const double v = PyFloat_AsDouble(arg);
+    if (v == -1.0 && PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong(double_hash(v));
+}
+
 static PyMethodDef methods[] = {
+    {"float_hash", float_hash_py, METH_O, "float_hash(x) -> hash(x), for a float other than a NaN, as the verifier takes it."},
     {"scan", scan, METH_VARARGS,
      "scan(data, chunk_count) -> 0 (plain, admitted), 1 (defer to the full verifier), or\n"
      "(position, reason) if refused: the verifier's plain mode."},

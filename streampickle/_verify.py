@@ -200,7 +200,7 @@ FREE_COMPARE = 16
 class _V:
     """One abstract value: its kind and what the rules need to know about it."""
 
-    __slots__ = ("kind", "info", "hkind", "hval", "cost", "depth", "size", "opaque", "named", "shut")
+    __slots__ = ("kind", "info", "hkind", "hval", "cost", "depth", "size", "keys", "named", "shut")
 
     def __init__(self, kind: int, info: Any = None, hkind: str | None = _UNHASHABLE, hval: int = 0,
                  cost: int = 1, depth: int = 0) -> None:
@@ -211,9 +211,25 @@ class _V:
         self.cost = cost  # units of work to hash it (tree size of a tuple)
         self.depth = depth  # tuple nesting
         self.size = 0  # containers: work units of what was put in (walked by a reconstructor)
-        self.opaque = 0  # dicts and sets: the keys whose hash the verifier can't compute put in
+        self.keys: _Keys | None = None  # dicts and sets: what the compares of their keys may cost
         self.named = False  # a reconstructor named and not called, or a tuple holding one
         self.shut = False  # an instance that takes no BUILD (see Global.buildable)
+
+
+class _Keys:
+    """What a container's keys may cost to compare, so far (see ``_key``)."""
+
+    __slots__ = ("opaque", "numbers", "opaque_numbers", "number_squares", "opaque_number_squares")
+
+    def __init__(self) -> None:
+        self.opaque = 0  # keys whose hash the verifier can't compute
+        self.numbers = self.opaque_numbers = 0  # keys of the _NUMBERS kinds, and the opaque ones
+        self.number_squares = self.opaque_number_squares = 0  # the sum of _square() of each
+
+
+#: Kinds whose compare may convert the other key to its type (an int to a Decimal or a str, a
+#: Fraction's parts to a Decimal's), in time that grows as the square of its size.
+_NUMBERS = K.INT | K.FLOAT | K.VALUE | K.OPAQUE
 
 
 def _global_value(found: Global) -> _V:
@@ -725,6 +741,12 @@ def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opa
         if budget < 0:
             raise _too_much_hashing(pos, op)
     container.size += item.cost
+    if full and item.kind & _NUMBERS:
+        budget = _charge_conversions(item, kind is _WEAK, container, pos, op, budget)
+    if kind is _FREE and item.kind == K.FLOAT:  # a few hundred distinct floats can share a hash
+        collisions.append((id(container), item.hval))
+        collisions.alive.append(container)
+        return budget, opaque
     if kind is _SALTED or kind is _TEXT or kind is _UNSEEN or kind is _FREE:
         return budget, opaque
     if kind is _WEAK:
@@ -735,8 +757,9 @@ def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opa
             raise _too_many_opaque(pos, op, max_opaque)
         # All of them may share one hash, so each may be compared with every one before it in
         # the container, at up to its cost each time: charged past a free allowance.
-        before = min(container.opaque, MAX_COMPARED)
-        container.opaque += 1
+        keys = container.keys = container.keys or _Keys()
+        before = min(keys.opaque, MAX_COMPARED)
+        keys.opaque += 1
         if before and item.cost > FREE_COMPARE:
             budget -= before * (item.cost - FREE_COMPARE)
             if budget < 0:
@@ -746,6 +769,37 @@ def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opa
         collisions.append((id(container), item.hval))
         collisions.alive.append(container)  # so that no id is reused while the walk runs
     return budget, opaque
+
+
+def _square(cost: int) -> int:
+    """What converting a number of ``cost`` units to another type may take, past the free part."""
+    return max(0, cost * cost - FREE_COMPARE * FREE_COMPARE)
+
+
+def _charge_conversions(item: _V, opaque: bool, container: _V, pos: int, op: int, budget: int) -> int:
+    """Charge the number ``item`` (a key of a ``_NUMBERS`` kind; ``opaque``: its hash is not
+    computed) for the compares that may convert it or another key to the other's type: an
+    opaque one may share its hash with every number before it in ``container``, any number
+    with every opaque one before it. A pair's compare is charged the square of the larger
+    cost, at most the sum of both squares: this key's for each pair (at most
+    ``MAX_COMPARED``), and each other key's once. Return the budget left."""
+    keys = container.keys = container.keys or _Keys()
+    own = _square(item.cost)
+    if opaque:
+        pairs, others = keys.numbers, keys.number_squares
+    else:
+        pairs, others = keys.opaque_numbers, keys.opaque_number_squares
+    keys.numbers += 1
+    keys.number_squares += own
+    if opaque:
+        keys.opaque_numbers += 1
+        keys.opaque_number_squares += own
+    if pairs:
+        budget -= min(pairs, MAX_COMPARED) * own + others
+        if budget < 0:
+            raise Refused(pos, f"{_NAMES[op]}: comparing keys that are numbers of different types would take work "
+                               "out of proportion to the pickle's size")
+    return budget
 
 
 def _too_much_hashing(pos: int, op: int) -> Refused:

@@ -391,6 +391,70 @@ def test_opaque_keys_are_charged_the_compares_they_may_cost(frozen: bool) -> Non
     assert streampickle.loads(_opaque_keys_comparing_equal_trees(256, 16, frozen), trusted=True) is not None
 
 
+def _keys_of_one_hash(case: str) -> bytes:
+    """A dict whose keys share one hash, as a message; the fraction case by hand (the encoder
+    leaves a Fraction to pickle, which the safe loader refuses)."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    p = 2**61 - 1
+    big = int.from_bytes(b"\x5a" * 8192, "little")  # 8 KB: Decimal(big) takes milliseconds
+    if case == "decimals-after-an-int":
+        keys: list[Any] = [big] + [Decimal(big % p + k * p) for k in range(4)]
+    elif case == "an-int-after-decimals":
+        keys = [Decimal(big % p + k * p) for k in range(4)] + [big]
+    elif case == "longdoubles-after-ints":  # each compare turns a 4,271-digit int into a str
+        keys = [1 + k * p * 10**4250 for k in range(1, 3)] + [np.longdouble(1) + np.longdouble(2) ** -60 * k
+                                                               for k in range(4)]
+    else:  # Decimal == Fraction multiplies out the Fraction's parts
+        numerator, denominator = int.from_bytes(b"\x5a" * 2000, "little"), int.from_bytes(b"\x33" * 2000, "little")
+        h = hash(Fraction(numerator, denominator))
+        body = (glob("streampickle._rebuild", "fraction") + b"\x8b" + struct.pack("<i", 2001)
+                + numerator.to_bytes(2001, "little") + b"\x8b" + struct.pack("<i", 2001)
+                + denominator.to_bytes(2001, "little") + b"\x86RN")
+        for k in range(4):
+            digits = str(h + k * p).encode()
+            body += (glob("streampickle._rebuild", "decimal") + b"K\x00\x8c" + bytes([len(digits)]) + digits
+                     + b"K\x00\x87RN")
+        return make_message(P5 + b"}(" + body + b"u.")
+    assert len({hash(k) for k in keys}) == 1 and len(set(keys)) == len(keys)
+    return streampickle.dumps(dict.fromkeys(keys))
+
+
+@pytest.mark.parametrize("case", ["decimals-after-an-int", "an-int-after-decimals", "longdoubles-after-ints",
+                                  "decimals-after-a-big-fraction"])
+def test_numbers_of_other_types_with_one_hash_are_charged_their_conversions(case: str) -> None:
+    # Decimal == int converts the int exactly, in time quadratic in its size (100 KB: 1.5 s a
+    # compare); np.longdouble == int goes through str; Decimal == Fraction multiplies out its
+    # parts. A Decimal costs the verifier 4 units, so the opaque-key charge alone let 100 KB
+    # with four Decimals take 6 s. A number key whose hash is not computed is now charged for
+    # each number before it in its container (and any number for each such key before it)
+    # the square of the larger cost.
+    data = _keys_of_one_hash(case)
+    with pytest.raises(MalformedPickleError, match="numbers of different types"):
+        streampickle.loads(data)
+    assert len(streampickle.loads(data, trusted=True)) == (6 if case == "longdoubles-after-ints" else 5)
+
+
+def test_numbers_of_other_types_load_when_their_compares_are_cheap() -> None:
+    from decimal import Decimal
+
+    keys = [Decimal("1.25"), 2**800, 1.5, np.longdouble(2.5)] + [Decimal(i) / 7 for i in range(250)]
+    assert len(streampickle.loads(streampickle.dumps(dict.fromkeys(keys)))) == len(keys)
+
+
+def test_floats_with_one_hash_are_counted() -> None:
+    # 2.0 ** (61 * j) all hash to 1 (2 ** 61 is 1 modulo 2 ** 61 - 1); a search found 202
+    # floats with one hash, and 256 Fractions of that hash beside them took 30 us a byte
+    import math
+
+    floats = [math.ldexp(1, 61 * j) for j in range(-8, 9) if j]
+    assert len(floats) == 16 and {hash(f) for f in floats} == {1}
+    assert len(streampickle.loads(streampickle.dumps(dict.fromkeys(floats[:8])))) == 8
+    with pytest.raises(MalformedPickleError, match="same hash"):
+        streampickle.loads(streampickle.dumps(dict.fromkeys(floats[:9])))
+
+
 def test_a_void_scalar_is_writable_and_unhashable_as_numpy_makes_it() -> None:
     # numpy hashes and compares a structured scalar field by field (microseconds each): 256
     # of them with one hash as keys took 23 s. numpy's pickle makes them writable, and so

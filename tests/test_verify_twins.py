@@ -274,6 +274,13 @@ def corpus() -> list[tuple[bytes, int]]:
 # -- the differential tests ----------------------------------------------------------------
 
 
+@settings(max_examples=2000, deadline=None)
+@given(st.floats(allow_nan=False) | st.integers(-(2**64), 2**64).map(float))
+def test_the_c_walks_hash_floats_as_python_does(value: float) -> None:
+    # without making a float object: each float key's hash is counted, and floats in tuples
+    assert _speedups.float_hash(value) == hash(value)
+
+
 def test_the_kind_bits_are_kinds() -> None:
     for name, bit in _speedups.KINDS.items():
         assert getattr(_kinds, name) == bit, name
