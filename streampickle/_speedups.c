@@ -966,6 +966,7 @@ static int charge_conversions(Walk *w, const Val *item, Box *b, Py_ssize_t pos, 
             return refuse(w, pos, "%s: comparing keys that are numbers of different types would take work out of "
                           "proportion to the pickle's size", opname);
         w->budget -= (int64_t)charge;
+        b->size += (int64_t)charge; /* a reconstructor copying the container redoes the compares */
     }
     return 0;
 }
@@ -1004,6 +1005,7 @@ static int key(Walk *w, const Val *item, Py_ssize_t box, Py_ssize_t pos, const c
                 return refuse(w, pos, "%s: comparing keys whose hash the verifier can't check would take work out of "
                               "proportion to the pickle's size", opname);
             w->budget -= (int64_t)excess * before;
+            b->size += (int64_t)excess * before; /* a copy redoes the compares */
         }
         return 0;
     }

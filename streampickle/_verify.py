@@ -761,6 +761,7 @@ def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opa
         before = min(keys.opaque, MAX_COMPARED)
         keys.opaque += 1
         if before and item.cost > FREE_COMPARE:
+            container.size += before * (item.cost - FREE_COMPARE)  # a copy redoes the compares
             budget -= before * (item.cost - FREE_COMPARE)
             if budget < 0:
                 raise Refused(pos, f"{_NAMES[op]}: comparing keys whose hash the verifier can't check would take "
@@ -795,7 +796,9 @@ def _charge_conversions(item: _V, opaque: bool, container: _V, pos: int, op: int
         keys.opaque_numbers += 1
         keys.opaque_number_squares += own
     if pairs:
-        budget -= min(pairs, MAX_COMPARED) * own + others
+        charge = min(pairs, MAX_COMPARED) * own + others
+        container.size += charge  # a reconstructor copying the container redoes the compares
+        budget -= charge
         if budget < 0:
             raise Refused(pos, f"{_NAMES[op]}: comparing keys that are numbers of different types would take work "
                                "out of proportion to the pickle's size")

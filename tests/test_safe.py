@@ -455,6 +455,54 @@ def test_floats_with_one_hash_are_counted() -> None:
         streampickle.loads(streampickle.dumps(dict.fromkeys(floats[:9])))
 
 
+def _long(value: int) -> bytes:  # LONG4
+    raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8b" + struct.pack("<i", len(raw)) + raw
+
+
+def _copied(keys: bytes, copies: int, pad: int) -> bytes:
+    """A dict of ``keys`` (SETITEMS pairs), memoized, copied ``copies`` times into an
+    OrderedDict (each copy inserts every key again), after ``pad`` bytes that buy budget."""
+    call = glob("streampickle._rebuild", "ordered_dict") + b"h\x00\x85R0"
+    return make_message(P5 + b"B" + struct.pack("<I", pad) + b"p" * pad + b"0}\x94(" + keys + b"u0"
+                        + call * copies + b"h\x00.")
+
+
+def _decimal(digits: int) -> bytes:
+    text = str(digits).encode()
+    return glob("streampickle._rebuild", "decimal") + b"K\x00\x8c" + bytes([len(text)]) + text + b"K\x00\x87R"
+
+
+@pytest.mark.parametrize("case", ["an-int-and-a-decimal", "fractions-and-floats"])
+def test_a_copied_dict_is_charged_the_compares_its_copies_redo(case: str) -> None:
+    # OrderedDict(d) inserts each key again, so every compare d's keys cost is made again per
+    # copy, at 7 bytes a call: an int of 4 KB and a Decimal of its hash (a quadratic
+    # conversion each time) copied 4,000 times in 152 KB took 13 s; Fractions and floats of
+    # one hash (each Fraction == float runs Python code, 5 to 20 us) copied 100 times, 135 KB
+    # took 2.5 s. A container's size now includes the compare charges its keys took, and the
+    # copy's own cost charges pairs of one hash with an opaque key among them.
+    import math
+
+    p = 2**61 - 1
+    if case == "an-int-and-a-decimal":
+        x = int.from_bytes(b"\x5a" * 4000, "little")
+        keys, copies = _long(x) + b"N" + _decimal(x % p + p) + b"N", 4000
+    else:
+        keys = b""
+        for j in range(64):
+            m = 1000003 + 7919 * j
+            for i in range(1, 5):
+                n = 3 * m % p + i * p
+                n += 3 * p if n % 3 == 0 else 0
+                keys += glob("streampickle._rebuild", "fraction") + _long(n) + b"K\x03\x86RN"
+            keys += b"".join(b"G" + struct.pack(">d", math.ldexp(m, 61 * k)) + b"N" for k in range(8))
+        copies = 100
+    data = _copied(keys, copies, 120_000)
+    with pytest.raises(MalformedPickleError, match="ordered_dict"):
+        streampickle.loads(data)
+    assert len(streampickle.loads(_copied(keys, 1, 120_000))) > 1  # one copy is within the budget
+
+
 def test_a_void_scalar_is_writable_and_unhashable_as_numpy_makes_it() -> None:
     # numpy hashes and compares a structured scalar field by field (microseconds each): 256
     # of them with one hash as keys took 23 s. numpy's pickle makes them writable, and so
