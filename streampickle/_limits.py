@@ -70,12 +70,13 @@ class Limits:
     max_descriptors: int = 253
 
     #: Dict keys and set items, in one message, whose hash the verifier can't compute: values a
-    #: reconstructor built (UUIDs, Fractions, numpy scalars...) and instances of allowed
-    #: classes. Keys whose hashes collide cost time quadratic in their number, and these are
-    #: the keys a peer could make collide unseen (str and bytes hashes are salted; small
-    #: ints, floats and tuples of numbers the verifier checks itself). Default 256: even if
-    #: all of them collide, 256**2 / 2 comparisons at about 0.3 us each (a Fraction's
-    #: ``__eq__``) cost about 10 ms; raise it for peers you trust with more CPU.
+    #: reconstructor built (UUIDs, Fractions, numpy scalars...), frozensets, tuples holding a
+    #: str longer than 256 bytes, and instances of allowed classes. Keys whose hashes collide
+    #: cost time quadratic in their number, and these are the keys a peer could make collide
+    #: unseen (str and bytes hashes are salted; ints, floats and tuples the verifier hashes
+    #: itself). Default 256: even if all of them collide, 256**2 / 2 comparisons at about
+    #: 0.3 us each (a Fraction's ``__eq__``) cost about 10 ms, and costlier compares are
+    #: charged to the work budget; raise it for peers you trust with more CPU.
     max_opaque_keys: int = 256
 
     #: Seconds a message's header (the fixed header and the length table) may take to arrive,
