@@ -249,17 +249,20 @@ def deep_tuples(size: int) -> Case:
 # Resource exhaustion: hash flooding
 
 
+def keys_up_to(size: int, key: Callable[[int], bytes], most: int = 1 << 62) -> Case:
+    """A dict of ``key(0)``, ``key(1)``, ... (each a key and its value), as many as fit in
+    ``size`` bytes, at most ``most``."""
+    keys: list[bytes] = []
+    total = 0
+    while total < size - 8 and len(keys) < most:
+        keys.append(key(len(keys)))
+        total += len(keys[-1])
+    return plain(b"}(" + b"".join(keys) + b"u")
+
+
 def int_keys_colliding(size: int) -> Case:
     """Dict keys k * (2**61 - 1): every one hashes to 0."""
-    keys = []
-    total = 0
-    k = 1
-    while total < size - 8:
-        item = integer(k * P61) + b"N"
-        keys.append(item)
-        total += len(item)
-        k += 1
-    return plain(b"}(" + b"".join(keys) + b"u")
+    return keys_up_to(size, lambda k: integer((k + 1) * P61) + b"N")
 
 
 _M64 = (1 << 64) - 1
@@ -302,30 +305,17 @@ def tuple_keys_colliding(size: int) -> Case:
 def str_tuple_keys_colliding(size: int) -> Case:
     """Tuple keys (k * (2**61 - 1), "a"), the str memoized: the salt of "a" is the same in
     every tuple and every int hashes to 0, so all hash alike."""
-    keys = [integer(P61) + b"\x8c\x01a\x94\x86N"]
-    total = len(keys[0])
-    k = 2
-    while total < size - 8:
-        item = integer(k * P61) + b"h\x00\x86N"
-        keys.append(item)
-        total += len(item)
-        k += 1
-    return plain(b"}(" + b"".join(keys) + b"u")
+    return keys_up_to(size, lambda k: integer((k + 1) * P61) + (b"\x8c\x01a\x94" if k == 0 else b"h\x00") + b"\x86N")
 
 
 def twin_tuple_keys_colliding(size: int) -> Case:
     """Tuple keys of 16 places, each "aJ" or its bytes twin b"aJ" (a str hashes as its
     buffer): 2**16 tuples with one hash, as many as the size holds."""
-    keys = []
-    total = 0
-    bits = 0
-    while total < size - 8 and bits < 1 << 16:
-        item = b"(" + b"".join((b"C" if bits >> j & 1 else b"\x8c") + bytes([len(f"a{j}")]) + f"a{j}".encode()
+    def key(bits: int) -> bytes:
+        return b"(" + b"".join((b"C" if bits >> j & 1 else b"\x8c") + bytes([len(f"a{j}")]) + f"a{j}".encode()
                                for j in range(16)) + b"tN"
-        keys.append(item)
-        total += len(item)
-        bits += 1
-    return plain(b"}(" + b"".join(keys) + b"u")
+
+    return keys_up_to(size, key, most=1 << 16)
 
 
 _SLOW_TEXT = "\ud800".encode("utf-8", "surrogatepass") * 85  # 255 bytes: the slowest str to decode
