@@ -254,16 +254,6 @@ static Hashed int_hash(const unsigned char *p, uint64_t n) {
     return v;
 }
 
-/* Python's hash of the big-endian double at p (BINFLOAT's argument), into *h; -1 on error. */
-static int64_t double_hash(double v);
-
-static int float_hash(const unsigned char *p, int64_t *h) {
-    const double d = PyFloat_Unpack8((const char *)p, 0);
-    if (d == -1.0 && PyErr_Occurred()) return -1;
-    *h = double_hash(d);
-    return 0;
-}
-
 /* CPython's hash of a float other than a NaN (Python/pyhash.c, _Py_HashDouble), without
  * making the float: its value as a fraction reduced modulo 2**61 - 1. */
 static int64_t double_hash(double v) {
@@ -291,6 +281,14 @@ static int64_t double_hash(double v) {
     return x == UINT64_MAX ? -2 : (int64_t)x;
 }
 
+/* Python's hash of the big-endian double at p (BINFLOAT's argument), into *h; -1 on error. */
+static int float_hash(const unsigned char *p, int64_t *h) {
+    const double d = PyFloat_Unpack8((const char *)p, 0);
+    if (d == -1.0 && PyErr_Occurred()) return -1;
+    *h = double_hash(d);
+    return 0;
+}
+
 /* _verify._hash_text: 1 and *h Python's hash of the str (is_str) or bytes whose pickled bytes
  * are p[0..n); 0 if the verifier doesn't hash it (longer than TEXT_HASHED_BYTES, or not
  * UTF-8: loading it fails); -1 with an exception set. Strings hash in C without a Python
@@ -314,6 +312,18 @@ static int text_hash(const unsigned char *p, Py_ssize_t n, int is_str, int64_t *
     *h = PyObject_Hash(text);
     Py_DECREF(text);
     return *h == -1 ? -1 : 1;
+}
+
+/* A str or bytes item of a tuple being made (data[a..b)): text_hash, kept in the memo slot
+ * it came from (*kept_hkind, *kept_hval; NULL for none) for every later copy to read. */
+static int text_item_hash(const unsigned char *data, Py_ssize_t a, Py_ssize_t b, int is_str,
+                          unsigned char *kept_hkind, int64_t *kept_hval, int64_t *h) {
+    const int hashed = text_hash(data + a, b - a, is_str, h);
+    if (hashed >= 0 && kept_hkind != NULL) {
+        *kept_hkind = hashed ? H_SALTED : H_UNSEEN;
+        *kept_hval = *h;
+    }
+    return hashed;
 }
 
 /* CPython's tuplehash (xxHash-based, 3.8 and later), one item at a time. */
@@ -416,13 +426,11 @@ static int tuple_of(const unsigned char *data, Slot *memo, const Slot *items, Py
         if (h == H_UNHASHABLE) t.hkind = H_UNHASHABLE;
         else if ((h == H_WEAK || h == H_UNSEEN) && t.hkind != H_UNHASHABLE) t.hkind = H_WEAK;
         else if (h == H_TEXT && t.hkind == H_COMPUTED) {
-            const int hashed = text_hash(data + items[i].a, items[i].b - items[i].a, items[i].kind == V_STR, &hval);
+            Slot *kept = items[i].memo ? &memo[items[i].memo - 1] : NULL;
+            const int hashed = text_item_hash(data, items[i].a, items[i].b, items[i].kind == V_STR,
+                                              kept ? &kept->hkind : NULL, kept ? &kept->hval : NULL, &hval);
             if (hashed < 0) return -1;
             if (!hashed) t.hkind = H_WEAK;
-            if (items[i].memo) { /* hashed once for every copy the memo gives later */
-                memo[items[i].memo - 1].hkind = hashed ? H_SALTED : H_UNSEEN;
-                memo[items[i].memo - 1].hval = hval;
-            }
         } else if (h == H_FLOAT && t.hkind == H_COMPUTED && float_hash(data + items[i].a, &hval) < 0) {
             return -1;
         }
@@ -887,14 +895,11 @@ static int tuple_val(Walk *w, const Val *items, Py_ssize_t n, Py_ssize_t at, Val
         if (h == H_UNHASHABLE) t.hkind = H_UNHASHABLE;
         else if ((h == H_WEAK || h == H_UNSEEN) && t.hkind != H_UNHASHABLE) t.hkind = H_WEAK;
         else if (h == H_TEXT && t.hkind == H_COMPUTED) {
-            const Py_ssize_t size = items[i].b - items[i].a;
-            const int hashed = text_hash(w->data + items[i].a, size, items[i].kind == KD_STR, &hval);
+            Val *kept = items[i].memo ? &AT(w->memo, Val)[items[i].memo - 1] : NULL;
+            const int hashed = text_item_hash(w->data, items[i].a, items[i].b, items[i].kind == KD_STR,
+                                              kept ? &kept->hkind : NULL, kept ? &kept->hval : NULL, &hval);
             if (hashed < 0) return -1;
             if (!hashed) t.hkind = H_WEAK;
-            if (items[i].memo) { /* hashed once for every copy the memo gives later */
-                AT(w->memo, Val)[items[i].memo - 1].hkind = hashed ? H_SALTED : H_UNSEEN;
-                AT(w->memo, Val)[items[i].memo - 1].hval = hval;
-            }
         }
         if (t.hkind == H_COMPUTED) acc = tuple_step(acc, hval);
         t.cost = items[i].cost >= COST_CAP - t.cost ? COST_CAP : t.cost + items[i].cost;
