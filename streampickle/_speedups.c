@@ -992,9 +992,10 @@ static int key(Walk *w, const Val *item, Py_ssize_t box, Py_ssize_t pos, const c
     Box *b = &AT(w->boxes, Box)[box];
     b->size += (int64_t)item->cost;
     if ((item->kind & NUMBERS) && charge_conversions(w, item, b, pos, opname) < 0) return -1;
-    if (item->hkind == H_FREE && item->kind == KD_FLOAT) /* a few hundred distinct floats can share a hash */
-        return VPUSH(w->collisions, Collision, ((Collision){box, item->hval}));
-    if (item->hkind == H_SALTED || item->hkind == H_TEXT || item->hkind == H_UNSEEN || item->hkind == H_FREE) return 0;
+    /* a few hundred distinct floats can share a hash: theirs are counted as computed ones are */
+    if (item->hkind == H_SALTED || item->hkind == H_TEXT || item->hkind == H_UNSEEN
+        || (item->hkind == H_FREE && item->kind != KD_FLOAT))
+        return 0;
     if (item->hkind == H_WEAK) {
         w->opaque += 1;
         if (w->opaque > w->max_opaque)

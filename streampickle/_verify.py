@@ -743,11 +743,8 @@ def _key(item: _V, container: _V, pos: int, op: int, full: int, budget: int, opa
     container.size += item.cost
     if full and item.kind & _NUMBERS:
         budget = _charge_conversions(item, kind is _WEAK, container, pos, op, budget)
-    if kind is _FREE and item.kind == K.FLOAT:  # a few hundred distinct floats can share a hash
-        collisions.append((id(container), item.hval))
-        collisions.alive.append(container)
-        return budget, opaque
-    if kind is _SALTED or kind is _TEXT or kind is _UNSEEN or kind is _FREE:
+    # A few hundred distinct floats can share a hash: theirs are counted as computed ones are.
+    if kind is _SALTED or kind is _TEXT or kind is _UNSEEN or (kind is _FREE and item.kind != K.FLOAT):
         return budget, opaque
     if kind is _WEAK:
         if not full:
