@@ -1,8 +1,10 @@
 """The zero-copy transport: a connected non-blocking socket that streampickle drives itself
 (see ``_transport_api.Transport`` for the contract).
 
-It waits with ``wait_readable``/``wait_writable`` (``_anyio_compat``); on asyncio and uvloop a
-part read straight into its destination is filled from one reader callback instead. Side chunks
+On trio it waits with ``wait_readable``/``wait_writable`` (``_anyio_compat``). On asyncio and
+uvloop every read that waits is done by one reader callback, which an ``ObjectStream`` keeps
+registered between receives (``keep_reader``), and a send the kernel has no room for goes on
+from a writer callback. Side chunks
 go from the caller's memory to the kernel with ``sendmsg`` and from the kernel into their final
 destination with ``recv_into``: no userspace copy either way. Small parts are read ahead into
 scratch memory and fed to the decoder, so a burst of small messages costs one read. On asyncio
@@ -22,8 +24,10 @@ first ``sendmsg`` that sends any of its bytes, which is where the receiver finds
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import socket
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -96,7 +100,12 @@ class SocketTransport:
         # Whether the running loop takes reader and writer callbacks (asyncio, uvloop; not
         # trio), known after the first use, and the reader registered for the current wait.
         self._loop_callbacks: bool | None = None
-        self._reader: tuple[asyncio.AbstractEventLoop, int, asyncio.Future[bool]] | None = None
+        # The reader callback's registration (loop, descriptor), kept between waits where
+        # keep_reader is set, and the current wait's step and future (see _await_reader).
+        self.keep_reader = False
+        self._armed: tuple[asyncio.AbstractEventLoop, int] | None = None
+        self._read_step: Callable[[], None] | None = None
+        self._read_done: asyncio.Future[bool] | None = None
         self._writer: tuple[asyncio.AbstractEventLoop, int, asyncio.Future[None]] | None = None  # a send's
         # Small messages that send_later took and the kernel doesn't have yet, in order; the
         # loop whose writer callback is writing them (set while the kernel has no room); tasks
@@ -330,10 +339,13 @@ class SocketTransport:
                     n = self.sock.recv_into(target)
                 break
             except BlockingIOError:
-                loop = self._loop_taking_callbacks() if direct else None
-                if loop is not None:
-                    return await self._fill_from_reader(loop, decoder, target)
-                await wait_readable(self.sock)
+                loop = self._loop_taking_callbacks()
+                if loop is not None and feed is None:
+                    return await self._fill_from_reader(loop, decoder, target, whole=direct)
+                if loop is not None:  # the feed runs in the task: wait, then read there
+                    await self._wait_from_reader(loop)
+                else:
+                    await wait_readable(self.sock)
             except OSError as exc:
                 raise anyio.BrokenResourceError(f"receiving failed: {exc}") from exc
         if n == 0:
@@ -348,7 +360,11 @@ class SocketTransport:
     async def wait_readable(self) -> None:
         """Wait until the socket has bytes to read (or its end, or an error)."""
         self._check_open()
-        await wait_readable(self.sock)
+        loop = self._loop_taking_callbacks()
+        if loop is not None:
+            await self._wait_from_reader(loop)
+        else:
+            await wait_readable(self.sock)
 
     def _loop_taking_callbacks(self) -> asyncio.AbstractEventLoop | None:
         """The running asyncio loop if it takes reader and writer callbacks: the selector loop
@@ -364,78 +380,139 @@ class SocketTransport:
             self._loop_callbacks = type(loop).add_reader is not asyncio.AbstractEventLoop.add_reader
         return loop if self._loop_callbacks else None
 
-    async def _fill_from_reader(self, loop: asyncio.AbstractEventLoop, decoder: Decoder, target: memoryview) -> bool:
-        """Fill ``target`` (the rest of the current part) from a reader callback on the loop.
+    async def _fill_from_reader(
+        self, loop: asyncio.AbstractEventLoop, decoder: Decoder, target: memoryview, *, whole: bool
+    ) -> bool:
+        """Fill ``target`` from the reader callback: with ``whole``, all of it (the rest of
+        the current part, read straight into its destination); else one read's worth (read
+        ahead into scratch memory, then fed to the decoder).
 
-        One registration serves the whole part: the callback reads what each wake-up brings
-        straight into the destination and hands it to the decoder at once, and the waiting
-        task runs again only when the part is complete. A wait per read, as
+        The callback reads what each wake-up brings and hands it to the decoder at once; the
+        waiting task runs again only when the fill is done. A wait per read, as
         ``anyio.wait_readable`` does it, costs a reader registration, a removal and a task
-        switch each time; a 512 MiB array over TCP takes about 450 of them. The decoder
-        counts every byte as it lands, so a cancelled fill loses nothing.
+        switch each time: a 512 MiB array over TCP takes about 450 of them, and the wait is
+        a third of a small message's cost. The decoder counts every byte as it lands, so a
+        cancelled fill loses nothing.
         """
         sock = self.sock
-        fd = sock.fileno()
         shared = self._shared
         done: asyncio.Future[bool] = loop.create_future()
         pos = 0
 
-        def on_readable() -> None:
+        def step() -> None:
             nonlocal pos
-            if done.done():  # cancelled; the waiter removes the reader when it runs
-                return
             try:
                 if shared:
-                    n = _fdpass.receive_into(sock, target[pos:], decoder, bounded=True)
+                    n = _fdpass.receive_into(sock, target[pos:], decoder, bounded=whole)
                 else:
                     n = sock.recv_into(target[pos:])
             except BlockingIOError:
                 return
             except OSError as exc:
-                self._drop_reader()
-                done.set_exception(anyio.BrokenResourceError(f"receiving failed: {exc}"))
+                self._read_ends(done, anyio.BrokenResourceError(f"receiving failed: {exc}"))
                 return
             except Exception as exc:  # noqa: BLE001 - the decoder refused descriptors: handed to the waiting task
-                self._drop_reader()
-                done.set_exception(exc)
+                self._read_ends(done, exc)
                 return
             try:
-                if n:
+                if n == 0:
+                    self._read_ends(done, False)
+                elif whole:
                     pos += n
                     decoder.buffer_updated(n)
-                if n == 0 or pos == len(target):
-                    self._drop_reader()
-                    done.set_result(n != 0)
+                    if pos == len(target):
+                        self._read_ends(done, True)
+                else:
+                    decoder.feed(target[:n])
+                    self._read_ends(done, True)
             except Exception as exc:  # noqa: BLE001 - handed to the waiting task, which raises it
-                self._drop_reader()
-                done.set_exception(exc)
+                self._read_ends(done, exc)
 
-        loop.add_reader(fd, on_readable)
-        self._reader = (loop, fd, done)
-        try:
-            more = await done
-        finally:
-            if self._reader is not None and self._reader[2] is done:
-                self._drop_reader()
-        if not more:
+        if not await self._await_reader(loop, step, done):
             decoder.feed_eof()
-        return more
+            return False
+        return True
 
-    def _drop_reader(self) -> None:
-        if self._reader is not None:
-            loop, fd, _ = self._reader
-            self._reader = None
+    async def _wait_from_reader(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait for the socket to be readable on the reader callback, reading nothing."""
+        done: asyncio.Future[bool] = loop.create_future()
+        await self._await_reader(loop, lambda: self._read_ends(done, True), done)
+
+    async def _await_reader(
+        self, loop: asyncio.AbstractEventLoop, step: Callable[[], None], done: asyncio.Future[bool]
+    ) -> bool:
+        """Run ``step`` on each wake-up of the reader callback until it completes ``done``
+        (through ``_read_ends``), and return its result.
+
+        The reader stays registered between waits where ``keep_reader`` is set (an
+        ``ObjectStream``'s transport, which removes it when it closes): registering and
+        removing it for each message cost two ``epoll_ctl`` calls and a third of a small
+        message's time. A wake-up that finds no wait removes it, so bytes that come while
+        nobody receives don't make the loop spin. A one-call ``load`` removes it as it
+        returns: nothing of its transport outlives the call."""
+        self._arm(loop)
+        self._read_step = step
+        self._read_done = done
+        try:
+            return await done
+        finally:
+            if self._read_done is done:  # cancelled: the next wake-up finds no wait
+                self._read_step = self._read_done = None
+            if not self.keep_reader:
+                self._disarm()
+
+    def _read_ends(self, done: asyncio.Future[bool], result: bool | BaseException) -> None:
+        """The reader callback's step completes the current wait with ``result``."""
+        self._read_step = self._read_done = None
+        if done.done():
+            return
+        if isinstance(result, BaseException):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
+
+    def _on_readable(self) -> None:
+        step = self._read_step
+        if step is None or self._read_done is None or self._read_done.done():
+            self._read_step = self._read_done = None
+            self._disarm()
+            return
+        step()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Register the reader callback on ``loop`` (once: it may stay, see ``_await_reader``).
+        The loop holds the transport weakly, so a stream dropped unclosed can still go."""
+        if self._armed is not None:
+            if self._armed[0] is loop:
+                return
+            self._disarm()
+        fd = self.sock.fileno()
+        loop.add_reader(fd, _readable, weakref.ref(self))
+        self._armed = (loop, fd)
+
+    def _disarm(self) -> None:
+        if self._armed is not None:
+            loop, fd = self._armed
+            self._armed = None
             loop.remove_reader(fd)
 
+    def __del__(self) -> None:
+        # A stream dropped without closing: its socket is about to close, and a registration
+        # the loop keeps for a closed descriptor would be taken by the next socket given the
+        # same number.
+        if getattr(self, "_armed", None) is not None:
+            with contextlib.suppress(Exception):
+                self._disarm()
+
     def _wake_reader(self) -> None:
-        """Fail a fill waiting on a reader callback, and a send waiting on a writer callback,
+        """Fail a fill waiting on the reader callback, and a send waiting on a writer callback,
         with ``ClosedResourceError`` (the stream is being closed), as ``anyio.notify_closing``
-        does for anyio's own waits."""
-        if self._reader is not None:
-            done = self._reader[2]
-            self._drop_reader()
-            if not done.done():
-                done.set_exception(anyio.ClosedResourceError())
+        does for anyio's own waits, and remove the reader."""
+        waiting = self._read_done
+        self._read_step = self._read_done = None
+        self._disarm()
+        if waiting is not None and not waiting.done():
+            waiting.set_exception(anyio.ClosedResourceError())
         if self._writer is not None:
             sending = self._writer[2]
             self._drop_writer()
@@ -505,6 +582,13 @@ class SocketTransport:
             attributes: Mapping[Any, Callable[[], Any]] = self._owner.extra_attributes
             return attributes
         return socket_attributes(self.sock)
+
+
+def _readable(ref: weakref.ref[SocketTransport]) -> None:
+    """The reader callback: the loop holds the transport through ``ref`` only."""
+    transport = ref()
+    if transport is not None:
+        transport._on_readable()
 
 
 def socket_attributes(sock: socket.socket) -> dict[Any, Callable[[], Any]]:

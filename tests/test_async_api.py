@@ -404,7 +404,7 @@ async def test_close_wakes_a_receive_waiting_inside_a_large_chunk() -> None:
     with peer:
         woke = await _close_while_blocked(stream, stream.receive, check=waiting_inside_the_chunk)
     assert woke and isinstance(woke[0], anyio.ClosedResourceError), woke
-    assert stream._t._reader is None
+    assert stream._t._armed is None and stream._t._read_done is None  # the reader went with the socket
 
 
 async def test_a_peer_that_dies_inside_a_large_chunk() -> None:
