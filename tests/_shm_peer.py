@@ -8,7 +8,8 @@ The conversation, driven by the parent; every step is a message, so nothing wait
 
 1. receive a shared array (int64, filled with arange) and then an ordinary one (arange * 3);
    reply with what was found: whether each is intact, the shared one's type, whether it is
-   writable, and its address modulo the page size (the parent compares alignment).
+   writable, its address modulo the page size (the parent compares alignment), and how much
+   of it is mapped in huge pages once read (the parent compares with its own mapping).
 2. receive "look": write -2 at index 1 of the shared array, then reply with what is at index
    0 (the parent wrote -1 there after step 1).
 3. receive "end" and exit 0.
@@ -25,6 +26,7 @@ import anyio
 import numpy as np
 
 import streampickle
+from _util import smaps_kib
 from streampickle import sync
 
 
@@ -35,6 +37,7 @@ def report(shared: Any, plain: Any) -> dict[str, Any]:
         "type": type(shared).__name__,
         "writeable": bool(shared.flags.writeable),
         "page_offset": shared.ctypes.data % mmap.PAGESIZE,
+        "huge_kib": smaps_kib(shared.ctypes.data, "ShmemPmdMapped"),  # after the reads above
     }
 
 

@@ -1,6 +1,6 @@
 """Shared helpers: deep equality that understands numpy, sample objects, ways to split input
-(whole, byte by byte, random pieces, with trailing bytes), and a relay for attacks that
-record or swap a connection's bytes."""
+(whole, byte by byte, random pieces, with trailing bytes), a relay for attacks that
+record or swap a connection's bytes, and what /proc/self/smaps says of a mapping."""
 
 from __future__ import annotations
 
@@ -175,3 +175,30 @@ async def relay(source: Any, sink: Any, tape: bytearray | None = None) -> None:
                 tape += data
             await sink.send(data)
         await sink.send_eof()
+
+
+def smaps_of(address: int) -> dict[str, str]:
+    """The fields of the mapping (``/proc/self/smaps``) whose range holds ``address``: for
+    example ``Rss`` and ``ShmemPmdMapped`` ("2048 kB"), ``VmFlags``."""
+    fields: dict[str, str] | None = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):
+                if fields is not None:
+                    return fields
+                start, end = (int(x, 16) for x in first.split("-"))
+                if start <= address < end:
+                    fields = {}
+            elif fields is not None:
+                fields[first.rstrip(":")] = line.split(":", 1)[1].strip()
+    if fields is None:
+        raise AssertionError(f"no mapping holds {address:#x}")
+    return fields
+
+
+def smaps_kib(address: int, field: str) -> int:
+    """One size field (``Rss``, ``ShmemPmdMapped``, ...) of the mapping holding ``address``, in
+    KiB; 0 where this kernel has no such field."""
+    value = smaps_of(address).get(field)
+    return 0 if value is None else int(value.split()[0])

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import streampickle
+from _util import smaps_kib, smaps_of
 from streampickle import (
     Decoder,
     Encoder,
@@ -486,26 +487,93 @@ def test_the_address_twins_agree() -> None:
 
 def vm_flags(address: int) -> list[str]:
     """The VmFlags of the mapping (/proc/self/smaps) whose range holds ``address``."""
-    inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            first = line.split()[0]
-            if "-" in first and not first.endswith(":"):
-                start, end = (int(x, 16) for x in first.split("-"))
-                inside = start <= address < end
-            elif inside and first == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
+    return smaps_of(address)["VmFlags"].split()
+
+
+HUGE = 2 << 20
+
+
+def kernel_collapses_shared_memory() -> bool:
+    """Whether this kernel builds huge pages of a shared-memory file on request
+    (``MADV_COLLAPSE``, Linux 6.1, refused where the host's shmem setting is ``deny``), tried
+    on a memfd mapped here without streampickle's code."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fd = memfd(HUGE)
+    try:
+        with mmap.mmap(-1, 2 * HUGE) as space:  # a mapping's worth of room, 2 MiB aligned inside
+            start = address_of(space)
+        aligned = -(-start // HUGE) * HUGE
+        address = libc.mmap(aligned, HUGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        try:
+            if address != aligned:
+                return False
+            ctypes.c_char.from_address(address).value = b"\0"
+            return libc.madvise(address, HUGE, 25) == 0 and smaps_kib(address, "ShmemPmdMapped") == HUGE // 1024
+        finally:
+            libc.munmap(address, HUGE)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"), reason="no transparent huge pages here")
 def test_large_shared_arrays_ask_for_huge_pages() -> None:
-    """Arrays of 2 MiB or more ask for huge pages (granted where the host's shmem setting
-    allows them); smaller ones don't, so they never take a 2 MiB page for a few bytes."""
-    large = streampickle.shared_empty(2 << 20, np.uint8)
-    small = streampickle.shared_empty((2 << 20) - 4096, np.uint8)
+    """Arrays of 2 MiB or more ask for huge pages (``MADV_HUGEPAGE``, for hosts that give them
+    as pages are written); smaller ones don't, so they never take a 2 MiB page for a few bytes."""
+    large = streampickle.shared_empty(HUGE, np.uint8, huge_pages=False)
+    small = streampickle.shared_empty(HUGE - 4096, np.uint8)
     assert "hg" in vm_flags(address_of(large))
     assert "hg" not in vm_flags(address_of(small))
+
+
+@pytest.mark.skipif(
+    not kernel_collapses_shared_memory(),
+    reason=f"this kernel ({os.uname().release}) gives shared memory no huge pages on request",
+)
+def test_a_large_shared_array_gets_its_memory_at_once_in_huge_pages() -> None:
+    """Every whole 2 MiB of the file is a huge page as soon as it is made; the tail past
+    the last 2 MiB stays in ordinary pages, made as they are first touched. The contents
+    are zeros."""
+    array = streampickle.shared_empty(2 * HUGE + 3 * PAGE + 5, np.uint8)
+    address = address_of(array)
+    assert address % HUGE == 0
+    assert smaps_kib(address, "ShmemPmdMapped") == 2 * HUGE // 1024
+    assert smaps_kib(address, "Rss") == 2 * HUGE // 1024  # the tail's 4 pages aren't touched yet
+    assert not array.any()
+
+
+def test_with_huge_pages_false_memory_comes_as_it_is_written() -> None:
+    array = streampickle.shared_empty(4 * HUGE, np.uint8, huge_pages=False)
+    address = address_of(array)
+    assert smaps_kib(address, "Rss") == 0
+    array[0] = 1
+    # one page, or one huge page where the host gives them as pages are written
+    assert 0 < smaps_kib(address, "Rss") <= HUGE // 1024
+    assert not array[1:].any()
+
+
+@pytest.mark.parametrize("offset", [0, 5 * PAGE, HUGE + PAGE])
+def test_a_large_received_range_is_mapped_where_the_files_huge_pages_fit(no_leak: None, offset: int) -> None:
+    """A range of 2 MiB or more lies as far past a 2 MiB boundary of our address space as
+    of the file, so that the file's huge pages map whole (one entry each, not 512)."""
+    fd = memfd(4 * HUGE)
+    decoder = Decoder(shared_memory=True)
+    decoder.feed_descriptors([fd])
+    decoder.feed(shared_message([HUGE + 8], [(0, offset)], 1))
+    (buffer,) = next(decoder)
+    assert address_of(buffer) % HUGE == offset % HUGE
+    line = mapping_of(address_of(buffer))
+    assert line is not None and "memfd:test" in line
+    start, end = (int(x, 16) for x in line.split()[0].split("-"))
+    assert end - start == -(-(offset % PAGE + HUGE + 8) // PAGE) * PAGE  # still only the announced pages
+    del buffer
+    gc.collect()
 
 
 # -- mappings: a message can't take the process's map entries ----------------------------------

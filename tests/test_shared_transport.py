@@ -36,7 +36,7 @@ import pytest
 
 import streampickle
 from _pairs import anyio_socket_pair
-from _util import assert_same, sample_objects
+from _util import assert_same, sample_objects, smaps_kib
 from streampickle import ObjectStream, ProtocolError, UsageError, _fdpass, _shm, sync
 from streampickle._decoder import Decoder
 from streampickle._encoder import Encoder
@@ -146,6 +146,8 @@ async def test_a_child_process_maps_a_64_mib_array_and_sees_the_writes(
             "type": "ndarray",
             "writeable": True,
             "page_offset": shared.ctypes.data % PAGE,
+            # the child maps the file's huge pages whole, where the sender got them
+            "huge_kib": smaps_kib(shared.ctypes.data, "ShmemPmdMapped"),
         }
         shared[0] = -1  # after the send: the child sees it
         await stream.send("look")
@@ -205,6 +207,7 @@ def test_a_child_process_maps_a_64_mib_array_with_sync() -> None:
             found = sync.load(sock, shared_memory=True)
             assert found["intact"] and found["plain_intact"] and found["writeable"]
             assert found["type"] == "ndarray" and found["page_offset"] == shared.ctypes.data % PAGE
+            assert found["huge_kib"] == smaps_kib(shared.ctypes.data, "ShmemPmdMapped")
             shared[0] = -1
             sync.dump("look", sock, shared_memory=True)
             assert sync.load(sock, shared_memory=True) == -1
