@@ -98,7 +98,7 @@ class SocketTransport:
         # call, never read ahead.
         self._scratch: memoryview | None = None
         # Whether the running loop takes reader and writer callbacks (asyncio, uvloop; not
-        # trio), known after the first use, and the reader registered for the current wait.
+        # trio), known after the first use.
         self._loop_callbacks: bool | None = None
         # The reader callback's registration (loop, descriptor), kept between waits where
         # keep_reader is set, and the current wait's step and future (see _await_reader).
@@ -390,9 +390,8 @@ class SocketTransport:
         The callback reads what each wake-up brings and hands it to the decoder at once; the
         waiting task runs again only when the fill is done. A wait per read, as
         ``anyio.wait_readable`` does it, costs a reader registration, a removal and a task
-        switch each time: a 512 MiB array over TCP takes about 450 of them, and the wait is
-        a third of a small message's cost. The decoder counts every byte as it lands, so a
-        cancelled fill loses nothing.
+        switch each time: a 512 MiB array over TCP takes about 450 of them. The decoder counts
+        every byte as it lands, so a cancelled fill loses nothing.
         """
         sock = self.sock
         shared = self._shared
