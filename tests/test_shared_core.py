@@ -533,7 +533,7 @@ def test_large_shared_arrays_ask_for_huge_pages() -> None:
 
 
 @pytest.mark.skipif(
-    not kernel_collapses_shared_memory(),
+    not (_shm.AVAILABLE and kernel_collapses_shared_memory()),
     reason=f"this kernel ({os.uname().release}) gives shared memory no huge pages on request",
 )
 def test_a_large_shared_array_gets_its_memory_at_once_in_huge_pages() -> None:
