@@ -262,15 +262,33 @@ def _huge_pages(buffer: Any, address: int, size: int, *, at_once: bool) -> None:
     ms instead of 45-55. The exception was a fresh process on that VM, whose host takes idle
     memory back: zeroing the new huge pages made it supply them again, 0.7-1.3 s against
     0.4-0.5 s in 4 KiB pages. Where neither works (``deny``, older kernels, no free huge
-    pages) the memory stays in 4 KiB pages; failing is harmless."""
+    pages) the memory stays in 4 KiB pages; failing is harmless.
+
+    Shared memory taken at once can't be reclaimed, and a file larger than the memory left
+    would take it all before failing (``numpy.empty`` raises ``MemoryError`` instead). So a
+    file larger than half the memory available (``MemAvailable``) is left to be taken as it
+    is written."""
     madvise = _libc()[2]
     madvise(address, size, _MADV_HUGEPAGE)
-    if not at_once:
+    if not at_once or size > _available_memory() // 2:
         return
     whole = size - size % _HUGE_PAGE
     for offset in range(0, whole, _HUGE_PAGE):
         buffer[offset] = 0  # a zero over a zero: the contents don't change
     madvise(address, whole, _MADV_COLLAPSE)
+
+
+def _available_memory() -> int:
+    """Bytes of memory the kernel says are available for new allocations (``MemAvailable``
+    in ``/proc/meminfo``); 0 where it can't be read."""
+    try:
+        with open("/proc/meminfo", "rb") as meminfo:
+            for line in meminfo:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 class _Registry:
@@ -348,9 +366,9 @@ def shared_empty(
     ``/sys/kernel/mm/transparent_hugepage/shmem_enabled`` says short of ``deny``): filling it
     is several times faster than in 4 KiB pages, each of which costs a fault, and so is a
     receiver's first read of it (see "Same host" in docs/performance.md). The memory is taken
-    even if the array is never written. With ``huge_pages=False`` its pages become memory as
-    they are first written, as ``numpy.empty``'s do: for a large array of which little will
-    be used.
+    even if the array is never written, unless the array is larger than half the memory
+    available. With ``huge_pages=False`` its pages become memory as they are first written,
+    as ``numpy.empty``'s do: for a large array of which little will be used.
 
     The memory is 64-byte aligned (page-aligned, in fact) and is freed when the last array,
     view or received array over it, in any process, is freed: it has no name, so there is

@@ -2,9 +2,9 @@
 (see ``_transport_api.Transport`` for the contract).
 
 On trio it waits with ``wait_readable``/``wait_writable`` (``_anyio_compat``). On asyncio and
-uvloop every read that waits is done by one reader callback, which an ``ObjectStream`` keeps
-registered between receives (``keep_reader``), and a send the kernel has no room for goes on
-from a writer callback. Side chunks
+uvloop every read that waits is done by one reader callback, which a stream over a socket
+streampickle made keeps registered between receives (``keep_reader``), and a send the kernel
+has no room for goes on from a writer callback. Side chunks
 go from the caller's memory to the kernel with ``sendmsg`` and from the kernel into their final
 destination with ``recv_into``: no userspace copy either way. Small parts are read ahead into
 scratch memory and fed to the decoder, so a burst of small messages costs one read. On asyncio
@@ -443,12 +443,14 @@ class SocketTransport:
         """Run ``step`` on each wake-up of the reader callback until it completes ``done``
         (through ``_read_ends``), and return its result.
 
-        The reader stays registered between waits where ``keep_reader`` is set (an
-        ``ObjectStream``'s transport, which removes it when it closes): registering and
+        The reader stays registered between waits where ``keep_reader`` is set (a stream over
+        a socket streampickle made for it, which removes it when it closes): registering and
         removing it for each message cost two ``epoll_ctl`` calls and a third of a small
         message's time. A wake-up that finds no wait removes it, so bytes that come while
-        nobody receives don't make the loop spin. A one-call ``load`` removes it as it
-        returns: nothing of its transport outlives the call."""
+        nobody receives don't make the loop spin. Elsewhere it is removed as each wait ends:
+        a socket the caller handed over may be closed, or read by someone else, without the
+        transport knowing, and a registration that outlived the socket would be taken by the
+        next socket given its number."""
         self._arm(loop)
         self._read_step = step
         self._read_done = done
@@ -480,19 +482,33 @@ class SocketTransport:
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         """Register the reader callback on ``loop`` (once: it may stay, see ``_await_reader``).
-        The loop holds the transport weakly, so a stream dropped unclosed can still go."""
-        if self._armed is not None:
-            if self._armed[0] is loop:
-                return
-            self._disarm()
+        The loop holds the transport weakly, so a stream dropped unclosed can still go.
+
+        A loop keeps one reader per descriptor, and registering another replaces it. So a
+        second transport over the same socket (two streams over one socket) takes the
+        registration from one that isn't waiting, and is refused with
+        ``anyio.BusyResourceError`` while the other waits, instead of leaving it waiting
+        for a callback that no longer comes."""
         fd = self.sock.fileno()
+        if self._armed == (loop, fd) and _readers.get((id(loop), fd)) is self:
+            return
+        self._disarm()
+        key = (id(loop), fd)
+        other = _readers.get(key)
+        if other is not None and other._armed == (loop, fd):
+            if other._read_done is not None and not other._read_done.done():
+                raise anyio.BusyResourceError("reading from")
+            other._armed = None  # its registration is about to be replaced by ours
         loop.add_reader(fd, _readable, weakref.ref(self))
+        _readers[key] = self
         self._armed = (loop, fd)
 
     def _disarm(self) -> None:
         if self._armed is not None:
             loop, fd = self._armed
             self._armed = None
+            if _readers.get((id(loop), fd)) is self:
+                del _readers[(id(loop), fd)]
             loop.remove_reader(fd)
 
     def __del__(self) -> None:
@@ -581,6 +597,10 @@ class SocketTransport:
             attributes: Mapping[Any, Callable[[], Any]] = self._owner.extra_attributes
             return attributes
         return socket_attributes(self.sock)
+
+
+# The transport whose reader callback each (loop, descriptor) holds: see SocketTransport._arm.
+_readers: weakref.WeakValueDictionary[tuple[int, int], SocketTransport] = weakref.WeakValueDictionary()
 
 
 def _readable(ref: weakref.ref[SocketTransport]) -> None:

@@ -48,7 +48,7 @@ import pickle
 import socket
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -84,8 +84,6 @@ from ._transports import (
 from ._wire import TAG_SIZE
 
 __all__ = ["ObjectStream", "dump", "load"]
-
-_T = TypeVar("_T", bound=Transport)
 
 # A send or receive that needed no waiting still yields to the event loop once in this many
 # calls, so a fast stream of small messages can't starve other tasks; a full yield per message
@@ -201,7 +199,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._transport: Transport | None = None
         if shared_memory:
             _shm.check_no_key(key)
-            self._transport = _kept(shared_transport(transport_stream))
+            self._transport = shared_transport(transport_stream)
         self._shared_memory = bool(shared_memory)
         self._charge = Charge(budget) if budget is not None else None
         # a message the peer would refuse isn't sent
@@ -263,13 +261,13 @@ class ObjectStream(_AnyioObjectStream[Any]):
             persistent_load=persistent_load, progress=progress,
         )
         if stream._transport is None:
-            stream._transport = _kept(SocketTransport(sock))
+            stream._transport = SocketTransport(sock)
         return stream
 
     @property
     def _t(self) -> Transport:
         if self._transport is None:
-            self._transport = _kept(_transport_for(self.transport_stream))
+            self._transport = _transport_for(self.transport_stream)
         return self._transport
 
     async def send(self, item: Any) -> None:
@@ -893,12 +891,16 @@ async def load(
     return next(decoder)
 
 
-def _kept(transport: _T) -> _T:
-    """An ``ObjectStream``'s transport, which lives until the stream closes: a socket it
-    drives keeps its reader registered between receives (``SocketTransport.keep_reader``)."""
+def owns_its_socket(stream: ObjectStream) -> ObjectStream:
+    """Mark ``stream`` as the only user of the socket under it (one streampickle made for it:
+    ``connect_*``, a listener's ``accept``), which it closes: its socket transport may keep the
+    reader registered between receives (``SocketTransport.keep_reader``). A socket a caller
+    handed over (``from_socket``, an anyio stream) may be closed or read without the stream
+    knowing, which a kept registration would outlive."""
+    transport = stream._transport
     if isinstance(transport, SocketTransport):
         transport.keep_reader = True
-    return transport
+    return stream
 
 
 def _transport_for(stream: Any) -> Transport:

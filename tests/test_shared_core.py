@@ -558,6 +558,17 @@ def test_with_huge_pages_false_memory_comes_as_it_is_written() -> None:
     assert not array[1:].any()
 
 
+def test_an_array_larger_than_half_the_available_memory_takes_it_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared memory taken at once can't be reclaimed: an array that would take more than
+    half of what is left is not given its memory up front (numpy.empty of more than there is
+    raises MemoryError; this one at least doesn't take it all before the first write)."""
+    monkeypatch.setattr(_shm, "_available_memory", lambda: 7 * HUGE)
+    array = streampickle.shared_empty(4 * HUGE, np.uint8)
+    assert smaps_kib(address_of(array), "Rss") == 0
+    array[-1] = 1
+    assert array[-1] == 1 and not array[:-1].any()
+
+
 @pytest.mark.parametrize("offset", [0, 5 * PAGE, HUGE + PAGE])
 def test_a_large_received_range_is_mapped_where_the_files_huge_pages_fit(no_leak: None, offset: int) -> None:
     """A range of 2 MiB or more lies as far past a 2 MiB boundary of our address space as
