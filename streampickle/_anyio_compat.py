@@ -67,7 +67,13 @@ def notify_closing(sock: socket.socket) -> None:
     """Wake every task waiting on ``sock`` (which the caller closes next) with
     ``anyio.ClosedResourceError``."""
     if ANYIO_NOTIFY_CLOSING:
-        anyio.notify_closing(sock)  # type: ignore[attr-defined,unused-ignore]
+        try:
+            anyio.notify_closing(sock)  # type: ignore[attr-defined,unused-ignore]
+        except RuntimeError:
+            # No event loop runs in this thread (an abort() from a finalizer, from another
+            # thread, or after the loop ended), so no task of it waits on the socket: the
+            # close goes ahead rather than leaving the socket open.
+            pass
         return
     fd = sock.fileno()
     for direction in ("r", "w"):

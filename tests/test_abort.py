@@ -16,6 +16,12 @@ from streampickle.testing import memory_stream_pair
 
 pytestmark = pytest.mark.anyio
 
+BACKENDS = {
+    "asyncio": ("asyncio", {}),
+    "uvloop": ("asyncio", {"use_uvloop": True}),
+    "trio": ("trio", {}),
+}
+
 
 async def test_abort_wakes_a_blocked_receive_and_the_peer_sees_the_end(anyio_backend: Any) -> None:
     a, b = socket.socketpair()
@@ -98,3 +104,34 @@ async def test_abort_refuses_a_stream_it_cant_close_at_once(anyio_backend: Any) 
             left.abort()
         await left.send("still open")  # refused, so left as it was
         assert await right.receive() == "still open"
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_abort_where_no_event_loop_runs_still_closes_the_socket(backend: str) -> None:
+    """A finalizer (the dask comm's for a dangling stream), another thread, or code after the
+    event loop ended may abort a stream: no task there can wait on it, and the socket closes."""
+    name, options = BACKENDS[backend]
+    a, b = socket.socketpair()
+    stream, peer = ObjectStream.from_socket(b), ObjectStream.from_socket(a)
+
+    async def converse() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream.receive)
+            await anyio.wait_all_tasks_blocked()
+            await peer.send("after a wait")
+
+    anyio.run(converse, backend=name, backend_options=options)
+    stream.abort()  # no loop runs here now
+    assert b.fileno() == -1
+    a.close()
+
+    c, d = socket.socketpair()
+    stream = ObjectStream.from_socket(d)
+
+    async def abort_from_a_thread() -> None:
+        await anyio.to_thread.run_sync(stream.abort)
+
+    anyio.run(abort_from_a_thread, backend=name, backend_options=options)
+    assert d.fileno() == -1
+    assert c.recv(1) == b""  # the peer sees the end
+    c.close()
