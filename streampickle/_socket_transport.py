@@ -2,9 +2,8 @@
 (see ``_transport_api.Transport`` for the contract).
 
 On trio it waits with ``wait_readable``/``wait_writable`` (``_anyio_compat``). On asyncio and
-uvloop every read that waits is done by one reader callback, which a stream over a socket
-streampickle made keeps registered between receives (``keep_reader``), and a send the kernel
-has no room for goes on from a writer callback. Side chunks
+uvloop every read that waits is done by one reader callback, registered for the wait, and a
+send the kernel has no room for goes on from a writer callback. Side chunks
 go from the caller's memory to the kernel with ``sendmsg`` and from the kernel into their final
 destination with ``recv_into``: no userspace copy either way. Small parts are read ahead into
 scratch memory and fed to the decoder, so a burst of small messages costs one read. On asyncio
@@ -27,8 +26,9 @@ import asyncio
 import contextlib
 import mmap
 import socket
+import sys
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -100,12 +100,14 @@ class SocketTransport:
         # Whether the running loop takes reader and writer callbacks (asyncio, uvloop; not
         # trio), known after the first use.
         self._loop_callbacks: bool | None = None
-        # The reader callback's registration (loop, descriptor), kept between waits where
-        # keep_reader is set, and the current wait's step and future (see _await_reader).
-        self.keep_reader = False
+        # The reader callback's registration (loop, descriptor) and the current wait's step
+        # and future (see _await_reader).
         self._armed: tuple[asyncio.AbstractEventLoop, int] | None = None
         self._read_step: Callable[[], None] | None = None
         self._read_done: asyncio.Future[bool] | None = None
+        # On trio: how many tasks wait on the socket, and the token of the run they wait in.
+        self._trio_waiting = 0
+        self._trio: Any = None
         self._writer: tuple[asyncio.AbstractEventLoop, int, asyncio.Future[None]] | None = None  # a send's
         # Small messages that send_later took and the kernel doesn't have yet, in order; the
         # loop whose writer callback is writing them (set while the kernel has no room); tasks
@@ -247,7 +249,7 @@ class SocketTransport:
                 if loop is not None:
                     await self._send_from_writer(loop, views, ancillary)
                     return
-                await wait_writable(sock)
+                await self._wait_elsewhere(wait_writable)
                 continue
             except OSError as exc:
                 raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
@@ -345,7 +347,7 @@ class SocketTransport:
                 if loop is not None:  # the feed runs in the task: wait, then read there
                     await self._wait_from_reader(loop)
                 else:
-                    await wait_readable(self.sock)
+                    await self._wait_elsewhere(wait_readable)
             except OSError as exc:
                 raise anyio.BrokenResourceError(f"receiving failed: {exc}") from exc
         if n == 0:
@@ -364,7 +366,19 @@ class SocketTransport:
         if loop is not None:
             await self._wait_from_reader(loop)
         else:
-            await wait_readable(self.sock)
+            await self._wait_elsewhere(wait_readable)
+
+    async def _wait_elsewhere(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
+        """``wait`` for the socket on a loop without callbacks (trio), noting trio's token
+        meanwhile, so that an ``abort`` from another thread can hand the close to trio."""
+        token = _trio_token()
+        self._trio_waiting += token is not None
+        try:
+            if token is not None:
+                self._trio = token
+            await wait(self.sock)
+        finally:
+            self._trio_waiting -= token is not None
 
     def _loop_taking_callbacks(self) -> asyncio.AbstractEventLoop | None:
         """The running asyncio loop if it takes reader and writer callbacks: the selector loop
@@ -443,24 +457,21 @@ class SocketTransport:
         """Run ``step`` on each wake-up of the reader callback until it completes ``done``
         (through ``_read_ends``), and return its result.
 
-        The reader stays registered between waits where ``keep_reader`` is set (a stream over
-        a socket streampickle made for it, which removes it when it closes): registering and
-        removing it for each message cost two ``epoll_ctl`` calls and a third of a small
-        message's time. A wake-up that finds no wait removes it, so bytes that come while
-        nobody receives don't make the loop spin. Elsewhere it is removed as each wait ends:
-        a socket the caller handed over may be closed, or read by someone else, without the
-        transport knowing, and a registration that outlived the socket would be taken by the
-        next socket given its number."""
+        The reader is registered for the wait and removed as it ends. Keeping it registered
+        between receives saved two ``epoll_ctl`` calls a message, but a registration that
+        outlives the wait is one the transport can't keep true: the socket may be closed, or
+        read, or its registration replaced by someone else (anyio's own waits, another stream
+        on the socket, a forked child closing its copy), and a loop keeps a registration for
+        a closed descriptor and gives it to the next socket with the same number."""
         self._arm(loop)
         self._read_step = step
         self._read_done = done
         try:
             return await done
         finally:
-            if self._read_done is done:  # cancelled: the next wake-up finds no wait
+            if self._read_done is done:  # cancelled
                 self._read_step = self._read_done = None
-            if not self.keep_reader:
-                self._disarm()
+            self._disarm()
 
     def _read_ends(self, done: asyncio.Future[bool], result: bool | BaseException) -> None:
         """The reader callback's step completes the current wait with ``result``."""
@@ -481,18 +492,15 @@ class SocketTransport:
         step()
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Register the reader callback on ``loop`` (once: it may stay, see ``_await_reader``).
-        The loop holds the transport weakly, so a stream dropped unclosed can still go.
+        """Register the reader callback on ``loop`` for a wait. The loop holds the transport
+        weakly, so a stream dropped while it waits can still go.
 
         A loop keeps one reader per descriptor, and registering another replaces it. So a
-        second transport over the same socket (two streams over one socket) takes the
-        registration from one that isn't waiting, and is refused with
-        ``anyio.BusyResourceError`` while the other waits, instead of leaving it waiting
-        for a callback that no longer comes."""
-        fd = self.sock.fileno()
-        if self._armed == (loop, fd) and _readers.get((id(loop), fd)) is self:
-            return
+        second transport waiting on the same socket (two streams over one socket) is refused
+        with ``anyio.BusyResourceError``, as anyio refuses a second waiter, instead of
+        leaving the first waiting for a callback that no longer comes."""
         self._disarm()
+        fd = self.sock.fileno()
         key = (id(loop), fd)
         other = _readers.get(key)
         if other is not None and other._armed == (loop, fd):
@@ -565,7 +573,51 @@ class SocketTransport:
 
     def abort(self) -> bool:
         """``aclose`` without writing what ``send_later`` took, and without awaiting: a socket
-        under an anyio stream is closed directly (its stream is never awaited again)."""
+        under an anyio stream is closed directly (its stream is never awaited again).
+
+        Called from another thread than the one whose asyncio loop has a task waiting on the
+        socket (or a callback writing to it), it shuts the socket down at once, so the peer
+        sees the end, and leaves the rest to that loop: its futures and registrations are
+        only its own to touch, and closing the socket under its registrations would leave
+        them to the next socket given the number."""
+        loop = self._loop_waiting()
+        if loop is not None:
+            try:
+                here = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                here = False
+            if not here and loop.is_running():
+                self._shut_down()
+                with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing waits any more
+                    loop.call_soon_threadsafe(self._abort_here)
+                    return True
+        elif self._trio_waiting and self._trio is not None and _trio_token() is not self._trio:
+            self._shut_down()
+            with contextlib.suppress(RuntimeError):  # trio's run ended meanwhile
+                self._trio.run_sync_soon(self._abort_here)
+                return True
+        self._abort_here()
+        return True
+
+    def _shut_down(self) -> None:
+        """Refuse new calls, and end the connection for the peer now."""
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _loop_waiting(self) -> asyncio.AbstractEventLoop | None:
+        """The asyncio loop with a task waiting on the socket or a callback registered for it."""
+        if self._armed is not None:
+            return self._armed[0]
+        if self._writer is not None:
+            return self._writer[0]
+        if self._later_writer is not None:
+            return self._later_writer
+        for waiter in self._later_waiters:
+            return waiter.get_loop()
+        return None
+
+    def _abort_here(self) -> None:
         self._closed = True
         self._wake_later_waiters(closed=True)
         self._wake_reader()
@@ -573,7 +625,6 @@ class SocketTransport:
         if self.sock.fileno() >= 0:
             notify_closing(self.sock)
             self.sock.close()
-        return True
 
     def _check_open(self) -> None:
         if self._closed:
@@ -601,6 +652,17 @@ class SocketTransport:
 
 # The transport whose reader callback each (loop, descriptor) holds: see SocketTransport._arm.
 _readers: weakref.WeakValueDictionary[tuple[int, int], SocketTransport] = weakref.WeakValueDictionary()
+
+
+def _trio_token() -> Any:
+    """The running trio's token, or None outside trio."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return None
+    try:
+        return trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return None
 
 
 def _readable(ref: weakref.ref[SocketTransport]) -> None:

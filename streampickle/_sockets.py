@@ -33,7 +33,7 @@ from ._progress import ProgressCallback
 from ._serve import note_accepted
 from ._serve import serve as _serve
 from ._shm import check_no_key
-from ._stream import ObjectStream, owns_its_socket
+from ._stream import ObjectStream
 from ._transports import grow_socket_buffers, socket_attributes
 
 __all__ = ["ObjectStreamListener", "connect_tcp", "connect_unix", "create_tcp_listener", "create_unix_listener"]
@@ -104,11 +104,11 @@ async def connect_tcp(
                 raise
             errors.append((address, exc))
             continue
-        return owns_its_socket(ObjectStream.from_socket(
+        return ObjectStream.from_socket(
             sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget,
             pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
             persistent_load=persistent_load, progress=progress,
-        ))
+        )
     raise _connect_error(remote_host, remote_port, errors)
 
 
@@ -152,11 +152,11 @@ async def connect_unix(
     try:
         _tune(sock)
         await _connect(sock, os.fspath(path))
-        return owns_its_socket(ObjectStream.from_socket(
+        return ObjectStream.from_socket(
             sock, trusted=trusted, allow=allow, key=key, limits=limits, budget=budget, shared_memory=shared_memory,
             pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
             persistent_load=persistent_load, progress=progress,
-        ))
+        )
     except BaseException:
         sock.close()
         raise
@@ -196,7 +196,7 @@ class ObjectStreamListener(Listener[ObjectStream]):
                 raise
             try:
                 _tune(conn)
-                stream = owns_its_socket(ObjectStream.from_socket(conn, **self._options))
+                stream = ObjectStream.from_socket(conn, **self._options)
             except OSError:  # this connection's fault (reset before it was set up): the next one
                 conn.close()
                 continue

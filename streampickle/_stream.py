@@ -891,18 +891,6 @@ async def load(
     return next(decoder)
 
 
-def owns_its_socket(stream: ObjectStream) -> ObjectStream:
-    """Mark ``stream`` as the only user of the socket under it (one streampickle made for it:
-    ``connect_*``, a listener's ``accept``), which it closes: its socket transport may keep the
-    reader registered between receives (``SocketTransport.keep_reader``). A socket a caller
-    handed over (``from_socket``, an anyio stream) may be closed or read without the stream
-    knowing, which a kept registration would outlive."""
-    transport = stream._transport
-    if isinstance(transport, SocketTransport):
-        transport.keep_reader = True
-    return stream
-
-
 def _transport_for(stream: Any) -> Transport:
     """``fastest_transport``, with a stream of the wrong type refused as the caller's mistake."""
     try:
