@@ -3,8 +3,8 @@
 
 On trio it waits with ``wait_readable``/``wait_writable`` (``_anyio_compat``). On asyncio and
 uvloop every read that waits is done by one reader callback, registered for the wait, and a
-send the kernel has no room for goes on from a writer callback. Side chunks
-go from the caller's memory to the kernel with ``sendmsg`` and from the kernel into their final
+send the kernel has no room for goes on from a writer callback. Side chunks go from the
+caller's memory to the kernel with ``sendmsg`` and from the kernel into their final
 destination with ``recv_into``: no userspace copy either way. Small parts are read ahead into
 scratch memory and fed to the decoder, so a burst of small messages costs one read. On asyncio
 and uvloop the small messages of a burst of sends are written together (``send_later``). It
