@@ -250,6 +250,7 @@ class SocketTransport:
                     await self._send_from_writer(loop, views, ancillary)
                     return
                 await self._wait_elsewhere(wait_writable)
+                self._check_open()  # aborted from another thread while it waited
                 continue
             except OSError as exc:
                 raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
@@ -348,6 +349,7 @@ class SocketTransport:
                     await self._wait_from_reader(loop)
                 else:
                     await self._wait_elsewhere(wait_readable)
+                self._check_open()  # aborted from another thread while it waited
             except OSError as exc:
                 raise anyio.BrokenResourceError(f"receiving failed: {exc}") from exc
         if n == 0:
