@@ -250,7 +250,6 @@ class SocketTransport:
                     await self._send_from_writer(loop, views, ancillary)
                     return
                 await self._wait_elsewhere(wait_writable)
-                self._check_open()  # aborted from another thread while it waited
                 continue
             except OSError as exc:
                 raise anyio.BrokenResourceError(f"sending failed: {exc}") from exc
@@ -349,7 +348,6 @@ class SocketTransport:
                     await self._wait_from_reader(loop)
                 else:
                     await self._wait_elsewhere(wait_readable)
-                self._check_open()  # aborted from another thread while it waited
             except OSError as exc:
                 raise anyio.BrokenResourceError(f"receiving failed: {exc}") from exc
         if n == 0:
@@ -372,7 +370,8 @@ class SocketTransport:
 
     async def _wait_elsewhere(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
         """``wait`` for the socket on a loop without callbacks (trio), noting trio's token
-        meanwhile, so that an ``abort`` from another thread can hand the close to trio."""
+        meanwhile, so that an ``abort`` from another thread can hand the close to trio.
+        ``ClosedResourceError`` if the transport was closed meanwhile."""
         token = _trio_token()
         self._trio_waiting += token is not None
         try:
@@ -381,6 +380,7 @@ class SocketTransport:
             await wait(self.sock)
         finally:
             self._trio_waiting -= token is not None
+        self._check_open()  # aborted from another thread: the shutdown ended the wait
 
     def _loop_taking_callbacks(self) -> asyncio.AbstractEventLoop | None:
         """The running asyncio loop if it takes reader and writer callbacks: the selector loop
@@ -449,9 +449,11 @@ class SocketTransport:
         return True
 
     async def _wait_from_reader(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wait for the socket to be readable on the reader callback, reading nothing."""
+        """Wait for the socket to be readable on the reader callback, reading nothing.
+        ``ClosedResourceError`` if the transport was closed meanwhile."""
         done: asyncio.Future[bool] = loop.create_future()
         await self._await_reader(loop, lambda: self._read_ends(done, True), done)
+        self._check_open()
 
     async def _await_reader(
         self, loop: asyncio.AbstractEventLoop, step: Callable[[], None], done: asyncio.Future[bool]
@@ -615,8 +617,8 @@ class SocketTransport:
             return self._writer[0]
         if self._later_writer is not None:
             return self._later_writer
-        for waiter in self._later_waiters:
-            return waiter.get_loop()
+        if self._later_waiters:
+            return self._later_waiters[0].get_loop()
         return None
 
     def _abort_here(self) -> None:
