@@ -15,6 +15,9 @@ Workloads, in the order they run on each cluster (sizes are multiplied by ``--sc
 
 - ``small-tasks``: ``client.map(inc, range(3000))`` then ``gather``: task throughput, where the
   comm's per-message cost shows. First, on workers that have not yet held large data.
+- ``tiny-key``: as ``large-key`` below, with an 8 KiB array: the client's clock for a task that
+  fetches almost nothing, which no comm can make a fetch beat (dask's scheduling: the
+  submit, B's request to A and the result's way back). ``shared-key`` is measured against it.
 - ``large-key``: a 256 MiB array made by a task on worker A; the clock runs from submitting
   ``consume(x)`` (its size and last value) on worker B until the result is back, so it covers
   B fetching the key from A plus a scheduler round trip (milliseconds; the ``fetch`` columns
@@ -83,11 +86,12 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 DEFAULT_PROTOCOLS = ["tcp", "sp", "sp+unix"]
 #: In the order they run on each cluster: small tasks first, on workers that have not yet
 #: held (and their allocators kept) any large data.
-WORKLOADS = ["small-tasks", "large-key", "shared-key", "many-keys", "rechunk", "shuffle", "df-shuffle"]
+WORKLOADS = ["small-tasks", "tiny-key", "large-key", "shared-key", "many-keys", "rechunk", "shuffle", "df-shuffle"]
 #: Timed repetitions per cluster, for the workloads cheap enough to repeat.
-INNER = {"large-key": 3, "shared-key": 3, "many-keys": 3}
+INNER = {"large-key": 3, "tiny-key": 3, "shared-key": 3, "many-keys": 3}
 #: Sizes at --scale 1.
 LARGE_KEY_BYTES = 256 * MiB
+TINY_KEY_BYTES = 8 << 10
 MANY_KEYS, MANY_KEY_BYTES = 4, 64 * MiB
 RECHUNK_BYTES, SHUFFLE_BYTES, DF_SHUFFLE_BYTES = 1024 * MiB, 512 * MiB, 128 * MiB
 CHUNKS = 8  # input chunks (rows) and output chunks (columns) of rechunk and shuffle
@@ -387,6 +391,8 @@ def measure(client: Any, workload: str, scale: float) -> dict[str, Any]:
     inner = INNER.get(workload, 1)
     if workload == "large-key":
         result = keys_workload(client, 1, max(8, int(LARGE_KEY_BYTES * scale) // 8 * 8), inner)
+    elif workload == "tiny-key":
+        result = keys_workload(client, 1, max(8, int(TINY_KEY_BYTES * scale) // 8 * 8), inner)
     elif workload == "shared-key":
         result = keys_workload(client, 1, max(8, int(LARGE_KEY_BYTES * scale) // 8 * 8), inner, shared=True)
     elif workload == "many-keys":
@@ -512,6 +518,15 @@ def targets(rows: list[dict[str, Any]]) -> str:
                 held = "yes" if r["fetch_vs_tcp"] >= goal else "**no**"
                 lines.append(f"| {r['workload']}: fetch speed / tcp, by worker B's own timing | {r['protocol']} "
                              f"| {r['fetch_vs_tcp']:.2f} | >= {goal} | {held} |")
+        tiny = by.get(("tiny-key", r["protocol"]))
+        if r["protocol"] in SHARED and r["workload"] == "shared-key" and tiny is not None:
+            # No goal: what bounds the client's clock. A fetch of 8 KiB on the same protocol
+            # takes dask's round trip; tcp's time over it is the most any comm could reach.
+            lines.append(f"| shared-key: time / tiny-key's (8 KiB) on the same protocol, client's clock "
+                         f"| {r['protocol']} | {r['median_s'] / tiny['median_s']:.2f} | - | - |")
+            lines.append(f"| shared-key: tcp's time / tiny-key's on this protocol (the most a hand-off "
+                         f"could reach by the client's clock) | {r['protocol']} "
+                         f"| {by['shared-key', 'tcp']['median_s'] / tiny['median_s']:.2f} | - | - |")
         tcp = by[r["workload"], "tcp"]
         held = "yes" if r["peak_mib"] <= tcp["peak_mib"] else "**no**"
         lines.append(f"| {r['workload']}: worker peak RSS, MiB (tcp: {tcp['peak_mib']:.0f}) | {r['protocol']} "
