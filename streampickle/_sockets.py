@@ -91,7 +91,7 @@ async def connect_tcp(
     """Connect to a TCP server and return a zero-copy :class:`ObjectStream` over it
     (``budget``: see :class:`MemoryBudget`; none by default; pickle's hooks and ``progress``:
     see :class:`ObjectStream`)."""
-    infos = await anyio.getaddrinfo(remote_host, remote_port, type=socket.SOCK_STREAM)
+    infos = await _addresses(remote_host, remote_port)
     errors: list[tuple[Any, OSError]] = []
     for family, type_, proto, _, address in infos:
         sock = socket.socket(family, type_, proto)
@@ -110,6 +110,20 @@ async def connect_tcp(
             persistent_load=persistent_load, progress=progress,
         )
     raise _connect_error(remote_host, remote_port, errors)
+
+
+async def _addresses(host: str, port: int) -> list[tuple[Any, ...]]:
+    """``getaddrinfo``'s answer for a TCP connection to ``host``. A numeric address (what
+    dask and most servers hand out) is answered at once, with no name lookup: anyio's
+    ``getaddrinfo`` runs every lookup in a worker thread, so a process that only ever
+    connected to numeric addresses kept a thread (and its memory arena) for nothing, and each
+    connection waited for a thread's round trip. A name is looked up as before."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):  # a name (or no address at all): anyio looks it up
+        return await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    await anyio.lowlevel.checkpoint()  # a checkpoint, as the lookup was
+    return infos
 
 
 def _connect_error(host: str, port: int, errors: list[tuple[Any, OSError]]) -> OSError:

@@ -557,6 +557,52 @@ async def test_connect_tcp_error_names_the_address() -> None:
     assert isinstance(info.value.__cause__, ConnectionRefusedError)
 
 
+async def test_connect_tcp_to_a_numeric_address_looks_nothing_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # anyio's getaddrinfo runs in a worker thread: a numeric address needs no lookup, so a
+    # process (a dask worker) that only connects to addresses never starts that thread.
+    looked_up: list[str] = []
+    lookup = anyio.getaddrinfo
+
+    async def recording(host: str, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(host)
+        return await lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(anyio, "getaddrinfo", recording)
+    hosts = ["127.0.0.1"] + (["::1"] if socket.has_ipv6 and _ipv6_loopback() else [])
+    for host in hosts:
+        async with await streampickle.create_tcp_listener(local_host=host) as listener:
+            port = listener.extra(SocketAttribute.local_port)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_echo_once, listener)
+                async with await streampickle.connect_tcp(host, port) as client:
+                    await client.send({"to": host})
+                    assert await client.receive() == {"to": host}
+    assert looked_up == []
+    # A name is still looked up, and connects.
+    async with await streampickle.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(SocketAttribute.local_port)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_echo_once, listener)
+            async with await streampickle.connect_tcp("localhost", port) as client:
+                await client.send(b"named")
+                assert await client.receive() == b"named"
+    assert looked_up == ["localhost"]
+
+
+async def _echo_once(listener: Any) -> None:
+    async with await listener.accept() as stream:
+        await stream.send(await stream.receive())
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 async def test_from_socket_grows_a_socketpairs_buffers_and_keeps_the_socket() -> None:
     a, b = socket.socketpair()
     default = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
