@@ -41,6 +41,7 @@ Both are thin: the encoder makes the chunks, the decoder finds the messages, and
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import os
@@ -82,6 +83,10 @@ from ._transports import (
     shared_transport,
 )
 from ._wire import TAG_SIZE
+
+#: The running asyncio loop, or None (no loop, or trio): which backend's checkpoint applies.
+_running_loop = asyncio.events._get_running_loop
+_NO_LOOP = object()
 
 __all__ = ["ObjectStream", "dump", "load"]
 
@@ -222,7 +227,10 @@ class ObjectStream(_AnyioObjectStream[Any]):
         self._closed = False
         self._quick_receives = 0
         self._quick_sends = 0
-        self._cic: Callable[[], Awaitable[None]] | None = None  # see checkpoint_if_cancelled
+        # The backend's checkpoint_if_cancelled, looked up under the asyncio loop _cic_loop
+        # (None: trio); until the first lookup, anyio's, which works everywhere.
+        self._cic: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint_if_cancelled
+        self._cic_loop: object = _NO_LOOP
         # None without a progress callback: then nothing of the progress machinery runs.
         self._send_meter = SendMeter(progress) if progress is not None else None
         self._receive_meter = ReceiveMeter(progress) if progress is not None else None
@@ -279,7 +287,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
             await self._send_keyed(item)
             return
         chunks, mac = self._encoder.encode_unsigned(item)
-        await (self._cic or self._set_cic())()
+        await (self._cic if _running_loop() is self._cic_loop else self._set_cic())()
         # A small message in a burst (not the first send since this stream last yielded) is
         # written with the rest of the burst where the transport can (SocketTransport.send_later);
         # never one carrying descriptors, which must go with its first byte.
@@ -328,7 +336,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         """``send`` with a key. Each message takes the next sequence number of the stream when
         it is encoded, so it is encoded holding the send lock, in the order messages go out: a
         send cancelled while it waits for its turn takes no number."""
-        await (self._cic or self._set_cic())()
+        await (self._cic if _running_loop() is self._cic_loop else self._set_cic())()
         await self._send_lock.acquire()
         try:
             self._check_send()
@@ -395,7 +403,7 @@ class ObjectStream(_AnyioObjectStream[Any]):
         if decoder.pending and not self._closed:  # already decoded: the small-message path
             self._quick_receives += 1
             if self._quick_receives < _YIELD_EVERY:
-                await (self._cic or self._set_cic())()
+                await (self._cic if _running_loop() is self._cic_loop else self._set_cic())()
                 return next(decoder)
         self._receiving = True
         try:
@@ -607,6 +615,11 @@ class ObjectStream(_AnyioObjectStream[Any]):
         return self._t.extra_attributes
 
     def _set_cic(self) -> Callable[[], Awaitable[None]]:
+        """The running backend's ``checkpoint_if_cancelled``, looked up once per event loop:
+        a stream used under trio and then under asyncio (two ``anyio.run`` calls) would
+        otherwise call trio's in asyncio. The check that the loop is the same one costs a C
+        call per use; the lookup, several Python calls."""
+        self._cic_loop = _running_loop()
         self._cic = checkpoint_if_cancelled()
         return self._cic
 

@@ -638,3 +638,20 @@ async def test_a_burst_of_small_messages_costs_one_read() -> None:
         # they were all in the kernel: one read-ahead took them (the decoder's header and
         # pickle parts are never read separately)
         assert counting.reads == 1, counting.reads
+
+
+def test_a_stream_used_under_one_backend_then_another_keeps_working() -> None:
+    # Each anyio.run is a new event loop, and trio and asyncio alternate: the stream's
+    # cancellation checkpoint is looked up again for each, not kept from the first.
+    a, b = socket.socketpair()
+    sender, receiver = ObjectStream.from_socket(a), ObjectStream.from_socket(b)
+
+    async def round_trip(n: int) -> None:
+        await sender.send({"n": n, "array": np.arange(n)})
+        got = await receiver.receive()
+        assert got["n"] == n and np.array_equal(got["array"], np.arange(n))
+
+    for n, backend in enumerate(["trio", "asyncio", "trio", "asyncio", "asyncio"]):
+        anyio.run(round_trip, n, backend=backend)
+    anyio.run(sender.aclose, backend="trio")
+    anyio.run(receiver.aclose, backend="asyncio")
