@@ -913,3 +913,45 @@ async def test_a_connect_out_of_descriptors_is_a_clear_oserror_and_existing_conn
     lines = result.stdout.decode().splitlines()
     assert lines[0].startswith("CONNECT OSError EMFILE [Errno 24] Too many open files"), lines
     assert lines[1:] == ["EXISTING existing", "NEW new"]
+
+
+class _AbortFailsAfterClose(ByteStream):
+    """An anyio socket stream whose ``aclose`` fails as anyio's asyncio one can: it closes the
+    socket, then the transport's abort raises AttributeError (asyncio 3.11 after a close that
+    flushed the last buffered bytes of a cancelled send during anyio's one yield). With
+    ``closes=False`` the socket stays open: an AttributeError that means something else."""
+
+    def __init__(self, sock: socket.socket, closes: bool) -> None:
+        self.sock = sock
+        self.closes = closes
+
+    async def send(self, item: Any) -> None:
+        self.sock.sendall(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return self.sock.recv(max_bytes)
+
+    async def send_eof(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    async def aclose(self) -> None:
+        if self.closes:
+            self.sock.close()
+        raise AttributeError("'NoneType' object has no attribute 'call_soon'")
+
+    @property
+    def extra_attributes(self) -> Any:
+        return {SocketAttribute.raw_socket: lambda: self.sock}
+
+
+async def test_aclose_over_a_stream_whose_close_fails_after_closing_the_socket() -> None:
+    a, b = socket.socketpair()
+    with b:
+        stream = ObjectStream(_AbortFailsAfterClose(a, closes=True))
+        await stream.send([1, 2])
+        await stream.aclose()  # the socket is closed: the close did its work
+        assert a.fileno() == -1
+        assert streampickle.loads(b.recv(1 << 16)) == [1, 2]
+    c, d = socket.socketpair()
+    with c, d, pytest.raises(AttributeError):  # the socket is still open: not that failure
+        await ObjectStream(_AbortFailsAfterClose(c, closes=False)).aclose()
