@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import operator
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -832,8 +833,10 @@ class Decoder:
             ))
         self._claimed.extend(self._fds[:count])
         del self._fds[:count]
+        shared = [index != _wire.INLINE for index, _ in entries]
+        every = all(shared)
         files: list[tuple[list[int] | None, list[tuple[int, int]]]]  # (side chunks or None: all, ranges)
-        if count == 1 and _wire.INLINE not in (index for index, _ in entries):
+        if count == 1 and every:
             # The common case, every side chunk in one file: nothing to group.
             files = [(None, [(offset, length) for (_, offset), length in zip(entries, lengths, strict=True)])]
         else:
@@ -849,11 +852,10 @@ class Decoder:
                 ))
         for fd, (_, ranges) in zip(self._claimed, files, strict=True):
             self._guard(_shm.check_received, fd, ranges)
-        shared = [index != _wire.INLINE for index, _ in entries]
         self._files = files
         self._shared = shared
         # The shared side chunks don't travel in the stream.
-        self._expected -= sum(length for length, mapped in zip(lengths, shared, strict=True) if mapped)
+        self._expected -= sum(lengths) if every else sum(itertools.compress(lengths, shared))
         self._after_tables()
 
     def _map_shared(self) -> None:
@@ -996,6 +998,12 @@ class Decoder:
             pickled = self._pickle
             self._pickle_bytes = pickled.tobytes() if pickled.nbytes < PICKLE_COPY_LIMIT else pickled.data
             self._pickle = _NO_PICKLE
+            shared = self._shared
+            if shared is not None and all(shared):
+                # Every side chunk lies in a shared file: none travels in the stream, and each
+                # takes its place when the message is complete (_map_shared).
+                self._chunks = [_UNMAPPED] * len(shared)
+                self._chunk_index = len(shared) - 1
         while True:
             self._chunk_index += 1
             if self._chunk_index == len(self._lengths):

@@ -522,17 +522,19 @@ def _runs(spans: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int, in
     right after it: ranges on adjacent or shared pages share one mapping, and a page no range
     announced is never mapped."""
     k = 0
-    while k < len(spans):
+    n = len(spans)
+    page = _PAGE
+    while k < n:
         offset, end, _ = spans[k]
-        start = offset - offset % _PAGE
-        stop = _page_end(end)
+        start = offset - offset % page
+        stop = -(-end // page) * page  # _page_end(end), inline: once per span of a many-array message
         run = k + 1
-        while run < len(spans):
+        while run < n:
             offset, end, _ = spans[run]
-            if offset - offset % _PAGE > stop:  # a page no range announced lies between
+            if offset - offset % page > stop:  # a page no range announced lies between
                 break
             if end > stop:
-                stop = _page_end(end)
+                stop = -(-end // page) * page
             run += 1
         yield start, stop, k, run
         k = run

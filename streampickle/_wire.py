@@ -39,6 +39,8 @@ peer speaking HTTP, TLS or raw pickle is refused on its first byte.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import struct
 from typing import NamedTuple
 
@@ -105,9 +107,11 @@ def shared_table_size(chunk_count: int) -> int:
 def pack_shared_table(descriptor_count: int, entries: list[tuple[int, int]]) -> bytes:
     """A shared table: ``entries`` holds each side chunk's (descriptor index or ``INLINE``,
     offset)."""
-    out = [_SHARED_HEAD.pack(descriptor_count, 0)]
-    out.extend(_SHARED_ENTRY.pack(index, 0, offset) for index, offset in entries)
-    return b"".join(out)
+    head = _SHARED_HEAD.pack(descriptor_count, 0)
+    if not entries:
+        return head
+    indices, offsets = zip(*entries, strict=True)
+    return head + b"".join(map(_SHARED_ENTRY.pack, indices, itertools.repeat(0), offsets))
 
 
 def unpack_shared_table(
@@ -116,17 +120,39 @@ def unpack_shared_table(
     """Parse and check a shared table against the side chunks' ``lengths``: the descriptor
     count, and each side chunk's (descriptor index or ``INLINE``, offset). Every index is below
     the count, every descriptor holds at least one chunk, reserved words are 0, and no range
-    ends past 2**64: else :class:`ProtocolError`."""
+    ends past 2**63: else :class:`ProtocolError`."""
     count, reserved = _SHARED_HEAD.unpack_from(table)
     if reserved:
         raise ProtocolError(
             f"the shared table's reserved word is {reserved:#x}, not 0: the peer uses a newer wire format"
         )
-    entries = []
-    used = set()
-    # One C-level pass unpacks every entry; the loop only checks them.
     table_end = SHARED_HEAD_SIZE + len(lengths) * SHARED_ENTRY_SIZE
-    unpacked = _SHARED_ENTRY.iter_unpack(memoryview(table)[SHARED_HEAD_SIZE:table_end])
+    unpacked = list(_SHARED_ENTRY.iter_unpack(memoryview(table)[SHARED_HEAD_SIZE:table_end]))
+    if unpacked and len(unpacked) == len(lengths):
+        # Every check at once, in C-level passes over the columns (a message of many arrays
+        # has as many entries); a table they refuse is checked again entry by entry, which
+        # names the first fault.
+        indices, reserved_words, offsets = zip(*unpacked, strict=True)
+        used = set(indices)
+        inline = INLINE in used
+        used.discard(INLINE)
+        ends = (
+            [offset + length for index, offset, length in zip(indices, offsets, lengths, strict=True)
+             if index != INLINE]
+            if inline else list(map(operator.add, offsets, lengths))
+        )
+        if (not any(reserved_words) and (not used or max(used) < count)
+                and (not ends or max(ends) <= 1 << 63) and len(used) == count):
+            return count, list(zip(indices, offsets, strict=True))
+    _check_shared_entries(count, unpacked, lengths)
+    return count, [(index, offset) for index, _, offset in unpacked]
+
+
+def _check_shared_entries(count: int, unpacked: list[tuple[int, int, int]], lengths: tuple[int, ...]) -> None:
+    """Check a shared table's entries one by one and raise the first fault's
+    :class:`ProtocolError`, in entry order: ``unpack_shared_table``'s path for a table its
+    column checks refused (or an empty one)."""
+    used = set()
     for i, ((index, reserved, offset), length) in enumerate(zip(unpacked, lengths, strict=True)):
         if reserved:
             raise ProtocolError(f"side chunk {i}'s shared-table entry has reserved bits set ({reserved:#x})")
@@ -138,13 +164,11 @@ def unpack_shared_table(
             if offset + length > 1 << 63:
                 raise ProtocolError(f"side chunk {i} claims {length} bytes at offset {offset}: past any file's end")
             used.add(index)
-        entries.append((index, offset))
     if len(used) != count:
         raise ProtocolError(
             f"the message carries {count} descriptors but its side chunks lie in {len(used)} of "
             f"them: the peer is broken or hostile"
         )
-    return count, entries
 
 
 # Messages whose header, table and pickle together are at most this many bytes are sent as one

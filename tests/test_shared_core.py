@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import streampickle
 from _util import smaps_kib, smaps_of
@@ -340,6 +342,65 @@ def test_reserved_words_of_the_shared_table_are_refused(no_leak: None) -> None:
     message = bytearray(shared_message([8], [(0, 0)], 1))
     struct.pack_into("<I", message, table + _wire.SHARED_HEAD_SIZE + 4, 1)
     refuse(bytes(message), [memfd(PAGE)], match="reserved")
+
+
+def _table_reference(count: int, entries: list[tuple[int, int, int]], lengths: tuple[int, ...]) -> Any:
+    """What a shared table means, checked entry by entry in order (the wire format's rules):
+    (count, [(index, offset)]) or the first fault's message."""
+    used = set()
+    for i, ((index, reserved, offset), length) in enumerate(zip(entries, lengths, strict=True)):
+        if reserved:
+            return f"side chunk {i}'s shared-table entry has reserved bits set ({reserved:#x})"
+        if index != _wire.INLINE:
+            if index >= count:
+                return f"side chunk {i} lies in descriptor {index}, but the message carries {count}"
+            if offset + length > 1 << 63:
+                return f"side chunk {i} claims {length} bytes at offset {offset}: past any file's end"
+            used.add(index)
+    if len(used) != count:
+        return f"the message carries {count} descriptors but its side chunks lie in {len(used)} of them"
+    return count, [(index, offset) for index, _, offset in entries]
+
+
+@settings(max_examples=1000, deadline=None)
+# The edges of each rule, besides what the search finds: a range ending at 2**63 and one past
+# it, an index equal to the count, a descriptor no chunk lies in, reserved bits.
+@example(count=1, rows=[(0, 0, 2**63 - 8, 8)])
+@example(count=1, rows=[(0, 0, 2**63 - 8, 9)])
+@example(count=1, rows=[(0, 0, 0, 8), (_wire.INLINE, 0, 2**64 - 1, 8)])
+@example(count=1, rows=[(1, 0, 0, 8)])
+@example(count=2, rows=[(0, 0, 0, 8), (0, 0, 8, 8)])
+@example(count=1, rows=[(0, 0, 0, 8), (0, 1, 8, 8)])
+@example(count=0, rows=[])
+@given(
+    count=st.integers(0, 4),
+    rows=st.lists(
+        st.tuples(
+            st.one_of(st.integers(0, 5), st.just(_wire.INLINE)),
+            # Mostly valid fields, so that whole tables pass often enough for a fault in one
+            # entry among valid ones to be what is tested.
+            st.sampled_from([0] * 7 + [1, 2**31, 2**32 - 1]),
+            st.one_of(st.integers(0, 2**20), st.integers(0, 2**20), st.integers(0, 2**20),
+                      st.integers(2**63 - 2**20, 2**64 - 1)),
+            st.one_of(st.integers(0, 2**20), st.integers(0, 2**20), st.integers(0, 2**20),
+                      st.integers(2**62, 2**63)),
+        ),
+        max_size=12,
+    ),
+)
+def test_the_shared_tables_column_checks_agree_with_checking_entry_by_entry(
+    count: int, rows: list[tuple[int, int, int, int]]
+) -> None:
+    entries = [(index, reserved, offset) for index, reserved, offset, _ in rows]
+    lengths = tuple(length for *_, length in rows)
+    table = struct.pack("<II", count, 0) + b"".join(struct.pack("<IIQ", *e) for e in entries)
+    want = _table_reference(count, entries, lengths)
+    if isinstance(want, str):
+        with pytest.raises(ProtocolError) as info:
+            _wire.unpack_shared_table(table, lengths)
+        assert str(info.value).startswith(want)
+    else:
+        assert _wire.unpack_shared_table(table, lengths) == want
 
 
 def test_fewer_descriptors_than_the_message_needs(no_leak: None) -> None:
