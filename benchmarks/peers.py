@@ -470,7 +470,7 @@ def barrier_send(stream: Any) -> Callable[[bytes], Any]:
     on the stream's socket, as the raw-socket limit and the blocking contenders send it, so
     that the transfer's clock holds the workload's messages and not a message of the
     barrier's own (the sender's decoding of a "go" message, a cold small-message decode,
-    cost a third of a shared-memory hand-off). Nothing else travels towards the sender, so
+    was about a sixth of a many-array shared-memory hand-off). Nothing else travels towards the sender, so
     the byte can't land inside a message. A stream without a socket sends the byte as a
     message."""
     from anyio.abc import SocketAttribute
