@@ -13,6 +13,8 @@ one place, each with its fallback.
   slower but correct.
 * :func:`checkpoint_if_cancelled` is the backend's own, looked up once: the module-level
   function finds the backend anew on every call, which costs as much as a small message.
+* :func:`running_trio` and :func:`trio_token` ask trio, only where it is imported, whether
+  this runs inside it and which run that is.
 
 ``tests/test_anyio_compat.py`` fails when an anyio release changes what this module probes,
 so that a fallback is never chosen by accident.
@@ -34,6 +36,8 @@ __all__ = [
     "checkpoint_if_cancelled",
     "is_asyncio_unix_stream",
     "notify_closing",
+    "running_trio",
+    "trio_token",
     "wait_readable",
     "wait_writable",
 ]
@@ -82,9 +86,8 @@ def notify_closing(sock: socket.socket) -> None:
             _remove(fut.get_loop(), fd, direction)
             if not fut.done():
                 fut.set_result(False)
-    trio = sys.modules.get("trio")
-    if trio is not None and _in_trio(trio):
-        trio.lowlevel.notify_closing(sock)
+    if running_trio():
+        sys.modules["trio"].lowlevel.notify_closing(sock)
 
 
 async def _wait(sock: socket.socket, direction: str) -> None:
@@ -123,12 +126,27 @@ def _remove(loop: asyncio.AbstractEventLoop, fd: int, direction: str) -> None:
     (loop.remove_reader if direction == "r" else loop.remove_writer)(fd)
 
 
-def _in_trio(trio: Any) -> bool:
+def running_trio() -> bool:
+    """Whether this runs inside trio (a task, or a callback of its run loop)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
     try:
         trio.lowlevel.current_task()
     except RuntimeError:
         return False
     return True
+
+
+def trio_token() -> Any:
+    """The running trio's token, or None outside trio."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return None
+    try:
+        return trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return None
 
 
 def is_asyncio_unix_stream(stream: Any) -> bool:

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import mmap
 import socket
-import sys
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -36,7 +35,7 @@ import anyio.lowlevel
 from anyio.abc import SocketAttribute
 
 from . import _fdpass, _shm
-from ._anyio_compat import notify_closing, wait_readable, wait_writable
+from ._anyio_compat import notify_closing, trio_token, wait_readable, wait_writable
 from ._decoder import Decoder
 from ._encoder import IOV_MAX, Chunk, drop_sent, sendable
 from ._errors import LimitExceededError
@@ -372,7 +371,7 @@ class SocketTransport:
         """``wait`` for the socket on a loop without callbacks (trio), noting trio's token
         meanwhile, so that an ``abort`` from another thread can hand the close to trio.
         ``ClosedResourceError`` if the transport was closed meanwhile."""
-        token = _trio_token()
+        token = trio_token()
         self._trio_waiting += token is not None
         try:
             if token is not None:
@@ -595,7 +594,7 @@ class SocketTransport:
                 with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing waits any more
                     loop.call_soon_threadsafe(self._abort_here)
                     return True
-        elif self._trio_waiting and self._trio is not None and _trio_token() is not self._trio:
+        elif self._trio_waiting and self._trio is not None and trio_token() is not self._trio:
             self._shut_down()
             with contextlib.suppress(RuntimeError):  # trio's run ended meanwhile
                 self._trio.run_sync_soon(self._abort_here)
@@ -656,17 +655,6 @@ class SocketTransport:
 
 # The transport whose reader callback each (loop, descriptor) holds: see SocketTransport._arm.
 _readers: weakref.WeakValueDictionary[tuple[int, int], SocketTransport] = weakref.WeakValueDictionary()
-
-
-def _trio_token() -> Any:
-    """The running trio's token, or None outside trio."""
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return None
-    try:
-        return trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        return None
 
 
 def _readable(ref: weakref.ref[SocketTransport]) -> None:

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 from typing import Any
 
 from anyio.abc import ByteReceiveStream, ByteSendStream, SocketAttribute, SocketStream
 
-from ._anyio_compat import is_asyncio_unix_stream
+from ._anyio_compat import is_asyncio_unix_stream, running_trio
 from ._encoder import Chunk
 from ._errors import UsageError
 from ._socket_transport import (
@@ -94,17 +93,6 @@ def transport_for(stream: Any) -> Transport:
     )
 
 
-def _running_trio() -> bool:
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True
-
-
 def fastest_transport(stream: Any) -> Transport:
     """The zero-copy socket path where nothing else reads the socket, else a copying one.
 
@@ -122,7 +110,7 @@ def fastest_transport(stream: Any) -> Transport:
     the same buffer sizes as streampickle's own Unix sockets (``grow_socket_buffers``); TCP
     sockets keep the kernel's buffer autotuning, as streampickle's own do.
     """
-    if isinstance(stream, SocketStream) and (_running_trio() or is_asyncio_unix_stream(stream)):
+    if isinstance(stream, SocketStream) and (running_trio() or is_asyncio_unix_stream(stream)):
         sock = stream.extra(SocketAttribute.raw_socket)
         if sock.family == socket.AF_UNIX:
             grow_socket_buffers(sock)
@@ -154,7 +142,7 @@ def shared_transport(stream: Any) -> SocketTransport:
         sock = stream.extra(SocketAttribute.raw_socket)
         if sock.family != socket.AF_UNIX:
             raise not_unix(sock)
-        if _running_trio() or is_asyncio_unix_stream(stream):
+        if running_trio() or is_asyncio_unix_stream(stream):
             grow_socket_buffers(sock)
             return SocketTransport(sock, owner=stream, shared_memory=True)
     raise UsageError(
