@@ -31,7 +31,7 @@ import os
 import stat
 import sys
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -212,41 +212,62 @@ def close_held(fds: list[int]) -> None:
 # -- mappings ----------------------------------------------------------------------------------
 
 
-def _unmap(address: int, size: int, fd: int) -> None:
+def _map_py(fd: int, offset: int, size: int, huge_page: int, on_free: Callable[[int], None] | None) -> Any:
+    """The Python twin of C ``map_shared``: a ctypes array over the mapping, which
+    ``weakref.finalize`` unmaps when it is freed (after ``on_free(address)``, if given)."""
+    map_, unmap, _, ctypes = _libc()
+    failed = ctypes.c_void_p(-1).value
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    address = map_(None, size, prot, mmap.MAP_SHARED, fd, offset)
+    if address is not None and address != failed and size >= huge_page and (address - offset) % huge_page:
+        unmap(address, size)
+        hint = None
+        # PROT_NONE (0): address space only
+        reserved = map_(None, size + huge_page, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if reserved is not None and reserved != failed:
+            unmap(reserved, size + huge_page)
+            hint = reserved + (offset - reserved) % huge_page
+        address = map_(hint, size, prot, mmap.MAP_SHARED, fd, offset)
+    if address is None or address == failed:  # MAP_FAILED
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap: {os.strerror(err)}")
+    buffer = (ctypes.c_char * size).from_address(address)
+    weakref.finalize(buffer, _unmapped, address, size, on_free)
+    return buffer
+
+
+def _unmapped(address: int, size: int, on_free: Callable[[int], None] | None) -> None:
+    if on_free is not None:
+        on_free(address)
     _libc()[1](address, size)
-    if fd >= 0:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
-def _map(fd: int, offset: int, size: int) -> tuple[Any, int]:
+_map_shared = getattr(speedups, "map_shared", None) if speedups else None
+
+
+def _map(fd: int, offset: int, size: int, on_free: Callable[[int], None] | None = None) -> tuple[Any, int]:
     """Map ``size`` bytes of ``fd`` from ``offset`` (a multiple of the page size), shared and
-    writable: a ctypes array over the mapping (the buffer that arrays and views hold) and its
-    address. OSError if the kernel refuses.
+    writable: a buffer over the mapping (what arrays and views hold), which unmaps it when the
+    last reference to it goes, after calling ``on_free(address)`` if given; and its address. OSError
+    if the kernel refuses.
 
     A mapping of ``_HUGE_PAGE`` bytes or more is placed at an address that lies as far past a
     2 MiB boundary as ``offset`` does, so that the file's huge pages (see
     :func:`shared_empty`) map whole, one page-table entry each: the first read of 512 MiB
-    then took 20 ms here, against 45-55 ms for the 131,072 entries of 4 KiB pages. The place
-    is found by reserving ``size`` plus 2 MiB of address space and releasing it: the mapping
-    asks for the place as a hint, and if another thread took it meanwhile it goes elsewhere,
-    unaligned but as correct."""
-    map_, unmap, _, ctypes = _libc()
-    failed = ctypes.c_void_p(-1).value
-    hint = None
-    if size >= _HUGE_PAGE:
-        # PROT_NONE (0): address space only
-        reserved = map_(None, size + _HUGE_PAGE, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        if reserved is not None and reserved != failed:
-            unmap(reserved, size + _HUGE_PAGE)
-            hint = reserved + (offset - reserved) % _HUGE_PAGE
-    address = map_(hint, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, offset)
-    if address is None or address == failed:  # MAP_FAILED
-        err = ctypes.get_errno()
-        raise OSError(err, f"mmap: {os.strerror(err)}")
-    return (ctypes.c_char * size).from_address(address), address
+    then took 20 ms here, against 45-55 ms for the 131,072 entries of 4 KiB pages. The
+    kernel's own choice is kept where it is such a place (Linux 6.7 and later put large
+    mappings on 2 MiB boundaries); otherwise the place is found by reserving ``size`` plus 2
+    MiB of address space and releasing it: the mapping asks for the place as a hint, and if
+    another thread took it meanwhile it goes elsewhere, unaligned but as correct.
+
+    The buffer is the C extension's ``Mapping`` where it is built, else a ctypes array with a
+    finalizer: making a ctypes array type of a new size cost about 60 us cold, which a
+    many-array message's whole hand-off measures in hundreds."""
+    if _map_shared is not None:
+        buffer = _map_shared(fd, offset, size, _HUGE_PAGE, on_free)
+        return buffer, buffer.address
+    buffer = _map_py(fd, offset, size, _HUGE_PAGE, on_free)
+    return buffer, _libc()[3].addressof(buffer)
 
 
 def _huge_pages(buffer: Any, address: int, size: int, *, at_once: bool) -> None:
@@ -273,8 +294,10 @@ def _huge_pages(buffer: Any, address: int, size: int, *, at_once: bool) -> None:
     if not at_once or size > _available_memory() // 2:
         return
     whole = size - size % _HUGE_PAGE
+    view = memoryview(buffer).cast("B")
     for offset in range(0, whole, _HUGE_PAGE):
-        buffer[offset] = 0  # a zero over a zero: the contents don't change
+        view[offset] = 0  # a zero over a zero: the contents don't change
+    view.release()
     madvise(address, whole, _MADV_COLLAPSE)
 
 
@@ -337,9 +360,13 @@ class _Registry:
 _REGISTRY = _Registry()
 
 
-def _release(address: int, size: int, fd: int) -> None:
+def _forget(fd: int, address: int) -> None:
+    """A file of ours is about to be unmapped: forget where it lay, then close it."""
     _REGISTRY.remove(address)
-    _unmap(address, size, fd)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _check_available() -> None:
@@ -403,14 +430,15 @@ def shared_empty(
         # Sealed against shrinking and growing, so no process holding it can make another's
         # mapping fault (SIGBUS); F_SEAL_SEAL, so that no one can add a seal against writing.
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
-        buffer, address = _map(fd, 0, size)
+        # forgotten and closed just before it is unmapped: the registry never names an
+        # address range another mapping could take meanwhile
+        buffer, address = _map(fd, 0, size, functools.partial(_forget, fd))
     except BaseException:
         os.close(fd)
         raise
     if size >= _HUGE_PAGE:
         _huge_pages(buffer, address, size, at_once=huge_pages)
     _REGISTRY.add(address, address + size, fd, buffer)
-    weakref.finalize(buffer, _release, address, size, fd)
     return np.ndarray(dims, dtype=dt, buffer=buffer, order="F" if order == "F" else "C")
 
 
@@ -443,8 +471,10 @@ _address = speedups.address if speedups else _address_py
 
 def is_mapped(view: memoryview) -> bool:
     """Whether ``view`` lies in a mapping made here (a shared file of this process's or a
-    peer's), whose contents another process may change at any time. False before the first
-    mapping (when ctypes is not loaded yet)."""
+    peer's), whose contents another process may change at any time. (Without the C
+    extension: False before the first mapping, when ctypes is not loaded yet.)"""
+    if _map_shared is not None:
+        return type(view.obj) is speedups.Mapping
     if not _libc.cache_info().currsize:
         return False
     return isinstance(view.obj, _libc()[3].Array)
@@ -574,10 +604,9 @@ def map_received(fd: int, ranges: Sequence[tuple[int, int]]) -> list[memoryview]
     spans = _spans(ranges)
     for start, stop, k, run in _runs(spans):
         try:
-            buffer, address = _map(fd, start, stop - start)
+            buffer, _ = _map(fd, start, stop - start)
         except OSError as exc:
             raise ProtocolError(f"a shared-memory file the peer sent can't be mapped: {exc}") from exc
-        weakref.finalize(buffer, _unmap, address, stop - start, -1)
         whole = memoryview(buffer).cast("B")
         for offset, end, i in spans[k:run]:
             views[i] = whole[offset - start : end - start]

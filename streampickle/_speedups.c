@@ -1898,6 +1898,139 @@ static PyObject *address(PyObject *self, PyObject *obj) {
     return result;
 }
 
+#ifndef _WIN32
+#include <sys/mman.h>
+#include <stddef.h>
+#include <limits.h>
+#include <errno.h>
+
+/* Mapping: shared memory a file descriptor was mapped to (map_shared), as a writable buffer of
+ * unsigned bytes. It unmaps itself when the last reference goes: numpy arrays and memoryviews
+ * over it hold one, so the memory stays mapped exactly as long as something can reach it.
+ * _shm's Python twin gets the same from a ctypes array and weakref.finalize; this one costs
+ * no new ctypes type per size (about 60 us each, cold) and no finalizer per mapping. */
+typedef struct {
+    PyObject_HEAD
+    void *start;
+    Py_ssize_t size;
+    PyObject *on_free;  /* called with the address before the memory is unmapped; or NULL */
+    PyObject *weakrefs;
+} Mapping;
+
+static int mapping_getbuffer(PyObject *self, Py_buffer *view, int flags) {
+    Mapping *m = (Mapping *)self;
+    return PyBuffer_FillInfo(view, self, m->start, m->size, 0, flags);
+}
+
+static void mapping_dealloc(PyObject *self) {
+    Mapping *m = (Mapping *)self;
+    if (m->weakrefs != NULL) PyObject_ClearWeakRefs(self);
+    PyObject *on_free = m->on_free;
+    m->on_free = NULL;
+    if (on_free != NULL) {
+        /* as a finalizer runs: an error is reported, never raised, and one already being
+         * raised where the last reference went is kept */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        PyObject *where = PyLong_FromVoidPtr(m->start);
+        PyObject *result = where == NULL ? NULL : PyObject_CallOneArg(on_free, where);
+        Py_XDECREF(where);
+        if (result == NULL) PyErr_WriteUnraisable(on_free);
+        Py_XDECREF(result);
+        Py_DECREF(on_free);
+        PyErr_Restore(type, value, traceback);
+    }
+    if (m->start != NULL) {
+        void *start = m->start;
+        size_t size = (size_t)m->size;
+        Py_BEGIN_ALLOW_THREADS  /* a large populated mapping takes a while to tear down */
+        munmap(start, size);
+        Py_END_ALLOW_THREADS
+    }
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyObject *mapping_address(PyObject *self, void *closure) {
+    (void)closure;
+    return PyLong_FromVoidPtr(((Mapping *)self)->start);
+}
+
+static PyBufferProcs mapping_as_buffer = {mapping_getbuffer, NULL};
+
+static PyGetSetDef mapping_getset[] = {
+    {"address", mapping_address, NULL, "Where the mapping starts.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject MappingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "streampickle._speedups.Mapping",
+    .tp_basicsize = sizeof(Mapping),
+    .tp_dealloc = mapping_dealloc,
+    .tp_as_buffer = &mapping_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Shared memory mapped by map_shared, unmapped when the last reference goes.",
+    .tp_weaklistoffset = offsetof(Mapping, weakrefs),
+    .tp_getset = mapping_getset,
+};
+
+/* map_shared(fd, offset, size, huge_page, on_free) -> a Mapping of ``size`` bytes of ``fd`` from
+ * ``offset`` (a multiple of the page size), shared and writable; OSError if the kernel refuses.
+ *
+ * _shm._map_py in C, step for step: a mapping of ``huge_page`` bytes or more starts as far past
+ * a ``huge_page`` boundary as ``offset`` does (see _shm._map for why). The kernel's own choice
+ * often does (Linux 6.7 and later place large mappings on such a boundary): only otherwise is
+ * the place found by reserving ``size + huge_page`` bytes of address space and releasing them.
+ * ``on_free`` (or None) is called with the address when the mapping is about to be unmapped. */
+static PyObject *map_shared(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "map_shared(fd, offset, size, huge_page, on_free)");
+        return NULL;
+    }
+    const long fd = PyLong_AsLong(args[0]);
+    const long long offset = PyLong_AsLongLong(args[1]);
+    const Py_ssize_t size = PyLong_AsSsize_t(args[2]);
+    const Py_ssize_t huge = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (fd < 0 || fd > INT_MAX || offset < 0 || size <= 0 || huge <= 0) {
+        PyErr_SetString(PyExc_ValueError, "map_shared: a negative descriptor, offset or size");
+        return NULL;
+    }
+    PyObject *on_free = args[4] == Py_None ? NULL : args[4];
+    Mapping *m = PyObject_New(Mapping, &MappingType);
+    if (m == NULL) return NULL;
+    m->start = NULL;
+    m->size = size;
+    m->on_free = NULL;
+    m->weakrefs = NULL;
+    const int prot = PROT_READ | PROT_WRITE;
+    const uintptr_t want = (uintptr_t)offset % (uintptr_t)huge;
+    void *start = mmap(NULL, (size_t)size, prot, MAP_SHARED, (int)fd, (off_t)offset);
+    if (start != MAP_FAILED && size >= huge && (uintptr_t)start % (uintptr_t)huge != want) {
+        munmap(start, (size_t)size);
+        void *hint = NULL;
+        void *reserved = mmap(NULL, (size_t)size + (size_t)huge, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (reserved != MAP_FAILED) {
+            munmap(reserved, (size_t)size + (size_t)huge);
+            uintptr_t at = (uintptr_t)reserved;
+            hint = (void *)(at + (want + (uintptr_t)huge - at % (uintptr_t)huge) % (uintptr_t)huge);
+        }
+        start = mmap(hint, (size_t)size, prot, MAP_SHARED, (int)fd, (off_t)offset);
+    }
+    if (start == MAP_FAILED) {
+        int err = errno;
+        Py_DECREF(m);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    m->start = start;
+    Py_XINCREF(on_free);
+    m->on_free = on_free;
+    return (PyObject *)m;
+}
+#endif
+
 /* plain_ndarray(dtypes, descr, shape, fortran, buffer) -> an array, or None.
  *
  * _rebuild.plain_ndarray_py in C, check for check (its docstring says what the common case
@@ -2103,6 +2236,11 @@ static PyMethodDef methods[] = {
     {"reduce_ndarray", (PyCFunction)(void (*)(void))reduce_ndarray, METH_FASTCALL,
      "reduce_ndarray(descrs, rebuilder, fallback, array) -> _encoder._reduce_ndarray(array) for\n"
      "its common case; fallback(array) for every other."},
+#ifndef _WIN32
+    {"map_shared", (PyCFunction)(void (*)(void))map_shared, METH_FASTCALL,
+     "map_shared(fd, offset, size, huge_page, on_free) -> a Mapping of the file's range, shared and\n"
+     "writable, unmapped when the last reference goes (_shm._map_py)."},
+#endif
     {"plain_ndarray", (PyCFunction)(void (*)(void))plain_ndarray, METH_FASTCALL,
      "plain_ndarray(dtypes, descr, shape, fortran, buffer) -> an array of the common case, or None\n"
      "(_rebuild.plain_ndarray_py)."},
@@ -2179,8 +2317,19 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     if (str_kind == NULL || str_itemsize == NULL || str_reshape == NULL || str_C == NULL || str_F == NULL
         || str_c_contiguous == NULL || str_dtype == NULL || kw_dtype == NULL || kw_order == NULL)
         return NULL;
+#ifndef _WIN32
+    if (PyType_Ready(&MappingType) < 0) return NULL;
+#endif
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
+#ifndef _WIN32
+    Py_INCREF(&MappingType);
+    if (PyModule_AddObject(m, "Mapping", (PyObject *)&MappingType) < 0) {
+        Py_DECREF(&MappingType);
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
     /* The verifier's bounds, for the test that holds them to _verify's. */
     if (PyModule_AddIntConstant(m, "MAX_OPEN_MARKS", MAX_OPEN_MARKS) < 0
         || PyModule_AddIntConstant(m, "MAX_KEY_DEPTH", MAX_KEY_DEPTH) < 0

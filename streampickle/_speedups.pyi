@@ -73,3 +73,15 @@ def reduce_ndarray(
     descrs: dict[int, tuple[Any, str]], rebuilder: Any, fallback: Callable[[Any], Any], array: Any, /
 ) -> Any:
     """``_encoder._reduce_ndarray(array)``: its common case in C, ``fallback(array)`` otherwise."""
+
+class Mapping:
+    """Shared memory ``map_shared`` mapped: a writable buffer of unsigned bytes, unmapped when
+    the last reference goes."""
+
+    @property
+    def address(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+def map_shared(fd: int, offset: int, size: int, huge_page: int, on_free: Callable[[int], object] | None, /) -> Mapping:
+    """A Mapping of ``size`` bytes of ``fd`` from ``offset`` (_shm._map_py); OSError if refused.
+    Not on Windows."""
