@@ -338,6 +338,8 @@ def _hooked_pickler(
     return type(f"Hooked{base.__name__}", (base,), namespace)
 
 
+_NBYTES = memoryview.nbytes.__get__  # memoryviews only
+
 #: Pickles up to this size can't have grown the memo table past _PICKLER_MAX_BYTES.
 _MEMO_CHECK_BYTES = 2048
 #: A pickler (memo table and write buffer) bigger than this is replaced, not cleared.
@@ -756,14 +758,23 @@ class Encoder:
         return chunks
 
     @staticmethod
-    def _shared_references(views: list[memoryview]) -> tuple[list[tuple[int, int]], list[int], list[Any]] | None:
+    def _shared_references(
+        views: list[memoryview],
+    ) -> tuple[list[tuple[int, int]], list[int], list[Any], bool] | None:
         """Where each side chunk lies, if any lies in this process's shared files: each one's
         (descriptor index or ``INLINE``, offset), the descriptors in index order (one per
-        file, however many chunks lie in it), and the mappings to keep alive until they are
-        sent. None if every chunk goes inline. Past ``MAX_DESCRIPTORS`` files, chunks in a
-        further file go inline."""
+        file, however many chunks lie in it), the mappings to keep alive until they are sent,
+        and whether every chunk is such a reference. None if every chunk goes inline. Past
+        ``MAX_DESCRIPTORS`` files, chunks in a further file go inline."""
+        one = _shm.in_one_file(views)
+        if one is not None:  # the common case: every chunk in one file
+            fd, offsets, mapping = one
+            entries = [(0, offset) for offset in offsets]
+            if len(entries) > _shm.MAX_MAPPINGS and _mappings_needed(entries, views, 1) > _shm.MAX_MAPPINGS:
+                return None
+            return entries, [fd], [mapping], True
         indices: dict[int, int] = {}
-        entries: list[tuple[int, int]] = []
+        entries = []
         owners: list[Any] = []  # each mapping once (a message's views of one buffer share it)
         for found in _shm.find(views):
             if found is None:
@@ -783,7 +794,7 @@ class Encoder:
             return None
         if len(entries) > _shm.MAX_MAPPINGS and _mappings_needed(entries, views, len(indices)) > _shm.MAX_MAPPINGS:
             return None  # scattered over more parts of its files than a receiver maps: as bytes
-        return entries, list(indices), owners
+        return entries, list(indices), owners, False
 
     def _assemble_shared(
         self,
@@ -793,6 +804,7 @@ class Encoder:
         entries: list[tuple[int, int]],
         fds: list[int],
         owners: list[Any],
+        every: bool,
     ) -> SharedChunks:
         """The chunks of a message some of whose side chunks are references to shared files:
         header, length table (every chunk's length), shared table, pickle, and only the inline
@@ -808,12 +820,15 @@ class Encoder:
         else:
             chunks.append(head)
             chunks.extend(parts)
-        shared_bytes = 0
-        for view, (index, _) in zip(views, entries, strict=True):
-            if index == _wire.INLINE:
-                chunks.append(view)
-            else:
-                shared_bytes += view.nbytes
+        if every:  # no side chunk travels inline
+            shared_bytes = sum(map(_NBYTES, views))
+        else:
+            shared_bytes = 0
+            for view, (index, _) in zip(views, entries, strict=True):
+                if index == _wire.INLINE:
+                    chunks.append(view)
+                else:
+                    shared_bytes += view.nbytes
         chunks.descriptors = tuple(fds)
         chunks.shared_bytes = shared_bytes
         chunks._owners = tuple(owners)

@@ -27,6 +27,7 @@ import _thread
 import bisect
 import functools
 import mmap
+import operator
 import os
 import stat
 import sys
@@ -55,6 +56,7 @@ __all__ = [
     "descriptors_of",
     "find",
     "held_limit",
+    "in_one_file",
     "is_mapped",
     "map_received",
     "mappings_needed",
@@ -336,6 +338,17 @@ class _Registry:
                 del self._starts[i]
                 del self._entries[i]
 
+    def holding(self, low: int, high: int) -> tuple[int, int, Any] | None:
+        """The file whose range holds all of ``low`` to ``high`` (exclusive; ``low < high``):
+        its descriptor, its start address and its mapping; or None."""
+        with self._lock:
+            i = bisect.bisect(self._starts, low) - 1
+            if i < 0:
+                return None
+            start, end, fd, ref = self._entries[i]
+            mapping = ref() if high <= end else None
+        return None if mapping is None else (fd, start, mapping)
+
     def find(self, spans: list[tuple[int, int]]) -> list[tuple[int, int, Any] | None]:
         """For each (address, length), the file it lies in: descriptor, offset, mapping; or
         None. A run of spans in one file (a message's views of one buffer) costs one search."""
@@ -459,6 +472,27 @@ def find(views: list[memoryview]) -> list[tuple[int, int, Any] | None]:
     if not AVAILABLE:
         return [None] * len(views)
     return _REGISTRY.find([(_address(view), view.nbytes) for view in views])
+
+
+def in_one_file(views: list[memoryview]) -> tuple[int, list[int], Any] | None:
+    """If every buffer of ``views`` is non-empty and lies in one of this process's shared
+    files (a message whose arrays are views of one ``shared_empty`` buffer): the file's
+    descriptor, each buffer's offset in it, and the mapping. Else None, and ``find`` says where
+    each lies. One look-up for the message instead of one per buffer."""
+    if not AVAILABLE or not views:
+        return None
+    addresses = list(map(_address, views))
+    lengths = list(map(_NBYTES, views))
+    if not all(lengths):
+        return None
+    found = _REGISTRY.holding(min(addresses), max(map(operator.add, addresses, lengths)))
+    if found is None:
+        return None
+    fd, start, mapping = found
+    return fd, [address - start for address in addresses], mapping
+
+
+_NBYTES = memoryview.nbytes.__get__
 
 
 def _address_py(view: memoryview) -> int:

@@ -209,6 +209,38 @@ def test_the_message_carries_references_not_bytes_one_descriptor_per_file() -> N
     assert chunks.shared_bytes == (1 << 20) + 80
 
 
+_BUFFERS = {}
+
+
+def _buffers() -> dict[str, Any]:
+    """Two shared buffers (adjacent in the address space where the kernel put them so) and
+    ordinary memory, made once for the test below."""
+    if not _BUFFERS:
+        _BUFFERS.update(a=streampickle.shared_empty(3 * PAGE, np.uint8),
+                        b=streampickle.shared_empty(3 * PAGE, np.uint8), plain=np.zeros(3 * PAGE, np.uint8))
+    return _BUFFERS
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "plain"]), st.integers(0, 3 * PAGE), st.integers(0, 3 * PAGE)),
+                min_size=1, max_size=8))
+def test_the_one_file_look_up_agrees_with_looking_up_each_buffer(slices: list[tuple[str, int, int]]) -> None:
+    """The encoder's look-up for a message whose buffers all lie in one file answers exactly
+    when ``find`` puts every buffer in that file, with the same offsets."""
+    buffers = _buffers()
+    views = [memoryview(buffers[name][min(i, j) : max(i, j)]) for name, i, j in slices]
+    each = _shm.find(views)
+    one = _shm.in_one_file(views)
+    files = {found[0] for found in each if found is not None}
+    if None in each or len(files) != 1:
+        assert one is None
+    else:
+        assert one is not None
+        fd, offsets, mapping = one
+        assert [(fd, offset) for offset in offsets] == [found[:2] for found in each]
+        assert all(found[2] is mapping for found in each)
+
+
 def test_ordinary_messages_are_unchanged_on_a_shared_memory_encoder() -> None:
     for obj in (1, "x" * 100_000, {"a": np.arange(100_000)}):
         shared = Encoder(shared_memory=True).encode(obj)
