@@ -39,7 +39,6 @@ peer speaking HTTP, TLS or raw pickle is refused on its first byte.
 
 from __future__ import annotations
 
-import itertools
 import operator
 import struct
 from typing import NamedTuple
@@ -107,11 +106,13 @@ def shared_table_size(chunk_count: int) -> int:
 def pack_shared_table(descriptor_count: int, entries: list[tuple[int, int]]) -> bytes:
     """A shared table: ``entries`` holds each side chunk's (descriptor index or ``INLINE``,
     offset)."""
-    head = _SHARED_HEAD.pack(descriptor_count, 0)
     if not entries:
-        return head
-    indices, offsets = zip(*entries, strict=True)
-    return head + b"".join(map(_SHARED_ENTRY.pack, indices, itertools.repeat(0), offsets))
+        return _SHARED_HEAD.pack(descriptor_count, 0)
+    # An entry's index and reserved word, little-endian, are one 64-bit word whose value is
+    # the index: the table is the head and then 2 words per entry, in one pack.
+    words: list[int] = [0] * (2 * len(entries))
+    words[0::2], words[1::2] = zip(*entries, strict=True)
+    return struct.pack(f"<II{len(words)}Q", descriptor_count, 0, *words)
 
 
 def unpack_shared_table(
@@ -127,12 +128,14 @@ def unpack_shared_table(
             f"the shared table's reserved word is {reserved:#x}, not 0: the peer uses a newer wire format"
         )
     table_end = SHARED_HEAD_SIZE + len(lengths) * SHARED_ENTRY_SIZE
-    unpacked = list(_SHARED_ENTRY.iter_unpack(memoryview(table)[SHARED_HEAD_SIZE:table_end]))
-    if unpacked and len(unpacked) == len(lengths):
+    if lengths and len(table) >= table_end:
         # Every check at once, in C-level passes over the columns (a message of many arrays
         # has as many entries); a table they refuse is checked again entry by entry, which
-        # names the first fault.
-        indices, reserved_words, offsets = zip(*unpacked, strict=True)
+        # names the first fault. Read as 64-bit words, an entry's index and reserved word are
+        # one word whose value is the index if and only if the reserved word is 0.
+        words = struct.unpack_from(f"<{2 * len(lengths)}Q", table, SHARED_HEAD_SIZE)
+        indices = words[0::2]
+        offsets = words[1::2]
         used = set(indices)
         inline = INLINE in used
         used.discard(INLINE)
@@ -141,9 +144,10 @@ def unpack_shared_table(
              if index != INLINE]
             if inline else list(map(operator.add, offsets, lengths))
         )
-        if (not any(reserved_words) and (not used or max(used) < count)
+        if ((not used or max(used) < count)  # a reserved word set makes an index >= 2**32
                 and (not ends or max(ends) <= 1 << 63) and len(used) == count):
             return count, list(zip(indices, offsets, strict=True))
+    unpacked = list(_SHARED_ENTRY.iter_unpack(memoryview(table)[SHARED_HEAD_SIZE:table_end]))
     _check_shared_entries(count, unpacked, lengths)
     return count, [(index, offset) for index, _, offset in unpacked]
 

@@ -396,13 +396,15 @@ def _table_reference(count: int, entries: list[tuple[int, int, int]], lengths: t
 
 @settings(max_examples=1000, deadline=None)
 # The edges of each rule, besides what the search finds: a range ending at 2**63 and one past
-# it, an index equal to the count, a descriptor no chunk lies in, reserved bits.
+# it, an index equal to the count, a descriptor no chunk lies in, reserved bits (on an inline
+# entry too).
 @example(count=1, rows=[(0, 0, 2**63 - 8, 8)])
 @example(count=1, rows=[(0, 0, 2**63 - 8, 9)])
 @example(count=1, rows=[(0, 0, 0, 8), (_wire.INLINE, 0, 2**64 - 1, 8)])
 @example(count=1, rows=[(1, 0, 0, 8)])
 @example(count=2, rows=[(0, 0, 0, 8), (0, 0, 8, 8)])
 @example(count=1, rows=[(0, 0, 0, 8), (0, 1, 8, 8)])
+@example(count=1, rows=[(0, 0, 0, 8), (_wire.INLINE, 2**32 - 1, 8, 8)])  # index and reserved read as one word
 @example(count=0, rows=[])
 @given(
     count=st.integers(0, 4),
