@@ -877,10 +877,27 @@ class Encoder:
             self._sequence -= 1
 
 
-# dumps() without a key reuses encoders (making one costs more than pickling a small object).
-# list.pop and list.append are atomic, so concurrent threads each take their own; a __reduce__
-# that calls dumps re-entrantly finds the pool empty and makes one.
+# dumps() without a key reuses encoders (making one costs more than pickling a small object),
+# and so does encode_once(), by whether they send shared memory. list.pop and list.append are
+# atomic, so concurrent threads each take their own; a __reduce__ that encodes re-entrantly
+# finds the pool empty and makes one.
 _POOL: list[Encoder] = []
+_SHARED_POOL: list[Encoder] = []
+
+
+def encode_once(obj: Any, *, shared_memory: bool = False) -> list[Chunk]:
+    """``Encoder(stream=False, shared_memory=shared_memory).encode(obj)``, by an encoder
+    reused from a pool: the one-message writers without a key or hooks (``sync.dump``) would
+    otherwise make a pickler per message, a cost that shows beside a shared-memory hand-off."""
+    pool = _SHARED_POOL if shared_memory else _POOL
+    try:
+        encoder = pool.pop()
+    except IndexError:
+        encoder = Encoder(stream=False, shared_memory=shared_memory)
+    try:
+        return encoder.encode(obj)
+    finally:
+        pool.append(encoder)
 
 
 def dumps(

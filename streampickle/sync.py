@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 from . import _fdpass, _shm
 from ._decoder import Decoder
-from ._encoder import IOV_MAX, Chunk, Encoder, drop_sent, sendable
+from ._encoder import IOV_MAX, Chunk, Encoder, drop_sent, encode_once, sendable
 from ._errors import IncompleteMessageError, StreamPickleError, UsageError
 from ._files import FileReader, read_failure
 from ._limits import Limits
@@ -71,10 +71,13 @@ def dump(
     """
     if shared_memory:
         _shared_socket(file, key)
-    chunks = Encoder(
-        key=key, stream=False, shared_memory=shared_memory,
-        pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
-    ).encode(obj)
+    if key is None and pickler_class is None and dispatch_table is None and persistent_id is None:
+        chunks = encode_once(obj, shared_memory=shared_memory)
+    else:
+        chunks = Encoder(
+            key=key, stream=False, shared_memory=shared_memory,
+            pickler_class=pickler_class, dispatch_table=dispatch_table, persistent_id=persistent_id,
+        ).encode(obj)
     send = functools.partial(send_chunks, file) if isinstance(file, socket.socket) else functools.partial(_write, file)
     meter = SendMeter(progress) if progress is not None else None
     total = 0

@@ -282,3 +282,35 @@ def test_a_readinto_that_is_not_callable_is_refused(reader) -> None:
     with pytest.raises(streampickle.UsageError, match=r"reading from the NotCallable failed: TypeError") as info:
         read(NotCallable())
     assert isinstance(info.value.__cause__, TypeError)
+
+
+class _DumpsWhileReduced:
+    """An object whose reduction writes another message to the same file: ``dump`` inside
+    ``dump``, which must not share the outer call's encoder."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        self.file = file
+
+    def __reduce__(self) -> tuple[type, tuple[int]]:
+        sync.dump({"inner": np.arange(3)}, self.file)
+        return int, (7,)
+
+
+def test_dump_reuses_nothing_between_calls_and_nests() -> None:
+    """Each dump writes what a fresh Encoder would, whatever came before it, a failed dump
+    or one made inside another's pickling included."""
+    file = io.BytesIO()
+    objects = [{"a": np.arange(10.0)}, "text", [np.ones((2, 3), np.int8)] * 2]
+    for obj in objects:
+        sync.dump(obj, file)
+    with pytest.raises(streampickle.EncodeError):
+        sync.dump(lambda: None, file)  # a value pickle refuses
+    sync.dump(_DumpsWhileReduced(file), file)
+    sync.dump(objects[0], file)
+    file.seek(0)
+    got = list(sync.iter_load(file, trusted=True))
+    assert_same(got[:3], objects)
+    assert_same(got[3:], [{"inner": np.arange(3)}, 7, objects[0]])
+    expected = b"".join(b"".join(memoryview(c).cast("B") for c in streampickle.Encoder(stream=False).encode(o))
+                        for o in objects)
+    assert file.getvalue().startswith(expected)
