@@ -4,7 +4,8 @@
     python peers.py send CONTENDER TRANSPORT WORKLOAD SCALE ADDRESS
 
 The receiver listens and, once a sender is connected, moves the workload over that one
-connection up to ``TRANSFERS`` times (see ``Transfers``). Each transfer starts at a barrier: the
+connection up to ``TRANSFERS`` times (see ``Transfers``), after one to ``WARM_TRANSFERS`` untimed
+ones. Each transfer starts at a barrier: the
 receiver tells the sender to go, and times from then until every message of the workload is
 reconstructed as a Python object; then (untimed) it verifies them and lets them go. Both sides
 report the rise of their peak RSS (VmHWM): the sender's over the whole measurement, the
@@ -277,6 +278,15 @@ def inband_recv(sock: socket.socket, count: int) -> list[Any]:
 # takes seconds per transfer (whose ratios are far from any target) still moves its workload once.
 TRANSFERS = 5
 TRANSFER_BUDGET_S = 1.0
+# Untimed transfers first, for the code's sake: one for every contender (first calls, imports,
+# caches), and up to WARM_TRANSFERS in all if the first took under WARM_UNDER_S. CPython
+# specializes a function's bytecode only after about 8 calls, so a function called once per
+# message (a decoder's, an event loop's) runs unspecialized through a process's first several
+# messages: a shared-memory hand-off decoded in 0.78 ms in a process's transfers 2-5 and in
+# 0.54 ms from its tenth on (benchmarks/handoff.py). A long-running process is past that; a
+# transfer of tens of milliseconds moves data, and there the difference is noise.
+WARM_TRANSFERS = 10
+WARM_UNDER_S = 0.02
 GO, STOP = b"g", b"s"
 
 
@@ -295,6 +305,9 @@ class Transfers:
     RSS is reset before each transfer and read after it, before verification: the comparison's
     temporaries and the previous transfer's objects are not counted.
 
+    The first transfers warm the code up and are not timed (``WARM_TRANSFERS``); their memory
+    counts like any other transfer's.
+
     Given the sender's process id (``peer``, known over a Unix socket), ``prepare`` and
     ``stop`` also read both processes' PSS, outside the timed region; the report keeps the
     transfer that added the most to their sum: physical memory the transfer added, counted
@@ -303,6 +316,8 @@ class Transfers:
 
     def __init__(self, peer: int | None = None) -> None:
         self.seconds: list[float] = []
+        self.warm = 0  # untimed transfers so far
+        self.warm_target = WARM_TRANSFERS  # 1 once the first turns out slow
         self.rss_mib = 0.0
         self.peer = peer
         self.pss: tuple[float, float] | None = None  # the receiver's and the sender's PSS change
@@ -311,6 +326,8 @@ class Transfers:
         self._start = 0.0
 
     def more(self) -> bool:
+        if self.warm < self.warm_target:
+            return True
         return not self.seconds or (len(self.seconds) < TRANSFERS and sum(self.seconds) < TRANSFER_BUDGET_S)
 
     def prepare(self) -> None:
@@ -322,7 +339,13 @@ class Transfers:
         self._start = time.perf_counter()
 
     def stop(self) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
+        seconds = time.perf_counter() - self._start
+        if self.warm < self.warm_target:
+            if self.warm == 0 and seconds >= WARM_UNDER_S:
+                self.warm_target = 1
+            self.warm += 1
+        else:
+            self.seconds.append(seconds)
         self.rss_mib = max(self.rss_mib, hwm_mib() - self._base)
         own, other = self._pss_base
         if self.peer is not None and own is not None and other is not None:
