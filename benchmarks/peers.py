@@ -4,8 +4,8 @@
     python peers.py send CONTENDER TRANSPORT WORKLOAD SCALE ADDRESS
 
 The receiver listens and, once a sender is connected, moves the workload over that one
-connection up to ``TRANSFERS`` times (see ``Transfers``), after one to ``WARM_TRANSFERS`` untimed
-ones. Each transfer starts at a barrier: the
+connection up to ``TRANSFERS`` times (see ``Transfers``); where a transfer takes milliseconds or
+less, after ``WARM_TRANSFERS`` untimed ones. Each transfer starts at a barrier: the
 receiver tells the sender to go, and times from then until every message of the workload is
 reconstructed as a Python object; then (untimed) it verifies them and lets them go. Both sides
 report the rise of their peak RSS (VmHWM): the sender's over the whole measurement, the
@@ -278,13 +278,14 @@ def inband_recv(sock: socket.socket, count: int) -> list[Any]:
 # takes seconds per transfer (whose ratios are far from any target) still moves its workload once.
 TRANSFERS = 5
 TRANSFER_BUDGET_S = 1.0
-# Untimed transfers first, for the code's sake: one for every contender (first calls, imports,
-# caches), and up to WARM_TRANSFERS in all if the first took under WARM_UNDER_S. CPython
-# specializes a function's bytecode only after about 8 calls, so a function called once per
-# message (a decoder's, an event loop's) runs unspecialized through a process's first several
-# messages: a shared-memory hand-off decoded in 0.78 ms in a process's transfers 2-5 and in
-# 0.54 ms from its tenth on (benchmarks/handoff.py). A long-running process is past that; a
-# transfer of tens of milliseconds moves data, and there the difference is noise.
+# A transfer under WARM_UNDER_S (a shared-memory hand-off) is per-message code, not data
+# movement: if the first transfer takes less, it and the next ones up to WARM_TRANSFERS in all
+# are untimed. CPython specializes a function's bytecode only after about 8 calls, so a
+# function called once per message (a decoder's, an event loop's) runs unspecialized through a
+# process's first several messages: a hand-off decoded in 0.78 ms in a process's transfers 2-5
+# and in 0.54 ms from its tenth on (benchmarks/handoff.py); a long-running process is past
+# that. A transfer of tens of milliseconds moves data: every one is timed, the first included
+# (its cold buffers are part of what is measured), as before.
 WARM_TRANSFERS = 10
 WARM_UNDER_S = 0.02
 GO, STOP = b"g", b"s"
@@ -305,8 +306,8 @@ class Transfers:
     RSS is reset before each transfer and read after it, before verification: the comparison's
     temporaries and the previous transfer's objects are not counted.
 
-    The first transfers warm the code up and are not timed (``WARM_TRANSFERS``); their memory
-    counts like any other transfer's.
+    If the first transfer is quick, it and the next few warm the code up and are not timed
+    (``WARM_TRANSFERS``); their memory counts like any other transfer's.
 
     Given the sender's process id (``peer``, known over a Unix socket), ``prepare`` and
     ``stop`` also read both processes' PSS, outside the timed region; the report keeps the
@@ -317,7 +318,7 @@ class Transfers:
     def __init__(self, peer: int | None = None) -> None:
         self.seconds: list[float] = []
         self.warm = 0  # untimed transfers so far
-        self.warm_target = WARM_TRANSFERS  # 1 once the first turns out slow
+        self.warm_target = WARM_TRANSFERS  # 0 once the first turns out slow
         self.rss_mib = 0.0
         self.peer = peer
         self.pss: tuple[float, float] | None = None  # the receiver's and the sender's PSS change
@@ -340,9 +341,9 @@ class Transfers:
 
     def stop(self) -> None:
         seconds = time.perf_counter() - self._start
+        if self.warm == 0 and seconds >= WARM_UNDER_S:
+            self.warm_target = 0  # data movement: timed from the first transfer on
         if self.warm < self.warm_target:
-            if self.warm == 0 and seconds >= WARM_UNDER_S:
-                self.warm_target = 1
             self.warm += 1
         else:
             self.seconds.append(seconds)

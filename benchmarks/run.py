@@ -6,8 +6,8 @@
 
 Each measurement is two fresh OS processes (benchmarks/peers.py): a receiver and a sender,
 which move the workload over their one connection up to 5 times (until 1 s of transfers), each
-transfer timed by the receiver from a start barrier until every object is reconstructed, after
-untimed ones that warm the code up (one, or ten if the first took under 20 ms).
+transfer timed by the receiver from a start barrier until every object is reconstructed (if the
+first takes under 20 ms, it and the next ones up to ten are untimed: they warm the code up).
 Contenders are interleaved (A B C A B C ...) round by round so that machine noise hits them
 alike; a contender's figure is the median over all its transfers, and every figure is
 reported as a ratio to limit-socket measured in the same run. Received data is
