@@ -10,9 +10,10 @@ shrinking and growing, as large as announced) as soon as its message's shared ta
 and ``map_received`` maps exactly the announced ranges once the whole message has: a message
 still in flight holds descriptors (counted process-wide, ``HELD``), never mappings.
 
-Mappings are made with the C library's ``mmap`` through ctypes, not Python's ``mmap`` module,
-which keeps a duplicate of the descriptor open for as long as the mapping lives: a peer that
-sends thousands of arrays would then hold thousands of our descriptors. Here a received
+Mappings are made with the C library's ``mmap`` (in the C extension, ``map_shared``, or
+through ctypes without it), not Python's ``mmap`` module, which keeps a duplicate of the
+descriptor open for as long as the mapping lives: a peer that sends thousands of arrays would
+then hold thousands of our descriptors. Here a received
 descriptor is closed as soon as its message's ranges are mapped, and a mapping is unmapped
 when the last array or view over it is freed. Only the files this process made keep a descriptor open (one
 per :func:`shared_empty` call, for as long as its memory lives), so that they can be sent.
@@ -250,8 +251,8 @@ _map_shared = getattr(speedups, "map_shared", None) if speedups else None
 def _map(fd: int, offset: int, size: int, on_free: Callable[[int], None] | None = None) -> tuple[Any, int]:
     """Map ``size`` bytes of ``fd`` from ``offset`` (a multiple of the page size), shared and
     writable: a buffer over the mapping (what arrays and views hold), which unmaps it when the
-    last reference to it goes, after calling ``on_free(address)`` if given; and its address. OSError
-    if the kernel refuses.
+    last reference to it goes, after calling ``on_free(address)`` if given; and its address.
+    OSError if the kernel refuses.
 
     A mapping of ``_HUGE_PAGE`` bytes or more is placed at an address that lies as far past a
     2 MiB boundary as ``offset`` does, so that the file's huge pages (see
@@ -474,6 +475,9 @@ def find(views: list[memoryview]) -> list[tuple[int, int, Any] | None]:
     return _REGISTRY.find([(_address(view), view.nbytes) for view in views])
 
 
+_NBYTES = memoryview.nbytes.__get__  # memoryviews only
+
+
 def in_one_file(views: list[memoryview]) -> tuple[int, list[int], Any] | None:
     """If every buffer of ``views`` is non-empty and lies in one of this process's shared
     files (a message whose arrays are views of one ``shared_empty`` buffer): the file's
@@ -490,9 +494,6 @@ def in_one_file(views: list[memoryview]) -> tuple[int, list[int], Any] | None:
         return None
     fd, start, mapping = found
     return fd, [address - start for address in addresses], mapping
-
-
-_NBYTES = memoryview.nbytes.__get__
 
 
 def _address_py(view: memoryview) -> int:
