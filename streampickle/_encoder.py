@@ -272,10 +272,9 @@ def _reduce_known(obj: Any) -> Any:
     return NotImplemented
 
 
-def _mappings_needed(entries: list[tuple[int, int]], views: list[memoryview], files: int) -> int:
+def _mappings_needed(entries: list[tuple[int, int]], lengths: list[int], files: int) -> int:
     """How many mappings the receiver would make for the side chunks ``entries`` place in
     ``files`` shared files (see ``_shm.MAX_MAPPINGS``)."""
-    lengths = [view.nbytes for view in views]
     return sum(_shm.mappings_needed(ranges) for _, ranges in _shm.by_file(entries, lengths, files))
 
 
@@ -337,8 +336,6 @@ def _hooked_pickler(
         )  # ChainMap only reads them
     return type(f"Hooked{base.__name__}", (base,), namespace)
 
-
-_NBYTES = memoryview.nbytes.__get__  # memoryviews only
 
 #: Pickles up to this size can't have grown the memo table past _PICKLER_MAX_BYTES.
 _MEMO_CHECK_BYTES = 2048
@@ -730,13 +727,15 @@ class Encoder:
         and the header tag), pickle, side chunks, tag."""
         count = 0 if views is None else len(views)
         if self._key is None:
-            if views is not None and self._shared_memory:
-                found = self._shared_references(views)
-                if found is not None:
-                    return self._assemble_shared(parts, size, views, *found)
-            head = _wire.pack_header(0, count, size)
             if views is not None:
-                head += _wire.pack_lengths([v.nbytes for v in views])
+                lengths = [v.nbytes for v in views]
+                if self._shared_memory:
+                    found = self._shared_references(views, lengths)
+                    if found is not None:
+                        return self._assemble_shared(parts, size, views, lengths, *found)
+                head = _wire.pack_header(0, count, size) + _wire.pack_lengths(lengths)
+            else:
+                head = _wire.pack_header(0, count, size)
         else:
             head = self._signed_head(0, count, size, views)
         if size <= _wire.COALESCE_LIMIT:  # one piece in practice: the pickler flushes at 64 KiB
@@ -759,22 +758,34 @@ class Encoder:
 
     @staticmethod
     def _shared_references(
-        views: list[memoryview],
+        views: list[memoryview], lengths: list[int]
     ) -> tuple[list[tuple[int, int]], list[int], list[Any], bool] | None:
-        """Where each side chunk lies, if any lies in this process's shared files: each one's
-        (descriptor index or ``INLINE``, offset), the descriptors in index order (one per
-        file, however many chunks lie in it), the mappings to keep alive until they are sent,
-        and whether every chunk is such a reference. None if every chunk goes inline. Past
-        ``MAX_DESCRIPTORS`` files, chunks in a further file go inline."""
-        one = _shm.in_one_file(views)
+        """Where each side chunk (of ``lengths`` bytes) lies, if any lies in this process's
+        shared files: each one's (descriptor index or ``INLINE``, offset), the descriptors in
+        index order (one per file, however many chunks lie in it), the mappings to keep alive
+        until they are sent, and whether every chunk is such a reference. None if every chunk
+        goes inline. Past ``MAX_DESCRIPTORS`` files, chunks in a further file go inline."""
+        one = _shm.in_one_file(views, lengths)
         if one is not None:  # the common case: every chunk in one file
             fd, offsets, mapping = one
             entries = [(0, offset) for offset in offsets]
-            if len(entries) > _shm.MAX_MAPPINGS and _mappings_needed(entries, views, 1) > _shm.MAX_MAPPINGS:
+            fds, owners, every = [fd], [mapping], True
+        else:
+            entries, fds, owners = Encoder._each_reference(views)
+            if not fds:
                 return None
-            return entries, [fd], [mapping], True
+            every = False
+        if len(entries) > _shm.MAX_MAPPINGS and _mappings_needed(entries, lengths, len(fds)) > _shm.MAX_MAPPINGS:
+            return None  # scattered over more parts of its files than a receiver maps: as bytes
+        return entries, fds, owners, every
+
+    @staticmethod
+    def _each_reference(views: list[memoryview]) -> tuple[list[tuple[int, int]], list[int], list[Any]]:
+        """``_shared_references`` chunk by chunk, for chunks in several files or in none: the
+        entries, the descriptors in index order (none if no chunk lies in a shared file) and
+        the mappings."""
         indices: dict[int, int] = {}
-        entries = []
+        entries: list[tuple[int, int]] = []
         owners: list[Any] = []  # each mapping once (a message's views of one buffer share it)
         for found in _shm.find(views):
             if found is None:
@@ -790,17 +801,14 @@ class Encoder:
             entries.append((index, offset))
             if not owners or owners[-1] is not mapping:
                 owners.append(mapping)
-        if not indices:
-            return None
-        if len(entries) > _shm.MAX_MAPPINGS and _mappings_needed(entries, views, len(indices)) > _shm.MAX_MAPPINGS:
-            return None  # scattered over more parts of its files than a receiver maps: as bytes
-        return entries, list(indices), owners, False
+        return entries, list(indices), owners
 
     def _assemble_shared(
         self,
         parts: list[bytes],
         size: int,
         views: list[memoryview],
+        lengths: list[int],
         entries: list[tuple[int, int]],
         fds: list[int],
         owners: list[Any],
@@ -811,7 +819,7 @@ class Encoder:
         chunks' bytes."""
         head = b"".join((
             _wire.pack_header(_wire.FLAG_SHARED, len(views), size),
-            _wire.pack_lengths([v.nbytes for v in views]),
+            _wire.pack_lengths(lengths),
             _wire.pack_shared_table(len(fds), entries),
         ))
         chunks = SharedChunks()
@@ -821,14 +829,14 @@ class Encoder:
             chunks.append(head)
             chunks.extend(parts)
         if every:  # no side chunk travels inline
-            shared_bytes = sum(map(_NBYTES, views))
+            shared_bytes = sum(lengths)
         else:
             shared_bytes = 0
-            for view, (index, _) in zip(views, entries, strict=True):
+            for view, length, (index, _) in zip(views, lengths, entries, strict=True):
                 if index == _wire.INLINE:
                     chunks.append(view)
                 else:
-                    shared_bytes += view.nbytes
+                    shared_bytes += length
         chunks.descriptors = tuple(fds)
         chunks.shared_bytes = shared_bytes
         chunks._owners = tuple(owners)

@@ -377,10 +377,7 @@ _REGISTRY = _Registry()
 def _forget(fd: int, address: int) -> None:
     """A file of ours is about to be unmapped: forget where it lay, then close it."""
     _REGISTRY.remove(address)
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+    close_all((fd,))
 
 
 def _check_available() -> None:
@@ -475,18 +472,15 @@ def find(views: list[memoryview]) -> list[tuple[int, int, Any] | None]:
     return _REGISTRY.find([(_address(view), view.nbytes) for view in views])
 
 
-_NBYTES = memoryview.nbytes.__get__  # memoryviews only
-
-
-def in_one_file(views: list[memoryview]) -> tuple[int, list[int], Any] | None:
-    """If every buffer of ``views`` is non-empty and lies in one of this process's shared
-    files (a message whose arrays are views of one ``shared_empty`` buffer): the file's
-    descriptor, each buffer's offset in it, and the mapping. Else None, and ``find`` says where
-    each lies. One look-up for the message instead of one per buffer."""
+def in_one_file(views: list[memoryview], lengths: list[int]) -> tuple[int, list[int], Any] | None:
+    """If every buffer of ``views`` (``lengths``: each one's ``nbytes``) is non-empty and lies
+    in one of this process's shared files (a message whose arrays are views of one
+    ``shared_empty`` buffer): the file's descriptor, each buffer's offset in it, and the
+    mapping. Else None, and ``find`` says where each lies. One look-up for the message instead
+    of one per buffer."""
     if not AVAILABLE or not views:
         return None
     addresses = list(map(_address, views))
-    lengths = list(map(_NBYTES, views))
     if not all(lengths):
         return None
     found = _REGISTRY.holding(min(addresses), max(map(operator.add, addresses, lengths)))

@@ -230,7 +230,7 @@ def test_the_one_file_look_up_agrees_with_looking_up_each_buffer(slices: list[tu
     buffers = _buffers()
     views = [memoryview(buffers[name][min(i, j) : max(i, j)]) for name, i, j in slices]
     each = _shm.find(views)
-    one = _shm.in_one_file(views)
+    one = _shm.in_one_file(views, [view.nbytes for view in views])
     files = {found[0] for found in each if found is not None}
     if None in each or len(files) != 1:
         assert one is None
