@@ -44,10 +44,9 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import workloads  # noqa: E402
+from peers import GO, STOP, recv_exactly_into  # noqa: E402
 
 from streampickle import _fdpass, _shm, sync  # noqa: E402
-
-GO, STOP = b"g", b"s"
 
 
 def send_floor(sock: socket.socket, message: Any) -> None:
@@ -61,20 +60,12 @@ def send_floor(sock: socket.socket, message: Any) -> None:
     socket.send_fds(sock, [struct.pack("<QQ", len(pickled), len(views)) + table + pickled], [places[0][0]])
 
 
-def receive_exactly(sock: socket.socket, n: int) -> bytearray:
-    data = bytearray(n)
-    view = memoryview(data)
-    got = 0
-    while got < n:
-        got += sock.recv_into(view[got:])
-    return data
-
-
 def receive_floor(sock: socket.socket, first: list[float]) -> Any:
     head, fds, _, _ = socket.recv_fds(sock, 16, 1)
     first.append(time.perf_counter())
     size, count = struct.unpack("<QQ", head)
-    rest = receive_exactly(sock, 16 * count + size)
+    rest = bytearray(16 * count + size)
+    recv_exactly_into(sock, memoryview(rest))
     whole = memoryview(mmap.mmap(fds[0], os.fstat(fds[0]).st_size))
     os.close(fds[0])
     ranges = [struct.unpack_from("<QQ", rest, 16 * i) for i in range(count)]
